@@ -1,0 +1,138 @@
+@0xb52b1e4a3b0f2b12;
+# Types shared by every capvisor interface: the typed error every domain
+# outcome carries, and the ByteSink stream capability (DESIGN.md, "Errors").
+
+enum ErrorCode {
+  # Stable codes clients match on. Never reorder; only append.
+  denied @0;          # authentication failed, or the bundle does not allow it
+  notFound @1;        # no such VM, file, capability name, account
+  wrongInterface @2;  # CapSet.get: the name exists, the interface id differs
+  quota @3;           # a bundle limit (max VMs, memory per VM, image) would be exceeded
+  staleSession @4;    # the session was logged out, expired or revoked
+  invalidArgument @5; # malformed input (empty argv, bad name, bad path)
+  alreadyExists @6;   # a VM or account of that name exists
+  unavailable @7;     # a backend failed (the VM did not boot, qemu missing)
+  internal @8;        # a bug or unexpected failure on our side
+  notRunning @9;      # the VM is stopped
+}
+
+struct Error {
+  code @0 :ErrorCode;
+  message @1 :Text;   # for people; never holds a secret; not an API
+}
+
+struct Unit {}
+
+struct UnitResult {
+  union {
+    ok @0 :Void;
+    err @1 :Error;
+  }
+}
+
+interface ByteSink {
+  # A flow-controlled byte stream (stdout, stderr, file bodies).
+  # Writers keep each chunk at or below 64 KiB (capvisor_rpc::CHUNK).
+  write @0 (data :Data) -> stream;
+  # End of stream. Returns once the receiver has consumed everything written.
+  done @1 ();
+}
+
+struct EnvVar {
+  name @0 :Text;
+  value @1 :Text;
+}
+
+struct PtySize {
+  rows @0 :UInt16;
+  cols @1 :UInt16;
+}
+
+struct ExecSpec {
+  argv @0 :List(Text);      # argv[0] is looked up in PATH; must not be empty
+  env @1 :List(EnvVar);     # added to the guest's default environment
+  cwd @2 :Text;             # empty: "/"
+  stdin @3 :Data;           # bytes fed to stdin first
+  keepStdinOpen @4 :Bool;   # false: stdin is closed after `stdin`; true: Process.write feeds more
+  pty :union {
+    none @5 :Void;          # pipes: stdout and stderr separate
+    size @6 :PtySize;       # a pseudo-terminal: output (both streams) goes to stdout
+  }
+}
+
+struct ExitStatus {
+  union {
+    code @0 :Int32;         # exited normally with this code
+    signal @1 :Int32;       # killed by this signal number
+  }
+}
+
+struct WaitResult {
+  union {
+    status @0 :ExitStatus;
+    err @1 :Error;
+  }
+}
+
+interface Process {
+  # A running process in a guest. Its stdout and stderr flow into the
+  # ByteSinks given to exec.
+  write @0 (data :Data) -> stream;          # more stdin (keepStdinOpen) or pty input
+  closeStdin @1 () -> (result :UnitResult);
+  # Returns after the process exited and both output sinks got `done`.
+  wait @2 () -> (result :WaitResult);
+  kill @3 (signal :Int32) -> (result :UnitResult);
+  resize @4 (size :PtySize) -> (result :UnitResult);   # pty only
+}
+
+struct ExecResult {
+  union {
+    process @0 :Process;
+    err @1 :Error;
+  }
+}
+
+enum FileKind {
+  file @0;
+  dir @1;
+  symlink @2;
+  other @3;
+}
+
+struct DirEntry {
+  name @0 :Text;
+  kind @1 :FileKind;
+  size @2 :UInt64;     # bytes
+  mode @3 :UInt32;     # permission bits
+}
+
+struct ReadResult {
+  union {
+    size @0 :UInt64;   # bytes streamed into the sink
+    err @1 :Error;
+  }
+}
+
+struct SinkResult {
+  union {
+    sink @0 :ByteSink;
+    err @1 :Error;
+  }
+}
+
+struct ListResult {
+  union {
+    entries @0 :List(DirEntry);
+    err @1 :Error;
+  }
+}
+
+interface Files {
+  # A guest's file system. Paths are absolute guest paths.
+  read @0 (path :Text, sink :ByteSink) -> (result :ReadResult);
+  # Creates or truncates `path` with permission bits `mode`; the caller
+  # writes the body into the returned sink and calls done, which returns
+  # once the file is written and closed.
+  write @1 (path :Text, mode :UInt32) -> (result :SinkResult);
+  list @2 (path :Text) -> (result :ListResult);
+}
