@@ -1,6 +1,7 @@
 //! Shared RPC plumbing for capvisor's processes (DESIGN.md, "Layout": one
 //! small crate, not copied per process).
 //!
+//! - [`attach`]: the gateway socket's connection preamble (RPC or attach-by-token).
 //! - [`conn`]: capnp-rpc over Unix sockets / socketpairs with bounded
 //!   [`capnp::message::ReaderOptions`], and a single-threaded runtime helper.
 //! - [`error`]: the typed domain error ([`CvError`], schema `Error`) and
@@ -12,6 +13,7 @@
 //!   and `PR_SET_PDEATHSIG` so nothing outlives its parent.
 //! - [`paths`]: where sockets, state and caches live.
 
+pub mod attach;
 pub mod conn;
 pub mod error;
 pub mod fdpass;

@@ -29,12 +29,12 @@ interface SessionHost {
 }
 
 interface Worker {
-  # A worker's bootstrap cap toward the broker.
+  # A worker's bootstrap cap toward the broker (the broker offers its
+  # SessionHost as its own bootstrap on the same connection).
   session @0 () -> (session :Cv.Session);
   # Revokes the session: caps fail with staleSession, VMs stop, the
   # worker exits once its clients are gone.
   revoke @1 (reason :Text) -> ();
-  setHost @2 (host :SessionHost) -> ();
 }
 
 enum MachineState {
