@@ -1,0 +1,314 @@
+//! Guest images: the initramfs-only *base* image (DESIGN.md, "Guest").
+//!
+//! [`ensure_base`] turns Debian's `linux-image-cloud-amd64` kernel and
+//! `busybox-static` plus capvisor's guest-init binary into
+//! - `vmlinux`: the uncompressed ELF kernel (QEMU's microvm boots it by its
+//!   PVH note), extracted from the package's bzImage ([`vmlinux`]);
+//! - `initramfs.cpio`: an uncompressed newc archive ([`cpio`]) holding
+//!   `/init` (guest-init), busybox and its applet links, the virtio modules
+//!   guest-init loads (`/lib/modules/capvisor/*.ko` in the order given by
+//!   `/lib/modules/capvisor/order`), and a minimal `/etc`;
+//! - `release`: the kernel release (`uname -r` in the guest).
+//!
+//! Images are cached under `cache_dir/images/base-<key>/`, where the key is
+//! a SHA-256 over the two `.deb`s' SHA-256s, guest-init's SHA-256 and
+//! [`BUILDER_VERSION`]. A hit runs no external command and takes
+//! milliseconds.
+
+pub mod apt;
+pub mod cpio;
+pub mod elf;
+pub mod vmlinux;
+
+use anyhow::{bail, ensure, Context};
+use capvisor_manifest::BuiltImage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Bumped whenever the image layout changes, so old cache entries are not reused.
+pub const BUILDER_VERSION: &str = "capvisor-base-image-v1";
+/// The Debian metapackage naming the current cloud kernel.
+pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+/// The Debian package providing a static `/bin/busybox`.
+pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+/// Kernel modules guest-init loads, in load order (module names; the
+/// files are `<name>.ko`). Built-in ones (listed in `modules.builtin`) are left out.
+pub const MODULES: [&str; 4] = ["virtio_ring", "virtio", "virtio_mmio", "virtio_console"];
+/// Where the modules live in the initramfs.
+pub const MODULE_DIR: &str = "lib/modules/capvisor";
+
+/// Builds (or finds in the cache) the base image for `guest_init`.
+///
+/// - `cache_dir`: capvisor's cache directory (e.g. `capvisor_rpc::paths::cache_dir()`);
+///   `.deb`s go to `debs/`, images to `images/base-<16 hex>/`.
+/// - `guest_init`: the guest-init executable, installed as `/init`. A
+///   dynamically linked one (a debug build) gets its ELF interpreter and the
+///   libraries `ldd` lists copied to the same paths; a static one needs none.
+/// - `progress`: called with short human-readable lines while working.
+///
+/// Blocking; may download two packages with `apt-get download` on a miss.
+/// Concurrent callers are safe: each builds in its own temporary
+/// directory beside the target and renames it into place.
+///
+/// Errors: apt's lists are empty (says to run `apt-get update`), a download
+/// fails, the kernel payload is not LZ4, a module is missing, guest-init
+/// cannot be read, or any I/O error — each with context.
+pub fn ensure_base(cache_dir: &Path, guest_init: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<BuiltImage> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+    let res = apt::resolve(cache_dir, KERNEL_METAPACKAGE, BUSYBOX_PACKAGE)?;
+    let debs = cache_dir.join("debs");
+    let kernel_deb = apt::fetch(&res.kernel, &debs, progress)?;
+    let busybox_deb = apt::fetch(&res.busybox, &debs, progress)?;
+    let init_hash = file_sha256_memo(cache_dir, guest_init)?;
+
+    let mut h = Sha256::new();
+    for part in [BUILDER_VERSION, &res.kernel.sha256, &res.busybox.sha256, &init_hash] {
+        h.update(part.as_bytes());
+        h.update(b"\n");
+    }
+    let key = hex::encode(h.finalize());
+    let images = cache_dir.join("images");
+    let dir = images.join(format!("base-{}", &key[..16]));
+    if let Some(img) = complete(&dir) {
+        return Ok(img);
+    }
+
+    std::fs::create_dir_all(&images)?;
+    let tmp = tempfile::Builder::new().prefix(".build-base-").tempdir_in(&images)?;
+    build(tmp.path(), &kernel_deb, &busybox_deb, guest_init, progress)?;
+    match std::fs::rename(tmp.path(), &dir) {
+        Ok(()) => {
+            // The directory moved; nothing is left for TempDir to delete.
+            let _ = tmp.keep();
+        }
+        Err(e) => {
+            // Another builder won the race: use its (identical) result.
+            if complete(&dir).is_none() {
+                return Err(e).with_context(|| format!("renaming the new image to {}", dir.display()));
+            }
+        }
+    }
+    let img = complete(&dir).with_context(|| format!("image {} is incomplete after building", dir.display()))?;
+    progress(&format!("image base ready: {} (took {:.1} s)", dir.display(), t0.elapsed().as_secs_f64()));
+    Ok(img)
+}
+
+/// The image in `dir` if all of its files are there.
+fn complete(dir: &Path) -> Option<BuiltImage> {
+    let kernel = dir.join("vmlinux");
+    let initramfs = dir.join("initramfs.cpio");
+    let release = std::fs::read_to_string(dir.join("release")).ok()?.trim().to_string();
+    (kernel.is_file() && initramfs.is_file() && !release.is_empty()).then_some(BuiltImage { kernel, initramfs, kernel_release: release })
+}
+
+/// Builds the image files into `out`.
+fn build(out: &Path, kernel_deb: &Path, busybox_deb: &Path, guest_init: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    let work = tempfile::Builder::new().prefix(".unpack-").tempdir_in(out.parent().unwrap_or(out))?;
+    let kdir = work.path().join("kernel");
+    let bdir = work.path().join("busybox");
+    progress(&format!("unpacking {} ...", file_name(kernel_deb)));
+    apt::unpack(kernel_deb, &kdir)?;
+    apt::unpack(busybox_deb, &bdir)?;
+
+    // The kernel.
+    let (vmlinuz, release) = find_vmlinuz(&kdir.join("boot"))?;
+    progress("extracting vmlinux (LZ4) ...");
+    let bz = std::fs::read(&vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+    let elf = vmlinux::extract(&bz).with_context(|| format!("extracting vmlinux from {}", vmlinuz.display()))?;
+    std::fs::write(out.join("vmlinux"), &elf)?;
+    drop((bz, elf));
+
+    // The initramfs.
+    let cpio_path = out.join("initramfs.cpio");
+    let f = std::fs::File::create(&cpio_path)?;
+    let mut w = cpio::CpioWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
+    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "root", "etc", MODULE_DIR] {
+        w.dir(d, 0o755)?;
+    }
+    w.dir("tmp", 0o1777)?;
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    w.char_dev("dev/null", 0o666, 1, 3)?;
+
+    let init = std::fs::read(guest_init).with_context(|| format!("reading guest-init {}", guest_init.display()))?;
+    let interp = elf::interpreter(&init).with_context(|| format!("guest-init {}", guest_init.display()))?;
+    w.file("init", 0o755, &init)?;
+    drop(init);
+    if let Some(interp) = interp {
+        // A dynamically linked guest-init (a debug build): bring its loader
+        // and libraries along at the same paths.
+        let mut libs = elf::needed_libs(guest_init)?;
+        libs.push(PathBuf::from(interp));
+        for lib in libs {
+            let name = lib.to_string_lossy().into_owned();
+            if w.contains(&name) {
+                continue;
+            }
+            let data = std::fs::read(&lib).with_context(|| format!("reading {}", lib.display()))?;
+            w.file(&name, 0o755, &data)?;
+        }
+    }
+
+    let busybox = bdir.join("bin/busybox");
+    let bb = std::fs::read(&busybox).with_context(|| format!("{} has no bin/busybox", file_name(busybox_deb)))?;
+    w.file("bin/busybox", 0o755, &bb)?;
+    drop(bb);
+    for applet in busybox_applets(&busybox)? {
+        if applet == "bin/busybox" || applet == "init" || applet == "linuxrc" || w.contains(&applet) {
+            continue;
+        }
+        w.symlink(&applet, "/bin/busybox")?;
+    }
+    if !w.contains("bin/sh") {
+        w.symlink("bin/sh", "/bin/busybox")?;
+    }
+
+    w.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
+    w.file("etc/group", 0o644, b"root:x:0:\n")?;
+    w.file("etc/hostname", 0o644, b"capvisor\n")?;
+
+    let mod_root = kdir.join("lib/modules").join(&release);
+    let builtin = std::fs::read_to_string(mod_root.join("modules.builtin")).unwrap_or_default();
+    let mut order = String::new();
+    for m in MODULES {
+        if builtin.lines().any(|l| l.rsplit('/').next() == Some(&format!("{m}.ko"))) {
+            continue;
+        }
+        let data = read_module(&mod_root.join("kernel"), m)?;
+        w.file(&format!("{MODULE_DIR}/{m}.ko"), 0o644, &data)?;
+        order.push_str(&format!("{m}.ko\n"));
+    }
+    w.file(&format!("{MODULE_DIR}/order"), 0o644, order.as_bytes())?;
+
+    let (n, bytes) = (w.entries(), w.bytes());
+    progress(&format!("writing initramfs ({n} files, {:.1} MiB) ...", bytes as f64 / 1048576.0));
+    let f = w.finish()?.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    std::fs::write(out.join("release"), format!("{release}\n"))?;
+    Ok(())
+}
+
+/// `boot/vmlinuz-<release>` in the unpacked kernel package, and the release.
+fn find_vmlinuz(boot: &Path) -> anyhow::Result<(PathBuf, String)> {
+    for e in std::fs::read_dir(boot).with_context(|| format!("the kernel package has no {}", boot.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(rel) = name.strip_prefix("vmlinuz-") {
+            return Ok((e.path(), rel.to_string()));
+        }
+    }
+    bail!("the kernel package has no boot/vmlinuz-*")
+}
+
+/// The contents of module `name` somewhere under `root`: `name.ko` as is,
+/// `name.ko.xz` / `name.ko.zst` decompressed with the `xz` / `zstd` tool.
+fn read_module(root: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+                continue;
+            }
+            let f = e.file_name().to_string_lossy().into_owned();
+            if f == format!("{name}.ko") {
+                return Ok(std::fs::read(e.path())?);
+            }
+            for (ext, tool) in [("xz", "xz"), ("zst", "zstd")] {
+                if f == format!("{name}.ko.{ext}") {
+                    let out = std::process::Command::new(tool)
+                        .args(["-d", "-c"])
+                        .arg(e.path())
+                        .output()
+                        .with_context(|| format!("module {f} is {ext}-compressed and `{tool}` could not be run"))?;
+                    ensure!(out.status.success(), "{tool} -d {f} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                    return Ok(out.stdout);
+                }
+            }
+        }
+    }
+    bail!("kernel module {name}.ko not found under {} (and not built in)", root.display())
+}
+
+/// Applet paths (`bin/ls`, `usr/bin/awk`, ...) from `busybox --list-full`.
+fn busybox_applets(busybox: &Path) -> anyhow::Result<Vec<String>> {
+    let out = std::process::Command::new(busybox)
+        .arg("--list-full")
+        .output()
+        .with_context(|| format!("running {} --list-full", busybox.display()))?;
+    ensure!(out.status.success(), "busybox --list-full failed");
+    let list: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().trim_start_matches('/').to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    ensure!(list.len() > 10, "busybox --list-full listed only {} applets", list.len());
+    Ok(list)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+#[derive(Serialize, Deserialize, PartialEq)]
+struct HashMemo {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    sha256: String,
+}
+
+/// SHA-256 (hex) of `path`, memoised in `cache_dir/hashes/` by the file's
+/// device, inode, size and mtime, so a cache hit does not re-read a large
+/// (debug) guest-init binary.
+fn file_sha256_memo(cache_dir: &Path, path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let canon = std::fs::canonicalize(path).with_context(|| format!("guest-init binary {}", path.display()))?;
+    let m = std::fs::metadata(&canon)?;
+    let mut memo = HashMemo {
+        path: canon.clone(),
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.len(),
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        sha256: String::new(),
+    };
+    let dir = cache_dir.join("hashes");
+    let memo_path = dir.join(format!("{}.json", &hex::encode(Sha256::digest(canon.to_string_lossy().as_bytes()))[..32]));
+    if let Ok(old) = std::fs::read(&memo_path).map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice::<HashMemo>(&b)?)) {
+        memo.sha256 = old.sha256.clone();
+        if old == memo {
+            return Ok(memo.sha256);
+        }
+    }
+    let data = std::fs::read(&canon).with_context(|| format!("reading {}", canon.display()))?;
+    memo.sha256 = hex::encode(Sha256::digest(&data));
+    std::fs::create_dir_all(&dir)?;
+    let tmp = memo_path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(&memo)?)?;
+    std::fs::rename(&tmp, &memo_path)?;
+    Ok(memo.sha256)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_memo_tracks_changes() {
+        let cache = tempfile::tempdir().unwrap();
+        let f = cache.path().join("bin");
+        std::fs::write(&f, b"one").unwrap();
+        let a = file_sha256_memo(cache.path(), &f).unwrap();
+        assert_eq!(a, hex::encode(Sha256::digest(b"one")));
+        assert_eq!(file_sha256_memo(cache.path(), &f).unwrap(), a);
+        std::fs::write(&f, b"two!").unwrap();
+        assert_eq!(file_sha256_memo(cache.path(), &f).unwrap(), hex::encode(Sha256::digest(b"two!")));
+    }
+}

@@ -1,0 +1,96 @@
+//! `capvisor-vmm`: one process per VM (docs/processes.md).
+//!
+//! `capvisor-vmm --rpc-fd 3 --agent-fd 4`, with the JSON
+//! `capvisor_vmm::VmConfig` in `CAPVISOR_VMM_CONFIG`:
+//! - starts the VM at once (engine qemu), handing the agent socket to QEMU;
+//! - serves `Machine` as the bootstrap cap on the RPC socket;
+//! - when the RPC connection ends (the worker is gone): kills QEMU, exits;
+//! - when QEMU exits: answers `waitExit`, then exits once the worker drops
+//!   the connection or after [`LINGER`];
+//! - on SIGTERM / SIGINT: kills QEMU, exits.
+//!
+//! A VM that cannot start (bad config, missing kernel, no QEMU) is served in
+//! state `crashed` with the reason, so the worker learns why.
+
+use capvisor_rpc::conn;
+use capvisor_vmm::machine::{MachineServer, Vm};
+use capvisor_vmm::VmConfig;
+use clap::Parser;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// How long the vmm stays after the VM ended, for the worker to read the status.
+const LINGER: Duration = Duration::from_secs(5);
+
+#[derive(Parser)]
+#[command(name = "capvisor-vmm", about = "capvisor's per-VM process: runs one VM and serves Machine")]
+struct Args {
+    /// Inherited stream socket to the worker; `Machine` is served on it.
+    #[arg(long, default_value_t = 3)]
+    rpc_fd: RawFd,
+    /// Inherited stream socket whose bytes are the guest's virtio-serial
+    /// port `capvisor.agent` (the worker keeps the peer end).
+    #[arg(long, default_value_t = 4)]
+    agent_fd: RawFd,
+}
+
+fn main() {
+    capvisor_rpc::init_logging("vmm");
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        tracing::error!("capvisor-vmm: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn take_fd(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
+    anyhow::ensure!(fd > 2, "--{what}-fd must be above 2");
+    // SAFETY: F_GETFD only checks the descriptor is open.
+    anyhow::ensure!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "--{what}-fd {fd} is not an open descriptor");
+    // Keep it out of QEMU and any other child.
+    // SAFETY: plain fcntl on an open descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the parent handed this descriptor to us alone (docs/processes.md).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.rpc_fd != args.agent_fd, "--rpc-fd and --agent-fd must differ");
+    let rpc = take_fd(args.rpc_fd, "rpc")?;
+    let agent = take_fd(args.agent_fd, "agent")?;
+    let cfg = VmConfig::from_env();
+    conn::run_local(async move {
+        let stream = capvisor_rpc::spawn::into_tokio(rpc)?;
+        let vm = Vm::start(cfg, agent);
+        let client = MachineServer::client(vm.clone());
+        let (_peer, mut conn_done) = conn::serve::<capnp::capability::Client>(stream, client.client, conn::INTERNAL);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::select! {
+            _ = &mut conn_done => {
+                tracing::info!("worker connection ended: stopping the VM");
+                kill_and_wait(&vm).await;
+            }
+            st = vm.wait_exit() => {
+                tracing::info!("VM ended ({:?}); lingering for the worker", st.state);
+                tokio::select! {
+                    _ = &mut conn_done => {}
+                    _ = tokio::time::sleep(LINGER) => {}
+                }
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping the VM");
+                kill_and_wait(&vm).await;
+            }
+            _ = int.recv() => {
+                kill_and_wait(&vm).await;
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+async fn kill_and_wait(vm: &Vm) {
+    vm.kill();
+    let _ = tokio::time::timeout(Duration::from_secs(5), vm.wait_exit()).await;
+}

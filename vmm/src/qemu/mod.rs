@@ -1,0 +1,158 @@
+//! The `qemu` engine: `qemu-system-x86_64 -M microvm` with hardware KVM
+//! where [`crate::host_kvm_usable`], TCG otherwise (DESIGN.md, "Engines" and
+//! "Machines we build on").
+//!
+//! Descriptors handed to QEMU (through `capvisor_rpc::spawn::prepare`, so
+//! QEMU also gets `PR_SET_PDEATHSIG(SIGKILL)` and dies with the vmm):
+//! - [`AGENT_FD`]: the agent channel, an already-connected stream socket,
+//!   used as `-chardev socket,id=ag,fd=N` behind the virtio-serial port
+//!   `capvisor.agent`. QEMU 7.2 treats a `fd=` socket chardev without
+//!   `server=on` as a connected client socket and carries bytes both ways
+//!   (checked by experiment with `-mon` on such a chardev), so the worker's
+//!   end of the socketpair talks to the guest with no relay in the vmm.
+//!   The price: once the worker closes its end, the channel cannot be
+//!   re-established for this VM.
+//! - [`QMP_FD`]: one end of a private socketpair serving QMP
+//!   (`-chardev socket,id=qmp,fd=N -mon chardev=qmp,mode=control`), so no
+//!   QMP socket exists in the file system.
+//!
+//! The serial console goes to `run_dir/console.log`.
+
+pub mod qmp;
+
+use crate::VmConfig;
+use std::path::Path;
+
+/// Descriptor number of the agent socket inside QEMU.
+pub const AGENT_FD: i32 = 3;
+/// Descriptor number of the QMP socket inside QEMU.
+pub const QMP_FD: i32 = 4;
+/// Environment variable overriding the QEMU binary (default `qemu-system-x86_64` in `PATH`).
+pub const QEMU_ENV: &str = "CAPVISOR_QEMU";
+
+/// The QEMU program to run.
+pub fn qemu_binary() -> String {
+    std::env::var(QEMU_ENV).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "qemu-system-x86_64".into())
+}
+
+/// The host's TSC rate in kHz, from the first `cpu MHz` line of
+/// `/proc/cpuinfo` (x 1000, rounded). Passed to the guest as
+/// `tsc_early_khz=` so a TCG guest under host load does not hang calibrating
+/// its TSC against the PIT (DESIGN.md, "Machines we build on").
+pub fn host_tsc_khz() -> Option<u64> {
+    parse_cpu_mhz(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+fn parse_cpu_mhz(cpuinfo: &str) -> Option<u64> {
+    cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split_once(':'))
+        .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        .filter(|mhz| *mhz > 0.0)
+        .map(|mhz| (mhz * 1000.0).round() as u64)
+}
+
+/// The kernel command line: serial console, reboot and panic handling
+/// (`panic=-1` reboots at once, which `-no-reboot` turns into QEMU exiting),
+/// `rdinit=/init` (guest-init), the TSC rate, then `cfg.extra_cmdline`.
+pub fn kernel_cmdline(cfg: &VmConfig, tsc_khz: Option<u64>) -> String {
+    let mut s = String::from("console=ttyS0 reboot=t panic=-1 quiet rdinit=/init");
+    if let Some(k) = tsc_khz {
+        s.push_str(&format!(" tsc_early_khz={k}"));
+    }
+    if !cfg.extra_cmdline.trim().is_empty() {
+        s.push(' ');
+        s.push_str(cfg.extra_cmdline.trim());
+    }
+    s
+}
+
+/// QEMU's arguments (without the program) for `cfg`: hardware KVM when
+/// `kvm`, else multi-threaded TCG. The agent socket and the QMP socket are
+/// expected at [`AGENT_FD`] and [`QMP_FD`].
+pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
+    let console = cfg.run_dir.join("console.log");
+    let mut a: Vec<String> = vec![
+        "-M".into(),
+        "microvm,x-option-roms=off,rtc=off".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+    ];
+    if kvm {
+        a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]);
+    } else {
+        a.extend(["-accel".into(), "tcg,thread=multi".into(), "-cpu".into(), "max".into()]);
+    }
+    a.extend([
+        "-m".into(),
+        cfg.memory_mib.to_string(),
+        "-smp".into(),
+        cfg.vcpus.to_string(),
+        "-kernel".into(),
+        path_arg(&cfg.kernel),
+        "-initrd".into(),
+        path_arg(&cfg.initramfs),
+        "-append".into(),
+        kernel_cmdline(cfg, tsc_khz),
+        "-serial".into(),
+        format!("file:{}", path_arg(&console)),
+        "-chardev".into(),
+        format!("socket,id=qmp,fd={QMP_FD}"),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!("socket,id=ag,fd={AGENT_FD}"),
+        "-device".into(),
+        "virtserialport,chardev=ag,name=capvisor.agent".into(),
+    ]);
+    a
+}
+
+fn path_arg(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            name: "t".into(),
+            run_dir: "/run/vm".into(),
+            kernel: "/img/vmlinux".into(),
+            initramfs: "/img/initramfs.cpio".into(),
+            memory_mib: 256,
+            vcpus: 2,
+            engine: "auto".into(),
+            extra_cmdline: " loglevel=4 ".into(),
+        }
+    }
+
+    #[test]
+    fn command_line_tcg_and_kvm() {
+        let a = args(&cfg(), false, Some(2599998)).join(" ");
+        assert!(a.contains("-accel tcg,thread=multi -cpu max"), "{a}");
+        assert!(a.contains("-m 256 -smp 2 -kernel /img/vmlinux -initrd /img/initramfs.cpio"), "{a}");
+        assert!(a.contains("-serial file:/run/vm/console.log"), "{a}");
+        assert!(a.contains("socket,id=ag,fd=3"), "{a}");
+        assert!(a.contains("virtserialport,chardev=ag,name=capvisor.agent"), "{a}");
+        let v = args(&cfg(), false, Some(2599998));
+        let append = &v[v.iter().position(|x| x == "-append").unwrap() + 1];
+        assert_eq!(append, "console=ttyS0 reboot=t panic=-1 quiet rdinit=/init tsc_early_khz=2599998 loglevel=4");
+        let k = args(&cfg(), true, None).join(" ");
+        assert!(k.contains("-accel kvm -cpu host"), "{k}");
+        assert!(!k.contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn parses_cpu_mhz() {
+        assert_eq!(parse_cpu_mhz("processor\t: 0\ncpu MHz\t\t: 2599.998\ncpu MHz : 1.0\n"), Some(2599998));
+        assert_eq!(parse_cpu_mhz("processor\t: 0\n"), None);
+    }
+}
