@@ -1,1 +1,22 @@
-//! capvisor-client
+//! capvisor's host-client library: what the `capvisor` CLI, a GUI or an
+//! agent runner use to log in at the gateway, attach to a session, and
+//! drive its capabilities with typed errors.
+//!
+//! All functions are `async` and not `Send` (capnp-rpc): run them inside a
+//! `tokio::task::LocalSet` on a current-thread runtime, e.g.
+//! [`capvisor_rpc::conn::run_local`].
+//!
+//! - [`error`]: [`ClientError`] and the CLI exit code of each error code.
+//! - [`connect`]: gateway login and attach-by-token (see
+//!   `capvisor_rpc::attach` for the wire preamble).
+//! - [`config`]: the saved login (resume token) in `CAPVISOR_CONFIG_DIR`.
+//! - [`ops`]: typed helpers over `CapSet`, `VmFactory`, `Vm`, `Process`,
+//!   `Files`, `Accounts`.
+
+pub mod config;
+pub mod connect;
+pub mod error;
+pub mod ops;
+
+pub use capvisor_rpc::schema;
+pub use error::{ClientError, ClientResult};

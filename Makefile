@@ -1,0 +1,43 @@
+# capvisor developer entry points. `make help` lists them.
+SHELL := /bin/bash
+CARGO ?= cargo
+HOST_TRIPLE := x86_64-unknown-linux-gnu
+STATIC_INIT := target/$(HOST_TRIPLE)/release/capvisor-guest-init
+APT_PACKAGES := capnproto libcapnp-dev qemu-system-x86 busybox-static
+
+.PHONY: help deps build guest-init demo test bench clean
+
+help:
+	@echo "make deps    install Debian packages capvisor needs (capnproto, qemu-system-x86, busybox-static)"
+	@echo "make build   build every binary (release) and the static guest-init"
+	@echo "make demo    the main job: serve, log in, boot a real VM through capabilities, run a command, clean up"
+	@echo "make test    build and run the whole test suite (boots real guests under QEMU)"
+	@echo "make bench   print boot, exec and data-path figures"
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@# The image builder fetches kernel packages with apt-get download: lists must exist.
+	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -q
+
+guest-init:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(HOST_TRIPLE) -p capvisor-guest-init
+
+build: deps guest-init
+	$(CARGO) build --release --workspace
+
+demo: build
+	CAPVISOR_GUEST_INIT=$(STATIC_INIT) scripts/demo.sh
+
+test: deps
+	$(CARGO) build --workspace
+	$(CARGO) test --workspace -- --test-threads=2
+
+bench: build
+	CAPVISOR_GUEST_INIT=$(STATIC_INIT) target/release/capvisor-bench
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,99 @@
+//! Reaching capvisor: log in at the gateway, or attach to a session by its
+//! resume token so the client talks to its session's worker directly.
+
+use crate::error::{ClientError, ClientResult};
+use capvisor_rpc::conn::{self, UNTRUSTED};
+use capvisor_rpc::schema::capvisor_capnp::{gateway, login_result, session};
+use capvisor_rpc::CvError;
+use std::path::Path;
+use tokio::io::AsyncWriteExt;
+
+/// A successful login.
+pub struct LoginInfo {
+    /// The session's root capability (through the gateway).
+    pub session: session::Client,
+    /// Resume token: a secret sturdy ref to the session.
+    pub token: String,
+    /// Who logged in.
+    pub principal: String,
+    /// Profile name.
+    pub profile: String,
+    /// Expiry, Unix epoch ms.
+    pub expires_at_ms: i64,
+}
+
+async fn dial(socket: &Path) -> ClientResult<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        ClientError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot reach capvisor at {}: {e} (is `capvisor serve` running?)", socket.display()),
+        ))
+    })
+}
+
+/// Opens a Gateway RPC connection on `socket`.
+pub async fn gateway(socket: &Path) -> ClientResult<gateway::Client> {
+    let mut s = dial(socket).await?;
+    s.write_all(capvisor_rpc::attach::MAGIC_RPC).await?;
+    let (gw, _conn) = conn::connect::<gateway::Client>(s, None, UNTRUSTED);
+    Ok(gw)
+}
+
+fn read_login(r: login_result::Reader<'_>) -> ClientResult<LoginInfo> {
+    match r.which()? {
+        login_result::Which::Ok(ok) => {
+            let ok = ok?;
+            let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> ClientResult<String> {
+                Ok(t?.to_string().map_err(|e| capnp::Error::failed(e.to_string()))?)
+            };
+            Ok(LoginInfo {
+                session: ok.get_session()?,
+                token: text(ok.get_resume_token())?,
+                principal: text(ok.get_principal())?,
+                profile: text(ok.get_profile())?,
+                expires_at_ms: ok.get_expires_at_ms(),
+            })
+        }
+        login_result::Which::Err(e) => Err(CvError::read_from(e?)?.into()),
+    }
+}
+
+/// Logs in with this process's Unix credentials (SO_PEERCRED at the gateway).
+///
+/// Errors: `Domain(denied)` if this uid gets no profile or local login is
+/// disabled; `Io` if the socket is unreachable.
+pub async fn login_local(socket: &Path) -> ClientResult<LoginInfo> {
+    let gw = gateway(socket).await?;
+    let resp = gw.login_local_request().send().promise.await?;
+    read_login(resp.get()?.get_result()?)
+}
+
+/// Logs in with a password account.
+///
+/// Errors: `Domain(denied)` for an unknown user or a wrong password (the
+/// same error for both).
+pub async fn login_password(socket: &Path, user: &str, password: &str) -> ClientResult<LoginInfo> {
+    let gw = gateway(socket).await?;
+    let mut req = gw.login_password_request();
+    req.get().set_user(user);
+    req.get().set_password(password);
+    let resp = req.send().promise.await?;
+    read_login(resp.get()?.get_result()?)
+}
+
+/// Attaches to the session of `token`: the gateway hands this connection
+/// to the session's worker, whose `Session` becomes our bootstrap cap.
+///
+/// Errors: `Domain(staleSession)` for a logged-out, expired or unknown
+/// token; `Disconnected` if the server closed the connection.
+pub async fn attach(socket: &Path, token: &str) -> ClientResult<session::Client> {
+    let mut s = dial(socket).await?;
+    capvisor_rpc::attach::write_attach(&mut s, token).await?;
+    match capvisor_rpc::attach::read_reply(&mut s).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(e) => return Err(ClientError::Disconnected(format!("attach refused: {e}"))),
+    }
+    let (sess, _conn) = conn::connect::<session::Client>(s, None, UNTRUSTED);
+    Ok(sess)
+}

@@ -1,0 +1,562 @@
+//! `capvisor`: the command line client (and `capvisor serve`, the server).
+//! Every command but `serve` and `login` attaches to the saved session
+//! (see `capvisor_client::config`) and drives its capabilities by name.
+
+use capvisor_client::config::{self, SavedSession};
+use capvisor_client::connect;
+use capvisor_client::ops::{self, ExecRequest, VmSpec};
+use capvisor_client::{ClientError, ClientResult};
+use capvisor_rpc::schema::capvisor_capnp::session;
+use capvisor_rpc::sink::WriterSink;
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "capvisor",
+    version,
+    about = "Linux microVMs for AI agents and operators, reachable only through Cap'n Proto capabilities",
+    long_about = "capvisor runs Linux microVMs; a capability is the only way to start, reach or control one.\n\n\
+Start the server with `capvisor serve`, log in with `capvisor login` (your Unix user gets the owner \
+profile), then create VMs and run commands in them. Your login is kept as a resume token in \
+$CAPVISOR_CONFIG_DIR/session.json (default ~/.config/capvisor) until `capvisor logout` or expiry.\n\n\
+Exit codes: the guest command's own code for `vm exec` and `run` (128+N if killed by signal N); \
+1 other failure, 2 usage, 10 denied, 11 not found, 12 wrong interface, 13 quota, 14 stale session, \
+15 invalid argument, 16 already exists, 17 unavailable, 18 internal, 19 not running, 20 disconnected, \
+21 not logged in."
+)]
+struct Cli {
+    /// Gateway socket [default: $XDG_RUNTIME_DIR/capvisor/gateway.sock or /tmp/capvisor-UID/gateway.sock]
+    #[arg(long, global = true, env = "CAPVISOR_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the capvisor server (supervisor, gateway, broker) in the foreground until Ctrl-C / SIGTERM.
+    Serve {
+        /// Manifest (TOML) with profiles, bundles and images [default: the embedded manifest]
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Log in and save the session's resume token. Without --user: by your Unix credentials.
+    Login {
+        /// Password account name
+        #[arg(long, requires = "password_stdin")]
+        user: Option<String>,
+        /// Read the password from the first line of standard input
+        #[arg(long, requires = "user")]
+        password_stdin: bool,
+    },
+    /// End the session: its caps stop working, its VMs stop, its token is forgotten.
+    Logout,
+    /// Show who the saved session is.
+    Whoami,
+    /// List the capabilities this session holds (name, interface, what it grants).
+    Caps,
+    /// Create, list, use and remove VMs (cap `vms`).
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// One shot: create a VM, run a command in it, remove the VM; exits with the command's code.
+    Run {
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
+        /// The command and its arguments
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Manage password accounts (cap `accounts`, owner profile only).
+    #[command(subcommand)]
+    Account(AccountCmd),
+}
+
+#[derive(Args, Clone)]
+struct SpecArgs {
+    /// Guest image
+    #[arg(long, default_value = "base")]
+    image: String,
+    /// Guest memory in MiB [default: the profile's default]
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// vCPUs
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Engine: auto, qemu or kvm
+    #[arg(long, default_value = "auto")]
+    engine: String,
+}
+
+#[derive(Args, Clone)]
+struct ExecArgs {
+    /// Forward standard input (default: when stdin is not a terminal)
+    #[arg(short, long)]
+    interactive: bool,
+    /// Environment variable NAME=VALUE (repeatable)
+    #[arg(short, long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the guest
+    #[arg(long, default_value = "/")]
+    cwd: String,
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Boot a VM; returns once its guest agent answers.
+    Create {
+        /// Name: 1-32 of [a-z0-9-] [default: vm-N]
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// List this session's VMs.
+    List,
+    /// Show one VM.
+    Info { name: String },
+    /// Run a command in a VM, streaming its output; exits with its exit code.
+    Exec {
+        name: String,
+        #[command(flatten)]
+        exec: ExecArgs,
+        /// The command and its arguments
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// An interactive shell (pseudo-terminal) in a VM.
+    Shell {
+        name: String,
+        /// Program to run
+        #[arg(long, default_value = "/bin/sh")]
+        program: String,
+    },
+    /// Copy a file between host and guest: `vm cp ./f NAME:/path` or `vm cp NAME:/path ./f`.
+    Cp { src: String, dst: String },
+    /// Stop a VM (it stays listed until `vm rm`).
+    Stop { name: String },
+    /// Stop and forget a VM.
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum AccountCmd {
+    /// Add a password account; the password is read from stdin.
+    Add {
+        name: String,
+        /// Profile the account logs in with (e.g. user)
+        #[arg(long)]
+        profile: String,
+        /// Read the password from the first line of standard input (required)
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// List password accounts.
+    List,
+    /// Remove a password account.
+    Rm { name: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(capvisor_rpc::paths::gateway_socket);
+    if let Cmd::Serve { manifest } = &cli.cmd {
+        std::process::exit(serve(&socket, manifest.clone()));
+    }
+    let code = capvisor_rpc::conn::run_local(async {
+        match run(cli.cmd, &socket).await {
+            Ok(code) => code,
+            Err(e) => report(&e),
+        }
+    });
+    std::process::exit(code);
+}
+
+fn report(e: &ClientError) -> i32 {
+    match e {
+        ClientError::Domain(d) => eprintln!("capvisor: {} [{}]", d.message, d.code_name()),
+        other => eprintln!("capvisor: {other}"),
+    }
+    e.exit_code()
+}
+
+fn serve(socket: &Path, manifest: Option<PathBuf>) -> i32 {
+    capvisor_rpc::init_logging("serve");
+    let bin_dir = capvisor_rpc::paths::bin_dir();
+    let guest_init = std::env::var_os("CAPVISOR_GUEST_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir.join("capvisor-guest-init"));
+    let opts = capvisor_supervisor::ServeOptions {
+        manifest_path: manifest,
+        socket: socket.to_path_buf(),
+        state_dir: capvisor_rpc::paths::state_dir(),
+        cache_dir: capvisor_rpc::paths::cache_dir(),
+        bin_dir,
+        guest_init,
+    };
+    match capvisor_supervisor::serve(opts) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("capvisor serve: {e:#}");
+            1
+        }
+    }
+}
+
+fn read_password() -> ClientResult<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let pw = line.trim_end_matches(['\n', '\r']).to_string();
+    if pw.is_empty() {
+        return Err(ClientError::Usage("empty password on standard input".into()));
+    }
+    Ok(pw)
+}
+
+async fn session(socket: &Path) -> ClientResult<(session::Client, SavedSession)> {
+    let saved = config::load(&config::session_file())?.ok_or(ClientError::NotLoggedIn)?;
+    let sock = if socket.exists() { socket } else { saved.socket.as_path() };
+    let s = connect::attach(sock, &saved.token).await?;
+    Ok((s, saved))
+}
+
+fn parse_env(env: &[String]) -> ClientResult<Vec<(String, String)>> {
+    env.iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(ClientError::Usage(format!("--env wants NAME=VALUE, got {kv:?}"))),
+        })
+        .collect()
+}
+
+fn spec_of(name: Option<String>, s: &SpecArgs) -> VmSpec {
+    VmSpec {
+        name: name.unwrap_or_default(),
+        image: s.image.clone(),
+        memory_mib: s.memory_mib.unwrap_or(0),
+        vcpus: s.vcpus,
+        engine: s.engine.clone(),
+    }
+}
+
+async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
+    match cmd {
+        Cmd::Serve { .. } => unreachable!("handled in main"),
+        Cmd::Login { user, .. } => {
+            let info = match user {
+                Some(u) => {
+                    let pw = read_password()?;
+                    connect::login_password(socket, &u, &pw).await?
+                }
+                None => connect::login_local(socket).await?,
+            };
+            let saved = SavedSession {
+                socket: socket.to_path_buf(),
+                token: info.token,
+                principal: info.principal.clone(),
+                profile: info.profile.clone(),
+                expires_at_ms: info.expires_at_ms,
+            };
+            config::save(&config::session_file(), &saved)?;
+            eprintln!(
+                "logged in as {} (profile {}); session saved in {}",
+                info.principal,
+                info.profile,
+                config::session_file().display()
+            );
+            Ok(0)
+        }
+        Cmd::Logout => {
+            let path = config::session_file();
+            let r = match session(socket).await {
+                Ok((s, _)) => ops::logout(&s).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => {
+                    config::clear(&path)?;
+                    eprintln!("logged out; the session's VMs were stopped");
+                    Ok(0)
+                }
+                Err(ClientError::Domain(e)) if e.code == capvisor_rpc::schema::common_capnp::ErrorCode::StaleSession => {
+                    config::clear(&path)?;
+                    eprintln!("the saved session had already ended; forgot it");
+                    Ok(0)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Whoami => {
+            let (s, _) = session(socket).await?;
+            let i = ops::session_info(&s).await?;
+            println!("principal {}\nprofile   {}\nsession   {}\nexpires   {} (unix ms)", i.principal, i.profile, i.session_id, i.expires_at_ms);
+            Ok(0)
+        }
+        Cmd::Caps => {
+            let (s, _) = session(socket).await?;
+            let caps = ops::list_caps(&ops::cap_set(&s).await?).await?;
+            println!("{:<10} {:<10} {:<18} DESCRIPTION", "NAME", "INTERFACE", "INTERFACE ID");
+            for c in caps {
+                println!("{:<10} {:<10} {:#018x} {}", c.name, c.interface_name, c.interface_id, c.description);
+            }
+            Ok(0)
+        }
+        Cmd::Vm(v) => vm_cmd(v, socket).await,
+        Cmd::Run { spec, exec, cmd } => {
+            let (s, _) = session(socket).await?;
+            let f = ops::vms(&s).await?;
+            eprintln!("capvisor: booting a {} VM ...", spec.image);
+            let vm = ops::create_vm(&f, &spec_of(None, &spec)).await?;
+            let info = ops::vm_info(&vm).await?;
+            eprintln!("capvisor: {} up in {} ms (kernel {})", info.name, info.boot_ms, info.kernel_release);
+            let res = tokio::select! {
+                r = exec_streaming(&vm, &exec, cmd, None) => r,
+                _ = tokio::signal::ctrl_c() => Ok(130),
+            };
+            let rm = ops::remove_vm(&f, &info.name).await;
+            let code = res?;
+            rm?;
+            Ok(code)
+        }
+        Cmd::Account(a) => {
+            let (s, _) = session(socket).await?;
+            let acc = ops::accounts(&s).await?;
+            match a {
+                AccountCmd::Add { name, profile, .. } => {
+                    let pw = read_password()?;
+                    ops::add_account(&acc, &name, &profile, &pw).await?;
+                    eprintln!("account {name} added (profile {profile})");
+                }
+                AccountCmd::List => {
+                    println!("{:<24} PROFILE", "NAME");
+                    for (n, p) in ops::list_accounts(&acc).await? {
+                        println!("{n:<24} {p}");
+                    }
+                }
+                AccountCmd::Rm { name } => {
+                    ops::remove_account(&acc, &name).await?;
+                    eprintln!("account {name} removed");
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
+    let (s, _) = session(socket).await?;
+    let f = ops::vms(&s).await?;
+    match cmd {
+        VmCmd::Create { name, spec } => {
+            eprintln!("capvisor: booting ...");
+            let vm = ops::create_vm(&f, &spec_of(name, &spec)).await?;
+            let i = ops::vm_info(&vm).await?;
+            eprintln!("capvisor: {} running ({} MiB, {} vCPU, kernel {}, up in {} ms)", i.name, i.memory_mib, i.vcpus, i.kernel_release, i.boot_ms);
+            println!("{}", i.name);
+            Ok(0)
+        }
+        VmCmd::List => {
+            println!("{:<16} {:<9} {:<8} {:>7} {:>5} {:<8} KERNEL", "NAME", "STATE", "IMAGE", "MEM_MIB", "VCPU", "ENGINE");
+            for i in ops::list_vms(&f).await? {
+                println!(
+                    "{:<16} {:<9} {:<8} {:>7} {:>5} {:<8} {}",
+                    i.name,
+                    ops::state_name(i.state),
+                    i.image,
+                    i.memory_mib,
+                    i.vcpus,
+                    i.engine,
+                    i.kernel_release
+                );
+            }
+            Ok(0)
+        }
+        VmCmd::Info { name } => {
+            let i = ops::vm_info(&ops::get_vm(&f, &name).await?).await?;
+            println!(
+                "name     {}\nstate    {}\nimage    {}\nmemory   {} MiB\nvcpus    {}\nengine   {}\nkernel   {}\nboot     {} ms",
+                i.name,
+                ops::state_name(i.state),
+                i.image,
+                i.memory_mib,
+                i.vcpus,
+                i.engine,
+                i.kernel_release,
+                i.boot_ms
+            );
+            Ok(0)
+        }
+        VmCmd::Exec { name, exec, cmd } => {
+            let vm = ops::get_vm(&f, &name).await?;
+            exec_streaming(&vm, &exec, cmd, None).await
+        }
+        VmCmd::Shell { name, program } => {
+            let vm = ops::get_vm(&f, &name).await?;
+            shell(&vm, program).await
+        }
+        VmCmd::Cp { src, dst } => copy(&f, &src, &dst).await,
+        VmCmd::Stop { name } => {
+            ops::stop_vm(&ops::get_vm(&f, &name).await?).await?;
+            eprintln!("capvisor: {name} stopped");
+            Ok(0)
+        }
+        VmCmd::Rm { name } => {
+            ops::remove_vm(&f, &name).await?;
+            eprintln!("capvisor: {name} removed");
+            Ok(0)
+        }
+    }
+}
+
+/// Runs `cmd` in `vm` with output streamed to our stdout/stderr and stdin
+/// forwarded (when -i or not a terminal); returns the command's exit code.
+async fn exec_streaming(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, a: &ExecArgs, cmd: Vec<String>, pty: Option<(u16, u16)>) -> ClientResult<i32> {
+    let forward = a.interactive || !std::io::stdin().is_terminal();
+    let req = ExecRequest { argv: cmd, env: parse_env(&a.env)?, cwd: a.cwd.clone(), stdin: vec![], keep_stdin_open: forward, pty };
+    let (out, out_done) = WriterSink::client(tokio::io::stdout());
+    let (err, err_done) = WriterSink::client(tokio::io::stderr());
+    let p = ops::exec(vm, &req, out, err).await?;
+    if forward {
+        let p2 = p.clone();
+        tokio::task::spawn_local(async move {
+            let _ = forward_stdin(&p2).await;
+        });
+    }
+    let exit = ops::wait(&p).await?;
+    let _ = out_done.await;
+    let _ = err_done.await;
+    Ok(exit.shell_code())
+}
+
+async fn forward_stdin(p: &capvisor_rpc::schema::common_capnp::process::Client) -> ClientResult<()> {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; capvisor_rpc::CHUNK];
+    loop {
+        let n = stdin.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        ops::write_stdin(p, &buf[..n]).await?;
+    }
+    ops::close_stdin(p).await
+}
+
+fn term_size() -> (u16, u16) {
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ fills a winsize; fd 1 may not be a tty (then we default).
+    if unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+        (ws.ws_row, ws.ws_col)
+    } else {
+        (24, 80)
+    }
+}
+
+/// Puts the terminal in raw mode until dropped.
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enable() -> Self {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return RawMode(None);
+        }
+        match tcgetattr(&stdin) {
+            Ok(orig) => {
+                let mut raw = orig.clone();
+                cfmakeraw(&mut raw);
+                let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+                RawMode(Some(orig))
+            }
+            Err(_) => RawMode(None),
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(orig) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, orig);
+        }
+    }
+}
+
+async fn shell(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, program: String) -> ClientResult<i32> {
+    let size = term_size();
+    let req = ExecRequest {
+        argv: vec![program],
+        env: vec![],
+        cwd: "/root".into(),
+        stdin: vec![],
+        keep_stdin_open: true,
+        pty: Some(size),
+    };
+    let (out, out_done) = WriterSink::client(tokio::io::stdout());
+    let (err, _err_done) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+    let p = ops::exec(vm, &req, out, err).await?;
+    let _raw = RawMode::enable();
+    let p2 = p.clone();
+    tokio::task::spawn_local(async move {
+        let _ = forward_stdin(&p2).await;
+    });
+    let p3 = p.clone();
+    tokio::task::spawn_local(async move {
+        let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else { return };
+        while winch.recv().await.is_some() {
+            let (r, c) = term_size();
+            let _ = ops::resize(&p3, r, c).await;
+        }
+    });
+    let exit = ops::wait(&p).await?;
+    let _ = out_done.await;
+    Ok(exit.shell_code())
+}
+
+/// `NAME:/path` -> (NAME, /path); a plain local path -> None.
+fn guest_path(s: &str) -> Option<(&str, &str)> {
+    let (name, path) = s.split_once(':')?;
+    (!name.is_empty() && !name.contains('/') && path.starts_with('/')).then_some((name, path))
+}
+
+async fn copy(f: &capvisor_rpc::schema::capvisor_capnp::vm_factory::Client, src: &str, dst: &str) -> ClientResult<i32> {
+    use std::os::unix::fs::PermissionsExt;
+    match (guest_path(src), guest_path(dst)) {
+        (None, Some((name, path))) => {
+            let file = tokio::fs::File::open(src).await.map_err(|e| ClientError::Usage(format!("{src}: {e}")))?;
+            let mode = file.metadata().await?.permissions().mode() & 0o7777;
+            let path = if path.ends_with('/') {
+                format!("{path}{}", Path::new(src).file_name().and_then(|n| n.to_str()).unwrap_or("file"))
+            } else {
+                path.to_string()
+            };
+            let files = ops::files(&ops::get_vm(f, name).await?).await?;
+            let n = ops::write_file(&files, &path, mode, file).await?;
+            eprintln!("capvisor: {n} bytes -> {name}:{path}");
+            Ok(0)
+        }
+        (Some((name, path)), None) => {
+            let files = ops::files(&ops::get_vm(f, name).await?).await?;
+            let tmp = format!("{dst}.capvisor-part");
+            let out = tokio::fs::File::create(&tmp).await.map_err(|e| ClientError::Usage(format!("{dst}: {e}")))?;
+            let (sink, done) = WriterSink::client(out);
+            let r = ops::read_file(&files, path, sink).await;
+            let _ = done.await;
+            match r {
+                Ok(n) => {
+                    tokio::fs::rename(&tmp, dst).await?;
+                    eprintln!("capvisor: {name}:{path} -> {dst} ({n} bytes)");
+                    Ok(0)
+                }
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    Err(e)
+                }
+            }
+        }
+        _ => Err(ClientError::Usage("vm cp wants exactly one side as NAME:/absolute/path and the other a local path".into())),
+    }
+}

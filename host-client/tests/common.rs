@@ -1,0 +1,173 @@
+//! Shared test harness: a real `capvisor serve` with private socket, state
+//! and config dirs, driven through the real `capvisor` CLI.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_capvisor")).parent().unwrap().to_path_buf()
+}
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts `capvisor serve` (with `manifest` TOML if given) and waits for its socket.
+    pub fn start(manifest: Option<&str>) -> Server {
+        for b in ["capvisor-gateway", "capvisor-broker", "capvisor-worker", "capvisor-vmm", "capvisor-guest-init"] {
+            assert!(bin_dir().join(b).exists(), "{b} is not built: run `cargo build --workspace` first");
+        }
+        let dir = tempfile::Builder::new().prefix("capvisor-test.").tempdir().unwrap();
+        let socket = dir.path().join("run/gateway.sock");
+        let state = dir.path().join("state");
+        let mut cmd = Command::new(bin_dir().join("capvisor"));
+        cmd.arg("serve");
+        if let Some(m) = manifest {
+            let p = dir.path().join("manifest.toml");
+            std::fs::write(&p, m).unwrap();
+            cmd.arg("--manifest").arg(p);
+        }
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        cmd.env("CAPVISOR_SOCKET", &socket)
+            .env("CAPVISOR_STATE_DIR", &state)
+            .env("CAPVISOR_BIN_DIR", bin_dir())
+            .env("CAPVISOR_GUEST_INIT", bin_dir().join("capvisor-guest-init"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().unwrap();
+        let mut s = Server { dir, socket, state, child: Some(child) };
+        let t0 = Instant::now();
+        while !s.socket.exists() {
+            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("capvisor serve exited ({st}):\n{}", s.log());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(900), "serve did not come up:\n{}", s.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    pub fn config_dir(&self, who: &str) -> PathBuf {
+        self.dir.path().join("config").join(who)
+    }
+
+    /// Runs the CLI as client `who` (its own config dir) with optional stdin.
+    pub fn cli(&self, who: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(bin_dir().join("capvisor"));
+        cmd.args(args)
+            .env("CAPVISOR_SOCKET", &self.socket)
+            .env("CAPVISOR_CONFIG_DIR", self.config_dir(who))
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(data) = stdin {
+            let mut i = child.stdin.take().unwrap();
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                let _ = i.write_all(&data);
+            });
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Like `cli` but asserts exit code `code` and returns stdout.
+    pub fn cli_ok(&self, who: &str, args: &[&str], stdin: Option<&[u8]>, code: i32) -> Output {
+        let out = self.cli(who, args, stdin);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "capvisor {args:?}: expected exit {code}\nstdout: {}\nstderr: {}\nserve log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        out
+    }
+
+    /// Processes (pid, argv[0]) whose command line or environment mentions this server's dir.
+    pub fn our_processes(&self) -> Vec<(u32, String)> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let me = std::process::id();
+        let server_pid = self.child.as_ref().map(|c| c.id());
+        let mut found = vec![];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if pid == me || Some(pid) == server_pid {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            let hit = |b: &[u8]| String::from_utf8_lossy(b).contains(&needle);
+            if hit(&cmdline) || hit(&environ) {
+                let argv0 = String::from_utf8_lossy(cmdline.split(|c| *c == 0).next().unwrap_or(b"")).into_owned();
+                found.push((pid, argv0));
+            }
+        }
+        found
+    }
+
+    /// Number of qemu processes of this server.
+    pub fn qemu_count(&self) -> usize {
+        self.our_processes().iter().filter(|(_, a)| a.contains("qemu")).count()
+    }
+
+    /// SIGTERM to serve; waits for a clean exit and checks nothing of ours is left running.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("serve did not exit within 60 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "serve exited with {status}:\n{}", self.log());
+        // Give reaped children a moment to vanish from /proc.
+        let t0 = Instant::now();
+        let mut left = self.our_processes();
+        while !left.is_empty() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+            left = self.our_processes();
+        }
+        assert!(left.is_empty(), "processes left behind after shutdown: {left:?}\n{}", self.log());
+        assert!(!self.socket.exists(), "socket left behind");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,118 @@
+//! End to end: a real `capvisor serve`, the real CLI, real Linux guests
+//! booted under QEMU (TCG here), every call through capabilities.
+
+mod common;
+use common::*;
+
+/// The embedded default manifest with the `user` bundle cut to one VM, so
+/// the quota path is reached after a single boot.
+fn manifest() -> String {
+    capvisor_manifest_default().replace("max_vms = 2", "max_vms = 1")
+}
+
+fn capvisor_manifest_default() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/default.toml")).unwrap()
+}
+
+/// VM names from `capvisor vm list` output (first column, header skipped).
+fn vm_names(list: &str) -> Vec<String> {
+    list.lines().skip(1).filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect()
+}
+
+#[test]
+fn vm_lifecycle_isolation_quota_and_logout() {
+    let m = manifest();
+    assert!(m.contains("max_vms = 1"));
+    let s = Server::start(Some(&m));
+
+    // Owner logs in by peer credentials and sees its caps.
+    let out = s.cli_ok("owner", &["login"], None, 0);
+    assert!(stderr(&out).contains("profile owner"), "{}", stderr(&out));
+    let caps = stdout(&s.cli_ok("owner", &["caps"], None, 0));
+    assert!(caps.contains("vms") && caps.contains("VmFactory") && caps.contains("accounts"), "{caps}");
+
+    // Boot a real guest.
+    s.cli_ok("owner", &["vm", "create", "--name", "a"], None, 0);
+    let list = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));
+    assert_eq!(vm_names(&list), ["a"], "{list}");
+    assert!(list.contains("running"), "{list}");
+
+    // uname -r comes back: a Debian cloud kernel, the same one guest-init reported at boot.
+    let rel = stdout(&s.cli_ok("owner", &["vm", "exec", "a", "--", "uname", "-r"], None, 0)).trim().to_string();
+    assert!(rel.ends_with("-cloud-amd64"), "unexpected kernel release {rel:?}");
+    assert!(list.contains(&rel), "vm list {list:?} lacks {rel}");
+
+    // Exit codes, stdout/stderr separation.
+    s.cli_ok("owner", &["vm", "exec", "a", "--", "sh", "-c", "exit 3"], None, 3);
+    let o = s.cli_ok("owner", &["vm", "exec", "a", "--", "sh", "-c", "echo out; echo err >&2; exit 0"], None, 0);
+    assert_eq!(stdout(&o), "out\n");
+    assert!(stderr(&o).contains("err\n"), "{}", stderr(&o));
+
+    // stdin round trip, small and large (crosses many 64 KiB chunks).
+    let o = s.cli_ok("owner", &["vm", "exec", "a", "--", "cat"], Some(b"ping\n"), 0);
+    assert_eq!(stdout(&o), "ping\n");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let o = s.cli_ok("owner", &["vm", "exec", "a", "--", "cat"], Some(&big), 0);
+    assert_eq!(o.stdout.len(), big.len());
+    assert!(o.stdout == big, "stdin/stdout round trip corrupted data");
+
+    // Files: write then read back, and the guest sees the same bytes.
+    let local = s.dir.path().join("upload.bin");
+    std::fs::write(&local, &big).unwrap();
+    s.cli_ok("owner", &["vm", "cp", local.to_str().unwrap(), "a:/tmp/upload.bin"], None, 0);
+    let o = s.cli_ok("owner", &["vm", "exec", "a", "--", "wc", "-c", "/tmp/upload.bin"], None, 0);
+    assert!(stdout(&o).starts_with(&big.len().to_string()), "{}", stdout(&o));
+    let back = s.dir.path().join("download.bin");
+    s.cli_ok("owner", &["vm", "cp", "a:/tmp/upload.bin", back.to_str().unwrap()], None, 0);
+    assert!(std::fs::read(&back).unwrap() == big, "file read back differs");
+    let o = s.cli_ok("owner", &["vm", "cp", "a:/no/such/file", back.to_str().unwrap()], None, 11);
+    assert!(stderr(&o).contains("notFound"), "{}", stderr(&o));
+
+    // A second principal: a password account with the `user` profile.
+    s.cli_ok("owner", &["account", "add", "bob", "--profile", "user", "--password-stdin"], Some(b"bob-secret-1\n"), 0);
+    s.cli_ok("bob", &["login", "--user", "bob", "--password-stdin"], Some(b"bob-secret-1\n"), 0);
+    let caps = stdout(&s.cli_ok("bob", &["caps"], None, 0));
+    assert!(caps.contains("vms") && !caps.contains("accounts"), "{caps}");
+    s.cli_ok("bob", &["account", "list"], None, 11);
+
+    // Isolation: bob cannot see or reach the owner's VM.
+    let list = stdout(&s.cli_ok("bob", &["vm", "list"], None, 0));
+    assert!(vm_names(&list).is_empty(), "bob sees the owner's VM: {list}");
+    s.cli_ok("bob", &["vm", "exec", "a", "--", "true"], None, 11);
+
+    // Quotas: memory above the bundle's limit, then more VMs than allowed; nothing starts.
+    let before = s.qemu_count();
+    let o = s.cli_ok("bob", &["vm", "create", "--name", "big", "--memory-mib", "1024"], None, 13);
+    assert!(stderr(&o).contains("quota"), "{}", stderr(&o));
+    s.cli_ok("bob", &["vm", "create", "--name", "b"], None, 0);
+    assert_eq!(s.qemu_count(), before + 1);
+    s.cli_ok("bob", &["vm", "create", "--name", "c"], None, 13);
+    assert_eq!(s.qemu_count(), before + 1, "a denied create started a VM");
+
+    // Logout: bob's VM stops, his saved token is useless afterwards.
+    let saved = std::fs::read(s.config_dir("bob").join("session.json")).unwrap();
+    s.cli_ok("bob", &["logout"], None, 0);
+    assert_eq!(s.qemu_count(), before, "bob's VM survived logout");
+    s.cli_ok("bob", &["caps"], None, 21);
+    std::fs::write(s.config_dir("bob").join("session.json"), &saved).unwrap();
+    let o = s.cli_ok("bob", &["caps"], None, 14);
+    assert!(stderr(&o).contains("staleSession"), "{}", stderr(&o));
+
+    // Owner: stop, rm.
+    s.cli_ok("owner", &["vm", "stop", "a"], None, 0);
+    let list = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));
+    assert!(list.contains("stopped"), "{list}");
+    s.cli_ok("owner", &["vm", "exec", "a", "--", "true"], None, 19);
+    s.cli_ok("owner", &["vm", "rm", "a"], None, 0);
+    assert_eq!(s.qemu_count(), 0);
+    s.cli_ok("owner", &["vm", "rm", "a"], None, 11);
+
+    // One-shot run: create, exec, destroy.
+    let o = s.cli_ok("owner", &["run", "--", "sh", "-c", "echo one-shot; exit 7"], None, 7);
+    assert_eq!(stdout(&o), "one-shot\n");
+    let list = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));
+    assert!(vm_names(&list).is_empty(), "run left a VM behind: {list}");
+
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}

@@ -1,0 +1,146 @@
+//! Session state shared by every capability the worker serves.
+
+use crate::vms::VmEntry;
+use capvisor_manifest::SessionContext;
+use capvisor_rpc::schema::internal_capnp::session_host;
+use capvisor_rpc::{CvError, CvResult};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::rc::Rc;
+
+/// One session: its context, its VMs, its revocation flag, and the broker's
+/// `SessionHost` (logout, audit, accounts).
+pub struct SessionState {
+    /// Immutable context from the broker.
+    pub ctx: SessionContext,
+    /// The broker's face to this session.
+    pub host: session_host::Client,
+    /// This session's VMs by name.
+    pub vms: RefCell<BTreeMap<String, Rc<VmEntry>>>,
+    revoked_tx: tokio::sync::watch::Sender<Option<String>>,
+    /// Client connections currently attached.
+    pub clients: Cell<usize>,
+    /// Fires when the last client leaves (checked by the linger loop).
+    pub clients_changed: tokio::sync::Notify,
+    next_vm: Cell<u32>,
+}
+
+impl SessionState {
+    /// A live (not revoked) session.
+    pub fn new(ctx: SessionContext, host: session_host::Client) -> Rc<Self> {
+        let (revoked_tx, _) = tokio::sync::watch::channel(None);
+        Rc::new(Self {
+            ctx,
+            host,
+            vms: RefCell::new(BTreeMap::new()),
+            revoked_tx,
+            clients: Cell::new(0),
+            clients_changed: tokio::sync::Notify::new(),
+            next_vm: Cell::new(1),
+        })
+    }
+
+    /// `Err(staleSession)` once the session is revoked or past its expiry.
+    pub fn check(&self) -> CvResult<()> {
+        if self.revoked_tx.borrow().is_some() {
+            return Err(CvError::stale());
+        }
+        if now_ms() >= self.ctx.expires_at_ms {
+            return Err(CvError::stale());
+        }
+        Ok(())
+    }
+
+    /// Whether the session is revoked (logout, expiry, shutdown).
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_tx.borrow().is_some()
+    }
+
+    /// Marks the session revoked with `reason`. Idempotent; returns whether
+    /// this call did it.
+    pub fn mark_revoked(&self, reason: &str) -> bool {
+        let mut did = false;
+        self.revoked_tx.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason.to_string());
+                did = true;
+                true
+            } else {
+                false
+            }
+        });
+        did
+    }
+
+    /// Resolves once the session is revoked.
+    pub async fn revoked(&self) {
+        let mut rx = self.revoked_tx.subscribe();
+        let _ = rx.wait_for(|r| r.is_some()).await;
+    }
+
+    /// Runs `fut` unless or until the session is revoked, in which case the
+    /// call ends with `staleSession` (pending calls fail: DESIGN.md,
+    /// "Authority rules").
+    pub async fn guard<T>(&self, fut: impl Future<Output = CvResult<T>>) -> CvResult<T> {
+        self.check()?;
+        tokio::select! {
+            r = fut => r,
+            _ = self.revoked() => Err(CvError::stale()),
+        }
+    }
+
+    /// Like [`SessionState::guard`] for calls whose failure is a capnp
+    /// exception (streams): a revoked session fails them with `failed`.
+    pub async fn guard_rpc<T>(&self, fut: impl Future<Output = capnp::Result<T>>) -> capnp::Result<T> {
+        if let Err(e) = self.check() {
+            return Err(capnp::Error::failed(e.to_string()));
+        }
+        tokio::select! {
+            r = fut => r,
+            _ = self.revoked() => Err(capnp::Error::failed(CvError::stale().to_string())),
+        }
+    }
+
+    /// A fresh default VM name (`vm-1`, `vm-2`, ...), not yet in use.
+    pub fn next_vm_name(&self) -> String {
+        loop {
+            let n = self.next_vm.get();
+            self.next_vm.set(n + 1);
+            let name = format!("vm-{n}");
+            if !self.vms.borrow().contains_key(&name) {
+                return name;
+            }
+        }
+    }
+
+    /// Sends an audit event to the broker (which adds principal, session
+    /// and time). Fire-and-forget: a failed audit write is logged there.
+    pub fn audit(&self, action: &str, cap: &str, method: &str, outcome: Result<(), &CvError>, detail: &str) {
+        let mut req = self.host.audit_request();
+        {
+            let mut ev = req.get().init_event();
+            ev.set_action(action);
+            ev.set_cap(cap);
+            ev.set_method(method);
+            ev.set_outcome(match outcome {
+                Ok(()) => "ok",
+                Err(e) => e.code_name(),
+            });
+            ev.set_detail(detail);
+        }
+        tokio::task::spawn_local(async move {
+            if let Err(e) = req.send().promise.await {
+                tracing::warn!("audit event not delivered: {e}");
+            }
+        });
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

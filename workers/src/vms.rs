@@ -1,0 +1,483 @@
+//! `VmFactory` and `Vm`: this session's VMs. Each VM is one `capvisor-vmm`
+//! process (serving `Machine`) that the worker spawns with two socketpairs:
+//! one for `Machine`, one for the guest's agent channel, on which the worker
+//! talks to guest-init's `Guest` directly (no proxy hop in between).
+
+use crate::state::SessionState;
+use crate::wrap::{FilesWrapper, ProcessWrapper};
+use capnp::capability::Rc as CapRc;
+use capvisor_rpc::conn::{self, INTERNAL};
+use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_info, VmState};
+use capvisor_rpc::schema::common_capnp::{files, process, ErrorCode};
+use capvisor_rpc::schema::guest_capnp::guest;
+use capvisor_rpc::schema::internal_capnp::{machine, MachineState};
+use capvisor_rpc::spawn::{self, Inherit};
+use capvisor_rpc::{paths, write_result, CvError, CvResult};
+use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// How long a guest may take from vmm spawn to guest-init answering `hello`.
+/// TCG boots take 3-8 s on our 2-core machines, more under load.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One VM of the session.
+pub struct VmEntry {
+    /// Unique within the session.
+    pub name: String,
+    /// Image name (manifest `[images.NAME]`).
+    pub image: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Requested engine ("auto", "qemu", "kvm").
+    pub engine: String,
+    /// Current state.
+    pub state: Cell<VmState>,
+    /// `uname -r` of the guest, once booted.
+    pub kernel_release: RefCell<String>,
+    /// Create call to guest-init answering, ms.
+    pub boot_ms: Cell<u64>,
+    /// The VM's private directory (console.log, vmm.log).
+    pub run_dir: PathBuf,
+    /// Set while the VM runs.
+    pub running: RefCell<Option<Running>>,
+}
+
+/// Handles of a running VM.
+pub struct Running {
+    /// The vmm's `Machine`.
+    pub machine: machine::Client,
+    /// guest-init's `Guest`, over the agent channel.
+    pub guest: guest::Client,
+    /// The vmm process.
+    pub child: tokio::process::Child,
+}
+
+impl VmEntry {
+    fn guest(&self) -> CvResult<guest::Client> {
+        match &*self.running.borrow() {
+            Some(r) => Ok(r.guest.clone()),
+            None => Err(CvError::new(ErrorCode::NotRunning, format!("VM {:?} is not running", self.name))),
+        }
+    }
+
+    fn fill_info(&self, mut b: vm_info::Builder<'_>) {
+        b.set_name(self.name.as_str());
+        b.set_image(self.image.as_str());
+        b.set_memory_mib(self.memory_mib);
+        b.set_vcpus(self.vcpus);
+        b.set_state(self.state.get());
+        b.set_engine(self.engine.as_str());
+        b.set_kernel_release(self.kernel_release.borrow().as_str());
+        b.set_boot_ms(self.boot_ms.get());
+    }
+
+    /// The last `max` bytes of the guest console log.
+    pub fn console_tail(&self, max: u64) -> String {
+        let Ok(data) = std::fs::read(self.run_dir.join("console.log")) else { return String::new() };
+        let start = data.len().saturating_sub(max as usize);
+        String::from_utf8_lossy(&data[start..]).into_owned()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// Validated creation request.
+struct CreateSpec {
+    name: String,
+    image: String,
+    memory_mib: u32,
+    vcpus: u32,
+    engine: String,
+}
+
+fn check_spec(st: &SessionState, spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>) -> CvResult<CreateSpec> {
+    let text = |r: capnp::Result<capnp::text::Reader<'_>>| -> CvResult<String> {
+        r.ok().and_then(|t| t.to_str().ok().map(str::to_string)).ok_or_else(|| CvError::invalid("text fields must be UTF-8"))
+    };
+    let bundle = &st.ctx.bundle;
+    let mut name = text(spec.get_name())?;
+    if name.is_empty() {
+        name = st.next_vm_name();
+    }
+    if !valid_name(&name) {
+        return Err(CvError::invalid(format!("bad VM name {name:?}: use 1-32 of [a-z0-9-], starting with a letter or digit")));
+    }
+    let mut image = text(spec.get_image())?;
+    if image.is_empty() {
+        image = "base".into();
+    }
+    if !bundle.images.contains(&image) || !st.ctx.images.contains_key(&image) {
+        return Err(CvError::denied(format!("image {image:?} is not allowed in this session (allowed: {})", bundle.images.join(", "))));
+    }
+    let memory_mib = match spec.get_memory_mib() {
+        0 => bundle.default_memory_mib,
+        m => m,
+    };
+    if memory_mib > bundle.max_memory_mib {
+        return Err(CvError::quota(format!("{memory_mib} MiB exceeds this session's limit of {} MiB per VM", bundle.max_memory_mib)));
+    }
+    if memory_mib < 64 {
+        return Err(CvError::invalid("a VM needs at least 64 MiB"));
+    }
+    let vcpus = spec.get_vcpus().max(1);
+    if vcpus > bundle.max_vcpus {
+        return Err(CvError::quota(format!("{vcpus} vCPUs exceed this session's limit of {}", bundle.max_vcpus)));
+    }
+    let mut engine = text(spec.get_engine())?;
+    if engine.is_empty() {
+        engine = "auto".into();
+    }
+    if !matches!(engine.as_str(), "auto" | "qemu" | "kvm") {
+        return Err(CvError::invalid(format!("unknown engine {engine:?} (auto, qemu, kvm)")));
+    }
+    let vms = st.vms.borrow();
+    if vms.contains_key(&name) {
+        return Err(CvError::new(ErrorCode::AlreadyExists, format!("a VM named {name:?} exists")));
+    }
+    if vms.len() as u32 >= bundle.max_vms {
+        return Err(CvError::quota(format!(
+            "this session may have at most {} VMs (it has {}); remove one first",
+            bundle.max_vms,
+            vms.len()
+        )));
+    }
+    Ok(CreateSpec { name, image, memory_mib, vcpus, engine })
+}
+
+/// Boots the VM of `entry`: spawns its vmm and waits for guest-init.
+async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
+    let image = st.ctx.images.get(&entry.image).ok_or_else(|| CvError::internal("image vanished"))?;
+    std::fs::create_dir_all(&entry.run_dir).map_err(|e| CvError::internal(format!("cannot create run dir: {e}")))?;
+    let cfg = capvisor_vmm::VmConfig {
+        name: entry.name.clone(),
+        run_dir: entry.run_dir.clone(),
+        kernel: image.kernel.clone(),
+        initramfs: image.initramfs.clone(),
+        memory_mib: entry.memory_mib,
+        vcpus: entry.vcpus,
+        engine: entry.engine.clone(),
+        extra_cmdline: String::new(),
+    };
+    let internal = |e: std::io::Error| CvError::internal(format!("cannot start the vmm: {e}"));
+    let (rpc_here, rpc_there) = spawn::stream_pair().map_err(internal)?;
+    let (agent_here, agent_there) = spawn::stream_pair().map_err(internal)?;
+    let log = std::fs::File::create(entry.run_dir.join("vmm.log")).map_err(internal)?;
+    let mut cmd = tokio::process::Command::new(paths::binary("capvisor-vmm"));
+    cmd.args(["--rpc-fd", "3", "--agent-fd", "4"])
+        .env("CAPVISOR_VMM_CONFIG", serde_json::to_string(&cfg).map_err(|e| CvError::internal(e.to_string()))?)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    let fds = [Inherit { fd: rpc_there, target: 3 }, Inherit { fd: agent_there, target: 4 }];
+    spawn::prepare(&mut cmd, &fds);
+    let mut child = cmd.spawn().map_err(internal)?;
+    drop(fds);
+    let (machine, _) = conn::connect::<machine::Client>(spawn::into_tokio(rpc_here).map_err(internal)?, None, INTERNAL);
+    let (guest, _) = conn::connect::<guest::Client>(spawn::into_tokio(agent_here).map_err(internal)?, None, INTERNAL);
+
+    let hello = guest.hello_request().send().promise;
+    let exited = machine.wait_exit_request().send().promise;
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(BOOT_TIMEOUT, hello) => match r {
+            Ok(Ok(resp)) => {
+                let info = resp.get().map_err(|e| CvError::internal(e.to_string()))?.get_info().map_err(|e| CvError::internal(e.to_string()))?;
+                Ok(info.get_kernel_release().ok().and_then(|t| t.to_string().ok()).unwrap_or_default())
+            }
+            Ok(Err(e)) => Err(format!("the guest agent channel failed: {e}")),
+            Err(_) => Err(format!("guest-init did not answer within {} s", BOOT_TIMEOUT.as_secs())),
+        },
+        r = exited => Err(match r {
+            Ok(resp) => match resp.get().and_then(|r| r.get_status()) {
+                Ok(s) => format!("the VM stopped while booting: {}", s.get_detail().ok().and_then(|t| t.to_str().ok()).unwrap_or("")),
+                Err(e) => format!("the VM stopped while booting: {e}"),
+            },
+            Err(e) => format!("the vmm exited while booting: {e}; see {}", entry.run_dir.join("vmm.log").display()),
+        }),
+    };
+    match outcome {
+        Ok(release) => {
+            *entry.kernel_release.borrow_mut() = release;
+            Ok(Running { machine, guest, child })
+        }
+        Err(why) => {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            let tail = entry.console_tail(1500);
+            Err(CvError::unavailable(format!("{why}\n--- last console output ---\n{tail}")))
+        }
+    }
+}
+
+/// Stops the VM if it runs: asks guest-init to power off, then the vmm to
+/// stop (graceful, then forced), then reaps the vmm. Idempotent.
+pub async fn stop_vm(entry: &VmEntry) {
+    let Some(mut run) = entry.running.borrow_mut().take() else { return };
+    let exited = run.machine.wait_exit_request().send().promise;
+    let _ = tokio::time::timeout(Duration::from_secs(2), run.guest.shutdown_request().send().promise).await;
+    if tokio::time::timeout(Duration::from_secs(5), exited).await.is_err() {
+        let mut req = run.machine.stop_request();
+        req.get().set_grace_ms(1000);
+        let _ = tokio::time::timeout(Duration::from_secs(5), req.send().promise).await;
+    }
+    drop(run.guest);
+    drop(run.machine);
+    if tokio::time::timeout(Duration::from_secs(5), run.child.wait()).await.is_err() {
+        let _ = run.child.start_kill();
+        let _ = run.child.wait().await;
+    }
+    if entry.state.get() != VmState::Crashed {
+        entry.state.set(VmState::Stopped);
+    }
+}
+
+/// Revokes the session (logout, expiry, shutdown): every cap answers
+/// `staleSession` from now on, calls in flight fail, VMs are stopped, and
+/// for a logout the broker forgets the resume token. Idempotent.
+pub async fn revoke_session(st: &Rc<SessionState>, reason: &str) {
+    if !st.mark_revoked(reason) {
+        return;
+    }
+    tracing::info!(session = %st.ctx.session_id, "session revoked: {reason}");
+    if reason == "logout" {
+        st.audit("session.logout", "session", "logout", Ok(()), "");
+        if let Err(e) = st.host.logout_request().send().promise.await {
+            tracing::warn!("broker logout failed: {e}");
+        }
+    }
+    let entries: Vec<Rc<VmEntry>> = st.vms.borrow().values().cloned().collect();
+    futures::future::join_all(entries.iter().map(|e| stop_vm(e))).await;
+}
+
+/// `VmFactory` of one session.
+pub struct VmFactoryImpl {
+    /// The session.
+    pub st: Rc<SessionState>,
+}
+
+impl VmFactoryImpl {
+    async fn create(&self, spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>) -> CvResult<vm::Client> {
+        let st = &self.st;
+        st.check()?;
+        let spec = check_spec(st, spec)?;
+        let entry = Rc::new(VmEntry {
+            run_dir: st.ctx.run_dir.join(&spec.name),
+            name: spec.name.clone(),
+            image: spec.image,
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            engine: spec.engine,
+            state: Cell::new(VmState::Starting),
+            kernel_release: RefCell::new(String::new()),
+            boot_ms: Cell::new(0),
+            running: RefCell::new(None),
+        });
+        st.vms.borrow_mut().insert(spec.name.clone(), entry.clone());
+        let t0 = Instant::now();
+        match st.guard(boot(st, &entry)).await {
+            Ok(run) => {
+                entry.boot_ms.set(t0.elapsed().as_millis() as u64);
+                watch_exit(entry.clone(), run.machine.clone());
+                *entry.running.borrow_mut() = Some(run);
+                entry.state.set(VmState::Running);
+                tracing::info!(vm = %entry.name, ms = entry.boot_ms.get(), "VM running");
+                Ok(capnp_rpc::new_client(VmImpl { st: st.clone(), name: spec.name }))
+            }
+            Err(e) => {
+                st.vms.borrow_mut().remove(&spec.name);
+                Err(e)
+            }
+        }
+    }
+
+    fn entry(&self, name: &str) -> CvResult<Rc<VmEntry>> {
+        self.st.check()?;
+        lookup(&self.st, name)
+    }
+}
+
+fn lookup(st: &SessionState, name: &str) -> CvResult<Rc<VmEntry>> {
+    st.vms.borrow().get(name).cloned().ok_or_else(|| CvError::not_found(format!("this session has no VM named {name:?}")))
+}
+
+/// Marks the VM crashed/stopped when its machine ends on its own.
+fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
+    tokio::task::spawn_local(async move {
+        let r = machine.wait_exit_request().send().promise.await;
+        let state = r.ok().and_then(|r| r.get().ok().and_then(|r| r.get_status().ok()).and_then(|s| s.get_state().ok()));
+        if entry.state.get() == VmState::Running {
+            entry.state.set(if state == Some(MachineState::Crashed) { VmState::Crashed } else { VmState::Stopped });
+            // Drop the handles; stop_vm reaps the vmm when asked.
+            if let Some(mut run) = entry.running.borrow_mut().take() {
+                let _ = run.child.start_kill();
+                tokio::task::spawn_local(async move {
+                    let _ = run.child.wait().await;
+                });
+            }
+        }
+    });
+}
+
+fn text_param(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    r?.to_string().map_err(|e| capnp::Error::failed(e.to_string()))
+}
+
+impl vm_factory::Server for VmFactoryImpl {
+    async fn create(self: CapRc<Self>, params: vm_factory::CreateParams, mut results: vm_factory::CreateResults) -> capnp::Result<()> {
+        let p = params.get()?;
+        let spec = p.get_spec()?;
+        let res = self.create(spec).await;
+        let detail = match &res {
+            Ok(_) => String::new(),
+            Err(e) => e.message.lines().next().unwrap_or("").to_string(),
+        };
+        self.st.audit("vm.create", "vms", "create", res.as_ref().map(|_| ()), &detail);
+        write_result!(results.get().init_result(), res, |b, v| b.set_vm(v));
+        Ok(())
+    }
+
+    async fn list(self: CapRc<Self>, _: vm_factory::ListParams, mut results: vm_factory::ListResults) -> capnp::Result<()> {
+        let vms: Vec<Rc<VmEntry>> = self.st.vms.borrow().values().cloned().collect();
+        write_result!(results.get().init_result(), self.st.check(), |b, _v| {
+            let mut list = b.init_vms(vms.len() as u32);
+            for (i, e) in vms.iter().enumerate() {
+                e.fill_info(list.reborrow().get(i as u32));
+            }
+        });
+        Ok(())
+    }
+
+    async fn get(self: CapRc<Self>, params: vm_factory::GetParams, mut results: vm_factory::GetResults) -> capnp::Result<()> {
+        let name = text_param(params.get()?.get_name())?;
+        let res = self.entry(&name).map(|_| capnp_rpc::new_client::<vm::Client, _>(VmImpl { st: self.st.clone(), name }));
+        write_result!(results.get().init_result(), res, |b, v| b.set_vm(v));
+        Ok(())
+    }
+
+    async fn remove(self: CapRc<Self>, params: vm_factory::RemoveParams, mut results: vm_factory::RemoveResults) -> capnp::Result<()> {
+        let name = text_param(params.get()?.get_name())?;
+        let res = match self.entry(&name) {
+            Ok(e) if e.state.get() == VmState::Starting => Err(CvError::invalid(format!("VM {name:?} is still starting"))),
+            Ok(e) => {
+                stop_vm(&e).await;
+                self.st.vms.borrow_mut().remove(&name);
+                let _ = std::fs::remove_dir_all(&e.run_dir);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        self.st.audit("vm.remove", "vms", "remove", res.as_ref().map(|_| ()), &name);
+        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
+        Ok(())
+    }
+}
+
+/// `Vm`: one VM of the session, looked up by name on every call (so a
+/// removed VM answers `notFound`).
+pub struct VmImpl {
+    /// The session.
+    pub st: Rc<SessionState>,
+    /// The VM's name.
+    pub name: String,
+}
+
+impl VmImpl {
+    fn entry(&self) -> CvResult<Rc<VmEntry>> {
+        self.st.check()?;
+        lookup(&self.st, &self.name)
+    }
+
+    async fn exec(&self, params: vm::ExecParams) -> CvResult<process::Client> {
+        let guest = self.entry()?.guest()?;
+        let rpc = |e: capnp::Error| CvError::unavailable(format!("guest call failed: {e}"));
+        let p = params.get().map_err(rpc)?;
+        let mut req = guest.exec_request();
+        {
+            let mut r = req.get();
+            r.set_spec(p.get_spec().map_err(rpc)?).map_err(rpc)?;
+            r.set_stdout(p.get_stdout().map_err(rpc)?);
+            r.set_stderr(p.get_stderr().map_err(rpc)?);
+        }
+        let resp = self.st.guard(async { req.send().promise.await.map_err(rpc) }).await?;
+        let result = resp.get().and_then(|r| r.get_result()).map_err(rpc)?;
+        use capvisor_rpc::schema::common_capnp::exec_result::Which;
+        match result.which().map_err(|e| CvError::internal(e.to_string()))? {
+            Which::Process(p) => Ok(capnp_rpc::new_client(ProcessWrapper { st: self.st.clone(), inner: p.map_err(rpc)? })),
+            Which::Err(e) => Err(CvError::read_from(e.map_err(rpc)?).map_err(rpc)?),
+        }
+    }
+}
+
+impl vm::Server for VmImpl {
+    async fn info(self: CapRc<Self>, _: vm::InfoParams, mut results: vm::InfoResults) -> capnp::Result<()> {
+        write_result!(results.get().init_result(), self.entry(), |b, e| e.fill_info(b.init_info()));
+        Ok(())
+    }
+
+    async fn exec(self: CapRc<Self>, params: vm::ExecParams, mut results: vm::ExecResults) -> capnp::Result<()> {
+        let res = self.exec(params).await;
+        write_result!(results.get().init_result(), res, |b, p| b.set_process(p));
+        Ok(())
+    }
+
+    async fn files(self: CapRc<Self>, _: vm::FilesParams, mut results: vm::FilesResults) -> capnp::Result<()> {
+        let res = self.entry().and_then(|e| e.guest()).map(|g| {
+            let inner = g.files_request().send().pipeline.get_files();
+            capnp_rpc::new_client::<files::Client, _>(FilesWrapper { st: self.st.clone(), inner })
+        });
+        write_result!(results.get().init_result(), res, |b, f| b.set_files(f));
+        Ok(())
+    }
+
+    async fn stop(self: CapRc<Self>, _: vm::StopParams, mut results: vm::StopResults) -> capnp::Result<()> {
+        let res = match self.entry() {
+            Ok(e) => {
+                stop_vm(&e).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        self.st.audit("vm.stop", "vms", "stop", res.as_ref().map(|_| ()), &self.name);
+        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
+        Ok(())
+    }
+
+    async fn ping(self: CapRc<Self>, _: vm::PingParams, mut results: vm::PingResults) -> capnp::Result<()> {
+        let res = match self.entry().and_then(|e| e.guest()) {
+            Ok(g) => {
+                self.st
+                    .guard(async { g.ping_request().send().promise.await.map(|_| ()).map_err(|e| CvError::unavailable(e.to_string())) })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_name;
+
+    #[test]
+    fn vm_names() {
+        assert!(valid_name("vm-1"));
+        assert!(valid_name("a"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-a"));
+        assert!(!valid_name("A"));
+        assert!(!valid_name("../etc"));
+        assert!(!valid_name(&"a".repeat(33)));
+    }
+}
+
