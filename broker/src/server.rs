@@ -1,0 +1,172 @@
+//! The broker's capnp servers: `Broker` (toward the gateway), one
+//! `SessionHost` per session (toward its worker) and `Accounts` (handed to
+//! workers whose bundle holds "accounts"). Each is a thin shell over
+//! [`BrokerService`].
+
+use crate::audit::AuditRecord;
+use crate::service::{write_login, BrokerService, ServiceRef};
+use capnp::capability::Rc as CapRc;
+use capvisor_rpc::schema::capvisor_capnp::accounts;
+use capvisor_rpc::schema::internal_capnp::{broker, session_host};
+use capvisor_rpc::{write_result, CvError};
+use std::rc::Rc;
+
+/// Reads a text parameter, replacing invalid UTF-8 (text is for names,
+/// never compared as a secret here).
+fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    Ok(String::from_utf8_lossy(r?.as_bytes()).into_owned())
+}
+
+/// `Broker`, the gateway's bootstrap cap.
+pub struct BrokerServer {
+    svc: Rc<BrokerService>,
+}
+
+impl BrokerServer {
+    /// A server over `svc`.
+    pub fn new(svc: Rc<BrokerService>) -> Self {
+        Self { svc }
+    }
+}
+
+impl broker::Server for BrokerServer {
+    async fn login_local(
+        self: CapRc<Self>,
+        params: broker::LoginLocalParams,
+        mut results: broker::LoginLocalResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let res = self.svc.login_local(p.get_uid(), p.get_pid()).await;
+        write_login(results.get().init_result(), res);
+        Ok(())
+    }
+
+    async fn login_password(
+        self: CapRc<Self>,
+        params: broker::LoginPasswordParams,
+        mut results: broker::LoginPasswordResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let user = text(p.get_user())?;
+        // A password that is not UTF-8 can match no account (add takes
+        // text): it becomes "", which is shorter than any stored one.
+        let password = p.get_password()?.to_str().unwrap_or("").to_string();
+        let peer = text(p.get_peer())?;
+        let res = self.svc.login_password(&user, &password, &peer).await;
+        write_login(results.get().init_result(), res);
+        Ok(())
+    }
+
+    async fn resume(self: CapRc<Self>, params: broker::ResumeParams, mut results: broker::ResumeResults) -> capnp::Result<()> {
+        let p = params.get()?;
+        let token = p.get_token()?.to_str().unwrap_or("").to_string();
+        let peer = text(p.get_peer())?;
+        let res = self.svc.resume(&token, &peer).await;
+        write_login(results.get().init_result(), res);
+        Ok(())
+    }
+}
+
+/// `SessionHost` of one session: what its worker may ask of the broker.
+pub struct SessionHostServer {
+    svc: ServiceRef,
+    session: String,
+    principal: String,
+    accounts: bool,
+}
+
+impl SessionHostServer {
+    /// The host of session `session` of `principal`; `accounts` says
+    /// whether its bundle holds the "accounts" cap.
+    pub fn new(svc: ServiceRef, session: &str, principal: &str, accounts: bool) -> Self {
+        Self { svc, session: session.into(), principal: principal.into(), accounts }
+    }
+
+    fn svc(&self) -> capnp::Result<Rc<BrokerService>> {
+        self.svc.upgrade().ok_or_else(|| capnp::Error::disconnected("the broker is shutting down".into()))
+    }
+}
+
+impl session_host::Server for SessionHostServer {
+    async fn logout(self: CapRc<Self>, _: session_host::LogoutParams, _: session_host::LogoutResults) -> capnp::Result<()> {
+        self.svc()?.logout(&self.session, &self.principal);
+        Ok(())
+    }
+
+    async fn audit(self: CapRc<Self>, params: session_host::AuditParams, _: session_host::AuditResults) -> capnp::Result<()> {
+        let ev = params.get()?.get_event()?;
+        let mut rec = AuditRecord::new(
+            &text(ev.get_action())?,
+            &text(ev.get_cap())?,
+            &text(ev.get_method())?,
+            &text(ev.get_outcome())?,
+        )
+        .principal(&self.principal)
+        .session(&self.session)
+        .detail(text(ev.get_detail())?);
+        if rec.action.is_empty() {
+            rec.action = "worker".into();
+        }
+        self.svc()?.audit(rec);
+        Ok(())
+    }
+
+    async fn accounts(
+        self: CapRc<Self>,
+        _: session_host::AccountsParams,
+        mut results: session_host::AccountsResults,
+    ) -> capnp::Result<()> {
+        if !self.accounts {
+            return Err(capnp::Error::failed("this session's bundle does not hold the accounts capability".into()));
+        }
+        let server = AccountsServer { svc: self.svc.clone(), session: self.session.clone(), principal: self.principal.clone() };
+        results.get().set_accounts(capnp_rpc::new_client(server));
+        Ok(())
+    }
+}
+
+/// `Accounts` over the credential store, for one session (its principal
+/// and id go into every audit line).
+pub struct AccountsServer {
+    svc: ServiceRef,
+    session: String,
+    principal: String,
+}
+
+impl AccountsServer {
+    fn svc(&self) -> capnp::Result<Rc<BrokerService>> {
+        self.svc.upgrade().ok_or_else(|| capnp::Error::disconnected("the broker is shutting down".into()))
+    }
+}
+
+impl accounts::Server for AccountsServer {
+    async fn add(self: CapRc<Self>, params: accounts::AddParams, mut results: accounts::AddResults) -> capnp::Result<()> {
+        let p = params.get()?;
+        let name = text(p.get_name())?;
+        let profile = text(p.get_profile())?;
+        let res = match p.get_password()?.to_str() {
+            Ok(pw) => self.svc()?.account_add(&self.principal, &self.session, &name, &profile, pw.to_string()).await,
+            Err(_) => Err(CvError::invalid("the password must be UTF-8 text")),
+        };
+        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
+        Ok(())
+    }
+
+    async fn list(self: CapRc<Self>, _: accounts::ListParams, mut results: accounts::ListResults) -> capnp::Result<()> {
+        let list = self.svc()?.account_list(&self.principal, &self.session);
+        let mut b = results.get().init_result().init_accounts(list.len() as u32);
+        for (i, (name, profile)) in list.iter().enumerate() {
+            let mut e = b.reborrow().get(i as u32);
+            e.set_name(name.as_str());
+            e.set_profile(profile.as_str());
+        }
+        Ok(())
+    }
+
+    async fn remove(self: CapRc<Self>, params: accounts::RemoveParams, mut results: accounts::RemoveResults) -> capnp::Result<()> {
+        let name = text(params.get()?.get_name())?;
+        let res = self.svc()?.account_remove(&self.principal, &self.session, &name).await;
+        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
+        Ok(())
+    }
+}

@@ -1,0 +1,660 @@
+//! The broker's session logic: login decisions, session minting, worker
+//! lifecycle, resume and attach by token, logout, expiry, accounts, audit,
+//! shutdown. The capnp servers in [`crate::server`] are thin shells over
+//! [`BrokerService`].
+//!
+//! Token rule (resume and attach alike): a token that does not name a live
+//! session (never issued, logged out, expired, revoked, worker gone) gets
+//! `staleSession` — the same answer in every case, so a caller learns
+//! nothing about tokens that are not its own.
+
+use crate::audit::{AuditLog, AuditRecord};
+use crate::config::BrokerConfig;
+use crate::launch::{Launched, Launcher};
+use crate::store::{self, CredentialStore};
+use crate::throttle::{self, Throttle};
+use crate::token::{self, TokenIndex};
+use capvisor_manifest::{Bundle, SessionContext};
+use capvisor_rpc::fdpass::FdChannel;
+use capvisor_rpc::schema::capvisor_capnp::{login_result, session};
+use capvisor_rpc::schema::internal_capnp::{session_host, worker};
+use capvisor_rpc::{CvError, CvResult};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most sessions alive at once; a login beyond gets `quota`.
+pub const MAX_SESSIONS: usize = 256;
+/// How long a worker may take to answer `Worker.session`.
+pub const WORKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `Worker.revoke` may take before the broker stops waiting.
+pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long shutdown waits for workers to exit before SIGKILL.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a worker process may linger after its connection ended.
+pub const LINGER: Duration = Duration::from_secs(10);
+/// Argon2 verifications running at once (each takes a core for tens of ms).
+pub const MAX_VERIFY: usize = 2;
+/// The message of every failed password login, whatever the reason.
+pub const BAD_LOGIN: &str = "invalid user name or password";
+
+/// What a successful login or resume hands the client (schema `LoginOk`).
+pub struct Grant {
+    /// Session id (not a credential).
+    pub session_id: String,
+    /// The worker's `Session` cap.
+    pub session: session::Client,
+    /// The resume token (secret).
+    pub token: String,
+    /// e.g. `local:alice`, `password:bob`.
+    pub principal: String,
+    /// Profile name.
+    pub profile: String,
+    /// Unix epoch milliseconds.
+    pub expires_at_ms: i64,
+}
+
+/// Writes a login outcome into a schema `LoginResult`.
+pub fn write_login(b: login_result::Builder<'_>, res: CvResult<Grant>) {
+    match res {
+        Ok(g) => {
+            let mut ok = b.init_ok();
+            ok.set_session(g.session);
+            ok.set_resume_token(g.token.as_str());
+            ok.set_principal(g.principal.as_str());
+            ok.set_profile(g.profile.as_str());
+            ok.set_expires_at_ms(g.expires_at_ms);
+        }
+        Err(e) => e.write_to(b.init_err()),
+    }
+}
+
+struct LiveSession {
+    id: String,
+    principal: String,
+    profile: String,
+    expires_at_ms: i64,
+    worker: worker::Client,
+    attach: FdChannel,
+    expiry: RefCell<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The broker's state (single-threaded: lives in the RPC `LocalSet`).
+pub struct BrokerService {
+    cfg: BrokerConfig,
+    store: Arc<CredentialStore>,
+    audit: Arc<AuditLog>,
+    launcher: Box<dyn Launcher>,
+    sessions: RefCell<HashMap<String, Rc<LiveSession>>>,
+    tokens: RefCell<TokenIndex>,
+    throttle: RefCell<Throttle>,
+    /// Worker pids by session id, until reaped.
+    children: RefCell<HashMap<String, u32>>,
+    verify_permits: Arc<tokio::sync::Semaphore>,
+    shutting_down: Cell<bool>,
+}
+
+/// The user name of `uid` from the passwd database, else the number.
+pub fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => u.name,
+        _ => uid.to_string(),
+    }
+}
+
+/// How an untrusted user name appears in audit lines and principals of
+/// failed logins: as typed if it is a valid account name, else a
+/// placeholder (people type passwords into the user field).
+pub fn shown_user(user: &str) -> &str {
+    if store::valid_name(user) {
+        user
+    } else {
+        "<invalid name>"
+    }
+}
+
+/// `unix:uid=U pid=P` of the peer of a connected Unix socket (SO_PEERCRED,
+/// unix(7)), or `""`.
+pub fn socket_peer(fd: &OwnedFd) -> String {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    match getsockopt(fd, PeerCredentials) {
+        Ok(c) => format!("unix:uid={} pid={}", c.uid(), c.pid()),
+        Err(_) => String::new(),
+    }
+}
+
+impl BrokerService {
+    /// Opens the credential store (new hashes with `params`) and the audit
+    /// log in `cfg.state_dir`, and creates `state_dir/sessions` (0700).
+    ///
+    /// Errors: the state directory is unusable or `accounts.json` is corrupt.
+    pub fn new(cfg: BrokerConfig, launcher: Box<dyn Launcher>, params: argon2::Params) -> anyhow::Result<Rc<Self>> {
+        use anyhow::Context;
+        let sessions_dir = cfg.state_dir.join("sessions");
+        std::fs::create_dir_all(&sessions_dir).with_context(|| format!("creating {}", sessions_dir.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&sessions_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let store = CredentialStore::open(&cfg.accounts_path(), cfg.manifest.profiles.keys().cloned(), params)?;
+        let audit = AuditLog::open(&cfg.audit_path()).with_context(|| format!("opening {}", cfg.audit_path().display()))?;
+        Ok(Rc::new(Self {
+            cfg,
+            store: Arc::new(store),
+            audit: Arc::new(audit),
+            launcher,
+            sessions: RefCell::new(HashMap::new()),
+            tokens: RefCell::new(TokenIndex::default()),
+            throttle: RefCell::new(Throttle::default()),
+            children: RefCell::new(HashMap::new()),
+            verify_permits: Arc::new(tokio::sync::Semaphore::new(MAX_VERIFY)),
+            shutting_down: Cell::new(false),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
+    }
+
+    /// The credential store.
+    pub fn store(&self) -> &Arc<CredentialStore> {
+        &self.store
+    }
+
+    /// Appends an audit record.
+    pub fn audit(&self, rec: AuditRecord) {
+        self.audit.write(rec)
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    /// Ids of live sessions.
+    pub fn session_ids(&self) -> Vec<String> {
+        self.sessions.borrow().keys().cloned().collect()
+    }
+
+    // ---- logins ---------------------------------------------------------
+
+    /// `Broker.loginLocal`: the gateway saw a Unix peer with `uid`, `pid`.
+    ///
+    /// Errors: `denied` when local login is disabled or `uid` is not an
+    /// owner uid; `unavailable` when the worker does not start; `quota`
+    /// at [`MAX_SESSIONS`].
+    pub async fn login_local(self: &Rc<Self>, uid: u32, pid: u32) -> CvResult<Grant> {
+        let peer = format!("unix:uid={uid} pid={pid}");
+        let rec = |outcome: &str| AuditRecord::new("login", "Gateway", "loginLocal", outcome).peer(&peer);
+        if !self.cfg.auth_enabled("local") {
+            self.audit(rec("denied").principal(&format!("local:{uid}")).detail("local login is disabled"));
+            return Err(CvError::denied("local login is disabled on this server"));
+        }
+        if !self.cfg.owner_uids.contains(&uid) {
+            self.audit(rec("denied").principal(&format!("local:{}", user_name(uid))).detail("uid is not an owner uid"));
+            return Err(CvError::denied(format!("uid {uid} may not log in locally")));
+        }
+        let principal = format!("local:{}", user_name(uid));
+        let res = self.open_session_detached(principal.clone(), "owner".to_string()).await;
+        match &res {
+            Ok(g) => self.audit(rec("ok").principal(&principal).session(&g.session_id).detail("profile=owner")),
+            Err(e) => self.audit(rec(e.code_name()).principal(&principal).detail(e.message.clone())),
+        }
+        res
+    }
+
+    /// `Broker.loginPassword`.
+    ///
+    /// Every failure answers `denied` with [`BAD_LOGIN`] (password login
+    /// disabled: its own message) after a [`throttle`] delay; an unknown
+    /// user and a wrong password cost the same Argon2 verification.
+    pub async fn login_password(self: &Rc<Self>, user: &str, password: &str, peer: &str) -> CvResult<Grant> {
+        let shown = shown_user(user).to_string();
+        let principal = format!("password:{shown}");
+        let rec = |outcome: &str| {
+            AuditRecord::new("login", "Gateway", "loginPassword", outcome).peer(peer).principal(&principal)
+        };
+        let key = throttle::key(user, peer);
+        let verdict: Result<String, (&str, CvError)> = if !self.cfg.auth_enabled("password") {
+            Err(("password login is disabled", CvError::denied("password login is disabled on this server")))
+        } else {
+            let known = self.store.contains(user);
+            let permit = self.verify_permits.clone().acquire_owned().await;
+            let store = self.store.clone();
+            let (u, p) = (user.to_string(), password.to_string());
+            let res = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                store.verify(&u, &p)
+            })
+            .await
+            .unwrap_or(None);
+            match res {
+                Some(profile) => Ok(profile),
+                None if known => Err(("wrong password", CvError::denied(BAD_LOGIN))),
+                None => Err(("no such account", CvError::denied(BAD_LOGIN))),
+            }
+        };
+        match verdict {
+            Ok(profile) => {
+                self.throttle.borrow_mut().on_success(&key);
+                if self.cfg.manifest.bundle_for(&profile).is_none() {
+                    self.audit(rec("denied").detail(format!("account profile {profile:?} is not in the manifest")));
+                    return Err(CvError::denied(format!("this account's profile {profile:?} no longer exists")));
+                }
+                let res = self.open_session_detached(format!("password:{user}"), profile.clone()).await;
+                match &res {
+                    Ok(g) => self.audit(rec("ok").session(&g.session_id).detail(format!("profile={profile}"))),
+                    Err(e) => self.audit(rec(e.code_name()).detail(e.message.clone())),
+                }
+                res
+            }
+            Err((why, e)) => {
+                let delay = self.throttle.borrow_mut().on_failure(&key);
+                self.audit(rec("denied").detail(format!("{why}; delayed {} ms", delay.as_millis())));
+                tokio::time::sleep(delay).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// `Broker.resume`: a new `Session` cap for the live session of `token`.
+    ///
+    /// Errors: `staleSession` (see the module docs); `unavailable` when
+    /// the worker does not answer.
+    pub async fn resume(self: &Rc<Self>, token: &str, peer: &str) -> CvResult<Grant> {
+        let rec = |outcome: &str| AuditRecord::new("resume", "Gateway", "resume", outcome).peer(peer);
+        let Some(s) = self.session_for_token(token) else {
+            self.audit(rec("staleSession").detail("no live session for this token"));
+            return Err(CvError::stale());
+        };
+        match worker_session(&s.worker).await {
+            Ok(cap) => {
+                self.audit(rec("ok").principal(&s.principal).session(&s.id));
+                Ok(Grant {
+                    session_id: s.id.clone(),
+                    session: cap,
+                    token: token.to_string(),
+                    principal: s.principal.clone(),
+                    profile: s.profile.clone(),
+                    expires_at_ms: s.expires_at_ms,
+                })
+            }
+            Err(e) => {
+                self.audit(rec(e.code_name()).principal(&s.principal).session(&s.id).detail(e.message.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    fn session_for_token(&self, token: &str) -> Option<Rc<LiveSession>> {
+        let id = self.tokens.borrow().lookup(token, crate::now_ms())?;
+        self.sessions.borrow().get(&id).cloned()
+    }
+
+    // ---- sessions -------------------------------------------------------
+
+    /// Runs [`Self::open_session`] as its own task so a caller that goes
+    /// away mid-login (client disconnect cancels the call) cannot leave a
+    /// half-made session: if nobody takes the grant, the session is revoked.
+    async fn open_session_detached(self: &Rc<Self>, principal: String, profile: String) -> CvResult<Grant> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        tokio::task::spawn_local(async move {
+            let res = me.open_session(principal, profile).await;
+            if let Err(Ok(grant)) = tx.send(res) {
+                tracing::info!(session = %grant.session_id, "login abandoned by its caller; revoking the session");
+                me.revoke_session(&grant.session_id, "login abandoned");
+            }
+        });
+        rx.await.unwrap_or_else(|_| Err(CvError::internal("login task failed")))
+    }
+
+    /// Mints a session for `principal` with `profile`: id, token, worker.
+    async fn open_session(self: &Rc<Self>, principal: String, profile: String) -> CvResult<Grant> {
+        if self.shutting_down.get() {
+            return Err(CvError::unavailable("the server is shutting down"));
+        }
+        if self.sessions.borrow().len() >= MAX_SESSIONS {
+            return Err(CvError::quota(format!("too many sessions (at most {MAX_SESSIONS})")));
+        }
+        let bundle: Bundle = self
+            .cfg
+            .manifest
+            .bundle_for(&profile)
+            .cloned()
+            .ok_or_else(|| CvError::internal(format!("profile {profile:?} has no bundle")))?;
+        let id = token::new_session_id();
+        let minted = token::mint();
+        let ttl_ms = self.cfg.manifest.gateway.session_ttl_secs.min(10 * 365 * 86400) as i64 * 1000;
+        let expires_at_ms = crate::now_ms().saturating_add(ttl_ms);
+        let images = self
+            .cfg
+            .images
+            .iter()
+            .filter(|(name, _)| bundle.images.contains(name))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let ctx = SessionContext {
+            session_id: id.clone(),
+            principal: principal.clone(),
+            profile: profile.clone(),
+            bundle: bundle.clone(),
+            expires_at_ms,
+            images,
+            run_dir: self.cfg.state_dir.join("sessions").join(&id),
+        };
+        let host: session_host::Client = capnp_rpc::new_client(crate::server::SessionHostServer::new(
+            Rc::downgrade(self),
+            &id,
+            &principal,
+            bundle.has_cap("accounts"),
+        ));
+        let Launched { worker, attach, ended, child } = self.launcher.launch(&ctx, host).map_err(|e| {
+            tracing::error!(session = %id, "cannot start the session's worker: {e:#}");
+            CvError::unavailable("could not start the session's worker")
+        })?;
+        let live = Rc::new(LiveSession {
+            id: id.clone(),
+            principal: principal.clone(),
+            profile: profile.clone(),
+            expires_at_ms,
+            worker,
+            attach,
+            expiry: RefCell::new(None),
+        });
+        self.sessions.borrow_mut().insert(id.clone(), live.clone());
+        if let Some(child) = child {
+            self.reap(&id, child);
+        }
+        {
+            let me = Rc::downgrade(self);
+            let id = id.clone();
+            tokio::task::spawn_local(async move {
+                let res = ended.await;
+                tracing::debug!(session = %id, "worker connection ended: {res:?}");
+                if let Some(me) = me.upgrade() {
+                    me.forget_session(&id, "worker connection ended");
+                    me.kill_after(&id, LINGER);
+                }
+            });
+        }
+        let cap = match worker_session(&live.worker).await {
+            Ok(cap) => cap,
+            Err(e) => {
+                self.forget_session(&id, "worker did not start");
+                self.kill_child(&id);
+                return Err(e);
+            }
+        };
+        if !self.sessions.borrow().contains_key(&id) {
+            return Err(CvError::unavailable("the session's worker exited during login"));
+        }
+        self.tokens.borrow_mut().insert(&id, minted.hash, expires_at_ms);
+        let me = Rc::downgrade(self);
+        let sid = id.clone();
+        let wait = Duration::from_millis((expires_at_ms - crate::now_ms()).max(0) as u64);
+        *live.expiry.borrow_mut() = Some(tokio::task::spawn_local(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(me) = me.upgrade() {
+                me.revoke_session(&sid, "expired");
+            }
+        }));
+        tracing::info!(session = %id, %principal, %profile, "session started");
+        Ok(Grant { session_id: id, session: cap, token: minted.token, principal, profile, expires_at_ms })
+    }
+
+    /// Waits for `child` in the background; forgets its pid once reaped.
+    fn reap(self: &Rc<Self>, id: &str, mut child: tokio::process::Child) {
+        if let Some(pid) = child.id() {
+            self.children.borrow_mut().insert(id.to_string(), pid);
+        }
+        let me = Rc::downgrade(self);
+        let id = id.to_string();
+        tokio::task::spawn_local(async move {
+            let status = child.wait().await;
+            tracing::debug!(session = %id, "worker exited: {status:?}");
+            if let Some(me) = me.upgrade() {
+                me.children.borrow_mut().remove(&id);
+            }
+        });
+    }
+
+    /// SIGKILLs session `id`'s worker if it is still running after `after`.
+    fn kill_after(self: &Rc<Self>, id: &str, after: Duration) {
+        if !self.children.borrow().contains_key(id) {
+            return;
+        }
+        let me = Rc::downgrade(self);
+        let id = id.to_string();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(after).await;
+            if let Some(me) = me.upgrade() {
+                if me.children.borrow().contains_key(&id) {
+                    tracing::warn!(session = %id, "worker still running {after:?} after its connection ended; killing it");
+                    me.kill_child(&id);
+                }
+            }
+        });
+    }
+
+    /// SIGKILLs session `id`'s worker process, if any (it is unreaped, so
+    /// the pid is still ours).
+    fn kill_child(&self, id: &str) {
+        if let Some(pid) = self.children.borrow().get(id) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// Drops session `id` and its token (worker gone). Audits `session.end`.
+    fn forget_session(&self, id: &str, why: &str) {
+        self.tokens.borrow_mut().remove(id);
+        let s = self.sessions.borrow_mut().remove(id);
+        if let Some(s) = s {
+            if let Some(t) = s.expiry.borrow_mut().take() {
+                t.abort();
+            }
+            tracing::info!(session = %id, "session ended: {why}");
+            self.audit(AuditRecord::new("session.end", "Worker", "", "ok").principal(&s.principal).session(id).detail(why));
+        }
+    }
+
+    /// Revokes session `id`: its token stops working now, and the worker is
+    /// told `Worker.revoke(reason)` (it answers every cap with
+    /// `staleSession`, stops its VMs and exits). Audits `session.revoke`.
+    pub fn revoke_session(self: &Rc<Self>, id: &str, reason: &str) {
+        self.tokens.borrow_mut().remove(id);
+        let Some(s) = self.sessions.borrow().get(id).cloned() else { return };
+        let action = if reason == "expired" { "session.expire" } else { "session.revoke" };
+        self.audit(AuditRecord::new(action, "Worker", "revoke", "ok").principal(&s.principal).session(id).detail(reason));
+        let reason = reason.to_string();
+        tokio::task::spawn_local(async move {
+            let mut req = s.worker.revoke_request();
+            req.get().set_reason(reason.as_str());
+            match tokio::time::timeout(REVOKE_TIMEOUT, req.send().promise).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(session = %s.id, "revoke failed: {e}"),
+                Err(_) => tracing::warn!(session = %s.id, "worker did not answer revoke in time"),
+            }
+        });
+    }
+
+    /// `SessionHost.logout` of session `id`: its token stops working.
+    pub fn logout(&self, id: &str, principal: &str) {
+        let had = self.tokens.borrow_mut().remove(id);
+        let detail = if had { "token deleted" } else { "token already gone" };
+        self.audit(AuditRecord::new("logout", "Session", "logout", "ok").principal(principal).session(id).detail(detail));
+    }
+
+    // ---- attach ---------------------------------------------------------
+
+    /// One attach from the gateway: `tag` is the token, `fd` the client's
+    /// socket. On a live session the fd goes to its worker (tag `attach`);
+    /// otherwise the client gets the `staleSession` reply and is closed.
+    pub async fn attach(self: &Rc<Self>, tag: Vec<u8>, fd: OwnedFd) {
+        let peer = socket_peer(&fd);
+        let rec = |outcome: &str| AuditRecord::new("attach", "Gateway", "attach", outcome).peer(&peer);
+        let s = std::str::from_utf8(&tag).ok().and_then(|t| self.session_for_token(t));
+        let Some(s) = s else {
+            self.audit(rec("staleSession").detail("no live session for this token"));
+            reply_err(fd, CvError::stale()).await;
+            return;
+        };
+        match s.attach.send(b"attach", &fd).await {
+            Ok(()) => self.audit(rec("ok").principal(&s.principal).session(&s.id)),
+            Err(e) => {
+                tracing::warn!(session = %s.id, "cannot hand the client to its worker: {e}");
+                self.audit(rec("staleSession").principal(&s.principal).session(&s.id).detail("worker unreachable"));
+                reply_err(fd, CvError::stale()).await;
+            }
+        }
+    }
+
+    /// Serves attaches arriving on `ch` until the gateway closes it.
+    ///
+    /// Errors: an I/O error on the channel other than end-of-file.
+    pub async fn run_attach_loop(self: Rc<Self>, ch: FdChannel) -> std::io::Result<()> {
+        loop {
+            match ch.recv().await {
+                Ok((tag, fd)) => {
+                    let me = self.clone();
+                    tokio::task::spawn_local(async move { me.attach(tag, fd).await });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!("malformed message on the attach channel: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    // ---- accounts -------------------------------------------------------
+
+    /// `Accounts.add` by `actor` (session `sid`). Audits `account.add`.
+    pub async fn account_add(&self, actor: &str, sid: &str, name: &str, profile: &str, password: String) -> CvResult<()> {
+        let store = self.store.clone();
+        let (n, p) = (name.to_string(), profile.to_string());
+        let res = tokio::task::spawn_blocking(move || store.add(&n, &p, &password))
+            .await
+            .unwrap_or_else(|_| Err(CvError::internal("hashing task failed")));
+        let shown_profile = if self.cfg.manifest.profiles.contains_key(profile) { profile } else { "<unknown profile>" };
+        self.audit(
+            AuditRecord::new("account.add", "Accounts", "add", outcome(&res))
+                .principal(actor)
+                .session(sid)
+                .detail(format!("name={} profile={shown_profile}", shown_user(name))),
+        );
+        res
+    }
+
+    /// `Accounts.list`. Audits `account.list`.
+    pub fn account_list(&self, actor: &str, sid: &str) -> Vec<(String, String)> {
+        let list = self.store.list();
+        self.audit(AuditRecord::new("account.list", "Accounts", "list", "ok").principal(actor).session(sid));
+        list
+    }
+
+    /// `Accounts.remove`: deletes the account and revokes its live sessions.
+    /// Audits `account.remove`.
+    pub async fn account_remove(self: &Rc<Self>, actor: &str, sid: &str, name: &str) -> CvResult<()> {
+        let store = self.store.clone();
+        let n = name.to_string();
+        let res = tokio::task::spawn_blocking(move || store.remove(&n))
+            .await
+            .unwrap_or_else(|_| Err(CvError::internal("store task failed")));
+        self.audit(
+            AuditRecord::new("account.remove", "Accounts", "remove", outcome(&res))
+                .principal(actor)
+                .session(sid)
+                .detail(format!("name={}", shown_user(name))),
+        );
+        if res.is_ok() {
+            let principal = format!("password:{name}");
+            let ids: Vec<String> =
+                self.sessions.borrow().values().filter(|s| s.principal == principal).map(|s| s.id.clone()).collect();
+            for id in ids {
+                self.revoke_session(&id, "account removed");
+            }
+        }
+        res
+    }
+
+    // ---- shutdown -------------------------------------------------------
+
+    /// Revokes every session (`Worker.revoke("shutdown")`), waits up to
+    /// [`SHUTDOWN_GRACE`] for the workers to exit, SIGKILLs stragglers.
+    /// New logins get `unavailable` from the start.
+    pub async fn shutdown(self: &Rc<Self>) {
+        self.shutting_down.set(true);
+        let sessions: Vec<Rc<LiveSession>> = self.sessions.borrow().values().cloned().collect();
+        self.audit(AuditRecord::new("shutdown", "Broker", "", "ok").detail(format!("{} live sessions", sessions.len())));
+        let revokes = sessions.iter().map(|s| {
+            self.tokens.borrow_mut().remove(&s.id);
+            let mut req = s.worker.revoke_request();
+            req.get().set_reason("shutdown");
+            tokio::time::timeout(REVOKE_TIMEOUT, req.send().promise)
+        });
+        futures::future::join_all(revokes).await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while (!self.children.borrow().is_empty() || !self.sessions.borrow().is_empty())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left: Vec<String> = self.children.borrow().keys().cloned().collect();
+        for id in &left {
+            tracing::warn!(session = %id, "worker did not exit in time; killing it");
+            self.kill_child(id);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.children.borrow().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ids: Vec<String> = self.sessions.borrow().keys().cloned().collect();
+        for id in ids {
+            self.forget_session(&id, "shutdown");
+        }
+    }
+}
+
+fn outcome<T>(res: &CvResult<T>) -> &'static str {
+    match res {
+        Ok(_) => "ok",
+        Err(e) => e.code_name(),
+    }
+}
+
+/// Asks a worker for its `Session` cap, within [`WORKER_TIMEOUT`].
+async fn worker_session(worker: &worker::Client) -> CvResult<session::Client> {
+    let req = worker.session_request();
+    match tokio::time::timeout(WORKER_TIMEOUT, req.send().promise).await {
+        Ok(Ok(resp)) => resp.get().and_then(|r| r.get_session()).map_err(|e| {
+            tracing::warn!("worker returned a bad session: {e}");
+            CvError::unavailable("the session's worker failed")
+        }),
+        Ok(Err(e)) => {
+            tracing::warn!("worker session call failed: {e}");
+            Err(CvError::unavailable("the session's worker failed"))
+        }
+        Err(_) => Err(CvError::unavailable("the session's worker did not answer in time")),
+    }
+}
+
+/// Writes the attach error reply on a client socket and closes it (bounded
+/// by a 2 s timeout, so a client that does not read cannot hold us).
+async fn reply_err(fd: OwnedFd, e: CvError) {
+    use tokio::io::AsyncWriteExt;
+    let Ok(mut s) = capvisor_rpc::spawn::into_tokio(fd) else { return };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        capvisor_rpc::attach::write_err(&mut s, &e).await?;
+        s.shutdown().await
+    })
+    .await;
+}
+
+/// Keeps `Weak` in the public signature of server constructors readable.
+pub type ServiceRef = Weak<BrokerService>;

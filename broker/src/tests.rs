@@ -1,0 +1,493 @@
+//! Broker session logic against an in-process fake worker (no
+//! `capvisor-worker` binary needed).
+
+use crate::launch::{Launched, Launcher};
+use crate::service::{BrokerService, Grant, BAD_LOGIN};
+use crate::{store, BrokerConfig};
+use capnp::capability::Rc as CapRc;
+use capvisor_manifest::{Manifest, SessionContext};
+use capvisor_rpc::fdpass::{self, FdChannel};
+use capvisor_rpc::schema::capvisor_capnp::{accounts, session};
+use capvisor_rpc::schema::common_capnp::ErrorCode;
+use capvisor_rpc::schema::internal_capnp::{session_host, worker};
+use capvisor_rpc::{conn, CvError};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct FakeState {
+    contexts: Vec<SessionContext>,
+    hosts: HashMap<String, session_host::Client>,
+    revokes: Vec<(String, String)>,
+    attached: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+struct FakeLauncher {
+    st: Rc<RefCell<FakeState>>,
+}
+
+struct FakeWorker {
+    ctx: SessionContext,
+    st: Rc<RefCell<FakeState>>,
+    conn: Rc<RefCell<Option<tokio::task::AbortHandle>>>,
+}
+
+struct FakeSession {
+    ctx: SessionContext,
+}
+
+impl session::Server for FakeSession {
+    async fn info(self: CapRc<Self>, _: session::InfoParams, mut results: session::InfoResults) -> capnp::Result<()> {
+        let mut i = results.get().init_result().init_info();
+        i.set_session_id(self.ctx.session_id.as_str());
+        i.set_principal(self.ctx.principal.as_str());
+        i.set_profile(self.ctx.profile.as_str());
+        i.set_expires_at_ms(self.ctx.expires_at_ms);
+        Ok(())
+    }
+}
+
+impl worker::Server for FakeWorker {
+    async fn session(self: CapRc<Self>, _: worker::SessionParams, mut results: worker::SessionResults) -> capnp::Result<()> {
+        results.get().set_session(capnp_rpc::new_client(FakeSession { ctx: self.ctx.clone() }));
+        Ok(())
+    }
+    async fn revoke(self: CapRc<Self>, params: worker::RevokeParams, _: worker::RevokeResults) -> capnp::Result<()> {
+        let reason = params.get()?.get_reason()?.to_string().unwrap();
+        self.st.borrow_mut().revokes.push((self.ctx.session_id.clone(), reason));
+        // Like the real worker: exit (end the connection) soon after.
+        let conn = self.conn.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(h) = conn.borrow_mut().take() {
+                h.abort();
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Launcher for FakeLauncher {
+    fn launch(&self, ctx: &SessionContext, host: session_host::Client) -> anyhow::Result<Launched> {
+        let (a, b) = tokio::net::UnixStream::pair()?;
+        let (att_ours, att_theirs) = fdpass::pair()?;
+        let (worker, ended) = conn::connect::<worker::Client>(a, Some(host.client), conn::INTERNAL);
+        let conn_slot = Rc::new(RefCell::new(None));
+        let fake: worker::Client =
+            capnp_rpc::new_client(FakeWorker { ctx: ctx.clone(), st: self.st.clone(), conn: conn_slot.clone() });
+        let (host_cap, handle) = conn::serve::<session_host::Client>(b, fake.client, conn::INTERNAL);
+        *conn_slot.borrow_mut() = Some(handle.abort_handle());
+        let mut st = self.st.borrow_mut();
+        st.contexts.push(ctx.clone());
+        st.hosts.insert(ctx.session_id.clone(), host_cap);
+        // The worker's attach side: accept fds, write the OK byte.
+        let theirs = FdChannel::new(att_theirs)?;
+        let sts = self.st.clone();
+        let id = ctx.session_id.clone();
+        tokio::task::spawn_local(async move {
+            while let Ok((tag, fd)) = theirs.recv().await {
+                assert_eq!(tag, b"attach");
+                sts.borrow_mut().attached.push(id.clone());
+                let mut s = capvisor_rpc::spawn::into_tokio(fd).unwrap();
+                capvisor_rpc::attach::write_ok(&mut s).await.unwrap();
+            }
+        });
+        Ok(Launched { worker, attach: FdChannel::new(att_ours)?, ended, child: None })
+    }
+}
+
+struct Harness {
+    svc: Rc<BrokerService>,
+    fake: FakeLauncher,
+    dir: tempfile::TempDir,
+}
+
+fn harness(edit: impl FnOnce(&mut BrokerConfig)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = BrokerConfig {
+        manifest: Manifest::default_manifest(),
+        images: BTreeMap::new(),
+        state_dir: dir.path().to_path_buf(),
+        owner_uids: vec![nix::unistd::getuid().as_raw()],
+        worker_bin: "/nonexistent".into(),
+    };
+    edit(&mut cfg);
+    let fake = FakeLauncher::default();
+    let svc = BrokerService::new(cfg, Box::new(fake.clone()), store::test_params()).unwrap();
+    Harness { svc, fake, dir }
+}
+
+impl Harness {
+    fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default()
+    }
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        self.audit_text().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+    fn host(&self, id: &str) -> session_host::Client {
+        self.fake.st.borrow().hosts.get(id).unwrap().clone()
+    }
+}
+
+fn err<T>(r: Result<T, CvError>) -> CvError {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    }
+}
+
+async fn info(g: &Grant) -> (String, String) {
+    let resp = g.session.info_request().send().promise.await.unwrap();
+    let r = resp.get().unwrap().get_result().unwrap();
+    match r.which().unwrap() {
+        capvisor_rpc::schema::capvisor_capnp::session_info_result::Info(i) => {
+            let i = i.unwrap();
+            (i.get_session_id().unwrap().to_string().unwrap(), i.get_principal().unwrap().to_string().unwrap())
+        }
+        _ => panic!("info failed"),
+    }
+}
+
+const UID_OTHER: u32 = 54_321;
+
+#[test]
+fn local_login_owner_ok_other_denied_disabled_denied() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let me = nix::unistd::getuid().as_raw();
+        let g = h.svc.login_local(me, 42).await.unwrap();
+        assert_eq!(g.profile, "owner");
+        assert_eq!(g.principal, format!("local:{}", crate::service::user_name(me)));
+        assert!(g.expires_at_ms > crate::now_ms() + 86_000_000);
+        let (sid, principal) = info(&g).await;
+        assert_eq!(sid, g.session_id);
+        assert_eq!(principal, g.principal);
+        // The worker got the owner bundle and a run dir under state_dir/sessions.
+        let ctx = h.fake.st.borrow().contexts[0].clone();
+        assert!(ctx.bundle.has_cap("accounts"));
+        assert_eq!(ctx.run_dir, h.dir.path().join("sessions").join(&g.session_id));
+
+        let e = err(h.svc.login_local(UID_OTHER, 1).await);
+        assert_eq!(e.code, ErrorCode::Denied);
+        assert_eq!(h.svc.session_count(), 1);
+
+        let h2 = harness(|c| c.manifest.gateway.auth = vec!["password".into()]);
+        assert_eq!(err(h2.svc.login_local(me, 1).await).code, ErrorCode::Denied);
+        assert_eq!(h2.svc.session_count(), 0);
+
+        let lines = h.audit_lines();
+        assert!(lines.iter().any(|l| l["action"] == "login" && l["outcome"] == "ok" && l["session"] == g.session_id.as_str()));
+        assert!(lines.iter().any(|l| l["action"] == "login" && l["outcome"] == "denied" && l["peer"] == "unix:uid=54321 pid=1"));
+    });
+}
+
+#[test]
+fn password_login_and_identical_failures() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        h.svc.store().add("bob", "user", "correct horse battery").unwrap();
+        let g = h.svc.login_password("bob", "correct horse battery", "unix:uid=7 pid=1").await.unwrap();
+        assert_eq!(g.principal, "password:bob");
+        assert_eq!(g.profile, "user");
+        assert!(!h.fake.st.borrow().contexts[0].bundle.has_cap("accounts"));
+
+        let t = Instant::now();
+        let wrong = err(h.svc.login_password("bob", "wrong horse battery", "unix:uid=7 pid=2").await);
+        let t_wrong = t.elapsed();
+        let t = Instant::now();
+        let unknown = err(h.svc.login_password("nobody", "correct horse battery", "unix:uid=8 pid=2").await);
+        let t_unknown = t.elapsed();
+        assert_eq!(wrong, unknown, "unknown user and wrong password must be indistinguishable");
+        assert_eq!(wrong, CvError::denied(BAD_LOGIN));
+        assert!(t_wrong >= Duration::from_millis(300) && t_unknown >= Duration::from_millis(300));
+        let invalid = err(h.svc.login_password("NOT a name", "x", "unix:uid=8").await);
+        assert_eq!(invalid, CvError::denied(BAD_LOGIN));
+        assert_eq!(h.svc.session_count(), 1);
+
+        let h2 = harness(|c| c.manifest.gateway.auth = vec!["local".into()]);
+        h2.svc.store().add("bob", "user", "correct horse battery").unwrap();
+        let e = err(h2.svc.login_password("bob", "correct horse battery", "p").await);
+        assert_eq!(e.code, ErrorCode::Denied);
+        assert_eq!(h2.svc.session_count(), 0);
+    });
+}
+
+#[test]
+fn failures_are_delayed_without_blocking_other_logins() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let svc = h.svc.clone();
+        // Two prior failures: the third waits 1.2 s.
+        for _ in 0..2 {
+            let _ = h.svc.login_password("eve", "guess1234", "unix:uid=9 pid=1").await;
+        }
+        let slow = tokio::task::spawn_local(async move {
+            let t = Instant::now();
+            let _ = svc.login_password("eve", "guess1234", "unix:uid=9 pid=3").await;
+            t.elapsed()
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = Instant::now();
+        h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(1000), "a local login is not held up");
+        assert!(!slow.is_finished());
+        assert!(slow.await.unwrap() >= Duration::from_millis(1200));
+    });
+}
+
+#[test]
+fn audit_never_holds_passwords_or_tokens() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let pw = "Sup3r-secret-passw0rd";
+        h.svc.store().add("carol", "owner", pw).unwrap();
+        let g = h.svc.login_password("carol", pw, "unix:uid=5 pid=5").await.unwrap();
+        let _ = h.svc.login_password("carol", "Sup3r-wrong-passw0rd", "unix:uid=5 pid=5").await;
+        // A password typed into the user field is not echoed either.
+        let _ = h.svc.login_password(pw, pw, "unix:uid=5 pid=6").await;
+        h.svc.resume(&g.token, "unix:uid=5 pid=7").await.unwrap();
+        let host = h.host(&g.session_id);
+        let acc = host.accounts_request().send().promise.await.unwrap().get().unwrap().get_accounts().unwrap();
+        let mut req = acc.add_request();
+        req.get().set_name("dave");
+        req.get().set_profile("user");
+        req.get().set_password("another-Secret-99");
+        req.send().promise.await.unwrap();
+        host.logout_request().send().promise.await.unwrap();
+
+        let text = h.audit_text();
+        for secret in [pw, "Sup3r-wrong-passw0rd", "another-Secret-99", g.token.as_str()] {
+            assert!(!text.contains(secret), "audit log leaks {secret:?}:\n{text}");
+        }
+        let token_hash = hex::encode(crate::token::hash(&g.token));
+        assert!(!text.contains(&token_hash));
+        let lines = h.audit_lines();
+        for action in ["login", "resume", "account.add", "logout"] {
+            assert!(lines.iter().any(|l| l["action"] == action), "no {action} line:\n{text}");
+        }
+        assert!(lines.iter().any(|l| l["principal"] == "password:<invalid name>"));
+        for l in &lines {
+            for key in ["ts_ms", "principal", "session", "cap", "method", "outcome", "detail", "peer"] {
+                assert!(l.get(key).is_some(), "{key} missing in {l}");
+            }
+        }
+    });
+}
+
+#[test]
+fn resume_logout_and_unknown_tokens() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let r = h.svc.resume(&g.token, "p").await.unwrap();
+        assert_eq!(r.session_id, g.session_id);
+        assert_eq!(r.expires_at_ms, g.expires_at_ms);
+        assert_eq!(info(&r).await.0, g.session_id);
+
+        assert_eq!(err(h.svc.resume("bogus", "p").await).code, ErrorCode::StaleSession);
+        assert_eq!(err(h.svc.resume(&g.token[..40], "p").await).code, ErrorCode::StaleSession);
+
+        h.host(&g.session_id).logout_request().send().promise.await.unwrap();
+        assert_eq!(err(h.svc.resume(&g.token, "p").await), CvError::stale());
+    });
+}
+
+#[test]
+fn expiry_revokes_and_kills_the_token() {
+    conn::run_local(async {
+        let h = harness(|c| c.manifest.gateway.session_ttl_secs = 1);
+        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        assert!(h.svc.resume(&g.token, "p").await.is_ok());
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert_eq!(err(h.svc.resume(&g.token, "p").await).code, ErrorCode::StaleSession);
+        assert_eq!(h.fake.st.borrow().revokes, vec![(g.session_id.clone(), "expired".to_string())]);
+        // The fake worker exits after revoke: the broker forgets the session.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(h.svc.session_count(), 0);
+        let lines = h.audit_lines();
+        assert!(lines.iter().any(|l| l["action"] == "session.expire"));
+        assert!(lines.iter().any(|l| l["action"] == "session.end"));
+    });
+}
+
+#[test]
+fn attach_routes_live_tokens_and_rejects_others() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+
+        let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
+        let fd = server.into_std().unwrap().into();
+        h.svc.attach(g.token.clone().into_bytes(), fd).await;
+        assert_eq!(capvisor_rpc::attach::read_reply(&mut client).await.unwrap(), Ok(()));
+        assert_eq!(h.fake.st.borrow().attached, vec![g.session_id.clone()]);
+
+        for bad in [b"nope".to_vec(), vec![0xff, 0xfe]] {
+            let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
+            h.svc.attach(bad, server.into_std().unwrap().into()).await;
+            let e = capvisor_rpc::attach::read_reply(&mut client).await.unwrap().unwrap_err();
+            assert_eq!(e.code, ErrorCode::StaleSession);
+        }
+        // After logout the same token is stale too.
+        h.host(&g.session_id).logout_request().send().promise.await.unwrap();
+        let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
+        h.svc.attach(g.token.clone().into_bytes(), server.into_std().unwrap().into()).await;
+        assert_eq!(capvisor_rpc::attach::read_reply(&mut client).await.unwrap().unwrap_err().code, ErrorCode::StaleSession);
+        assert_eq!(h.fake.st.borrow().attached.len(), 1);
+        let lines = h.audit_lines();
+        assert_eq!(lines.iter().filter(|l| l["action"] == "attach" && l["outcome"] == "staleSession").count(), 3);
+        assert!(lines.iter().any(|l| l["action"] == "attach" && l["outcome"] == "ok"
+            && l["peer"].as_str().unwrap().starts_with("unix:uid=")));
+    });
+}
+
+#[test]
+fn attach_loop_over_fd_channel() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let (gw, br) = fdpass::pair().unwrap();
+        let (gw, br) = (FdChannel::new(gw).unwrap(), FdChannel::new(br).unwrap());
+        let lp = tokio::task::spawn_local(h.svc.clone().run_attach_loop(br));
+        let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
+        gw.send(g.token.as_bytes(), &server).await.unwrap();
+        drop(server);
+        assert_eq!(capvisor_rpc::attach::read_reply(&mut client).await.unwrap(), Ok(()));
+        drop(gw);
+        assert!(lp.await.unwrap().is_ok(), "loop ends cleanly when the gateway closes the channel");
+    });
+}
+
+#[test]
+fn accounts_only_for_bundles_holding_them() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        h.svc.store().add("bob", "user", "password-bob").unwrap();
+        let owner = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let user = h.svc.login_password("bob", "password-bob", "p").await.unwrap();
+
+        let denied = h.host(&user.session_id).accounts_request().send().promise.await;
+        assert!(denied.is_err(), "a user bundle gets no Accounts");
+
+        let acc: accounts::Client = h
+            .host(&owner.session_id)
+            .accounts_request()
+            .send()
+            .promise
+            .await
+            .unwrap()
+            .get()
+            .unwrap()
+            .get_accounts()
+            .unwrap();
+        let add = |name: &str, profile: &str, pw: &str| {
+            let mut req = acc.add_request();
+            req.get().set_name(name);
+            req.get().set_profile(profile);
+            req.get().set_password(pw);
+            async move {
+                let resp = req.send().promise.await.unwrap();
+                match resp.get().unwrap().get_result().unwrap().which().unwrap() {
+                    capvisor_rpc::schema::common_capnp::unit_result::Ok(()) => Ok(()),
+                    capvisor_rpc::schema::common_capnp::unit_result::Err(e) => Err(CvError::read_from(e.unwrap()).unwrap()),
+                }
+            }
+        };
+        assert_eq!(add("alice", "owner", "password-alice").await, Ok(()));
+        assert_eq!(add("alice", "user", "password-alice").await.unwrap_err().code, ErrorCode::AlreadyExists);
+        assert_eq!(add("Alice!", "user", "password-alice").await.unwrap_err().code, ErrorCode::InvalidArgument);
+        assert_eq!(add("zed", "nope", "password-zed").await.unwrap_err().code, ErrorCode::InvalidArgument);
+
+        let list = acc.list_request().send().promise.await.unwrap();
+        let names: Vec<String> = match list.get().unwrap().get_result().unwrap().which().unwrap() {
+            capvisor_rpc::schema::capvisor_capnp::account_list_result::Accounts(l) => {
+                l.unwrap().iter().map(|a| a.get_name().unwrap().to_string().unwrap()).collect()
+            }
+            _ => panic!(),
+        };
+        assert_eq!(names, vec!["alice", "bob"]);
+
+        // Removing bob revokes bob's live session.
+        let mut req = acc.remove_request();
+        req.get().set_name("bob");
+        req.send().promise.await.unwrap();
+        assert!(h.svc.store().verify("bob", "password-bob").is_none());
+        assert_eq!(err(h.svc.resume(&user.token, "p").await).code, ErrorCode::StaleSession);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(h.fake.st.borrow().revokes.contains(&(user.session_id.clone(), "account removed".into())));
+        let lines = h.audit_lines();
+        assert!(lines.iter().any(|l| l["action"] == "account.remove" && l["principal"] == owner.principal.as_str()));
+    });
+}
+
+#[test]
+fn worker_audit_events_are_stamped_with_the_session() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let mut req = h.host(&g.session_id).audit_request();
+        let mut ev = req.get().init_event();
+        ev.set_action("vm.create");
+        ev.set_cap("VmFactory");
+        ev.set_method("create");
+        ev.set_outcome("quota");
+        ev.set_detail("max_vms=4");
+        req.send().promise.await.unwrap();
+        let lines = h.audit_lines();
+        let l = lines.iter().find(|l| l["action"] == "vm.create").unwrap();
+        assert_eq!(l["session"], g.session_id.as_str());
+        assert_eq!(l["principal"], g.principal.as_str());
+        assert_eq!(l["outcome"], "quota");
+    });
+}
+
+#[test]
+fn shutdown_revokes_everything_and_refuses_new_logins() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let me = nix::unistd::getuid().as_raw();
+        let a = h.svc.login_local(me, 1).await.unwrap();
+        let b = h.svc.login_local(me, 2).await.unwrap();
+        let t = Instant::now();
+        h.svc.shutdown().await;
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(h.svc.session_count(), 0);
+        let mut revokes = h.fake.st.borrow().revokes.clone();
+        revokes.sort();
+        let mut want = vec![(a.session_id, "shutdown".to_string()), (b.session_id, "shutdown".to_string())];
+        want.sort();
+        assert_eq!(revokes, want);
+        assert_eq!(err(h.svc.login_local(me, 3).await).code, ErrorCode::Unavailable);
+        assert_eq!(err(h.svc.resume(&a.token, "p").await).code, ErrorCode::StaleSession);
+    });
+}
+
+#[test]
+fn worker_that_fails_to_start_is_unavailable() {
+    conn::run_local(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = BrokerConfig {
+            manifest: Manifest::default_manifest(),
+            images: BTreeMap::new(),
+            state_dir: dir.path().to_path_buf(),
+            owner_uids: vec![nix::unistd::getuid().as_raw()],
+            worker_bin: dir.path().join("no-such-worker"),
+        };
+        let launcher = crate::launch::ProcessLauncher { worker_bin: cfg.worker_bin.clone() };
+        let svc = BrokerService::new(cfg, Box::new(launcher), store::test_params()).unwrap();
+        let e = err(svc.login_local(nix::unistd::getuid().as_raw(), 1).await);
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert_eq!(svc.session_count(), 0);
+        // A worker that exits at once (no RPC) is unavailable too.
+        let cfg2 = BrokerConfig { worker_bin: "/bin/true".into(), ..svc.config().clone() };
+        let launcher = crate::launch::ProcessLauncher { worker_bin: "/bin/true".into() };
+        let svc2 = BrokerService::new(cfg2, Box::new(launcher), store::test_params()).unwrap();
+        let e = err(svc2.login_local(nix::unistd::getuid().as_raw(), 1).await);
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(svc2.session_count(), 0);
+    });
+}
