@@ -1,1 +1,243 @@
-fn main() {}
+//! `capvisor-bench`: boot, exec and data-path figures on this machine, in
+//! one run (README, "Benchmarks"). Starts its own `capvisor serve` with
+//! private dirs (binaries beside this one; the guest image cache is the
+//! usual one), drives it through the host-client library, and compares
+//! with a bare QEMU boot and a raw Unix-socket round trip measured in the
+//! same run.
+//!
+//! Options: `--boots N` (default 5), `--execs N` (200), `--pings N` (2000).
+
+use capvisor_client::{connect, ops};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(v: &mut [Duration], p: usize) -> Duration {
+    v.sort();
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Raw round trip: one byte over a socketpair to a forked echo process.
+fn raw_rtt(n: usize) -> Vec<Duration> {
+    let (mut a, mut b) = UnixStream::pair().expect("socketpair");
+    // SAFETY: called before any other thread exists (first thing in main).
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            drop(a);
+            let mut byte = [0u8; 1];
+            while b.read_exact(&mut byte).is_ok() {
+                if b.write_all(&byte).is_err() {
+                    break;
+                }
+            }
+            unsafe { libc::_exit(0) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(b);
+            let mut v = Vec::with_capacity(n);
+            let mut byte = [7u8; 1];
+            for _ in 0..n + 50 {
+                let t = Instant::now();
+                a.write_all(&byte).unwrap();
+                a.read_exact(&mut byte).unwrap();
+                v.push(t.elapsed());
+            }
+            drop(a);
+            let _ = nix::sys::wait::waitpid(child, None);
+            v.split_off(50)
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// (pid, argv0) of processes whose cmdline or environment mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(needle) || String::from_utf8_lossy(&env).contains(needle) {
+            let argv0 = String::from_utf8_lossy(cmd.split(|c| *c == 0).next().unwrap_or(b"")).into_owned();
+            out.push((pid, argv0));
+        }
+    }
+    out
+}
+
+/// Boots the image with plain qemu (same machine type, accel, kernel,
+/// initramfs, command line; serial on stdout, no agent channel) until
+/// guest-init's first console line; returns that time.
+fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration {
+    let cfg = capvisor_vmm::VmConfig {
+        name: "bare".into(),
+        run_dir: dir.to_path_buf(),
+        kernel: kernel.to_path_buf(),
+        initramfs: initramfs.to_path_buf(),
+        memory_mib: 256,
+        vcpus: 1,
+        engine: "qemu".into(),
+        extra_cmdline: String::new(),
+    };
+    let kvm = capvisor_vmm::host_kvm_usable();
+    let cmdline = capvisor_vmm::qemu::kernel_cmdline(&cfg, capvisor_vmm::qemu::host_tsc_khz());
+    let accel: &[&str] = if kvm { &["-accel", "kvm", "-cpu", "host"] } else { &["-accel", "tcg,thread=multi", "-cpu", "max"] };
+    let t0 = Instant::now();
+    let mut child = Command::new(capvisor_vmm::qemu::qemu_binary())
+        .args(["-M", "microvm,x-option-roms=off,rtc=off", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(accel)
+        .args(["-m", "256", "-smp", "1", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .arg("-append")
+        .arg(cmdline)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).split(b'\n');
+    let mut took = None;
+    while let Some(Ok(line)) = lines.next() {
+        if String::from_utf8_lossy(&line).contains("guest-init") {
+            took = Some(t0.elapsed());
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    took.expect("bare qemu: guest-init never printed on the console")
+}
+
+fn main() {
+    let boots = arg("--boots", 5);
+    let execs = arg("--execs", 200);
+    let pings = arg("--pings", 2000);
+    let mut raw = raw_rtt(pings);
+
+    let bin_dir = capvisor_rpc::paths::bin_dir();
+    let work = tempfile::Builder::new().prefix("capvisor-bench.").tempdir().expect("tempdir");
+    let socket = work.path().join("run/gateway.sock");
+    let guest_init = std::env::var_os("CAPVISOR_GUEST_INIT").map(PathBuf::from).unwrap_or_else(|| bin_dir.join("capvisor-guest-init"));
+    eprintln!("capvisor-bench: starting capvisor serve ...");
+    let mut serve = Command::new(bin_dir.join("capvisor"))
+        .arg("serve")
+        .env("CAPVISOR_SOCKET", &socket)
+        .env("CAPVISOR_STATE_DIR", work.path().join("state"))
+        .env("CAPVISOR_GUEST_INIT", &guest_init)
+        .env("CAPVISOR_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn capvisor serve");
+    let t0 = Instant::now();
+    while !socket.exists() {
+        assert!(serve.try_wait().unwrap().is_none(), "capvisor serve exited early");
+        assert!(t0.elapsed() < Duration::from_secs(900), "capvisor serve did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let image = capvisor_vmm::image::ensure_base(&capvisor_rpc::paths::cache_dir(), &guest_init, &mut |_| {}).expect("image");
+
+    let figures = capvisor_rpc::conn::run_local(async {
+        let login = connect::login_local(&socket).await.expect("login");
+        let session = connect::attach(&socket, &login.token).await.expect("attach");
+        let vms = ops::vms(&session).await.expect("vms cap");
+
+        let mut cold = vec![];
+        for i in 0..boots {
+            let t = Instant::now();
+            let spec = ops::VmSpec { name: format!("cold-{i}"), ..Default::default() };
+            let vm = ops::create_vm(&vms, &spec).await.expect("create");
+            let out = ops::exec_collect(&vm, &["true"], b"", 1 << 20).await.expect("exec");
+            assert_eq!(out.exit, ops::Exit::Code(0));
+            cold.push(t.elapsed());
+            ops::remove_vm(&vms, &spec.name).await.expect("remove");
+            eprintln!("capvisor-bench: cold create -> first exec result #{}: {:.0} ms", i + 1, ms(cold[i]));
+        }
+
+        let vm = ops::create_vm(&vms, &ops::VmSpec { name: "warm".into(), ..Default::default() }).await.expect("create");
+        let procs = processes_mentioning(&work.path().join("state").to_string_lossy());
+        let rss: Vec<(String, u64)> = procs
+            .iter()
+            .filter(|(_, a)| a.contains("capvisor-vmm") || a.contains("qemu") || a.contains("capvisor-worker"))
+            .map(|(p, a)| (Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), rss_kib(*p)))
+            .collect();
+        let mut exec_rt = vec![];
+        for _ in 0..execs {
+            let t = Instant::now();
+            let out = ops::exec_collect(&vm, &["true"], b"", 1 << 20).await.expect("exec");
+            assert_eq!(out.exit, ops::Exit::Code(0));
+            exec_rt.push(t.elapsed());
+        }
+        for _ in 0..50 {
+            ops::ping(&vm).await.expect("ping");
+        }
+        let mut ping_rt = vec![];
+        for _ in 0..pings {
+            let t = Instant::now();
+            ops::ping(&vm).await.expect("ping");
+            ping_rt.push(t.elapsed());
+        }
+        ops::remove_vm(&vms, "warm").await.expect("remove");
+        ops::logout(&session).await.expect("logout");
+        (cold, exec_rt, ping_rt, rss)
+    });
+    let (mut cold, mut exec_rt, mut ping_rt, rss) = figures;
+
+    let mut bare = vec![];
+    for i in 0..boots {
+        bare.push(bare_qemu_boot(&image.kernel, &image.initramfs, work.path()));
+        eprintln!("capvisor-bench: bare qemu boot to init #{}: {:.0} ms", i + 1, ms(bare[i]));
+    }
+
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    let _ = serve.wait();
+
+    let cold_p50 = pct(&mut cold, 50);
+    let bare_p50 = pct(&mut bare, 50);
+    let raw_p50 = pct(&mut raw, 50);
+    let ping_p50 = pct(&mut ping_rt, 50);
+    println!();
+    println!("capvisor-bench on {} cores, engine qemu ({}), kernel {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        if capvisor_vmm::host_kvm_usable() { "kvm" } else { "tcg" }, image.kernel_release);
+    println!("{:<58} {:>12}", "figure", "value");
+    println!("{:<58} {:>9.0} ms", format!("cold create -> first exec result (median of {})", cold.len()), ms(cold_p50));
+    println!("{:<58} {:>9.0} ms", format!("bare qemu boot to init, same kernel+initramfs (median of {})", bare.len()), ms(bare_p50));
+    println!("{:<58} {:>10.2}x", "ratio ours / bare", cold_p50.as_secs_f64() / bare_p50.as_secs_f64());
+    println!("{:<58} {:>9.0} us", format!("exec `true` round trip p50 ({} calls)", exec_rt.len()), us(pct(&mut exec_rt, 50)));
+    println!("{:<58} {:>9.0} us", format!("exec `true` round trip p99 ({} calls)", exec_rt.len()), us(pct(&mut exec_rt, 99)));
+    println!("{:<58} {:>9.0} us", format!("no-op to guest-init, whole chain p50 ({} calls)", ping_rt.len()), us(ping_p50));
+    println!("{:<58} {:>9.0} us", format!("no-op to guest-init, whole chain p99 ({} calls)", ping_rt.len()), us(pct(&mut ping_rt, 99)));
+    println!("{:<58} {:>9.0} us", format!("raw Unix-socket round trip, 2 processes p50 ({} calls)", raw.len()), us(raw_p50));
+    println!("{:<58} {:>9.0} us", "raw Unix-socket round trip p99", us(pct(&mut raw, 99)));
+    println!("{:<58} {:>10.2}x", "ratio whole chain / raw (p50)", ping_p50.as_secs_f64() / raw_p50.as_secs_f64());
+    for (name, kib) in rss {
+        println!("{:<58} {:>8.1} MiB", format!("RSS of {name} (running VM)"), kib as f64 / 1024.0);
+    }
+}
