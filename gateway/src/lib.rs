@@ -1,1 +1,308 @@
-//! capvisor-gateway
+//! capvisor's gateway (DESIGN.md, "Processes and the capability graph";
+//! docs/processes.md): the one public listener. Every connection starts
+//! with the [`capvisor_rpc::attach`] preamble:
+//! - `CVRPC001`: the gateway serves `Gateway` (authMethods, loginLocal,
+//!   loginPassword, resume) bound to the peer's SO_PEERCRED (unix(7)),
+//!   with [`capvisor_rpc::conn::UNTRUSTED`] reader limits; logins are
+//!   forwarded to the broker's `Broker` cap.
+//! - `CVATT001` + token: the connected socket goes to the broker over the
+//!   fd channel, tagged with the token; the gateway keeps no copy.
+//!
+//! A bad preamble, an oversized message or a peer that hangs up ends only
+//! that connection (logged at debug). At most [`MAX_CONNECTIONS`]
+//! connections are open at once; more are closed at accept with a warning.
+//! The gateway never logs a password or a token.
+//!
+//! Process contract: `capvisor-gateway --listen-fd 3 --broker-fd 4
+//! --attach-fd 5 --auth local,password`; it runs until the broker's
+//! connection ends or SIGTERM/SIGINT, then exits 0.
+
+use capnp::capability::Rc as CapRc;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capvisor_rpc::attach::{read_preamble, Preamble};
+use capvisor_rpc::conn;
+use capvisor_rpc::fdpass::FdChannel;
+use capvisor_rpc::schema::capvisor_capnp::{gateway, login_result};
+use capvisor_rpc::schema::internal_capnp::broker;
+use capvisor_rpc::CvError;
+use std::cell::Cell;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Most connections served at once (preamble, RPC or attach hand-off).
+pub const MAX_CONNECTIONS: usize = 512;
+/// Auth methods the gateway knows.
+pub const KNOWN_METHODS: &[&str] = &["local", "password"];
+
+/// The gateway: shared state of every connection.
+pub struct Gateway {
+    broker: broker::Client,
+    attach: Rc<FdChannel>,
+    auth: Rc<Vec<String>>,
+    permits: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    refused: Cell<u64>,
+    last_refusal_log: Cell<Option<Instant>>,
+}
+
+impl Gateway {
+    /// A gateway forwarding logins to `broker` and attaches to `attach`,
+    /// offering the auth methods `auth` (`"local"`, `"password"`), serving
+    /// at most `max_connections` at once.
+    pub fn new(broker: broker::Client, attach: FdChannel, auth: Vec<String>, max_connections: usize) -> Rc<Self> {
+        Rc::new(Self {
+            broker,
+            attach: Rc::new(attach),
+            auth: Rc::new(auth),
+            permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            max: max_connections,
+            refused: Cell::new(0),
+            last_refusal_log: Cell::new(None),
+        })
+    }
+
+    /// Accepts connections on `listener` forever, each in its own local task.
+    ///
+    /// Errors: only a fatal accept error (transient ones — EMFILE, ENFILE,
+    /// ECONNABORTED, ENOBUFS, ENOMEM — are logged and retried after 100 ms).
+    pub async fn accept_loop(self: Rc<Self>, listener: UnixListener) -> std::io::Result<()> {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    let transient = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ECONNABORTED | libc::ENOBUFS | libc::ENOMEM | libc::EINTR)
+                    );
+                    if !transient {
+                        return Err(e);
+                    }
+                    tracing::warn!("accept failed: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.note_refusal();
+                drop(stream);
+                continue;
+            };
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                me.handle(stream).await;
+                drop(permit);
+            });
+        }
+    }
+
+    fn note_refusal(&self) {
+        self.refused.set(self.refused.get() + 1);
+        let now = Instant::now();
+        let due = self.last_refusal_log.get().is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10));
+        if due {
+            tracing::warn!(
+                "refusing connection: {} connections already open (limit); {} refused so far",
+                self.max,
+                self.refused.get()
+            );
+            self.last_refusal_log.set(Some(now));
+        }
+    }
+
+    /// Serves one connection to its end.
+    async fn handle(self: Rc<Self>, mut stream: UnixStream) {
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("no peer credentials: {e}");
+                return;
+            }
+        };
+        let peer = Peer { uid: cred.uid(), pid: cred.pid().unwrap_or(0).max(0) as u32 };
+        match read_preamble(&mut stream).await {
+            Err(e) => tracing::debug!(peer = %peer, "dropping connection: {e}"),
+            Ok(Preamble::Rpc) => {
+                let server = GatewayServer { broker: self.broker.clone(), auth: self.auth.clone(), peer };
+                let client: gateway::Client = capnp_rpc::new_client(server);
+                let system = conn::rpc_system(stream, Side::Server, Some(client.client), conn::UNTRUSTED);
+                match system.await {
+                    Ok(()) => tracing::debug!(peer = %peer, "connection closed"),
+                    Err(e) => tracing::debug!(peer = %peer, "connection ended: {e}"),
+                }
+            }
+            Ok(Preamble::Attach(token)) => {
+                // The token is a secret: never logged.
+                if let Err(e) = self.attach.send(token.as_bytes(), &stream).await {
+                    tracing::warn!(peer = %peer, "cannot hand an attach connection to the broker: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// What the gateway knows of a peer: its SO_PEERCRED uid and pid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Effective uid of the connecting process.
+    pub uid: u32,
+    /// Its pid (0 if the kernel gave none).
+    pub pid: u32,
+}
+
+impl std::fmt::Display for Peer {
+    /// `unix:uid=U pid=P` — the broker's throttle keys on the part before
+    /// the space.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unix:uid={} pid={}", self.uid, self.pid)
+    }
+}
+
+/// `Gateway` bound to one peer.
+struct GatewayServer {
+    broker: broker::Client,
+    auth: Rc<Vec<String>>,
+    peer: Peer,
+}
+
+impl GatewayServer {
+    fn enabled(&self, m: &str) -> bool {
+        self.auth.iter().any(|a| a == m)
+    }
+}
+
+fn deny_disabled(b: login_result::Builder<'_>, method: &str) {
+    CvError::denied(format!("{method} login is disabled on this server")).write_to(b.init_err());
+}
+
+/// Copies a broker's `LoginResult` (with its `Session` cap) into ours.
+fn copy_login(from: login_result::Reader<'_>, to: login_result::Builder<'_>) -> capnp::Result<()> {
+    match from.which()? {
+        login_result::Ok(ok) => {
+            let ok = ok?;
+            let mut b = to.init_ok();
+            b.set_session(ok.get_session()?);
+            b.set_resume_token(ok.get_resume_token()?);
+            b.set_principal(ok.get_principal()?);
+            b.set_profile(ok.get_profile()?);
+            b.set_expires_at_ms(ok.get_expires_at_ms());
+        }
+        login_result::Err(e) => {
+            let e = e?;
+            let mut b = to.init_err();
+            b.set_code(e.get_code().unwrap_or(capvisor_rpc::schema::common_capnp::ErrorCode::Internal));
+            b.set_message(e.get_message()?);
+        }
+    }
+    Ok(())
+}
+
+impl gateway::Server for GatewayServer {
+    async fn auth_methods(
+        self: CapRc<Self>,
+        _: gateway::AuthMethodsParams,
+        mut results: gateway::AuthMethodsResults,
+    ) -> capnp::Result<()> {
+        let mut l = results.get().init_methods(self.auth.len() as u32);
+        for (i, m) in self.auth.iter().enumerate() {
+            l.set(i as u32, m.as_str());
+        }
+        Ok(())
+    }
+
+    async fn login_local(
+        self: CapRc<Self>,
+        _: gateway::LoginLocalParams,
+        mut results: gateway::LoginLocalResults,
+    ) -> capnp::Result<()> {
+        if !self.enabled("local") {
+            deny_disabled(results.get().init_result(), "local");
+            return Ok(());
+        }
+        let mut req = self.broker.login_local_request();
+        req.get().set_uid(self.peer.uid);
+        req.get().set_pid(self.peer.pid);
+        let resp = req.send().promise.await?;
+        copy_login(resp.get()?.get_result()?, results.get().init_result())
+    }
+
+    async fn login_password(
+        self: CapRc<Self>,
+        params: gateway::LoginPasswordParams,
+        mut results: gateway::LoginPasswordResults,
+    ) -> capnp::Result<()> {
+        if !self.enabled("password") {
+            deny_disabled(results.get().init_result(), "password");
+            return Ok(());
+        }
+        let p = params.get()?;
+        let mut req = self.broker.login_password_request();
+        {
+            let mut b = req.get();
+            b.set_user(p.get_user()?);
+            b.set_password(p.get_password()?);
+            b.set_peer(self.peer.to_string().as_str());
+        }
+        let resp = req.send().promise.await?;
+        copy_login(resp.get()?.get_result()?, results.get().init_result())
+    }
+
+    async fn resume(self: CapRc<Self>, params: gateway::ResumeParams, mut results: gateway::ResumeResults) -> capnp::Result<()> {
+        let token = params.get()?.get_token()?;
+        if token.as_bytes().len() > capvisor_rpc::attach::MAX_TOKEN {
+            CvError::stale().write_to(results.get().init_result().init_err());
+            return Ok(());
+        }
+        let mut req = self.broker.resume_request();
+        req.get().set_token(token);
+        req.get().set_peer(self.peer.to_string().as_str());
+        let resp = req.send().promise.await?;
+        copy_login(resp.get()?.get_result()?, results.get().init_result())
+    }
+}
+
+/// Parses `--auth` values: each must be in [`KNOWN_METHODS`].
+///
+/// Errors: an unknown method name.
+/// Empty values are skipped, so `--auth=` offers no method.
+pub fn parse_auth(methods: &[String]) -> anyhow::Result<Vec<String>> {
+    let methods: Vec<String> = methods.iter().filter(|m| !m.is_empty()).cloned().collect();
+    for m in &methods {
+        anyhow::ensure!(KNOWN_METHODS.contains(&m.as_str()), "unknown auth method {m:?} (known: local, password)");
+    }
+    Ok(methods)
+}
+
+/// The gateway process's main loop (see the crate docs). Must run inside
+/// [`conn::run_local`].
+///
+/// Errors: descriptors that are not the expected sockets, or a fatal
+/// accept error.
+pub async fn run(listen_fd: RawFd, broker_fd: RawFd, attach_fd: RawFd, auth: Vec<String>) -> anyhow::Result<()> {
+    use std::os::fd::FromRawFd;
+    use tokio::signal::unix::{signal, SignalKind};
+    // SAFETY: the supervisor hands us these descriptors at these numbers
+    // (docs/processes.md) and nothing else in this process uses them.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(listen_fd) };
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
+    let broker_stream = unsafe { conn::stream_from_fd(broker_fd)? };
+    let attach = unsafe { FdChannel::from_raw(attach_fd)? };
+    let (broker, broker_done) = conn::connect::<broker::Client>(broker_stream, None, conn::INTERNAL);
+    let gw = Gateway::new(broker, attach, auth, MAX_CONNECTIONS);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tracing::info!(methods = ?gw.auth, "gateway serving");
+    tokio::select! {
+        r = gw.clone().accept_loop(listener) => { r?; }
+        r = broker_done => tracing::info!("broker connection ended ({r:?}); exiting"),
+        _ = term.recv() => tracing::info!("SIGTERM; exiting"),
+        _ = int.recv() => tracing::info!("SIGINT; exiting"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

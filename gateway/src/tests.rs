@@ -1,0 +1,225 @@
+//! The gateway against an in-process fake broker, over a real Unix socket.
+
+use super::*;
+use capvisor_rpc::attach::{write_attach, MAGIC_RPC};
+use capvisor_rpc::fdpass;
+use capvisor_rpc::schema::common_capnp::ErrorCode;
+use std::cell::RefCell;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Default)]
+struct Seen {
+    local: Vec<(u32, u32)>,
+    password: Vec<(String, String)>,
+}
+
+/// Denies everything, recording what it saw; `loginPassword` for user
+/// "slow" takes 2 s.
+struct FakeBroker {
+    seen: Rc<RefCell<Seen>>,
+}
+
+impl broker::Server for FakeBroker {
+    async fn login_local(self: CapRc<Self>, p: broker::LoginLocalParams, mut r: broker::LoginLocalResults) -> capnp::Result<()> {
+        let p = p.get()?;
+        self.seen.borrow_mut().local.push((p.get_uid(), p.get_pid()));
+        CvError::denied(format!("uid {}", p.get_uid())).write_to(r.get().init_result().init_err());
+        Ok(())
+    }
+    async fn login_password(
+        self: CapRc<Self>,
+        p: broker::LoginPasswordParams,
+        mut r: broker::LoginPasswordResults,
+    ) -> capnp::Result<()> {
+        let p = p.get()?;
+        let user = p.get_user()?.to_string().unwrap();
+        self.seen.borrow_mut().password.push((user.clone(), p.get_peer()?.to_string().unwrap()));
+        if user == "slow" {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        CvError::denied("invalid user name or password").write_to(r.get().init_result().init_err());
+        Ok(())
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    seen: Rc<RefCell<Seen>>,
+    broker_side: FdChannel,
+}
+
+fn start(auth: &[&str], max: usize) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let seen = Rc::new(RefCell::new(Seen::default()));
+    let broker: broker::Client = capnp_rpc::new_client(FakeBroker { seen: seen.clone() });
+    let (a, b) = fdpass::pair().unwrap();
+    let gw = Gateway::new(broker, FdChannel::new(a).unwrap(), auth.iter().map(|s| s.to_string()).collect(), max);
+    tokio::task::spawn_local(gw.accept_loop(listener));
+    Env { _dir: dir, path, seen, broker_side: FdChannel::new(b).unwrap() }
+}
+
+async fn rpc_client(path: &std::path::Path) -> gateway::Client {
+    let mut s = UnixStream::connect(path).await.unwrap();
+    s.write_all(MAGIC_RPC).await.unwrap();
+    conn::connect::<gateway::Client>(s, None, conn::INTERNAL).0
+}
+
+async fn methods(gw: &gateway::Client) -> Vec<String> {
+    let resp = gw.auth_methods_request().send().promise.await.unwrap();
+    resp.get().unwrap().get_methods().unwrap().iter().map(|m| m.unwrap().to_string().unwrap()).collect()
+}
+
+/// Reads until EOF (the gateway closed; capnp-rpc may send a short Abort
+/// message first); fails if it takes over 5 s.
+async fn expect_closed(s: &mut UnixStream) {
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("not closed").ok();
+    assert!(buf.len() < 4096, "unexpected reply of {} bytes", buf.len());
+}
+
+fn err_code(r: login_result::Reader<'_>) -> (ErrorCode, String) {
+    match r.which().unwrap() {
+        login_result::Err(e) => {
+            let e = CvError::read_from(e.unwrap()).unwrap();
+            (e.code, e.message)
+        }
+        login_result::Ok(_) => panic!("unexpected ok"),
+    }
+}
+
+#[test]
+fn garbage_and_oversized_end_only_that_connection() {
+    conn::run_local(async {
+        let env = start(&["local", "password"], 16);
+        let good = rpc_client(&env.path).await;
+        assert_eq!(methods(&good).await, vec!["local", "password"]);
+
+        // Garbage preamble.
+        let mut bad = UnixStream::connect(&env.path).await.unwrap();
+        bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        expect_closed(&mut bad).await;
+
+        // Attach with an absurd token length.
+        let mut bad = UnixStream::connect(&env.path).await.unwrap();
+        bad.write_all(capvisor_rpc::attach::MAGIC_ATTACH).await.unwrap();
+        bad.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        expect_closed(&mut bad).await;
+
+        // A capnp frame announcing 4 Mi words (32 MiB), above UNTRUSTED's 2 Mi.
+        let mut big = UnixStream::connect(&env.path).await.unwrap();
+        big.write_all(MAGIC_RPC).await.unwrap();
+        big.write_all(&0u32.to_le_bytes()).await.unwrap(); // one segment
+        big.write_all(&(4u32 * 1024 * 1024).to_le_bytes()).await.unwrap();
+        big.write_all(&[0u8; 4096]).await.unwrap();
+        expect_closed(&mut big).await;
+
+        // A peer that connects and hangs up at once.
+        drop(UnixStream::connect(&env.path).await.unwrap());
+
+        // The first client and a new one are still served.
+        assert_eq!(methods(&good).await, vec!["local", "password"]);
+        let other = rpc_client(&env.path).await;
+        assert_eq!(methods(&other).await, vec!["local", "password"]);
+    });
+}
+
+#[test]
+fn client_disconnecting_mid_call_harms_nobody() {
+    conn::run_local(async {
+        let env = start(&["local", "password"], 16);
+        {
+            let gw = rpc_client(&env.path).await;
+            let mut req = gw.login_password_request();
+            req.get().set_user("slow");
+            req.get().set_password("whatever1");
+            let pending = req.send().promise;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(pending);
+            drop(gw);
+        }
+        let gw = rpc_client(&env.path).await;
+        assert_eq!(methods(&gw).await.len(), 2);
+        assert_eq!(env.seen.borrow().password.len(), 1);
+    });
+}
+
+#[test]
+fn logins_forward_the_peer_and_disabled_methods_are_denied() {
+    conn::run_local(async {
+        let env = start(&["local"], 16);
+        let gw = rpc_client(&env.path).await;
+        assert_eq!(methods(&gw).await, vec!["local"]);
+
+        let resp = gw.login_local_request().send().promise.await.unwrap();
+        let (code, msg) = err_code(resp.get().unwrap().get_result().unwrap());
+        assert_eq!(code, ErrorCode::Denied);
+        let me = nix::unistd::getuid().as_raw();
+        assert_eq!(msg, format!("uid {me}"));
+        assert_eq!(env.seen.borrow().local, vec![(me, std::process::id())]);
+
+        let mut req = gw.login_password_request();
+        req.get().set_user("bob");
+        req.get().set_password("hunter22");
+        let resp = req.send().promise.await.unwrap();
+        let (code, _) = err_code(resp.get().unwrap().get_result().unwrap());
+        assert_eq!(code, ErrorCode::Denied);
+        assert!(env.seen.borrow().password.is_empty(), "a disabled method never reaches the broker");
+
+        let env = start(&["password"], 16);
+        let gw = rpc_client(&env.path).await;
+        let mut req = gw.login_password_request();
+        req.get().set_user("bob");
+        req.get().set_password("hunter22");
+        req.send().promise.await.unwrap();
+        assert_eq!(env.seen.borrow().password, vec![("bob".into(), format!("unix:uid={me} pid={}", std::process::id()))]);
+        let resp = gw.login_local_request().send().promise.await.unwrap();
+        assert_eq!(err_code(resp.get().unwrap().get_result().unwrap()).0, ErrorCode::Denied);
+        assert!(env.seen.borrow().local.is_empty());
+    });
+}
+
+#[test]
+fn attach_hands_the_socket_to_the_broker() {
+    conn::run_local(async {
+        let env = start(&["local"], 16);
+        let mut c = UnixStream::connect(&env.path).await.unwrap();
+        write_attach(&mut c, "tok-123").await.unwrap();
+        let (tag, fd) = env.broker_side.recv().await.unwrap();
+        assert_eq!(tag, b"tok-123");
+        let mut s = capvisor_rpc::spawn::into_tokio(fd).unwrap();
+        s.write_all(b"\0hello").await.unwrap();
+        let mut got = [0u8; 6];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\0hello");
+        drop(s);
+        // The gateway kept no copy: the client sees EOF once the broker closes.
+        expect_closed(&mut c).await;
+    });
+}
+
+#[test]
+fn connection_limit_refuses_extra_connections() {
+    conn::run_local(async {
+        let env = start(&["local"], 2);
+        let _a = UnixStream::connect(&env.path).await.unwrap();
+        let _b = UnixStream::connect(&env.path).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = UnixStream::connect(&env.path).await.unwrap();
+        expect_closed(&mut c).await;
+        drop(_a);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let gw = rpc_client(&env.path).await;
+        assert_eq!(methods(&gw).await, vec!["local"]);
+    });
+}
+
+#[test]
+fn auth_parsing() {
+    assert_eq!(parse_auth(&["local".into(), "password".into()]).unwrap().len(), 2);
+    assert!(parse_auth(&["".into()]).unwrap().is_empty());
+    assert!(parse_auth(&["kerberos".into()]).is_err());
+    assert_eq!(Peer { uid: 1, pid: 2 }.to_string(), "unix:uid=1 pid=2");
+}
