@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Bumped whenever the image layout changes, so old cache entries are not reused.
-pub const BUILDER_VERSION: &str = "capvisor-base-image-v1";
+pub const BUILDER_VERSION: &str = "capvisor-base-image-v2";
 /// The Debian metapackage naming the current cloud kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 /// The Debian package providing a static `/bin/busybox`.
@@ -43,7 +43,8 @@ pub const MODULE_DIR: &str = "lib/modules/capvisor";
 ///
 /// - `cache_dir`: capvisor's cache directory (e.g. `capvisor_rpc::paths::cache_dir()`);
 ///   `.deb`s go to `debs/`, images to `images/base-<16 hex>/`.
-/// - `guest_init`: the guest-init executable, installed as `/init`. A
+/// - `guest_init`: the guest-init executable, installed as `/init` (with
+///   its debug info stripped when `strip` is available). A
 ///   dynamically linked one (a debug build) gets its ELF interpreter and the
 ///   libraries `ldd` lists copied to the same paths; a static one needs none.
 /// - `progress`: called with short human-readable lines while working.
@@ -132,7 +133,19 @@ fn build(out: &Path, kernel_deb: &Path, busybox_deb: &Path, guest_init: &Path, p
     w.char_dev("dev/console", 0o600, 5, 1)?;
     w.char_dev("dev/null", 0o666, 1, 3)?;
 
-    let init = std::fs::read(guest_init).with_context(|| format!("reading guest-init {}", guest_init.display()))?;
+    // Debug builds carry tens of MiB of debug info the guest never reads
+    // (and a TCG guest unpacks slowly): drop it when `strip` is at hand.
+    let stripped = work.path().join("init.stripped");
+    let strip_ok = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(guest_init)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let init_src = if strip_ok { stripped.as_path() } else { guest_init };
+    let init = std::fs::read(init_src).with_context(|| format!("reading guest-init {}", init_src.display()))?;
     let interp = elf::interpreter(&init).with_context(|| format!("guest-init {}", guest_init.display()))?;
     w.file("init", 0o755, &init)?;
     drop(init);
