@@ -46,6 +46,8 @@ struct Vmm {
     machine: machine::Client,
     agent: Option<tokio::net::UnixStream>,
     started: Instant,
+    /// The RPC connection to the vmm; aborting it is "the worker went away".
+    conn: tokio::task::JoinHandle<Result<(), capnp::Error>>,
 }
 
 /// Spawns capvisor-vmm for `cfg` with fresh socketpairs, like a worker.
@@ -59,8 +61,8 @@ fn spawn_vmm(cfg: &VmConfig) -> Vmm {
     let started = Instant::now();
     let child = cmd.spawn().expect("spawn capvisor-vmm");
     drop(fds);
-    let (machine, _conn) = conn::connect::<machine::Client>(spawn::into_tokio(rpc_ours).unwrap(), None, conn::INTERNAL);
-    Vmm { child, machine, agent: Some(spawn::into_tokio(ag_ours).unwrap()), started }
+    let (machine, conn) = conn::connect::<machine::Client>(spawn::into_tokio(rpc_ours).unwrap(), None, conn::INTERNAL);
+    Vmm { child, machine, agent: Some(spawn::into_tokio(ag_ours).unwrap()), started, conn }
 }
 
 struct St {
@@ -129,9 +131,8 @@ async fn exec(g: &guest::Client, argv: &[&str]) -> (i32, String, String) {
     (code, out, err)
 }
 
-/// One boot: returns the time from vmm spawn to `hello` answered.
-async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Duration {
-    let cfg = VmConfig {
+fn vm_config(img: &capvisor_manifest::BuiltImage, run_dir: &Path, extra: &str) -> VmConfig {
+    VmConfig {
         name: "boot-test".into(),
         run_dir: run_dir.to_path_buf(),
         kernel: img.kernel.clone(),
@@ -139,9 +140,18 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
         memory_mib: 256,
         vcpus: 1,
         engine: "auto".into(),
-        extra_cmdline: String::new(),
-    };
-    let mut vmm = spawn_vmm(&cfg);
+        extra_cmdline: extra.into(),
+    }
+}
+
+fn base_image() -> capvisor_manifest::BuiltImage {
+    let init = guest_init();
+    capvisor_vmm::image::ensure_base(&cache_dir(), &init, &mut |l| eprintln!("image: {l}")).unwrap()
+}
+
+/// One boot: returns the time from vmm spawn to `hello` answered.
+async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Duration {
+    let mut vmm = spawn_vmm(&vm_config(img, run_dir, ""));
     let vmm_pid = vmm.child.id().unwrap();
     let (g, _gconn) = conn::connect::<guest::Client>(vmm.agent.take().unwrap(), None, conn::INTERNAL);
 
@@ -216,8 +226,7 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
 
 #[test]
 fn boots_guest_execs_and_stops() {
-    let init = guest_init();
-    let img = capvisor_vmm::image::ensure_base(&cache_dir(), &init, &mut |l| eprintln!("image: {l}")).unwrap();
+    let img = base_image();
     let runs: usize = std::env::var("CAPVISOR_BOOT_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let mut times = Vec::new();
     for i in 0..runs {
@@ -279,5 +288,53 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
         let st = status(&vmm.machine).await;
         assert_eq!(st.state, MachineState::Crashed);
         assert!(st.detail.contains("kvm"), "{}", st.detail);
+    });
+}
+
+#[test]
+fn worker_going_away_or_vmm_dying_takes_qemu_along() {
+    let img = base_image();
+    conn::run_local(async {
+        for how in ["disconnect", "sigkill"] {
+            let run = tempfile::tempdir().unwrap();
+            let mut vmm = spawn_vmm(&vm_config(&img, run.path(), ""));
+            let st = status(&vmm.machine).await;
+            let qemu_pid = st.pid;
+            assert!(qemu_pid > 0 && alive(qemu_pid), "qemu runs ({:?} {})", st.state, st.detail);
+            let t = Instant::now();
+            match how {
+                "disconnect" => vmm.conn.abort(),
+                _ => vmm.child.start_kill().unwrap(),
+            }
+            let st = tokio::time::timeout(Duration::from_secs(10), vmm.child.wait()).await.expect("vmm exits").unwrap();
+            while alive(qemu_pid) && t.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            eprintln!("{how}: vmm {st}, qemu gone after {:?}", t.elapsed());
+            assert!(!alive(qemu_pid), "{how}: qemu {qemu_pid} outlived its vmm");
+            if how == "disconnect" {
+                assert!(st.success(), "{st}");
+            }
+        }
+    });
+}
+
+#[test]
+fn guest_kernel_panic_is_crashed() {
+    let img = base_image();
+    conn::run_local(async {
+        let run = tempfile::tempdir().unwrap();
+        // No such init and no root device: the kernel panics, `panic=-1`
+        // reboots, `-no-reboot` ends QEMU.
+        let vmm = spawn_vmm(&vm_config(&img, run.path(), "rdinit=/nonexistent"));
+        let w = tokio::time::timeout(HELLO_TIMEOUT, vmm.machine.wait_exit_request().send().promise)
+            .await
+            .expect("the VM ends")
+            .unwrap();
+        let s = w.get().unwrap().get_status().unwrap();
+        let detail = s.get_detail().unwrap().to_string().unwrap();
+        eprintln!("after {:?}: {:?} {detail}", vmm.started.elapsed(), s.get_state().unwrap());
+        assert_eq!(s.get_state().unwrap(), MachineState::Crashed, "{detail}");
+        assert!(detail.contains("Kernel panic"), "{detail}");
     });
 }
