@@ -179,18 +179,18 @@ async fn session_id(s: &session::Client) -> String {
 
 #[test]
 fn gateway_and_broker_processes_serve_logins_and_shut_down_cleanly() {
-    let Some(r) = start(|_| {}) else { return };
-    let accounts = r.opts.state_dir.join("accounts.json");
-    // Seed an account the way the broker stores them.
-    {
+    // Seed an account the way the broker stores them (it reads the file at start).
+    let Some(r) = start(|cfg| {
         let store = capvisor_broker::store::CredentialStore::open(
-            &accounts,
+            &cfg.accounts_path(),
             ["owner".to_string(), "user".to_string()],
             capvisor_broker::store::default_params(),
         )
         .unwrap();
         store.add("bob", "user", "password-bob").unwrap();
-    }
+    }) else {
+        return;
+    };
     let with_worker = have("capvisor-worker");
     conn::run_local(async {
         let gw = gateway_client(&r.opts.socket).await;
