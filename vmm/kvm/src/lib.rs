@@ -1,1 +1,32 @@
-//! capvisor-kvm
+//! capvisor-kvm: capvisor's own KVM engine.
+//!
+//! The engine boots small x86_64 guests (and, where KVM is hardware-backed, a
+//! Linux microVM kernel) on the rust-vmm crates: `kvm-ioctls`/`kvm-bindings`
+//! for the hypervisor, `vm-memory` for guest memory, `linux-loader` for
+//! kernel images and the zero page, `vm-superio` for the legacy devices.
+//!
+//! Module map:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`hypervisor`] | the small trait boundary (create VM, add memory, create vCPU, run -> [`hypervisor::VcpuExit`]) and its KVM implementation |
+//! | [`memory`] | guest RAM on `GuestMemoryMmap`, split around the 32-bit MMIO gap |
+//! | [`boot`] | x86_64 boot: GDT, identity page tables, 64-bit register state, zero page, kernel + initramfs loading |
+//! | [`bus`] | PIO and MMIO address buses with range registration and overlap rejection |
+//! | [`vcpu`] | one thread per vCPU, exit dispatch to the buses, typed stop reasons |
+//! | [`devices`] | the [`devices::Device`] trait and one folder per device: `serial`, `i8042`, `virtio` (mmio transport + split virtqueue) |
+//!
+//! Everything a guest can write (port/MMIO accesses, virtqueue contents) is
+//! treated as hostile: no path in this crate panics on guest-controlled input.
+
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod bus;
+pub mod devices;
+pub mod hypervisor;
+pub mod memory;
+pub mod vcpu;
+
+#[cfg(test)]
+pub(crate) mod testutil;
