@@ -16,14 +16,19 @@
 //! Progress goes to stderr (the serial console as PID 1), prefixed
 //! `guest-init:` with milliseconds since boot.
 
-use capvisor_guest_init::{boottime_ms, fdio::FdStream, init, reaper, serve_rw, serve_stream, GuestServer, ShutdownMode};
+use capvisor_guest_init::{
+    boottime_ms, fdio::FdStream, init, reaper, serve_rw, serve_stream, GuestServer, ShutdownMode,
+};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Host test modes (ignored as PID 1).
 #[derive(Parser, Debug)]
-#[command(name = "capvisor-guest-init", about = "capvisor guest PID 1 / Guest server")]
+#[command(
+    name = "capvisor-guest-init",
+    about = "capvisor guest PID 1 / Guest server"
+)]
 struct Args {
     /// Serve Guest on this inherited stream-socket descriptor.
     #[arg(long, value_name = "N", conflicts_with = "socket")]
@@ -46,7 +51,9 @@ fn main() {
         (Some(fd), _) => capvisor_rpc::conn::run_local(serve_fd(fd)),
         (None, Some(path)) => capvisor_rpc::conn::run_local(serve_socket(path)),
         (None, None) => {
-            eprintln!("capvisor-guest-init: not PID 1; use --serve-fd N or --socket PATH (see --help)");
+            eprintln!(
+                "capvisor-guest-init: not PID 1; use --serve-fd N or --socket PATH (see --help)"
+            );
             2
         }
     };
@@ -140,7 +147,10 @@ fn pid1_main() -> ! {
     init::loopback_up();
     let t0 = boottime_ms();
     let (ok, failed) = init::load_modules(std::path::Path::new(init::MODULES_DIR));
-    log(format!("modules loaded ({ok} ok, {failed} failed, {} ms)", boottime_ms() - t0));
+    log(format!(
+        "modules loaded ({ok} ok, {failed} failed, {} ms)",
+        boottime_ms() - t0
+    ));
     loop {
         let r = std::panic::catch_unwind(|| capvisor_rpc::conn::run_local(serve_agent_forever()));
         match r {
@@ -159,13 +169,22 @@ static READY_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 async fn serve_agent_forever() {
     let t0 = boottime_ms();
     let Some(port) = init::find_agent_port(init::PORT_TIMEOUT).await else {
-        log(format!("no virtio-serial port named {} after {:?}; powering off", init::AGENT_PORT_NAME, init::PORT_TIMEOUT));
+        log(format!(
+            "no virtio-serial port named {} after {:?}; powering off",
+            init::AGENT_PORT_NAME,
+            init::PORT_TIMEOUT
+        ));
         init::power_off(false);
         // Not PID 1 any more? Cannot happen; wait to be killed.
         std::future::pending::<()>().await;
         return;
     };
-    log(format!("found {} as {} ({} ms)", init::AGENT_PORT_NAME, port.display(), boottime_ms() - t0));
+    log(format!(
+        "found {} as {} ({} ms)",
+        init::AGENT_PORT_NAME,
+        port.display(),
+        boottime_ms() - t0
+    ));
     let ready = *READY_MS.get_or_init(boottime_ms);
     let guest = GuestServer::new(ready, ShutdownMode::PowerOff).into_client();
     let mut backoff = Duration::from_millis(5);
