@@ -259,6 +259,10 @@ impl Asm {
     pub fn store_eax_to_rbx(&mut self) -> &mut Self {
         self.emit(&[0x89, 0x03])
     }
+    /// `in al, dx` = EC.
+    pub fn in_al_dx(&mut self) -> &mut Self {
+        self.emit(&[0xec])
+    }
     /// `hlt` = F4.
     pub fn hlt(&mut self) -> &mut Self {
         self.emit(&[0xf4])

@@ -15,6 +15,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use crate::boot::x86_64::regs::X86BootState;
 
 pub mod kvm;
+#[cfg(test)]
+mod kvm_tests;
 
 /// Errors from a hypervisor backend. Carries the failing operation and the
 /// OS error number where there is one.
