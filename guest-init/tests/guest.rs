@@ -683,3 +683,47 @@ fn binary_serve_fd_and_shutdown() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn binary_socket_mode_serves_each_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("guest.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_capvisor-guest-init"))
+        .arg("--socket")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    conn::run_local(async {
+        // Two independent connections, both served.
+        for i in 0..2 {
+            let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            let (g, _h): (guest::Client, _) = conn::connect(s, None, INTERNAL);
+            let (st, out, _) = run(&g, &req(&["sh", "-c", "echo conn$0", &i.to_string()])).await;
+            assert_eq!((st, out), (Status::Code(0), format!("conn{i}\n")));
+            if i == 1 {
+                g.shutdown_request().send().promise.await.unwrap();
+            }
+        }
+    });
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "{st:?}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "guest-init did not exit after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!sock.exists(), "socket file left behind");
+}
