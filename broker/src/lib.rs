@@ -11,7 +11,7 @@
 //! SIGTERM/SIGINT or until the gateway's connection ends, then revokes
 //! every session, waits (bounded) for the workers and exits 0.
 //!
-//! - [`config`]: [`BrokerConfig`].
+//! - [`config`]: the configuration ([`BrokerConfig`]).
 //! - [`store`]: the credential store (Argon2id, atomic file writes).
 //! - [`token`]: session ids, resume tokens, the hashed token index.
 //! - [`throttle`]: delays for failed password logins.

@@ -141,9 +141,14 @@ impl BrokerService {
         }
         let store = CredentialStore::open(&cfg.accounts_path(), cfg.manifest.profiles.keys().cloned(), params)?;
         let audit = AuditLog::open(&cfg.audit_path()).with_context(|| format!("opening {}", cfg.audit_path().display()))?;
+        let store = Arc::new(store);
+        {
+            let store = store.clone();
+            std::thread::spawn(move || store.warm());
+        }
         Ok(Rc::new(Self {
             cfg,
-            store: Arc::new(store),
+            store,
             audit: Arc::new(audit),
             launcher,
             sessions: RefCell::new(HashMap::new()),

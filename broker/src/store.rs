@@ -180,6 +180,17 @@ impl CredentialStore {
         self.lock().iter().map(|(n, r)| (n.clone(), r.profile.clone())).collect()
     }
 
+    /// Computes the dummy hash [`CredentialStore::verify`] uses for unknown
+    /// names, so the first such login costs no more than later ones. Call
+    /// once at start-up, off the RPC thread.
+    pub fn warm(&self) {
+        self.dummy_hash();
+    }
+
+    fn dummy_hash(&self) -> &str {
+        self.dummy.get_or_init(|| self.hash("capvisor dummy password").unwrap_or_default())
+    }
+
     /// Checks `password` for `name`; returns the account's profile on a
     /// match. An unknown (or malformed) name is verified against a dummy
     /// hash of the same cost, so both failures take about as long.
@@ -197,8 +208,7 @@ impl CredentialStore {
                 ok.then_some(rec.profile)
             }
             (_, pw) => {
-                let dummy = self.dummy.get_or_init(|| self.hash("capvisor dummy password").unwrap_or_default());
-                if let Ok(h) = PasswordHash::new(dummy) {
+                if let Ok(h) = PasswordHash::new(self.dummy_hash()) {
                     let _ = Argon2::default().verify_password(pw.unwrap_or("").as_bytes(), &h);
                 }
                 None
