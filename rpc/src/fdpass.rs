@@ -73,36 +73,34 @@ impl FdChannel {
     /// message without exactly one descriptor (any received descriptors are
     /// closed).
     pub async fn recv(&self) -> std::io::Result<(Vec<u8>, OwnedFd)> {
-        loop {
-            let mut buf = vec![0u8; MAX_TAG];
-            let res = self
-                .fd
-                .async_io(Interest::READABLE, |s| {
-                    let mut iov = [IoSliceMut::new(&mut buf)];
-                    let mut space = nix::cmsg_space!([RawFd; 4]);
-                    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-                        .map_err(std::io::Error::from)?;
-                    let mut fds = Vec::new();
-                    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-                        if let ControlMessageOwned::ScmRights(r) = c {
-                            fds.extend(r);
-                        }
+        let mut buf = vec![0u8; MAX_TAG];
+        let res = self
+            .fd
+            .async_io(Interest::READABLE, |s| {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let mut space = nix::cmsg_space!([RawFd; 4]);
+                let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+                    .map_err(std::io::Error::from)?;
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(r) = c {
+                        fds.extend(r);
                     }
-                    Ok((msg.bytes, fds))
-                })
-                .await?;
-            let (n, fds) = res;
-            // SAFETY: the kernel just installed these descriptors in our table.
-            let mut owned: Vec<OwnedFd> = fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect();
-            if n == 0 && owned.is_empty() {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "fd channel closed"));
-            }
-            if owned.len() != 1 {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "fd message without exactly one fd"));
-            }
-            buf.truncate(n);
-            return Ok((buf, owned.pop().unwrap()));
+                }
+                Ok((msg.bytes, fds))
+            })
+            .await?;
+        let (n, fds) = res;
+        // SAFETY: the kernel just installed these descriptors in our table.
+        let mut owned: Vec<OwnedFd> = fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect();
+        if n == 0 && owned.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "fd channel closed"));
         }
+        if owned.len() != 1 {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "fd message without exactly one fd"));
+        }
+        buf.truncate(n);
+        Ok((buf, owned.pop().expect("exactly one fd")))
     }
 }
 
