@@ -24,6 +24,8 @@
 pub mod boot;
 pub mod bus;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod hypervisor;
 pub mod memory;
 pub mod vcpu;
