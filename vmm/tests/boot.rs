@@ -154,6 +154,23 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
     let mut vmm = spawn_vmm(&vm_config(img, run_dir, ""));
     let vmm_pid = vmm.child.id().unwrap();
     let (g, _gconn) = conn::connect::<guest::Client>(vmm.agent.take().unwrap(), None, conn::INTERNAL);
+    // Host-side timeline from the console: first kernel line, guest-init serving.
+    let log = run_dir.join("console.log");
+    let t0 = vmm.started;
+    let watcher = tokio::task::spawn_local(async move {
+        let (mut first, mut serving) = (None, None);
+        while serving.is_none() && t0.elapsed() < HELLO_TIMEOUT {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if first.is_none() && !text.is_empty() {
+                first = Some(t0.elapsed());
+            }
+            if text.contains("serving on") {
+                serving = Some(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (first, serving)
+    });
 
     let hello = tokio::time::timeout(HELLO_TIMEOUT, g.hello_request().send().promise).await;
     let to_hello = vmm.started.elapsed();
@@ -182,6 +199,8 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
         info.get_init_ready_ms()
     );
     assert_eq!(release, img.kernel_release);
+    let (first, serving) = watcher.await.unwrap();
+    eprintln!("console: first output at {first:?}, guest-init serving at {serving:?} (wall, since vmm spawn)");
 
     let st = status(&vmm.machine).await;
     assert_eq!(st.state, MachineState::Running, "{}", st.detail);
@@ -217,9 +236,10 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
     assert_eq!(w.get().unwrap().get_status().unwrap().get_state().unwrap(), MachineState::Stopped);
     assert!(!alive(qemu_pid), "qemu {qemu_pid} is gone");
 
-    // The vmm exits once the worker (we) drops the connection, or soon after anyway.
+    // The vmm exits once the worker (we) drops the connection.
     drop((g, vmm.machine));
-    let st = tokio::time::timeout(Duration::from_secs(15), vmm.child.wait()).await.expect("vmm exits").unwrap();
+    vmm.conn.abort();
+    let st = tokio::time::timeout(Duration::from_secs(5), vmm.child.wait()).await.expect("vmm exits").unwrap();
     assert!(st.success(), "{st}");
     to_hello
 }
@@ -269,6 +289,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
             eprintln!("{:?} after {:?}: {detail}", s.get_state().unwrap(), t.elapsed());
             assert_eq!(s.get_state().unwrap(), MachineState::Crashed);
             assert!(detail.contains(expect), "{detail}");
+            // Without a word from the worker, the vmm still exits after lingering.
             let st = tokio::time::timeout(Duration::from_secs(15), vmm.child.wait()).await.expect("vmm exits").unwrap();
             assert!(st.success());
         }
@@ -336,5 +357,27 @@ fn guest_kernel_panic_is_crashed() {
         eprintln!("after {:?}: {:?} {detail}", vmm.started.elapsed(), s.get_state().unwrap());
         assert_eq!(s.get_state().unwrap(), MachineState::Crashed, "{detail}");
         assert!(detail.contains("Kernel panic"), "{detail}");
+    });
+}
+
+#[test]
+fn guest_power_off_is_stopped() {
+    let img = base_image();
+    conn::run_local(async {
+        let run = tempfile::tempdir().unwrap();
+        let mut vmm = spawn_vmm(&vm_config(&img, run.path(), ""));
+        let (g, _gconn) = conn::connect::<guest::Client>(vmm.agent.take().unwrap(), None, conn::INTERNAL);
+        tokio::time::timeout(HELLO_TIMEOUT, g.hello_request().send().promise).await.expect("hello in time").expect("hello");
+        let wait = vmm.machine.wait_exit_request().send().promise;
+        let mut q = g.shutdown_request();
+        q.get().set_reboot(false);
+        // The reply may or may not make it before the channel goes away.
+        let _ = tokio::time::timeout(Duration::from_secs(10), q.send().promise).await;
+        let w = tokio::time::timeout(Duration::from_secs(30), wait).await.expect("the VM ends").unwrap();
+        let s = w.get().unwrap().get_status().unwrap();
+        let detail = s.get_detail().unwrap().to_string().unwrap();
+        assert_eq!(s.get_state().unwrap(), MachineState::Stopped, "{detail}");
+        assert!(detail.contains("powered off"), "{detail}");
+        assert!(!alive(s.get_pid()));
     });
 }

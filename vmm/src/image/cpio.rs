@@ -194,7 +194,7 @@ pub fn parse(buf: &[u8]) -> anyhow::Result<Vec<Entry>> {
         Ok(u32::from_str_radix(s, 16)?)
     };
     loop {
-        anyhow::ensure!(pos % 4 == 0, "entry at {pos} is not 4-byte aligned");
+        anyhow::ensure!(pos & 3 == 0, "entry at {pos} is not 4-byte aligned");
         anyhow::ensure!(buf.len() >= pos + 110, "truncated header at {pos} (no trailer)");
         let h = &buf[pos..pos + 110];
         anyhow::ensure!(&h[..6] == b"070701", "bad magic at {pos}");

@@ -51,7 +51,7 @@ pub fn needed_libs(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
         // "/lib64/ld-linux-x86-64.so.2 (0x...)".
         let path = match line.split_once("=>") {
-            Some((_, rhs)) => rhs.trim().split_whitespace().next().unwrap_or(""),
+            Some((_, rhs)) => rhs.split_whitespace().next().unwrap_or(""),
             None => line.split_whitespace().next().unwrap_or(""),
         };
         if path.starts_with('/') {

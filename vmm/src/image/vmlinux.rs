@@ -152,7 +152,7 @@ mod tests {
         while v.len() < len {
             // Compressible but not trivial.
             x = x.wrapping_mul(1103515245).wrapping_add(12345);
-            v.push(if (x >> 16) % 4 == 0 { (x >> 8) as u8 } else { b'a' + (v.len() % 7) as u8 });
+            v.push(if (x >> 16) & 3 == 0 { (x >> 8) as u8 } else { b'a' + (v.len() % 7) as u8 });
         }
         v
     }
