@@ -74,6 +74,7 @@ pub fn ensure_base(cache_dir: &Path, guest_init: &Path, progress: &mut dyn FnMut
     let images = cache_dir.join("images");
     let dir = images.join(format!("base-{}", &key[..16]));
     if let Some(img) = complete(&dir) {
+        touch(&dir);
         return Ok(img);
     }
 
@@ -93,8 +94,54 @@ pub fn ensure_base(cache_dir: &Path, guest_init: &Path, progress: &mut dyn FnMut
         }
     }
     let img = complete(&dir).with_context(|| format!("image {} is incomplete after building", dir.display()))?;
+    touch(&dir);
+    prune(&images, &dir);
     progress(&format!("image base ready: {} (took {:.1} s)", dir.display(), t0.elapsed().as_secs_f64()));
     Ok(img)
+}
+
+/// How many base images [`prune`] keeps (the most recently used ones).
+pub const KEEP_IMAGES: usize = 4;
+/// Images used (or builds started) this recently are never pruned.
+const PRUNE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Marks `dir` as used now (its mtime), for [`prune`].
+fn touch(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes old images after a build: of the `base-*` directories other
+/// than `keep`, all but the [`KEEP_IMAGES`] - 1 most recently used go if
+/// unused for an hour, and so do abandoned `.build-*` / `.unpack-*`
+/// directories. A VM already running from a removed image is unaffected
+/// (QEMU read its files at start). Errors are ignored.
+fn prune(images: &Path, keep: &Path) {
+    let now = std::time::SystemTime::now();
+    let age = |p: &Path| {
+        std::fs::metadata(p).and_then(|m| m.modified()).ok().and_then(|t| now.duration_since(t).ok()).unwrap_or_default()
+    };
+    let Ok(rd) = std::fs::read_dir(images) else { return };
+    let mut bases = Vec::new();
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if p == keep {
+            continue;
+        }
+        if name.starts_with("base-") {
+            bases.push((age(&p), p));
+        } else if (name.starts_with(".build-") || name.starts_with(".unpack-")) && age(&p) > PRUNE_GRACE {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+    bases.sort();
+    for (a, p) in bases.into_iter().skip(KEEP_IMAGES.saturating_sub(1)) {
+        if a > PRUNE_GRACE {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
 }
 
 /// The image in `dir` if all of its files are there.
@@ -312,6 +359,31 @@ fn file_sha256_memo(cache_dir: &Path, path: &Path) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_keeps_recent_and_newest_images() {
+        let d = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let mk = |name: &str, stale: bool| {
+            let p = d.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("vmlinux"), b"x").unwrap();
+            if stale {
+                std::fs::File::open(&p).unwrap().set_modified(old).unwrap();
+            }
+            p
+        };
+        let keep = mk("base-keep", true);
+        let stale: Vec<_> = (0..5).map(|i| mk(&format!("base-old{i}"), true)).collect();
+        let fresh = mk("base-fresh", false);
+        let abandoned = mk(".build-base-x", true);
+        prune(d.path(), &keep);
+        assert!(keep.exists() && fresh.exists());
+        assert!(!abandoned.exists());
+        // KEEP_IMAGES - 1 others survive: the fresh one and the newest stale ones.
+        let left = stale.iter().filter(|p| p.exists()).count();
+        assert_eq!(left, KEEP_IMAGES - 2);
+    }
 
     #[test]
     fn hash_memo_tracks_changes() {
