@@ -54,6 +54,9 @@ pub struct Running {
     pub guest: guest::Client,
     /// The vmm process.
     pub child: tokio::process::Child,
+    /// The RPC systems of the Machine and agent connections; aborting
+    /// them closes both sockets, which tells the vmm to exit.
+    pub conns: Vec<tokio::task::JoinHandle<Result<(), capnp::Error>>>,
 }
 
 impl VmEntry {
@@ -182,8 +185,8 @@ async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
     spawn::prepare(&mut cmd, &fds);
     let mut child = cmd.spawn().map_err(internal)?;
     drop(fds);
-    let (machine, _) = conn::connect::<machine::Client>(spawn::into_tokio(rpc_here).map_err(internal)?, None, INTERNAL);
-    let (guest, _) = conn::connect::<guest::Client>(spawn::into_tokio(agent_here).map_err(internal)?, None, INTERNAL);
+    let (machine, mconn) = conn::connect::<machine::Client>(spawn::into_tokio(rpc_here).map_err(internal)?, None, INTERNAL);
+    let (guest, gconn) = conn::connect::<guest::Client>(spawn::into_tokio(agent_here).map_err(internal)?, None, INTERNAL);
 
     let hello = guest.hello_request().send().promise;
     let exited = machine.wait_exit_request().send().promise;
@@ -207,9 +210,11 @@ async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
     match outcome {
         Ok(release) => {
             *entry.kernel_release.borrow_mut() = release;
-            Ok(Running { machine, guest, child })
+            Ok(Running { machine, guest, child, conns: vec![mconn, gconn] })
         }
         Err(why) => {
+            mconn.abort();
+            gconn.abort();
             let _ = child.start_kill();
             let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
             let tail = entry.console_tail(1500);
@@ -223,14 +228,21 @@ async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
 pub async fn stop_vm(entry: &VmEntry) {
     let Some(mut run) = entry.running.borrow_mut().take() else { return };
     let exited = run.machine.wait_exit_request().send().promise;
-    let _ = tokio::time::timeout(Duration::from_secs(2), run.guest.shutdown_request().send().promise).await;
-    if tokio::time::timeout(Duration::from_secs(5), exited).await.is_err() {
+    // guest-init syncs its file systems and powers off. QEMU's microvm does
+    // not end on a guest power-off, so after a short grace the vmm quits
+    // the machine (the guest has synced by then).
+    let graceful = tokio::time::timeout(Duration::from_secs(2), run.guest.shutdown_request().send().promise).await;
+    let grace = if matches!(graceful, Ok(Ok(_))) { Duration::from_millis(500) } else { Duration::ZERO };
+    if tokio::time::timeout(grace, exited).await.is_err() {
         let mut req = run.machine.stop_request();
-        req.get().set_grace_ms(1000);
+        req.get().set_grace_ms(0);
         let _ = tokio::time::timeout(Duration::from_secs(5), req.send().promise).await;
     }
     drop(run.guest);
     drop(run.machine);
+    for c in &run.conns {
+        c.abort();
+    }
     if tokio::time::timeout(Duration::from_secs(5), run.child.wait()).await.is_err() {
         let _ = run.child.start_kill();
         let _ = run.child.wait().await;
@@ -265,7 +277,7 @@ pub struct VmFactoryImpl {
 }
 
 impl VmFactoryImpl {
-    async fn create(&self, spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>) -> CvResult<vm::Client> {
+    async fn do_create(&self, spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>) -> CvResult<vm::Client> {
         let st = &self.st;
         st.check()?;
         let spec = check_spec(st, spec)?;
@@ -318,6 +330,9 @@ fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
             entry.state.set(if state == Some(MachineState::Crashed) { VmState::Crashed } else { VmState::Stopped });
             // Drop the handles; stop_vm reaps the vmm when asked.
             if let Some(mut run) = entry.running.borrow_mut().take() {
+                for c in &run.conns {
+                    c.abort();
+                }
                 let _ = run.child.start_kill();
                 tokio::task::spawn_local(async move {
                     let _ = run.child.wait().await;
@@ -335,7 +350,7 @@ impl vm_factory::Server for VmFactoryImpl {
     async fn create(self: CapRc<Self>, params: vm_factory::CreateParams, mut results: vm_factory::CreateResults) -> capnp::Result<()> {
         let p = params.get()?;
         let spec = p.get_spec()?;
-        let res = self.create(spec).await;
+        let res = self.do_create(spec).await;
         let detail = match &res {
             Ok(_) => String::new(),
             Err(e) => e.message.lines().next().unwrap_or("").to_string(),
@@ -396,7 +411,7 @@ impl VmImpl {
         lookup(&self.st, &self.name)
     }
 
-    async fn exec(&self, params: vm::ExecParams) -> CvResult<process::Client> {
+    async fn do_exec(&self, params: vm::ExecParams) -> CvResult<process::Client> {
         let guest = self.entry()?.guest()?;
         let rpc = |e: capnp::Error| CvError::unavailable(format!("guest call failed: {e}"));
         let p = params.get().map_err(rpc)?;
@@ -424,7 +439,7 @@ impl vm::Server for VmImpl {
     }
 
     async fn exec(self: CapRc<Self>, params: vm::ExecParams, mut results: vm::ExecResults) -> capnp::Result<()> {
-        let res = self.exec(params).await;
+        let res = self.do_exec(params).await;
         write_result!(results.get().init_result(), res, |b, p| b.set_process(p));
         Ok(())
     }
