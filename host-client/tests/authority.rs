@@ -104,7 +104,7 @@ fn denials_bad_input_and_audit() {
     // Audit: denials are recorded, secrets are not.
     let audit = std::fs::read_to_string(s.state.join("audit.jsonl")).expect("audit.jsonl");
     assert!(audit.lines().any(|l| l.contains("denied") && l.contains("carol")), "no denial audited:\n{audit}");
-    assert!(audit.lines().any(|l| l.contains("denied") && l.contains("capset")), "no capset denial audited:\n{audit}");
+    assert!(audit.lines().any(|l| l.contains("\"capset.get\"") && l.contains("\"notFound\"")), "no CapSet miss audited:\n{audit}");
     for secret in ["carol-right-pw", "carol-WRONG-pw", "whatever-pw-1"] {
         assert!(!audit.contains(secret), "audit log leaks a password");
     }
