@@ -9,13 +9,17 @@
 //!   fd channel, tagged with the token; the gateway keeps no copy.
 //!
 //! A bad preamble, an oversized message or a peer that hangs up ends only
-//! that connection (logged at debug). At most [`MAX_CONNECTIONS`]
+//! that connection (logged at debug). An oversized message (above
+//! `UNTRUSTED`'s limit) is caught by [`guard`] before capnp-rpc reads it,
+//! and the gateway hangs up without answering. At most [`MAX_CONNECTIONS`]
 //! connections are open at once; more are closed at accept with a warning.
 //! The gateway never logs a password or a token.
 //!
 //! Process contract: `capvisor-gateway --listen-fd 3 --broker-fd 4
 //! --attach-fd 5 --auth local,password`; it runs until the broker's
 //! connection ends or SIGTERM/SIGINT, then exits 0.
+
+pub mod guard;
 
 use capnp::capability::Rc as CapRc;
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -127,7 +131,10 @@ impl Gateway {
             Ok(Preamble::Rpc) => {
                 let server = GatewayServer { broker: self.broker.clone(), auth: self.auth.clone(), peer };
                 let client: gateway::Client = capnp_rpc::new_client(server);
-                let system = conn::rpc_system(stream, Side::Server, Some(client.client), conn::UNTRUSTED);
+                let limit = conn::UNTRUSTED.traversal_limit_in_words.unwrap_or(usize::MAX) as u64;
+                let (r, w) = stream.into_split();
+                let (r, w) = guard::guard(r, w, limit);
+                let system = conn::rpc_system_rw(r, w, Side::Server, Some(client.client), conn::UNTRUSTED);
                 match system.await {
                     Ok(()) => tracing::debug!(peer = %peer, "connection closed"),
                     Err(e) => tracing::debug!(peer = %peer, "connection ended: {e}"),
