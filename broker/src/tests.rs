@@ -177,6 +177,8 @@ fn local_login_owner_ok_other_denied_disabled_denied() {
         let h2 = harness(|c| c.manifest.gateway.auth = vec!["password".into()]);
         assert_eq!(err(h2.svc.login_local(me, 1).await).code, ErrorCode::Denied);
         assert_eq!(h2.svc.session_count(), 0);
+        assert!(h2.audit_lines().iter().any(|l| l["method"] == "loginLocal" && l["outcome"] == "denied"),
+            "a disabled method's attempt is audited");
 
         let lines = h.audit_lines();
         assert!(lines.iter().any(|l| l["action"] == "login" && l["outcome"] == "ok" && l["session"] == g.session_id.as_str()));

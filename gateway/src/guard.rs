@@ -153,7 +153,7 @@ mod tests {
         for s in sizes {
             v.extend_from_slice(&s.to_le_bytes());
         }
-        if v.len() % 8 != 0 {
+        if v.len() % 8 == 4 {
             v.extend_from_slice(&[0; 4]);
         }
         for s in sizes {

@@ -4,7 +4,9 @@
 //! - `CVRPC001`: the gateway serves `Gateway` (authMethods, loginLocal,
 //!   loginPassword, resume) bound to the peer's SO_PEERCRED (unix(7)),
 //!   with [`capvisor_rpc::conn::UNTRUSTED`] reader limits; logins are
-//!   forwarded to the broker's `Broker` cap.
+//!   forwarded to the broker's `Broker` cap, which decides (a method the
+//!   manifest disables gets a typed `denied` there, audited and delayed
+//!   like any failed login); `authMethods` lists the `--auth` methods.
 //! - `CVATT001` + token: the connected socket goes to the broker over the
 //!   fd channel, tagged with the token; the gateway keeps no copy.
 //!
@@ -174,16 +176,6 @@ struct GatewayServer {
     peer: Peer,
 }
 
-impl GatewayServer {
-    fn enabled(&self, m: &str) -> bool {
-        self.auth.iter().any(|a| a == m)
-    }
-}
-
-fn deny_disabled(b: login_result::Builder<'_>, method: &str) {
-    CvError::denied(format!("{method} login is disabled on this server")).write_to(b.init_err());
-}
-
 /// Copies a broker's `LoginResult` (with its `Session` cap) into ours.
 fn copy_login(from: login_result::Reader<'_>, to: login_result::Builder<'_>) -> capnp::Result<()> {
     match from.which()? {
@@ -224,10 +216,8 @@ impl gateway::Server for GatewayServer {
         _: gateway::LoginLocalParams,
         mut results: gateway::LoginLocalResults,
     ) -> capnp::Result<()> {
-        if !self.enabled("local") {
-            deny_disabled(results.get().init_result(), "local");
-            return Ok(());
-        }
+        // A disabled method is still forwarded: the broker denies it too,
+        // and audits the attempt (every denial is an audit event).
         let mut req = self.broker.login_local_request();
         req.get().set_uid(self.peer.uid);
         req.get().set_pid(self.peer.pid);
@@ -240,10 +230,6 @@ impl gateway::Server for GatewayServer {
         params: gateway::LoginPasswordParams,
         mut results: gateway::LoginPasswordResults,
     ) -> capnp::Result<()> {
-        if !self.enabled("password") {
-            deny_disabled(results.get().init_result(), "password");
-            return Ok(());
-        }
         let p = params.get()?;
         let mut req = self.broker.login_password_request();
         {

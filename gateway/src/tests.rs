@@ -13,17 +13,20 @@ struct Seen {
     password: Vec<(String, String)>,
 }
 
-/// Denies everything, recording what it saw; `loginPassword` for user
-/// "slow" takes 2 s.
+/// Records what it saw and denies everything: a method not in `auth` with
+/// "… login is disabled", others with the uid or the usual message;
+/// `loginPassword` for user "slow" takes 2 s.
 struct FakeBroker {
     seen: Rc<RefCell<Seen>>,
+    auth: Vec<String>,
 }
 
 impl broker::Server for FakeBroker {
     async fn login_local(self: CapRc<Self>, p: broker::LoginLocalParams, mut r: broker::LoginLocalResults) -> capnp::Result<()> {
         let p = p.get()?;
         self.seen.borrow_mut().local.push((p.get_uid(), p.get_pid()));
-        CvError::denied(format!("uid {}", p.get_uid())).write_to(r.get().init_result().init_err());
+        let msg = if self.auth.iter().any(|a| a == "local") { format!("uid {}", p.get_uid()) } else { "local login is disabled".into() };
+        CvError::denied(msg).write_to(r.get().init_result().init_err());
         Ok(())
     }
     async fn login_password(
@@ -37,7 +40,8 @@ impl broker::Server for FakeBroker {
         if user == "slow" {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        CvError::denied("invalid user name or password").write_to(r.get().init_result().init_err());
+        let msg = if self.auth.iter().any(|a| a == "password") { "invalid user name or password" } else { "password login is disabled" };
+        CvError::denied(msg).write_to(r.get().init_result().init_err());
         Ok(())
     }
 }
@@ -54,7 +58,8 @@ fn start(auth: &[&str], max: usize) -> Env {
     let path = dir.path().join("gw.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let seen = Rc::new(RefCell::new(Seen::default()));
-    let broker: broker::Client = capnp_rpc::new_client(FakeBroker { seen: seen.clone() });
+    let auth_list: Vec<String> = auth.iter().map(|s| s.to_string()).collect();
+    let broker: broker::Client = capnp_rpc::new_client(FakeBroker { seen: seen.clone(), auth: auth_list });
     let (a, b) = fdpass::pair().unwrap();
     let gw = Gateway::new(broker, FdChannel::new(a).unwrap(), auth.iter().map(|s| s.to_string()).collect(), max);
     tokio::task::spawn_local(gw.accept_loop(listener));
@@ -149,6 +154,8 @@ fn client_disconnecting_mid_call_harms_nobody() {
 #[test]
 fn logins_forward_the_peer_and_disabled_methods_are_denied() {
     conn::run_local(async {
+        let me = nix::unistd::getuid().as_raw();
+        let peer = format!("unix:uid={me} pid={}", std::process::id());
         let env = start(&["local"], 16);
         let gw = rpc_client(&env.path).await;
         assert_eq!(methods(&gw).await, vec!["local"]);
@@ -156,28 +163,28 @@ fn logins_forward_the_peer_and_disabled_methods_are_denied() {
         let resp = gw.login_local_request().send().promise.await.unwrap();
         let (code, msg) = err_code(resp.get().unwrap().get_result().unwrap());
         assert_eq!(code, ErrorCode::Denied);
-        let me = nix::unistd::getuid().as_raw();
         assert_eq!(msg, format!("uid {me}"));
-        assert_eq!(env.seen.borrow().local, vec![(me, std::process::id())]);
+        assert_eq!(env.seen.borrow().local, vec![(me, std::process::id())], "the peer's SO_PEERCRED is forwarded");
 
+        // A disabled method: typed denial, decided (and audited) by the broker.
         let mut req = gw.login_password_request();
         req.get().set_user("bob");
         req.get().set_password("hunter22");
         let resp = req.send().promise.await.unwrap();
-        let (code, _) = err_code(resp.get().unwrap().get_result().unwrap());
-        assert_eq!(code, ErrorCode::Denied);
-        assert!(env.seen.borrow().password.is_empty(), "a disabled method never reaches the broker");
+        assert_eq!(err_code(resp.get().unwrap().get_result().unwrap()), (ErrorCode::Denied, "password login is disabled".into()));
+        assert_eq!(env.seen.borrow().password, vec![("bob".into(), peer.clone())]);
 
         let env = start(&["password"], 16);
         let gw = rpc_client(&env.path).await;
-        let mut req = gw.login_password_request();
-        req.get().set_user("bob");
-        req.get().set_password("hunter22");
-        req.send().promise.await.unwrap();
-        assert_eq!(env.seen.borrow().password, vec![("bob".into(), format!("unix:uid={me} pid={}", std::process::id()))]);
+        assert_eq!(methods(&gw).await, vec!["password"]);
         let resp = gw.login_local_request().send().promise.await.unwrap();
-        assert_eq!(err_code(resp.get().unwrap().get_result().unwrap()).0, ErrorCode::Denied);
-        assert!(env.seen.borrow().local.is_empty());
+        assert_eq!(err_code(resp.get().unwrap().get_result().unwrap()), (ErrorCode::Denied, "local login is disabled".into()));
+
+        // resume forwards too; an over-long token is stale without a broker round trip.
+        let mut req = gw.resume_request();
+        req.get().set_token("x".repeat(300).as_str());
+        let resp = req.send().promise.await.unwrap();
+        assert_eq!(err_code(resp.get().unwrap().get_result().unwrap()).0, ErrorCode::StaleSession);
     });
 }
 
