@@ -95,8 +95,7 @@ pub fn build_boot_params(
     initrd: Option<InitrdPlacement>,
     e820: &[E820Entry],
 ) -> Result<boot_params, BootError> {
-    let mut params = boot_params::default();
-    params.hdr = match header {
+    let hdr = match header {
         Some(h) => h,
         None => setup_header {
             boot_flag: BOOT_FLAG_MAGIC,
@@ -105,6 +104,7 @@ pub fn build_boot_params(
             ..Default::default()
         },
     };
+    let mut params = boot_params { hdr, ..Default::default() };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = layout::CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline_len;

@@ -46,7 +46,7 @@ fn wide_and_out_of_range_accesses_do_not_panic() {
     Device::read(&mut dev, 0, &mut buf);
     assert_eq!(&buf[1..], &[0, 0, 0]);
     Device::read(&mut dev, u64::MAX, &mut buf);
-    Device::write(&mut dev, 1 << 40, &[b'x']);
+    Device::write(&mut dev, 1 << 40, b"x");
     Device::write(&mut dev, 0, &[]);
     assert!(out.contents().is_empty());
 }

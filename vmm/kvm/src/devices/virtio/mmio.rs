@@ -212,14 +212,12 @@ impl MmioTransport {
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            reg::DRIVER_FEATURES => {
-                // Only between DRIVER and FEATURES_OK (3.1.1 steps 3-5).
-                if self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(value),
-                        1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32),
-                        _ => {}
-                    }
+            // Only between DRIVER and FEATURES_OK (3.1.1 steps 3-5).
+            reg::DRIVER_FEATURES if self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER => {
+                match self.driver_features_sel {
+                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(value),
+                    1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    _ => {}
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = value,
@@ -254,13 +252,9 @@ impl MmioTransport {
                     };
                 }
             }
-            reg::QUEUE_NOTIFY => {
-                if self.activated {
-                    if let Ok(i) = u16::try_from(value) {
-                        if usize::from(i) < self.queues.len() {
-                            self.device.queue_notify(i);
-                        }
-                    }
+            reg::QUEUE_NOTIFY if self.activated => {
+                if let Some(i) = u16::try_from(value).ok().filter(|&i| usize::from(i) < self.queues.len()) {
+                    self.device.queue_notify(i);
                 }
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(value),

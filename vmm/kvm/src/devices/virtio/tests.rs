@@ -195,7 +195,8 @@ fn indirect_table_is_flattened() {
 
 #[test]
 fn malformed_indirect_tables_are_rejected() {
-    let cases: Vec<(&str, Box<dyn Fn(&GuestMemoryMmap, &DriverQueue)>, ChainError)> = vec![
+    type Build = Box<dyn Fn(&GuestMemoryMmap, &DriverQueue)>;
+    let cases: Vec<(&str, Build, ChainError)> = vec![
         ("length not a multiple of 16", Box::new(|m, d| d.set_desc(m, 0, IND, 20, VIRTQ_DESC_F_INDIRECT, 0)), ChainError::BadIndirectLength(20)),
         ("zero length", Box::new(|m, d| d.set_desc(m, 0, IND, 0, VIRTQ_DESC_F_INDIRECT, 0)), ChainError::BadIndirectLength(0)),
         (
