@@ -185,6 +185,36 @@ mod tests {
     }
 
     #[test]
+    fn real_capnp_streams_pass() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut stream = Vec::new();
+        for i in 0..200 {
+            // Small first segments force multi-segment messages.
+            let alloc = capnp::message::HeapAllocator::new().first_segment_words(1 + (i % 5) as u32);
+            let mut m = capnp::message::Builder::new(alloc);
+            let mut list = m.initn_root::<capnp::text_list::Builder>(rng.gen_range(0..20));
+            for j in 0..list.len() {
+                let len = rng.gen_range(0..300);
+                list.set(j, "x".repeat(len).as_str());
+            }
+            capnp::serialize::write_message(&mut stream, &m).unwrap();
+        }
+        for chunk in [1, 2, 3, 5, 8, 13, 100, 1 << 16] {
+            assert_eq!(check(&stream, 1 << 20, chunk), Ok(()), "chunk {chunk}");
+        }
+        // Random chunking.
+        let (mut r, _w) = guard((), (), 1 << 20);
+        let mut rest = &stream[..];
+        while !rest.is_empty() {
+            let n = rng.gen_range(1..=rest.len().min(700));
+            r.observe(&rest[..n]).unwrap();
+            rest = &rest[n..];
+        }
+        assert!(matches!(r.state, State::Header(ref h) if h.is_empty()), "ends on a frame boundary");
+    }
+
+    #[test]
     fn oversized_or_too_many_segments_fail_on_the_header() {
         let mut s = frame(&[1]);
         s.extend_from_slice(&0u32.to_le_bytes());
