@@ -22,6 +22,8 @@ struct FakeState {
     hosts: HashMap<String, session_host::Client>,
     revokes: Vec<(String, String)>,
     attached: Vec<String>,
+    /// Worker.session takes this long.
+    session_delay: Duration,
 }
 
 #[derive(Clone, Default)]
@@ -52,6 +54,8 @@ impl session::Server for FakeSession {
 
 impl worker::Server for FakeWorker {
     async fn session(self: CapRc<Self>, _: worker::SessionParams, mut results: worker::SessionResults) -> capnp::Result<()> {
+        let delay = self.st.borrow().session_delay;
+        tokio::time::sleep(delay).await;
         results.get().set_session(capnp_rpc::new_client(FakeSession { ctx: self.ctx.clone() }));
         Ok(())
     }
@@ -491,5 +495,22 @@ fn worker_that_fails_to_start_is_unavailable() {
         assert_eq!(e.code, ErrorCode::Unavailable);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(svc2.session_count(), 0);
+    });
+}
+
+#[test]
+fn a_login_abandoned_mid_way_leaves_no_session() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        h.fake.st.borrow_mut().session_delay = Duration::from_millis(300);
+        let svc = h.svc.clone();
+        let login = tokio::task::spawn_local(async move { svc.login_local(nix::unistd::getuid().as_raw(), 1).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        login.abort(); // the client hung up: the RPC call is cancelled
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(h.svc.session_count(), 0);
+        let revokes = h.fake.st.borrow().revokes.clone();
+        assert_eq!(revokes.len(), 1);
+        assert_eq!(revokes[0].1, "login abandoned");
     });
 }
