@@ -55,7 +55,7 @@ use crate::fdio::FdStream;
 use crate::reaper::{self, Exit};
 use capnp::capability::Rc;
 use capvisor_rpc::{CvError, CvResult, CHUNK};
-use capvisor_schema::common_capnp::{byte_sink, exec_spec, process};
+use capvisor_schema::common_capnp::{byte_sink, process};
 use std::cell::{Cell, RefCell};
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -83,59 +83,7 @@ pub fn default_env(pty: bool) -> Vec<(String, String)> {
     ]
 }
 
-/// A decoded `ExecSpec`.
-#[derive(Clone, Debug, Default)]
-pub struct ExecRequest {
-    /// Program and arguments; `argv[0]` is looked up in `PATH`.
-    pub argv: Vec<String>,
-    /// Added to (and overriding) [`default_env`].
-    pub env: Vec<(String, String)>,
-    /// Working directory; empty means `/`.
-    pub cwd: String,
-    /// Bytes written to stdin first.
-    pub stdin: Vec<u8>,
-    /// Keep stdin open after `stdin` for `Process.write`.
-    pub keep_stdin_open: bool,
-    /// `Some((rows, cols))`: run on a pseudo-terminal of that size.
-    pub pty: Option<(u16, u16)>,
-}
-
-impl ExecRequest {
-    /// Decodes a schema `ExecSpec`.
-    ///
-    /// Errors: text that is not UTF-8 -> `invalidArgument`; a malformed
-    /// message -> capnp error.
-    pub fn read_from(spec: exec_spec::Reader<'_>) -> capnp::Result<CvResult<Self>> {
-        let mut req = ExecRequest::default();
-        for a in spec.get_argv()?.iter() {
-            match a?.to_str() {
-                Ok(s) => req.argv.push(s.to_string()),
-                Err(_) => return Ok(Err(CvError::invalid("argv entries must be UTF-8"))),
-            }
-        }
-        for e in spec.get_env()?.iter() {
-            let (n, v) = (e.get_name()?.to_str(), e.get_value()?.to_str());
-            match (n, v) {
-                (Ok(n), Ok(v)) => req.env.push((n.to_string(), v.to_string())),
-                _ => return Ok(Err(CvError::invalid("environment entries must be UTF-8"))),
-            }
-        }
-        req.cwd = match spec.get_cwd()?.to_str() {
-            Ok(s) => s.to_string(),
-            Err(_) => return Ok(Err(CvError::invalid("cwd must be UTF-8"))),
-        };
-        req.stdin = spec.get_stdin()?.to_vec();
-        req.keep_stdin_open = spec.get_keep_stdin_open();
-        req.pty = match spec.get_pty().which()? {
-            exec_spec::pty::None(()) => None,
-            exec_spec::pty::Size(s) => {
-                let s = s?;
-                Some((s.get_rows(), s.get_cols()))
-            }
-        };
-        Ok(Ok(req))
-    }
-}
+pub use capvisor_rpc::exec::ExecRequest;
 
 /// Resolves `prog` like execvp(3): with a `/` relative to `cwd`, else the
 /// first executable regular file named `prog` in `path` (`:`-separated;

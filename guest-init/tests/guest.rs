@@ -52,28 +52,7 @@ async fn exec(g: &guest::Client, r: &ExecRequest) -> Result<Started, CvError> {
         let mut p = q.get();
         p.set_stdout(out_sink);
         p.set_stderr(err_sink);
-        let mut s = p.init_spec();
-        let mut a = s.reborrow().init_argv(r.argv.len() as u32);
-        for (i, x) in r.argv.iter().enumerate() {
-            a.set(i as u32, x.as_str());
-        }
-        let mut e = s.reborrow().init_env(r.env.len() as u32);
-        for (i, (n, v)) in r.env.iter().enumerate() {
-            let mut ev = e.reborrow().get(i as u32);
-            ev.set_name(n.as_str());
-            ev.set_value(v.as_str());
-        }
-        s.set_cwd(r.cwd.as_str());
-        s.set_stdin(&r.stdin);
-        s.set_keep_stdin_open(r.keep_stdin_open);
-        match r.pty {
-            Some((rows, cols)) => {
-                let mut sz = s.init_pty().init_size();
-                sz.set_rows(rows);
-                sz.set_cols(cols);
-            }
-            None => s.init_pty().set_none(()),
-        }
+        r.write_to(p.init_spec());
     }
     let resp = q.send().promise.await.expect("exec call");
     match resp.get().unwrap().get_result().unwrap().which().unwrap() {

@@ -247,22 +247,7 @@ pub async fn ping(v: &vm::Client) -> ClientResult<()> {
     unit(resp.get()?.get_result()?)
 }
 
-/// What to run.
-#[derive(Clone, Debug, Default)]
-pub struct ExecRequest {
-    /// Program and arguments (PATH lookup in the guest).
-    pub argv: Vec<String>,
-    /// Extra environment.
-    pub env: Vec<(String, String)>,
-    /// Working directory; empty = `/`.
-    pub cwd: String,
-    /// Bytes fed to stdin first.
-    pub stdin: Vec<u8>,
-    /// Keep stdin open for [`write_stdin`].
-    pub keep_stdin_open: bool,
-    /// A pseudo-terminal of (rows, cols).
-    pub pty: Option<(u16, u16)>,
-}
+pub use capvisor_rpc::exec::ExecRequest;
 
 /// `Vm.exec`: starts a process; output flows into the sinks.
 pub async fn exec(v: &vm::Client, r: &ExecRequest, stdout: byte_sink::Client, stderr: byte_sink::Client) -> ClientResult<process::Client> {
@@ -270,30 +255,7 @@ pub async fn exec(v: &vm::Client, r: &ExecRequest, stdout: byte_sink::Client, st
     let mut req = v.exec_request();
     {
         let mut p = req.get();
-        {
-            let mut s = p.reborrow().init_spec();
-            let mut argv = s.reborrow().init_argv(r.argv.len() as u32);
-            for (i, a) in r.argv.iter().enumerate() {
-                argv.set(i as u32, a.as_str());
-            }
-            let mut env = s.reborrow().init_env(r.env.len() as u32);
-            for (i, (k, val)) in r.env.iter().enumerate() {
-                let mut e = env.reborrow().get(i as u32);
-                e.set_name(k.as_str());
-                e.set_value(val.as_str());
-            }
-            s.set_cwd(r.cwd.as_str());
-            s.set_stdin(&r.stdin);
-            s.set_keep_stdin_open(r.keep_stdin_open);
-            match r.pty {
-                Some((rows, cols)) => {
-                    let mut sz = s.init_pty().init_size();
-                    sz.set_rows(rows);
-                    sz.set_cols(cols);
-                }
-                None => s.init_pty().set_none(()),
-            }
-        }
+        r.write_to(p.reborrow().init_spec());
         p.set_stdout(stdout);
         p.set_stderr(stderr);
     }

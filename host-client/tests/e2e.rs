@@ -2,7 +2,13 @@
 //! booted under QEMU (TCG here), every call through capabilities.
 
 mod common;
+use capvisor_client::{connect, ops};
 use common::*;
+
+fn saved_token(s: &Server, who: &str) -> String {
+    let saved = std::fs::read_to_string(s.config_dir(who).join("session.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&saved).unwrap()["token"].as_str().unwrap().to_string()
+}
 
 /// The embedded default manifest with the `user` bundle cut to one VM, so
 /// the quota path is reached after a single boot.
@@ -97,6 +103,43 @@ fn vm_lifecycle_isolation_quota_and_logout() {
     std::fs::write(s.config_dir("bob").join("session.json"), &saved).unwrap();
     let o = s.cli_ok("bob", &["caps"], None, 14);
     assert!(stderr(&o).contains("staleSession"), "{}", stderr(&o));
+
+    // An interactive pseudo-terminal through the library: input, resize, exit status.
+    let token = saved_token(&s, "owner");
+    capvisor_rpc::conn::run_local(async {
+        let sess = connect::attach(&s.socket, &token).await.unwrap();
+        let vm = ops::get_vm(&ops::vms(&sess).await.unwrap(), "a").await.unwrap();
+        // The pty has the size we asked for.
+        let (out, out_rx) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+        let (err, _err_rx) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+        let req = ops::ExecRequest { argv: vec!["sh".into(), "-c".into(), "stty size; tty".into()], pty: Some((24, 80)), ..Default::default() };
+        let p = ops::exec(&vm, &req, out, err).await.unwrap();
+        assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Code(0));
+        let text = String::from_utf8_lossy(&out_rx.await.unwrap()).into_owned();
+        assert!(text.contains("24 80") && text.contains("/dev/pts/"), "pty output: {text:?}");
+        // Resize, then input, then the exit status.
+        let (out, out_rx) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+        let (err, _err_rx) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+        let req = ops::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "read line; stty size; echo got:$line; exit 5".into()],
+            keep_stdin_open: true,
+            pty: Some((24, 80)),
+            ..Default::default()
+        };
+        let p = ops::exec(&vm, &req, out, err).await.unwrap();
+        ops::resize(&p, 30, 100).await.unwrap();
+        ops::write_stdin(&p, b"hello\n").await.unwrap();
+        assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Code(5));
+        let text = String::from_utf8_lossy(&out_rx.await.unwrap()).into_owned();
+        assert!(text.contains("30 100") && text.contains("got:hello"), "pty output: {text:?}");
+        // Killing a process reports the signal.
+        let (out, _o) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+        let (err, _e) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+        let req = ops::ExecRequest { argv: vec!["sleep".into(), "100".into()], ..Default::default() };
+        let p = ops::exec(&vm, &req, out, err).await.unwrap();
+        ops::kill(&p, 9).await.unwrap();
+        assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Signal(9));
+    });
 
     // Owner: stop, rm.
     s.cli_ok("owner", &["vm", "stop", "a"], None, 0);

@@ -4,6 +4,7 @@
 //! - [`attach`]: the gateway socket's connection preamble (RPC or attach-by-token).
 //! - [`conn`]: capnp-rpc over Unix sockets / socketpairs with bounded
 //!   [`capnp::message::ReaderOptions`], and a single-threaded runtime helper.
+//! - [`exec`]: [`exec::ExecRequest`], the Rust form of `ExecSpec`.
 //! - [`error`]: the typed domain error ([`CvError`], schema `Error`) and
 //!   conversions to and from capnp messages.
 //! - [`sink`]: `ByteSink` servers and a pump from any `AsyncRead` into a sink.
@@ -16,6 +17,7 @@
 pub mod attach;
 pub mod conn;
 pub mod error;
+pub mod exec;
 pub mod fdpass;
 pub mod paths;
 pub mod sink;
