@@ -8,7 +8,7 @@
 //! Options: `--boots N` (default 5), `--execs N` (200), `--pings N` (2000).
 
 use capvisor_client::{connect, ops};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -90,13 +90,18 @@ fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     out
 }
 
-/// Boots the image with plain qemu (same machine type, accel, kernel,
-/// initramfs, command line; serial on stdout, no agent channel) until
-/// guest-init's first console line; returns that time.
+/// Boots the image with plain qemu: exactly the command line the vmm uses
+/// (`capvisor_vmm::qemu::args`: same machine, accel, kernel, initramfs,
+/// command line, devices; agent and QMP on socketpairs nobody talks on),
+/// started directly, without capvisor around it. Returns the time until
+/// guest-init's first line reaches the console log.
 fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration {
+    let run_dir = dir.join(format!("bare-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    std::fs::create_dir_all(&run_dir).expect("run dir");
     let cfg = capvisor_vmm::VmConfig {
         name: "bare".into(),
-        run_dir: dir.to_path_buf(),
+        run_dir: run_dir.clone(),
         kernel: kernel.to_path_buf(),
         initramfs: initramfs.to_path_buf(),
         memory_mib: 256,
@@ -104,36 +109,32 @@ fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration {
         engine: "qemu".into(),
         extra_cmdline: String::new(),
     };
-    let kvm = capvisor_vmm::host_kvm_usable();
-    let cmdline = capvisor_vmm::qemu::kernel_cmdline(&cfg, capvisor_vmm::qemu::host_tsc_khz());
-    let accel: &[&str] = if kvm { &["-accel", "kvm", "-cpu", "host"] } else { &["-accel", "tcg,thread=multi", "-cpu", "max"] };
-    let t0 = Instant::now();
-    let mut child = Command::new(capvisor_vmm::qemu::qemu_binary())
-        .args(["-M", "microvm,x-option-roms=off,rtc=off", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(accel)
-        .args(["-m", "256", "-smp", "1", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initramfs)
-        .arg("-append")
-        .arg(cmdline)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn qemu");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).split(b'\n');
-    let mut took = None;
-    while let Some(Ok(line)) = lines.next() {
-        if String::from_utf8_lossy(&line).contains("guest-init") {
-            took = Some(t0.elapsed());
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    took.expect("bare qemu: guest-init never printed on the console")
+    let args = capvisor_vmm::qemu::args(&cfg, capvisor_vmm::host_kvm_usable(), capvisor_vmm::qemu::host_tsc_khz());
+    let (agent, _agent_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
+    let (qmp, _qmp_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
+    let console = run_dir.join("console.log");
+    capvisor_rpc::conn::run_local(async {
+        let mut cmd = tokio::process::Command::new(capvisor_vmm::qemu::qemu_binary());
+        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let fds = [
+            capvisor_rpc::spawn::Inherit { fd: agent, target: capvisor_vmm::qemu::AGENT_FD },
+            capvisor_rpc::spawn::Inherit { fd: qmp, target: capvisor_vmm::qemu::QMP_FD },
+        ];
+        capvisor_rpc::spawn::prepare(&mut cmd, &fds);
+        let t0 = Instant::now();
+        let mut child = cmd.spawn().expect("spawn qemu");
+        drop(fds);
+        let took = loop {
+            let text = std::fs::read(&console).unwrap_or_default();
+            if String::from_utf8_lossy(&text).contains("guest-init") {
+                break t0.elapsed();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "bare qemu: guest-init never printed on the console");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let _ = child.kill().await;
+        took
+    })
 }
 
 fn main() {
@@ -198,6 +199,12 @@ fn main() {
         for _ in 0..50 {
             ops::ping(&vm).await.expect("ping");
         }
+        let mut info_rt = vec![];
+        for _ in 0..pings {
+            let t = Instant::now();
+            ops::vm_info(&vm).await.expect("info");
+            info_rt.push(t.elapsed());
+        }
         let mut ping_rt = vec![];
         for _ in 0..pings {
             let t = Instant::now();
@@ -206,9 +213,9 @@ fn main() {
         }
         ops::remove_vm(&vms, "warm").await.expect("remove");
         ops::logout(&session).await.expect("logout");
-        (cold, exec_rt, ping_rt, rss)
+        (cold, exec_rt, ping_rt, info_rt, rss)
     });
-    let (mut cold, mut exec_rt, mut ping_rt, rss) = figures;
+    let (mut cold, mut exec_rt, mut ping_rt, mut info_rt, rss) = figures;
 
     let mut bare = vec![];
     for i in 0..boots {
@@ -234,6 +241,8 @@ fn main() {
     println!("{:<58} {:>9.0} us", format!("exec `true` round trip p99 ({} calls)", exec_rt.len()), us(pct(&mut exec_rt, 99)));
     println!("{:<58} {:>9.0} us", format!("no-op to guest-init, whole chain p50 ({} calls)", ping_rt.len()), us(ping_p50));
     println!("{:<58} {:>9.0} us", format!("no-op to guest-init, whole chain p99 ({} calls)", ping_rt.len()), us(pct(&mut ping_rt, 99)));
+    println!("{:<58} {:>9.0} us", format!("client -> worker only (Vm.info) p50 ({} calls)", info_rt.len()), us(pct(&mut info_rt, 50)));
+    println!("{:<58} {:>9.0} us", format!("client -> worker only (Vm.info) p99 ({} calls)", info_rt.len()), us(pct(&mut info_rt, 99)));
     println!("{:<58} {:>9.0} us", format!("raw Unix-socket round trip, 2 processes p50 ({} calls)", raw.len()), us(raw_p50));
     println!("{:<58} {:>9.0} us", "raw Unix-socket round trip p99", us(pct(&mut raw, 99)));
     println!("{:<58} {:>10.2}x", "ratio whole chain / raw (p50)", ping_p50.as_secs_f64() / raw_p50.as_secs_f64());
