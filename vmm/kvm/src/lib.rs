@@ -9,6 +9,7 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | [`acpi`] | ACPI tables (RSDP, XSDT, hardware-reduced FADT, MADT, DSDT with virtio-mmio `LNRO0005` devices) and the PM register for reset / S5 power-off |
 //! | [`hypervisor`] | the small trait boundary (create VM, add memory, create vCPU, run -> [`hypervisor::VcpuExit`]) and its KVM implementation |
 //! | [`memory`] | guest RAM on `GuestMemoryMmap`, split around the 32-bit MMIO gap |
 //! | [`boot`] | x86_64 boot: GDT, identity page tables, 64-bit register state, zero page, kernel + initramfs loading |
@@ -23,6 +24,7 @@
 // `u64::is_multiple_of` needs Rust 1.87; the workspace declares 1.85.
 #![allow(clippy::manual_is_multiple_of)]
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod devices;

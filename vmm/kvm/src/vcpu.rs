@@ -28,6 +28,8 @@ pub enum VcpuStop {
     Halted,
     /// The guest asked for a reset (i8042 0xFE, or KVM system event reset).
     Reset,
+    /// The guest asked to be powered off (ACPI S5).
+    PoweredOff,
     /// Triple fault or a shutdown system event.
     Shutdown,
     /// [`VcpuHandle::stop`] was called.
@@ -114,6 +116,7 @@ impl<V: Vcpu> VcpuRunner<V> {
                     stats.pio_exits.fetch_add(1, Ordering::Relaxed);
                     match buses.pio.write(u64::from(port), data) {
                         Ok(IoAction::Reset) => return Ok(VcpuStop::Reset),
+                        Ok(IoAction::PowerOff) => return Ok(VcpuStop::PoweredOff),
                         Ok(IoAction::None) => {}
                         Err(_) => {
                             stats.unmapped.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +133,7 @@ impl<V: Vcpu> VcpuRunner<V> {
                     stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
                     match buses.mmio.write(addr, data) {
                         Ok(IoAction::Reset) => return Ok(VcpuStop::Reset),
+                        Ok(IoAction::PowerOff) => return Ok(VcpuStop::PoweredOff),
                         Ok(IoAction::None) => {}
                         Err(_) => {
                             stats.unmapped.fetch_add(1, Ordering::Relaxed);

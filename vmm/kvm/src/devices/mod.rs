@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub mod boot_timer;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;
@@ -24,6 +25,10 @@ pub enum IoAction {
     /// The guest asked for a system reset (e.g. i8042 command 0xFE); the
     /// vCPU loop ends with [`crate::vcpu::VcpuStop::Reset`].
     Reset,
+    /// The guest asked to be powered off (ACPI S5 through the sleep control
+    /// register, [`crate::acpi::power`]); the vCPU loop ends with
+    /// [`crate::vcpu::VcpuStop::PoweredOff`].
+    PowerOff,
 }
 
 /// Snapshot of one device, as stored by the VMM (one variant per device kind).
@@ -37,6 +42,8 @@ pub enum DeviceState {
     I8042(i8042::snapshot::I8042Snapshot),
     /// virtio-mmio transport with its device.
     VirtioMmio(virtio::snapshot::MmioTransportSnapshot),
+    /// Boot timer pseudo-device.
+    BootTimer(boot_timer::snapshot::BootTimerSnapshot),
 }
 
 /// A device on a bus. Accesses arrive with the offset from the start of the

@@ -15,6 +15,7 @@
 //! | [`layout::CMDLINE_ADDR`] 0x20000 | kernel command line, NUL-terminated, max [`layout::CMDLINE_MAX`] |
 //! | [`layout::HIMEM_START`] 0x100000 | kernel (bzImage protected-mode part or ELF segments) |
 
+pub mod cpu;
 pub mod kernel;
 pub mod layout;
 pub mod paging;
@@ -57,16 +58,35 @@ pub fn configure_linux_boot(
     cmdline: &Cmdline,
     initrd: Option<InitrdPlacement>,
 ) -> Result<X86BootState, BootError> {
+    configure_linux_boot_with_acpi(mem, kernel, cmdline, initrd, None)
+}
+
+/// [`configure_linux_boot`], also recording the ACPI RSDP address in
+/// `boot_params.acpi_rsdp_addr` (zero-page offset 0x070,
+/// `Documentation/arch/x86/zero-page.rst`; boot protocol 2.14) when
+/// `rsdp` is given.
+///
+/// Errors: as [`configure_linux_boot`].
+pub fn configure_linux_boot_with_acpi(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline: &Cmdline,
+    initrd: Option<InitrdPlacement>,
+    rsdp: Option<u64>,
+) -> Result<X86BootState, BootError> {
     regs::write_gdt_and_idt(mem)?;
     paging::write_identity_page_tables(mem)?;
     let cmdline_len = zeropage::write_cmdline(mem, cmdline)?;
     let e820 = zeropage::e820_map(&crate::memory::ram_ranges_of(mem));
-    let params = zeropage::build_boot_params(
+    let mut params = zeropage::build_boot_params(
         kernel.setup_header,
         cmdline_len,
         initrd,
         &e820,
     )?;
+    if let Some(addr) = rsdp {
+        params.acpi_rsdp_addr = addr;
+    }
     zeropage::write_boot_params(mem, &params)?;
     Ok(X86BootState::long_mode(
         kernel.entry.0,

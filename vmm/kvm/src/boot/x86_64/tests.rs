@@ -298,3 +298,17 @@ fn linux_boot_writes_zero_page_cmdline_and_initrd() {
     assert_eq!(gdt2, GDT[2]);
     let _unused: Option<LoadedKernel> = None;
 }
+
+#[test]
+fn zero_page_carries_the_rsdp_address() {
+    let m = create_guest_memory(64 * MIB).unwrap();
+    let k = load_kernel(&m, &mut Cursor::new(tiny_bzimage(b"K"))).unwrap();
+    let c = Cmdline::new(CMDLINE_MAX).unwrap();
+    configure_linux_boot_with_acpi(&m, &k, &c, None, Some(0xe0000)).unwrap();
+    // boot_params.acpi_rsdp_addr is at offset 0x070 (zero-page.rst)
+    let v: u64 = m.read_obj(GuestAddress(ZERO_PAGE_ADDR + 0x70)).unwrap();
+    assert_eq!(v, 0xe0000);
+    configure_linux_boot(&m, &k, &c, None).unwrap();
+    let v: u64 = m.read_obj(GuestAddress(ZERO_PAGE_ADDR + 0x70)).unwrap();
+    assert_eq!(v, 0);
+}
