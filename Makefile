@@ -5,11 +5,12 @@ HOST_TRIPLE := x86_64-unknown-linux-gnu
 STATIC_INIT := target/$(HOST_TRIPLE)/release/capvisor-guest-init
 APT_PACKAGES := capnproto libcapnp-dev qemu-system-x86 busybox-static
 
-.PHONY: help deps build guest-init demo test bench clean
+.PHONY: help deps build guest-init kernel demo test bench clean
 
 help:
 	@echo "make deps    install Debian packages capvisor needs (capnproto, qemu-system-x86, busybox-static)"
 	@echo "make build   build every binary (release) and the static guest-init"
+	@echo "make kernel  build the minimal guest kernel (guest/kernel/, minutes; cached)"
 	@echo "make demo    the main job: serve, log in, boot a real VM through capabilities, run a command, clean up"
 	@echo "make test    build and run the whole test suite (boots real guests under QEMU)"
 	@echo "make bench   print boot, exec and data-path figures"
@@ -25,6 +26,9 @@ deps:
 
 guest-init:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(HOST_TRIPLE) -p capvisor-guest-init
+
+kernel:
+	guest/kernel/build.sh
 
 build: deps guest-init
 	$(CARGO) build --release --workspace

@@ -17,6 +17,19 @@ pub const KNOWN_CAPS: &[(&str, &str)] = &[
     ("accounts", "Accounts: add, list and remove password accounts"),
 ];
 
+/// Kernel sources an image may name (`[images.NAME] kernel`), with what each one is.
+pub const KNOWN_KERNELS: &[(&str, &str)] = &[
+    (
+        "debian-cloud",
+        "Debian's linux-image-cloud-amd64 package; guest-init loads its virtio modules from the initramfs",
+    ),
+    (
+        "minimal",
+        "built from Debian's linux-source-6.1 with guest/kernel/capvisor.config, everything built in; \
+         the first use builds it (minutes; see guest/kernel/README.md)",
+    ),
+];
+
 /// A whole manifest.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -65,7 +78,9 @@ pub struct LocalConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ImageConfig {
-    /// Kernel source: `"debian-cloud"` (Debian's linux-image-cloud-amd64).
+    /// Kernel source (see [`KNOWN_KERNELS`]): `"debian-cloud"` (Debian's
+    /// linux-image-cloud-amd64 + its virtio modules) or `"minimal"`
+    /// (capvisor's own build from linux-source-6.1, no modules; faster to boot).
     pub kernel: String,
 }
 
@@ -107,7 +122,8 @@ impl Manifest {
     ///
     /// Errors: TOML syntax, unknown keys, a profile naming a missing bundle,
     /// a bundle naming an unknown cap or image, a default memory above the
-    /// maximum, an unknown auth method, no `owner` profile.
+    /// maximum, an unknown auth method, an unknown image kernel source, no
+    /// `owner` profile.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let m: Manifest = toml::from_str(text)?;
         m.validate()?;
@@ -146,7 +162,12 @@ impl Manifest {
             anyhow::ensure!(bundle.max_vcpus >= 1, "bundles.{b}: max_vcpus must be at least 1");
         }
         for (i, img) in &self.images {
-            anyhow::ensure!(img.kernel == "debian-cloud", "images.{i}.kernel: unknown kernel source {:?} (known: debian-cloud)", img.kernel);
+            anyhow::ensure!(
+                KNOWN_KERNELS.iter().any(|(k, _)| *k == img.kernel),
+                "images.{i}.kernel: unknown kernel source {:?} (known: {})",
+                img.kernel,
+                KNOWN_KERNELS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+            );
         }
         Ok(())
     }
@@ -208,5 +229,16 @@ mod tests {
         assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("root"));
         let bad = DEFAULT_TOML.replace("[gateway]", "[gateway]\nbogus = 1");
         assert!(Manifest::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn image_kernel_sources() {
+        let minimal = DEFAULT_TOML.replace("kernel = \"debian-cloud\"", "kernel = \"minimal\"");
+        assert_ne!(minimal, DEFAULT_TOML);
+        assert_eq!(Manifest::parse(&minimal).unwrap().images["base"].kernel, "minimal");
+        let bogus = DEFAULT_TOML.replace("kernel = \"debian-cloud\"", "kernel = \"bogus\"");
+        let err = Manifest::parse(&bogus).unwrap_err().to_string();
+        assert!(err.contains("images.base.kernel") && err.contains("\"bogus\""), "{err}");
+        assert!(err.contains("debian-cloud, minimal"), "{err}");
     }
 }

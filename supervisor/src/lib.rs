@@ -98,7 +98,7 @@ fn check_binaries(bin_dir: &Path) -> anyhow::Result<()> {
 /// Builds (or finds cached) every image the manifest defines. Images with
 /// the same kernel source share one build.
 ///
-/// Errors: whatever `capvisor_vmm::image::ensure_base` reports, naming the image.
+/// Errors: whatever `capvisor_vmm::image::ensure_image` reports, naming the image.
 pub fn build_images(manifest: &Manifest, cache_dir: &Path, guest_init: &Path) -> anyhow::Result<BTreeMap<String, BuiltImage>> {
     let mut by_kernel: BTreeMap<String, BuiltImage> = BTreeMap::new();
     let mut out = BTreeMap::new();
@@ -110,7 +110,8 @@ pub fn build_images(manifest: &Manifest, cache_dir: &Path, guest_init: &Path) ->
                     guest_init.display()
                 );
             }
-            let built = capvisor_vmm::image::ensure_base(cache_dir, guest_init, &mut |line| eprintln!("capvisor: {line}"))
+            let source: capvisor_vmm::image::KernelSource = img.kernel.parse().with_context(|| format!("image {name}"))?;
+            let built = capvisor_vmm::image::ensure_image(cache_dir, source, guest_init, &mut |line| eprintln!("capvisor: {line}"))
                 .with_context(|| format!("building image {name}"))?;
             by_kernel.insert(img.kernel.clone(), built);
         }

@@ -4,6 +4,8 @@
 //! guest, stop the machine. Under TCG here (DESIGN.md, "Machines we build on").
 //!
 //! `CAPVISOR_BOOT_RUNS=N` boots N times and prints the median time to `hello`.
+//! `CAPVISOR_TEST_KERNEL=minimal` boots capvisor's minimal kernel
+//! (guest/kernel/; built on first use) instead of Debian's cloud kernel.
 
 use capvisor_rpc::conn;
 use capvisor_rpc::sink::CollectSink;
@@ -144,9 +146,15 @@ fn vm_config(img: &capvisor_manifest::BuiltImage, run_dir: &Path, extra: &str) -
     }
 }
 
+/// The base image, with the kernel `CAPVISOR_TEST_KERNEL` names
+/// (`debian-cloud`, the default, or `minimal`).
 fn base_image() -> capvisor_manifest::BuiltImage {
     let init = guest_init();
-    capvisor_vmm::image::ensure_base(&cache_dir(), &init, &mut |l| eprintln!("image: {l}")).unwrap()
+    let source = match std::env::var("CAPVISOR_TEST_KERNEL") {
+        Ok(s) if !s.is_empty() => s.parse().expect("CAPVISOR_TEST_KERNEL"),
+        _ => capvisor_vmm::image::KernelSource::DebianCloud,
+    };
+    capvisor_vmm::image::ensure_image(&cache_dir(), source, &init, &mut |l| eprintln!("image: {l}")).unwrap()
 }
 
 /// One boot: returns the time from vmm spawn to `hello` answered.

@@ -10,14 +10,21 @@
 //!   `/lib/modules/capvisor/order`), and a minimal `/etc`;
 //! - `release`: the kernel release (`uname -r` in the guest).
 //!
+//! [`ensure_image`] does the same with another [`KernelSource`]: with
+//! [`KernelSource::Minimal`] the kernel is capvisor's own build
+//! ([`kernel::ensure_minimal`], everything built in) and the initramfs
+//! carries no modules (an empty `order`).
+//!
 //! Images are cached under `cache_dir/images/base-<key>/`, where the key is
-//! a SHA-256 over the two `.deb`s' SHA-256s, guest-init's SHA-256 and
+//! a SHA-256 over the kernel (the kernel `.deb`'s SHA-256, or the minimal
+//! kernel's build id), busybox's `.deb` SHA-256, guest-init's SHA-256 and
 //! [`BUILDER_VERSION`]. A hit runs no external command and takes
 //! milliseconds.
 
 pub mod apt;
 pub mod cpio;
 pub mod elf;
+pub mod kernel;
 pub mod vmlinux;
 
 use anyhow::{bail, ensure, Context};
@@ -26,6 +33,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+pub use kernel::KernelSource;
 
 /// Bumped whenever the image layout changes, so old cache entries are not reused.
 pub const BUILDER_VERSION: &str = "capvisor-base-image-v2";
@@ -57,20 +66,39 @@ pub const MODULE_DIR: &str = "lib/modules/capvisor";
 /// fails, the kernel payload is not LZ4, a module is missing, guest-init
 /// cannot be read, or any I/O error — each with context.
 pub fn ensure_base(cache_dir: &Path, guest_init: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<BuiltImage> {
+    ensure_image(cache_dir, KernelSource::DebianCloud, guest_init, progress)
+}
+
+/// [`ensure_base`] with the kernel from `kernel_source`:
+/// - [`KernelSource::DebianCloud`]: exactly [`ensure_base`];
+/// - [`KernelSource::Minimal`]: the kernel comes from
+///   [`kernel::ensure_minimal`] (the first call builds it from
+///   `linux-source-6.1`, which takes minutes; its progress lines go to
+///   `progress`) and the initramfs holds no modules (an empty `order`).
+///
+/// Errors: those of [`ensure_base`], and for `Minimal` those of [`kernel::ensure_minimal`].
+pub fn ensure_image(
+    cache_dir: &Path,
+    kernel_source: KernelSource,
+    guest_init: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<BuiltImage> {
     let t0 = Instant::now();
     std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
     let res = apt::resolve(cache_dir, KERNEL_METAPACKAGE, BUSYBOX_PACKAGE)?;
     let debs = cache_dir.join("debs");
-    let kernel_deb = apt::fetch(&res.kernel, &debs, progress)?;
+    let kernel = match kernel_source {
+        KernelSource::DebianCloud => KernelInput::Deb(apt::fetch(&res.kernel, &debs, progress)?),
+        KernelSource::Minimal => KernelInput::Minimal(kernel::ensure_minimal(cache_dir, progress)?),
+    };
     let busybox_deb = apt::fetch(&res.busybox, &debs, progress)?;
     let init_hash = file_sha256_memo(cache_dir, guest_init)?;
 
-    let mut h = Sha256::new();
-    for part in [BUILDER_VERSION, &res.kernel.sha256, &res.busybox.sha256, &init_hash] {
-        h.update(part.as_bytes());
-        h.update(b"\n");
-    }
-    let key = hex::encode(h.finalize());
+    let kernel_id = match &kernel {
+        KernelInput::Deb(_) => res.kernel.sha256.clone(),
+        KernelInput::Minimal(k) => k.id(),
+    };
+    let key = image_key(kernel_source, &kernel_id, &res.busybox.sha256, &init_hash);
     let images = cache_dir.join("images");
     let dir = images.join(format!("base-{}", &key[..16]));
     if let Some(img) = complete(&dir) {
@@ -80,7 +108,7 @@ pub fn ensure_base(cache_dir: &Path, guest_init: &Path, progress: &mut dyn FnMut
 
     std::fs::create_dir_all(&images)?;
     let tmp = tempfile::Builder::new().prefix(".build-base-").tempdir_in(&images)?;
-    build(tmp.path(), &kernel_deb, &busybox_deb, guest_init, progress)?;
+    build(tmp.path(), &kernel, &busybox_deb, guest_init, progress)?;
     match std::fs::rename(tmp.path(), &dir) {
         Ok(()) => {
             // The directory moved; nothing is left for TempDir to delete.
@@ -96,8 +124,37 @@ pub fn ensure_base(cache_dir: &Path, guest_init: &Path, progress: &mut dyn FnMut
     let img = complete(&dir).with_context(|| format!("image {} is incomplete after building", dir.display()))?;
     touch(&dir);
     prune(&images, &dir);
-    progress(&format!("image base ready: {} (took {:.1} s)", dir.display(), t0.elapsed().as_secs_f64()));
+    progress(&format!("image base ({kernel_source} kernel) ready: {} (took {:.1} s)", dir.display(), t0.elapsed().as_secs_f64()));
     Ok(img)
+}
+
+/// Where an image's kernel comes from, once fetched / built.
+enum KernelInput {
+    /// The kernel `.deb` (vmlinuz + modules).
+    Deb(PathBuf),
+    /// capvisor's minimal kernel (no modules).
+    Minimal(kernel::MinimalKernel),
+}
+
+/// The image cache key (hex SHA-256) of a kernel (`kernel_id`: the
+/// `.deb`'s SHA-256, or the minimal kernel's [`kernel::MinimalKernel::id`]),
+/// busybox's `.deb` SHA-256 and guest-init's SHA-256. Debian-cloud images
+/// keep the key they had before kernel sources existed.
+fn image_key(source: KernelSource, kernel_id: &str, busybox_sha: &str, init_sha: &str) -> String {
+    let mut h = Sha256::new();
+    let tagged;
+    let kernel_part = match source {
+        KernelSource::DebianCloud => kernel_id,
+        _ => {
+            tagged = format!("{source}:{kernel_id}");
+            &tagged
+        }
+    };
+    for part in [BUILDER_VERSION, kernel_part, busybox_sha, init_sha] {
+        h.update(part.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
 }
 
 /// How many base images [`prune`] keeps (the most recently used ones).
@@ -153,21 +210,29 @@ fn complete(dir: &Path) -> Option<BuiltImage> {
 }
 
 /// Builds the image files into `out`.
-fn build(out: &Path, kernel_deb: &Path, busybox_deb: &Path, guest_init: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+fn build(out: &Path, kernel: &KernelInput, busybox_deb: &Path, guest_init: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix(".unpack-").tempdir_in(out.parent().unwrap_or(out))?;
     let kdir = work.path().join("kernel");
     let bdir = work.path().join("busybox");
-    progress(&format!("unpacking {} ...", file_name(kernel_deb)));
-    apt::unpack(kernel_deb, &kdir)?;
     apt::unpack(busybox_deb, &bdir)?;
 
     // The kernel.
-    let (vmlinuz, release) = find_vmlinuz(&kdir.join("boot"))?;
-    progress("extracting vmlinux (LZ4) ...");
-    let bz = std::fs::read(&vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
-    let elf = vmlinux::extract(&bz).with_context(|| format!("extracting vmlinux from {}", vmlinuz.display()))?;
-    std::fs::write(out.join("vmlinux"), &elf)?;
-    drop((bz, elf));
+    let release = match kernel {
+        KernelInput::Deb(kernel_deb) => {
+            progress(&format!("unpacking {} ...", file_name(kernel_deb)));
+            apt::unpack(kernel_deb, &kdir)?;
+            let (vmlinuz, release) = find_vmlinuz(&kdir.join("boot"))?;
+            progress("extracting vmlinux (LZ4) ...");
+            let bz = std::fs::read(&vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+            let elf = vmlinux::extract(&bz).with_context(|| format!("extracting vmlinux from {}", vmlinuz.display()))?;
+            std::fs::write(out.join("vmlinux"), &elf)?;
+            release
+        }
+        KernelInput::Minimal(k) => {
+            std::fs::copy(&k.vmlinux, out.join("vmlinux")).with_context(|| format!("copying {}", k.vmlinux.display()))?;
+            k.release.clone()
+        }
+    };
 
     // The initramfs.
     let cpio_path = out.join("initramfs.cpio");
@@ -229,10 +294,11 @@ fn build(out: &Path, kernel_deb: &Path, busybox_deb: &Path, guest_init: &Path, p
     w.file("etc/group", 0o644, b"root:x:0:\n")?;
     w.file("etc/hostname", 0o644, b"capvisor\n")?;
 
+    // The minimal kernel has everything built in: an empty `order`.
     let mod_root = kdir.join("lib/modules").join(&release);
     let builtin = std::fs::read_to_string(mod_root.join("modules.builtin")).unwrap_or_default();
     let mut order = String::new();
-    for m in MODULES {
+    for m in MODULES.into_iter().filter(|_| matches!(kernel, KernelInput::Deb(_))) {
         if builtin.lines().any(|l| l.rsplit('/').next() == Some(&format!("{m}.ko"))) {
             continue;
         }
@@ -383,6 +449,23 @@ mod tests {
         // KEEP_IMAGES - 1 others survive: the fresh one and the newest stale ones.
         let left = stale.iter().filter(|p| p.exists()).count();
         assert_eq!(left, KEEP_IMAGES - 2);
+    }
+
+    #[test]
+    fn image_key_depends_on_the_kernel() {
+        let (bb, init) = ("b".repeat(64), "i".repeat(64));
+        let deb = image_key(KernelSource::DebianCloud, "abc", &bb, &init);
+        // Debian-cloud keys are what they were before kernel sources existed.
+        let mut h = Sha256::new();
+        for part in [BUILDER_VERSION, "abc", &bb, &init] {
+            h.update(part.as_bytes());
+            h.update(b"\n");
+        }
+        assert_eq!(deb, hex::encode(h.finalize()));
+        let min = image_key(KernelSource::Minimal, "abc", &bb, &init);
+        assert_ne!(deb, min, "the kernel source is part of the key");
+        assert_ne!(min, image_key(KernelSource::Minimal, "minimal-0123", &bb, &init), "so is the kernel build");
+        assert_ne!(min, image_key(KernelSource::Minimal, "abc", &bb, &"j".repeat(64)), "and guest-init");
     }
 
     #[test]
