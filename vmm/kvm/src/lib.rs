@@ -15,6 +15,7 @@
 //! | [`boot`] | x86_64 boot: GDT, identity page tables, 64-bit register state, zero page, kernel + initramfs loading |
 //! | [`bus`] | PIO and MMIO address buses with range registration and overlap rejection |
 //! | [`vcpu`] | one thread per vCPU, exit dispatch to the buses, typed stop reasons |
+//! | [`vm`] | the assembled machine: [`vm::VmBuilder`] -> [`vm::Vm`] (run / wait / pause / resume / stop -> [`vm::VmExit`]), irqfd + ioeventfd wiring, boot timer figures |
 //! | [`devices`] | the [`devices::Device`] trait and one folder per device: `serial`, `i8042`, `virtio` (mmio transport + split virtqueue) |
 //!
 //! Everything a guest can write (port/MMIO accesses, virtqueue contents) is
@@ -33,6 +34,7 @@ pub mod fuzz_harness;
 pub mod hypervisor;
 pub mod memory;
 pub mod vcpu;
+pub mod vm;
 
 #[cfg(test)]
 pub(crate) mod testutil;

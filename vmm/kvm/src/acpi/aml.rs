@@ -87,7 +87,7 @@ pub fn com1_aml() -> Vec<u8> {
 
 /// AML of `Name (_S5_, Package () { 5, 0, 0, 0 })`.
 pub fn s5_aml() -> Vec<u8> {
-    let typ = u8::from(super::power::S5_SLP_TYP);
+    let typ = super::power::S5_SLP_TYP;
     let zero = 0u8;
     super::to_bytes(&Name::new("_S5_".into(), &Package::new(vec![&typ, &zero, &zero, &zero])))
 }

@@ -7,11 +7,16 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_fpu, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId,
+    Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{Hypervisor, HypervisorError, Result, Vcpu, VcpuExit, Vm, VmConfig};
+use super::{CpuSetup, Hypervisor, HypervisorError, Result, Vcpu, VcpuExit, Vm, VmConfig};
+use crate::boot::x86_64::cpu::{boot_msrs, filter_cpuid, set_lapic_lints, CpuidEntry, CpuidParams};
 use crate::boot::x86_64::regs::{X86BootState, X86Segment};
 
 /// Path of the KVM device.
@@ -76,6 +81,8 @@ impl Hypervisor for KvmHypervisor {
             fd.create_pit2(pit).map_err(call_err("KVM_CREATE_PIT2"))?;
         }
         Ok(KvmVm {
+            tsc_deadline: config.irqchip && self.kvm.check_extension(Cap::TscDeadlineTimer),
+            irqchip: config.irqchip,
             fd,
             cpuid: self.supported_cpuid.clone(),
             memory: Mutex::new(Vec::new()),
@@ -87,6 +94,8 @@ impl Hypervisor for KvmHypervisor {
 pub struct KvmVm {
     fd: VmFd,
     cpuid: CpuId,
+    irqchip: bool,
+    tsc_deadline: bool,
     /// Mappings handed to KVM, kept alive as long as the VM; index = slot.
     memory: Mutex<Vec<Arc<MmapRegion>>>,
 }
@@ -127,7 +136,31 @@ impl Vm for KvmVm {
 
     fn create_vcpu(&self, id: u8) -> Result<KvmVcpu> {
         let fd = self.fd.create_vcpu(u64::from(id)).map_err(call_err("KVM_CREATE_VCPU"))?;
-        Ok(KvmVcpu { fd, id, cpuid: self.cpuid.clone() })
+        Ok(KvmVcpu {
+            fd,
+            id,
+            cpuid: self.cpuid.clone(),
+            irqchip: self.irqchip,
+            tsc_deadline: self.tsc_deadline,
+            cpu_configured: false,
+        })
+    }
+
+    fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::Invalid("irqfd needs the in-kernel irqchip".into()));
+        }
+        self.fd.register_irqfd(evt, gsi).map_err(call_err("KVM_IRQFD"))
+    }
+
+    fn register_ioeventfd(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(call_err("KVM_IOEVENTFD"))
     }
 }
 
@@ -136,6 +169,9 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     id: u8,
     cpuid: CpuId,
+    irqchip: bool,
+    tsc_deadline: bool,
+    cpu_configured: bool,
 }
 
 impl std::fmt::Debug for KvmVcpu {
@@ -168,25 +204,76 @@ impl KvmVcpu {
         &self.fd
     }
 
-    fn set_cpuid(&mut self) -> Result<()> {
-        let mut cpuid = self.cpuid.clone();
-        let id = u32::from(self.id);
-        for e in cpuid.as_mut_slice() {
-            match e.function {
-                // EBX[31:24]: initial APIC id.
-                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
-                // x2APIC id of this logical processor.
-                0xb | 0x1f => e.edx = id,
-                _ => {}
-            }
-        }
+    fn set_cpuid(&mut self, vcpus: u8) -> Result<()> {
+        let mut entries: Vec<CpuidEntry> = self
+            .cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect();
+        filter_cpuid(&mut entries, &CpuidParams { vcpu_id: self.id, vcpus, tsc_deadline: self.tsc_deadline });
+        let raw: Vec<kvm_cpuid_entry2> = entries
+            .iter()
+            .map(|e| kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let cpuid = CpuId::from_entries(&raw).map_err(|_| HypervisorError::Invalid("too many CPUID entries".into()))?;
         self.fd.set_cpuid2(&cpuid).map_err(call_err("KVM_SET_CPUID2"))
+    }
+
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<kvm_msr_entry> =
+            msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let list = Msrs::from_entries(&entries).map_err(|_| HypervisorError::Invalid("too many MSRs".into()))?;
+        let n = self.fd.set_msrs(&list).map_err(call_err("KVM_SET_MSRS"))?;
+        if n != entries.len() {
+            let failed = entries.get(n).map_or(0, |e| e.index);
+            return Err(HypervisorError::Invalid(format!("KVM_SET_MSRS set {n} of {}; MSR {failed:#x} refused", entries.len())));
+        }
+        Ok(())
+    }
+
+    fn setup_lapic(&mut self) -> Result<()> {
+        let mut lapic = self.fd.get_lapic().map_err(call_err("KVM_GET_LAPIC"))?;
+        // SAFETY: `regs` is a plain [c_char; 1024]; viewing it as bytes of the
+        // same length is sound (same size, alignment 1, no invalid values).
+        let bytes = unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast::<u8>(), lapic.regs.len()) };
+        set_lapic_lints(bytes);
+        self.fd.set_lapic(&lapic).map_err(call_err("KVM_SET_LAPIC"))
     }
 }
 
 impl Vcpu for KvmVcpu {
+    fn configure_cpu(&mut self, setup: &CpuSetup) -> Result<()> {
+        self.set_cpuid(setup.vcpus.max(1))?;
+        self.set_msrs(&boot_msrs())?;
+        if self.irqchip {
+            self.setup_lapic()?;
+        }
+        self.cpu_configured = true;
+        Ok(())
+    }
+
     fn set_boot_state(&mut self, st: &X86BootState) -> Result<()> {
-        self.set_cpuid()?;
+        if !self.cpu_configured {
+            self.set_cpuid(1)?;
+        }
         let mut sregs = self.fd.get_sregs().map_err(call_err("KVM_GET_SREGS"))?;
         sregs.cs = to_kvm_segment(&st.cs);
         let ds = to_kvm_segment(&st.ds);
@@ -220,6 +307,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn run(&mut self) -> Result<VcpuExit<'_>> {
+        let run_ptr: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
         match self.fd.run() {
             Ok(exit) => Ok(match exit {
                 KvmExit::IoIn(port, data) => VcpuExit::IoIn { port, data },
@@ -231,7 +319,16 @@ impl Vcpu for KvmVcpu {
                 KvmExit::SystemEvent(kind, _) => VcpuExit::SystemEvent(kind),
                 KvmExit::Intr => VcpuExit::Interrupted,
                 KvmExit::FailEntry(reason, _) => VcpuExit::FailEntry { reason },
-                KvmExit::InternalError => VcpuExit::InternalError,
+                KvmExit::InternalError => {
+                    // SAFETY: `run_ptr` points into the vCPU's kvm_run mapping,
+                    // which lives as long as `self.fd`; this exit variant holds
+                    // no reference into it, and with exit reason
+                    // KVM_EXIT_INTERNAL_ERROR `internal` is the union member
+                    // the kernel filled. Plain-old-data copy.
+                    let internal = unsafe { (*run_ptr).__bindgen_anon_1.internal };
+                    let n = (internal.ndata as usize).min(internal.data.len());
+                    VcpuExit::InternalError { suberror: internal.suberror, data: internal.data[..n].to_vec() }
+                }
                 KvmExit::Unsupported(n) => VcpuExit::Other(n),
                 _ => VcpuExit::Other(u32::MAX),
             }),
@@ -246,5 +343,31 @@ impl Vcpu for KvmVcpu {
 
     fn instruction_pointer(&self) -> Result<u64> {
         self.fd.get_regs().map(|r| r.rip).map_err(call_err("KVM_GET_REGS"))
+    }
+
+    fn debug_state(&self) -> String {
+        let mut out = String::new();
+        match self.fd.get_regs() {
+            Ok(r) => out.push_str(&format!(
+                "rip={:#x} rsp={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rflags={:#x}",
+                r.rip, r.rsp, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rflags
+            )),
+            Err(e) => out.push_str(&format!("KVM_GET_REGS errno {}", e.errno())),
+        }
+        if let Ok(s) = self.fd.get_sregs() {
+            out.push_str(&format!(
+                " cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+            ));
+        }
+        if let Some(p) = self.instruction_pointer().ok().and_then(|rip| self.translate(rip)) {
+            out.push_str(&format!(" rip_phys={p:#x}"));
+        }
+        out
+    }
+
+    fn translate(&self, gva: u64) -> Option<u64> {
+        let t = self.fd.translate_gva(gva).ok()?;
+        (t.valid != 0).then_some(t.physical_address)
     }
 }

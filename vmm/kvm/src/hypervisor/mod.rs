@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::x86_64::regs::X86BootState;
 
@@ -102,8 +103,15 @@ pub enum VcpuExit<'a> {
         reason: u64,
     },
     /// The accelerator could not emulate an instruction or hit another
-    /// internal error (KVM_EXIT_INTERNAL_ERROR).
-    InternalError,
+    /// internal error (KVM_EXIT_INTERNAL_ERROR; `suberror` 1 = emulation
+    /// failure, 2 = simultaneous exceptions, 3 = event delivery failure,
+    /// 4 = unexpected exit reason; `data` = the `internal.data` words).
+    InternalError {
+        /// KVM_INTERNAL_ERROR_* code.
+        suberror: u32,
+        /// Extra words the kernel supplied (at most 16).
+        data: Vec<u64>,
+    },
     /// Any other exit; the number is the backend's raw exit reason.
     Other(u32),
 }
@@ -140,12 +148,45 @@ pub trait Vm: Send + Sync {
 
     /// Create vCPU number `id` (0-based; also its APIC id on x86).
     fn create_vcpu(&self, id: u8) -> Result<Self::Vcpu>;
+
+    /// True when the VM has in-kernel interrupt controllers
+    /// ([`VmConfig::irqchip`]).
+    fn has_irqchip(&self) -> bool;
+
+    /// Route `evt` to interrupt `gsi`: each write to the eventfd asserts
+    /// the GSI (edge) in the in-kernel IOAPIC/PIC (KVM_IRQFD).
+    ///
+    /// Errors: [`HypervisorError::Invalid`] without an irqchip;
+    /// [`HypervisorError::Call`].
+    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()>;
+
+    /// Signal `evt` instead of exiting when the guest writes the 32-bit
+    /// value `datamatch` to guest physical `addr` (KVM_IOEVENTFD, MMIO).
+    ///
+    /// Errors: [`HypervisorError::Call`].
+    fn register_ioeventfd(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()>;
+}
+
+/// What a vCPU's CPU set-up depends on beyond its id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuSetup {
+    /// Number of vCPUs in the VM (CPUID topology, leaf 1 counts).
+    pub vcpus: u8,
 }
 
 /// One virtual CPU. `run` must be called from the thread that owns it.
 pub trait Vcpu: Send {
+    /// Program the CPU model: CPUID filtered by
+    /// [`crate::boot::x86_64::cpu::filter_cpuid`], the boot MSRs
+    /// ([`crate::boot::x86_64::cpu::boot_msrs`]) and, with an irqchip, the
+    /// local APIC's LINT0 = ExtINT / LINT1 = NMI.
+    ///
+    /// Errors: [`HypervisorError::Call`].
+    fn configure_cpu(&mut self, setup: &CpuSetup) -> Result<()>;
+
     /// Load the x86_64 entry state (registers, segments, control registers,
-    /// EFER, CPUID) built by [`crate::boot::x86_64`].
+    /// EFER) built by [`crate::boot::x86_64`]. Sets a one-vCPU CPUID first
+    /// when [`Vcpu::configure_cpu`] has not run (long mode needs CPUID.LM).
     fn set_boot_state(&mut self, state: &X86BootState) -> Result<()>;
 
     /// Enter the guest until the next exit.
@@ -160,4 +201,12 @@ pub trait Vcpu: Send {
 
     /// Read the instruction pointer (for diagnostics and tests).
     fn instruction_pointer(&self) -> Result<u64>;
+
+    /// A one-line register dump for diagnostics (RIP, RSP, CR0/3/4, EFER,
+    /// CS, and RIP's guest physical address when it translates).
+    fn debug_state(&self) -> String;
+
+    /// Translate guest virtual `gva` through the vCPU's current paging
+    /// (diagnostics); `None` when unmapped or on error.
+    fn translate(&self, gva: u64) -> Option<u64>;
 }
