@@ -166,3 +166,6 @@ pub trait VirtioDevice: Send {
     /// current ring positions (empty before activation); used for snapshots.
     fn active_queues(&self) -> &[Queue];
 }
+
+pub mod block;
+pub mod console;

@@ -11,6 +11,10 @@ use super::queue::Queue;
 pub enum VirtioDeviceState {
     /// The device keeps nothing beyond its queues.
     Stateless,
+    /// virtio-console (5.3).
+    Console(super::console::snapshot::ConsoleSnapshot),
+    /// virtio-blk (5.2).
+    Block(super::block::snapshot::BlockSnapshot),
 }
 
 /// Saved queue: driver configuration plus ring positions.

@@ -1,0 +1,799 @@
+//! virtio-console with VIRTIO_CONSOLE_F_MULTIPORT (VIRTIO 1.2 section 5.3):
+//! the port / control-queue state machine, free of host file descriptors.
+//!
+//! Queues (5.3.2), for `N` ports:
+//!
+//! | index | queue |
+//! |---|---|
+//! | 0 / 1 | port 0 receiveq / transmitq |
+//! | 2 / 3 | control receiveq / control transmitq (MULTIPORT only) |
+//! | 2 + 2p / 3 + 2p | port `p >= 1` receiveq / transmitq |
+//!
+//! Control messages (5.3.6.2) are `struct virtio_console_control { le32
+//! id; le16 event; le16 value; }`, followed by the name for PORT_NAME. The
+//! bring-up sequence Linux's `virtio_console` runs against us:
+//!
+//! 1. driver -> DEVICE_READY(1) on the control transmitq;
+//! 2. device -> DEVICE_ADD(id, 1) (a.k.a. PORT_ADD) for every port;
+//! 3. driver fills the port's receiveq, -> PORT_READY(id, 1);
+//! 4. device -> CONSOLE_PORT(id, 1) for a console port, PORT_NAME(id, 1) +
+//!    name + NUL for a named port (the guest shows it in
+//!    `/sys/class/virtio-ports/vportNpM/name`), PORT_OPEN(id, 1) when the
+//!    host side is connected;
+//! 5. a guest process opens `/dev/vportNpM` -> PORT_OPEN(id, 1); closes it
+//!    -> PORT_OPEN(id, 0).
+//!
+//! Data: guest -> host bytes from a port's transmitq go to a bounded
+//! per-port output buffer ([`TX_BUFFER_LIMIT`]) that the host side drains
+//! ([`ConsoleCore::pending_output`] / [`ConsoleCore::consume_output`]);
+//! when it is full, chains stay in the ring (the guest sees a full queue)
+//! until the host drained it. Host -> guest bytes are accepted only while
+//! [`ConsoleCore::wants_input`] (the guest opened the port, posted receive
+//! buffers, and nothing is staged), so a host that follows it never reads
+//! its backend while the guest cannot take the data: the backend's kernel
+//! buffer fills and its writer is pushed back. Host EOF is reported to the
+//! guest as PORT_OPEN(id, 0) once staged data has been delivered.
+//!
+//! The host side (file descriptors, poll loop) is in [`io`].
+
+pub mod io;
+pub mod snapshot;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+
+use self::snapshot::{ConsoleSnapshot, PortSnapshot};
+use super::block::read_stream;
+use super::queue::{parse_chain, DescriptorChain, Queue, QueueError};
+use super::{ActivateContext, ActivateError, VirtioInterrupt};
+
+/// Console size in `cols`/`rows` (5.3.3; not offered).
+pub const VIRTIO_CONSOLE_F_SIZE: u64 = 1 << 0;
+/// Multiple ports and control virtqueues (5.3.3).
+pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
+/// Emergency write through `emerg_wr` (5.3.3; not offered).
+pub const VIRTIO_CONSOLE_F_EMERG_WRITE: u64 = 1 << 2;
+
+/// Control message events (VIRTIO 1.2 section 5.3.6.2).
+pub mod event {
+    /// Driver: device initialised (value 1) or failed (0).
+    pub const VIRTIO_CONSOLE_DEVICE_READY: u16 = 0;
+    /// Device: port `id` added (the spec's name; Linux calls it PORT_ADD).
+    pub const VIRTIO_CONSOLE_DEVICE_ADD: u16 = 1;
+    /// Device: port `id` removed.
+    pub const VIRTIO_CONSOLE_DEVICE_REMOVE: u16 = 2;
+    /// Driver: port `id` ready (value 1) or failed (0).
+    pub const VIRTIO_CONSOLE_PORT_READY: u16 = 3;
+    /// Device: port `id` is a console port.
+    pub const VIRTIO_CONSOLE_CONSOLE_PORT: u16 = 4;
+    /// Device: console size changed.
+    pub const VIRTIO_CONSOLE_RESIZE: u16 = 5;
+    /// Both: port `id` opened (1) / closed (0) on the sender's side.
+    pub const VIRTIO_CONSOLE_PORT_OPEN: u16 = 6;
+    /// Device: the name of port `id` follows the header.
+    pub const VIRTIO_CONSOLE_PORT_NAME: u16 = 7;
+}
+use event::*;
+
+/// Length of `struct virtio_console_control` (5.3.6.2).
+pub const CONTROL_HEADER_LEN: usize = 8;
+/// `id` of messages about the device rather than a port (Linux's
+/// `VIRTIO_CONSOLE_BAD_ID`).
+pub const BAD_ID: u32 = u32::MAX;
+/// QueueNumMax of every queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most ports a device may have.
+pub const MAX_PORTS: usize = 16;
+/// Longest port name in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+/// Guest -> host bytes buffered per port before the transmitq stalls.
+pub const TX_BUFFER_LIMIT: usize = 64 << 10;
+/// Device -> driver control messages kept while the driver has posted no
+/// control buffers; more are dropped (only a misbehaving driver, e.g. one
+/// repeating DEVICE_READY without draining, gets there).
+pub const MAX_PENDING_CONTROL: usize = 256;
+/// Index of the control receiveq.
+pub const CONTROL_RX_QUEUE: usize = 2;
+/// Index of the control transmitq.
+pub const CONTROL_TX_QUEUE: usize = 3;
+
+/// Receiveq index of port `port` (5.3.2).
+pub fn rx_queue(port: usize) -> usize {
+    if port == 0 {
+        0
+    } else {
+        2 + 2 * port
+    }
+}
+
+/// Transmitq index of port `port` (5.3.2).
+pub fn tx_queue(port: usize) -> usize {
+    rx_queue(port) + 1
+}
+
+/// Number of queues of a device with `ports` ports (5.3.2).
+pub fn queue_count(ports: usize) -> usize {
+    2 + 2 * ports.max(1)
+}
+
+/// What a queue index is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueRole {
+    /// Receiveq of a port (device -> driver data).
+    PortRx(usize),
+    /// Transmitq of a port (driver -> device data).
+    PortTx(usize),
+    /// Control receiveq.
+    ControlRx,
+    /// Control transmitq.
+    ControlTx,
+}
+
+/// Role of queue `index` (5.3.2).
+pub fn queue_role(index: usize) -> QueueRole {
+    match index {
+        0 => QueueRole::PortRx(0),
+        1 => QueueRole::PortTx(0),
+        CONTROL_RX_QUEUE => QueueRole::ControlRx,
+        CONTROL_TX_QUEUE => QueueRole::ControlTx,
+        i if i % 2 == 0 => QueueRole::PortRx(i / 2 - 1),
+        i => QueueRole::PortTx(i / 2 - 1),
+    }
+}
+
+/// A parsed `struct virtio_console_control` (5.3.6.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlMessage {
+    /// Port number ([`BAD_ID`] for device-wide messages).
+    pub id: u32,
+    /// One of [`event`].
+    pub event: u16,
+    /// Event argument.
+    pub value: u16,
+}
+
+impl ControlMessage {
+    /// Parse the first 8 bytes of `bytes`; `None` when shorter.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let b = bytes.get(..CONTROL_HEADER_LEN)?;
+        Some(ControlMessage {
+            id: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            event: u16::from_le_bytes([b[4], b[5]]),
+            value: u16::from_le_bytes([b[6], b[7]]),
+        })
+    }
+    /// The 8-byte little-endian encoding followed by `payload`.
+    pub fn encode(&self, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(CONTROL_HEADER_LEN + payload.len());
+        v.extend_from_slice(&self.id.to_le_bytes());
+        v.extend_from_slice(&self.event.to_le_bytes());
+        v.extend_from_slice(&self.value.to_le_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+}
+
+/// Host-side description of one port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Name announced with PORT_NAME (e.g. `capvisor.agent`).
+    pub name: Option<String>,
+    /// Announced with CONSOLE_PORT (the guest hooks it to hvc).
+    pub console: bool,
+    /// A host backend is attached: the port starts host-connected and its
+    /// output is kept for the backend (without one, output is discarded).
+    pub has_backend: bool,
+}
+
+/// Errors building a console.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConsoleError {
+    /// No ports, or more than [`MAX_PORTS`].
+    #[error("{0} ports (1..={MAX_PORTS} supported)")]
+    PortCount(usize),
+    /// Empty, too long, or NUL-containing name.
+    #[error("invalid port name {0:?}")]
+    BadName(String),
+    /// Two ports with the same name.
+    #[error("duplicate port name {0:?}")]
+    DuplicateName(String),
+    /// The snapshot does not fit the ports.
+    #[error("snapshot has {snapshot} ports, device {device}")]
+    SnapshotMismatch {
+        /// Ports in the snapshot.
+        snapshot: usize,
+        /// Ports configured.
+        device: usize,
+    },
+}
+
+/// The driver-visible state of one port (diagnostics and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStatus {
+    /// PORT_READY(1) received.
+    pub guest_ready: bool,
+    /// The guest has the port open (PORT_OPEN(1) received; always true
+    /// without MULTIPORT).
+    pub guest_open: bool,
+    /// The host side is connected (what PORT_OPEN from us last said).
+    pub host_connected: bool,
+    /// Bytes waiting for the host backend.
+    pub output_len: usize,
+    /// Bytes from the host waiting for receive buffers.
+    pub staged_len: usize,
+}
+
+#[derive(Debug)]
+struct Port {
+    config: PortConfig,
+    guest_ready: bool,
+    guest_open: bool,
+    host_connected: bool,
+    /// Host EOF seen; PORT_OPEN(0) goes out once `staged` is delivered.
+    eof_pending: bool,
+    /// The backend cannot take output any more; transmitted data is dropped.
+    output_closed: bool,
+    outbound: VecDeque<u8>,
+    staged: VecDeque<u8>,
+    /// A transmit chain partially copied into `outbound`, with the offset
+    /// of the first byte not yet copied.
+    tx_partial: Option<(DescriptorChain, u64)>,
+}
+
+impl Port {
+    fn new(config: PortConfig) -> Self {
+        let host_connected = config.has_backend;
+        Port {
+            config,
+            guest_ready: false,
+            guest_open: false,
+            host_connected,
+            eof_pending: false,
+            output_closed: false,
+            outbound: VecDeque::new(),
+            staged: VecDeque::new(),
+            tx_partial: None,
+        }
+    }
+    fn discards_output(&self) -> bool {
+        !self.config.has_backend || self.output_closed
+    }
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<VirtioInterrupt>,
+    multiport: bool,
+}
+
+/// Counters for diagnostics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleStats {
+    /// Malformed chains returned with length 0.
+    pub bad_chains: u64,
+    /// Ring-level errors (avail index jumps, unreadable rings).
+    pub ring_errors: u64,
+    /// Control messages from the driver that were short, for unknown
+    /// ports, or of an event the device does not accept.
+    pub bad_control: u64,
+    /// Device -> driver control messages dropped ([`MAX_PENDING_CONTROL`]).
+    pub dropped_control: u64,
+    /// Guest -> host bytes discarded (no backend / backend closed).
+    pub discarded_output: u64,
+}
+
+/// The console device state machine: ports, control protocol, queues.
+/// Thread-agnostic; [`io::VirtioConsole`] shares it between the vCPU
+/// (queue notifications) and the host pump.
+pub struct ConsoleCore {
+    ports: Vec<Port>,
+    active: Option<Active>,
+    control_out: VecDeque<Vec<u8>>,
+    /// Ring positions and partial transmit heads from a snapshot, applied
+    /// at the next activation.
+    restore: Option<ConsoleSnapshot>,
+    /// Counters.
+    pub stats: ConsoleStats,
+}
+
+impl std::fmt::Debug for ConsoleCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleCore")
+            .field("ports", &self.ports)
+            .field("active", &self.active.is_some())
+            .field("control_out", &self.control_out.len())
+            .finish()
+    }
+}
+
+impl ConsoleCore {
+    /// A console with `ports` (port `i` gets id `i`).
+    ///
+    /// Errors: [`ConsoleError`] for a bad port list.
+    pub fn new(ports: Vec<PortConfig>) -> Result<Self, ConsoleError> {
+        if ports.is_empty() || ports.len() > MAX_PORTS {
+            return Err(ConsoleError::PortCount(ports.len()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for name in ports.iter().filter_map(|p| p.name.as_ref()) {
+            if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains('\0') {
+                return Err(ConsoleError::BadName(name.clone()));
+            }
+            if !names.insert(name) {
+                return Err(ConsoleError::DuplicateName(name.clone()));
+            }
+        }
+        Ok(ConsoleCore {
+            ports: ports.into_iter().map(Port::new).collect(),
+            active: None,
+            control_out: VecDeque::new(),
+            restore: None,
+            stats: ConsoleStats::default(),
+        })
+    }
+
+    /// Rebuild from `snap` (port flags, buffered bytes, pending control
+    /// messages); ring positions and partially transmitted chains are
+    /// applied when the transport re-activates the device.
+    ///
+    /// Errors: [`ConsoleError`], including a port count mismatch.
+    pub fn restore(ports: Vec<PortConfig>, snap: &ConsoleSnapshot) -> Result<Self, ConsoleError> {
+        let mut core = Self::new(ports)?;
+        if snap.ports.len() != core.ports.len() {
+            return Err(ConsoleError::SnapshotMismatch { snapshot: snap.ports.len(), device: core.ports.len() });
+        }
+        for (p, s) in core.ports.iter_mut().zip(&snap.ports) {
+            p.guest_ready = s.guest_ready;
+            p.guest_open = s.guest_open;
+            p.host_connected = s.host_connected && p.config.has_backend;
+            p.eof_pending = s.eof_pending && p.config.has_backend;
+            p.output_closed = s.output_closed;
+            p.outbound = s.outbound.iter().copied().collect();
+            p.staged = s.staged.iter().copied().collect();
+        }
+        core.control_out = snap.control_out.iter().take(MAX_PENDING_CONTROL).cloned().collect();
+        core.restore = Some(snap.clone());
+        Ok(core)
+    }
+
+    /// Number of ports (`max_nr_ports`, 5.3.4).
+    pub fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// QueueNumMax of each queue.
+    pub fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; queue_count(self.ports.len())]
+    }
+
+    /// The device configuration (5.3.4): `le16 cols, le16 rows, le32
+    /// max_nr_ports, le32 emerg_wr`.
+    pub fn config_space(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[4..8].copy_from_slice(&(self.ports.len() as u32).to_le_bytes());
+        c
+    }
+
+    /// Whether the device is activated.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// State of port `port`.
+    pub fn port_status(&self, port: usize) -> Option<PortStatus> {
+        self.ports.get(port).map(|p| PortStatus {
+            guest_ready: p.guest_ready,
+            guest_open: p.guest_open,
+            host_connected: p.host_connected,
+            output_len: p.outbound.len(),
+            staged_len: p.staged.len(),
+        })
+    }
+
+    /// Device -> driver control messages not yet delivered.
+    pub fn pending_control(&self) -> usize {
+        self.control_out.len()
+    }
+
+    /// DRIVER_OK: take the queues. Without MULTIPORT only port 0 exists
+    /// and it counts as open (5.3.5: there are no control queues).
+    ///
+    /// Errors: [`ActivateError::Device`] when a queue is missing.
+    pub fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let multiport = ctx.acked_features & VIRTIO_CONSOLE_F_MULTIPORT != 0;
+        if ctx.queues.len() != queue_count(self.ports.len()) {
+            return Err(ActivateError::Device(format!("{} queues, expected {}", ctx.queues.len(), queue_count(self.ports.len()))));
+        }
+        let mut active = Active { mem: ctx.mem, queues: ctx.queues, interrupt: ctx.interrupt, multiport };
+        if let Some(snap) = self.restore.take() {
+            for (q, &(next_avail, next_used)) in active.queues.iter_mut().zip(&snap.queue_positions) {
+                q.set_positions(next_avail, next_used);
+            }
+            for (i, (port, s)) in self.ports.iter_mut().zip(&snap.ports).enumerate() {
+                let Some((head, offset)) = s.tx_partial else { continue };
+                let Some(q) = active.queues.get_mut(tx_queue(i)).filter(|q| q.ready) else { continue };
+                match parse_chain(&active.mem, q.desc_table, u32::from(q.size), head, q.indirect) {
+                    Ok(chain) => port.tx_partial = Some((chain, offset)),
+                    Err(_) => {
+                        let _ = q.add_used(&active.mem, head, 0);
+                    }
+                }
+            }
+        }
+        if !multiport {
+            if let Some(p) = self.ports.first_mut() {
+                p.guest_open = true;
+                p.guest_ready = true;
+            }
+        }
+        self.active = Some(active);
+        // Data staged before a reset can go out as soon as buffers appear.
+        for p in 0..self.ports.len() {
+            self.process_tx(p);
+            self.deliver_rx(p);
+        }
+        self.deliver_control();
+        Ok(())
+    }
+
+    /// Device reset: drop the queues and the driver-side port state. Bytes
+    /// already taken from the guest stay queued for the backend; bytes
+    /// from the host stay staged for the next driver.
+    pub fn reset(&mut self) {
+        self.active = None;
+        self.control_out.clear();
+        self.restore = None;
+        for p in &mut self.ports {
+            p.guest_ready = false;
+            p.guest_open = false;
+            p.tx_partial = None;
+        }
+    }
+
+    /// QueueNotify for queue `index`.
+    pub fn queue_notify(&mut self, index: u16) {
+        let multiport = self.active.as_ref().is_some_and(|a| a.multiport);
+        match queue_role(usize::from(index)) {
+            QueueRole::ControlTx if multiport => self.process_control_tx(),
+            QueueRole::ControlRx if multiport => self.deliver_control(),
+            QueueRole::PortTx(p) if p < self.ports.len() && (multiport || p == 0) => self.process_tx(p),
+            QueueRole::PortRx(p) if p < self.ports.len() && (multiport || p == 0) => self.deliver_rx(p),
+            _ => {}
+        }
+    }
+
+    /// Return chains to a queue and raise the interrupt when the driver
+    /// wants one (2.7.7).
+    fn finish(active: &Active, qi: usize, used: bool) {
+        if used && active.queues.get(qi).is_some_and(|q| q.needs_notification(&active.mem)) {
+            active.interrupt.signal_used_queue();
+        }
+    }
+
+    /// Pop and parse the driver's control messages (5.3.6.2).
+    fn process_control_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else { return };
+        let Some(q) = active.queues.get_mut(CONTROL_TX_QUEUE).filter(|q| q.ready) else { return };
+        let mut messages = Vec::new();
+        let mut used = false;
+        for _ in 0..u32::from(q.size) * 2 {
+            match q.pop(&active.mem) {
+                Ok(Some(chain)) => {
+                    messages.push(read_stream(&active.mem, &chain, 0, CONTROL_HEADER_LEN).unwrap_or_default());
+                    used |= q.add_used(&active.mem, chain.head_index, 0).is_ok();
+                }
+                Ok(None) => break,
+                Err(QueueError::InvalidChain { head_index, .. }) => {
+                    self.stats.bad_chains += 1;
+                    used |= q.add_used(&active.mem, head_index, 0).is_ok();
+                }
+                Err(_) => {
+                    self.stats.ring_errors += 1;
+                    break;
+                }
+            }
+        }
+        Self::finish(active, CONTROL_TX_QUEUE, used);
+        for m in messages {
+            self.handle_control(&m);
+        }
+        self.deliver_control();
+    }
+
+    /// Act on one driver -> device control message (5.3.6.2).
+    pub fn handle_control(&mut self, bytes: &[u8]) {
+        let Some(msg) = ControlMessage::parse(bytes) else {
+            self.stats.bad_control += 1;
+            return;
+        };
+        if msg.event == VIRTIO_CONSOLE_DEVICE_READY {
+            if msg.value == 1 {
+                for id in 0..self.ports.len() as u32 {
+                    self.send_control(ControlMessage { id, event: VIRTIO_CONSOLE_DEVICE_ADD, value: 1 }, &[]);
+                }
+            }
+            return;
+        }
+        let id = msg.id;
+        let Some(port) = usize::try_from(id).ok().filter(|&p| p < self.ports.len()) else {
+            self.stats.bad_control += 1;
+            return;
+        };
+        match msg.event {
+            VIRTIO_CONSOLE_PORT_READY => {
+                let p = &mut self.ports[port];
+                p.guest_ready = msg.value == 1;
+                if !p.guest_ready {
+                    return;
+                }
+                let (console, name, host) = (p.config.console, p.config.name.clone(), p.host_connected);
+                if console {
+                    self.send_control(ControlMessage { id, event: VIRTIO_CONSOLE_CONSOLE_PORT, value: 1 }, &[]);
+                }
+                if let Some(name) = name {
+                    let mut payload = name.into_bytes();
+                    payload.push(0);
+                    self.send_control(ControlMessage { id, event: VIRTIO_CONSOLE_PORT_NAME, value: 1 }, &payload);
+                }
+                if host {
+                    self.send_control(ControlMessage { id, event: VIRTIO_CONSOLE_PORT_OPEN, value: 1 }, &[]);
+                }
+            }
+            VIRTIO_CONSOLE_PORT_OPEN => {
+                self.ports[port].guest_open = msg.value != 0;
+                if msg.value != 0 {
+                    self.deliver_rx(port);
+                }
+            }
+            _ => self.stats.bad_control += 1,
+        }
+    }
+
+    fn send_control(&mut self, msg: ControlMessage, payload: &[u8]) {
+        if self.control_out.len() >= MAX_PENDING_CONTROL {
+            self.stats.dropped_control += 1;
+            return;
+        }
+        self.control_out.push_back(msg.encode(payload));
+    }
+
+    /// Put pending control messages into posted control receive buffers,
+    /// one message per buffer (a buffer shorter than the message gets its
+    /// prefix).
+    fn deliver_control(&mut self) {
+        let Some(active) = self.active.as_mut().filter(|a| a.multiport) else { return };
+        let Some(q) = active.queues.get_mut(CONTROL_RX_QUEUE).filter(|q| q.ready) else { return };
+        let mut used = false;
+        for _ in 0..u32::from(q.size) * 2 {
+            let Some(msg) = self.control_out.front() else { break };
+            match q.pop(&active.mem) {
+                Ok(Some(chain)) => {
+                    let n = chain.write_all(&active.mem, msg).unwrap_or(0);
+                    used |= q.add_used(&active.mem, chain.head_index, n as u32).is_ok();
+                    self.control_out.pop_front();
+                }
+                Ok(None) => break,
+                Err(QueueError::InvalidChain { head_index, .. }) => {
+                    self.stats.bad_chains += 1;
+                    used |= q.add_used(&active.mem, head_index, 0).is_ok();
+                }
+                Err(_) => {
+                    self.stats.ring_errors += 1;
+                    break;
+                }
+            }
+        }
+        Self::finish(active, CONTROL_RX_QUEUE, used);
+    }
+
+    /// Move guest -> host bytes from port `port`'s transmitq into its
+    /// output buffer until the buffer is full or the ring empty.
+    fn process_tx(&mut self, port: usize) {
+        let Some(active) = self.active.as_mut() else { return };
+        let Some(p) = self.ports.get_mut(port) else { return };
+        let qi = tx_queue(port);
+        let Some(q) = active.queues.get_mut(qi).filter(|q| q.ready) else { return };
+        let mut used = false;
+        for _ in 0..u32::from(q.size) * 2 {
+            let discard = p.discards_output();
+            if !discard && p.outbound.len() >= TX_BUFFER_LIMIT {
+                break;
+            }
+            let (chain, offset) = match p.tx_partial.take() {
+                Some(partial) => partial,
+                None => match q.pop(&active.mem) {
+                    Ok(Some(chain)) => (chain, 0),
+                    Ok(None) => break,
+                    Err(QueueError::InvalidChain { head_index, .. }) => {
+                        self.stats.bad_chains += 1;
+                        used |= q.add_used(&active.mem, head_index, 0).is_ok();
+                        continue;
+                    }
+                    Err(_) => {
+                        self.stats.ring_errors += 1;
+                        break;
+                    }
+                },
+            };
+            let total = chain.readable_len();
+            let remaining = total.saturating_sub(offset);
+            if discard {
+                self.stats.discarded_output += remaining;
+                used |= q.add_used(&active.mem, chain.head_index, 0).is_ok();
+                continue;
+            }
+            let room = (TX_BUFFER_LIMIT - p.outbound.len()) as u64;
+            let n = remaining.min(room);
+            match read_stream(&active.mem, &chain, offset, n as usize) {
+                Some(bytes) => p.outbound.extend(bytes),
+                None => self.stats.bad_chains += 1,
+            }
+            if n < remaining {
+                p.tx_partial = Some((chain, offset + n));
+                break;
+            }
+            used |= q.add_used(&active.mem, chain.head_index, 0).is_ok();
+        }
+        Self::finish(active, qi, used);
+    }
+
+    /// Move staged host -> guest bytes into port `port`'s posted receive
+    /// buffers (only while the guest has the port open: Linux discards
+    /// data for closed ports). Sends the deferred PORT_OPEN(0) after host
+    /// EOF once everything is delivered.
+    fn deliver_rx(&mut self, port: usize) {
+        let Some(active) = self.active.as_mut() else { return };
+        let Some(p) = self.ports.get_mut(port) else { return };
+        let qi = rx_queue(port);
+        if p.guest_open {
+            if let Some(q) = active.queues.get_mut(qi).filter(|q| q.ready) {
+                let mut used = false;
+                for _ in 0..u32::from(q.size) * 2 {
+                    if p.staged.is_empty() {
+                        break;
+                    }
+                    match q.pop(&active.mem) {
+                        Ok(Some(chain)) => {
+                            let n = chain.write_all(&active.mem, p.staged.make_contiguous()).unwrap_or(0);
+                            p.staged.drain(..n);
+                            used |= q.add_used(&active.mem, chain.head_index, n as u32).is_ok();
+                        }
+                        Ok(None) => break,
+                        Err(QueueError::InvalidChain { head_index, .. }) => {
+                            self.stats.bad_chains += 1;
+                            used |= q.add_used(&active.mem, head_index, 0).is_ok();
+                        }
+                        Err(_) => {
+                            self.stats.ring_errors += 1;
+                            break;
+                        }
+                    }
+                }
+                Self::finish(active, qi, used);
+            }
+        }
+        let p = &mut self.ports[port];
+        if p.eof_pending && p.staged.is_empty() {
+            p.eof_pending = false;
+            p.host_connected = false;
+            if active.multiport && p.guest_ready {
+                self.send_control(
+                    ControlMessage { id: port as u32, event: VIRTIO_CONSOLE_PORT_OPEN, value: 0 },
+                    &[],
+                );
+                self.deliver_control();
+            }
+        }
+    }
+
+    /// Whether the host should read from port `port`'s backend now: the
+    /// device is active, the host side is connected, the guest has the
+    /// port open, nothing is staged, and the receiveq has buffers posted.
+    pub fn wants_input(&self, port: usize) -> bool {
+        let (Some(active), Some(p)) = (self.active.as_ref(), self.ports.get(port)) else { return false };
+        if !p.host_connected || p.eof_pending || !p.guest_open || !p.staged.is_empty() {
+            return false;
+        }
+        active
+            .queues
+            .get(rx_queue(port))
+            .filter(|q| q.ready)
+            .and_then(|q| q.avail_idx(&active.mem).ok().map(|idx| idx != q.next_avail()))
+            .unwrap_or(false)
+    }
+
+    /// Bytes from the host for port `port`: staged and delivered into
+    /// posted receive buffers as far as they go.
+    pub fn push_input(&mut self, port: usize, data: &[u8]) {
+        if let Some(p) = self.ports.get_mut(port) {
+            p.staged.extend(data);
+            self.deliver_rx(port);
+        }
+    }
+
+    /// The host backend of port `port` reached EOF (or failed): once the
+    /// staged bytes are delivered, the guest gets PORT_OPEN(id, 0) and its
+    /// reads return end-of-file.
+    pub fn host_disconnected(&mut self, port: usize) {
+        let Some(p) = self.ports.get_mut(port) else { return };
+        if p.host_connected {
+            p.eof_pending = true;
+            self.deliver_rx(port);
+        }
+    }
+
+    /// A (new) host backend is attached to port `port`: output flows
+    /// again and the guest gets PORT_OPEN(id, 1).
+    pub fn host_reconnected(&mut self, port: usize) {
+        let Some(p) = self.ports.get_mut(port) else { return };
+        p.config.has_backend = true;
+        p.output_closed = false;
+        p.eof_pending = false;
+        let was = std::mem::replace(&mut p.host_connected, true);
+        let notify = !was && p.guest_ready && self.active.as_ref().is_some_and(|a| a.multiport);
+        if notify {
+            self.send_control(ControlMessage { id: port as u32, event: VIRTIO_CONSOLE_PORT_OPEN, value: 1 }, &[]);
+            self.deliver_control();
+        }
+        self.deliver_rx(port);
+    }
+
+    /// The first contiguous run of guest -> host bytes waiting for port
+    /// `port`'s backend (empty when none).
+    pub fn pending_output(&self, port: usize) -> &[u8] {
+        self.ports.get(port).map_or(&[], |p| p.outbound.as_slices().0)
+    }
+
+    /// The backend took `n` bytes of [`ConsoleCore::pending_output`]; the
+    /// freed room is refilled from the transmitq (releasing backpressure).
+    pub fn consume_output(&mut self, port: usize, n: usize) {
+        let Some(p) = self.ports.get_mut(port) else { return };
+        let n = n.min(p.outbound.len());
+        p.outbound.drain(..n);
+        self.process_tx(port);
+    }
+
+    /// The backend of port `port` cannot take output any more (EPIPE):
+    /// buffered and future guest -> host bytes are discarded so the guest
+    /// never stalls on a full transmitq.
+    pub fn close_output(&mut self, port: usize) {
+        let Some(p) = self.ports.get_mut(port) else { return };
+        p.output_closed = true;
+        self.stats.discarded_output += p.outbound.len() as u64;
+        p.outbound.clear();
+        self.process_tx(port);
+    }
+
+    /// Capture the state (ring positions included: the live queues are
+    /// behind a lock, so [`super::VirtioDevice::active_queues`] cannot
+    /// lend them to the transport).
+    pub fn save(&self) -> ConsoleSnapshot {
+        ConsoleSnapshot {
+            ports: self
+                .ports
+                .iter()
+                .map(|p| PortSnapshot {
+                    guest_ready: p.guest_ready,
+                    guest_open: p.guest_open,
+                    host_connected: p.host_connected,
+                    eof_pending: p.eof_pending,
+                    output_closed: p.output_closed,
+                    outbound: p.outbound.iter().copied().collect(),
+                    staged: p.staged.iter().copied().collect(),
+                    tx_partial: p.tx_partial.as_ref().map(|(c, off)| (c.head_index, *off)),
+                })
+                .collect(),
+            control_out: self.control_out.iter().cloned().collect(),
+            queue_positions: self
+                .active
+                .as_ref()
+                .map(|a| a.queues.iter().map(|q| (q.next_avail(), q.next_used())).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
