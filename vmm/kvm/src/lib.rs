@@ -38,3 +38,4 @@ pub mod vm;
 
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod sandbox;
