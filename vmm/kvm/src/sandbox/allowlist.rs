@@ -307,6 +307,8 @@ fn main_only() -> Vec<Entry> {
         any("epoll_wait", libc::SYS_epoll_wait, "tokio/mio reactor"),
         any("epoll_pwait", libc::SYS_epoll_pwait, "tokio/mio reactor (glibc may use the p-variant)"),
         any("epoll_pwait2", libc::SYS_epoll_pwait2, "tokio/mio reactor (newer mio)"),
+        any("poll", libc::SYS_poll, "device I/O threads (the virtio-console pump) wait on their backends"),
+        any("ppoll", libc::SYS_ppoll, "poll with a signal mask (same use)"),
         any("eventfd2", libc::SYS_eventfd2, "tokio waker, device interrupt lines, irqfd/ioeventfd"),
         any(
             "openat",

@@ -223,6 +223,8 @@ fn sandbox_signals_only_to_own_process_and_narrow_prctl_fcntl_seccomp() {
     let v = f.program(VCPU);
     assert_eq!(eval(v, libc::SYS_fcntl, &[3, libc::F_GETFD as u64]), RET_ALLOW);
     assert_eq!(eval(v, libc::SYS_fcntl, &[3, libc::F_SETFL as u64, libc::O_NONBLOCK as u64]), RET_KILL_PROCESS);
+    assert_eq!(eval(p, libc::SYS_poll, &[0x1000, 2, u64::MAX]), RET_ALLOW);
+    assert_eq!(eval(f.program(VCPU), libc::SYS_poll, &[0x1000, 2, u64::MAX]), RET_KILL_PROCESS);
     let filt = u64::from(libc::SECCOMP_SET_MODE_FILTER);
     assert_eq!(eval(p, libc::SYS_seccomp, &[filt, 0, 0]), RET_ALLOW);
     assert_eq!(eval(p, libc::SYS_seccomp, &[filt, libc::SECCOMP_FILTER_FLAG_LOG, 0]), RET_ALLOW);
