@@ -22,7 +22,7 @@ deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 	@# The image builder fetches kernel packages with apt-get download: lists must exist.
-	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -q
+	@ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || apt-get update -q
 
 guest-init:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(HOST_TRIPLE) -p capvisor-guest-init

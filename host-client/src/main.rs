@@ -166,13 +166,18 @@ fn main() {
     if let Cmd::Serve { manifest } = &cli.cmd {
         std::process::exit(serve(&socket, manifest.clone()));
     }
-    let code = capvisor_rpc::conn::run_local(async {
-        match run(cli.cmd, &socket).await {
+    capvisor_rpc::conn::run_local(async {
+        let code = match run(cli.cmd, &socket).await {
             Ok(code) => code,
             Err(e) => report(&e),
-        }
-    });
-    std::process::exit(code);
+        };
+        // Exit from inside the runtime: a stdin reader parked in tokio's
+        // blocking pool (forwarding a terminal) would otherwise keep the
+        // runtime's shutdown waiting for a key press.
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(code)
+    })
 }
 
 fn report(e: &ClientError) -> i32 {
