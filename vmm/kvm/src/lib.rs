@@ -31,6 +31,8 @@ pub mod bus;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzz_harness;
+#[doc(hidden)]
+pub mod fuzz_block;
 pub mod hypervisor;
 pub mod memory;
 pub mod vcpu;
