@@ -24,6 +24,15 @@ pub const PORT_POLL: Duration = Duration::from_millis(20);
 /// The guest's hostname.
 pub const HOSTNAME: &str = "capvisor";
 
+/// I/O port of the kvm engine's boot-timer pseudo-device
+/// (`vmm/kvm/src/devices/boot_timer`, `BOOT_TIMER_PORT`): writing
+/// [`BOOT_TIMER_MAGIC`] there records "init ready" in the VMM's boot
+/// figures. QEMU's `microvm` machine has nothing at 0x440, so under the
+/// qemu engine the write goes to an unassigned port and is dropped.
+pub const BOOT_TIMER_PORT: u16 = 0x440;
+/// The byte [`signal_boot_ready`] writes to [`BOOT_TIMER_PORT`].
+pub const BOOT_TIMER_MAGIC: u8 = 123;
+
 fn log(msg: impl AsRef<str>) {
     eprintln!("guest-init: [{} ms] {}", crate::boottime_ms(), msg.as_ref());
 }
@@ -231,6 +240,39 @@ pub async fn find_agent_port(timeout: Duration) -> Option<PathBuf> {
             return None;
         }
         tokio::time::sleep(PORT_POLL).await;
+    }
+}
+
+/// Tells the VMM that init is serving: writes [`BOOT_TIMER_MAGIC`] to
+/// [`BOOT_TIMER_PORT`] (ioperm(2) + `out`). Only as PID 1 (never on a host,
+/// where the port could belong to real hardware), only once per process,
+/// x86_64 only. Failures (no CAP_SYS_RAWIO, a kernel without
+/// CONFIG_X86_IOPL_IOPERM) are logged and ignored.
+pub fn signal_boot_ready() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static DONE: AtomicBool = AtomicBool::new(false);
+        if std::process::id() != 1 || DONE.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let port = libc::c_ulong::from(BOOT_TIMER_PORT);
+        // SAFETY: ioperm(2) only changes this thread's I/O permission bitmap.
+        if unsafe { libc::ioperm(port, 1, 1) } != 0 {
+            log(format!("boot timer: ioperm: {}", std::io::Error::last_os_error()));
+            return;
+        }
+        // SAFETY: a one-byte port write, permitted by the ioperm above on
+        // this same thread; it touches no memory, stack or flags.
+        unsafe {
+            core::arch::asm!(
+                "out dx, al",
+                in("dx") BOOT_TIMER_PORT,
+                in("al") BOOT_TIMER_MAGIC,
+                options(nomem, nostack, preserves_flags)
+            );
+            libc::ioperm(port, 1, 0);
+        }
     }
 }
 

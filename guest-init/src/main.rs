@@ -208,6 +208,7 @@ async fn serve_agent_forever() {
         };
         if !announced {
             log(format!("serving on {}", port.display()));
+            init::signal_boot_ready();
             announced = true;
         }
         let started = tokio::time::Instant::now();

@@ -15,9 +15,12 @@
 //!    agent port (`guest-init/src/init.rs`, `signal_boot_ready`).
 //!
 //! The port: [`BOOT_TIMER_PORT`] = 0x440, one byte wide. It is not used by
-//! the PC platform nor by QEMU's `microvm` machine (which has ports 0x20/0xa0
-//! PIC, 0x40 PIT, 0x60/0x64 i8042, 0x70 RTC, 0x3f8 serial, 0x510 fw_cfg), so
-//! under QEMU the guest's write goes to an unassigned port and is dropped.
+//! the PC platform nor by QEMU's `microvm` machine: `info mtree` of QEMU 7.2
+//! `-M microvm,x-option-roms=off,rtc=off` lists only pic 0x20/0xa0, pit 0x40,
+//! kvmvapic 0x7e, elcr 0x4d0/0x4d1 and fw_cfg 0x510-0x51b (plus 0x3f8 and
+//! 0x60/0x64 when serial / i8042 are configured), and writes to unassigned
+//! ports of QEMU's `io` region are dropped; so under the qemu engine the
+//! guest's marker write is harmless.
 //! Avoided on purpose: 0x80 (POST), 0xe9 (debugcon), 0x402 (our test
 //! guests), 0x510 (fw_cfg), 0x3c0 (our ACPI PM register).
 
