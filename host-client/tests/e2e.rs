@@ -141,6 +141,25 @@ fn vm_lifecycle_isolation_quota_and_logout() {
         assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Signal(9));
     });
 
+    // `vm shell` on a real terminal (util-linux `script` gives the CLI a pty).
+    let shell = format!("{} vm shell a", bin_dir().join("capvisor").display());
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &shell, "/dev/null"])
+        .env("CAPVISOR_SOCKET", &s.socket)
+        .env("CAPVISOR_CONFIG_DIR", s.config_dir("owner"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("util-linux script");
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"echo shell-$((40+2)); exit 6\n").unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(6), "vm shell: {}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("shell-42"), "vm shell output: {}", stdout(&o));
+
     // Owner: stop, rm.
     s.cli_ok("owner", &["vm", "stop", "a"], None, 0);
     let list = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));
