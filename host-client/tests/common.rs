@@ -126,9 +126,14 @@ impl Server {
     }
 
     /// SIGTERM to serve; waits for a clean exit and checks nothing of ours is left running.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Like [`Server::stop`] with another signal (SIGINT = Ctrl-C).
+    pub fn stop_with(mut self, signal: i32) {
         let mut child = self.child.take().unwrap();
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let t0 = Instant::now();
         let status = loop {
             if let Some(st) = child.try_wait().unwrap() {

@@ -178,3 +178,15 @@ fn vm_lifecycle_isolation_quota_and_logout() {
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
 }
+
+#[test]
+fn ctrl_c_with_running_vms_leaves_nothing_behind() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "left-running"], None, 0);
+    assert_eq!(s.qemu_count(), 1);
+    let procs = s.our_processes();
+    assert!(procs.iter().any(|(_, a)| a.contains("capvisor-vmm")), "{procs:?}");
+    // Ctrl-C: serve shuts down; no worker, vmm or qemu may survive (checked in stop_with).
+    s.stop_with(libc::SIGINT);
+}
