@@ -73,15 +73,16 @@ impl DiskImage for CountingImage {
 }
 
 /// Layout of the block harness's request queue.
-const BLK_DESC: u64 = 0x1000;
-const BLK_AVAIL: u64 = 0x2000;
-const BLK_USED: u64 = 0x3000;
+/// (Low addresses, so that short fuzz inputs reach the rings.)
+const BLK_DESC: u64 = 0x40;
+const BLK_AVAIL: u64 = 0x240;
+const BLK_USED: u64 = 0x288;
 
 /// virtio-blk harness. `data` is guest memory; its first bytes choose
 /// the queue size (`data[0]`), read-only / indirect (`data[1]` bits 0/1),
 /// the disk size in sectors (`data[2] % 40`) and the device's starting
-/// ring position (`data[4..6]`). The descriptor table is at 0x1000, the
-/// available ring at 0x2000, the used ring at 0x3000.
+/// ring position (`data[4..6]`). The descriptor table is at 0x40, the
+/// available ring at 0x240, the used ring at 0x288 (room for 32 entries).
 pub fn fuzz_block_request(data: &[u8]) {
     MEM.with(|mem| block(mem, data));
 }
@@ -151,18 +152,20 @@ fn block(mem: &GuestMemoryMmap, data: &[u8]) {
     }
 }
 
-/// Queue `i` of the console harness lives at `CON_QUEUES + i * 0x400`
-/// (descriptors, available ring at +0x100, used ring at +0x200).
-const CON_QUEUES: u64 = 0x1000;
+/// Queue `i` of the console harness lives at `CON_QUEUES + i * CON_STRIDE`
+/// (descriptors, available ring at +0x100, used ring at +0x128; room for
+/// 16 entries).
+const CON_QUEUES: u64 = 0x100;
+const CON_STRIDE: u64 = 0x1c0;
 
 fn console_queues(size: u16, indirect: bool) -> Vec<Queue> {
     (0..6u64)
         .map(|i| {
-            let base = CON_QUEUES + i * 0x400;
+            let base = CON_QUEUES + i * CON_STRIDE;
             let mut q = Queue::new(size);
             q.desc_table = GuestAddress(base);
             q.avail_ring = GuestAddress(base + 0x100);
-            q.used_ring = GuestAddress(base + 0x200);
+            q.used_ring = GuestAddress(base + 0x128);
             q.indirect = indirect;
             q.ready = true;
             q
@@ -173,7 +176,7 @@ fn console_queues(size: u16, indirect: bool) -> Vec<Queue> {
 /// virtio-console harness. `data` is guest memory; `data[0]` bit 0: port 0
 /// has a backend; `data[1]`: queue size; `data[2]` bit 0: MULTIPORT
 /// negotiated, bit 1: indirect descriptors. `data[8..200]` is a program of
-/// 3-byte operations (see the source); queues are at 0x1000 + 0x400 * i.
+/// 3-byte operations (see the source); queues are at 0x100 + 0x1c0 * i.
 pub fn fuzz_console_control(data: &[u8]) {
     MEM.with(|mem| {
         console(mem, data);
@@ -301,7 +304,7 @@ mod tests {
     /// Mostly well-formed block requests so mutations reach the request
     /// engine's checks rather than stopping at the virtqueue layer.
     fn block_image(rng: &mut Rng) -> Vec<u8> {
-        let mut d = vec![0u8; 0x8000 + rng.below(0x8000) as usize];
+        let mut d = vec![0u8; 0x1000 + rng.below(0x3000) as usize];
         let size_log = rng.below(4) as u8 + 2; // 4..32
         let size = 1u16 << size_log;
         d[0] = size_log;
@@ -312,7 +315,7 @@ mod tests {
         let nreq = rng.below(u64::from(size) / 2 + 1) as u16;
         let mut heads = Vec::new();
         for r in 0..nreq {
-            let base = 0x4000 + u64::from(r) * 0x400;
+            let base = 0x400 + u64::from(r) * 0xa0;
             let t = pick(&[
                 request_type::VIRTIO_BLK_T_IN,
                 request_type::VIRTIO_BLK_T_OUT,
@@ -333,10 +336,10 @@ mod tests {
             let mut bufs: Vec<(u64, u32, bool)> = vec![(base, pick(&[16, 16, 16, 8, 15, 17, 32], rng), false)];
             for k in 0..rng.below(3) {
                 let len = pick(&[512, 1024, 20, 0, 511, rng.below(0x300) as u32], rng);
-                bufs.push((0x8000 + rng.below(0x6000) + k, len, data_writable));
+                bufs.push((0x1000 + rng.below(0x3000) + k, len, data_writable));
             }
             if rng.below(10) != 0 {
-                bufs.push((base + 0x100, pick(&[1, 1, 1, 0, 2], rng), true));
+                bufs.push((base + 0x20, pick(&[1, 1, 1, 0, 2], rng), true));
             }
             if rng.below(8) == 0 {
                 // occasionally out of memory entirely
@@ -346,7 +349,7 @@ mod tests {
             let head = next;
             if rng.below(6) == 0 {
                 // as an indirect table
-                let table = base + 0x200;
+                let table = base + 0x40;
                 for (j, &(addr, len, w)) in bufs.iter().enumerate() {
                     let last = j + 1 == bufs.len();
                     let flags = if w { VIRTQ_DESC_F_WRITE } else { 0 } | if last { 0 } else { VIRTQ_DESC_F_NEXT };
@@ -376,7 +379,7 @@ mod tests {
     /// buffers posted on the receive queues, data on the transmitqs, and an
     /// operation program favouring notifications.
     fn console_image(rng: &mut Rng) -> Vec<u8> {
-        let mut d = vec![0u8; 0x8000];
+        let mut d = vec![0u8; 0x2400];
         d[0] = rng.below(2) as u8;
         let size_log = rng.below(4) as u8 + 1; // 2..16
         let size = 1u16 << size_log;
@@ -391,10 +394,10 @@ mod tests {
             d[at + 2] = rng.next() as u8;
         }
         for qi in 0..6u64 {
-            let base = CON_QUEUES + qi * 0x400;
+            let base = CON_QUEUES + qi * CON_STRIDE;
             let n = rng.below(u64::from(size) + 1) as u16;
             for i in 0..n {
-                let buf = 0x3000 + qi * 0x800 + u64::from(i) * 0x40;
+                let buf = 0xc00 + qi * 0x400 + u64::from(i) * 0x40;
                 let writable = matches!(qi, 0 | 2 | 4) ^ (rng.below(10) == 0);
                 if qi == 3 {
                     let id = pick(&[0u32, 1, 2, u32::MAX, rng.next() as u32], rng);
@@ -421,7 +424,7 @@ mod tests {
             }
             put(&mut d, base + 0x100 + 2, &n.to_le_bytes());
         }
-        flip(rng, &mut d[0x1000..], 4);
+        flip(rng, &mut d[0x100..], 4);
         d
     }
 
@@ -450,6 +453,23 @@ mod tests {
                 console_image(&mut rng)
             };
             fuzz_console_control(&data);
+        }
+    }
+
+    /// Seed corpora for cargo-fuzz from the structured generators:
+    /// `cargo test -p capvisor-kvm --lib write_seed_corpus -- --ignored`
+    /// writes 64 inputs each into `fuzz/corpus/{block,console_ctrl}/`.
+    #[test]
+    #[ignore]
+    fn write_seed_corpus() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let mut rng = Rng(0x5eed);
+        for (target, make) in [("block", block_image as fn(&mut Rng) -> Vec<u8>), ("console_ctrl", console_image)] {
+            let dir = root.join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..64 {
+                std::fs::write(dir.join(format!("seed-{i:02}")), make(&mut rng)).unwrap();
+            }
         }
     }
 
