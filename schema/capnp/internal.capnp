@@ -45,11 +45,22 @@ enum MachineState {
   crashed @4;
 }
 
+struct BootTimes {
+  # Boot milestones measured inside the vmm (engine kvm), microseconds since
+  # the vmm process started; 0 = not reached or not measured (engine qemu).
+  vmBuiltUs @0 :UInt64;      # guest memory, devices, tables, vCPUs ready
+  firstRunUs @1 :UInt64;     # first KVM_RUN: the first guest instruction
+  firstExitUs @2 :UInt64;    # first exit back to the vmm
+  firstSerialUs @3 :UInt64;  # first byte on the serial console (kernel entry)
+  initReadyUs @4 :UInt64;    # guest-init's marker on the boot-timer port 0x440
+}
+
 struct MachineStatus {
   state @0 :MachineState;
   detail @1 :Text;        # why it stopped or crashed
-  pid @2 :UInt32;         # of the engine process (qemu) or 0
+  pid @2 :UInt32;         # of the engine process (qemu, or the vmm itself for kvm) or 0
   engine @3 :Text;        # "qemu" or "kvm"
+  boot @4 :BootTimes;
 }
 
 interface Machine {

@@ -5,12 +5,15 @@
 //! - [`VmConfig`]: what the worker asks the vmm to run (JSON in the
 //!   environment variable [`CONFIG_ENV`]).
 //! - [`qemu`]: the `qemu` engine (QEMU `-M microvm` driven over QMP).
+//! - [`kvm_engine`]: the `kvm` engine (capvisor's own VMM, crate
+//!   `capvisor-kvm`, inside this process, confined by Landlock + seccomp).
 //! - [`machine`]: the `Machine` capability the vmm serves to its worker.
 //!
 //! The `capvisor-vmm` binary (src/main.rs) ties them together:
 //! `capvisor-vmm --rpc-fd 3 --agent-fd 4`, config in `CAPVISOR_VMM_CONFIG`.
 
 pub mod image;
+pub mod kvm_engine;
 pub mod machine;
 pub mod qemu;
 
@@ -37,8 +40,9 @@ pub struct VmConfig {
     pub memory_mib: u32,
     /// Virtual CPUs (at least 1).
     pub vcpus: u32,
-    /// Engine: `"auto"` (qemu; hardware acceleration when [`host_kvm_usable`]),
-    /// `"qemu"`, or `"kvm"` (capvisor's own VMM; not wired up yet).
+    /// Engine: `"auto"` (see [`use_kvm_engine`]), `"qemu"` (QEMU microvm,
+    /// KVM acceleration when [`host_kvm_usable`], else TCG), or `"kvm"`
+    /// (capvisor's own VMM in this process).
     #[serde(default = "default_engine")]
     pub engine: String,
     /// Appended to the kernel command line.
@@ -70,6 +74,17 @@ impl VmConfig {
         );
         anyhow::ensure!(!self.extra_cmdline.contains('\n'), "extra_cmdline must be one line");
         Ok(())
+    }
+}
+
+/// Which engine runs a VM asking for `engine`: `"kvm"` -> ours, `"qemu"`
+/// -> QEMU, `"auto"` -> ours where [`host_kvm_usable`] (hardware-backed
+/// `/dev/kvm`), else QEMU with TCG.
+pub fn use_kvm_engine(engine: &str) -> bool {
+    match engine {
+        "kvm" => true,
+        "qemu" => false,
+        _ => host_kvm_usable(),
     }
 }
 

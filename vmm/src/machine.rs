@@ -9,8 +9,11 @@
 //!
 //! Everything runs on the vmm's single-threaded `LocalSet`.
 
+use crate::kvm_engine::{self, KvmHandle};
 use crate::qemu::{self, qmp::Qmp};
 use crate::VmConfig;
+use capvisor_kvm::devices::boot_timer::BootTimes;
+use capvisor_kvm::vm::VmExit;
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::spawn::{self, Inherit};
 use capvisor_rpc::{write_result, CvError};
@@ -41,6 +44,8 @@ pub struct Status {
     pub pid: u32,
     /// `"qemu"` or `"kvm"`.
     pub engine: String,
+    /// Boot milestones measured inside the vmm (engine kvm; default otherwise).
+    pub boot: BootTimes,
 }
 
 impl Status {
@@ -54,6 +59,12 @@ impl Status {
         b.set_detail(self.detail.as_str());
         b.set_pid(self.pid);
         b.set_engine(self.engine.as_str());
+        let mut t = b.init_boot();
+        t.set_vm_built_us(self.boot.vm_built_us.unwrap_or(0));
+        t.set_first_run_us(self.boot.first_run_us.unwrap_or(0));
+        t.set_first_exit_us(self.boot.first_exit_us.unwrap_or(0));
+        t.set_first_serial_us(self.boot.first_serial_us.unwrap_or(0));
+        t.set_init_ready_us(self.boot.init_ready_us.unwrap_or(0));
     }
 }
 
@@ -66,6 +77,7 @@ pub struct Vm {
     stop_requested: Cell<bool>,
     shutdown_reason: RefCell<Option<String>>,
     stderr_tail: Rc<RefCell<Vec<u8>>>,
+    kvm: RefCell<Option<KvmHandle>>,
 }
 
 impl Vm {
@@ -88,7 +100,8 @@ impl Vm {
 
     /// A VM that never ran, in state `crashed` with `detail`.
     pub fn failed(detail: String) -> Rc<Vm> {
-        let (tx, _) = watch::channel(Status { state: MachineState::Crashed, detail, pid: 0, engine: "qemu".into() });
+        let (tx, _) =
+            watch::channel(Status { state: MachineState::Crashed, detail, pid: 0, engine: "qemu".into(), boot: BootTimes::default() });
         Rc::new(Vm {
             status: tx,
             console: None,
@@ -97,6 +110,7 @@ impl Vm {
             stop_requested: Cell::new(false),
             shutdown_reason: RefCell::new(None),
             stderr_tail: Rc::default(),
+            kvm: RefCell::new(None),
         })
     }
 
@@ -104,9 +118,6 @@ impl Vm {
         use anyhow::Context;
         let cfg = cfg?;
         cfg.validate()?;
-        if cfg.engine == "kvm" {
-            anyhow::bail!("engine \"kvm\" is not available in capvisor-vmm yet (it is being built in vmm/kvm); use \"qemu\" or \"auto\"");
-        }
         for (what, p) in [("kernel", &cfg.kernel), ("initramfs", &cfg.initramfs)] {
             let m = std::fs::metadata(p).with_context(|| format!("{what} {}", p.display()))?;
             anyhow::ensure!(m.is_file(), "{what} {} is not a regular file", p.display());
@@ -116,6 +127,9 @@ impl Vm {
         std::fs::File::create(&console).with_context(|| format!("creating {}", console.display()))?;
 
         let kvm = crate::host_kvm_usable();
+        if crate::use_kvm_engine(&cfg.engine) {
+            return Self::start_kvm(&cfg, agent, console);
+        }
         let (qmp_ours, qmp_theirs) = spawn::stream_pair()?;
         let program = qemu::qemu_binary();
         let mut cmd = tokio::process::Command::new(&program);
@@ -133,7 +147,13 @@ impl Vm {
         let pid = child.id().unwrap_or(0);
         tracing::info!(pid, accel = if kvm { "kvm" } else { "tcg" }, "qemu started for VM {}", cfg.name);
 
-        let (status_tx, _) = watch::channel(Status { state: MachineState::Starting, detail: String::new(), pid, engine: "qemu".into() });
+        let (status_tx, _) = watch::channel(Status {
+            state: MachineState::Starting,
+            detail: String::new(),
+            pid,
+            engine: "qemu".into(),
+            boot: BootTimes::default(),
+        });
         let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<()>();
         let vm = Rc::new(Vm {
             status: status_tx,
@@ -143,6 +163,7 @@ impl Vm {
             stop_requested: Cell::new(false),
             shutdown_reason: RefCell::new(None),
             stderr_tail: Rc::default(),
+            kvm: RefCell::new(None),
         });
 
         // QEMU's stderr: logged, and the tail kept for error details.
@@ -223,9 +244,68 @@ impl Vm {
         Ok(vm)
     }
 
-    /// The current status.
+    /// Engine kvm: builds and starts the VM in this process (see
+    /// [`crate::kvm_engine`]); its exit is recorded by a local task.
+    fn start_kvm(cfg: &VmConfig, agent: OwnedFd, console: PathBuf) -> anyhow::Result<Rc<Vm>> {
+        let started = kvm_engine::start(cfg, agent, &console)?;
+        tracing::info!(confinement = %started.handle.confinement, "kvm engine started VM {}", cfg.name);
+        let (status_tx, _) = watch::channel(Status {
+            state: MachineState::Running,
+            detail: String::new(),
+            pid: std::process::id(),
+            engine: "kvm".into(),
+            boot: started.handle.boot_times(),
+        });
+        let vm = Rc::new(Vm {
+            status: status_tx,
+            console: Some(console),
+            qmp: RefCell::new(None),
+            kill_tx: None,
+            stop_requested: Cell::new(false),
+            shutdown_reason: RefCell::new(None),
+            stderr_tail: Rc::default(),
+            kvm: RefCell::new(Some(started.handle)),
+        });
+        let weak = Rc::downgrade(&vm);
+        let exit = started.exit;
+        tokio::task::spawn_local(async move {
+            let exit = exit.await.unwrap_or_else(|_| VmExit::InternalError("the VM owner thread died".into()));
+            if let Some(vm) = weak.upgrade() {
+                vm.on_kvm_exit(exit);
+            }
+        });
+        Ok(vm)
+    }
+
+    fn on_kvm_exit(&self, exit: VmExit) {
+        let console = self.console.as_ref().map(|p| tail_lossy(p, 64 * 1024)).unwrap_or_default();
+        let panic_line = console.lines().find(|l| l.contains("Kernel panic")).map(|l| l.trim().to_string());
+        let (state, detail) = match (exit, panic_line) {
+            (_, Some(p)) => (MachineState::Crashed, format!("guest kernel panic: {p}")),
+            (VmExit::Stopped, None) => (MachineState::Stopped, "stopped on request".to_string()),
+            (VmExit::PoweredOff, None) => (MachineState::Stopped, "the guest powered off".to_string()),
+            (VmExit::Reset, None) => (MachineState::Stopped, "the guest rebooted (reboot ends the VM)".to_string()),
+            (VmExit::Halted, None) => (MachineState::Stopped, "the guest halted".to_string()),
+            (VmExit::Shutdown, None) => (MachineState::Crashed, "the guest triple-faulted".to_string()),
+            (VmExit::InternalError(d), None) => (MachineState::Crashed, format!("KVM could not run the guest: {d}")),
+            (VmExit::Panicked(d), None) => (MachineState::Crashed, format!("guest crash: {d}")),
+        };
+        tracing::info!(state = state_name(state), "VM ended: {detail}");
+        let boot = self.kvm.borrow().as_ref().map(|k| k.boot_times()).unwrap_or_default();
+        self.status.send_modify(|s| {
+            s.state = state;
+            s.detail = detail;
+            s.boot = boot;
+        });
+    }
+
+    /// The current status (with fresh boot times for engine kvm).
     pub fn status(&self) -> Status {
-        self.status.borrow().clone()
+        let mut s = self.status.borrow().clone();
+        if let Some(k) = self.kvm.borrow().as_ref() {
+            s.boot = k.boot_times();
+        }
+        s
     }
 
     /// Resolves with the final status once the machine has ended.
@@ -247,6 +327,15 @@ impl Vm {
             return self.status();
         }
         self.stop_requested.set(true);
+        if self.kvm.borrow().is_some() {
+            // The guest had its chance (Guest.shutdown) before this call;
+            // ACPI power-button delivery is not wired on engine kvm.
+            self.kill();
+            return match tokio::time::timeout(Duration::from_secs(10), self.wait_exit()).await {
+                Ok(s) => s,
+                Err(_) => self.status(),
+            };
+        }
         let qmp = self.qmp.borrow().clone();
         if let Some(qmp) = &qmp {
             if !grace.is_zero() {
@@ -280,12 +369,21 @@ impl Vm {
         if let Some(tx) = &self.kill_tx {
             let _ = tx.send(());
         }
+        if let Some(k) = self.kvm.borrow().as_ref() {
+            k.stop();
+        }
     }
 
     /// Pauses the vCPUs (QMP `stop`).
     ///
     /// Errors: `notRunning` unless the machine is running.
     pub async fn pause(&self) -> Result<(), CvError> {
+        if let Some(k) = self.kvm_handle() {
+            self.require_state(MachineState::Running)?;
+            k.pause().await.map_err(CvError::unavailable)?;
+            self.set_state_if(MachineState::Running, MachineState::Paused);
+            return Ok(());
+        }
         let qmp = self.require(MachineState::Running)?;
         qmp.execute("stop", None).await.map_err(|e| CvError::unavailable(format!("{e:#}")))?;
         self.set_state_if(MachineState::Running, MachineState::Paused);
@@ -296,6 +394,12 @@ impl Vm {
     ///
     /// Errors: `notRunning` unless the machine is paused.
     pub async fn resume(&self) -> Result<(), CvError> {
+        if let Some(k) = self.kvm_handle() {
+            self.require_state(MachineState::Paused)?;
+            k.resume().await.map_err(CvError::unavailable)?;
+            self.set_state_if(MachineState::Paused, MachineState::Running);
+            return Ok(());
+        }
         let qmp = self.require(MachineState::Paused)?;
         qmp.execute("cont", None).await.map_err(|e| CvError::unavailable(format!("{e:#}")))?;
         self.set_state_if(MachineState::Paused, MachineState::Running);
@@ -310,15 +414,25 @@ impl Vm {
         tail_lossy(path, max_bytes.min(MAX_CONSOLE_TAIL) as u64)
     }
 
-    fn require(&self, want: MachineState) -> Result<Qmp, CvError> {
-        let st = self.status();
-        if st.state != want {
+    fn require_state(&self, want: MachineState) -> Result<(), CvError> {
+        let st = self.status.borrow().state;
+        if st != want {
             return Err(CvError::new(
                 capvisor_schema::common_capnp::ErrorCode::NotRunning,
-                format!("the VM is {} (needs to be {})", state_name(st.state), state_name(want)),
+                format!("the VM is {} (needs to be {})", state_name(st), state_name(want)),
             ));
         }
+        Ok(())
+    }
+
+    fn require(&self, want: MachineState) -> Result<Qmp, CvError> {
+        self.require_state(want)?;
         self.qmp.borrow().clone().ok_or_else(|| CvError::unavailable("QMP is not connected"))
+    }
+
+    /// The kvm engine's handle (a cheap command-channel clone), if this VM runs on it.
+    fn kvm_handle(&self) -> Option<KvmHandleRef<'_>> {
+        std::cell::Ref::filter_map(self.kvm.borrow(), |k| k.as_ref()).ok().map(KvmHandleRef)
     }
 
     fn set_state_if(&self, from: MachineState, to: MachineState) {
@@ -358,6 +472,16 @@ impl Vm {
             s.state = state;
             s.detail = detail;
         });
+    }
+}
+
+/// A borrowed [`KvmHandle`] (held only across one await of a command reply).
+struct KvmHandleRef<'a>(std::cell::Ref<'a, KvmHandle>);
+
+impl std::ops::Deref for KvmHandleRef<'_> {
+    type Target = KvmHandle;
+    fn deref(&self) -> &KvmHandle {
+        &self.0
     }
 }
 

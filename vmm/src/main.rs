@@ -35,6 +35,8 @@ struct Args {
 }
 
 fn main() {
+    // Boot milestones (engine kvm) are measured from here.
+    capvisor_kvm::devices::boot_timer::mark_process_start();
     capvisor_rpc::init_logging("vmm");
     let args = Args::parse();
     if let Err(e) = run(args) {

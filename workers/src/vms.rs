@@ -32,8 +32,8 @@ pub struct VmEntry {
     pub memory_mib: u32,
     /// vCPUs.
     pub vcpus: u32,
-    /// Requested engine ("auto", "qemu", "kvm").
-    pub engine: String,
+    /// Engine: as requested ("auto", "qemu", "kvm") until the vmm says which runs it.
+    pub engine: RefCell<String>,
     /// Current state.
     pub state: Cell<VmState>,
     /// `uname -r` of the guest, once booted.
@@ -73,7 +73,7 @@ impl VmEntry {
         b.set_memory_mib(self.memory_mib);
         b.set_vcpus(self.vcpus);
         b.set_state(self.state.get());
-        b.set_engine(self.engine.as_str());
+        b.set_engine(self.engine.borrow().as_str());
         b.set_kernel_release(self.kernel_release.borrow().as_str());
         b.set_boot_ms(self.boot_ms.get());
     }
@@ -168,7 +168,7 @@ async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
         initramfs: image.initramfs.clone(),
         memory_mib: entry.memory_mib,
         vcpus: entry.vcpus,
-        engine: entry.engine.clone(),
+        engine: entry.engine.borrow().clone(),
         extra_cmdline: String::new(),
     };
     let internal = |e: std::io::Error| CvError::internal(format!("cannot start the vmm: {e}"));
@@ -210,6 +210,14 @@ async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
     match outcome {
         Ok(release) => {
             *entry.kernel_release.borrow_mut() = release;
+            // Which engine "auto" chose.
+            if let Ok(r) = machine.status_request().send().promise.await {
+                if let Ok(engine) = r.get().and_then(|r| r.get_status()).and_then(|s| s.get_engine()) {
+                    if let Ok(e) = engine.to_str() {
+                        *entry.engine.borrow_mut() = e.to_string();
+                    }
+                }
+            }
             Ok(Running { machine, guest, child, conns: vec![mconn, gconn] })
         }
         Err(why) => {
@@ -287,7 +295,7 @@ impl VmFactoryImpl {
             image: spec.image,
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
-            engine: spec.engine,
+            engine: RefCell::new(spec.engine),
             state: Cell::new(VmState::Starting),
             kernel_release: RefCell::new(String::new()),
             boot_ms: Cell::new(0),

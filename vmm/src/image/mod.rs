@@ -468,6 +468,37 @@ mod tests {
         assert_ne!(min, image_key(KernelSource::Minimal, "abc", &bb, &"j".repeat(64)), "and guest-init");
     }
 
+    /// A minimal-kernel image: the kernel's vmlinux and release as they are,
+    /// no modules and an empty `order` (uses the real busybox-static package,
+    /// fetched into the shared test cache like tests/image.rs does).
+    #[test]
+    fn minimal_kernel_image_has_no_modules() {
+        let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/capvisor-test-cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let res = apt::resolve(&cache, KERNEL_METAPACKAGE, BUSYBOX_PACKAGE).unwrap();
+        let busybox_deb = apt::fetch(&res.busybox, &cache.join("debs"), &mut |_| {}).unwrap();
+
+        let tmp = tempfile::tempdir().unwrap();
+        let kdir = tmp.path().join("minimal-0123456789abcdef");
+        std::fs::create_dir(&kdir).unwrap();
+        std::fs::write(kdir.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
+        std::fs::write(kdir.join("release"), "6.1.0-capvisor\n").unwrap();
+        std::fs::write(kdir.join("config"), "CONFIG_64BIT=y\n").unwrap();
+        let k = kernel::MinimalKernel::open(&kdir).unwrap();
+        let out = tmp.path().join("image");
+        std::fs::create_dir(&out).unwrap();
+        build(&out, &KernelInput::Minimal(k), &busybox_deb, Path::new("/bin/busybox"), &mut |_| {}).unwrap();
+
+        let img = complete(&out).unwrap();
+        assert_eq!(img.kernel_release, "6.1.0-capvisor");
+        assert_eq!(std::fs::read(&img.kernel).unwrap(), b"\x7fELF fake kernel");
+        let entries = cpio::parse(&std::fs::read(&img.initramfs).unwrap()).unwrap();
+        let order = entries.iter().find(|e| e.name == format!("{MODULE_DIR}/order")).expect("order file");
+        assert!(order.data.is_empty(), "order: {:?}", String::from_utf8_lossy(&order.data));
+        assert!(!entries.iter().any(|e| e.name.ends_with(".ko")), "no modules");
+        assert!(entries.iter().any(|e| e.name == "init"));
+    }
+
     #[test]
     fn hash_memo_tracks_changes() {
         let cache = tempfile::tempdir().unwrap();
