@@ -126,6 +126,11 @@ pub fn start(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Resu
             cfg.run_dir.clone(),
         )?;
         let report = capvisor_kvm::sandbox::confine(&policy).context("confining the vmm process")?;
+        // Each vCPU thread narrows itself further to the vCPU list.
+        let filters = Arc::new(report.filters.clone());
+        vm.set_vcpu_thread_init(Arc::new(move || {
+            filters.apply_to_current_thread(capvisor_kvm::sandbox::ThreadKind::Vcpu).map_err(|e| e.to_string())
+        }));
         report.to_string()
     };
     tracing::info!("kvm engine confined: {confinement}");

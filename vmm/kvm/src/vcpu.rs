@@ -197,13 +197,20 @@ pub struct VcpuRunner<V: Vcpu> {
     stats: Arc<VcpuStats>,
     timer: Option<Arc<BootTimer>>,
     mem: Option<GuestMemoryMmap>,
+    thread_init: Option<ThreadInit>,
 }
+
+/// Runs first on every vCPU thread [`spawn_with`] starts, before the first
+/// `KVM_RUN` (e.g. to narrow the thread's seccomp filter to the vCPU list,
+/// docs/vmm-confinement.md). An error ends that vCPU with
+/// [`VcpuError::Thread`] before it runs guest code.
+pub type ThreadInit = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl<V: Vcpu> VcpuRunner<V> {
     /// A runner for `vcpu` (its boot state already set) dispatching to
     /// `buses`, with its own [`VcpuControl`].
     pub fn new(vcpu: V, buses: Arc<Buses>) -> Self {
-        VcpuRunner { vcpu, buses, control: Arc::default(), stats: Arc::default(), timer: None, mem: None }
+        VcpuRunner { vcpu, buses, control: Arc::default(), stats: Arc::default(), timer: None, mem: None, thread_init: None }
     }
 
     /// Share `control` with other vCPUs of the same VM.
@@ -222,6 +229,12 @@ impl<V: Vcpu> VcpuRunner<V> {
     /// [`VcpuError::InternalError`].
     pub fn with_memory(mut self, mem: GuestMemoryMmap) -> Self {
         self.mem = Some(mem);
+        self
+    }
+
+    /// Run `init` first on the vCPU thread (see [`ThreadInit`]).
+    pub fn with_thread_init(mut self, init: Option<ThreadInit>) -> Self {
+        self.thread_init = init;
         self
     }
 
@@ -387,6 +400,14 @@ where
     let join = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
+            if let Some(init) = runner.thread_init.take() {
+                if let Err(e) = init() {
+                    let r = Err(VcpuError::Thread(format!("vCPU thread set-up failed: {e}")));
+                    on_exit(&r);
+                    done2.store(true, Ordering::Release);
+                    return r;
+                }
+            }
             let r = std::panic::catch_unwind(AssertUnwindSafe(|| runner.run())).unwrap_or_else(|p| {
                 let msg = p
                     .downcast_ref::<&str>()

@@ -56,7 +56,7 @@ use crate::devices::{Device, IrqLine};
 use crate::hypervisor::kvm::{KvmHypervisor, KvmVm};
 use crate::hypervisor::{CpuSetup, Hypervisor, Vcpu, Vm as _, VmConfig};
 use crate::memory::{create_guest_memory, VIRTIO_MMIO_SIZE};
-use crate::vcpu::{kick_until, spawn_with, VcpuControl, VcpuError, VcpuHandle, VcpuRunner, VcpuStop};
+use crate::vcpu::{kick_until, spawn_with, ThreadInit, VcpuControl, VcpuError, VcpuHandle, VcpuRunner, VcpuStop};
 
 /// GSI of COM1 (ISA IRQ 4).
 pub const SERIAL_GSI: u32 = 4;
@@ -434,6 +434,7 @@ impl VmBuilder {
             notifier: None,
             ioeventfd_errors,
             finished: None,
+            vcpu_thread_init: None,
         })
     }
 }
@@ -504,6 +505,7 @@ pub struct Vm {
     notifier: Option<Notifier>,
     ioeventfd_errors: Vec<String>,
     finished: Option<VmExit>,
+    vcpu_thread_init: Option<ThreadInit>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -576,7 +578,8 @@ impl Vm {
             let runner = VcpuRunner::new(vcpu, self.buses.clone())
                 .with_control(self.control.clone())
                 .with_boot_timer(self.timer.clone())
-                .with_memory(self.mem.clone());
+                .with_memory(self.mem.clone())
+                .with_thread_init(self.vcpu_thread_init.clone());
             let exit = self.exit.clone();
             let control = self.control.clone();
             let on_exit = move |r: &Result<VcpuStop, VcpuError>| {
@@ -595,6 +598,12 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// Sets what every vCPU thread runs first, before guest code (see
+    /// [`ThreadInit`]); takes effect for threads [`Vm::run`] starts later.
+    pub fn set_vcpu_thread_init(&mut self, init: ThreadInit) {
+        self.vcpu_thread_init = Some(init);
     }
 
     /// Stop everything still running and join the threads; returns the exit.
