@@ -16,7 +16,9 @@
 //! | [`bus`] | PIO and MMIO address buses with range registration and overlap rejection |
 //! | [`vcpu`] | one thread per vCPU, exit dispatch to the buses, typed stop reasons |
 //! | [`vm`] | the assembled machine: [`vm::VmBuilder`] -> [`vm::Vm`] (run / wait / pause / resume / stop -> [`vm::VmExit`]), irqfd + ioeventfd wiring, boot timer figures |
-//! | [`devices`] | the [`devices::Device`] trait and one folder per device: `serial`, `i8042`, `virtio` (mmio transport + split virtqueue) |
+//! | [`devices`] | the [`devices::Device`] trait and one folder per device: `serial`, `i8042`, `boot_timer`, `virtio` (mmio transport + split virtqueue, and the virtio devices `virtio/console` (multiport, the `capvisor.agent` port) and `virtio/block` (raw image)) |
+//! | [`sandbox`] | confinement of the vmm process: Landlock paths + seccomp allowlists per thread kind (docs/vmm-confinement.md) |
+//! | `fuzz_harness`, `fuzz_block` | fuzz entry points (virtqueue, mmio, block requests, console control) with deterministic PRNG tests; cargo-fuzz targets in `fuzz/` |
 //!
 //! Everything a guest can write (port/MMIO accesses, virtqueue contents) is
 //! treated as hostile: no path in this crate panics on guest-controlled input.
