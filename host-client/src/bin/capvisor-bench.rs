@@ -137,6 +137,90 @@ fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration {
     })
 }
 
+/// RSS of `pid` without the mapping that holds guest RAM (the anonymous
+/// mapping of exactly `guest_kib`), in KiB: the VMM's own memory.
+fn rss_without_guest_kib(pid: u32, guest_kib: u64) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else { return 0 };
+    let (mut total, mut guest, mut in_guest) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        match (f.next(), f.next()) {
+            (Some("Size:"), Some(v)) => in_guest = v.parse::<u64>().ok() == Some(guest_kib),
+            (Some("Rss:"), Some(v)) => {
+                let v: u64 = v.parse().unwrap_or(0);
+                total += v;
+                if in_guest {
+                    guest += v;
+                }
+            }
+            _ => {}
+        }
+    }
+    total - guest
+}
+
+/// Engine kvm measured from inside the vmm: spawns `capvisor-vmm` like a
+/// worker does (engine kvm, 256 MiB) `runs` times and reads the boot
+/// milestones from `Machine.status`. Returns (vmm start -> first guest
+/// instruction, µs), (vmm RSS, KiB), (vmm RSS without guest RAM, KiB).
+fn kvm_engine_figures(image: &capvisor_manifest::BuiltImage, dir: &Path, runs: usize) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
+    use capvisor_client::schema::internal_capnp::machine;
+    let (mut first, mut rss, mut own) = (vec![], vec![], vec![]);
+    for i in 0..runs {
+        let run_dir = dir.join(format!("kvm-{i}"));
+        std::fs::create_dir_all(&run_dir).expect("run dir");
+        let cfg = capvisor_vmm::VmConfig {
+            name: format!("kvm-{i}"),
+            run_dir,
+            kernel: image.kernel.clone(),
+            initramfs: image.initramfs.clone(),
+            memory_mib: 256,
+            vcpus: 1,
+            engine: "kvm".into(),
+            extra_cmdline: String::new(),
+        };
+        capvisor_rpc::conn::run_local(async {
+            let (rpc_ours, rpc_theirs) = capvisor_rpc::spawn::stream_pair().unwrap();
+            let (_agent_ours, agent_theirs) = capvisor_rpc::spawn::stream_pair().unwrap();
+            let mut cmd = tokio::process::Command::new(capvisor_rpc::paths::binary("capvisor-vmm"));
+            cmd.args(["--rpc-fd", "3", "--agent-fd", "4"])
+                .env(capvisor_vmm::CONFIG_ENV, serde_json::to_string(&cfg).unwrap())
+                .env("CAPVISOR_LOG", "warn")
+                .stderr(Stdio::null());
+            let fds = [
+                capvisor_rpc::spawn::Inherit { fd: rpc_theirs, target: 3 },
+                capvisor_rpc::spawn::Inherit { fd: agent_theirs, target: 4 },
+            ];
+            capvisor_rpc::spawn::prepare(&mut cmd, &fds);
+            let mut child = cmd.spawn().expect("spawn capvisor-vmm");
+            drop(fds);
+            let pid = child.id().unwrap_or(0);
+            let (m, conn) = capvisor_rpc::conn::connect::<machine::Client>(capvisor_rpc::spawn::into_tokio(rpc_ours).unwrap(), None, capvisor_rpc::conn::INTERNAL);
+            let t0 = Instant::now();
+            loop {
+                let r = m.status_request().send().promise.await.expect("Machine.status");
+                let st = r.get().unwrap().get_status().unwrap();
+                let us = st.get_boot().unwrap().get_first_run_us();
+                if us > 0 {
+                    first.push(us);
+                    break;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(30), "engine kvm never ran a guest instruction: {:?}", st.get_detail().unwrap().to_str());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            rss.push(rss_kib(pid));
+            own.push(rss_without_guest_kib(pid, 256 * 1024));
+            let mut q = m.stop_request();
+            q.get().set_grace_ms(0);
+            let _ = q.send().promise.await;
+            conn.abort();
+            let _ = child.wait().await;
+        });
+    }
+    (first, rss, own)
+}
+
 fn main() {
     let boots = arg("--boots", 5);
     let execs = arg("--execs", 200);
@@ -183,6 +267,7 @@ fn main() {
         }
 
         let vm = ops::create_vm(&vms, &ops::VmSpec { name: "warm".into(), ..Default::default() }).await.expect("create");
+        let engine = ops::vm_info(&vm).await.expect("info").engine;
         let procs = processes_mentioning(&work.path().join("state").to_string_lossy());
         let rss: Vec<(String, u64)> = procs
             .iter()
@@ -213,9 +298,9 @@ fn main() {
         }
         ops::remove_vm(&vms, "warm").await.expect("remove");
         ops::logout(&session).await.expect("logout");
-        (cold, exec_rt, ping_rt, info_rt, rss)
+        (cold, exec_rt, ping_rt, info_rt, rss, engine)
     });
-    let (mut cold, mut exec_rt, mut ping_rt, mut info_rt, rss) = figures;
+    let (mut cold, mut exec_rt, mut ping_rt, mut info_rt, rss, engine) = figures;
 
     let mut bare = vec![];
     for i in 0..boots {
@@ -226,13 +311,21 @@ fn main() {
     unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
     let _ = serve.wait();
 
+    let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let (mut kvm_first, mut kvm_rss, mut kvm_own) =
+        if kvm_usable { kvm_engine_figures(&image, work.path(), boots) } else { (vec![], vec![], vec![]) };
+
     let cold_p50 = pct(&mut cold, 50);
     let bare_p50 = pct(&mut bare, 50);
     let raw_p50 = pct(&mut raw, 50);
     let ping_p50 = pct(&mut ping_rt, 50);
     println!();
-    println!("capvisor-bench on {} cores, engine qemu ({}), kernel {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        if capvisor_vmm::host_kvm_usable() { "kvm" } else { "tcg" }, image.kernel_release);
+    let accel = if engine == "qemu" { if capvisor_vmm::host_kvm_usable() { " (KVM)" } else { " (TCG)" } } else { "" };
+    println!(
+        "capvisor-bench on {} cores, engine {engine}{accel} (the one `auto` picked), kernel {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        image.kernel_release
+    );
     println!("{:<58} {:>12}", "figure", "value");
     println!("{:<58} {:>9.0} ms", format!("cold create -> first exec result (median of {})", cold.len()), ms(cold_p50));
     println!("{:<58} {:>9.0} ms", format!("bare qemu boot to init, same kernel+initramfs (median of {})", bare.len()), ms(bare_p50));
@@ -246,7 +339,25 @@ fn main() {
     println!("{:<58} {:>9.0} us", format!("raw Unix-socket round trip, 2 processes p50 ({} calls)", raw.len()), us(raw_p50));
     println!("{:<58} {:>9.0} us", "raw Unix-socket round trip p99", us(pct(&mut raw, 99)));
     println!("{:<58} {:>10.2}x", "ratio whole chain / raw (p50)", ping_p50.as_secs_f64() / raw_p50.as_secs_f64());
-    for (name, kib) in rss {
-        println!("{:<58} {:>8.1} MiB", format!("RSS of {name} (running VM)"), kib as f64 / 1024.0);
+    for (name, kib) in &rss {
+        println!("{:<58} {:>8.1} MiB", format!("engine {engine}: RSS of {name} (running VM)"), *kib as f64 / 1024.0);
+    }
+    if kvm_usable {
+        let med = |v: &mut Vec<u64>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        println!("{:<58} {:>9.1} ms", format!("engine kvm: vmm start -> first guest instruction (median of {})", kvm_first.len()), med(&mut kvm_first) as f64 / 1000.0);
+        println!("{:<58} {:>8.1} MiB", "engine kvm: RSS of capvisor-vmm incl. guest pages touched", med(&mut kvm_rss) as f64 / 1024.0);
+        println!("{:<58} {:>8.1} MiB", "engine kvm: RSS of capvisor-vmm without guest RAM", med(&mut kvm_own) as f64 / 1024.0);
+        let qemu_total: u64 = rss.iter().filter(|(n, _)| n != "capvisor-worker").map(|(_, k)| *k).sum();
+        println!("{:<58} {:>8.1} MiB", "engine qemu: RSS of capvisor-vmm + qemu (same guest)", qemu_total as f64 / 1024.0);
+    } else {
+        println!("engine kvm: skipped (/dev/kvm is not usable here)");
+    }
+    if capvisor_vmm::host_kvm_usable() {
+        println!("engine kvm: boot to init and create -> first exec are the figures above (auto picked kvm)");
+    } else {
+        println!("engine kvm: boot to init and create -> first exec skipped: /dev/kvm is the nested kvm_pvm, where stock Linux kernels cannot boot");
     }
 }
