@@ -292,3 +292,12 @@ impl Asm {
         self.mov_edx(u32::from(port)).out_dx_eax()
     }
 }
+
+/// Whether a KVM test must skip (no usable /dev/kvm); says so on stderr.
+pub fn skip() -> bool {
+    if !crate::hypervisor::kvm::kvm_available() {
+        eprintln!("skipped: /dev/kvm is absent");
+        return true;
+    }
+    false
+}

@@ -11,19 +11,11 @@ use super::*;
 use crate::devices::serial::CaptureWriter;
 use crate::devices::virtio::mmio::reg;
 use crate::devices::virtio::{device_type, features, status};
-use crate::hypervisor::kvm::kvm_available;
-use crate::testutil::{Asm, Recorder, TestDevice};
+use crate::testutil::{skip, Asm, Recorder, TestDevice};
 
 const ENTRY: u64 = 0x10_0000;
 const DEBUG_PORT: u16 = 0x402;
 
-fn skip() -> bool {
-    if !kvm_available() {
-        eprintln!("skipped: /dev/kvm is absent");
-        return true;
-    }
-    false
-}
 
 struct T {
     vm: Vm,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::kvm::{is_nested_pvm, kvm_available, KvmHypervisor, KvmVcpu};
+use super::kvm::{is_nested_pvm, KvmHypervisor, KvmVcpu};
 use super::{Hypervisor, Vcpu, Vm, VmConfig};
 use crate::boot::x86_64::setup_long_mode;
 use crate::bus::Buses;
@@ -23,7 +23,7 @@ use crate::devices::virtio::queue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::devices::virtio::{device_type, features, status, VirtioInterrupt, INT_USED_RING};
 use crate::devices::IrqLine;
 use crate::memory::{create_guest_memory, VIRTIO_MMIO_SIZE};
-use crate::testutil::{Asm, DriverQueue, Recorder, TestDevice};
+use crate::testutil::{skip, Asm, DriverQueue, Recorder, TestDevice};
 use crate::vcpu::{spawn, VcpuRunner, VcpuStop};
 
 const ENTRY: u64 = 0x10_0000;
@@ -31,13 +31,6 @@ const MEM_SIZE: u64 = 16 << 20;
 /// Port the guests report 32-bit values on.
 const DEBUG_PORT: u16 = 0x402;
 
-fn skip() -> bool {
-    if !kvm_available() {
-        eprintln!("skipped: /dev/kvm is absent");
-        return true;
-    }
-    false
-}
 
 struct Tiny {
     mem: GuestMemoryMmap,

@@ -169,3 +169,12 @@ pub trait VirtioDevice: Send {
 
 pub mod block;
 pub mod console;
+
+/// Copies device configuration bytes `config[offset..]` into `data`; bytes
+/// past the end of `config` (or an offset that overflows) read as 0
+/// (VIRTIO 1.2 section 4.2.2, `Config` at 0x100 of the MMIO window).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| config.get(o)).copied().unwrap_or(0);
+    }
+}

@@ -199,14 +199,7 @@ impl VirtioDevice for VirtioConsole {
         &self.max_sizes
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::devices::virtio::read_config_bytes(&self.config, offset, data)
     }
     /// Nothing is writable: `emerg_wr` needs VIRTIO_CONSOLE_F_EMERG_WRITE,
     /// which is not offered.
