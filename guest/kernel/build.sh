@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds capvisor's minimal guest kernel from Debian's linux-source-6.1:
-# x86_64 `allnoconfig` + capvisor.config (everything built in, no modules).
+# x86_64 `allnoconfig` with capvisor.config forced in (everything built in,
+# no modules).
 #
 # Usage: build.sh              build (or find in the cache) and print the directory
 #        build.sh --print-dir  only print the directory the kernel is (or would be) in
 #
 # Output: $CACHE/kernels/minimal-<key>/{vmlinux,release,config}, where
-# CACHE = $CAPVISOR_CACHE_DIR or ~/.cache/capvisor and key = the first 16
+# CACHE = $CAPVISOR_CACHE_DIR or ${XDG_CACHE_HOME:-~/.cache}/capvisor and key = the first 16
 # hex digits of a SHA-256 over the fragment, the linux-source package
 # version and this script. Progress lines ("kernel: ...") go to stdout; the
 # last line of stdout is the directory. Nothing is rebuilt when it exists.
@@ -15,7 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 self="$here/$(basename "${BASH_SOURCE[0]}")"
 fragment="$here/capvisor.config"
-CACHE=${CAPVISOR_CACHE_DIR:-$HOME/.cache/capvisor}
+CACHE=${CAPVISOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/capvisor}
 PKG=linux-source-6.1
 TARBALL=/usr/src/$PKG.tar.xz
 
@@ -105,6 +106,7 @@ else
   if [ ! -s "$deb" ]; then
     say "downloading $PKG $version ..."
     dl=$(mktemp -d "$debs/.dl-XXXXXX")
+    chmod 755 "$dl"   # apt-get downloads as the `_apt` user when run as root
     if ! (cd "$dl" && apt-get download -q "$PKG=$version" >&2); then
       rm -rf "$dl"
       die "apt-get download $PKG=$version failed"
@@ -127,10 +129,14 @@ rm -rf "$tmp/pkg"
 mk=(make -C "$src" ARCH=x86_64 KBUILD_BUILD_USER=capvisor KBUILD_BUILD_HOST=capvisor
     "KBUILD_BUILD_TIMESTAMP=$PKG $version")
 
+# `allnoconfig` with the fragment as KCONFIG_ALLCONFIG (what `merge_config.sh
+# -n` does): the fragment's values are forced and every other visible option,
+# including those the fragment makes visible, is "no". (Merging into an
+# allnoconfig .config and running olddefconfig would give the newly visible
+# ones their defaults: battery, fan, thermal... under ACPI.)
 say "configuring (allnoconfig + $(basename "$fragment")) ..."
-"${mk[@]}" allnoconfig >>"$log" 2>&1 || { tail -n 30 "$log" >&2; die "make allnoconfig failed"; }
-(cd "$src" && ARCH=x86_64 scripts/kconfig/merge_config.sh -m .config "$fragment") >>"$log" 2>&1 \
-  || { tail -n 30 "$log" >&2; die "merge_config.sh failed"; }
+"${mk[@]}" KCONFIG_ALLCONFIG="$fragment" allnoconfig >>"$log" 2>&1 \
+  || { tail -n 30 "$log" >&2; die "make allnoconfig failed"; }
 "${mk[@]}" olddefconfig >>"$log" 2>&1 || { tail -n 30 "$log" >&2; die "make olddefconfig failed"; }
 
 # Every option of the fragment must have survived olddefconfig.
