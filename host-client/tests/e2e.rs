@@ -43,9 +43,9 @@ fn vm_lifecycle_isolation_quota_and_logout() {
     assert_eq!(vm_names(&list), ["a"], "{list}");
     assert!(list.contains("running"), "{list}");
 
-    // uname -r comes back: a Debian cloud kernel, the same one guest-init reported at boot.
+    // uname -r comes back: the guest's kernel, the same one guest-init reported at boot.
     let rel = stdout(&s.cli_ok("owner", &["vm", "exec", "a", "--", "uname", "-r"], None, 0)).trim().to_string();
-    assert!(rel.ends_with("-cloud-amd64"), "unexpected kernel release {rel:?}");
+    assert!(rel.starts_with("6.") && rel.len() > 4, "unexpected kernel release {rel:?}");
     assert!(list.contains(&rel), "vm list {list:?} lacks {rel}");
 
     // Exit codes, stdout/stderr separation.

@@ -233,10 +233,11 @@ mod tests {
 
     #[test]
     fn image_kernel_sources() {
-        let minimal = DEFAULT_TOML.replace("kernel = \"debian-cloud\"", "kernel = \"minimal\"");
-        assert_ne!(minimal, DEFAULT_TOML);
-        assert_eq!(Manifest::parse(&minimal).unwrap().images["base"].kernel, "minimal");
-        let bogus = DEFAULT_TOML.replace("kernel = \"debian-cloud\"", "kernel = \"bogus\"");
+        assert_eq!(Manifest::default_manifest().images["base"].kernel, "minimal");
+        let debian = DEFAULT_TOML.replace("kernel = \"minimal\"", "kernel = \"debian-cloud\"");
+        assert_ne!(debian, DEFAULT_TOML);
+        assert_eq!(Manifest::parse(&debian).unwrap().images["base"].kernel, "debian-cloud");
+        let bogus = DEFAULT_TOML.replace("kernel = \"minimal\"", "kernel = \"bogus\"");
         let err = Manifest::parse(&bogus).unwrap_err().to_string();
         assert!(err.contains("images.base.kernel") && err.contains("\"bogus\""), "{err}");
         assert!(err.contains("debian-cloud, minimal"), "{err}");

@@ -111,8 +111,18 @@ pub fn build_images(manifest: &Manifest, cache_dir: &Path, guest_init: &Path) ->
                 );
             }
             let source: capvisor_vmm::image::KernelSource = img.kernel.parse().with_context(|| format!("image {name}"))?;
-            let built = capvisor_vmm::image::ensure_image(cache_dir, source, guest_init, &mut |line| eprintln!("capvisor: {line}"))
-                .with_context(|| format!("building image {name}"))?;
+            let mut progress = |line: &str| eprintln!("capvisor: {line}");
+            let built = match capvisor_vmm::image::ensure_image(cache_dir, source, guest_init, &mut progress) {
+                Ok(b) => b,
+                // The minimal kernel is built from source; Debian's cloud
+                // kernel needs no build, so it is the fallback.
+                Err(e) if source == capvisor_vmm::image::KernelSource::Minimal => {
+                    eprintln!("capvisor: image {name}: the minimal kernel is not available ({e:#}); falling back to Debian's cloud kernel");
+                    capvisor_vmm::image::ensure_image(cache_dir, capvisor_vmm::image::KernelSource::DebianCloud, guest_init, &mut progress)
+                        .with_context(|| format!("building image {name} with the fallback kernel"))?
+                }
+                Err(e) => return Err(e).with_context(|| format!("building image {name}")),
+            };
             by_kernel.insert(img.kernel.clone(), built);
         }
         out.insert(name.clone(), by_kernel[&img.kernel].clone());
