@@ -22,6 +22,12 @@ pub struct Server {
 impl Server {
     /// Starts `capvisor serve` (with `manifest` TOML if given) and waits for its socket.
     pub fn start(manifest: Option<&str>) -> Server {
+        Self::start_with_env(manifest, &[])
+    }
+
+    /// Like [`Server::start`] with extra environment for `serve` (and so
+    /// for every process below it).
+    pub fn start_with_env(manifest: Option<&str>, envs: &[(&str, &str)]) -> Server {
         for b in ["capvisor-gateway", "capvisor-broker", "capvisor-worker", "capvisor-vmm", "capvisor-guest-init"] {
             assert!(bin_dir().join(b).exists(), "{b} is not built: run `cargo build --workspace` first");
         }
@@ -43,6 +49,7 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        cmd.envs(envs.iter().copied());
         let child = cmd.spawn().unwrap();
         let mut s = Server { dir, socket, state, child: Some(child) };
         let t0 = Instant::now();

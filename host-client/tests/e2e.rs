@@ -190,3 +190,30 @@ fn ctrl_c_with_running_vms_leaves_nothing_behind() {
     // Ctrl-C: serve shuts down; no worker, vmm or qemu may survive (checked in stop_with).
     s.stop_with(libc::SIGINT);
 }
+
+/// `auto` tries our kvm engine first where it may (forced here with
+/// CAPVISOR_ENGINE_AUTO=kvm) and falls back to QEMU when the guest does not
+/// reach guest-init — which is what happens on this nested /dev/kvm.
+#[test]
+fn auto_falls_back_to_qemu_when_the_kvm_engine_cannot_boot() {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        println!("skipped: /dev/kvm is not usable here");
+        return;
+    }
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        println!("skipped: /dev/kvm is hardware-backed here, so the kvm engine is expected to boot (see the vmm kvm engine test)");
+        return;
+    }
+    let s = Server::start_with_env(None, &[("CAPVISOR_ENGINE_AUTO", "kvm")]);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "fb"], None, 0);
+    let list = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));
+    let line = list.lines().find(|l| l.starts_with("fb ")).unwrap_or_else(|| panic!("{list}"));
+    assert!(line.contains("running") && line.contains("qemu"), "{list}");
+    let o = s.cli_ok("owner", &["vm", "exec", "fb", "--", "echo", "fell-back"], None, 0);
+    assert_eq!(stdout(&o), "fell-back\n");
+    let audit = std::fs::read_to_string(s.state.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("engine-fallback"), "fallback not audited:\n{audit}");
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}

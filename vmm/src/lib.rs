@@ -79,12 +79,17 @@ impl VmConfig {
 
 /// Which engine runs a VM asking for `engine`: `"kvm"` -> ours, `"qemu"`
 /// -> QEMU, `"auto"` -> ours where [`host_kvm_usable`] (hardware-backed
-/// `/dev/kvm`), else QEMU with TCG.
+/// `/dev/kvm`), else QEMU with TCG. `CAPVISOR_ENGINE_AUTO=kvm|qemu`
+/// overrides what `auto` means (operators, and tests of the fallback path).
 pub fn use_kvm_engine(engine: &str) -> bool {
     match engine {
         "kvm" => true,
         "qemu" => false,
-        _ => host_kvm_usable(),
+        _ => match std::env::var("CAPVISOR_ENGINE_AUTO").as_deref() {
+            Ok("kvm") => true,
+            Ok("qemu") => false,
+            _ => host_kvm_usable(),
+        },
     }
 }
 

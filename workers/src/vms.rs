@@ -157,8 +157,13 @@ fn check_spec(st: &SessionState, spec: capvisor_rpc::schema::capvisor_capnp::vm_
     Ok(CreateSpec { name, image, memory_mib, vcpus, engine })
 }
 
-/// Boots the VM of `entry`: spawns its vmm and waits for guest-init.
-async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
+/// How long `auto` gives our kvm engine to reach guest-init before it
+/// falls back to QEMU (a hardware-KVM boot takes about a second).
+pub const KVM_AUTO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Boots the VM of `entry` on `engine`: spawns its vmm and waits up to
+/// `timeout` for guest-init.
+async fn boot(st: &SessionState, entry: &VmEntry, engine: &str, timeout: Duration) -> CvResult<Running> {
     let image = st.ctx.images.get(&entry.image).ok_or_else(|| CvError::internal("image vanished"))?;
     std::fs::create_dir_all(&entry.run_dir).map_err(|e| CvError::internal(format!("cannot create run dir: {e}")))?;
     let cfg = capvisor_vmm::VmConfig {
@@ -168,7 +173,7 @@ async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
         initramfs: image.initramfs.clone(),
         memory_mib: entry.memory_mib,
         vcpus: entry.vcpus,
-        engine: entry.engine.borrow().clone(),
+        engine: engine.to_string(),
         extra_cmdline: String::new(),
     };
     let internal = |e: std::io::Error| CvError::internal(format!("cannot start the vmm: {e}"));
@@ -191,13 +196,13 @@ async fn boot(st: &SessionState, entry: &VmEntry) -> CvResult<Running> {
     let hello = guest.hello_request().send().promise;
     let exited = machine.wait_exit_request().send().promise;
     let outcome = tokio::select! {
-        r = tokio::time::timeout(BOOT_TIMEOUT, hello) => match r {
+        r = tokio::time::timeout(timeout, hello) => match r {
             Ok(Ok(resp)) => {
                 let info = resp.get().map_err(|e| CvError::internal(e.to_string()))?.get_info().map_err(|e| CvError::internal(e.to_string()))?;
                 Ok(info.get_kernel_release().ok().and_then(|t| t.to_string().ok()).unwrap_or_default())
             }
             Ok(Err(e)) => Err(format!("the guest agent channel failed: {e}")),
-            Err(_) => Err(format!("guest-init did not answer within {} s", BOOT_TIMEOUT.as_secs())),
+            Err(_) => Err(format!("guest-init did not answer within {} s", timeout.as_secs())),
         },
         r = exited => Err(match r {
             Ok(resp) => match resp.get().and_then(|r| r.get_status()) {
@@ -303,7 +308,24 @@ impl VmFactoryImpl {
         });
         st.vms.borrow_mut().insert(spec.name.clone(), entry.clone());
         let t0 = Instant::now();
-        match st.guard(boot(st, &entry)).await {
+        let requested = entry.engine.borrow().clone();
+        let booted = if requested == "auto" && capvisor_vmm::use_kvm_engine("auto") {
+            // `auto` on hardware KVM tries our kvm engine first and falls
+            // back to QEMU if it does not reach guest-init.
+            match st.guard(boot(st, &entry, "kvm", KVM_AUTO_TIMEOUT)).await {
+                Err(e) if e.code != capvisor_rpc::schema::common_capnp::ErrorCode::StaleSession => {
+                    let first = e.message.lines().next().unwrap_or("").to_string();
+                    tracing::warn!(vm = %entry.name, "engine kvm did not boot ({first}); falling back to qemu");
+                    st.audit("vm.create", "vms", "engine-fallback", Err(&e), &first);
+                    let _ = std::fs::rename(entry.run_dir.join("console.log"), entry.run_dir.join("console.kvm.log"));
+                    st.guard(boot(st, &entry, "qemu", BOOT_TIMEOUT)).await
+                }
+                r => r,
+            }
+        } else {
+            st.guard(boot(st, &entry, &requested, BOOT_TIMEOUT)).await
+        };
+        match booted {
             Ok(run) => {
                 entry.boot_ms.set(t0.elapsed().as_millis() as u64);
                 watch_exit(entry.clone(), run.machine.clone());
