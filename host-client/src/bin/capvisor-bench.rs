@@ -247,7 +247,10 @@ fn main() {
         assert!(t0.elapsed() < Duration::from_secs(900), "capvisor serve did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let image = capvisor_vmm::image::ensure_base(&capvisor_rpc::paths::cache_dir(), &guest_init, &mut |_| {}).expect("image");
+    // The same image `serve` boots for the default manifest's `base`.
+    let source: capvisor_vmm::image::KernelSource =
+        capvisor_manifest::Manifest::default_manifest().images["base"].kernel.parse().expect("kernel source");
+    let image = capvisor_vmm::image::ensure_image(&capvisor_rpc::paths::cache_dir(), source, &guest_init, &mut |_| {}).expect("image");
 
     let figures = capvisor_rpc::conn::run_local(async {
         let login = connect::login_local(&socket).await.expect("login");
