@@ -259,19 +259,7 @@ mod tests {
     use crate::devices::virtio::console::event;
     use crate::devices::virtio::queue::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
-    /// xorshift64*: deterministic, seedable.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
+    use crate::testutil::Rng;
 
     /// A random element of `xs` (arguments in this order so `xs` may use `rng`).
     fn pick<T: Copy>(xs: &[T], rng: &mut Rng) -> T {
