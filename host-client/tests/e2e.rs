@@ -175,7 +175,30 @@ fn vm_lifecycle_isolation_quota_and_logout() {
     let list = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));
     assert!(vm_names(&list).is_empty(), "run left a VM behind: {list}");
 
-    s.cli_ok("owner", &["logout"], None, 0);
+    // Caps held across a logout: a running Process, the Vm, the factory all
+    // answer staleSession, pending waits fail, and the VM is stopped.
+    let token = saved_token(&s, "owner");
+    capvisor_rpc::conn::run_local(async {
+        let sess = connect::attach(&s.socket, &token).await.unwrap();
+        let vms = ops::vms(&sess).await.unwrap();
+        let vm = ops::create_vm(&vms, &ops::VmSpec { name: "z".into(), ..Default::default() }).await.unwrap();
+        let (out, _o) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+        let (err, _e) = capvisor_rpc::sink::CollectSink::client(1 << 20);
+        let req = ops::ExecRequest { argv: vec!["sleep".into(), "100".into()], ..Default::default() };
+        let p = ops::exec(&vm, &req, out, err).await.unwrap();
+        let pending = { let p = p.clone(); tokio::task::spawn_local(async move { ops::wait(&p).await }) };
+        let other = connect::attach(&s.socket, &token).await.unwrap();
+        ops::logout(&other).await.unwrap();
+        let stale = capvisor_rpc::schema::common_capnp::ErrorCode::StaleSession;
+        assert_eq!(pending.await.unwrap().unwrap_err().code(), Some(stale), "a pending wait must fail");
+        assert_eq!(ops::kill(&p, 9).await.unwrap_err().code(), Some(stale));
+        assert_eq!(ops::vm_info(&vm).await.unwrap_err().code(), Some(stale));
+        assert_eq!(ops::list_vms(&vms).await.unwrap_err().code(), Some(stale));
+    });
+    assert_eq!(s.qemu_count(), 0, "the VM survived logout");
+    // The CLI notices the session is gone and forgets it.
+    let o = s.cli_ok("owner", &["logout"], None, 0);
+    assert!(stderr(&o).contains("already ended"), "{}", stderr(&o));
     s.stop();
 }
 
