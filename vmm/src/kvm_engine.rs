@@ -83,9 +83,24 @@ impl KvmHandle {
 
 /// The kernel command line for the kvm engine: the qemu engine's, with
 /// `reboot=k` (the i8042 reset line ends the VM as a reset) instead of
-/// `reboot=t`, so a triple fault stays distinguishable as a crash.
+/// `reboot=t`, so a triple fault stays distinguishable as a crash. Under
+/// the nested `kvm_pvm` it also hides the CPU features that hypervisor
+/// cannot emulate ([`kernel_cmdline_for`]).
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
-    crate::qemu::kernel_cmdline(cfg, None).replace("reboot=t", "reboot=k")
+    kernel_cmdline_for(cfg, capvisor_kvm::hypervisor::kvm::is_nested_pvm())
+}
+
+/// [`kernel_cmdline`] with the kvm_pvm decision made by the caller: with
+/// `nested_pvm`, [`capvisor_kvm::boot::x86_64::cpu::nested_pvm_cmdline`]
+/// (`noxsave clearcpuid=...`) goes before the user's extra options.
+pub fn kernel_cmdline_for(cfg: &VmConfig, nested_pvm: bool) -> String {
+    let c = crate::qemu::kernel_cmdline(cfg, None).replace("reboot=t", "reboot=k");
+    if nested_pvm {
+        let pvm = capvisor_kvm::boot::x86_64::cpu::nested_pvm_cmdline();
+        c.replacen("rdinit=/init", &format!("rdinit=/init {pvm}"), 1)
+    } else {
+        c
+    }
 }
 
 /// Builds the machine, confines the process, starts the vCPUs.
@@ -184,5 +199,8 @@ mod tests {
         };
         let c = kernel_cmdline(&cfg);
         assert!(c.contains("reboot=k") && !c.contains("reboot=t") && c.ends_with("x=1"), "{c}");
+        assert!(!kernel_cmdline_for(&cfg, false).contains("clearcpuid"));
+        let p = kernel_cmdline_for(&cfg, true);
+        assert!(p.contains("rdinit=/init noxsave clearcpuid=") && p.ends_with("x=1"), "{p}");
     }
 }

@@ -60,6 +60,95 @@ pub mod bits {
     pub const LEAF6_ECX_EPB: u32 = 3;
     /// Leaf 0x80000001 ECX: SVM (hidden: no nested virtualization).
     pub const EXT_ECX_SVM: u32 = 2;
+    /// Leaf 1 ECX: CMPXCHG16B.
+    pub const ECX_CX16: u32 = 13;
+}
+
+/// Which host quirks the guest CPUID works around.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuidPolicy {
+    /// Hardware-backed KVM: only the filtering of [`filter_cpuid_with`].
+    Host,
+    /// The paging-based nested hypervisor `kvm_pvm`: additionally hide
+    /// features whose instructions it cannot emulate (see
+    /// [`NESTED_PVM_HIDDEN`]; best effort, see there).
+    NestedPvm,
+}
+
+impl CpuidPolicy {
+    /// [`CpuidPolicy::NestedPvm`] when `/sys/module/kvm_pvm` exists, else
+    /// [`CpuidPolicy::Host`].
+    pub fn for_host() -> Self {
+        if crate::hypervisor::kvm::is_nested_pvm() {
+            CpuidPolicy::NestedPvm
+        } else {
+            CpuidPolicy::Host
+        }
+    }
+}
+
+/// A CPU feature hidden under [`CpuidPolicy::NestedPvm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HiddenFeature {
+    /// CPUID leaf.
+    pub leaf: u32,
+    /// CPUID subleaf.
+    pub subleaf: u32,
+    /// Output register: 'a', 'b', 'c' or 'd'.
+    pub reg: char,
+    /// Bit in that register.
+    pub bit: u32,
+    /// Linux's `X86_FEATURE_*` number (word * 32 + bit, 6.1 layout) for
+    /// `clearcpuid=`; `None` when a named option (`noxsave`) clears it.
+    pub linux_bit: Option<u16>,
+    /// `/proc/cpuinfo` name.
+    pub name: &'static str,
+}
+
+const fn hf(leaf: u32, reg: char, bit: u32, linux_bit: Option<u16>, name: &'static str) -> HiddenFeature {
+    HiddenFeature { leaf, subleaf: 0, reg, bit, linux_bit, name }
+}
+
+/// Features hidden under [`CpuidPolicy::NestedPvm`]. kvm_pvm runs much of
+/// a stock guest kernel through KVM's instruction emulator (as its log suggests:
+/// "INTERNAL_ERROR in batch emul ... cpl=0"), which lacks `cmpxchg16b`, `xrstor`,
+/// `popcnt`, FS/GS-base, `rdtscp`, `rdrand`/`rdseed`, PKU, BMI, ... Seen
+/// failing in forced boots: `lock cmpxchg16b` (SLUB), `xrstor` (FPU init),
+/// `popcnt` (`__bitmap_weight`); the rest are hidden before they fail.
+///
+/// CPUID is only a hint there: a guest's `cpuid` often runs natively and
+/// returns the host's answer (XSAVE and POPCNT stayed visible to Linux),
+/// so the same list goes onto the kernel command line
+/// ([`nested_pvm_cmdline`]), which Linux always obeys.
+pub const NESTED_PVM_HIDDEN: &[HiddenFeature] = &[
+    hf(1, 'c', bits::ECX_CX16, Some(4 * 32 + 13), "cx16"),
+    hf(1, 'c', 26, None, "xsave"), // `noxsave` (also drops AVX*)
+    hf(1, 'c', 28, None, "avx"),
+    hf(1, 'c', 23, Some(4 * 32 + 23), "popcnt"),
+    hf(1, 'c', 30, Some(4 * 32 + 30), "rdrand"),
+    hf(1, 'c', 17, Some(4 * 32 + 17), "pcid"),
+    hf(1, 'c', 22, Some(4 * 32 + 22), "movbe"),
+    hf(0x8000_0001, 'd', 27, Some(32 + 27), "rdtscp"),
+    hf(0x8000_0001, 'c', 5, Some(6 * 32 + 5), "abm"),
+    hf(7, 'b', 0, Some(9 * 32), "fsgsbase"),
+    hf(7, 'b', 3, Some(9 * 32 + 3), "bmi1"),
+    hf(7, 'b', 5, Some(9 * 32 + 5), "avx2"),
+    hf(7, 'b', 8, Some(9 * 32 + 8), "bmi2"),
+    hf(7, 'b', 10, Some(9 * 32 + 10), "invpcid"),
+    hf(7, 'b', 18, Some(9 * 32 + 18), "rdseed"),
+    hf(7, 'b', 20, Some(9 * 32 + 20), "smap"),
+    hf(7, 'b', 23, Some(9 * 32 + 23), "clflushopt"),
+    hf(7, 'b', 24, Some(9 * 32 + 24), "clwb"),
+    hf(7, 'c', 3, Some(16 * 32 + 3), "pku"),
+    hf(7, 'c', 4, Some(16 * 32 + 4), "ospke"),
+    hf(7, 'c', 22, Some(16 * 32 + 22), "rdpid"),
+];
+
+/// Kernel command-line options matching [`NESTED_PVM_HIDDEN`]:
+/// `noxsave clearcpuid=<X86_FEATURE numbers>` (Linux 6.1 takes numbers).
+pub fn nested_pvm_cmdline() -> String {
+    let bits: Vec<String> = NESTED_PVM_HIDDEN.iter().filter_map(|f| f.linux_bit).map(|b| b.to_string()).collect();
+    format!("noxsave clearcpuid={}", bits.join(","))
 }
 
 /// Leaf 0xB / 0x1F level types (SDM Vol. 2A, CPUID leaf 0BH, ECX[15:8]).
@@ -114,8 +203,14 @@ pub fn topology_leaves(function: u32, p: &CpuidParams) -> [CpuidEntry; 3] {
 /// * leaf 0xA: zeroed (no architectural PMU);
 /// * leaves 0xB and 0x1F: rewritten by [`topology_leaves`] (0x1F only if
 ///   the host had it);
-/// * leaf 0x80000001: SVM cleared.
+/// * leaf 0x80000001: SVM cleared;
+/// * under `kvm_pvm` ([`CpuidPolicy::for_host`]): [`NESTED_PVM_HIDDEN`] cleared.
 pub fn filter_cpuid(entries: &mut Vec<CpuidEntry>, p: &CpuidParams) {
+    filter_cpuid_with(entries, p, CpuidPolicy::for_host());
+}
+
+/// [`filter_cpuid`] with an explicit [`CpuidPolicy`].
+pub fn filter_cpuid_with(entries: &mut Vec<CpuidEntry>, p: &CpuidParams, policy: CpuidPolicy) {
     let n = u32::from(p.vcpus.max(1));
     let max_basic = entries.iter().find(|e| e.function == 0).map_or(0, |e| e.eax);
     let had_1f = entries.iter().any(|e| e.function == 0x1f);
@@ -146,6 +241,19 @@ pub fn filter_cpuid(entries: &mut Vec<CpuidEntry>, p: &CpuidParams) {
             }
             0x8000_0001 => set_bit(&mut e.ecx, bits::EXT_ECX_SVM, false),
             _ => {}
+        }
+    }
+    if policy == CpuidPolicy::NestedPvm {
+        for h in NESTED_PVM_HIDDEN {
+            for e in entries.iter_mut().filter(|e| e.function == h.leaf && e.index == h.subleaf) {
+                let reg = match h.reg {
+                    'a' => &mut e.eax,
+                    'b' => &mut e.ebx,
+                    'c' => &mut e.ecx,
+                    _ => &mut e.edx,
+                };
+                set_bit(reg, h.bit, false);
+            }
         }
     }
     if max_basic >= 0xb {
@@ -262,7 +370,7 @@ mod tests {
     #[test]
     fn leaf1_identity_and_hypervisor_bit() {
         let mut v = host();
-        filter_cpuid(&mut v, &CpuidParams { vcpu_id: 3, vcpus: 4, tsc_deadline: true });
+        filter_cpuid_with(&mut v, &CpuidParams { vcpu_id: 3, vcpus: 4, tsc_deadline: true }, CpuidPolicy::Host);
         let l1 = get(&v, 1, 0);
         assert_eq!(l1.ebx >> 24, 3, "APIC id");
         assert_eq!((l1.ebx >> 16) & 0xff, 4, "logical processors");
@@ -272,7 +380,7 @@ mod tests {
         assert_ne!(l1.ecx & (1 << 24), 0, "TSC deadline");
         assert_ne!(l1.edx & (1 << 28), 0, "HTT with 4 vCPUs");
         let mut v = host();
-        filter_cpuid(&mut v, &CpuidParams { vcpu_id: 0, vcpus: 1, tsc_deadline: false });
+        filter_cpuid_with(&mut v, &CpuidParams { vcpu_id: 0, vcpus: 1, tsc_deadline: false }, CpuidPolicy::Host);
         let l1 = get(&v, 1, 0);
         assert_eq!((l1.ecx & (1 << 24), l1.edx & (1 << 28)), (0, 0));
         assert_eq!(get(&v, 0x8000_0001, 0).ecx & (1 << 2), 0, "no SVM");
@@ -281,7 +389,7 @@ mod tests {
     #[test]
     fn topology_leaves_describe_one_package_of_n_cores() {
         let mut v = host();
-        filter_cpuid(&mut v, &CpuidParams { vcpu_id: 5, vcpus: 6, tsc_deadline: false });
+        filter_cpuid_with(&mut v, &CpuidParams { vcpu_id: 5, vcpus: 6, tsc_deadline: false }, CpuidPolicy::Host);
         for f in [0xb, 0x1f] {
             let smt = get(&v, f, 0);
             assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 5));
@@ -294,7 +402,7 @@ mod tests {
         }
         // no 0x1F on hosts that lack it
         let mut v: Vec<CpuidEntry> = host().into_iter().filter(|e| e.function != 0x1f).collect();
-        filter_cpuid(&mut v, &CpuidParams { vcpu_id: 0, vcpus: 1, tsc_deadline: false });
+        filter_cpuid_with(&mut v, &CpuidParams { vcpu_id: 0, vcpus: 1, tsc_deadline: false }, CpuidPolicy::Host);
         assert!(v.iter().all(|e| e.function != 0x1f));
         assert_eq!(get(&v, 0xb, 1).eax, 0);
     }
@@ -302,7 +410,7 @@ mod tests {
     #[test]
     fn cache_pmu_and_power_leaves() {
         let mut v = host();
-        filter_cpuid(&mut v, &CpuidParams { vcpu_id: 0, vcpus: 4, tsc_deadline: false });
+        filter_cpuid_with(&mut v, &CpuidParams { vcpu_id: 0, vcpus: 4, tsc_deadline: false }, CpuidPolicy::Host);
         let l1d = get(&v, 4, 0);
         assert_eq!((l1d.eax >> 26, (l1d.eax >> 14) & 0xfff, l1d.eax & 0x3fff), (3, 0, 0x0121));
         let l3 = get(&v, 4, 3);
@@ -312,6 +420,36 @@ mod tests {
         assert_eq!((pmu.eax, pmu.edx), (0, 0));
         let l6 = get(&v, 6, 0);
         assert_eq!((l6.eax & 2, l6.ecx & 8), (0, 0));
+    }
+
+    #[test]
+    fn nested_pvm_policy_hides_unemulated_features_only_there() {
+        let l7 = CpuidEntry { function: 7, eax: 0, ebx: u32::MAX, ecx: u32::MAX, edx: u32::MAX, ..Default::default() };
+        let mut v = host();
+        v.push(l7);
+        let p = CpuidParams { vcpu_id: 0, vcpus: 1, tsc_deadline: false };
+        filter_cpuid_with(&mut v, &p, CpuidPolicy::Host);
+        assert_ne!(get(&v, 1, 0).ecx & (1 << bits::ECX_CX16), 0, "host keeps CX16");
+        assert_eq!(get(&v, 7, 0).ebx, u32::MAX);
+        let mut v = host();
+        v.push(l7);
+        filter_cpuid_with(&mut v, &p, CpuidPolicy::NestedPvm);
+        let l1 = get(&v, 1, 0);
+        assert_eq!(l1.ecx & (1 << bits::ECX_CX16 | 1 << 23 | 1 << 26), 0, "cx16, popcnt, xsave hidden");
+        assert_ne!(l1.ecx & (1 << 31), 0, "hypervisor bit still set");
+        let l7 = get(&v, 7, 0);
+        assert_eq!(l7.ebx & (1 << 0 | 1 << 20), 0, "fsgsbase, smap hidden");
+        assert_ne!(l7.ebx & (1 << 7), 0, "smep kept");
+        assert_eq!(l7.ecx & (1 << 3), 0, "pku hidden");
+    }
+
+    #[test]
+    fn nested_pvm_cmdline_lists_linux_feature_numbers() {
+        let c = nested_pvm_cmdline();
+        assert!(c.starts_with("noxsave clearcpuid="), "{c}");
+        let nums: Vec<u16> = c.rsplit('=').next().unwrap().split(',').map(|n| n.parse().unwrap()).collect();
+        assert!(nums.contains(&141) && nums.contains(&151), "cx16 = 4*32+13, popcnt = 4*32+23: {c}");
+        assert_eq!(nums.len(), NESTED_PVM_HIDDEN.iter().filter(|f| f.linux_bit.is_some()).count());
     }
 
     #[test]
