@@ -50,10 +50,7 @@ impl Launcher for ProcessLauncher {
             .env(crate::config::SESSION_CONTEXT_ENV, serde_json::to_string(ctx)?)
             .env_remove(crate::config::CONFIG_ENV)
             .stdin(std::process::Stdio::null());
-        let inherit = [
-            spawn::Inherit { fd: rpc_theirs, target: 3 },
-            spawn::Inherit { fd: att_theirs, target: 4 },
-        ];
+        let inherit = [spawn::Inherit { fd: rpc_theirs, target: 3 }, spawn::Inherit { fd: att_theirs, target: 4 }];
         spawn::prepare(&mut cmd, &inherit);
         let child = cmd.spawn().with_context(|| format!("starting {}", self.worker_bin.display()))?;
         drop(inherit);

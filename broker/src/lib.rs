@@ -34,17 +34,14 @@ mod tests;
 pub use config::BrokerConfig;
 pub use service::BrokerService;
 
+use capvisor_rpc::conn;
 use capvisor_rpc::fdpass::FdChannel;
 use capvisor_rpc::schema::internal_capnp::broker;
-use capvisor_rpc::conn;
 use std::os::fd::RawFd;
 
 /// Now, Unix epoch milliseconds.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The broker process's main loop (see the crate docs). Must run inside

@@ -57,7 +57,11 @@ impl broker::Server for BrokerServer {
         Ok(())
     }
 
-    async fn resume(self: CapRc<Self>, params: broker::ResumeParams, mut results: broker::ResumeResults) -> capnp::Result<()> {
+    async fn resume(
+        self: CapRc<Self>,
+        params: broker::ResumeParams,
+        mut results: broker::ResumeResults,
+    ) -> capnp::Result<()> {
         let p = params.get()?;
         let token = p.get_token()?.to_str().unwrap_or("").to_string();
         let peer = text(p.get_peer())?;
@@ -88,12 +92,20 @@ impl SessionHostServer {
 }
 
 impl session_host::Server for SessionHostServer {
-    async fn logout(self: CapRc<Self>, _: session_host::LogoutParams, _: session_host::LogoutResults) -> capnp::Result<()> {
+    async fn logout(
+        self: CapRc<Self>,
+        _: session_host::LogoutParams,
+        _: session_host::LogoutResults,
+    ) -> capnp::Result<()> {
         self.svc()?.logout(&self.session, &self.principal);
         Ok(())
     }
 
-    async fn audit(self: CapRc<Self>, params: session_host::AuditParams, _: session_host::AuditResults) -> capnp::Result<()> {
+    async fn audit(
+        self: CapRc<Self>,
+        params: session_host::AuditParams,
+        _: session_host::AuditResults,
+    ) -> capnp::Result<()> {
         let ev = params.get()?.get_event()?;
         let mut rec = AuditRecord::new(
             &text(ev.get_action())?,
@@ -119,7 +131,8 @@ impl session_host::Server for SessionHostServer {
         if !self.accounts {
             return Err(capnp::Error::failed("this session's bundle does not hold the accounts capability".into()));
         }
-        let server = AccountsServer { svc: self.svc.clone(), session: self.session.clone(), principal: self.principal.clone() };
+        let server =
+            AccountsServer { svc: self.svc.clone(), session: self.session.clone(), principal: self.principal.clone() };
         results.get().set_accounts(capnp_rpc::new_client(server));
         Ok(())
     }
@@ -140,7 +153,11 @@ impl AccountsServer {
 }
 
 impl accounts::Server for AccountsServer {
-    async fn add(self: CapRc<Self>, params: accounts::AddParams, mut results: accounts::AddResults) -> capnp::Result<()> {
+    async fn add(
+        self: CapRc<Self>,
+        params: accounts::AddParams,
+        mut results: accounts::AddResults,
+    ) -> capnp::Result<()> {
         let p = params.get()?;
         let name = text(p.get_name())?;
         let profile = text(p.get_profile())?;
@@ -163,7 +180,11 @@ impl accounts::Server for AccountsServer {
         Ok(())
     }
 
-    async fn remove(self: CapRc<Self>, params: accounts::RemoveParams, mut results: accounts::RemoveResults) -> capnp::Result<()> {
+    async fn remove(
+        self: CapRc<Self>,
+        params: accounts::RemoveParams,
+        mut results: accounts::RemoveResults,
+    ) -> capnp::Result<()> {
         let name = text(params.get()?.get_name())?;
         let res = self.svc()?.account_remove(&self.principal, &self.session, &name).await;
         write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));

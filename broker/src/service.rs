@@ -140,7 +140,8 @@ impl BrokerService {
             std::fs::set_permissions(&sessions_dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let store = CredentialStore::open(&cfg.accounts_path(), cfg.manifest.profiles.keys().cloned(), params)?;
-        let audit = AuditLog::open(&cfg.audit_path()).with_context(|| format!("opening {}", cfg.audit_path().display()))?;
+        let audit =
+            AuditLog::open(&cfg.audit_path()).with_context(|| format!("opening {}", cfg.audit_path().display()))?;
         let store = Arc::new(store);
         {
             let store = store.clone();
@@ -463,7 +464,9 @@ impl BrokerService {
                 t.abort();
             }
             tracing::info!(session = %id, "session ended: {why}");
-            self.audit(AuditRecord::new("session.end", "Worker", "", "ok").principal(&s.principal).session(id).detail(why));
+            self.audit(
+                AuditRecord::new("session.end", "Worker", "", "ok").principal(&s.principal).session(id).detail(why),
+            );
         }
     }
 
@@ -474,7 +477,9 @@ impl BrokerService {
         self.tokens.borrow_mut().remove(id);
         let Some(s) = self.sessions.borrow().get(id).cloned() else { return };
         let action = if reason == "expired" { "session.expire" } else { "session.revoke" };
-        self.audit(AuditRecord::new(action, "Worker", "revoke", "ok").principal(&s.principal).session(id).detail(reason));
+        self.audit(
+            AuditRecord::new(action, "Worker", "revoke", "ok").principal(&s.principal).session(id).detail(reason),
+        );
         let reason = reason.to_string();
         tokio::task::spawn_local(async move {
             let mut req = s.worker.revoke_request();
@@ -491,7 +496,9 @@ impl BrokerService {
     pub fn logout(&self, id: &str, principal: &str) {
         let had = self.tokens.borrow_mut().remove(id);
         let detail = if had { "token deleted" } else { "token already gone" };
-        self.audit(AuditRecord::new("logout", "Session", "logout", "ok").principal(principal).session(id).detail(detail));
+        self.audit(
+            AuditRecord::new("logout", "Session", "logout", "ok").principal(principal).session(id).detail(detail),
+        );
     }
 
     // ---- attach ---------------------------------------------------------
@@ -540,13 +547,21 @@ impl BrokerService {
     // ---- accounts -------------------------------------------------------
 
     /// `Accounts.add` by `actor` (session `sid`). Audits `account.add`.
-    pub async fn account_add(&self, actor: &str, sid: &str, name: &str, profile: &str, password: String) -> CvResult<()> {
+    pub async fn account_add(
+        &self,
+        actor: &str,
+        sid: &str,
+        name: &str,
+        profile: &str,
+        password: String,
+    ) -> CvResult<()> {
         let store = self.store.clone();
         let (n, p) = (name.to_string(), profile.to_string());
         let res = tokio::task::spawn_blocking(move || store.add(&n, &p, &password))
             .await
             .unwrap_or_else(|_| Err(CvError::internal("hashing task failed")));
-        let shown_profile = if self.cfg.manifest.profiles.contains_key(profile) { profile } else { "<unknown profile>" };
+        let shown_profile =
+            if self.cfg.manifest.profiles.contains_key(profile) { profile } else { "<unknown profile>" };
         self.audit(
             AuditRecord::new("account.add", "Accounts", "add", outcome(&res))
                 .principal(actor)
@@ -596,7 +611,9 @@ impl BrokerService {
     pub async fn shutdown(self: &Rc<Self>) {
         self.shutting_down.set(true);
         let sessions: Vec<Rc<LiveSession>> = self.sessions.borrow().values().cloned().collect();
-        self.audit(AuditRecord::new("shutdown", "Broker", "", "ok").detail(format!("{} live sessions", sessions.len())));
+        self.audit(
+            AuditRecord::new("shutdown", "Broker", "", "ok").detail(format!("{} live sessions", sessions.len())),
+        );
         let revokes = sessions.iter().map(|s| {
             self.tokens.borrow_mut().remove(&s.id);
             let mut req = s.worker.revoke_request();

@@ -149,7 +149,10 @@ impl CredentialStore {
             return Err(already_exists(name));
         }
         let mut next = accounts.clone();
-        next.insert(name.to_string(), AccountRecord { profile: profile.to_string(), hash, created_ms: crate::now_ms() });
+        next.insert(
+            name.to_string(),
+            AccountRecord { profile: profile.to_string(), hash, created_ms: crate::now_ms() },
+        );
         self.persist(&next)?;
         *accounts = next;
         Ok(())
@@ -161,7 +164,10 @@ impl CredentialStore {
     pub fn remove(&self, name: &str) -> CvResult<()> {
         let mut accounts = self.lock();
         if !accounts.contains_key(name) {
-            return Err(CvError::not_found(format!("no account named {:?}", name.chars().take(40).collect::<String>())));
+            return Err(CvError::not_found(format!(
+                "no account named {:?}",
+                name.chars().take(40).collect::<String>()
+            )));
         }
         let mut next = accounts.clone();
         next.remove(name);
@@ -249,7 +255,10 @@ impl CredentialStore {
 }
 
 fn already_exists(name: &str) -> CvError {
-    CvError::new(capvisor_rpc::schema::common_capnp::ErrorCode::AlreadyExists, format!("account {name:?} already exists"))
+    CvError::new(
+        capvisor_rpc::schema::common_capnp::ErrorCode::AlreadyExists,
+        format!("account {name:?} already exists"),
+    )
 }
 
 #[cfg(test)]
@@ -265,7 +274,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn open(dir: &Path) -> CredentialStore {
-        CredentialStore::open(&dir.join("accounts.json"), ["owner".to_string(), "user".to_string()], test_params()).unwrap()
+        CredentialStore::open(&dir.join("accounts.json"), ["owner".to_string(), "user".to_string()], test_params())
+            .unwrap()
     }
 
     #[test]

@@ -53,7 +53,11 @@ impl session::Server for FakeSession {
 }
 
 impl worker::Server for FakeWorker {
-    async fn session(self: CapRc<Self>, _: worker::SessionParams, mut results: worker::SessionResults) -> capnp::Result<()> {
+    async fn session(
+        self: CapRc<Self>,
+        _: worker::SessionParams,
+        mut results: worker::SessionResults,
+    ) -> capnp::Result<()> {
         let delay = self.st.borrow().session_delay;
         tokio::time::sleep(delay).await;
         results.get().set_session(capnp_rpc::new_client(FakeSession { ctx: self.ctx.clone() }));
@@ -181,12 +185,18 @@ fn local_login_owner_ok_other_denied_disabled_denied() {
         let h2 = harness(|c| c.manifest.gateway.auth = vec!["password".into()]);
         assert_eq!(err(h2.svc.login_local(me, 1).await).code, ErrorCode::Denied);
         assert_eq!(h2.svc.session_count(), 0);
-        assert!(h2.audit_lines().iter().any(|l| l["method"] == "loginLocal" && l["outcome"] == "denied"),
-            "a disabled method's attempt is audited");
+        assert!(
+            h2.audit_lines().iter().any(|l| l["method"] == "loginLocal" && l["outcome"] == "denied"),
+            "a disabled method's attempt is audited"
+        );
 
         let lines = h.audit_lines();
-        assert!(lines.iter().any(|l| l["action"] == "login" && l["outcome"] == "ok" && l["session"] == g.session_id.as_str()));
-        assert!(lines.iter().any(|l| l["action"] == "login" && l["outcome"] == "denied" && l["peer"] == "unix:uid=54321 pid=1"));
+        assert!(lines
+            .iter()
+            .any(|l| l["action"] == "login" && l["outcome"] == "ok" && l["session"] == g.session_id.as_str()));
+        assert!(lines
+            .iter()
+            .any(|l| l["action"] == "login" && l["outcome"] == "denied" && l["peer"] == "unix:uid=54321 pid=1"));
     });
 }
 
@@ -341,11 +351,15 @@ fn attach_routes_live_tokens_and_rejects_others() {
         h.host(&g.session_id).logout_request().send().promise.await.unwrap();
         let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
         h.svc.attach(g.token.clone().into_bytes(), server.into_std().unwrap().into()).await;
-        assert_eq!(capvisor_rpc::attach::read_reply(&mut client).await.unwrap().unwrap_err().code, ErrorCode::StaleSession);
+        assert_eq!(
+            capvisor_rpc::attach::read_reply(&mut client).await.unwrap().unwrap_err().code,
+            ErrorCode::StaleSession
+        );
         assert_eq!(h.fake.st.borrow().attached.len(), 1);
         let lines = h.audit_lines();
         assert_eq!(lines.iter().filter(|l| l["action"] == "attach" && l["outcome"] == "staleSession").count(), 3);
-        assert!(lines.iter().any(|l| l["action"] == "attach" && l["outcome"] == "ok"
+        assert!(lines.iter().any(|l| l["action"] == "attach"
+            && l["outcome"] == "ok"
             && l["peer"].as_str().unwrap().starts_with("unix:uid=")));
     });
 }
@@ -398,7 +412,9 @@ fn accounts_only_for_bundles_holding_them() {
                 let resp = req.send().promise.await.unwrap();
                 match resp.get().unwrap().get_result().unwrap().which().unwrap() {
                     capvisor_rpc::schema::common_capnp::unit_result::Ok(()) => Ok(()),
-                    capvisor_rpc::schema::common_capnp::unit_result::Err(e) => Err(CvError::read_from(e.unwrap()).unwrap()),
+                    capvisor_rpc::schema::common_capnp::unit_result::Err(e) => {
+                        Err(CvError::read_from(e.unwrap()).unwrap())
+                    }
                 }
             }
         };
@@ -504,7 +520,10 @@ fn a_login_abandoned_mid_way_leaves_no_session() {
         let h = harness(|_| {});
         h.fake.st.borrow_mut().session_delay = Duration::from_millis(300);
         let svc = h.svc.clone();
-        let login = tokio::task::spawn_local(async move { svc.login_local(nix::unistd::getuid().as_raw(), 1).await.map(|_| ()) });
+        let login =
+            tokio::task::spawn_local(
+                async move { svc.login_local(nix::unistd::getuid().as_raw(), 1).await.map(|_| ()) },
+            );
         tokio::time::sleep(Duration::from_millis(100)).await;
         login.abort(); // the client hung up: the RPC call is cancelled
         tokio::time::sleep(Duration::from_millis(600)).await;

@@ -81,7 +81,14 @@ impl Gateway {
                 Err(e) => {
                     let transient = matches!(
                         e.raw_os_error(),
-                        Some(libc::EMFILE | libc::ENFILE | libc::ECONNABORTED | libc::ENOBUFS | libc::ENOMEM | libc::EINTR)
+                        Some(
+                            libc::EMFILE
+                                | libc::ENFILE
+                                | libc::ECONNABORTED
+                                | libc::ENOBUFS
+                                | libc::ENOMEM
+                                | libc::EINTR
+                        )
                     );
                     if !transient {
                         return Err(e);
@@ -242,7 +249,11 @@ impl gateway::Server for GatewayServer {
         copy_login(resp.get()?.get_result()?, results.get().init_result())
     }
 
-    async fn resume(self: CapRc<Self>, params: gateway::ResumeParams, mut results: gateway::ResumeResults) -> capnp::Result<()> {
+    async fn resume(
+        self: CapRc<Self>,
+        params: gateway::ResumeParams,
+        mut results: gateway::ResumeResults,
+    ) -> capnp::Result<()> {
         let token = params.get()?.get_token()?;
         if token.as_bytes().len() > capvisor_rpc::attach::MAX_TOKEN {
             CvError::stale().write_to(results.get().init_result().init_err());

@@ -22,10 +22,18 @@ struct FakeBroker {
 }
 
 impl broker::Server for FakeBroker {
-    async fn login_local(self: CapRc<Self>, p: broker::LoginLocalParams, mut r: broker::LoginLocalResults) -> capnp::Result<()> {
+    async fn login_local(
+        self: CapRc<Self>,
+        p: broker::LoginLocalParams,
+        mut r: broker::LoginLocalResults,
+    ) -> capnp::Result<()> {
         let p = p.get()?;
         self.seen.borrow_mut().local.push((p.get_uid(), p.get_pid()));
-        let msg = if self.auth.iter().any(|a| a == "local") { format!("uid {}", p.get_uid()) } else { "local login is disabled".into() };
+        let msg = if self.auth.iter().any(|a| a == "local") {
+            format!("uid {}", p.get_uid())
+        } else {
+            "local login is disabled".into()
+        };
         CvError::denied(msg).write_to(r.get().init_result().init_err());
         Ok(())
     }
@@ -40,7 +48,11 @@ impl broker::Server for FakeBroker {
         if user == "slow" {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        let msg = if self.auth.iter().any(|a| a == "password") { "invalid user name or password" } else { "password login is disabled" };
+        let msg = if self.auth.iter().any(|a| a == "password") {
+            "invalid user name or password"
+        } else {
+            "password login is disabled"
+        };
         CvError::denied(msg).write_to(r.get().init_result().init_err());
         Ok(())
     }
@@ -171,14 +183,20 @@ fn logins_forward_the_peer_and_disabled_methods_are_denied() {
         req.get().set_user("bob");
         req.get().set_password("hunter22");
         let resp = req.send().promise.await.unwrap();
-        assert_eq!(err_code(resp.get().unwrap().get_result().unwrap()), (ErrorCode::Denied, "password login is disabled".into()));
+        assert_eq!(
+            err_code(resp.get().unwrap().get_result().unwrap()),
+            (ErrorCode::Denied, "password login is disabled".into())
+        );
         assert_eq!(env.seen.borrow().password, vec![("bob".into(), peer.clone())]);
 
         let env = start(&["password"], 16);
         let gw = rpc_client(&env.path).await;
         assert_eq!(methods(&gw).await, vec!["password"]);
         let resp = gw.login_local_request().send().promise.await.unwrap();
-        assert_eq!(err_code(resp.get().unwrap().get_result().unwrap()), (ErrorCode::Denied, "local login is disabled".into()));
+        assert_eq!(
+            err_code(resp.get().unwrap().get_result().unwrap()),
+            (ErrorCode::Denied, "local login is disabled".into())
+        );
 
         // resume forwards too; an over-long token is stale without a broker round trip.
         let mut req = gw.resume_request();

@@ -76,10 +76,7 @@ pub fn default_env(pty: bool) -> Vec<(String, String)> {
         ("LOGNAME".into(), "root".into()),
         ("SHELL".into(), "/bin/sh".into()),
         ("LANG".into(), "C.UTF-8".into()),
-        (
-            "TERM".into(),
-            if pty { "xterm-256color" } else { "dumb" }.into(),
-        ),
+        ("TERM".into(), if pty { "xterm-256color" } else { "dumb" }.into()),
     ]
 }
 
@@ -147,14 +144,8 @@ fn pipe_cloexec() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 /// What the child gets as fds 0, 1, 2.
 enum ChildStdio {
-    Pipes {
-        stdin: OwnedFd,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
-    },
-    Pty {
-        slave: OwnedFd,
-    },
+    Pipes { stdin: OwnedFd, stdout: OwnedFd, stderr: OwnedFd },
+    Pty { slave: OwnedFd },
 }
 
 const STAGE_SETUP: u8 = 1;
@@ -170,26 +161,15 @@ fn fork_exec(
     cwd: &CStr,
     stdio: ChildStdio,
 ) -> CvResult<(libc::pid_t, oneshot::Receiver<Exit>)> {
-    let argv_ptrs: Vec<*const libc::c_char> = argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp_ptrs: Vec<*const libc::c_char> = envp
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    let argv_ptrs: Vec<*const libc::c_char> =
+        argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp_ptrs: Vec<*const libc::c_char> =
+        envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let (err_r, err_w) = pipe_cloexec().map_err(|e| CvError::internal(format!("pipe: {e}")))?;
     let (fds, is_pty) = match &stdio {
-        ChildStdio::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } => (
-            [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
-            false,
-        ),
+        ChildStdio::Pipes { stdin, stdout, stderr } => {
+            ([stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()], false)
+        }
         ChildStdio::Pty { slave } => ([slave.as_raw_fd(); 3], true),
     };
     let err_w_raw = err_w.as_raw_fd();
@@ -209,11 +189,7 @@ fn fork_exec(
         }
         if pid == 0 {
             // SAFETY: we are the freshly forked child.
-            unsafe {
-                child_after_fork(
-                    prog, &argv_ptrs, &envp_ptrs, cwd, fds, is_pty, err_w_raw, &empty_set,
-                )
-            }
+            unsafe { child_after_fork(prog, &argv_ptrs, &envp_ptrs, cwd, fds, is_pty, err_w_raw, &empty_set) }
         }
         Ok(pid)
     });
@@ -232,13 +208,7 @@ fn fork_exec(
     let mut got = 0;
     while got < report.len() {
         // SAFETY: reading into our buffer.
-        let n = unsafe {
-            libc::read(
-                err_r.as_raw_fd(),
-                report[got..].as_mut_ptr().cast(),
-                report.len() - got,
-            )
-        };
+        let n = unsafe { libc::read(err_r.as_raw_fd(), report[got..].as_mut_ptr().cast(), report.len() - got) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -261,9 +231,7 @@ fn fork_exec(
         (STAGE_CHDIR, libc::ENOENT | libc::ENOTDIR) => {
             CvError::not_found(format!("cwd {}: {e}", cwd.to_string_lossy()))
         }
-        (STAGE_CHDIR, libc::EACCES) => {
-            CvError::denied(format!("cwd {}: {e}", cwd.to_string_lossy()))
-        }
+        (STAGE_CHDIR, libc::EACCES) => CvError::denied(format!("cwd {}: {e}", cwd.to_string_lossy())),
         (STAGE_EXEC, libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR | libc::ELOOP) => {
             CvError::not_found(format!("cannot execute {prog_s}: {e}"))
         }
@@ -341,20 +309,12 @@ unsafe fn child_after_fork(
 /// `unavailable` / `internal`.
 ///
 /// Must be called inside a `LocalSet`.
-pub fn start(
-    req: ExecRequest,
-    stdout: byte_sink::Client,
-    stderr: byte_sink::Client,
-) -> CvResult<process::Client> {
+pub fn start(req: ExecRequest, stdout: byte_sink::Client, stderr: byte_sink::Client) -> CvResult<process::Client> {
     let server = start_server(req, stdout, stderr)?;
     Ok(capnp_rpc::new_client(server))
 }
 
-fn start_server(
-    req: ExecRequest,
-    stdout: byte_sink::Client,
-    stderr: byte_sink::Client,
-) -> CvResult<ProcessServer> {
+fn start_server(req: ExecRequest, stdout: byte_sink::Client, stderr: byte_sink::Client) -> CvResult<ProcessServer> {
     if req.argv.is_empty() {
         return Err(CvError::invalid("argv is empty"));
     }
@@ -367,9 +327,7 @@ fn start_server(
     let mut env = default_env(req.pty.is_some());
     for (n, v) in &req.env {
         if n.is_empty() || n.contains('=') || n.contains('\0') {
-            return Err(CvError::invalid(format!(
-                "bad environment variable name {n:?}"
-            )));
+            return Err(CvError::invalid(format!("bad environment variable name {n:?}")));
         }
         match env.iter_mut().find(|(k, _)| k == n) {
             Some(slot) => slot.1 = v.clone(),
@@ -380,22 +338,13 @@ fn start_server(
         .iter()
         .map(|(n, v)| cstring(&format!("{n}={v}"), "an environment variable"))
         .collect::<CvResult<Vec<_>>>()?;
-    let argv = req
-        .argv
-        .iter()
-        .map(|a| cstring(a, "argv"))
-        .collect::<CvResult<Vec<_>>>()?;
+    let argv = req.argv.iter().map(|a| cstring(a, "argv")).collect::<CvResult<Vec<_>>>()?;
 
     // Working directory.
     let cwd = Path::new("/").join(if req.cwd.is_empty() { "/" } else { &req.cwd });
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(CvError::invalid(format!(
-                "cwd {} is not a directory",
-                cwd.display()
-            )))
-        }
+        Ok(_) => return Err(CvError::invalid(format!("cwd {} is not a directory", cwd.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             return Err(CvError::denied(format!("cwd {}: {e}", cwd.display())))
         }
@@ -404,11 +353,7 @@ fn start_server(
     let cwd_c = cstring(&cwd.to_string_lossy(), "cwd")?;
 
     // Program.
-    let path_var = env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("");
+    let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("");
     let prog = resolve_program(&req.argv[0], path_var, &cwd)?;
     let prog_c = cstring(&prog.to_string_lossy(), "program path")?;
 
@@ -416,28 +361,17 @@ fn start_server(
     let io_err = |what: &str, e: std::io::Error| CvError::internal(format!("{what}: {e}"));
     let (stdio, stdin_fd, stdout_fd, stderr_fd, master) = match req.pty {
         Some((rows, cols)) => {
-            let p = crate::pty::open(rows, cols).map_err(|e| {
-                CvError::unavailable(format!("cannot allocate a pseudo-terminal: {e}"))
-            })?;
+            let p = crate::pty::open(rows, cols)
+                .map_err(|e| CvError::unavailable(format!("cannot allocate a pseudo-terminal: {e}")))?;
             let master = FdStream::new_pty_master(p.master).map_err(|e| io_err("pty master", e))?;
-            (
-                ChildStdio::Pty { slave: p.slave },
-                None,
-                None,
-                None,
-                Some(master),
-            )
+            (ChildStdio::Pty { slave: p.slave }, None, None, None, Some(master))
         }
         None => {
             let (in_r, in_w) = pipe_cloexec().map_err(|e| io_err("pipe", e))?;
             let (out_r, out_w) = pipe_cloexec().map_err(|e| io_err("pipe", e))?;
             let (err_r, err_w) = pipe_cloexec().map_err(|e| io_err("pipe", e))?;
             (
-                ChildStdio::Pipes {
-                    stdin: in_r,
-                    stdout: out_w,
-                    stderr: err_w,
-                },
+                ChildStdio::Pipes { stdin: in_r, stdout: out_w, stderr: err_w },
                 Some(in_w),
                 Some(out_r),
                 Some(err_r),
@@ -449,26 +383,16 @@ fn start_server(
 
     // Readers and the stdin writer.
     let (out_reader, err_reader, stdin_writer, pty_eof) = match &master {
-        Some(m) => (
-            m.clone(),
-            None,
-            m.clone(),
-            Some(crate::pty::eof_char(m.raw())),
-        ),
+        Some(m) => (m.clone(), None, m.clone(), Some(crate::pty::eof_char(m.raw()))),
         None => {
-            let mk = |fd: Option<OwnedFd>| {
-                FdStream::new(fd.expect("pipe end")).map_err(|e| io_err("register pipe", e))
-            };
+            let mk = |fd: Option<OwnedFd>| FdStream::new(fd.expect("pipe end")).map_err(|e| io_err("register pipe", e));
             (mk(stdout_fd)?, Some(mk(stderr_fd)?), mk(stdin_fd)?, None)
         }
     };
 
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
     if !req.stdin.is_empty() {
-        let _ = stdin_tx.send(StdinMsg {
-            data: req.stdin,
-            ack: None,
-        });
+        let _ = stdin_tx.send(StdinMsg { data: req.stdin, ack: None });
     }
     tokio::task::spawn_local(stdin_task(stdin_writer, stdin_rx, pty_eof));
 
@@ -490,11 +414,7 @@ fn start_server(
     Ok(ProcessServer {
         pid,
         master,
-        stdin: RefCell::new(if req.keep_stdin_open {
-            Some(stdin_tx)
-        } else {
-            None
-        }),
+        stdin: RefCell::new(if req.keep_stdin_open { Some(stdin_tx) } else { None }),
         finished: finished_rx,
         leader_exited,
     })
@@ -507,19 +427,12 @@ struct StdinMsg {
 
 /// Writes queued stdin data in order; when every sender is gone, closes
 /// stdin (drops the pipe end, or sends `VEOF` on a pty).
-async fn stdin_task(
-    mut w: FdStream,
-    mut rx: mpsc::UnboundedReceiver<StdinMsg>,
-    pty_eof: Option<u8>,
-) {
+async fn stdin_task(mut w: FdStream, mut rx: mpsc::UnboundedReceiver<StdinMsg>, pty_eof: Option<u8>) {
     let mut broken: Option<String> = None;
     while let Some(msg) = rx.recv().await {
         let r = match &broken {
             Some(e) => Err(e.clone()),
-            None => w
-                .write_all(&msg.data)
-                .await
-                .map_err(|e| format!("writing stdin: {e}")),
+            None => w.write_all(&msg.data).await.map_err(|e| format!("writing stdin: {e}")),
         };
         if let Err(e) = &r {
             broken = Some(e.clone());
@@ -595,15 +508,9 @@ impl process::Server for ProcessServer {
         let queued = (|| -> capnp::Result<oneshot::Receiver<Result<(), String>>> {
             let data = params.get()?.get_data()?.to_vec();
             let guard = self.stdin.borrow();
-            let tx = guard
-                .as_ref()
-                .ok_or_else(|| capnp::Error::failed("stdin is closed".into()))?;
+            let tx = guard.as_ref().ok_or_else(|| capnp::Error::failed("stdin is closed".into()))?;
             let (ack, rx) = oneshot::channel();
-            tx.send(StdinMsg {
-                data,
-                ack: Some(ack),
-            })
-            .map_err(|_| capnp::Error::failed("stdin is closed".into()))?;
+            tx.send(StdinMsg { data, ack: Some(ack) }).map_err(|_| capnp::Error::failed("stdin is closed".into()))?;
             Ok(rx)
         })();
         async move {
@@ -627,17 +534,11 @@ impl process::Server for ProcessServer {
     }
 
     /// Resolves after the process exited and both sinks got `done`.
-    async fn wait(
-        self: Rc<Self>,
-        _: process::WaitParams,
-        mut results: process::WaitResults,
-    ) -> capnp::Result<()> {
+    async fn wait(self: Rc<Self>, _: process::WaitParams, mut results: process::WaitResults) -> capnp::Result<()> {
         let mut rx = self.finished.clone();
         let exit = match rx.wait_for(|s| s.is_some()).await {
             Ok(v) => Ok((*v).expect("checked")),
-            Err(_) => Err(CvError::internal(
-                "the process supervisor ended without a status",
-            )),
+            Err(_) => Err(CvError::internal("the process supervisor ended without a status")),
         };
         let b = results.get().init_result();
         match exit {
@@ -651,11 +552,7 @@ impl process::Server for ProcessServer {
     /// Sends `signal` to the process's group (the program and anything it
     /// started that did not leave the group). After `wait` would resolve:
     /// `notRunning`. A bad signal number: `invalidArgument`.
-    async fn kill(
-        self: Rc<Self>,
-        params: process::KillParams,
-        mut results: process::KillResults,
-    ) -> capnp::Result<()> {
+    async fn kill(self: Rc<Self>, params: process::KillParams, mut results: process::KillResults) -> capnp::Result<()> {
         let sig = params.get()?.get_signal();
         let r = (|| {
             if !(1..=64).contains(&sig) {
@@ -697,11 +594,10 @@ impl process::Server for ProcessServer {
         let (rows, cols) = (size.get_rows(), size.get_cols());
         let r = match &self.master {
             None => Err(CvError::invalid("the process has no pseudo-terminal")),
-            Some(_) if rows == 0 || cols == 0 => {
-                Err(CvError::invalid("pty size must be at least 1x1"))
+            Some(_) if rows == 0 || cols == 0 => Err(CvError::invalid("pty size must be at least 1x1")),
+            Some(m) => {
+                crate::pty::set_size(m.raw(), rows, cols).map_err(|e| CvError::internal(format!("TIOCSWINSZ: {e}")))
             }
-            Some(m) => crate::pty::set_size(m.raw(), rows, cols)
-                .map_err(|e| CvError::internal(format!("TIOCSWINSZ: {e}"))),
         };
         write_unit(results.get().init_result(), r);
         Ok(())

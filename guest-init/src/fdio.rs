@@ -29,10 +29,7 @@ impl FdStream {
         set_nonblocking(fd.as_raw_fd())?;
         // SAFETY: the OwnedFd stays open and unreplaced while the AsyncFd owns it.
         let afd = unsafe { AsyncFd::register(fd)? };
-        Ok(Self {
-            fd: Rc::new(afd),
-            eio_is_eof: false,
-        })
+        Ok(Self { fd: Rc::new(afd), eio_is_eof: false })
     }
 
     /// Like [`FdStream::new`], but a read failing with `EIO` counts as end
@@ -66,23 +63,14 @@ pub fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
 }
 
 impl AsyncRead for FdStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             let res = guard.try_io(|inner| {
                 // SAFETY: reading into an initialised buffer of that length.
-                let n = unsafe {
-                    libc::read(
-                        inner.get_ref().as_raw_fd(),
-                        unfilled.as_mut_ptr().cast(),
-                        unfilled.len(),
-                    )
-                };
+                let n =
+                    unsafe { libc::read(inner.get_ref().as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
@@ -106,22 +94,12 @@ impl AsyncRead for FdStream {
 }
 
 impl AsyncWrite for FdStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             let res = guard.try_io(|inner| {
                 // SAFETY: writing from a valid slice.
-                let n = unsafe {
-                    libc::write(
-                        inner.get_ref().as_raw_fd(),
-                        data.as_ptr().cast(),
-                        data.len(),
-                    )
-                };
+                let n = unsafe { libc::write(inner.get_ref().as_raw_fd(), data.as_ptr().cast(), data.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {

@@ -25,17 +25,13 @@ pub fn io_to_cv(path: &Path, e: &std::io::Error) -> CvError {
     match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ENOTDIR) => CvError::not_found(msg),
         Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => CvError::denied(msg),
-        Some(libc::EISDIR) | Some(libc::ELOOP) | Some(libc::ENAMETOOLONG) | Some(libc::EINVAL) => {
-            CvError::invalid(msg)
-        }
+        Some(libc::EISDIR) | Some(libc::ELOOP) | Some(libc::ENAMETOOLONG) | Some(libc::EINVAL) => CvError::invalid(msg),
         _ => CvError::internal(msg),
     }
 }
 
 fn abs_path(p: capnp::text::Reader<'_>) -> CvResult<PathBuf> {
-    let s = p
-        .to_str()
-        .map_err(|_| CvError::invalid("path must be UTF-8"))?;
+    let s = p.to_str().map_err(|_| CvError::invalid("path must be UTF-8"))?;
     if !s.starts_with('/') {
         return Err(CvError::invalid(format!("path {s:?} is not absolute")));
     }
@@ -62,10 +58,7 @@ pub struct Entry {
 pub fn list_dir(dir: &Path) -> CvResult<Vec<Entry>> {
     let meta = std::fs::metadata(dir).map_err(|e| io_to_cv(dir, &e))?;
     if !meta.is_dir() {
-        return Err(CvError::invalid(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+        return Err(CvError::invalid(format!("{} is not a directory", dir.display())));
     }
     let rd = std::fs::read_dir(dir).map_err(|e| io_to_cv(dir, &e))?;
     let mut out = Vec::new();
@@ -86,12 +79,7 @@ pub fn list_dir(dir: &Path) -> CvResult<Vec<Entry>> {
         } else {
             FileKind::Other
         };
-        out.push(Entry {
-            name,
-            kind,
-            size: m.size(),
-            mode: m.mode() & 0o7777,
-        });
+        out.push(Entry { name, kind, size: m.size(), mode: m.mode() & 0o7777 });
     }
     out.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
     Ok(out)
@@ -103,27 +91,16 @@ pub struct FilesServer;
 impl files::Server for FilesServer {
     /// Streams the file at `path` into `sink` (chunks of at most
     /// `capvisor_rpc::CHUNK`), calls `done`, returns the byte count.
-    async fn read(
-        self: Rc<Self>,
-        params: files::ReadParams,
-        mut results: files::ReadResults,
-    ) -> capnp::Result<()> {
+    async fn read(self: Rc<Self>, params: files::ReadParams, mut results: files::ReadResults) -> capnp::Result<()> {
         let p = params.get()?;
         let sink = p.get_sink()?;
         let r = async {
             let path = abs_path(p.get_path().map_err(|e| CvError::invalid(e.to_string()))?)?;
-            let meta = tokio::fs::metadata(&path)
-                .await
-                .map_err(|e| io_to_cv(&path, &e))?;
+            let meta = tokio::fs::metadata(&path).await.map_err(|e| io_to_cv(&path, &e))?;
             if meta.is_dir() {
-                return Err(CvError::invalid(format!(
-                    "{} is a directory",
-                    path.display()
-                )));
+                return Err(CvError::invalid(format!("{} is a directory", path.display())));
             }
-            let f = tokio::fs::File::open(&path)
-                .await
-                .map_err(|e| io_to_cv(&path, &e))?;
+            let f = tokio::fs::File::open(&path).await.map_err(|e| io_to_cv(&path, &e))?;
             Ok::<_, CvError>(f)
         };
         let r = r.await;
@@ -144,11 +121,7 @@ impl files::Server for FilesServer {
     /// bits (`& 0o7777`, umask not applied); 0 means 0o644. Dropping the
     /// sink without `done` removes the temporary file and leaves `path`
     /// untouched.
-    async fn write(
-        self: Rc<Self>,
-        params: files::WriteParams,
-        mut results: files::WriteResults,
-    ) -> capnp::Result<()> {
+    async fn write(self: Rc<Self>, params: files::WriteParams, mut results: files::WriteResults) -> capnp::Result<()> {
         let p = params.get()?;
         let mode = match p.get_mode() & 0o7777 {
             0 => 0o644,
@@ -158,30 +131,17 @@ impl files::Server for FilesServer {
             let path = abs_path(p.get_path().map_err(|e| CvError::invalid(e.to_string()))?)?;
             let name = match path.file_name() {
                 Some(n) if !path.to_string_lossy().ends_with('/') => n.to_owned(),
-                _ => {
-                    return Err(CvError::invalid(format!(
-                        "{} does not name a file",
-                        path.display()
-                    )))
-                }
+                _ => return Err(CvError::invalid(format!("{} does not name a file", path.display()))),
             };
             let parent = path.parent().unwrap_or(Path::new("/")).to_path_buf();
             match tokio::fs::metadata(&parent).await {
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(CvError::not_found(format!(
-                        "{} is not a directory",
-                        parent.display()
-                    )))
-                }
+                Ok(_) => return Err(CvError::not_found(format!("{} is not a directory", parent.display()))),
                 Err(e) => return Err(io_to_cv(&parent, &e)),
             }
             if let Ok(m) = tokio::fs::metadata(&path).await {
                 if m.is_dir() {
-                    return Err(CvError::invalid(format!(
-                        "{} is a directory",
-                        path.display()
-                    )));
+                    return Err(CvError::invalid(format!("{} is a directory", path.display())));
                 }
             }
             static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -192,10 +152,7 @@ impl files::Server for FilesServer {
                 SEQ.fetch_add(1, Ordering::Relaxed)
             ));
             let mut oo = std::fs::OpenOptions::new();
-            oo.write(true)
-                .create_new(true)
-                .mode(mode)
-                .custom_flags(libc::O_CLOEXEC);
+            oo.write(true).create_new(true).mode(mode).custom_flags(libc::O_CLOEXEC);
             let f = oo.open(&tmp).map_err(|e| io_to_cv(&tmp, &e))?;
             // Apply the exact mode (open(2) honours the umask).
             if let Err(e) = f.set_permissions(std::fs::Permissions::from_mode(mode)) {
@@ -216,11 +173,7 @@ impl files::Server for FilesServer {
     }
 
     /// Lists the directory `path` (see [`list_dir`]).
-    async fn list(
-        self: Rc<Self>,
-        params: files::ListParams,
-        mut results: files::ListResults,
-    ) -> capnp::Result<()> {
+    async fn list(self: Rc<Self>, params: files::ListParams, mut results: files::ListResults) -> capnp::Result<()> {
         let r = match abs_path(params.get()?.get_path()?) {
             Ok(path) => tokio::task::spawn_blocking(move || list_dir(&path))
                 .await
@@ -262,32 +215,20 @@ impl byte_sink::Server for FileSink {
     async fn write(self: Rc<Self>, params: byte_sink::WriteParams) -> capnp::Result<()> {
         let data = params.get()?.get_data()?;
         let mut g = self.file.lock().await;
-        let f = g
-            .as_mut()
-            .ok_or_else(|| capnp::Error::failed("write after done".into()))?;
-        f.write_all(data)
-            .await
-            .map_err(|e| capnp::Error::failed(format!("{}: {e}", self.tmp.display())))
+        let f = g.as_mut().ok_or_else(|| capnp::Error::failed("write after done".into()))?;
+        f.write_all(data).await.map_err(|e| capnp::Error::failed(format!("{}: {e}", self.tmp.display())))
     }
 
-    async fn done(
-        self: Rc<Self>,
-        _: byte_sink::DoneParams,
-        _: byte_sink::DoneResults,
-    ) -> capnp::Result<()> {
+    async fn done(self: Rc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> capnp::Result<()> {
         let mut g = self.file.lock().await;
         let Some(mut f) = g.take() else {
             return Err(capnp::Error::failed("done called twice".into()));
         };
-        let fail = |what: &str, e: std::io::Error| {
-            capnp::Error::failed(format!("{what} {}: {e}", self.dest.display()))
-        };
+        let fail = |what: &str, e: std::io::Error| capnp::Error::failed(format!("{what} {}: {e}", self.dest.display()));
         f.flush().await.map_err(|e| fail("writing", e))?;
         f.sync_all().await.map_err(|e| fail("fsync", e))?;
         drop(f);
-        tokio::fs::rename(&self.tmp, &self.dest)
-            .await
-            .map_err(|e| fail("renaming into", e))?;
+        tokio::fs::rename(&self.tmp, &self.dest).await.map_err(|e| fail("renaming into", e))?;
         self.finished.set(true);
         if let Some(parent) = self.dest.parent() {
             if let Ok(d) = tokio::fs::File::open(parent).await {

@@ -49,30 +49,10 @@ pub fn mount_basics() {
         ("proc", "/proc", nosuid_nodev_noexec, ""),
         ("sysfs", "/sys", nosuid_nodev_noexec, ""),
         ("devtmpfs", "/dev", MsFlags::MS_NOSUID, "mode=0755"),
-        (
-            "devpts",
-            "/dev/pts",
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            "mode=0620,ptmxmode=0666",
-        ),
-        (
-            "tmpfs",
-            "/dev/shm",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
-        ),
-        (
-            "tmpfs",
-            "/tmp",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
-        ),
-        (
-            "tmpfs",
-            "/run",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=0755",
-        ),
+        ("devpts", "/dev/pts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0620,ptmxmode=0666"),
+        ("tmpfs", "/dev/shm", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
+        ("tmpfs", "/tmp", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
+        ("tmpfs", "/run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755"),
     ];
     for (fstype, target, flags, data) in table {
         if let Err(e) = std::fs::create_dir_all(target) {
@@ -140,10 +120,7 @@ pub fn loopback_up() {
     unsafe {
         let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if s < 0 {
-            log(format!(
-                "loopback: socket: {}",
-                std::io::Error::last_os_error()
-            ));
+            log(format!("loopback: socket: {}", std::io::Error::last_os_error()));
             return;
         }
         let _s = OwnedFd::from_raw_fd(s);
@@ -152,18 +129,12 @@ pub fn loopback_up() {
             ifr.ifr_name[i] = *b as libc::c_char;
         }
         if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) < 0 {
-            log(format!(
-                "loopback: SIOCGIFFLAGS: {}",
-                std::io::Error::last_os_error()
-            ));
+            log(format!("loopback: SIOCGIFFLAGS: {}", std::io::Error::last_os_error()));
             return;
         }
         ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
         if libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) < 0 {
-            log(format!(
-                "loopback: SIOCSIFFLAGS: {}",
-                std::io::Error::last_os_error()
-            ));
+            log(format!("loopback: SIOCSIFFLAGS: {}", std::io::Error::last_os_error()));
         }
     }
 }
@@ -182,11 +153,7 @@ pub fn load_modules(dir: &Path) -> (usize, usize) {
         }
     };
     let (mut ok, mut failed) = (0, 0);
-    for name in order
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let path = dir.join(name);
         let f = match std::fs::File::open(&path) {
             Ok(f) => f,
@@ -214,11 +181,7 @@ pub fn scan_ports(sys_dir: &Path, name: &str) -> Option<PathBuf> {
     let rd = std::fs::read_dir(sys_dir).ok()?;
     let mut found: Vec<PathBuf> = rd
         .flatten()
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("name"))
-                .map(|s| s.trim_end() == name)
-                .unwrap_or(false)
-        })
+        .filter(|e| std::fs::read_to_string(e.path().join("name")).map(|s| s.trim_end() == name).unwrap_or(false))
         .map(|e| Path::new("/dev").join(e.file_name()))
         .collect();
     found.sort();
@@ -281,12 +244,7 @@ pub fn open_port(path: &Path) -> std::io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: open(2) with a valid C string.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY,
-        )
-    };
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -301,11 +259,7 @@ pub fn power_off(reboot: bool) {
     use nix::sys::reboot::{reboot as sys_reboot, RebootMode};
     nix::unistd::sync();
     log(if reboot { "rebooting" } else { "powering off" });
-    let mode = if reboot {
-        RebootMode::RB_AUTOBOOT
-    } else {
-        RebootMode::RB_POWER_OFF
-    };
+    let mode = if reboot { RebootMode::RB_AUTOBOOT } else { RebootMode::RB_POWER_OFF };
     let Err(e) = sys_reboot(mode);
     log(format!("reboot(2): {e}"));
 }

@@ -37,10 +37,7 @@ use tokio::sync::watch;
 
 /// Milliseconds since boot, `CLOCK_BOOTTIME` (includes suspend time).
 pub fn boottime_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime fills a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
@@ -48,9 +45,7 @@ pub fn boottime_ms() -> u64 {
 
 /// The running kernel's release (`uname -r`), or `"unknown"`.
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into())
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
 }
 
 /// What `Guest.shutdown` does.
@@ -79,11 +74,7 @@ impl GuestServer {
     /// A server that reports `ready_ms` (CLOCK_BOOTTIME ms when serving
     /// began) as `initReadyMs` and shuts down per `mode`.
     pub fn new(ready_ms: u64, mode: ShutdownMode) -> Self {
-        Self {
-            ready_ms,
-            mode,
-            shutdown_tx: watch::channel(None).0,
-        }
+        Self { ready_ms, mode, shutdown_tx: watch::channel(None).0 }
     }
 
     /// A receiver that changes to `Some(reboot)` once `shutdown` was called.
@@ -101,11 +92,7 @@ impl GuestServer {
 
 impl guest::Server for GuestServer {
     /// `GuestInfo`: kernel release, uptime and ready time (ms, CLOCK_BOOTTIME).
-    async fn hello(
-        self: Rc<Self>,
-        _: guest::HelloParams,
-        mut results: guest::HelloResults,
-    ) -> capnp::Result<()> {
+    async fn hello(self: Rc<Self>, _: guest::HelloParams, mut results: guest::HelloResults) -> capnp::Result<()> {
         let mut info = results.get().init_info();
         info.set_kernel_release(kernel_release().as_str());
         info.set_uptime_ms(boottime_ms());
@@ -114,11 +101,7 @@ impl guest::Server for GuestServer {
     }
 
     /// Starts a program (see [`exec`]); domain failures go into `result.err`.
-    async fn exec(
-        self: Rc<Self>,
-        params: guest::ExecParams,
-        mut results: guest::ExecResults,
-    ) -> capnp::Result<()> {
+    async fn exec(self: Rc<Self>, params: guest::ExecParams, mut results: guest::ExecResults) -> capnp::Result<()> {
         reaper::ensure_started();
         let p = params.get()?;
         let stdout = p.get_stdout()?;
@@ -132,25 +115,13 @@ impl guest::Server for GuestServer {
     }
 
     /// A `Files` capability for the guest's file system.
-    async fn files(
-        self: Rc<Self>,
-        _: guest::FilesParams,
-        mut results: guest::FilesResults,
-    ) -> capnp::Result<()> {
-        results
-            .get()
-            .set_files(capnp_rpc::new_client::<files_cap::Client, _>(
-                files::FilesServer,
-            ));
+    async fn files(self: Rc<Self>, _: guest::FilesParams, mut results: guest::FilesResults) -> capnp::Result<()> {
+        results.get().set_files(capnp_rpc::new_client::<files_cap::Client, _>(files::FilesServer));
         Ok(())
     }
 
     /// See [`ShutdownMode`].
-    async fn shutdown(
-        self: Rc<Self>,
-        params: guest::ShutdownParams,
-        _: guest::ShutdownResults,
-    ) -> capnp::Result<()> {
+    async fn shutdown(self: Rc<Self>, params: guest::ShutdownParams, _: guest::ShutdownResults) -> capnp::Result<()> {
         let reboot = params.get()?.get_reboot();
         nix::unistd::sync();
         if self.mode == ShutdownMode::PowerOff {
@@ -163,11 +134,7 @@ impl guest::Server for GuestServer {
         Ok(())
     }
 
-    async fn ping(
-        self: Rc<Self>,
-        _: guest::PingParams,
-        _: guest::PingResults,
-    ) -> capnp::Result<()> {
+    async fn ping(self: Rc<Self>, _: guest::PingParams, _: guest::PingResults) -> capnp::Result<()> {
         Ok(())
     }
 }
@@ -181,26 +148,11 @@ where
     R: tokio::io::AsyncRead + Unpin + 'static,
     W: tokio::io::AsyncWrite + Unpin + 'static,
 {
-    capvisor_rpc::conn::rpc_system_rw(
-        reader,
-        writer,
-        Side::Server,
-        Some(guest.client),
-        capvisor_rpc::conn::INTERNAL,
-    )
-    .await
+    capvisor_rpc::conn::rpc_system_rw(reader, writer, Side::Server, Some(guest.client), capvisor_rpc::conn::INTERNAL)
+        .await
 }
 
 /// [`serve_rw`] on a tokio `UnixStream`.
-pub async fn serve_stream(
-    stream: tokio::net::UnixStream,
-    guest: guest::Client,
-) -> capnp::Result<()> {
-    capvisor_rpc::conn::rpc_system(
-        stream,
-        Side::Server,
-        Some(guest.client),
-        capvisor_rpc::conn::INTERNAL,
-    )
-    .await
+pub async fn serve_stream(stream: tokio::net::UnixStream, guest: guest::Client) -> capnp::Result<()> {
+    capvisor_rpc::conn::rpc_system(stream, Side::Server, Some(guest.client), capvisor_rpc::conn::INTERNAL).await
 }

@@ -25,10 +25,7 @@ use std::time::Duration;
 
 /// Host test modes (ignored as PID 1).
 #[derive(Parser, Debug)]
-#[command(
-    name = "capvisor-guest-init",
-    about = "capvisor guest PID 1 / Guest server"
-)]
+#[command(name = "capvisor-guest-init", about = "capvisor guest PID 1 / Guest server")]
 struct Args {
     /// Serve Guest on this inherited stream-socket descriptor.
     #[arg(long, value_name = "N", conflicts_with = "socket")]
@@ -51,9 +48,7 @@ fn main() {
         (Some(fd), _) => capvisor_rpc::conn::run_local(serve_fd(fd)),
         (None, Some(path)) => capvisor_rpc::conn::run_local(serve_socket(path)),
         (None, None) => {
-            eprintln!(
-                "capvisor-guest-init: not PID 1; use --serve-fd N or --socket PATH (see --help)"
-            );
+            eprintln!("capvisor-guest-init: not PID 1; use --serve-fd N or --socket PATH (see --help)");
             2
         }
     };
@@ -147,10 +142,7 @@ fn pid1_main() -> ! {
     init::loopback_up();
     let t0 = boottime_ms();
     let (ok, failed) = init::load_modules(std::path::Path::new(init::MODULES_DIR));
-    log(format!(
-        "modules loaded ({ok} ok, {failed} failed, {} ms)",
-        boottime_ms() - t0
-    ));
+    log(format!("modules loaded ({ok} ok, {failed} failed, {} ms)", boottime_ms() - t0));
     loop {
         let r = std::panic::catch_unwind(|| capvisor_rpc::conn::run_local(serve_agent_forever()));
         match r {
@@ -179,12 +171,7 @@ async fn serve_agent_forever() {
         std::future::pending::<()>().await;
         return;
     };
-    log(format!(
-        "found {} as {} ({} ms)",
-        init::AGENT_PORT_NAME,
-        port.display(),
-        boottime_ms() - t0
-    ));
+    log(format!("found {} as {} ({} ms)", init::AGENT_PORT_NAME, port.display(), boottime_ms() - t0));
     let ready = *READY_MS.get_or_init(boottime_ms);
     let guest = GuestServer::new(ready, ShutdownMode::PowerOff).into_client();
     let mut backoff = Duration::from_millis(5);

@@ -29,38 +29,23 @@ pub fn open(rows: u16, cols: u16) -> io::Result<Pty> {
     let name = nix::pty::ptsname_r(&master)?;
     // SAFETY: PtyMaster owns a valid descriptor; we take it over.
     let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
-    let cname = std::ffi::CString::new(name.clone())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cname = std::ffi::CString::new(name.clone()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: plain open(2) with a valid C string.
-    let fd = unsafe {
-        libc::open(
-            cname.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::open(cname.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd was just opened and is ours.
     let slave = unsafe { OwnedFd::from_raw_fd(fd) };
     set_size(master.as_raw_fd(), rows, cols)?;
-    Ok(Pty {
-        master,
-        slave,
-        name,
-    })
+    Ok(Pty { master, slave, name })
 }
 
 /// Sets the terminal window size on `fd` (a pty master or slave) with
 /// `TIOCSWINSZ`; the kernel sends `SIGWINCH` to the terminal's foreground
 /// process group when it changes.
 pub fn set_size(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads a winsize struct we own.
     if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } < 0 {
         return Err(io::Error::last_os_error());

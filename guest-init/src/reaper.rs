@@ -84,9 +84,7 @@ impl Registry {
         fork_fn: impl FnOnce() -> Result<libc::pid_t, E>,
     ) -> Result<(libc::pid_t, oneshot::Receiver<Exit>), E> {
         let mut guard = lock();
-        let reg = guard.get_or_insert_with(|| Registry {
-            waiters: HashMap::new(),
-        });
+        let reg = guard.get_or_insert_with(|| Registry { waiters: HashMap::new() });
         let pid = fork_fn()?;
         let (tx, rx) = oneshot::channel();
         reg.waiters.insert(pid, tx);
@@ -144,9 +142,7 @@ pub fn signal_orphaned_group(pgid: libc::pid_t, sig: libc::c_int) -> std::io::Re
 /// Returns how many statuses were collected.
 pub fn reap_now() -> usize {
     let mut guard = lock();
-    let reg = guard.get_or_insert_with(|| Registry {
-        waiters: HashMap::new(),
-    });
+    let reg = guard.get_or_insert_with(|| Registry { waiters: HashMap::new() });
     let mut n = 0;
     if REAP_ALL.load(Ordering::SeqCst) {
         loop {
@@ -171,8 +167,7 @@ pub fn reap_now() -> usize {
             let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
             let exit = if r == pid {
                 Exit::from_raw(status)
-            } else if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD)
-            {
+            } else if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
                 // Someone else reaped it (should not happen); report it as
                 // killed so waiters do not hang.
                 Some(Exit::Signal(libc::SIGKILL))

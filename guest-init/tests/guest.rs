@@ -25,17 +25,12 @@ where
         let guest = GuestServer::new(boottime_ms(), ShutdownMode::EndServing).into_client();
         tokio::task::spawn_local(serve_stream(a, guest));
         let (client, _h): (guest::Client, _) = conn::connect(b, None, INTERNAL);
-        tokio::time::timeout(Duration::from_secs(30), f(client))
-            .await
-            .expect("test timed out");
+        tokio::time::timeout(Duration::from_secs(30), f(client)).await.expect("test timed out");
     })
 }
 
 fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
+    ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }
 }
 
 struct Started {
@@ -56,14 +51,8 @@ async fn exec(g: &guest::Client, r: &ExecRequest) -> Result<Started, CvError> {
     }
     let resp = q.send().promise.await.expect("exec call");
     match resp.get().unwrap().get_result().unwrap().which().unwrap() {
-        capvisor_schema::common_capnp::exec_result::Process(p) => Ok(Started {
-            process: p.unwrap(),
-            out,
-            err,
-        }),
-        capvisor_schema::common_capnp::exec_result::Err(e) => {
-            Err(CvError::read_from(e.unwrap()).unwrap())
-        }
+        capvisor_schema::common_capnp::exec_result::Process(p) => Ok(Started { process: p.unwrap(), out, err }),
+        capvisor_schema::common_capnp::exec_result::Err(e) => Err(CvError::read_from(e.unwrap()).unwrap()),
     }
 }
 
@@ -86,26 +75,18 @@ async fn wait(p: &process::Client) -> Status {
 
 /// Exec, wait, and collect both outputs (as UTF-8).
 async fn run(g: &guest::Client, r: &ExecRequest) -> (Status, String, String) {
-    let s = exec(g, r)
-        .await
-        .unwrap_or_else(|e| panic!("exec {:?}: {e}", r.argv));
+    let s = exec(g, r).await.unwrap_or_else(|e| panic!("exec {:?}: {e}", r.argv));
     let st = wait(&s.process).await;
     // wait resolves only after both sinks got done: outputs are complete now.
     let out = s.out.await.expect("stdout done before wait returned");
     let err = s.err.await.expect("stderr done before wait returned");
-    (
-        st,
-        String::from_utf8_lossy(&out).into_owned(),
-        String::from_utf8_lossy(&err).into_owned(),
-    )
+    (st, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned())
 }
 
 fn unit_err(r: capvisor_schema::common_capnp::unit_result::Reader<'_>) -> Option<CvError> {
     match r.which().unwrap() {
         capvisor_schema::common_capnp::unit_result::Ok(()) => None,
-        capvisor_schema::common_capnp::unit_result::Err(e) => {
-            Some(CvError::read_from(e.unwrap()).unwrap())
-        }
+        capvisor_schema::common_capnp::unit_result::Err(e) => Some(CvError::read_from(e.unwrap()).unwrap()),
     }
 }
 
@@ -142,20 +123,9 @@ fn hello_and_ping() {
         g.ping_request().send().promise.await.unwrap();
         let r = g.hello_request().send().promise.await.unwrap();
         let info = r.get().unwrap().get_info().unwrap();
-        let release = info
-            .get_kernel_release()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
-        let expected = String::from_utf8(
-            std::process::Command::new("uname")
-                .arg("-r")
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap();
+        let release = info.get_kernel_release().unwrap().to_str().unwrap().to_string();
+        let expected =
+            String::from_utf8(std::process::Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
         assert_eq!(release, expected.trim());
         assert!(info.get_uptime_ms() >= info.get_init_ready_ms());
         assert!(info.get_init_ready_ms() > 0);
@@ -180,13 +150,7 @@ fn env_cwd_and_defaults() {
         r.cwd = "/tmp".into();
         let (st, out, _) = run(&g, &r).await;
         assert_eq!(st, Status::Code(0));
-        assert_eq!(
-            out,
-            format!(
-                "bar:dumb:/root:{}\n/tmp\n",
-                capvisor_guest_init::exec::DEFAULT_PATH
-            )
-        );
+        assert_eq!(out, format!("bar:dumb:/root:{}\n/tmp\n", capvisor_guest_init::exec::DEFAULT_PATH));
         // spec.env overrides a default.
         let mut r = req(&["sh", "-c", "echo $HOME"]);
         r.env = vec![("HOME".into(), "/elsewhere".into())];
@@ -253,14 +217,8 @@ fn kill_sleep_with_sigkill() {
         // Several waits all get the status.
         assert_eq!(wait(&s.process).await, Status::Signal(9));
         // After it ended: notRunning; bad signal: invalidArgument.
-        assert_eq!(
-            kill(&s.process, 15).await.unwrap().code,
-            ErrorCode::NotRunning
-        );
-        assert_eq!(
-            kill(&s.process, 0).await.unwrap().code,
-            ErrorCode::InvalidArgument
-        );
+        assert_eq!(kill(&s.process, 15).await.unwrap().code, ErrorCode::NotRunning);
+        assert_eq!(kill(&s.process, 0).await.unwrap().code, ErrorCode::InvalidArgument);
     });
 }
 
@@ -269,9 +227,7 @@ fn kill_reaches_the_process_group() {
     // The shell's child `sleep` holds stdout open; killing only the shell
     // would leave wait hanging. Group delivery ends both.
     with_guest(|g| async move {
-        let s = exec(&g, &req(&["sh", "-c", "sleep 100; echo never"]))
-            .await
-            .unwrap();
+        let s = exec(&g, &req(&["sh", "-c", "sleep 100; echo never"])).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(kill(&s.process, 15).await.is_none());
         assert_eq!(wait(&s.process).await, Status::Signal(15));
@@ -282,57 +238,32 @@ fn kill_reaches_the_process_group() {
 #[test]
 fn bad_requests_are_typed_errors() {
     with_guest(|g| async move {
-        let e = exec(&g, &req(&[]))
-            .await
-            .err()
-            .expect("empty argv must fail");
+        let e = exec(&g, &req(&[])).await.err().expect("empty argv must fail");
         assert_eq!(e.code, ErrorCode::InvalidArgument);
-        let e = exec(&g, &req(&["/nonexistent"]))
-            .await
-            .err()
-            .expect("/nonexistent must fail");
+        let e = exec(&g, &req(&["/nonexistent"])).await.err().expect("/nonexistent must fail");
         assert_eq!(e.code, ErrorCode::NotFound);
         assert!(e.message.contains("/nonexistent"), "{}", e.message);
-        let e = exec(&g, &req(&["no-such-program-cv"]))
-            .await
-            .err()
-            .expect("unknown program must fail");
+        let e = exec(&g, &req(&["no-such-program-cv"])).await.err().expect("unknown program must fail");
         assert_eq!(e.code, ErrorCode::NotFound);
-        let e = exec(&g, &req(&["/etc/hostname"]))
-            .await
-            .err()
-            .expect("non-executable must fail");
+        let e = exec(&g, &req(&["/etc/hostname"])).await.err().expect("non-executable must fail");
         assert_eq!(e.code, ErrorCode::NotFound);
         let mut r = req(&["true"]);
         r.cwd = "/no/such/dir".into();
         assert_eq!(exec(&g, &r).await.err().unwrap().code, ErrorCode::NotFound);
         let mut r = req(&["true"]);
         r.env = vec![("A=B".into(), "x".into())];
-        assert_eq!(
-            exec(&g, &r).await.err().unwrap().code,
-            ErrorCode::InvalidArgument
-        );
+        assert_eq!(exec(&g, &r).await.err().unwrap().code, ErrorCode::InvalidArgument);
         // A file that exists and is executable but cannot be exec'd (no #!, not ELF) -> notFound, not an exception.
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk");
         std::fs::write(&junk, b"\x00\x01\x02 not a program").unwrap();
-        std::os::unix::fs::PermissionsExt::set_mode(
-            &mut std::fs::metadata(&junk).unwrap().permissions(),
-            0o755,
-        );
-        std::fs::set_permissions(&junk, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let e = exec(&g, &req(&[junk.to_str().unwrap()]))
-            .await
-            .err()
-            .expect("junk must fail");
+        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&junk).unwrap().permissions(), 0o755);
+        std::fs::set_permissions(&junk, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let e = exec(&g, &req(&[junk.to_str().unwrap()])).await.err().expect("junk must fail");
         assert_eq!(e.code, ErrorCode::NotFound, "{e}");
         // Resize without a pty.
         let s = exec(&g, &req(&["true"])).await.unwrap();
-        assert_eq!(
-            resize(&s.process, 10, 10).await.unwrap().code,
-            ErrorCode::InvalidArgument
-        );
+        assert_eq!(resize(&s.process, 10, 10).await.unwrap().code, ErrorCode::InvalidArgument);
         assert_eq!(wait(&s.process).await, Status::Code(0));
     });
 }
@@ -369,10 +300,7 @@ fn pty_tty_and_resize() {
         r.keep_stdin_open = true;
         let s = exec(&g, &r).await.unwrap();
         assert!(resize(&s.process, 30, 100).await.is_none());
-        assert_eq!(
-            resize(&s.process, 0, 100).await.unwrap().code,
-            ErrorCode::InvalidArgument
-        );
+        assert_eq!(resize(&s.process, 0, 100).await.unwrap().code, ErrorCode::InvalidArgument);
         write_stdin(&s.process, b"go\n").await.unwrap();
         assert_eq!(wait(&s.process).await, Status::Code(0));
         let resized = String::from_utf8(s.out.await.unwrap()).unwrap();
@@ -415,38 +343,22 @@ fn concurrent_execs() {
             let g = g.clone();
             async move {
                 let n = i.to_string();
-                let (st, out, _) =
-                    run(&g, &req(&["sh", "-c", "sleep 0.5; echo $0; exit $0", &n])).await;
+                let (st, out, _) = run(&g, &req(&["sh", "-c", "sleep 0.5; echo $0; exit $0", &n])).await;
                 assert_eq!(st, Status::Code(i));
                 assert_eq!(out, format!("{i}\n"));
             }
         });
         let t = std::time::Instant::now();
         futures::future::join_all(futs).await;
-        assert!(
-            t.elapsed() < Duration::from_millis(3000),
-            "execs did not run concurrently: {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_millis(3000), "execs did not run concurrently: {:?}", t.elapsed());
     });
 }
 
 async fn files_cap(g: &guest::Client) -> capvisor_schema::common_capnp::files::Client {
-    g.files_request()
-        .send()
-        .promise
-        .await
-        .unwrap()
-        .get()
-        .unwrap()
-        .get_files()
-        .unwrap()
+    g.files_request().send().promise.await.unwrap().get().unwrap().get_files().unwrap()
 }
 
-async fn read_file(
-    f: &capvisor_schema::common_capnp::files::Client,
-    path: &str,
-) -> Result<Vec<u8>, CvError> {
+async fn read_file(f: &capvisor_schema::common_capnp::files::Client, path: &str) -> Result<Vec<u8>, CvError> {
     use capvisor_schema::common_capnp::read_result;
     let (sink, rx) = CollectSink::client(LIMIT);
     let mut q = f.read_request();
@@ -495,14 +407,7 @@ async fn list(
         list_result::Entries(l) => Ok(l
             .unwrap()
             .iter()
-            .map(|e| {
-                (
-                    e.get_name().unwrap().to_string().unwrap(),
-                    e.get_kind().unwrap(),
-                    e.get_size(),
-                    e.get_mode(),
-                )
-            })
+            .map(|e| (e.get_name().unwrap().to_string().unwrap(), e.get_kind().unwrap(), e.get_size(), e.get_mode()))
             .collect()),
         list_result::Err(e) => Err(CvError::read_from(e.unwrap()).unwrap()),
     }
@@ -522,50 +427,21 @@ fn files_write_read_list() {
         write_file(&f, &path, 0o600, b"small").await.unwrap();
         assert_eq!(read_file(&f, &path).await.unwrap(), b"small");
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        write_file(&f, &format!("{d}/a.txt"), 0, b"abc")
-            .await
-            .unwrap();
+        write_file(&f, &format!("{d}/a.txt"), 0, b"abc").await.unwrap();
         let l = list(&f, &d).await.unwrap();
         assert_eq!(l.len(), 3, "{l:?}");
         assert_eq!(l[0], ("a.txt".to_string(), FileKind::File, 3, 0o644)); // mode 0 -> 0644
         assert_eq!(l[1], ("big.bin".to_string(), FileKind::File, 5, 0o600));
         assert_eq!((l[2].0.as_str(), l[2].1), ("sub", FileKind::Dir));
         // Error mapping.
+        assert_eq!(read_file(&f, &format!("{d}/missing")).await.unwrap_err().code, ErrorCode::NotFound);
+        assert_eq!(read_file(&f, &d).await.unwrap_err().code, ErrorCode::InvalidArgument);
+        assert_eq!(read_file(&f, "relative/path").await.unwrap_err().code, ErrorCode::InvalidArgument);
+        assert_eq!(list(&f, &format!("{d}/missing")).await.unwrap_err().code, ErrorCode::NotFound);
+        assert_eq!(list(&f, &path).await.unwrap_err().code, ErrorCode::InvalidArgument);
+        assert_eq!(write_file(&f, &format!("{d}/nodir/x"), 0o644, b"x").await.unwrap_err().code, ErrorCode::NotFound);
         assert_eq!(
-            read_file(&f, &format!("{d}/missing"))
-                .await
-                .unwrap_err()
-                .code,
-            ErrorCode::NotFound
-        );
-        assert_eq!(
-            read_file(&f, &d).await.unwrap_err().code,
-            ErrorCode::InvalidArgument
-        );
-        assert_eq!(
-            read_file(&f, "relative/path").await.unwrap_err().code,
-            ErrorCode::InvalidArgument
-        );
-        assert_eq!(
-            list(&f, &format!("{d}/missing")).await.unwrap_err().code,
-            ErrorCode::NotFound
-        );
-        assert_eq!(
-            list(&f, &path).await.unwrap_err().code,
-            ErrorCode::InvalidArgument
-        );
-        assert_eq!(
-            write_file(&f, &format!("{d}/nodir/x"), 0o644, b"x")
-                .await
-                .unwrap_err()
-                .code,
-            ErrorCode::NotFound
-        );
-        assert_eq!(
-            write_file(&f, &format!("{d}/sub"), 0o644, b"x")
-                .await
-                .unwrap_err()
-                .code,
+            write_file(&f, &format!("{d}/sub"), 0o644, b"x").await.unwrap_err().code,
             ErrorCode::InvalidArgument
         );
     });
@@ -587,24 +463,15 @@ fn files_write_abandoned_leaves_target_untouched() {
             sink_result::Sink(s) => s.unwrap(),
             sink_result::Err(_) => panic!("write failed"),
         };
-        capvisor_rpc::sink::write_all(&sink, b"partial")
-            .await
-            .unwrap();
+        capvisor_rpc::sink::write_all(&sink, b"partial").await.unwrap();
         drop(sink);
         drop(r);
         // Let the release reach the server.
         g.ping_request().send().promise.await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(std::fs::read(&path).unwrap(), b"original");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            names,
-            vec![std::ffi::OsString::from("keep.txt")],
-            "temp file left behind"
-        );
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("keep.txt")], "temp file left behind");
     });
 }
 
@@ -635,14 +502,7 @@ fn binary_serve_fd_and_shutdown() {
         let stream = tokio::net::UnixStream::from_std(ours).unwrap();
         let (g, _h): (guest::Client, _) = conn::connect(stream, None, INTERNAL);
         let r = g.hello_request().send().promise.await.unwrap();
-        assert!(!r
-            .get()
-            .unwrap()
-            .get_info()
-            .unwrap()
-            .get_kernel_release()
-            .unwrap()
-            .is_empty());
+        assert!(!r.get().unwrap().get_info().unwrap().get_kernel_release().unwrap().is_empty());
         let (st, out, _) = run(&g, &req(&["echo", "from-binary"])).await;
         assert_eq!((st, out.as_str()), (Status::Code(0), "from-binary\n"));
         let mut q = g.shutdown_request();
@@ -655,10 +515,7 @@ fn binary_serve_fd_and_shutdown() {
             assert!(st.success(), "{st:?}");
             break;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "guest-init did not exit after shutdown"
-        );
+        assert!(t.elapsed() < Duration::from_secs(5), "guest-init did not exit after shutdown");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -674,10 +531,7 @@ fn binary_socket_mode_serves_each_connection() {
         .unwrap();
     let t = std::time::Instant::now();
     while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "socket never appeared"
-        );
+        assert!(t.elapsed() < Duration::from_secs(5), "socket never appeared");
         std::thread::sleep(Duration::from_millis(10));
     }
     conn::run_local(async {
@@ -698,10 +552,7 @@ fn binary_socket_mode_serves_each_connection() {
             assert!(st.success(), "{st:?}");
             break;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "guest-init did not exit after shutdown"
-        );
+        assert!(t.elapsed() < Duration::from_secs(5), "guest-init did not exit after shutdown");
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!sock.exists(), "socket file left behind");

@@ -41,10 +41,7 @@ fn children() -> usize {
         .filter(|e| {
             std::fs::read_to_string(e.path().join("stat"))
                 .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .map(|(_, r)| r.split_whitespace().nth(1) == Some(me.as_str()))
-                })
+                .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.split_whitespace().nth(1) == Some(me.as_str())))
                 .unwrap_or(false)
         })
         .count()
@@ -53,24 +50,17 @@ fn children() -> usize {
 #[test]
 fn orphans_are_reaped_and_statuses_still_delivered() {
     // SAFETY: plain prctl.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
     reaper::set_reap_all(true);
     capvisor_rpc::conn::run_local(async {
         reaper::ensure_started();
         // The shell exits at once; its backgrounded subshell's sleeps are
         // orphaned to us.
         let req = ExecRequest {
-            argv: [
-                "sh",
-                "-c",
-                "(sleep 0.3 >/dev/null 2>&1 & sleep 0.3 >/dev/null 2>&1 &) ; exit 7",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            argv: ["sh", "-c", "(sleep 0.3 >/dev/null 2>&1 & sleep 0.3 >/dev/null 2>&1 &) ; exit 7"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             ..Default::default()
         };
         let (o, orx) = CollectSink::client(1 << 20);
@@ -88,11 +78,7 @@ fn orphans_are_reaped_and_statuses_still_delivered() {
         // The sleeps are alive and ours now.
         assert!(children() >= 2, "orphans were not re-parented to us");
         tokio::time::sleep(Duration::from_millis(900)).await;
-        assert_eq!(
-            zombie_children(),
-            Vec::<i32>::new(),
-            "orphans left as zombies"
-        );
+        assert_eq!(zombie_children(), Vec::<i32>::new(), "orphans left as zombies");
         assert_eq!(children(), 0);
     });
 }

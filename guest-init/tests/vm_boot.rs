@@ -27,7 +27,17 @@ fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
     let namez = format!("{name}\0");
     let hdr = format!(
         "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        0, 0, 1, 0, data.len(), 0, 0, 0, 0, namez.len(), 0
+        0,
+        0,
+        1,
+        0,
+        data.len(),
+        0,
+        0,
+        0,
+        0,
+        namez.len(),
+        0
     );
     out.extend_from_slice(hdr.as_bytes());
     out.extend_from_slice(namez.as_bytes());
@@ -89,69 +99,28 @@ fn boots_and_serves_guest() {
         img.push(0);
     }
     let mut extra = Vec::new();
-    newc_entry(
-        &mut extra,
-        "init",
-        0o100755,
-        &std::fs::read(&init).unwrap(),
-        900_001,
-    );
+    newc_entry(&mut extra, "init", 0o100755, &std::fs::read(&init).unwrap(), 900_001);
     newc_entry(&mut extra, "TRAILER!!!", 0, b"", 0);
     img.extend(extra);
-    std::fs::File::create(&initrd)
-        .unwrap()
-        .write_all(&img)
-        .unwrap();
+    std::fs::File::create(&initrd).unwrap().write_all(&img).unwrap();
     let console = dir.path().join("console.log");
 
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let fd = theirs.into_raw_fd();
     let tsc = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("cpu MHz"))
-                .map(|l| l.to_string())
-        })
-        .and_then(|l| {
-            l.split(':')
-                .nth(1)
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
+        .and_then(|c| c.lines().find(|l| l.starts_with("cpu MHz")).map(|l| l.to_string()))
+        .and_then(|l| l.split(':').nth(1).and_then(|v| v.trim().parse::<f64>().ok()))
         .map(|m| format!(" tsc_early_khz={}", (m * 1000.0).round() as u64))
         .unwrap_or_default();
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-    ])
-    .args([
-        "-accel",
-        "tcg,thread=multi",
-        "-cpu",
-        "max",
-        "-m",
-        "256",
-        "-smp",
-        "2",
-    ])
-    .args(["-kernel", &kernel, "-initrd", initrd.to_str().unwrap()])
-    .args([
-        "-append",
-        &format!("console=ttyS0 reboot=t panic=-1 rdinit=/init{tsc}"),
-    ])
-    .args(["-serial", &format!("file:{}", console.display())])
-    .args([
-        "-device",
-        "virtio-serial-device",
-        "-chardev",
-        "socket,id=ag,fd=3",
-    ])
-    .args(["-device", "virtserialport,chardev=ag,name=capvisor.agent"]);
+    cmd.args(["-M", "microvm,x-option-roms=off,rtc=off", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "256", "-smp", "2"])
+        .args(["-kernel", &kernel, "-initrd", initrd.to_str().unwrap()])
+        .args(["-append", &format!("console=ttyS0 reboot=t panic=-1 rdinit=/init{tsc}")])
+        .args(["-serial", &format!("file:{}", console.display())])
+        .args(["-device", "virtio-serial-device", "-chardev", "socket,id=ag,fd=3"])
+        .args(["-device", "virtserialport,chardev=ag,name=capvisor.agent"]);
     // SAFETY: dup2 is async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
@@ -187,32 +156,16 @@ fn boots_and_serves_guest() {
             let (c, out) = run(&g, &["tty"], true).await;
             assert_eq!(c, 0);
             assert!(out.starts_with("/dev/pts/"), "{out:?}");
-            let (c, out) = run(
-                &g,
-                &["sh", "-c", "mount | cut -d' ' -f3 | sort | tr '\\n' ' '"],
-                false,
-            )
-            .await;
+            let (c, out) = run(&g, &["sh", "-c", "mount | cut -d' ' -f3 | sort | tr '\\n' ' '"], false).await;
             assert_eq!(c, 0);
-            for m in [
-                "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/tmp", "/run",
-            ] {
+            for m in ["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/tmp", "/run"] {
                 assert!(out.split(' ').any(|x| x == m), "{m} not mounted: {out}");
             }
             // Orphans are reaped: a double-forked sleep, then no zombies.
             let (c, _) = run(&g, &["sh", "-c", "(sleep 0.2 &) ; exit 0"], false).await;
             assert_eq!(c, 0);
             tokio::time::sleep(Duration::from_millis(800)).await;
-            let (_, out) = run(
-                &g,
-                &[
-                    "sh",
-                    "-c",
-                    "grep -l '^State:.*Z' /proc/[0-9]*/status || true",
-                ],
-                false,
-            )
-            .await;
+            let (_, out) = run(&g, &["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true"], false).await;
             assert_eq!(out, "", "zombies left");
             let (c, out) = run(&g, &["ping", "-c", "1", "-W", "1", "127.0.0.1"], false).await;
             assert_eq!(c, 0, "loopback: {out}");
@@ -233,19 +186,10 @@ fn boots_and_serves_guest() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let log = std::fs::read_to_string(&console).unwrap_or_default();
-    eprintln!(
-        "--- console ---\n{}",
-        log.lines()
-            .filter(|l| l.contains("guest-init"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    eprintln!("--- console ---\n{}", log.lines().filter(|l| l.contains("guest-init")).collect::<Vec<_>>().join("\n"));
     if let Err(p) = result {
         eprintln!("full console:\n{log}");
         std::panic::resume_unwind(p);
     }
-    assert!(
-        status.is_some(),
-        "the guest did not power off after shutdown"
-    );
+    assert!(status.is_some(), "the guest did not power off after shutdown");
 }

@@ -286,7 +286,9 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
                     eprintln!("logged out; the session's VMs were stopped");
                     Ok(0)
                 }
-                Err(ClientError::Domain(e)) if e.code == capvisor_rpc::schema::common_capnp::ErrorCode::StaleSession => {
+                Err(ClientError::Domain(e))
+                    if e.code == capvisor_rpc::schema::common_capnp::ErrorCode::StaleSession =>
+                {
                     config::clear(&path)?;
                     eprintln!("the saved session had already ended; forgot it");
                     Ok(0)
@@ -297,7 +299,10 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         Cmd::Whoami => {
             let (s, _) = session(socket).await?;
             let i = ops::session_info(&s).await?;
-            println!("principal {}\nprofile   {}\nsession   {}\nexpires   {} (unix ms)", i.principal, i.profile, i.session_id, i.expires_at_ms);
+            println!(
+                "principal {}\nprofile   {}\nsession   {}\nexpires   {} (unix ms)",
+                i.principal, i.profile, i.session_id, i.expires_at_ms
+            );
             Ok(0)
         }
         Cmd::Caps => {
@@ -359,12 +364,18 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
             eprintln!("capvisor: booting ...");
             let vm = ops::create_vm(&f, &spec_of(name, &spec)).await?;
             let i = ops::vm_info(&vm).await?;
-            eprintln!("capvisor: {} running ({} MiB, {} vCPU, kernel {}, up in {} ms)", i.name, i.memory_mib, i.vcpus, i.kernel_release, i.boot_ms);
+            eprintln!(
+                "capvisor: {} running ({} MiB, {} vCPU, kernel {}, up in {} ms)",
+                i.name, i.memory_mib, i.vcpus, i.kernel_release, i.boot_ms
+            );
             println!("{}", i.name);
             Ok(0)
         }
         VmCmd::List => {
-            println!("{:<16} {:<9} {:<8} {:>7} {:>5} {:<8} KERNEL", "NAME", "STATE", "IMAGE", "MEM_MIB", "VCPU", "ENGINE");
+            println!(
+                "{:<16} {:<9} {:<8} {:>7} {:>5} {:<8} KERNEL",
+                "NAME", "STATE", "IMAGE", "MEM_MIB", "VCPU", "ENGINE"
+            );
             for i in ops::list_vms(&f).await? {
                 println!(
                     "{:<16} {:<9} {:<8} {:>7} {:>5} {:<8} {}",
@@ -418,9 +429,21 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
 
 /// Runs `cmd` in `vm` with output streamed to our stdout/stderr and stdin
 /// forwarded (when -i or not a terminal); returns the command's exit code.
-async fn exec_streaming(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, a: &ExecArgs, cmd: Vec<String>, pty: Option<(u16, u16)>) -> ClientResult<i32> {
+async fn exec_streaming(
+    vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client,
+    a: &ExecArgs,
+    cmd: Vec<String>,
+    pty: Option<(u16, u16)>,
+) -> ClientResult<i32> {
     let forward = a.interactive || !std::io::stdin().is_terminal();
-    let req = ExecRequest { argv: cmd, env: parse_env(&a.env)?, cwd: a.cwd.clone(), stdin: vec![], keep_stdin_open: forward, pty };
+    let req = ExecRequest {
+        argv: cmd,
+        env: parse_env(&a.env)?,
+        cwd: a.cwd.clone(),
+        stdin: vec![],
+        keep_stdin_open: forward,
+        pty,
+    };
     let (out, out_done) = WriterSink::client(tokio::io::stdout());
     let (err, err_done) = WriterSink::client(tokio::io::stderr());
     let p = ops::exec(vm, &req, out, err).await?;
@@ -510,7 +533,9 @@ async fn shell(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, program: S
     });
     let p3 = p.clone();
     tokio::task::spawn_local(async move {
-        let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else { return };
+        let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else {
+            return;
+        };
         while winch.recv().await.is_some() {
             let (r, c) = term_size();
             let _ = ops::resize(&p3, r, c).await;
@@ -562,6 +587,8 @@ async fn copy(f: &capvisor_rpc::schema::capvisor_capnp::vm_factory::Client, src:
                 }
             }
         }
-        _ => Err(ClientError::Usage("vm cp wants exactly one side as NAME:/absolute/path and the other a local path".into())),
+        _ => Err(ClientError::Usage(
+            "vm cp wants exactly one side as NAME:/absolute/path and the other a local path".into(),
+        )),
     }
 }

@@ -70,7 +70,11 @@ pub async fn list_caps(cs: &cap_set::Client) -> ClientResult<Vec<CapInfo>> {
 /// `CapSet.get(name, interfaceId)` with an explicit interface id.
 ///
 /// Errors: `Domain(notFound)` or `Domain(wrongInterface)`.
-pub async fn get_cap_raw(cs: &cap_set::Client, name: &str, interface_id: u64) -> ClientResult<capnp::capability::Client> {
+pub async fn get_cap_raw(
+    cs: &cap_set::Client,
+    name: &str,
+    interface_id: u64,
+) -> ClientResult<capnp::capability::Client> {
     use capvisor_rpc::schema::capvisor_capnp::get_result;
     let mut req = cs.get_request();
     req.get().set_name(name);
@@ -250,7 +254,12 @@ pub async fn ping(v: &vm::Client) -> ClientResult<()> {
 pub use capvisor_rpc::exec::ExecRequest;
 
 /// `Vm.exec`: starts a process; output flows into the sinks.
-pub async fn exec(v: &vm::Client, r: &ExecRequest, stdout: byte_sink::Client, stderr: byte_sink::Client) -> ClientResult<process::Client> {
+pub async fn exec(
+    v: &vm::Client,
+    r: &ExecRequest,
+    stdout: byte_sink::Client,
+    stderr: byte_sink::Client,
+) -> ClientResult<process::Client> {
     use capvisor_rpc::schema::common_capnp::exec_result;
     let mut req = v.exec_request();
     {
@@ -343,7 +352,8 @@ pub struct Output {
 pub async fn exec_collect(v: &vm::Client, argv: &[&str], stdin: &[u8], limit: usize) -> ClientResult<Output> {
     let (out, out_rx) = CollectSink::client(limit);
     let (err, err_rx) = CollectSink::client(limit);
-    let req = ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), stdin: stdin.to_vec(), ..Default::default() };
+    let req =
+        ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), stdin: stdin.to_vec(), ..Default::default() };
     let p = exec(v, &req, out, err).await?;
     let exit = wait(&p).await?;
     let gone = || ClientError::Disconnected("output stream ended early".into());
@@ -408,7 +418,9 @@ pub async fn list_dir(f: &files::Client, path: &str) -> ClientResult<Vec<DirEntr
     let resp = req.send().promise.await?;
     let list = take!(resp.get()?.get_result()?, list_result::Entries)??;
     list.iter()
-        .map(|e| Ok(DirEntry { name: text(e.get_name())?, kind: e.get_kind()?, size: e.get_size(), mode: e.get_mode() }))
+        .map(|e| {
+            Ok(DirEntry { name: text(e.get_name())?, kind: e.get_kind()?, size: e.get_size(), mode: e.get_mode() })
+        })
         .collect()
 }
 

@@ -26,7 +26,12 @@ fn denials_bad_input_and_audit() {
 
     // Wrong password and unknown user: same typed denial, same message, exit 10.
     s.cli_ok("owner", &["login"], None, 0);
-    s.cli_ok("owner", &["account", "add", "carol", "--profile", "user", "--password-stdin"], Some(b"carol-right-pw\n"), 0);
+    s.cli_ok(
+        "owner",
+        &["account", "add", "carol", "--profile", "user", "--password-stdin"],
+        Some(b"carol-right-pw\n"),
+        0,
+    );
     let unknown = s.cli_ok("x", &["login", "--user", "nosuchuser", "--password-stdin"], Some(b"whatever-pw-1\n"), 10);
     let wrong = s.cli_ok("x", &["login", "--user", "carol", "--password-stdin"], Some(b"carol-WRONG-pw\n"), 10);
     assert_eq!(stderr(&unknown), stderr(&wrong), "the error must not tell which part was wrong");
@@ -74,10 +79,7 @@ fn denials_bad_input_and_audit() {
         let owner = connect::login_local(&s.socket).await.unwrap();
         let cs = ops::cap_set(&owner.session).await.unwrap();
         assert_eq!(code(ops::get_cap_raw(&cs, "nope", vm_factory::Client::TYPE_ID).await), ErrorCode::NotFound);
-        assert_eq!(
-            code(ops::get_cap_raw(&cs, "vms", accounts::Client::TYPE_ID).await),
-            ErrorCode::WrongInterface
-        );
+        assert_eq!(code(ops::get_cap_raw(&cs, "vms", accounts::Client::TYPE_ID).await), ErrorCode::WrongInterface);
         assert!(ops::get_cap::<vm_factory::Client>(&cs, "vms").await.is_ok());
 
         // A user-profile session has no accounts cap.
@@ -104,7 +106,10 @@ fn denials_bad_input_and_audit() {
     // Audit: denials are recorded, secrets are not.
     let audit = std::fs::read_to_string(s.state.join("audit.jsonl")).expect("audit.jsonl");
     assert!(audit.lines().any(|l| l.contains("denied") && l.contains("carol")), "no denial audited:\n{audit}");
-    assert!(audit.lines().any(|l| l.contains("\"capset.get\"") && l.contains("\"notFound\"")), "no CapSet miss audited:\n{audit}");
+    assert!(
+        audit.lines().any(|l| l.contains("\"capset.get\"") && l.contains("\"notFound\"")),
+        "no CapSet miss audited:\n{audit}"
+    );
     for secret in ["carol-right-pw", "carol-WRONG-pw", "whatever-pw-1"] {
         assert!(!audit.contains(secret), "audit log leaks a password");
     }

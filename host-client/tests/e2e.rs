@@ -112,7 +112,11 @@ fn vm_lifecycle_isolation_quota_and_logout() {
         // The pty has the size we asked for.
         let (out, out_rx) = capvisor_rpc::sink::CollectSink::client(1 << 20);
         let (err, _err_rx) = capvisor_rpc::sink::CollectSink::client(1 << 20);
-        let req = ops::ExecRequest { argv: vec!["sh".into(), "-c".into(), "stty size; tty".into()], pty: Some((24, 80)), ..Default::default() };
+        let req = ops::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "stty size; tty".into()],
+            pty: Some((24, 80)),
+            ..Default::default()
+        };
         let p = ops::exec(&vm, &req, out, err).await.unwrap();
         assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Code(0));
         let text = String::from_utf8_lossy(&out_rx.await.unwrap()).into_owned();
@@ -186,7 +190,10 @@ fn vm_lifecycle_isolation_quota_and_logout() {
         let (err, _e) = capvisor_rpc::sink::CollectSink::client(1 << 20);
         let req = ops::ExecRequest { argv: vec!["sleep".into(), "100".into()], ..Default::default() };
         let p = ops::exec(&vm, &req, out, err).await.unwrap();
-        let pending = { let p = p.clone(); tokio::task::spawn_local(async move { ops::wait(&p).await }) };
+        let pending = {
+            let p = p.clone();
+            tokio::task::spawn_local(async move { ops::wait(&p).await })
+        };
         let other = connect::attach(&s.socket, &token).await.unwrap();
         ops::logout(&other).await.unwrap();
         let stale = capvisor_rpc::schema::common_capnp::ErrorCode::StaleSession;

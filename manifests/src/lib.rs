@@ -138,11 +138,18 @@ impl Manifest {
     /// Checks cross references (see [`Manifest::parse`]).
     pub fn validate(&self) -> anyhow::Result<()> {
         for a in &self.gateway.auth {
-            anyhow::ensure!(a == "local" || a == "password", "gateway.auth: unknown method {a:?} (known: local, password)");
+            anyhow::ensure!(
+                a == "local" || a == "password",
+                "gateway.auth: unknown method {a:?} (known: local, password)"
+            );
         }
         anyhow::ensure!(self.profiles.contains_key("owner"), "profiles: an `owner` profile is required");
         for (p, prof) in &self.profiles {
-            anyhow::ensure!(self.bundles.contains_key(&prof.bundle), "profiles.{p}: bundle {:?} is not defined", prof.bundle);
+            anyhow::ensure!(
+                self.bundles.contains_key(&prof.bundle),
+                "profiles.{p}: bundle {:?} is not defined",
+                prof.bundle
+            );
         }
         for (b, bundle) in &self.bundles {
             for c in &bundle.caps {

@@ -16,28 +16,22 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 /// socket, client connections handed to workers): 16 MiB per message
 /// (2 Mi words) and a nesting depth of 64. A larger message ends that
 /// connection only.
-pub const UNTRUSTED: ReaderOptions = ReaderOptions {
-    traversal_limit_in_words: Some(2 * 1024 * 1024),
-    nesting_limit: 64,
-};
+pub const UNTRUSTED: ReaderOptions =
+    ReaderOptions { traversal_limit_in_words: Some(2 * 1024 * 1024), nesting_limit: 64 };
 
 /// Reader limits between capvisor's own processes and toward a guest:
 /// 64 MiB per message (8 Mi words), capnp's default, nesting 64. Bulk data
 /// still travels in [`crate::CHUNK`]-sized `ByteSink` writes.
-pub const INTERNAL: ReaderOptions = ReaderOptions {
-    traversal_limit_in_words: Some(8 * 1024 * 1024),
-    nesting_limit: 64,
-};
+pub const INTERNAL: ReaderOptions =
+    ReaderOptions { traversal_limit_in_words: Some(8 * 1024 * 1024), nesting_limit: 64 };
 
 /// Runs `fut` to completion on a fresh single-threaded tokio runtime with a
 /// `LocalSet`, so it may `spawn_local` RPC systems.
 ///
 /// Errors: panics only if the runtime cannot be built (no epoll, no fds).
 pub fn run_local<F: Future>(fut: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("build tokio current_thread runtime");
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("build tokio current_thread runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, fut)
 }
@@ -59,12 +53,8 @@ pub fn rpc_system(
     opts: ReaderOptions,
 ) -> RpcSystem<Side> {
     let (reader, writer) = stream.compat().split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader),
-        futures::io::BufWriter::new(writer),
-        side,
-        opts,
-    );
+    let network =
+        twoparty::VatNetwork::new(futures::io::BufReader::new(reader), futures::io::BufWriter::new(writer), side, opts);
     RpcSystem::new(Box::new(network), bootstrap)
 }
 

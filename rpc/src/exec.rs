@@ -103,6 +103,9 @@ mod tests {
         let r2 = ExecRequest { argv: vec!["true".into()], ..Default::default() };
         let mut msg = capnp::message::Builder::new_default();
         r2.write_to(msg.init_root::<exec_spec::Builder>());
-        assert_eq!(ExecRequest::read_from(msg.get_root_as_reader::<exec_spec::Reader>().unwrap()).unwrap().unwrap(), r2);
+        assert_eq!(
+            ExecRequest::read_from(msg.get_root_as_reader::<exec_spec::Reader>().unwrap()).unwrap().unwrap(),
+            r2
+        );
     }
 }

@@ -42,12 +42,7 @@ pub fn init_logging(name: &'static str) {
         .with_target(false)
         .without_time()
         .fmt_fields(tracing_subscriber::fmt::format::DefaultFields::new())
-        .event_format(
-            tracing_subscriber::fmt::format()
-                .with_target(false)
-                .without_time()
-                .compact(),
-        )
+        .event_format(tracing_subscriber::fmt::format().with_target(false).without_time().compact())
         .try_init();
     tracing::debug!(process = name, "logging initialised");
 }

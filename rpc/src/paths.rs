@@ -85,10 +85,7 @@ pub fn bin_dir() -> PathBuf {
     if let Some(p) = env_path("CAPVISOR_BIN_DIR") {
         return p;
     }
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|p| p.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("."))
+    std::env::current_exe().ok().and_then(|p| p.parent().map(|p| p.to_path_buf())).unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Path of capvisor binary `name` (e.g. `"capvisor-worker"`) beside the running one.

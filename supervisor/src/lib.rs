@@ -68,9 +68,9 @@ pub fn load_manifest(path: Option<&Path>) -> anyhow::Result<(Manifest, String)> 
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
-        std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
 }
 
 /// Checks that [`QEMU`] is on `PATH`.
@@ -99,7 +99,11 @@ fn check_binaries(bin_dir: &Path) -> anyhow::Result<()> {
 /// the same kernel source share one build.
 ///
 /// Errors: whatever `capvisor_vmm::image::ensure_image` reports, naming the image.
-pub fn build_images(manifest: &Manifest, cache_dir: &Path, guest_init: &Path) -> anyhow::Result<BTreeMap<String, BuiltImage>> {
+pub fn build_images(
+    manifest: &Manifest,
+    cache_dir: &Path,
+    guest_init: &Path,
+) -> anyhow::Result<BTreeMap<String, BuiltImage>> {
     let mut by_kernel: BTreeMap<String, BuiltImage> = BTreeMap::new();
     let mut out = BTreeMap::new();
     for (name, img) in &manifest.images {
@@ -110,7 +114,8 @@ pub fn build_images(manifest: &Manifest, cache_dir: &Path, guest_init: &Path) ->
                     guest_init.display()
                 );
             }
-            let source: capvisor_vmm::image::KernelSource = img.kernel.parse().with_context(|| format!("image {name}"))?;
+            let source: capvisor_vmm::image::KernelSource =
+                img.kernel.parse().with_context(|| format!("image {name}"))?;
             let mut progress = |line: &str| eprintln!("capvisor: {line}");
             let built = match capvisor_vmm::image::ensure_image(cache_dir, source, guest_init, &mut progress) {
                 Ok(b) => b,
@@ -118,8 +123,13 @@ pub fn build_images(manifest: &Manifest, cache_dir: &Path, guest_init: &Path) ->
                 // kernel needs no build, so it is the fallback.
                 Err(e) if source == capvisor_vmm::image::KernelSource::Minimal => {
                     eprintln!("capvisor: image {name}: the minimal kernel is not available ({e:#}); falling back to Debian's cloud kernel");
-                    capvisor_vmm::image::ensure_image(cache_dir, capvisor_vmm::image::KernelSource::DebianCloud, guest_init, &mut progress)
-                        .with_context(|| format!("building image {name} with the fallback kernel"))?
+                    capvisor_vmm::image::ensure_image(
+                        cache_dir,
+                        capvisor_vmm::image::KernelSource::DebianCloud,
+                        guest_init,
+                        &mut progress,
+                    )
+                    .with_context(|| format!("building image {name} with the fallback kernel"))?
                 }
                 Err(e) => return Err(e).with_context(|| format!("building image {name}")),
             };
@@ -187,8 +197,11 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let images = build_images(&manifest, &opts.cache_dir, &opts.guest_init)?;
     paths::ensure_private_dir(&opts.state_dir)
         .with_context(|| format!("preparing state directory {}", opts.state_dir.display()))?;
-    let owner_uids =
-        if manifest.local.owner_uids.is_empty() { vec![nix::unistd::getuid().as_raw()] } else { manifest.local.owner_uids.clone() };
+    let owner_uids = if manifest.local.owner_uids.is_empty() {
+        vec![nix::unistd::getuid().as_raw()]
+    } else {
+        manifest.local.owner_uids.clone()
+    };
     let cfg = BrokerConfig {
         manifest,
         images,

@@ -242,7 +242,10 @@ fn gateway_and_broker_processes_serve_logins_and_shut_down_cleanly() {
         let mut req = gw.resume_request();
         req.get().set_token(token.as_str());
         let resp = req.send().promise.await.unwrap();
-        assert_eq!(login_outcome(resp.get().unwrap().get_result().unwrap()).err().unwrap().code, ErrorCode::StaleSession);
+        assert_eq!(
+            login_outcome(resp.get().unwrap().get_result().unwrap()).err().unwrap().code,
+            ErrorCode::StaleSession
+        );
     });
     let audit = std::fs::read_to_string(r.opts.state_dir.join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"action\":\"login\""));

@@ -115,8 +115,9 @@ pub fn start(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Resu
         .create(true)
         .open(console_log)
         .with_context(|| format!("opening {}", console_log.display()))?;
-    let (console, backend) = VirtioConsole::new(vec![ConsolePort::console(None), ConsolePort::named("capvisor.agent", agent)])
-        .context("building the virtio-console")?;
+    let (console, backend) =
+        VirtioConsole::new(vec![ConsolePort::console(None), ConsolePort::named("capvisor.agent", agent)])
+            .context("building the virtio-console")?;
     let mut vm = VmBuilder::new(BootSource::Linux {
         kernel: cfg.kernel.clone(),
         initramfs: Some(cfg.initramfs.clone()),

@@ -12,9 +12,9 @@
 use crate::kvm_engine::{self, KvmHandle};
 use crate::qemu::{self, qmp::Qmp};
 use crate::VmConfig;
+use capnp::capability::Rc as CapRc;
 use capvisor_kvm::devices::boot_timer::BootTimes;
 use capvisor_kvm::vm::VmExit;
-use capnp::capability::Rc as CapRc;
 use capvisor_rpc::spawn::{self, Inherit};
 use capvisor_rpc::{write_result, CvError};
 use capvisor_schema::internal_capnp::{machine, machine_status, MachineState};
@@ -100,8 +100,13 @@ impl Vm {
 
     /// A VM that never ran, in state `crashed` with `detail`.
     pub fn failed(detail: String) -> Rc<Vm> {
-        let (tx, _) =
-            watch::channel(Status { state: MachineState::Crashed, detail, pid: 0, engine: "qemu".into(), boot: BootTimes::default() });
+        let (tx, _) = watch::channel(Status {
+            state: MachineState::Crashed,
+            detail,
+            pid: 0,
+            engine: "qemu".into(),
+            boot: BootTimes::default(),
+        });
         Rc::new(Vm {
             status: tx,
             console: None,
@@ -463,7 +468,11 @@ impl Vm {
             },
             (Ok(st), None) => (
                 MachineState::Crashed,
-                if stderr.is_empty() { format!("qemu exited unexpectedly ({st})") } else { format!("qemu exited unexpectedly ({st}): {stderr}") },
+                if stderr.is_empty() {
+                    format!("qemu exited unexpectedly ({st})")
+                } else {
+                    format!("qemu exited unexpectedly ({st}): {stderr}")
+                },
             ),
             (Err(e), None) => (MachineState::Crashed, format!("waiting for qemu failed: {e}")),
         };
@@ -527,38 +536,62 @@ impl MachineServer {
 }
 
 impl machine::Server for MachineServer {
-    async fn status(self: CapRc<Self>, _: machine::StatusParams, mut results: machine::StatusResults) -> capnp::Result<()> {
+    async fn status(
+        self: CapRc<Self>,
+        _: machine::StatusParams,
+        mut results: machine::StatusResults,
+    ) -> capnp::Result<()> {
         self.vm.status().write(results.get().init_status());
         Ok(())
     }
 
-    async fn stop(self: CapRc<Self>, params: machine::StopParams, mut results: machine::StopResults) -> capnp::Result<()> {
+    async fn stop(
+        self: CapRc<Self>,
+        params: machine::StopParams,
+        mut results: machine::StopResults,
+    ) -> capnp::Result<()> {
         let grace = Duration::from_millis(params.get()?.get_grace_ms() as u64);
         let st = self.vm.stop(grace).await;
         st.write(results.get().init_status());
         Ok(())
     }
 
-    async fn pause(self: CapRc<Self>, _: machine::PauseParams, mut results: machine::PauseResults) -> capnp::Result<()> {
+    async fn pause(
+        self: CapRc<Self>,
+        _: machine::PauseParams,
+        mut results: machine::PauseResults,
+    ) -> capnp::Result<()> {
         let r = self.vm.pause().await;
         write_result!(results.get().init_result(), r, |b, _v| b.set_ok(()));
         Ok(())
     }
 
-    async fn resume(self: CapRc<Self>, _: machine::ResumeParams, mut results: machine::ResumeResults) -> capnp::Result<()> {
+    async fn resume(
+        self: CapRc<Self>,
+        _: machine::ResumeParams,
+        mut results: machine::ResumeResults,
+    ) -> capnp::Result<()> {
         let r = self.vm.resume().await;
         write_result!(results.get().init_result(), r, |b, _v| b.set_ok(()));
         Ok(())
     }
 
-    async fn console_tail(self: CapRc<Self>, params: machine::ConsoleTailParams, mut results: machine::ConsoleTailResults) -> capnp::Result<()> {
+    async fn console_tail(
+        self: CapRc<Self>,
+        params: machine::ConsoleTailParams,
+        mut results: machine::ConsoleTailResults,
+    ) -> capnp::Result<()> {
         let max = params.get()?.get_max_bytes();
         let text = self.vm.console_tail(max);
         results.get().set_text(text.as_str());
         Ok(())
     }
 
-    async fn wait_exit(self: CapRc<Self>, _: machine::WaitExitParams, mut results: machine::WaitExitResults) -> capnp::Result<()> {
+    async fn wait_exit(
+        self: CapRc<Self>,
+        _: machine::WaitExitParams,
+        mut results: machine::WaitExitResults,
+    ) -> capnp::Result<()> {
         let st = self.vm.wait_exit().await;
         st.write(results.get().init_status());
         Ok(())

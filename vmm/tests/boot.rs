@@ -223,10 +223,16 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
 
     // Pause and resume through QMP.
     let r = vmm.machine.pause_request().send().promise.await.unwrap();
-    assert!(matches!(r.get().unwrap().get_result().unwrap().which().unwrap(), capvisor_schema::common_capnp::unit_result::Ok(())));
+    assert!(matches!(
+        r.get().unwrap().get_result().unwrap().which().unwrap(),
+        capvisor_schema::common_capnp::unit_result::Ok(())
+    ));
     assert_eq!(status(&vmm.machine).await.state, MachineState::Paused);
     let r = vmm.machine.resume_request().send().promise.await.unwrap();
-    assert!(matches!(r.get().unwrap().get_result().unwrap().which().unwrap(), capvisor_schema::common_capnp::unit_result::Ok(())));
+    assert!(matches!(
+        r.get().unwrap().get_result().unwrap().which().unwrap(),
+        capvisor_schema::common_capnp::unit_result::Ok(())
+    ));
     assert_eq!(status(&vmm.machine).await.state, MachineState::Running);
     let (code, _, _) = exec(&g, &["true"]).await;
     assert_eq!(code, 0);
@@ -275,7 +281,9 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
         std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
         let initrd = run.path().join("initrd");
         std::fs::write(&initrd, b"").unwrap();
-        for (kernel, expect) in [(PathBuf::from("/nonexistent/vmlinux"), "/nonexistent/vmlinux"), (garbage, "qemu exited")] {
+        for (kernel, expect) in
+            [(PathBuf::from("/nonexistent/vmlinux"), "/nonexistent/vmlinux"), (garbage, "qemu exited")]
+        {
             let cfg = VmConfig {
                 name: "bad".into(),
                 run_dir: run.path().join("vm"),
@@ -375,7 +383,10 @@ fn guest_power_off_is_stopped() {
         let run = tempfile::tempdir().unwrap();
         let mut vmm = spawn_vmm(&vm_config(&img, run.path(), ""));
         let (g, _gconn) = conn::connect::<guest::Client>(vmm.agent.take().unwrap(), None, conn::INTERNAL);
-        tokio::time::timeout(HELLO_TIMEOUT, g.hello_request().send().promise).await.expect("hello in time").expect("hello");
+        tokio::time::timeout(HELLO_TIMEOUT, g.hello_request().send().promise)
+            .await
+            .expect("hello in time")
+            .expect("hello");
         let wait = vmm.machine.wait_exit_request().send().promise;
         let mut q = g.shutdown_request();
         q.get().set_reboot(false);
@@ -427,9 +438,15 @@ fn kvm_engine_runs_the_guest_in_a_confined_vmm() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         assert!(first_run > 0, "no first KVM_RUN recorded");
-        eprintln!("kvm engine: vmm start -> first guest instruction {first_run} us; vmm RSS {} KiB", rss_kib(pid).unwrap_or(0));
+        eprintln!(
+            "kvm engine: vmm start -> first guest instruction {first_run} us; vmm RSS {} KiB",
+            rss_kib(pid).unwrap_or(0)
+        );
         let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        assert!(proc_status.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')), "vmm is not under a seccomp filter");
+        assert!(
+            proc_status.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')),
+            "vmm is not under a seccomp filter"
+        );
 
         if capvisor_vmm::host_kvm_usable() {
             let (guest, _c) = conn::connect::<guest::Client>(vmm.agent.take().unwrap(), None, conn::INTERNAL);
@@ -448,10 +465,16 @@ fn kvm_engine_runs_the_guest_in_a_confined_vmm() {
 
         // Pause parks the vCPUs, resume lets them go.
         let r = vmm.machine.pause_request().send().promise.await.unwrap();
-        assert!(matches!(r.get().unwrap().get_result().unwrap().which().unwrap(), capvisor_schema::common_capnp::unit_result::Ok(())));
+        assert!(matches!(
+            r.get().unwrap().get_result().unwrap().which().unwrap(),
+            capvisor_schema::common_capnp::unit_result::Ok(())
+        ));
         assert_eq!(status(&vmm.machine).await.state, MachineState::Paused);
         let r = vmm.machine.resume_request().send().promise.await.unwrap();
-        assert!(matches!(r.get().unwrap().get_result().unwrap().which().unwrap(), capvisor_schema::common_capnp::unit_result::Ok(())));
+        assert!(matches!(
+            r.get().unwrap().get_result().unwrap().which().unwrap(),
+            capvisor_schema::common_capnp::unit_result::Ok(())
+        ));
 
         let mut q = vmm.machine.stop_request();
         q.get().set_grace_ms(0);

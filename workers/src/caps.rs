@@ -29,7 +29,11 @@ impl session::Server for SessionImpl {
         Ok(())
     }
 
-    async fn cap_set(self: CapRc<Self>, _: session::CapSetParams, mut results: session::CapSetResults) -> capnp::Result<()> {
+    async fn cap_set(
+        self: CapRc<Self>,
+        _: session::CapSetParams,
+        mut results: session::CapSetResults,
+    ) -> capnp::Result<()> {
         let st = self.st.clone();
         write_result!(results.get().init_result(), self.st.check(), |b, _v| {
             b.set_cap_set(capnp_rpc::new_client(CapSetImpl { st }))
@@ -37,7 +41,11 @@ impl session::Server for SessionImpl {
         Ok(())
     }
 
-    async fn logout(self: CapRc<Self>, _: session::LogoutParams, mut results: session::LogoutResults) -> capnp::Result<()> {
+    async fn logout(
+        self: CapRc<Self>,
+        _: session::LogoutParams,
+        mut results: session::LogoutResults,
+    ) -> capnp::Result<()> {
         let res = self.st.check();
         if res.is_ok() {
             revoke_session(&self.st, "logout").await;
@@ -124,7 +132,11 @@ pub struct WorkerImpl {
 }
 
 impl worker::Server for WorkerImpl {
-    async fn session(self: CapRc<Self>, _: worker::SessionParams, mut results: worker::SessionResults) -> capnp::Result<()> {
+    async fn session(
+        self: CapRc<Self>,
+        _: worker::SessionParams,
+        mut results: worker::SessionResults,
+    ) -> capnp::Result<()> {
         results.get().set_session(capnp_rpc::new_client(SessionImpl { st: self.st.clone() }));
         Ok(())
     }

@@ -30,7 +30,8 @@ fn main() -> anyhow::Result<()> {
     capvisor_rpc::init_logging("worker");
     let args = Args::parse();
     let ctx: capvisor_manifest::SessionContext = serde_json::from_str(
-        &std::env::var("CAPVISOR_SESSION_CONTEXT").map_err(|_| anyhow::anyhow!("CAPVISOR_SESSION_CONTEXT is not set"))?,
+        &std::env::var("CAPVISOR_SESSION_CONTEXT")
+            .map_err(|_| anyhow::anyhow!("CAPVISOR_SESSION_CONTEXT is not set"))?,
     )?;
     conn::run_local(run(args, ctx))
 }
@@ -44,7 +45,9 @@ async fn run(args: Args, ctx: capvisor_manifest::SessionContext) -> anyhow::Resu
     // broker's SessionHost: offer a queued cap and resolve it right after.
     let (tx, rx) = tokio::sync::oneshot::channel::<worker::Client>();
     let queued: worker::Client =
-        capnp_rpc::new_future_client(async move { rx.await.map_err(|_| capnp::Error::failed("worker not ready".into())) });
+        capnp_rpc::new_future_client(
+            async move { rx.await.map_err(|_| capnp::Error::failed("worker not ready".into())) },
+        );
     let (host, broker_conn) = conn::serve::<session_host::Client>(broker, queued.client, INTERNAL);
     let st = SessionState::new(ctx, host);
     let _ = tx.send(capnp_rpc::new_client(WorkerImpl { st: st.clone() }));

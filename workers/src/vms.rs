@@ -103,9 +103,14 @@ struct CreateSpec {
     engine: String,
 }
 
-fn check_spec(st: &SessionState, spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>) -> CvResult<CreateSpec> {
+fn check_spec(
+    st: &SessionState,
+    spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>,
+) -> CvResult<CreateSpec> {
     let text = |r: capnp::Result<capnp::text::Reader<'_>>| -> CvResult<String> {
-        r.ok().and_then(|t| t.to_str().ok().map(str::to_string)).ok_or_else(|| CvError::invalid("text fields must be UTF-8"))
+        r.ok()
+            .and_then(|t| t.to_str().ok().map(str::to_string))
+            .ok_or_else(|| CvError::invalid("text fields must be UTF-8"))
     };
     let bundle = &st.ctx.bundle;
     let mut name = text(spec.get_name())?;
@@ -113,21 +118,29 @@ fn check_spec(st: &SessionState, spec: capvisor_rpc::schema::capvisor_capnp::vm_
         name = st.next_vm_name();
     }
     if !valid_name(&name) {
-        return Err(CvError::invalid(format!("bad VM name {name:?}: use 1-32 of [a-z0-9-], starting with a letter or digit")));
+        return Err(CvError::invalid(format!(
+            "bad VM name {name:?}: use 1-32 of [a-z0-9-], starting with a letter or digit"
+        )));
     }
     let mut image = text(spec.get_image())?;
     if image.is_empty() {
         image = "base".into();
     }
     if !bundle.images.contains(&image) || !st.ctx.images.contains_key(&image) {
-        return Err(CvError::denied(format!("image {image:?} is not allowed in this session (allowed: {})", bundle.images.join(", "))));
+        return Err(CvError::denied(format!(
+            "image {image:?} is not allowed in this session (allowed: {})",
+            bundle.images.join(", ")
+        )));
     }
     let memory_mib = match spec.get_memory_mib() {
         0 => bundle.default_memory_mib,
         m => m,
     };
     if memory_mib > bundle.max_memory_mib {
-        return Err(CvError::quota(format!("{memory_mib} MiB exceeds this session's limit of {} MiB per VM", bundle.max_memory_mib)));
+        return Err(CvError::quota(format!(
+            "{memory_mib} MiB exceeds this session's limit of {} MiB per VM",
+            bundle.max_memory_mib
+        )));
     }
     if memory_mib < 64 {
         return Err(CvError::invalid("a VM needs at least 64 MiB"));
@@ -190,8 +203,10 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: &str, timeout: Duratio
     spawn::prepare(&mut cmd, &fds);
     let mut child = cmd.spawn().map_err(internal)?;
     drop(fds);
-    let (machine, mconn) = conn::connect::<machine::Client>(spawn::into_tokio(rpc_here).map_err(internal)?, None, INTERNAL);
-    let (guest, gconn) = conn::connect::<guest::Client>(spawn::into_tokio(agent_here).map_err(internal)?, None, INTERNAL);
+    let (machine, mconn) =
+        conn::connect::<machine::Client>(spawn::into_tokio(rpc_here).map_err(internal)?, None, INTERNAL);
+    let (guest, gconn) =
+        conn::connect::<guest::Client>(spawn::into_tokio(agent_here).map_err(internal)?, None, INTERNAL);
 
     let hello = guest.hello_request().send().promise;
     let exited = machine.wait_exit_request().send().promise;
@@ -348,14 +363,19 @@ impl VmFactoryImpl {
 }
 
 fn lookup(st: &SessionState, name: &str) -> CvResult<Rc<VmEntry>> {
-    st.vms.borrow().get(name).cloned().ok_or_else(|| CvError::not_found(format!("this session has no VM named {name:?}")))
+    st.vms
+        .borrow()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| CvError::not_found(format!("this session has no VM named {name:?}")))
 }
 
 /// Marks the VM crashed/stopped when its machine ends on its own.
 fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
     tokio::task::spawn_local(async move {
         let r = machine.wait_exit_request().send().promise.await;
-        let state = r.ok().and_then(|r| r.get().ok().and_then(|r| r.get_status().ok()).and_then(|s| s.get_state().ok()));
+        let state =
+            r.ok().and_then(|r| r.get().ok().and_then(|r| r.get_status().ok()).and_then(|s| s.get_state().ok()));
         if entry.state.get() == VmState::Running {
             entry.state.set(if state == Some(MachineState::Crashed) { VmState::Crashed } else { VmState::Stopped });
             // Drop the handles; stop_vm reaps the vmm when asked.
@@ -377,7 +397,11 @@ fn text_param(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String
 }
 
 impl vm_factory::Server for VmFactoryImpl {
-    async fn create(self: CapRc<Self>, params: vm_factory::CreateParams, mut results: vm_factory::CreateResults) -> capnp::Result<()> {
+    async fn create(
+        self: CapRc<Self>,
+        params: vm_factory::CreateParams,
+        mut results: vm_factory::CreateResults,
+    ) -> capnp::Result<()> {
         let p = params.get()?;
         let spec = p.get_spec()?;
         let res = self.do_create(spec).await;
@@ -390,7 +414,11 @@ impl vm_factory::Server for VmFactoryImpl {
         Ok(())
     }
 
-    async fn list(self: CapRc<Self>, _: vm_factory::ListParams, mut results: vm_factory::ListResults) -> capnp::Result<()> {
+    async fn list(
+        self: CapRc<Self>,
+        _: vm_factory::ListParams,
+        mut results: vm_factory::ListResults,
+    ) -> capnp::Result<()> {
         let vms: Vec<Rc<VmEntry>> = self.st.vms.borrow().values().cloned().collect();
         write_result!(results.get().init_result(), self.st.check(), |b, _v| {
             let mut list = b.init_vms(vms.len() as u32);
@@ -401,17 +429,28 @@ impl vm_factory::Server for VmFactoryImpl {
         Ok(())
     }
 
-    async fn get(self: CapRc<Self>, params: vm_factory::GetParams, mut results: vm_factory::GetResults) -> capnp::Result<()> {
+    async fn get(
+        self: CapRc<Self>,
+        params: vm_factory::GetParams,
+        mut results: vm_factory::GetResults,
+    ) -> capnp::Result<()> {
         let name = text_param(params.get()?.get_name())?;
-        let res = self.entry(&name).map(|_| capnp_rpc::new_client::<vm::Client, _>(VmImpl { st: self.st.clone(), name }));
+        let res =
+            self.entry(&name).map(|_| capnp_rpc::new_client::<vm::Client, _>(VmImpl { st: self.st.clone(), name }));
         write_result!(results.get().init_result(), res, |b, v| b.set_vm(v));
         Ok(())
     }
 
-    async fn remove(self: CapRc<Self>, params: vm_factory::RemoveParams, mut results: vm_factory::RemoveResults) -> capnp::Result<()> {
+    async fn remove(
+        self: CapRc<Self>,
+        params: vm_factory::RemoveParams,
+        mut results: vm_factory::RemoveResults,
+    ) -> capnp::Result<()> {
         let name = text_param(params.get()?.get_name())?;
         let res = match self.entry(&name) {
-            Ok(e) if e.state.get() == VmState::Starting => Err(CvError::invalid(format!("VM {name:?} is still starting"))),
+            Ok(e) if e.state.get() == VmState::Starting => {
+                Err(CvError::invalid(format!("VM {name:?} is still starting")))
+            }
             Ok(e) => {
                 stop_vm(&e).await;
                 self.st.vms.borrow_mut().remove(&name);
@@ -456,7 +495,9 @@ impl VmImpl {
         let result = resp.get().and_then(|r| r.get_result()).map_err(rpc)?;
         use capvisor_rpc::schema::common_capnp::exec_result::Which;
         match result.which().map_err(|e| CvError::internal(e.to_string()))? {
-            Which::Process(p) => Ok(capnp_rpc::new_client(ProcessWrapper { st: self.st.clone(), inner: p.map_err(rpc)? })),
+            Which::Process(p) => {
+                Ok(capnp_rpc::new_client(ProcessWrapper { st: self.st.clone(), inner: p.map_err(rpc)? }))
+            }
             Which::Err(e) => Err(CvError::read_from(e.map_err(rpc)?).map_err(rpc)?),
         }
     }
@@ -500,7 +541,14 @@ impl vm::Server for VmImpl {
         let res = match self.entry().and_then(|e| e.guest()) {
             Ok(g) => {
                 self.st
-                    .guard(async { g.ping_request().send().promise.await.map(|_| ()).map_err(|e| CvError::unavailable(e.to_string())) })
+                    .guard(async {
+                        g.ping_request()
+                            .send()
+                            .promise
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| CvError::unavailable(e.to_string()))
+                    })
                     .await
             }
             Err(e) => Err(e),
@@ -525,4 +573,3 @@ mod tests {
         assert!(!valid_name(&"a".repeat(33)));
     }
 }
-

@@ -47,7 +47,11 @@ impl process::Server for ProcessWrapper {
         self.st.guard_rpc(req.send()).await
     }
 
-    async fn close_stdin(self: CapRc<Self>, _: process::CloseStdinParams, mut results: process::CloseStdinResults) -> capnp::Result<()> {
+    async fn close_stdin(
+        self: CapRc<Self>,
+        _: process::CloseStdinParams,
+        mut results: process::CloseStdinResults,
+    ) -> capnp::Result<()> {
         let req = self.inner.close_stdin_request();
         forward_union!(self.st, req, results);
         Ok(())
@@ -59,14 +63,22 @@ impl process::Server for ProcessWrapper {
         Ok(())
     }
 
-    async fn kill(self: CapRc<Self>, params: process::KillParams, mut results: process::KillResults) -> capnp::Result<()> {
+    async fn kill(
+        self: CapRc<Self>,
+        params: process::KillParams,
+        mut results: process::KillResults,
+    ) -> capnp::Result<()> {
         let mut req = self.inner.kill_request();
         req.get().set_signal(params.get()?.get_signal());
         forward_union!(self.st, req, results);
         Ok(())
     }
 
-    async fn resize(self: CapRc<Self>, params: process::ResizeParams, mut results: process::ResizeResults) -> capnp::Result<()> {
+    async fn resize(
+        self: CapRc<Self>,
+        params: process::ResizeParams,
+        mut results: process::ResizeResults,
+    ) -> capnp::Result<()> {
         let mut req = self.inner.resize_request();
         req.get().set_size(params.get()?.get_size()?)?;
         forward_union!(self.st, req, results);
@@ -92,7 +104,11 @@ impl files::Server for FilesWrapper {
         Ok(())
     }
 
-    async fn write(self: CapRc<Self>, params: files::WriteParams, mut results: files::WriteResults) -> capnp::Result<()> {
+    async fn write(
+        self: CapRc<Self>,
+        params: files::WriteParams,
+        mut results: files::WriteResults,
+    ) -> capnp::Result<()> {
         let p = params.get()?;
         let mut req = self.inner.write_request();
         req.get().set_path(p.get_path()?);
@@ -150,7 +166,11 @@ pub struct AccountsWrapper {
 }
 
 impl accounts::Server for AccountsWrapper {
-    async fn add(self: CapRc<Self>, params: accounts::AddParams, mut results: accounts::AddResults) -> capnp::Result<()> {
+    async fn add(
+        self: CapRc<Self>,
+        params: accounts::AddParams,
+        mut results: accounts::AddResults,
+    ) -> capnp::Result<()> {
         let p = params.get()?;
         let mut req = self.inner.add_request();
         req.get().set_name(p.get_name()?);
@@ -166,7 +186,11 @@ impl accounts::Server for AccountsWrapper {
         Ok(())
     }
 
-    async fn remove(self: CapRc<Self>, params: accounts::RemoveParams, mut results: accounts::RemoveResults) -> capnp::Result<()> {
+    async fn remove(
+        self: CapRc<Self>,
+        params: accounts::RemoveParams,
+        mut results: accounts::RemoveResults,
+    ) -> capnp::Result<()> {
         let mut req = self.inner.remove_request();
         req.get().set_name(params.get()?.get_name()?);
         forward_union!(self.st, req, results);

@@ -16,11 +16,7 @@ use std::time::{Duration, Instant};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn pct(v: &mut [Duration], p: usize) -> Duration {
@@ -71,7 +67,9 @@ fn raw_rtt(n: usize) -> Vec<Duration> {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -163,7 +161,11 @@ fn rss_without_guest_kib(pid: u32, guest_kib: u64) -> u64 {
 /// worker does (engine kvm, 256 MiB) `runs` times and reads the boot
 /// milestones from `Machine.status`. Returns (vmm start -> first guest
 /// instruction, µs), (vmm RSS, KiB), (vmm RSS without guest RAM, KiB).
-fn kvm_engine_figures(image: &capvisor_manifest::BuiltImage, dir: &Path, runs: usize) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
+fn kvm_engine_figures(
+    image: &capvisor_manifest::BuiltImage,
+    dir: &Path,
+    runs: usize,
+) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
     use capvisor_client::schema::internal_capnp::machine;
     let (mut first, mut rss, mut own) = (vec![], vec![], vec![]);
     for i in 0..runs {
@@ -195,7 +197,11 @@ fn kvm_engine_figures(image: &capvisor_manifest::BuiltImage, dir: &Path, runs: u
             let mut child = cmd.spawn().expect("spawn capvisor-vmm");
             drop(fds);
             let pid = child.id().unwrap_or(0);
-            let (m, conn) = capvisor_rpc::conn::connect::<machine::Client>(capvisor_rpc::spawn::into_tokio(rpc_ours).unwrap(), None, capvisor_rpc::conn::INTERNAL);
+            let (m, conn) = capvisor_rpc::conn::connect::<machine::Client>(
+                capvisor_rpc::spawn::into_tokio(rpc_ours).unwrap(),
+                None,
+                capvisor_rpc::conn::INTERNAL,
+            );
             let t0 = Instant::now();
             loop {
                 let r = m.status_request().send().promise.await.expect("Machine.status");
@@ -205,7 +211,11 @@ fn kvm_engine_figures(image: &capvisor_manifest::BuiltImage, dir: &Path, runs: u
                     first.push(us);
                     break;
                 }
-                assert!(t0.elapsed() < Duration::from_secs(30), "engine kvm never ran a guest instruction: {:?}", st.get_detail().unwrap().to_str());
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "engine kvm never ran a guest instruction: {:?}",
+                    st.get_detail().unwrap().to_str()
+                );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -230,7 +240,9 @@ fn main() {
     let bin_dir = capvisor_rpc::paths::bin_dir();
     let work = tempfile::Builder::new().prefix("capvisor-bench.").tempdir().expect("tempdir");
     let socket = work.path().join("run/gateway.sock");
-    let guest_init = std::env::var_os("CAPVISOR_GUEST_INIT").map(PathBuf::from).unwrap_or_else(|| bin_dir.join("capvisor-guest-init"));
+    let guest_init = std::env::var_os("CAPVISOR_GUEST_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir.join("capvisor-guest-init"));
     eprintln!("capvisor-bench: starting capvisor serve ...");
     let mut serve = Command::new(bin_dir.join("capvisor"))
         .arg("serve")
@@ -250,7 +262,8 @@ fn main() {
     // The same image `serve` boots for the default manifest's `base`.
     let source: capvisor_vmm::image::KernelSource =
         capvisor_manifest::Manifest::default_manifest().images["base"].kernel.parse().expect("kernel source");
-    let image = capvisor_vmm::image::ensure_image(&capvisor_rpc::paths::cache_dir(), source, &guest_init, &mut |_| {}).expect("image");
+    let image = capvisor_vmm::image::ensure_image(&capvisor_rpc::paths::cache_dir(), source, &guest_init, &mut |_| {})
+        .expect("image");
 
     let figures = capvisor_rpc::conn::run_local(async {
         let login = connect::login_local(&socket).await.expect("login");
@@ -269,13 +282,16 @@ fn main() {
             eprintln!("capvisor-bench: cold create -> first exec result #{}: {:.0} ms", i + 1, ms(cold[i]));
         }
 
-        let vm = ops::create_vm(&vms, &ops::VmSpec { name: "warm".into(), ..Default::default() }).await.expect("create");
+        let vm =
+            ops::create_vm(&vms, &ops::VmSpec { name: "warm".into(), ..Default::default() }).await.expect("create");
         let engine = ops::vm_info(&vm).await.expect("info").engine;
         let procs = processes_mentioning(&work.path().join("state").to_string_lossy());
         let rss: Vec<(String, u64)> = procs
             .iter()
             .filter(|(_, a)| a.contains("capvisor-vmm") || a.contains("qemu") || a.contains("capvisor-worker"))
-            .map(|(p, a)| (Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), rss_kib(*p)))
+            .map(|(p, a)| {
+                (Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), rss_kib(*p))
+            })
             .collect();
         let mut exec_rt = vec![];
         for _ in 0..execs {
@@ -323,7 +339,15 @@ fn main() {
     let raw_p50 = pct(&mut raw, 50);
     let ping_p50 = pct(&mut ping_rt, 50);
     println!();
-    let accel = if engine == "qemu" { if capvisor_vmm::host_kvm_usable() { " (KVM)" } else { " (TCG)" } } else { "" };
+    let accel = if engine == "qemu" {
+        if capvisor_vmm::host_kvm_usable() {
+            " (KVM)"
+        } else {
+            " (TCG)"
+        }
+    } else {
+        ""
+    };
     println!(
         "capvisor-bench on {} cores, engine {engine}{accel} (the one `auto` picked), kernel {}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -331,15 +355,47 @@ fn main() {
     );
     println!("{:<58} {:>12}", "figure", "value");
     println!("{:<58} {:>9.0} ms", format!("cold create -> first exec result (median of {})", cold.len()), ms(cold_p50));
-    println!("{:<58} {:>9.0} ms", format!("bare qemu boot to init, same kernel+initramfs (median of {})", bare.len()), ms(bare_p50));
+    println!(
+        "{:<58} {:>9.0} ms",
+        format!("bare qemu boot to init, same kernel+initramfs (median of {})", bare.len()),
+        ms(bare_p50)
+    );
     println!("{:<58} {:>10.2}x", "ratio ours / bare", cold_p50.as_secs_f64() / bare_p50.as_secs_f64());
-    println!("{:<58} {:>9.0} us", format!("exec `true` round trip p50 ({} calls)", exec_rt.len()), us(pct(&mut exec_rt, 50)));
-    println!("{:<58} {:>9.0} us", format!("exec `true` round trip p99 ({} calls)", exec_rt.len()), us(pct(&mut exec_rt, 99)));
-    println!("{:<58} {:>9.0} us", format!("no-op to guest-init, whole chain p50 ({} calls)", ping_rt.len()), us(ping_p50));
-    println!("{:<58} {:>9.0} us", format!("no-op to guest-init, whole chain p99 ({} calls)", ping_rt.len()), us(pct(&mut ping_rt, 99)));
-    println!("{:<58} {:>9.0} us", format!("client -> worker only (Vm.info) p50 ({} calls)", info_rt.len()), us(pct(&mut info_rt, 50)));
-    println!("{:<58} {:>9.0} us", format!("client -> worker only (Vm.info) p99 ({} calls)", info_rt.len()), us(pct(&mut info_rt, 99)));
-    println!("{:<58} {:>9.0} us", format!("raw Unix-socket round trip, 2 processes p50 ({} calls)", raw.len()), us(raw_p50));
+    println!(
+        "{:<58} {:>9.0} us",
+        format!("exec `true` round trip p50 ({} calls)", exec_rt.len()),
+        us(pct(&mut exec_rt, 50))
+    );
+    println!(
+        "{:<58} {:>9.0} us",
+        format!("exec `true` round trip p99 ({} calls)", exec_rt.len()),
+        us(pct(&mut exec_rt, 99))
+    );
+    println!(
+        "{:<58} {:>9.0} us",
+        format!("no-op to guest-init, whole chain p50 ({} calls)", ping_rt.len()),
+        us(ping_p50)
+    );
+    println!(
+        "{:<58} {:>9.0} us",
+        format!("no-op to guest-init, whole chain p99 ({} calls)", ping_rt.len()),
+        us(pct(&mut ping_rt, 99))
+    );
+    println!(
+        "{:<58} {:>9.0} us",
+        format!("client -> worker only (Vm.info) p50 ({} calls)", info_rt.len()),
+        us(pct(&mut info_rt, 50))
+    );
+    println!(
+        "{:<58} {:>9.0} us",
+        format!("client -> worker only (Vm.info) p99 ({} calls)", info_rt.len()),
+        us(pct(&mut info_rt, 99))
+    );
+    println!(
+        "{:<58} {:>9.0} us",
+        format!("raw Unix-socket round trip, 2 processes p50 ({} calls)", raw.len()),
+        us(raw_p50)
+    );
     println!("{:<58} {:>9.0} us", "raw Unix-socket round trip p99", us(pct(&mut raw, 99)));
     println!("{:<58} {:>10.2}x", "ratio whole chain / raw (p50)", ping_p50.as_secs_f64() / raw_p50.as_secs_f64());
     for (name, kib) in &rss {
@@ -350,11 +406,27 @@ fn main() {
             v.sort();
             v[v.len() / 2]
         };
-        println!("{:<58} {:>9.1} ms", format!("engine kvm: vmm start -> first guest instruction (median of {})", kvm_first.len()), med(&mut kvm_first) as f64 / 1000.0);
-        println!("{:<58} {:>8.1} MiB", "engine kvm: RSS of capvisor-vmm incl. guest pages touched", med(&mut kvm_rss) as f64 / 1024.0);
-        println!("{:<58} {:>8.1} MiB", "engine kvm: RSS of capvisor-vmm without guest RAM", med(&mut kvm_own) as f64 / 1024.0);
+        println!(
+            "{:<58} {:>9.1} ms",
+            format!("engine kvm: vmm start -> first guest instruction (median of {})", kvm_first.len()),
+            med(&mut kvm_first) as f64 / 1000.0
+        );
+        println!(
+            "{:<58} {:>8.1} MiB",
+            "engine kvm: RSS of capvisor-vmm incl. guest pages touched",
+            med(&mut kvm_rss) as f64 / 1024.0
+        );
+        println!(
+            "{:<58} {:>8.1} MiB",
+            "engine kvm: RSS of capvisor-vmm without guest RAM",
+            med(&mut kvm_own) as f64 / 1024.0
+        );
         let qemu_total: u64 = rss.iter().filter(|(n, _)| n != "capvisor-worker").map(|(_, k)| *k).sum();
-        println!("{:<58} {:>8.1} MiB", "engine qemu: RSS of capvisor-vmm + qemu (same guest)", qemu_total as f64 / 1024.0);
+        println!(
+            "{:<58} {:>8.1} MiB",
+            "engine qemu: RSS of capvisor-vmm + qemu (same guest)",
+            qemu_total as f64 / 1024.0
+        );
     } else {
         println!("engine kvm: skipped (/dev/kvm is not usable here)");
     }

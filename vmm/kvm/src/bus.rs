@@ -95,13 +95,7 @@ impl Bus {
             let other_last = other_base + (other.len - 1);
             if other_last >= base {
                 let other_name = other.device.lock().map(|d| d.name().to_string()).unwrap_or_default();
-                return Err(BusError::Overlap {
-                    base,
-                    len,
-                    other_base,
-                    other_len: other.len,
-                    other: other_name,
-                });
+                return Err(BusError::Overlap { base, len, other_base, other_len: other.len, other: other_name });
             }
         }
         self.ranges.insert(base, Entry { len, device });
@@ -145,9 +139,7 @@ impl Bus {
     ///
     /// Errors: [`BusError::Unmapped`], [`BusError::Poisoned`].
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<IoAction, BusError> {
-        let (base, dev) = self
-            .resolve(addr, data.len())
-            .ok_or(BusError::Unmapped { addr, len: data.len() })?;
+        let (base, dev) = self.resolve(addr, data.len()).ok_or(BusError::Unmapped { addr, len: data.len() })?;
         let mut d = dev.lock().map_err(|_| BusError::Poisoned(format!("{addr:#x}")))?;
         Ok(d.write(addr - base, data))
     }

@@ -115,10 +115,12 @@ fn block(mem: &GuestMemoryMmap, data: &[u8]) {
                 match c.status {
                     None => assert_eq!(c.used_len, 0, "no status, nothing written"),
                     Some(s) => {
-                        assert!(
-                            [status_code::VIRTIO_BLK_S_OK, status_code::VIRTIO_BLK_S_IOERR, status_code::VIRTIO_BLK_S_UNSUPP]
-                                .contains(&s)
-                        );
+                        assert!([
+                            status_code::VIRTIO_BLK_S_OK,
+                            status_code::VIRTIO_BLK_S_IOERR,
+                            status_code::VIRTIO_BLK_S_UNSUPP
+                        ]
+                        .contains(&s));
                         assert!(writable >= 1);
                         assert!(u64::from(c.used_len) <= writable, "used {} > writable {writable}", c.used_len);
                         if s != status_code::VIRTIO_BLK_S_OK {
@@ -304,15 +306,21 @@ mod tests {
         let mut heads = Vec::new();
         for r in 0..nreq {
             let base = 0x400 + u64::from(r) * 0xa0;
-            let t = pick(&[
-                request_type::VIRTIO_BLK_T_IN,
-                request_type::VIRTIO_BLK_T_OUT,
-                request_type::VIRTIO_BLK_T_FLUSH,
-                request_type::VIRTIO_BLK_T_GET_ID,
-                request_type::VIRTIO_BLK_T_DISCARD,
-                rng.next() as u32,
-            ], rng);
-            let sector = pick(&[0, 1, sectors.saturating_sub(1), sectors, sectors + 1, u64::MAX / 512, u64::MAX, rng.next()], rng);
+            let t = pick(
+                &[
+                    request_type::VIRTIO_BLK_T_IN,
+                    request_type::VIRTIO_BLK_T_OUT,
+                    request_type::VIRTIO_BLK_T_FLUSH,
+                    request_type::VIRTIO_BLK_T_GET_ID,
+                    request_type::VIRTIO_BLK_T_DISCARD,
+                    rng.next() as u32,
+                ],
+                rng,
+            );
+            let sector = pick(
+                &[0, 1, sectors.saturating_sub(1), sectors, sectors + 1, u64::MAX / 512, u64::MAX, rng.next()],
+                rng,
+            );
             let mut hdr = [0u8; 16];
             hdr[0..4].copy_from_slice(&t.to_le_bytes());
             hdr[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -389,14 +397,17 @@ mod tests {
                 let writable = matches!(qi, 0 | 2 | 4) ^ (rng.below(10) == 0);
                 if qi == 3 {
                     let id = pick(&[0u32, 1, 2, u32::MAX, rng.next() as u32], rng);
-                    let ev = pick(&[
-                        event::VIRTIO_CONSOLE_DEVICE_READY,
-                        event::VIRTIO_CONSOLE_PORT_READY,
-                        event::VIRTIO_CONSOLE_PORT_OPEN,
-                        event::VIRTIO_CONSOLE_PORT_NAME,
-                        rng.below(9) as u16,
-                        rng.next() as u16,
-                    ], rng);
+                    let ev = pick(
+                        &[
+                            event::VIRTIO_CONSOLE_DEVICE_READY,
+                            event::VIRTIO_CONSOLE_PORT_READY,
+                            event::VIRTIO_CONSOLE_PORT_OPEN,
+                            event::VIRTIO_CONSOLE_PORT_NAME,
+                            rng.below(9) as u16,
+                            rng.next() as u16,
+                        ],
+                        rng,
+                    );
                     let val = pick(&[0u16, 1, 1, rng.next() as u16], rng);
                     let mut m = [0u8; 8];
                     m[0..4].copy_from_slice(&id.to_le_bytes());

@@ -88,7 +88,11 @@ pub fn virtqueue(mem: &GuestMemoryMmap, data: &[u8]) {
     // addresses: mostly inside memory, sometimes anywhere
     let addr = |i: usize| {
         let raw = le_u64(data.get(i..).unwrap_or(&[]));
-        if hdr(2) & 1 != 0 { raw } else { raw % (FUZZ_MEM as u64 + 64) }
+        if hdr(2) & 1 != 0 {
+            raw
+        } else {
+            raw % (FUZZ_MEM as u64 + 64)
+        }
     };
     q.desc_table = GuestAddress(addr(8));
     q.avail_ring = GuestAddress(addr(16));
@@ -220,9 +224,23 @@ mod tests {
         d[24..32].copy_from_slice(&used.to_le_bytes());
         for i in 0..u64::from(size) {
             let o = (desc + 16 * i) as usize;
-            let flags = [0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT][rng.below(5) as usize];
-            let addr = if flags & VIRTQ_DESC_F_INDIRECT != 0 { 0x1000 + 16 * rng.below(u64::from(size)) } else { 0x8000 + rng.below(0x8000) };
-            let len = if flags & VIRTQ_DESC_F_INDIRECT != 0 { 16 * (rng.below(4) as u32 + 1) } else { rng.below(0x200) as u32 };
+            let flags = [
+                0,
+                VIRTQ_DESC_F_NEXT,
+                VIRTQ_DESC_F_WRITE,
+                VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+                VIRTQ_DESC_F_INDIRECT,
+            ][rng.below(5) as usize];
+            let addr = if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                0x1000 + 16 * rng.below(u64::from(size))
+            } else {
+                0x8000 + rng.below(0x8000)
+            };
+            let len = if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                16 * (rng.below(4) as u32 + 1)
+            } else {
+                rng.below(0x200) as u32
+            };
             d[o..o + 8].copy_from_slice(&addr.to_le_bytes());
             d[o + 8..o + 12].copy_from_slice(&len.to_le_bytes());
             d[o + 12..o + 14].copy_from_slice(&flags.to_le_bytes());
@@ -249,7 +267,10 @@ mod tests {
     /// `used.idx` needs alignment), not panic.
     #[test]
     fn fuzz_regression_misaligned_used_ring() {
-        let data = [0xfb, 0xee, 0x02, 0x00, 0xf4, 0xff, 0xf8, 0xf7, 0x24, 0x00, 0x02, 0xf4, 0xff, 0xf8, 0xf7, 0x24, 0x00, 0x00, 0x00, 0xf4, 0xff, 0x00, 0x00, 0xf4, 0xff, 0xf8, 0xf7, 0x24];
+        let data = [
+            0xfb, 0xee, 0x02, 0x00, 0xf4, 0xff, 0xf8, 0xf7, 0x24, 0x00, 0x02, 0xf4, 0xff, 0xf8, 0xf7, 0x24, 0x00, 0x00,
+            0x00, 0xf4, 0xff, 0x00, 0x00, 0xf4, 0xff, 0xf8, 0xf7, 0x24,
+        ];
         virtqueue(&fuzz_memory(), &data);
         let mem = fuzz_memory();
         let mut q = Queue::new(4);
@@ -294,9 +315,11 @@ mod tests {
         w(reg::QUEUE_DEVICE_LOW, 0x3000);
         w(reg::QUEUE_READY, 1);
         w(reg::STATUS, 15);
-        let regs = [0x0u16, 0x14, 0x20, 0x24, 0x30, 0x38, 0x44, 0x50, 0x50, 0x50, 0x64, 0x70, 0x80, 0x90, 0xa0, 0x100, 0x104];
+        let regs =
+            [0x0u16, 0x14, 0x20, 0x24, 0x30, 0x38, 0x44, 0x50, 0x50, 0x50, 0x64, 0x70, 0x80, 0x90, 0xa0, 0x100, 0x104];
         for _ in 0..rng.below(64) {
-            let off = if rng.below(4) == 0 { rng.below(0x140) as u16 } else { regs[rng.below(regs.len() as u64) as usize] };
+            let off =
+                if rng.below(4) == 0 { rng.below(0x140) as u16 } else { regs[rng.below(regs.len() as u64) as usize] };
             let v = match rng.below(3) {
                 0 => rng.below(4) as u32,
                 1 => rng.below(16) as u32,

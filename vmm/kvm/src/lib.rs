@@ -32,14 +32,14 @@ pub mod boot;
 pub mod bus;
 pub mod devices;
 #[doc(hidden)]
-pub mod fuzz_harness;
-#[doc(hidden)]
 pub mod fuzz_block;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod hypervisor;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
+pub mod sandbox;
 #[cfg(test)]
 pub(crate) mod testutil;
-pub mod sandbox;

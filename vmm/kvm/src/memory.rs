@@ -65,7 +65,5 @@ pub fn ram_ranges_of(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
 /// End (exclusive) of RAM below the MMIO gap: where the region holding
 /// guest physical 0 ends, clamped to [`MMIO_GAP_START`]; 0 if there is none.
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
-    mem.find_region(GuestAddress(0))
-        .map(|r| r.start_addr().0.saturating_add(r.len()).min(MMIO_GAP_START))
-        .unwrap_or(0)
+    mem.find_region(GuestAddress(0)).map(|r| r.start_addr().0.saturating_add(r.len()).min(MMIO_GAP_START)).unwrap_or(0)
 }

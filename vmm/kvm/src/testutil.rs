@@ -106,7 +106,14 @@ impl TestDevice {
     pub fn new(id: u32, features: u64) -> (Self, Arc<Mutex<TestDeviceLog>>) {
         let log = Arc::new(Mutex::new(TestDeviceLog::default()));
         (
-            TestDevice { id, features, max_sizes: vec![16, 8], config: (0..16).collect(), log: log.clone(), active: None },
+            TestDevice {
+                id,
+                features,
+                max_sizes: vec![16, 8],
+                config: (0..16).collect(),
+                log: log.clone(),
+                active: None,
+            },
             log,
         )
     }
@@ -124,12 +131,19 @@ impl VirtioDevice for TestDevice {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| self.config.get(o)).copied().unwrap_or(0);
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
         }
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         for (i, b) in data.iter().enumerate() {
-            if let Some(slot) = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| self.config.get_mut(o)) {
+            if let Some(slot) =
+                usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| self.config.get_mut(o))
+            {
                 *slot = *b;
             }
         }

@@ -161,10 +161,7 @@ impl VcpuControl {
     /// Wait up to `timeout` until at least `n` loops are parked; true if so.
     pub fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
         let g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        let (g, _) = self
-            .cond
-            .wait_timeout_while(g, timeout, |parked| *parked < n)
-            .unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self.cond.wait_timeout_while(g, timeout, |parked| *parked < n).unwrap_or_else(|p| p.into_inner());
         *g >= n
     }
 
@@ -210,7 +207,15 @@ impl<V: Vcpu> VcpuRunner<V> {
     /// A runner for `vcpu` (its boot state already set) dispatching to
     /// `buses`, with its own [`VcpuControl`].
     pub fn new(vcpu: V, buses: Arc<Buses>) -> Self {
-        VcpuRunner { vcpu, buses, control: Arc::default(), stats: Arc::default(), timer: None, mem: None, thread_init: None }
+        VcpuRunner {
+            vcpu,
+            buses,
+            control: Arc::default(),
+            stats: Arc::default(),
+            timer: None,
+            mem: None,
+            thread_init: None,
+        }
     }
 
     /// Share `control` with other vCPUs of the same VM.

@@ -308,10 +308,7 @@ impl VmBuilder {
 
     /// `virtio_mmio.device=` entries for `slots`.
     pub fn virtio_cmdline_entries(slots: &[VirtioMmioSlot]) -> Vec<String> {
-        slots
-            .iter()
-            .map(|s| format!("virtio_mmio.device={}K@{:#x}:{}", s.size / 1024, s.base, s.gsi))
-            .collect()
+        slots.iter().map(|s| format!("virtio_mmio.device={}K@{:#x}:{}", s.size / 1024, s.base, s.gsi)).collect()
     }
 
     /// Assemble the machine (nothing runs yet).
@@ -329,8 +326,9 @@ impl VmBuilder {
         // Boot structures.
         let state = match &self.boot {
             BootSource::Raw { code, entry } => {
-                mem.write_slice(code, GuestAddress(*entry))
-                    .map_err(|_| VmError::Config(format!("raw code of {} bytes does not fit at {entry:#x}", code.len())))?;
+                mem.write_slice(code, GuestAddress(*entry)).map_err(|_| {
+                    VmError::Config(format!("raw code of {} bytes does not fit at {entry:#x}", code.len()))
+                })?;
                 boot::setup_long_mode(&mem, GuestAddress(*entry))?
             }
             BootSource::Linux { kernel, initramfs, cmdline } => {
@@ -373,7 +371,8 @@ impl VmBuilder {
         let mut buses = Buses::default();
         let serial_irq = irq("serial")?;
         let out: SerialOut = self.serial_out.unwrap_or_else(|| Box::new(std::io::sink()));
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq.clone(), Box::new(TimedWriter::new(out, timer.clone())))));
+        let serial =
+            Arc::new(Mutex::new(SerialDevice::new(serial_irq.clone(), Box::new(TimedWriter::new(out, timer.clone())))));
         register_com1(&mut buses.pio, serial.clone())?;
         i8042::io::register(&mut buses.pio, Arc::new(Mutex::new(I8042::new())))?;
         acpi::power::register(&mut buses.pio, Arc::new(Mutex::new(acpi::power::AcpiPmDevice::default())))?;
@@ -563,7 +562,9 @@ impl Vm {
                 .ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, NOTIFY_STOP_TOKEN))
                 .map_err(io)?;
             for (i, (evt, _, _)) in self.notify.iter().enumerate() {
-                epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64)).map_err(io)?;
+                epoll
+                    .ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))
+                    .map_err(io)?;
             }
             let notify = std::mem::take(&mut self.notify);
             let transports = self.transports.clone();

@@ -16,7 +16,6 @@ use crate::testutil::{skip, Asm, Recorder, TestDevice};
 const ENTRY: u64 = 0x10_0000;
 const DEBUG_PORT: u16 = 0x402;
 
-
 struct T {
     vm: Vm,
     out: CaptureWriter,
@@ -348,7 +347,10 @@ fn kvm_linux_boot_path_enters_the_kernel_with_the_zero_page() {
     let mut t = start(b, out, debug);
     assert_eq!(t.vm.wait_timeout(Duration::from_secs(10)), Some(VmExit::PoweredOff));
     let r = t.reported();
-    assert_eq!(r, vec![acpi::RSDP_ADDR, u64::from(u32::from_le_bytes(*b"cons")), u64::from(u32::from_le_bytes(*b"RSD "))]);
+    assert_eq!(
+        r,
+        vec![acpi::RSDP_ADDR, u64::from(u32::from_le_bytes(*b"cons")), u64::from(u32::from_le_bytes(*b"RSD "))]
+    );
     let mut cmdline = [0u8; 80];
     t.vm.memory().read_slice(&mut cmdline, GuestAddress(layout::CMDLINE_ADDR)).unwrap();
     let s = String::from_utf8_lossy(&cmdline);

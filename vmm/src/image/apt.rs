@@ -77,7 +77,10 @@ pub fn resolve(cache_dir: &Path, kernel_meta: &str, busybox: &str) -> anyhow::Re
     }
     let cand = candidates(&[kernel_meta, busybox])?;
     let stanzas = show(&[&format!("{kernel_meta}={}", cand[0]), &format!("{busybox}={}", cand[1])])?;
-    let meta = stanzas.iter().find(|s| field(s, "Package") == Some(kernel_meta)).context("apt-cache show lost the kernel metapackage")?;
+    let meta = stanzas
+        .iter()
+        .find(|s| field(s, "Package") == Some(kernel_meta))
+        .context("apt-cache show lost the kernel metapackage")?;
     let depends = field(meta, "Depends").unwrap_or_default();
     let (kpkg, kver) = depends
         .split(',')
@@ -96,7 +99,8 @@ pub fn resolve(cache_dir: &Path, kernel_meta: &str, busybox: &str) -> anyhow::Re
         None => candidates(&[&kpkg])?.remove(0),
     };
     let kstanza = show(&[&format!("{kpkg}={kver}")])?;
-    let bstanza = stanzas.iter().find(|s| field(s, "Package") == Some(busybox)).context("apt-cache show lost busybox")?;
+    let bstanza =
+        stanzas.iter().find(|s| field(s, "Package") == Some(busybox)).context("apt-cache show lost busybox")?;
     let resolution = Resolution { kernel: info(&kstanza[0])?, busybox: info(bstanza)? };
     let memo = Memo { lists, meta: kernel_meta.into(), busybox: busybox.into(), resolution: resolution.clone() };
     let tmp = memo_path.with_extension(format!("json.{}", std::process::id()));
@@ -149,12 +153,8 @@ pub fn fetch(info: &DebInfo, debs_dir: &Path, progress: &mut dyn FnMut(&str)) ->
 
 /// Unpacks `deb` into `dest` with `dpkg -x`.
 pub fn unpack(deb: &Path, dest: &Path) -> anyhow::Result<()> {
-    let out = Command::new("dpkg")
-        .arg("-x")
-        .arg(deb)
-        .arg(dest)
-        .output()
-        .context("running dpkg (is dpkg installed?)")?;
+    let out =
+        Command::new("dpkg").arg("-x").arg(deb).arg(dest).output().context("running dpkg (is dpkg installed?)")?;
     ensure!(out.status.success(), "dpkg -x {} failed: {}", deb.display(), String::from_utf8_lossy(&out.stderr).trim());
     Ok(())
 }
@@ -193,11 +193,7 @@ fn candidates(pkgs: &[&str]) -> anyhow::Result<Vec<String>> {
             .split_once(&format!("{p}:\n"))
             .map(|(_, rest)| rest)
             .with_context(|| format!("apt does not know package {p}: run `apt-get update` first"))?;
-        let cand = section
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Candidate:"))
-            .map(str::trim)
-            .unwrap_or("(none)");
+        let cand = section.lines().find_map(|l| l.trim().strip_prefix("Candidate:")).map(str::trim).unwrap_or("(none)");
         if cand == "(none)" {
             bail!("apt has no installable version of {p}: run `apt-get update` first");
         }

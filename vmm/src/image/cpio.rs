@@ -116,8 +116,17 @@ impl<W: Write> CpioWriter<W> {
         self.raw_entry(name, ino, mode, nlink, rdev, data)
     }
 
-    fn raw_entry(&mut self, name: &str, ino: u32, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
-        let size = u32::try_from(data.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file larger than 4 GiB"))?;
+    fn raw_entry(
+        &mut self,
+        name: &str,
+        ino: u32,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
+        let size = u32::try_from(data.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file larger than 4 GiB"))?;
         let header = format!(
             "070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
             ino,
@@ -243,7 +252,18 @@ mod tests {
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
-            ["init", "lib", "lib/modules", "lib/modules/capvisor", "lib/modules/capvisor/a.ko", "bin", "bin/sh", "tmp", "dev", "dev/console"]
+            [
+                "init",
+                "lib",
+                "lib/modules",
+                "lib/modules/capvisor",
+                "lib/modules/capvisor/a.ko",
+                "bin",
+                "bin/sh",
+                "tmp",
+                "dev",
+                "dev/console"
+            ]
         );
         for e in &entries {
             assert_eq!(e.offset % 4, 0, "{} misaligned", e.name);

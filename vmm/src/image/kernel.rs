@@ -135,7 +135,11 @@ pub fn ensure_minimal(cache_dir: &Path, progress: &mut dyn FnMut(&str)) -> anyho
 }
 
 /// [`ensure_minimal`] with an explicit build script.
-pub fn ensure_minimal_with(cache_dir: &Path, script: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<MinimalKernel> {
+pub fn ensure_minimal_with(
+    cache_dir: &Path,
+    script: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<MinimalKernel> {
     let script_text = std::fs::read(script).with_context(|| {
         format!(
             "minimal kernel build script {} not found (set {BUILD_SCRIPT_ENV} to guest/kernel/build.sh of a capvisor checkout)",
@@ -143,7 +147,8 @@ pub fn ensure_minimal_with(cache_dir: &Path, script: &Path, progress: &mut dyn F
         )
     })?;
     let fragment = script.parent().unwrap_or(Path::new(".")).join(FRAGMENT_NAME);
-    let fragment_text = std::fs::read(&fragment).with_context(|| format!("reading the kernel config fragment {}", fragment.display()))?;
+    let fragment_text = std::fs::read(&fragment)
+        .with_context(|| format!("reading the kernel config fragment {}", fragment.display()))?;
     let inputs = memo_inputs(script, &script_text, &fragment_text);
 
     let kernels = cache_dir.join("kernels");
@@ -307,9 +312,15 @@ echo "$d"
     fn script_failure_carries_its_stderr() {
         let src = tempfile::tempdir().unwrap();
         let cache = tempfile::tempdir().unwrap();
-        let script = fake_script(src.path(), "echo 'kernel: configuring'\necho 'kernel: error: 1 option did not take effect' >&2\nexit 1\n");
+        let script = fake_script(
+            src.path(),
+            "echo 'kernel: configuring'\necho 'kernel: error: 1 option did not take effect' >&2\nexit 1\n",
+        );
         let mut lines = Vec::new();
-        let e = format!("{:#}", ensure_minimal_with(cache.path(), &script, &mut |l| lines.push(l.to_string())).unwrap_err());
+        let e = format!(
+            "{:#}",
+            ensure_minimal_with(cache.path(), &script, &mut |l| lines.push(l.to_string())).unwrap_err()
+        );
         assert!(e.contains("did not take effect"), "{e}");
         assert_eq!(lines, ["kernel: configuring"]);
 

@@ -124,7 +124,11 @@ pub fn ensure_image(
     let img = complete(&dir).with_context(|| format!("image {} is incomplete after building", dir.display()))?;
     touch(&dir);
     prune(&images, &dir);
-    progress(&format!("image base ({kernel_source} kernel) ready: {} (took {:.1} s)", dir.display(), t0.elapsed().as_secs_f64()));
+    progress(&format!(
+        "image base ({kernel_source} kernel) ready: {} (took {:.1} s)",
+        dir.display(),
+        t0.elapsed().as_secs_f64()
+    ));
     Ok(img)
 }
 
@@ -177,7 +181,11 @@ fn touch(dir: &Path) {
 fn prune(images: &Path, keep: &Path) {
     let now = std::time::SystemTime::now();
     let age = |p: &Path| {
-        std::fs::metadata(p).and_then(|m| m.modified()).ok().and_then(|t| now.duration_since(t).ok()).unwrap_or_default()
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .unwrap_or_default()
     };
     let Ok(rd) = std::fs::read_dir(images) else { return };
     let mut bases = Vec::new();
@@ -206,11 +214,21 @@ fn complete(dir: &Path) -> Option<BuiltImage> {
     let kernel = dir.join("vmlinux");
     let initramfs = dir.join("initramfs.cpio");
     let release = std::fs::read_to_string(dir.join("release")).ok()?.trim().to_string();
-    (kernel.is_file() && initramfs.is_file() && !release.is_empty()).then_some(BuiltImage { kernel, initramfs, kernel_release: release })
+    (kernel.is_file() && initramfs.is_file() && !release.is_empty()).then_some(BuiltImage {
+        kernel,
+        initramfs,
+        kernel_release: release,
+    })
 }
 
 /// Builds the image files into `out`.
-fn build(out: &Path, kernel: &KernelInput, busybox_deb: &Path, guest_init: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+fn build(
+    out: &Path,
+    kernel: &KernelInput,
+    busybox_deb: &Path,
+    guest_init: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix(".unpack-").tempdir_in(out.parent().unwrap_or(out))?;
     let kdir = work.path().join("kernel");
     let bdir = work.path().join("busybox");
@@ -224,12 +242,14 @@ fn build(out: &Path, kernel: &KernelInput, busybox_deb: &Path, guest_init: &Path
             let (vmlinuz, release) = find_vmlinuz(&kdir.join("boot"))?;
             progress("extracting vmlinux (LZ4) ...");
             let bz = std::fs::read(&vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
-            let elf = vmlinux::extract(&bz).with_context(|| format!("extracting vmlinux from {}", vmlinuz.display()))?;
+            let elf =
+                vmlinux::extract(&bz).with_context(|| format!("extracting vmlinux from {}", vmlinuz.display()))?;
             std::fs::write(out.join("vmlinux"), &elf)?;
             release
         }
         KernelInput::Minimal(k) => {
-            std::fs::copy(&k.vmlinux, out.join("vmlinux")).with_context(|| format!("copying {}", k.vmlinux.display()))?;
+            std::fs::copy(&k.vmlinux, out.join("vmlinux"))
+                .with_context(|| format!("copying {}", k.vmlinux.display()))?;
             k.release.clone()
         }
     };
@@ -351,7 +371,11 @@ fn read_module(root: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
                         .arg(e.path())
                         .output()
                         .with_context(|| format!("module {f} is {ext}-compressed and `{tool}` could not be run"))?;
-                    ensure!(out.status.success(), "{tool} -d {f} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                    ensure!(
+                        out.status.success(),
+                        "{tool} -d {f} failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
                     return Ok(out.stdout);
                 }
             }
@@ -406,8 +430,11 @@ fn file_sha256_memo(cache_dir: &Path, path: &Path) -> anyhow::Result<String> {
         sha256: String::new(),
     };
     let dir = cache_dir.join("hashes");
-    let memo_path = dir.join(format!("{}.json", &hex::encode(Sha256::digest(canon.to_string_lossy().as_bytes()))[..32]));
-    if let Ok(old) = std::fs::read(&memo_path).map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice::<HashMemo>(&b)?)) {
+    let memo_path =
+        dir.join(format!("{}.json", &hex::encode(Sha256::digest(canon.to_string_lossy().as_bytes()))[..32]));
+    if let Ok(old) =
+        std::fs::read(&memo_path).map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice::<HashMemo>(&b)?))
+    {
         memo.sha256 = old.sha256.clone();
         if old == memo {
             return Ok(memo.sha256);

@@ -40,15 +40,13 @@ pub fn extract(bzimage: &[u8]) -> anyhow::Result<Vec<u8>> {
         Some(p) => (p, true),
         None => {
             let magic = LZ4_LEGACY_MAGIC.to_le_bytes();
-            let at = find(bzimage, &magic).context("no bzImage setup header and no LZ4 payload found in the kernel image")?;
+            let at = find(bzimage, &magic)
+                .context("no bzImage setup header and no LZ4 payload found in the kernel image")?;
             (&bzimage[at..], false)
         }
     };
     if payload.len() < 4 || payload[..4] != LZ4_LEGACY_MAGIC.to_le_bytes() {
-        bail!(
-            "the kernel payload is {}-compressed; only LZ4 (legacy frame) is supported",
-            compression_name(payload)
-        );
+        bail!("the kernel payload is {}-compressed; only LZ4 (legacy frame) is supported", compression_name(payload));
     }
     let (body, expect) = if exact && payload.len() >= 8 {
         let n = payload.len();

@@ -103,7 +103,8 @@ impl Qmp {
                     }
                 };
                 if let Some(name) = v.get("event").and_then(Value::as_str) {
-                    let _ = ev_tx.send(QmpEvent { name: name.to_string(), data: v.get("data").cloned().unwrap_or(Value::Null) });
+                    let _ = ev_tx
+                        .send(QmpEvent { name: name.to_string(), data: v.get("data").cloned().unwrap_or(Value::Null) });
                 } else if let Some(ret) = v.get("return") {
                     if let Some(tx) = inner.pending.borrow_mut().pop_front() {
                         let _ = tx.send(Ok(ret.clone()));
@@ -131,7 +132,12 @@ impl Qmp {
     }
 
     /// [`Qmp::execute`] with a chosen timeout.
-    pub async fn execute_timeout(&self, command: &str, arguments: Option<Value>, timeout: Duration) -> anyhow::Result<Value> {
+    pub async fn execute_timeout(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
         if *self.inner.closed.borrow() {
             bail!("QMP connection closed");
         }

@@ -152,10 +152,9 @@ pub fn build_fadt(dsdt_addr: u64) -> Vec<u8> {
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup);
-    b.iapc_boot_arch = (iapc_boot_arch::VGA_NOT_PRESENT
-        | iapc_boot_arch::MSI_NOT_SUPPORTED
-        | iapc_boot_arch::CMOS_RTC_NOT_PRESENT)
-        .into();
+    b.iapc_boot_arch =
+        (iapc_boot_arch::VGA_NOT_PRESENT | iapc_boot_arch::MSI_NOT_SUPPORTED | iapc_boot_arch::CMOS_RTC_NOT_PRESENT)
+            .into();
     b.reset_reg = pm;
     b.reset_value = power::RESET_VALUE;
     b.sleep_control_reg = pm;
@@ -176,10 +175,16 @@ pub fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     for (i, s) in cfg.virtio.iter().enumerate() {
         let end = s.base.checked_add(s.size);
         if u32::try_from(s.base).is_err() || u32::try_from(s.size).is_err() || end.is_none_or(|e| e > 1 << 32) {
-            return Err(AcpiError::Config(format!("virtio slot {i}: window {:#x}+{:#x} not below 4 GiB", s.base, s.size)));
+            return Err(AcpiError::Config(format!(
+                "virtio slot {i}: window {:#x}+{:#x} not below 4 GiB",
+                s.base, s.size
+            )));
         }
         if s.gsi >= IOAPIC_PINS {
-            return Err(AcpiError::Config(format!("virtio slot {i}: GSI {} beyond the IOAPIC's {IOAPIC_PINS} pins", s.gsi)));
+            return Err(AcpiError::Config(format!(
+                "virtio slot {i}: GSI {} beyond the IOAPIC's {IOAPIC_PINS} pins",
+                s.gsi
+            )));
         }
     }
     Ok(())

@@ -38,9 +38,7 @@ fn sdt(m: &GuestMemoryMmap, addr: u64, sig: &[u8; 4]) -> Vec<u8> {
 }
 
 fn slots(n: usize) -> Vec<VirtioMmioSlot> {
-    (0..n)
-        .map(|i| VirtioMmioSlot { base: 0xd000_0000 + 0x1000 * i as u64, size: 0x1000, gsi: 5 + i as u32 })
-        .collect()
+    (0..n).map(|i| VirtioMmioSlot { base: 0xd000_0000 + 0x1000 * i as u64, size: 0x1000, gsi: 5 + i as u32 }).collect()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Vec<usize> {
@@ -168,8 +166,16 @@ fn bad_configs_are_rejected() {
     let bad = |c: AcpiConfig| assert!(matches!(write_acpi_tables(&m, &c), Err(AcpiError::Config(_))), "{c:?}");
     bad(AcpiConfig { vcpus: 0, serial: false, virtio: vec![] });
     bad(AcpiConfig { vcpus: 1, serial: false, virtio: vec![VirtioMmioSlot { base: 1 << 32, size: 0x1000, gsi: 5 }] });
-    bad(AcpiConfig { vcpus: 1, serial: false, virtio: vec![VirtioMmioSlot { base: 0xffff_f800, size: 0x1000, gsi: 5 }] });
-    bad(AcpiConfig { vcpus: 1, serial: false, virtio: vec![VirtioMmioSlot { base: 0xd000_0000, size: 0x1000, gsi: 24 }] });
+    bad(AcpiConfig {
+        vcpus: 1,
+        serial: false,
+        virtio: vec![VirtioMmioSlot { base: 0xffff_f800, size: 0x1000, gsi: 5 }],
+    });
+    bad(AcpiConfig {
+        vcpus: 1,
+        serial: false,
+        virtio: vec![VirtioMmioSlot { base: 0xd000_0000, size: 0x1000, gsi: 24 }],
+    });
     // memory without the BIOS area
     let small = mem(0x8_0000);
     assert!(matches!(

@@ -156,5 +156,9 @@ fn main() {
     stats("KVM_RUN -> first guest exit", "us", &p.first_exit);
     stats("VMM start -> first guest exit", "us", &p.total);
     stats("PIO exit round trip (bus)", "ns", &p.exit_rtt_ns);
-    println!("RSS at start {rss_start}; after {rounds} rounds VmRSS {}, VmHWM {}", proc_status("VmRSS:"), proc_status("VmHWM:"));
+    println!(
+        "RSS at start {rss_start}; after {rounds} rounds VmRSS {}, VmHWM {}",
+        proc_status("VmRSS:"),
+        proc_status("VmHWM:")
+    );
 }

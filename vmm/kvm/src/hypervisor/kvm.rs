@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId,
-    Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
+    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, MmapRegion};
@@ -61,10 +61,10 @@ impl KvmHypervisor {
         if !kvm_available() {
             return Err(HypervisorError::NotAvailable(format!("{KVM_PATH} does not exist")));
         }
-        let kvm = Kvm::new().map_err(|e| HypervisorError::NotAvailable(format!("open {KVM_PATH}: errno {}", e.errno())))?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(call_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let kvm =
+            Kvm::new().map_err(|e| HypervisorError::NotAvailable(format!("open {KVM_PATH}: errno {}", e.errno())))?;
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(call_err("KVM_GET_SUPPORTED_CPUID"))?;
         Ok(KvmHypervisor { kvm, supported_cpuid })
     }
 }
@@ -158,9 +158,7 @@ impl Vm for KvmVm {
     }
 
     fn register_ioeventfd(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
-        self.fd
-            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
-            .map_err(call_err("KVM_IOEVENTFD"))
+        self.fd.register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch).map_err(call_err("KVM_IOEVENTFD"))
     }
 }
 
@@ -244,7 +242,10 @@ impl KvmVcpu {
         let n = self.fd.set_msrs(&list).map_err(call_err("KVM_SET_MSRS"))?;
         if n != entries.len() {
             let failed = entries.get(n).map_or(0, |e| e.index);
-            return Err(HypervisorError::Invalid(format!("KVM_SET_MSRS set {n} of {}; MSR {failed:#x} refused", entries.len())));
+            return Err(HypervisorError::Invalid(format!(
+                "KVM_SET_MSRS set {n} of {}; MSR {failed:#x} refused",
+                entries.len()
+            )));
         }
         Ok(())
     }
@@ -292,14 +293,8 @@ impl Vcpu for KvmVcpu {
         sregs.cr4 = st.cr4;
         sregs.efer = st.efer;
         self.fd.set_sregs(&sregs).map_err(call_err("KVM_SET_SREGS"))?;
-        let regs = kvm_regs {
-            rip: st.rip,
-            rsp: st.rsp,
-            rbp: st.rbp,
-            rsi: st.rsi,
-            rflags: st.rflags,
-            ..Default::default()
-        };
+        let regs =
+            kvm_regs { rip: st.rip, rsp: st.rsp, rbp: st.rbp, rsi: st.rsi, rflags: st.rflags, ..Default::default() };
         self.fd.set_regs(&regs).map_err(call_err("KVM_SET_REGS"))?;
         // x87 control word and MXCSR at their reset values (SDM Vol. 1 8.1.5, 10.2.3).
         let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };

@@ -31,7 +31,6 @@ const MEM_SIZE: u64 = 16 << 20;
 /// Port the guests report 32-bit values on.
 const DEBUG_PORT: u16 = 0x402;
 
-
 struct Tiny {
     mem: GuestMemoryMmap,
     _vm: super::kvm::KvmVm,

@@ -104,11 +104,7 @@ pub fn place_initrd(
 /// from its start to its end.
 ///
 /// Errors: [`BootError::InitrdTooLarge`], [`BootError::InitrdRead`].
-pub fn load_initrd<F>(
-    mem: &GuestMemoryMmap,
-    kernel: &LoadedKernel,
-    image: &mut F,
-) -> Result<InitrdPlacement, BootError>
+pub fn load_initrd<F>(mem: &GuestMemoryMmap, kernel: &LoadedKernel, image: &mut F) -> Result<InitrdPlacement, BootError>
 where
     F: Read + ReadVolatile + Seek,
 {
@@ -117,7 +113,6 @@ where
     let low_ram_end = crate::memory::low_ram_end(mem);
     let placement = place_initrd(low_ram_end, kernel.setup_header.as_ref(), kernel.end, size)?;
     let len = usize::try_from(size).map_err(|e| BootError::InitrdRead(e.to_string()))?;
-    mem.read_exact_volatile_from(placement.addr, image, len)
-        .map_err(|e| BootError::InitrdRead(e.to_string()))?;
+    mem.read_exact_volatile_from(placement.addr, image, len).map_err(|e| BootError::InitrdRead(e.to_string()))?;
     Ok(placement)
 }

@@ -78,19 +78,10 @@ pub fn configure_linux_boot_with_acpi(
     paging::write_identity_page_tables(mem)?;
     let cmdline_len = zeropage::write_cmdline(mem, cmdline)?;
     let e820 = zeropage::e820_map(&crate::memory::ram_ranges_of(mem));
-    let mut params = zeropage::build_boot_params(
-        kernel.setup_header,
-        cmdline_len,
-        initrd,
-        &e820,
-    )?;
+    let mut params = zeropage::build_boot_params(kernel.setup_header, cmdline_len, initrd, &e820)?;
     if let Some(addr) = rsdp {
         params.acpi_rsdp_addr = addr;
     }
     zeropage::write_boot_params(mem, &params)?;
-    Ok(X86BootState::long_mode(
-        kernel.entry.0,
-        layout::BOOT_STACK,
-        layout::ZERO_PAGE_ADDR,
-    ))
+    Ok(X86BootState::long_mode(kernel.entry.0, layout::BOOT_STACK, layout::ZERO_PAGE_ADDR))
 }

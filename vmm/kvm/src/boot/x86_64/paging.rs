@@ -4,7 +4,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{PD_ADDR, PD_COUNT, PDPT_ADDR, PML4_ADDR};
+use super::layout::{PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR};
 use crate::boot::BootError;
 
 /// Page-table entry bit: present.

@@ -36,13 +36,8 @@ const DATA_FLAGS: u16 = 0xc093; // G, D/B, P, DPL0, S, type 0x3 read/write, acce
 const TSS_FLAGS: u16 = 0x808b; // G, P, type 0xb busy 64-bit TSS
 
 /// The GDT written at [`layout::GDT_ADDR`]: null, null, code 0x10, data 0x18, TSS 0x20.
-pub const GDT: [u64; 5] = [
-    0,
-    0,
-    gdt_entry(CODE64_FLAGS, 0, 0xfffff),
-    gdt_entry(DATA_FLAGS, 0, 0xfffff),
-    gdt_entry(TSS_FLAGS, 0, 0xfffff),
-];
+pub const GDT: [u64; 5] =
+    [0, 0, gdt_entry(CODE64_FLAGS, 0, 0xfffff), gdt_entry(DATA_FLAGS, 0, 0xfffff), gdt_entry(TSS_FLAGS, 0, 0xfffff)];
 
 /// Encode a segment descriptor from `flags` (bits 0-7 access byte, bits
 /// 12-15 G/DB/L/AVL), a 32-bit `base` and a 20-bit `limit` (SDM Figure 3-8).
@@ -163,10 +158,7 @@ impl X86BootState {
             cs: X86Segment::from_gdt_entry(BOOT_CS, GDT[usize::from(BOOT_CS >> 3)]),
             ds: X86Segment::from_gdt_entry(BOOT_DS, GDT[usize::from(BOOT_DS >> 3)]),
             tr: X86Segment::from_gdt_entry(BOOT_TSS, GDT[usize::from(BOOT_TSS >> 3)]),
-            gdt: X86DescriptorTable {
-                base: layout::GDT_ADDR,
-                limit: (std::mem::size_of_val(&GDT) - 1) as u16,
-            },
+            gdt: X86DescriptorTable { base: layout::GDT_ADDR, limit: (std::mem::size_of_val(&GDT) - 1) as u16 },
             idt: X86DescriptorTable { base: layout::IDT_ADDR, limit: 7 },
             cr0: CR0_PE | CR0_ET | CR0_PG,
             cr3: layout::PML4_ADDR,
@@ -183,8 +175,7 @@ impl X86BootState {
 pub fn write_gdt_and_idt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, entry) in GDT.iter().enumerate() {
         let addr = layout::GDT_ADDR + (i as u64) * 8;
-        mem.write_obj(entry.to_le(), GuestAddress(addr))
-            .map_err(|_| BootError::GuestWrite { what: "GDT", addr })?;
+        mem.write_obj(entry.to_le(), GuestAddress(addr)).map_err(|_| BootError::GuestWrite { what: "GDT", addr })?;
     }
     mem.write_obj(0u64, GuestAddress(layout::IDT_ADDR))
         .map_err(|_| BootError::GuestWrite { what: "IDT", addr: layout::IDT_ADDR })

@@ -22,7 +22,10 @@ const GIB: u64 = 1 << 30;
 #[test]
 fn gdt_descriptors_decode_to_flat_long_mode_segments() {
     let cs = X86Segment::from_gdt_entry(BOOT_CS, GDT[2]);
-    assert_eq!((cs.base, cs.limit, cs.type_, cs.l, cs.db, cs.s, cs.present, cs.g), (0, 0xffff_ffff, 0xb, 1, 0, 1, 1, 1));
+    assert_eq!(
+        (cs.base, cs.limit, cs.type_, cs.l, cs.db, cs.s, cs.present, cs.g),
+        (0, 0xffff_ffff, 0xb, 1, 0, 1, 1, 1)
+    );
     let ds = X86Segment::from_gdt_entry(BOOT_DS, GDT[3]);
     assert_eq!((ds.limit, ds.type_, ds.l, ds.db, ds.s, ds.unusable), (0xffff_ffff, 0x3, 0, 1, 1, 0));
     let tr = X86Segment::from_gdt_entry(BOOT_TSS, GDT[4]);
@@ -85,10 +88,7 @@ fn boot_structures_need_the_low_memory() {
 fn ram_is_split_around_the_mmio_gap() {
     assert_eq!(ram_ranges(512 * MIB), vec![(GuestAddress(0), 512 * MIB)]);
     assert_eq!(ram_ranges(3 * GIB), vec![(GuestAddress(0), 3 * GIB)]);
-    assert_eq!(
-        ram_ranges(5 * GIB),
-        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), 2 * GIB)]
-    );
+    assert_eq!(ram_ranges(5 * GIB), vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), 2 * GIB)]);
     assert!(create_guest_memory(0).is_err());
     assert!(create_guest_memory(4097).is_err());
 }

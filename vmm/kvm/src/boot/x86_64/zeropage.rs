@@ -49,11 +49,7 @@ pub fn e820_map(ranges: &[(u64, u64)]) -> Vec<E820Entry> {
                 out.push(E820Entry { addr: start, size: low_end - start, type_: E820_RAM });
             }
             if end > layout::HIMEM_START {
-                out.push(E820Entry {
-                    addr: layout::HIMEM_START,
-                    size: end - layout::HIMEM_START,
-                    type_: E820_RAM,
-                });
+                out.push(E820Entry { addr: layout::HIMEM_START, size: end - layout::HIMEM_START, type_: E820_RAM });
             }
         } else if len > 0 {
             out.push(E820Entry { addr: start, size: len, type_: E820_RAM });
@@ -71,11 +67,7 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<u32, Bo
     let s = cmdline.as_cstring().map_err(|e| BootError::Cmdline(e.to_string()))?;
     let bytes = s.as_bytes_with_nul();
     if bytes.len() > layout::CMDLINE_MAX {
-        return Err(BootError::Cmdline(format!(
-            "{} bytes with NUL, limit {}",
-            bytes.len(),
-            layout::CMDLINE_MAX
-        )));
+        return Err(BootError::Cmdline(format!("{} bytes with NUL, limit {}", bytes.len(), layout::CMDLINE_MAX)));
     }
     mem.write_slice(bytes, GuestAddress(layout::CMDLINE_ADDR))
         .map_err(|_| BootError::GuestWrite { what: "command line", addr: layout::CMDLINE_ADDR })?;

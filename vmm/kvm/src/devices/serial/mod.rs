@@ -89,10 +89,7 @@ impl CaptureWriter {
 
 impl Write for CaptureWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("capture buffer poisoned"))?
-            .extend_from_slice(buf);
+        self.0.lock().map_err(|_| std::io::Error::other("capture buffer poisoned"))?.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -235,8 +235,12 @@ impl MmioTransport {
                     }
                 }
             }
-            reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH | reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH
-            | reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => {
+            reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH => {
                 if let Some(q) = self.selected_queue().filter(|q| !q.ready) {
                     let field = match offset {
                         reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => &mut q.desc_table,

@@ -175,6 +175,11 @@ pub mod console;
 /// (VIRTIO 1.2 section 4.2.2, `Config` at 0x100 of the MMIO window).
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
-        *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| config.get(o)).copied().unwrap_or(0);
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
     }
 }

@@ -354,8 +354,7 @@ impl Queue {
         let mut bytes = [0u8; 8];
         bytes[..4].copy_from_slice(&u32::from(head_index).to_le_bytes());
         bytes[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&bytes, elem)
-            .map_err(|_| QueueError::RingAccess { what: "used.ring", addr: elem.0 })?;
+        mem.write_slice(&bytes, elem).map_err(|_| QueueError::RingAccess { what: "used.ring", addr: elem.0 })?;
         self.next_used += Wrapping(1);
         let idx_addr = Self::ring_addr(self.used_ring, 2, "used.idx")?;
         mem.store(self.next_used.0.to_le(), idx_addr, Ordering::Release)
@@ -373,18 +372,11 @@ impl Queue {
 }
 
 fn read_desc(mem: &GuestMemoryMmap, table: GuestAddress, index: u16) -> Result<(u64, u32, u16, u16), ChainError> {
-    let addr = table
-        .checked_add(u64::from(index) * DESC_SIZE)
-        .ok_or(ChainError::DescriptorRead { addr: table.0 })?;
+    let addr = table.checked_add(u64::from(index) * DESC_SIZE).ok_or(ChainError::DescriptorRead { addr: table.0 })?;
     let mut raw = [0u8; 16];
     mem.read_slice(&mut raw, addr).map_err(|_| ChainError::DescriptorRead { addr: addr.0 })?;
     let le64 = |b: &[u8]| b.iter().rev().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
-    Ok((
-        le64(&raw[0..8]),
-        le64(&raw[8..12]) as u32,
-        le64(&raw[12..14]) as u16,
-        le64(&raw[14..16]) as u16,
-    ))
+    Ok((le64(&raw[0..8]), le64(&raw[8..12]) as u32, le64(&raw[12..14]) as u16, le64(&raw[14..16]) as u16))
 }
 
 /// Walk and validate the chain starting at `head` in the descriptor table

@@ -135,7 +135,10 @@ fn indices_out_of_the_queue_size_are_rejected() {
     );
     assert_eq!(
         q.pop(&m),
-        Err(QueueError::InvalidChain { head_index: 0xffff, reason: ChainError::IndexOutOfRange { index: 0xffff, size: 4 } })
+        Err(QueueError::InvalidChain {
+            head_index: 0xffff,
+            reason: ChainError::IndexOutOfRange { index: 0xffff, size: 4 }
+        })
     );
     assert_eq!(
         q.pop(&m),
@@ -150,10 +153,7 @@ fn indices_out_of_the_queue_size_are_rejected() {
 fn avail_index_running_ahead_of_the_ring_is_a_queue_error() {
     let (m, _d, mut q) = setup(4);
     m.write_obj(5u16, GuestAddress(q.avail_ring.0 + 2)).unwrap();
-    assert_eq!(
-        q.pop(&m),
-        Err(QueueError::AvailIndexJump { avail_idx: 5, next_avail: 0, ahead: 5, size: 4 })
-    );
+    assert_eq!(q.pop(&m), Err(QueueError::AvailIndexJump { avail_idx: 5, next_avail: 0, ahead: 5, size: 4 }));
     assert_eq!(q.next_avail(), 0, "nothing consumed");
 }
 
@@ -163,10 +163,7 @@ fn readable_after_writable_is_rejected() {
     d.set_desc(&m, 0, BUF, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1);
     d.set_desc(&m, 1, BUF, 8, 0, 0);
     d.offer(&m, 0);
-    assert_eq!(
-        q.pop(&m),
-        Err(QueueError::InvalidChain { head_index: 0, reason: ChainError::ReadableAfterWritable })
-    );
+    assert_eq!(q.pop(&m), Err(QueueError::InvalidChain { head_index: 0, reason: ChainError::ReadableAfterWritable }));
 }
 
 const IND: u64 = 0x30000; // indirect tables
@@ -197,8 +194,16 @@ fn indirect_table_is_flattened() {
 fn malformed_indirect_tables_are_rejected() {
     type Build = Box<dyn Fn(&GuestMemoryMmap, &DriverQueue)>;
     let cases: Vec<(&str, Build, ChainError)> = vec![
-        ("length not a multiple of 16", Box::new(|m, d| d.set_desc(m, 0, IND, 20, VIRTQ_DESC_F_INDIRECT, 0)), ChainError::BadIndirectLength(20)),
-        ("zero length", Box::new(|m, d| d.set_desc(m, 0, IND, 0, VIRTQ_DESC_F_INDIRECT, 0)), ChainError::BadIndirectLength(0)),
+        (
+            "length not a multiple of 16",
+            Box::new(|m, d| d.set_desc(m, 0, IND, 20, VIRTQ_DESC_F_INDIRECT, 0)),
+            ChainError::BadIndirectLength(20),
+        ),
+        (
+            "zero length",
+            Box::new(|m, d| d.set_desc(m, 0, IND, 0, VIRTQ_DESC_F_INDIRECT, 0)),
+            ChainError::BadIndirectLength(0),
+        ),
         (
             "more than 32768 entries",
             Box::new(|m, d| d.set_desc(m, 0, IND, 16 * 32769, VIRTQ_DESC_F_INDIRECT, 0)),
@@ -263,10 +268,7 @@ fn indirect_without_the_feature_is_rejected() {
     write_desc(&m, IND, 0, BUF, 1, 0, 0);
     d.set_desc(&m, 0, IND, 16, VIRTQ_DESC_F_INDIRECT, 0);
     d.offer(&m, 0);
-    assert_eq!(
-        q.pop(&m),
-        Err(QueueError::InvalidChain { head_index: 0, reason: ChainError::IndirectNotNegotiated })
-    );
+    assert_eq!(q.pop(&m), Err(QueueError::InvalidChain { head_index: 0, reason: ChainError::IndirectNotNegotiated }));
 }
 
 #[test]
@@ -540,7 +542,17 @@ fn writing_zero_to_status_resets_everything() {
 #[test]
 fn writes_to_read_only_registers_are_ignored() {
     let (mut t, _, _) = transport();
-    for off in [reg::MAGIC_VALUE, reg::VERSION, reg::DEVICE_ID, reg::VENDOR_ID, reg::DEVICE_FEATURES, reg::QUEUE_NUM_MAX, reg::INTERRUPT_STATUS, reg::CONFIG_GENERATION, reg::SHM_LEN_LOW] {
+    for off in [
+        reg::MAGIC_VALUE,
+        reg::VERSION,
+        reg::DEVICE_ID,
+        reg::VENDOR_ID,
+        reg::DEVICE_FEATURES,
+        reg::QUEUE_NUM_MAX,
+        reg::INTERRUPT_STATUS,
+        reg::CONFIG_GENERATION,
+        reg::SHM_LEN_LOW,
+    ] {
         w(&mut t, off, 0xdead_beef);
     }
     t.interrupt().signal_config_change();

@@ -485,7 +485,13 @@ impl BlockDisk {
     }
 
     /// Disk `[offset, offset + len)` -> the first `len` writable bytes.
-    fn read_into(&mut self, mem: &GuestMemoryMmap, chain: &DescriptorChain, offset: u64, len: u64) -> Result<(), RequestError> {
+    fn read_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: &DescriptorChain,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), RequestError> {
         let mut buf = self.bounce();
         let r = (|| {
             let mut pos = offset;
@@ -507,7 +513,13 @@ impl BlockDisk {
     }
 
     /// Readable bytes after the header -> disk `[offset, offset + len)`.
-    fn write_from(&mut self, mem: &GuestMemoryMmap, chain: &DescriptorChain, offset: u64, len: u64) -> Result<(), RequestError> {
+    fn write_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: &DescriptorChain,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), RequestError> {
         let mut buf = self.bounce();
         let r = (|| {
             let mut pos = offset;

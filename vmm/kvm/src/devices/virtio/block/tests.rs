@@ -307,7 +307,11 @@ fn overflowing_sector_arithmetic_is_ioerr() {
     for sector in [u64::MAX, u64::MAX / 512 + 1, (u64::MAX - 511) / 512, 1 << 55] {
         for (t, writable) in [(VIRTIO_BLK_T_IN, true), (VIRTIO_BLK_T_OUT, false)] {
             r.header(t, sector);
-            assert_eq!(r.run(&[(HDR, 16, false), (DATA, 1024, writable), (STATUS, 1, true)]).2, IOERR, "sector {sector:#x}");
+            assert_eq!(
+                r.run(&[(HDR, 16, false), (DATA, 1024, writable), (STATUS, 1, true)]).2,
+                IOERR,
+                "sector {sector:#x}"
+            );
             assert!(matches!(r.dev.disk().last_error, Some(RequestError::OutOfRange { .. })));
         }
     }
@@ -457,7 +461,8 @@ fn snapshot_and_restore_through_the_transport() {
     w(&mut t, reg::QUEUE_READY, 1);
     w(&mut t, reg::STATUS, 15);
     assert!(t.is_activated(), "{:?}", t.last_error());
-    let mut r = Rig { m: m.clone(), d, dev: VirtioBlock::new(Box::new(MemImage(vec![])), true, b""), irq, next_desc: 0 };
+    let mut r =
+        Rig { m: m.clone(), d, dev: VirtioBlock::new(Box::new(MemImage(vec![])), true, b""), irq, next_desc: 0 };
     r.header(VIRTIO_BLK_T_IN, 0);
     r.offer(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
     w(&mut t, reg::QUEUE_NOTIFY, 0);
@@ -466,7 +471,10 @@ fn snapshot_and_restore_through_the_transport() {
     let DeviceState::VirtioMmio(snap) = t.snapshot() else { panic!("virtio snapshot") };
     assert_eq!((snap.queues[0].next_avail, snap.queues[0].next_used), (1, 1), "live positions");
     let VirtioDeviceState::Block(bs) = &snap.device else { panic!("block state") };
-    assert_eq!(bs, &BlockSnapshot { capacity: SECTORS, read_only: true, id: b"snap\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec() });
+    assert_eq!(
+        bs,
+        &BlockSnapshot { capacity: SECTORS, read_only: true, id: b"snap\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec() }
+    );
     let json = serde_json::to_string(&snap).unwrap();
     let back: crate::devices::virtio::snapshot::MmioTransportSnapshot = serde_json::from_str(&json).unwrap();
     assert_eq!(back, snap);
@@ -488,8 +496,14 @@ fn stream_segments_cover_exactly_the_requested_range() {
     use crate::devices::virtio::queue::Descriptor;
     let d = |a: u64, l: u32| Descriptor { addr: GuestAddress(a), len: l, writable: false };
     let descs = [d(0x100, 10), d(0x200, 0), d(0x300, 5), d(0x400, 20)];
-    assert_eq!(stream_segments(descs.iter(), 0, 35), vec![(GuestAddress(0x100), 10), (GuestAddress(0x300), 5), (GuestAddress(0x400), 20)]);
-    assert_eq!(stream_segments(descs.iter(), 8, 10), vec![(GuestAddress(0x108), 2), (GuestAddress(0x300), 5), (GuestAddress(0x400), 3)]);
+    assert_eq!(
+        stream_segments(descs.iter(), 0, 35),
+        vec![(GuestAddress(0x100), 10), (GuestAddress(0x300), 5), (GuestAddress(0x400), 20)]
+    );
+    assert_eq!(
+        stream_segments(descs.iter(), 8, 10),
+        vec![(GuestAddress(0x108), 2), (GuestAddress(0x300), 5), (GuestAddress(0x400), 3)]
+    );
     assert_eq!(stream_segments(descs.iter(), 34, 100), vec![(GuestAddress(0x413), 1)]);
     assert!(stream_segments(descs.iter(), 35, 1).is_empty());
     assert!(stream_segments(descs.iter(), u64::MAX, u64::MAX).is_empty());

@@ -177,7 +177,10 @@ impl VirtioConsole {
         Self::build(ConsoleCore::restore(configs, snap)?, backends)
     }
 
-    fn build(core: ConsoleCore, backends: Vec<Option<Backend>>) -> Result<(VirtioConsole, ConsoleBackend), ConsoleIoError> {
+    fn build(
+        core: ConsoleCore,
+        backends: Vec<Option<Backend>>,
+    ) -> Result<(VirtioConsole, ConsoleBackend), ConsoleIoError> {
         let max_sizes = core.queue_max_sizes();
         let config = core.config_space();
         let shared = Arc::new(Shared { core: Mutex::new(core), wake: EventFd::new(EFD_NONBLOCK)? });

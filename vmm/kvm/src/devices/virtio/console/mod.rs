@@ -407,7 +407,11 @@ impl ConsoleCore {
     pub fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let multiport = ctx.acked_features & VIRTIO_CONSOLE_F_MULTIPORT != 0;
         if ctx.queues.len() != queue_count(self.ports.len()) {
-            return Err(ActivateError::Device(format!("{} queues, expected {}", ctx.queues.len(), queue_count(self.ports.len()))));
+            return Err(ActivateError::Device(format!(
+                "{} queues, expected {}",
+                ctx.queues.len(),
+                queue_count(self.ports.len())
+            )));
         }
         let mut active = Active { mem: ctx.mem, queues: ctx.queues, interrupt: ctx.interrupt, multiport };
         if let Some(snap) = self.restore.take() {
@@ -682,10 +686,7 @@ impl ConsoleCore {
             p.eof_pending = false;
             p.host_connected = false;
             if active.multiport && p.guest_ready {
-                self.send_control(
-                    ControlMessage { id: port as u32, event: VIRTIO_CONSOLE_PORT_OPEN, value: 0 },
-                    &[],
-                );
+                self.send_control(ControlMessage { id: port as u32, event: VIRTIO_CONSOLE_PORT_OPEN, value: 0 }, &[]);
                 self.deliver_control();
             }
         }

@@ -102,7 +102,9 @@ impl Driver {
     fn control(&mut self) -> Vec<(ControlMessage, Vec<u8>)> {
         self.used(CONTROL_RX_QUEUE)
             .into_iter()
-            .map(|(_, _, data)| (ControlMessage::parse(&data).expect("8-byte header"), data[CONTROL_HEADER_LEN..].to_vec()))
+            .map(|(_, _, data)| {
+                (ControlMessage::parse(&data).expect("8-byte header"), data[CONTROL_HEADER_LEN..].to_vec())
+            })
             .collect()
     }
     fn ctl(&mut self, id: u32, event: u16, value: u16) -> Vec<u8> {
@@ -157,7 +159,10 @@ impl Rig {
         self.drv.ctl(BAD_ID, VIRTIO_CONSOLE_DEVICE_READY, 1);
         self.notify(CONTROL_TX_QUEUE);
         let adds = self.drv.control();
-        assert_eq!(adds.iter().map(|m| m.0).collect::<Vec<_>>(), vec![msg(0, VIRTIO_CONSOLE_DEVICE_ADD, 1), msg(1, VIRTIO_CONSOLE_DEVICE_ADD, 1)]);
+        assert_eq!(
+            adds.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![msg(0, VIRTIO_CONSOLE_DEVICE_ADD, 1), msg(1, VIRTIO_CONSOLE_DEVICE_ADD, 1)]
+        );
         for id in 0..2u32 {
             self.drv.ctl(id, VIRTIO_CONSOLE_PORT_READY, 1);
         }
@@ -401,7 +406,10 @@ fn host_to_guest_bytes_land_in_posted_receive_buffers() {
     r.irq.ack(INT_USED_RING);
     r.host.process();
     let used = r.drv.used(rx_queue(1));
-    assert_eq!(used.iter().map(|u| (u.1, u.2.clone())).collect::<Vec<_>>(), vec![(8, b"01234567".to_vec()), (8, b"89abcdef".to_vec())]);
+    assert_eq!(
+        used.iter().map(|u| (u.1, u.2.clone())).collect::<Vec<_>>(),
+        vec![(8, b"01234567".to_vec()), (8, b"89abcdef".to_vec())]
+    );
     assert_ne!(r.irq.status() & INT_USED_RING, 0, "interrupt raised from the host side");
 }
 
@@ -617,7 +625,8 @@ fn without_multiport_port_zero_is_a_plain_console() {
     let mut r = Rig::with_features(features::VIRTIO_F_VERSION_1);
     // port 0 has no backend in this rig; check data flow with a backed port 0 instead
     let (ours, mut peer) = UnixStream::pair().unwrap();
-    let (mut dev, mut host) = VirtioConsole::new(vec![ConsolePort { name: None, console: true, backend: Some(ours.into()) }]).unwrap();
+    let (mut dev, mut host) =
+        VirtioConsole::new(vec![ConsolePort { name: None, console: true, backend: Some(ours.into()) }]).unwrap();
     let m = mem(MEM);
     let mut drv = Driver::new(&m, 4);
     let irq = Arc::new(VirtioInterrupt::new(IrqLine::new().unwrap()));
