@@ -22,6 +22,7 @@
 use crate::VmConfig;
 use anyhow::Context;
 use capvisor_kvm::devices::boot_timer::{BootTimer, BootTimes};
+use capvisor_kvm::devices::virtio::block::io::VirtioBlock;
 use capvisor_kvm::devices::virtio::console::io::{ConsolePort, VirtioConsole};
 use capvisor_kvm::vm::{BootSource, VmBuilder, VmExit};
 use std::os::fd::OwnedFd;
@@ -118,7 +119,7 @@ pub fn start(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Resu
     let (console, backend) =
         VirtioConsole::new(vec![ConsolePort::console(None), ConsolePort::named("capvisor.agent", agent)])
             .context("building the virtio-console")?;
-    let mut vm = VmBuilder::new(BootSource::Linux {
+    let mut builder = VmBuilder::new(BootSource::Linux {
         kernel: cfg.kernel.clone(),
         initramfs: Some(cfg.initramfs.clone()),
         cmdline: kernel_cmdline(cfg),
@@ -126,9 +127,13 @@ pub fn start(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Resu
     .memory_mib(cfg.memory_mib as u64)
     .vcpus(cfg.vcpus as u8)
     .serial_output(Box::new(serial))
-    .virtio_device(Box::new(console))
-    .build()
-    .context("building the VM (is /dev/kvm usable?)")?;
+    .virtio_device(Box::new(console));
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let blk = VirtioBlock::open(&d.path, d.read_only, format!("disk{i}").as_bytes())
+            .with_context(|| format!("opening disk {}", d.path.display()))?;
+        builder = builder.virtio_device(Box::new(blk));
+    }
+    let mut vm = builder.build().context("building the VM (is /dev/kvm usable?)")?;
 
     let confinement = if std::env::var("CAPVISOR_SANDBOX").as_deref() == Ok("off") {
         tracing::warn!("CAPVISOR_SANDBOX=off: the kvm engine runs unconfined");
@@ -137,8 +142,8 @@ pub fn start(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Resu
         let policy = capvisor_kvm::sandbox::SandboxPolicy::for_vm(
             cfg.kernel.clone(),
             Some(cfg.initramfs.clone()),
-            [],
-            [],
+            cfg.disks.iter().filter(|d| d.read_only).map(|d| d.path.clone()),
+            cfg.disks.iter().filter(|d| !d.read_only).map(|d| d.path.clone()),
             cfg.run_dir.clone(),
         )?;
         let report = capvisor_kvm::sandbox::confine(&policy).context("confining the vmm process")?;
@@ -197,6 +202,7 @@ mod tests {
             vcpus: 1,
             engine: "kvm".into(),
             extra_cmdline: "x=1".into(),
+            disks: vec![],
         };
         let c = kernel_cmdline(&cfg);
         assert!(c.contains("reboot=k") && !c.contains("reboot=t") && c.ends_with("x=1"), "{c}");

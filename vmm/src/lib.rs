@@ -48,6 +48,24 @@ pub struct VmConfig {
     /// Appended to the kernel command line.
     #[serde(default)]
     pub extra_cmdline: String,
+    /// Raw disk images attached as virtio-blk devices, in order: the guest
+    /// sees them as /dev/vda, /dev/vdb, ... (at most [`MAX_DISKS`]).
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+}
+
+/// Most disks one VM may have.
+pub const MAX_DISKS: usize = 8;
+
+/// A raw disk image for a VM (virtio-blk, VIRTIO 1.2 section 5.2).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// Absolute path of the raw image on the host.
+    pub path: PathBuf,
+    /// Attach read-only: guest writes fail (the device offers VIRTIO_BLK_F_RO).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 fn default_engine() -> String {
@@ -73,6 +91,10 @@ impl VmConfig {
             self.engine
         );
         anyhow::ensure!(!self.extra_cmdline.contains('\n'), "extra_cmdline must be one line");
+        anyhow::ensure!(self.disks.len() <= MAX_DISKS, "at most {MAX_DISKS} disks (got {})", self.disks.len());
+        for d in &self.disks {
+            anyhow::ensure!(d.path.is_absolute(), "disk path {} must be absolute", d.path.display());
+        }
         Ok(())
     }
 }

@@ -143,6 +143,7 @@ fn vm_config(img: &capvisor_manifest::BuiltImage, run_dir: &Path, extra: &str) -
         vcpus: 1,
         engine: "auto".into(),
         extra_cmdline: extra.into(),
+        disks: vec![],
     }
 }
 
@@ -293,6 +294,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
                 vcpus: 1,
                 engine: "qemu".into(),
                 extra_cmdline: String::new(),
+                disks: vec![],
             };
             let t = Instant::now();
             let mut vmm = spawn_vmm(&cfg);
@@ -320,6 +322,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
             vcpus: 1,
             engine: "kvm".into(),
             extra_cmdline: String::new(),
+            disks: vec![],
         };
         let vmm = spawn_vmm(&cfg);
         let st = status(&vmm.machine).await;
@@ -490,4 +493,45 @@ fn kvm_engine_runs_the_guest_in_a_confined_vmm() {
         assert!(exited.is_ok(), "vmm did not exit after the worker went away");
         assert!(!alive(pid));
     });
+}
+
+/// Disks: a raw image attached read-only appears as /dev/vda with our bytes,
+/// guest writes to it fail; a writable one keeps what the guest wrote.
+#[test]
+fn raw_disks_are_virtio_blk_devices() {
+    let img = base_image();
+    let run = tempfile::tempdir().unwrap();
+    let ro = run.path().join("ro.img");
+    let rw = run.path().join("rw.img");
+    let mut data = b"capvisor-disk-ok".to_vec();
+    data.resize(1 << 20, 0);
+    std::fs::write(&ro, &data).unwrap();
+    std::fs::write(&rw, vec![0u8; 1 << 20]).unwrap();
+    let mut cfg = vm_config(&img, &run.path().join("vm"), "");
+    cfg.engine = "qemu".into();
+    cfg.disks = vec![
+        capvisor_vmm::Disk { path: ro.clone(), read_only: true },
+        capvisor_vmm::Disk { path: rw.clone(), read_only: false },
+    ];
+    conn::run_local(async move {
+        let mut vmm = spawn_vmm(&cfg);
+        let (g, _c) = conn::connect::<guest::Client>(vmm.agent.take().unwrap(), None, conn::INTERNAL);
+        tokio::time::timeout(HELLO_TIMEOUT, g.hello_request().send().promise)
+            .await
+            .expect("hello timeout")
+            .expect("hello");
+        let (code, out, err) = exec(&g, &["head", "-c", "16", "/dev/vda"]).await;
+        assert_eq!((code, out.as_str()), (0, "capvisor-disk-ok"), "stderr: {err}");
+        let (code, _, _) = exec(&g, &["sh", "-c", "echo x | dd of=/dev/vda conv=fsync 2>/dev/null"]).await;
+        assert_ne!(code, 0, "a write to the read-only disk succeeded");
+        let (code, _, err) = exec(&g, &["sh", "-c", "printf written-by-guest | dd of=/dev/vdb conv=fsync 2>&1"]).await;
+        assert_eq!(code, 0, "{err}");
+        let mut q = vmm.machine.stop_request();
+        q.get().set_grace_ms(0);
+        q.send().promise.await.unwrap();
+        vmm.conn.abort();
+        let _ = vmm.child.wait().await;
+    });
+    assert_eq!(&std::fs::read(&rw).unwrap()[..16], b"written-by-guest");
+    assert_eq!(&std::fs::read(&ro).unwrap()[..16], b"capvisor-disk-ok");
 }

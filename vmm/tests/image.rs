@@ -41,7 +41,7 @@ fn builds_base_image_then_hits_cache() {
     }
     let order = String::from_utf8(get("lib/modules/capvisor/order").data.clone()).unwrap();
     let mods: Vec<&str> = order.lines().collect();
-    assert_eq!(mods, ["virtio_ring.ko", "virtio.ko", "virtio_mmio.ko", "virtio_console.ko"]);
+    assert_eq!(mods, ["virtio_ring.ko", "virtio.ko", "virtio_mmio.ko", "virtio_console.ko", "virtio_blk.ko"]);
     for m in mods {
         let data = &get(&format!("lib/modules/capvisor/{m}")).data;
         assert!(data.starts_with(b"\x7fELF"), "{m} is a plain ELF module");

@@ -188,6 +188,7 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: &str, timeout: Duratio
         vcpus: entry.vcpus,
         engine: engine.to_string(),
         extra_cmdline: String::new(),
+        disks: vec![],
     };
     let internal = |e: std::io::Error| CvError::internal(format!("cannot start the vmm: {e}"));
     let (rpc_here, rpc_there) = spawn::stream_pair().map_err(internal)?;

@@ -106,6 +106,7 @@ fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration {
         vcpus: 1,
         engine: "qemu".into(),
         extra_cmdline: String::new(),
+        disks: vec![],
     };
     let args = capvisor_vmm::qemu::args(&cfg, capvisor_vmm::host_kvm_usable(), capvisor_vmm::qemu::host_tsc_khz());
     let (agent, _agent_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
@@ -180,6 +181,7 @@ fn kvm_engine_figures(
             vcpus: 1,
             engine: "kvm".into(),
             extra_cmdline: String::new(),
+            disks: vec![],
         };
         capvisor_rpc::conn::run_local(async {
             let (rpc_ours, rpc_theirs) = capvisor_rpc::spawn::stream_pair().unwrap();

@@ -37,14 +37,14 @@ use std::time::Instant;
 pub use kernel::KernelSource;
 
 /// Bumped whenever the image layout changes, so old cache entries are not reused.
-pub const BUILDER_VERSION: &str = "capvisor-base-image-v2";
+pub const BUILDER_VERSION: &str = "capvisor-base-image-v3";
 /// The Debian metapackage naming the current cloud kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 /// The Debian package providing a static `/bin/busybox`.
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// Kernel modules guest-init loads, in load order (module names; the
 /// files are `<name>.ko`). Built-in ones (listed in `modules.builtin`) are left out.
-pub const MODULES: [&str; 4] = ["virtio_ring", "virtio", "virtio_mmio", "virtio_console"];
+pub const MODULES: [&str; 5] = ["virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk"];
 /// Where the modules live in the initramfs.
 pub const MODULE_DIR: &str = "lib/modules/capvisor";
 

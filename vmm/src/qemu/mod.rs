@@ -118,6 +118,17 @@ pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
         "-device".into(),
         "virtserialport,chardev=ag,name=capvisor.agent".into(),
     ]);
+    for (i, d) in cfg.disks.iter().enumerate() {
+        // QEMU option values escape a comma by doubling it.
+        let file = path_arg(&d.path).replace(',', ",,");
+        let ro = if d.read_only { ",readonly=on" } else { "" };
+        a.extend([
+            "-drive".into(),
+            format!("file={file},format=raw,if=none,id=disk{i}{ro}"),
+            "-device".into(),
+            format!("virtio-blk-device,drive=disk{i}"),
+        ]);
+    }
     a
 }
 
@@ -139,6 +150,7 @@ mod tests {
             vcpus: 2,
             engine: "auto".into(),
             extra_cmdline: " loglevel=4 ".into(),
+            disks: vec![],
         }
     }
 
