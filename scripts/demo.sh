@@ -21,7 +21,7 @@ trap cleanup EXIT
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
 say "capvisor serve &"
-"$BIN/capvisor" serve &
+CAPVISOR_LOG=${CAPVISOR_LOG:-warn} "$BIN/capvisor" serve &
 serve_pid=$!
 for _ in $(seq 1 600); do
   [ -S "$CAPVISOR_SOCKET" ] && break
