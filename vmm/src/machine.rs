@@ -77,7 +77,8 @@ pub struct Vm {
     stop_requested: Cell<bool>,
     shutdown_reason: RefCell<Option<String>>,
     stderr_tail: Rc<RefCell<Vec<u8>>>,
-    kvm: RefCell<Option<KvmHandle>>,
+    /// Engine kvm's handle; set once at start, never changed.
+    kvm: Option<KvmHandle>,
 }
 
 impl Vm {
@@ -115,7 +116,7 @@ impl Vm {
             stop_requested: Cell::new(false),
             shutdown_reason: RefCell::new(None),
             stderr_tail: Rc::default(),
-            kvm: RefCell::new(None),
+            kvm: None,
         })
     }
 
@@ -168,7 +169,7 @@ impl Vm {
             stop_requested: Cell::new(false),
             shutdown_reason: RefCell::new(None),
             stderr_tail: Rc::default(),
-            kvm: RefCell::new(None),
+            kvm: None,
         });
 
         // QEMU's stderr: logged, and the tail kept for error details.
@@ -269,7 +270,7 @@ impl Vm {
             stop_requested: Cell::new(false),
             shutdown_reason: RefCell::new(None),
             stderr_tail: Rc::default(),
-            kvm: RefCell::new(Some(started.handle)),
+            kvm: Some(started.handle),
         });
         let weak = Rc::downgrade(&vm);
         let exit = started.exit;
@@ -296,7 +297,7 @@ impl Vm {
             (VmExit::Panicked(d), None) => (MachineState::Crashed, format!("guest crash: {d}")),
         };
         tracing::info!(state = state_name(state), "VM ended: {detail}");
-        let boot = self.kvm.borrow().as_ref().map(|k| k.boot_times()).unwrap_or_default();
+        let boot = self.kvm.as_ref().map(|k| k.boot_times()).unwrap_or_default();
         self.status.send_modify(|s| {
             s.state = state;
             s.detail = detail;
@@ -307,7 +308,7 @@ impl Vm {
     /// The current status (with fresh boot times for engine kvm).
     pub fn status(&self) -> Status {
         let mut s = self.status.borrow().clone();
-        if let Some(k) = self.kvm.borrow().as_ref() {
+        if let Some(k) = &self.kvm {
             s.boot = k.boot_times();
         }
         s
@@ -332,7 +333,7 @@ impl Vm {
             return self.status();
         }
         self.stop_requested.set(true);
-        if self.kvm.borrow().is_some() {
+        if self.kvm.is_some() {
             // The guest had its chance (Guest.shutdown) before this call;
             // ACPI power-button delivery is not wired on engine kvm.
             self.kill();
@@ -374,7 +375,7 @@ impl Vm {
         if let Some(tx) = &self.kill_tx {
             let _ = tx.send(());
         }
-        if let Some(k) = self.kvm.borrow().as_ref() {
+        if let Some(k) = &self.kvm {
             k.stop();
         }
     }
@@ -383,7 +384,7 @@ impl Vm {
     ///
     /// Errors: `notRunning` unless the machine is running.
     pub async fn pause(&self) -> Result<(), CvError> {
-        if let Some(k) = self.kvm_handle() {
+        if let Some(k) = &self.kvm {
             self.require_state(MachineState::Running)?;
             k.pause().await.map_err(CvError::unavailable)?;
             self.set_state_if(MachineState::Running, MachineState::Paused);
@@ -399,7 +400,7 @@ impl Vm {
     ///
     /// Errors: `notRunning` unless the machine is paused.
     pub async fn resume(&self) -> Result<(), CvError> {
-        if let Some(k) = self.kvm_handle() {
+        if let Some(k) = &self.kvm {
             self.require_state(MachineState::Paused)?;
             k.resume().await.map_err(CvError::unavailable)?;
             self.set_state_if(MachineState::Paused, MachineState::Running);
@@ -433,11 +434,6 @@ impl Vm {
     fn require(&self, want: MachineState) -> Result<Qmp, CvError> {
         self.require_state(want)?;
         self.qmp.borrow().clone().ok_or_else(|| CvError::unavailable("QMP is not connected"))
-    }
-
-    /// The kvm engine's handle (a cheap command-channel clone), if this VM runs on it.
-    fn kvm_handle(&self) -> Option<KvmHandleRef<'_>> {
-        std::cell::Ref::filter_map(self.kvm.borrow(), |k| k.as_ref()).ok().map(KvmHandleRef)
     }
 
     fn set_state_if(&self, from: MachineState, to: MachineState) {
@@ -481,16 +477,6 @@ impl Vm {
             s.state = state;
             s.detail = detail;
         });
-    }
-}
-
-/// A borrowed [`KvmHandle`] (held only across one await of a command reply).
-struct KvmHandleRef<'a>(std::cell::Ref<'a, KvmHandle>);
-
-impl std::ops::Deref for KvmHandleRef<'_> {
-    type Target = KvmHandle;
-    fn deref(&self) -> &KvmHandle {
-        &self.0
     }
 }
 

@@ -86,6 +86,17 @@ async fn console(m: &machine::Client) -> String {
     r.get().unwrap().get_text().unwrap().to_string().unwrap()
 }
 
+/// `Machine.pause` then `Machine.resume`, each answering `ok`; the state is
+/// `paused` in between.
+async fn pause_then_resume(m: &machine::Client) {
+    use capvisor_schema::common_capnp::unit_result;
+    let r = m.pause_request().send().promise.await.unwrap();
+    assert!(matches!(r.get().unwrap().get_result().unwrap().which().unwrap(), unit_result::Ok(())), "pause refused");
+    assert_eq!(status(m).await.state, MachineState::Paused);
+    let r = m.resume_request().send().promise.await.unwrap();
+    assert!(matches!(r.get().unwrap().get_result().unwrap().which().unwrap(), unit_result::Ok(())), "resume refused");
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
@@ -223,17 +234,7 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
     assert!(con.contains("guest-init"), "console shows guest-init: {con}");
 
     // Pause and resume through QMP.
-    let r = vmm.machine.pause_request().send().promise.await.unwrap();
-    assert!(matches!(
-        r.get().unwrap().get_result().unwrap().which().unwrap(),
-        capvisor_schema::common_capnp::unit_result::Ok(())
-    ));
-    assert_eq!(status(&vmm.machine).await.state, MachineState::Paused);
-    let r = vmm.machine.resume_request().send().promise.await.unwrap();
-    assert!(matches!(
-        r.get().unwrap().get_result().unwrap().which().unwrap(),
-        capvisor_schema::common_capnp::unit_result::Ok(())
-    ));
+    pause_then_resume(&vmm.machine).await;
     assert_eq!(status(&vmm.machine).await.state, MachineState::Running);
     let (code, _, _) = exec(&g, &["true"]).await;
     assert_eq!(code, 0);
@@ -467,17 +468,7 @@ fn kvm_engine_runs_the_guest_in_a_confined_vmm() {
         }
 
         // Pause parks the vCPUs, resume lets them go.
-        let r = vmm.machine.pause_request().send().promise.await.unwrap();
-        assert!(matches!(
-            r.get().unwrap().get_result().unwrap().which().unwrap(),
-            capvisor_schema::common_capnp::unit_result::Ok(())
-        ));
-        assert_eq!(status(&vmm.machine).await.state, MachineState::Paused);
-        let r = vmm.machine.resume_request().send().promise.await.unwrap();
-        assert!(matches!(
-            r.get().unwrap().get_result().unwrap().which().unwrap(),
-            capvisor_schema::common_capnp::unit_result::Ok(())
-        ));
+        pause_then_resume(&vmm.machine).await;
 
         let mut q = vmm.machine.stop_request();
         q.get().set_grace_ms(0);
