@@ -18,7 +18,7 @@
 //! | [`vm`] | the assembled machine: [`vm::VmBuilder`] -> [`vm::Vm`] (run / wait / pause / resume / stop -> [`vm::VmExit`]), irqfd + ioeventfd wiring, boot timer figures |
 //! | [`devices`] | the [`devices::Device`] trait and one folder per device: `serial`, `i8042`, `boot_timer`, `virtio` (mmio transport + split virtqueue, and the virtio devices `virtio/console` (multiport, the `capvisor.agent` port) and `virtio/block` (raw image)) |
 //! | [`sandbox`] | confinement of the vmm process: Landlock paths + seccomp allowlists per thread kind (docs/vmm-confinement.md) |
-//! | `fuzz_harness`, `fuzz_block` | fuzz entry points (virtqueue, mmio, block requests, console control) with deterministic PRNG tests; cargo-fuzz targets in `fuzz/` |
+//! | `fuzz_harness`, `fuzz_block` | only under `cfg(fuzzing)` (set by cargo-fuzz) or `cfg(test)`, not in a normal build: fuzz entry points (virtqueue, mmio, block requests, console control) with deterministic PRNG tests that run in every `cargo test`; the cargo-fuzz targets in `fuzz/fuzz_targets/` call them |
 //!
 //! Everything a guest can write (port/MMIO accesses, virtqueue contents) is
 //! treated as hostile: no path in this crate panics on guest-controlled input.
@@ -31,8 +31,10 @@ pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzz_block;
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod hypervisor;
