@@ -21,7 +21,7 @@ use crate::devices::virtio::block::{status_code, BlockDisk, DiskImage, MemImage,
 use crate::devices::virtio::console::{
     ConsoleCore, PortConfig, MAX_PENDING_CONTROL, TX_BUFFER_LIMIT, VIRTIO_CONSOLE_F_MULTIPORT,
 };
-use crate::devices::virtio::queue::{Queue, QueueError};
+use crate::devices::virtio::queue::{ChainOutcome, Queue, QueueError};
 use crate::devices::virtio::{features, ActivateContext, VirtioInterrupt};
 use crate::devices::IrqLine;
 
@@ -106,39 +106,30 @@ fn block(mem: &GuestMemoryMmap, data: &[u8]) {
     let image = MemImage((0..sectors * SECTOR_SIZE).map(|i| (i % 251) as u8).collect());
     let mut disk = BlockDisk::new(Box::new(CountingImage { inner: image, writes: writes.clone() }), read_only, b"fuzz");
     let mut seen = 0u32;
-    for _ in 0..u32::from(size) * 2 {
-        match q.pop(mem) {
-            Ok(Some(chain)) => {
-                seen += 1;
-                let writable = chain.writable_len();
-                let c = disk.execute(mem, &chain);
-                match c.status {
-                    None => assert_eq!(c.used_len, 0, "no status, nothing written"),
-                    Some(s) => {
-                        assert!([
-                            status_code::VIRTIO_BLK_S_OK,
-                            status_code::VIRTIO_BLK_S_IOERR,
-                            status_code::VIRTIO_BLK_S_UNSUPP
-                        ]
-                        .contains(&s));
-                        assert!(writable >= 1);
-                        assert!(u64::from(c.used_len) <= writable, "used {} > writable {writable}", c.used_len);
-                        if s != status_code::VIRTIO_BLK_S_OK {
-                            assert_eq!(c.used_len, 1);
-                        }
-                    }
+    let r = q.process_chains(mem, |chain| {
+        seen += 1;
+        let writable = chain.writable_len();
+        let c = disk.execute(mem, &chain);
+        match c.status {
+            None => assert_eq!(c.used_len, 0, "no status, nothing written"),
+            Some(s) => {
+                assert!([
+                    status_code::VIRTIO_BLK_S_OK,
+                    status_code::VIRTIO_BLK_S_IOERR,
+                    status_code::VIRTIO_BLK_S_UNSUPP
+                ]
+                .contains(&s));
+                assert!(writable >= 1);
+                assert!(u64::from(c.used_len) <= writable, "used {} > writable {writable}", c.used_len);
+                if s != status_code::VIRTIO_BLK_S_OK {
+                    assert_eq!(c.used_len, 1);
                 }
-                q.add_used(mem, chain.head_index, c.used_len).expect("validated queue");
             }
-            Ok(None) => break,
-            Err(QueueError::InvalidChain { head_index, .. }) => {
-                seen += 1;
-                let r = q.add_used(mem, head_index, 0);
-                assert!(r.is_ok() || head_index >= size);
-            }
-            Err(_) => break,
         }
-    }
+        ChainOutcome::Used(c.used_len)
+    });
+    seen += r.invalid as u32;
+    assert!(!matches!(r.error, Some(QueueError::RingAccess { .. } | QueueError::NotReady)), "validated queue: {r:?}");
     if read_only {
         assert_eq!(writes.load(Ordering::Relaxed), 0, "read-only disk written");
     }

@@ -10,13 +10,16 @@
 //!   notify.
 //!
 //! Both check invariants with `assert!` - a failing assertion is a bug found.
+//! The virtqueue harness drives the ring both with [`Queue::pop`] /
+//! [`Queue::add_used`] and through the devices' loop,
+//! [`Queue::process_chains`].
 
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::devices::virtio::mmio::{reg, MmioTransport, MMIO_MAGIC_VALUE};
-use crate::devices::virtio::queue::{Queue, QueueError, MAX_QUEUE_SIZE};
+use crate::devices::virtio::queue::{ChainOutcome, DescriptorChain, Queue, QueueError, MAX_QUEUE_SIZE};
 use crate::devices::virtio::snapshot::VirtioDeviceState;
 use crate::devices::virtio::{features, status, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::devices::{Device, IrqLine};
@@ -33,28 +36,35 @@ pub fn fuzz_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), FUZZ_MEM)]).expect("64 KiB mapping")
 }
 
-/// Drain `q` the way a device would; checks chain invariants. Returns the
-/// number of chains seen (good or bad). `validated`: the queue passed
-/// [`Queue::validate`], so returning in-range heads must succeed (an
-/// unvalidated queue may have misaligned or unmapped rings, which must fail
-/// cleanly instead).
+/// Check the invariants of a chain popped from a queue of `size`
+/// entries, read its readable bytes and echo them into its writable ones;
+/// returns the number of bytes written.
+fn check_chain(chain: &DescriptorChain, mem: &GuestMemoryMmap, size: u16) -> u32 {
+    assert!(chain.head_index < size);
+    assert!(chain.descriptors.len() <= usize::from(size) + usize::from(MAX_QUEUE_SIZE));
+    let mut writable = false;
+    for d in &chain.descriptors {
+        assert!(d.len == 0 || mem.check_range(d.addr, d.len as usize));
+        assert!(!writable || d.writable, "readable after writable");
+        writable |= d.writable;
+    }
+    let data = chain.read_all(mem, 4096).expect("validated readable buffers");
+    chain.write_all(mem, &data).expect("validated writable buffers") as u32
+}
+
+/// Drain `q` with [`Queue::pop`] / [`Queue::add_used`] directly; checks
+/// chain invariants. Returns the number of chains seen (good or bad).
+/// `validated`: the queue passed [`Queue::validate`], so returning
+/// in-range heads must succeed (an unvalidated queue may have misaligned
+/// or unmapped rings, which must fail cleanly instead).
 fn drain(q: &mut Queue, mem: &GuestMemoryMmap, budget: usize, validated: bool) -> usize {
     let mut seen = 0;
     for _ in 0..budget {
         match q.pop(mem) {
             Ok(Some(chain)) => {
                 seen += 1;
-                assert!(chain.head_index < q.size);
-                assert!(chain.descriptors.len() <= usize::from(q.size) + usize::from(MAX_QUEUE_SIZE));
-                let mut writable = false;
-                for d in &chain.descriptors {
-                    assert!(d.len == 0 || mem.check_range(d.addr, d.len as usize));
-                    assert!(!writable || d.writable, "readable after writable");
-                    writable |= d.writable;
-                }
-                let data = chain.read_all(mem, 4096).expect("validated readable buffers");
-                let n = chain.write_all(mem, &data).expect("validated writable buffers");
-                let r = q.add_used(mem, chain.head_index, n as u32);
+                let n = check_chain(&chain, mem, q.size);
+                let r = q.add_used(mem, chain.head_index, n);
                 assert!(r.is_ok() || !validated, "add_used on a validated queue: {r:?}");
             }
             Ok(None) => break,
@@ -72,6 +82,33 @@ fn drain(q: &mut Queue, mem: &GuestMemoryMmap, budget: usize, validated: bool) -
         }
     }
     seen
+}
+
+/// Run [`Queue::process_chains`] on `q`, picking each chain's outcome from
+/// the 2-bit fields of `choices`; checks the run's accounting.
+fn process(q: &mut Queue, mem: &GuestMemoryMmap, choices: u8, validated: bool) {
+    let (size, start) = (q.size, q.next_avail());
+    let (mut handed, mut deferred, mut kept) = (0usize, false, 0usize);
+    let r = q.process_chains(mem, |chain| {
+        let n = check_chain(&chain, mem, size);
+        let outcome = match (choices >> (2 * (handed % 4))) & 3 {
+            0 => ChainOutcome::Used(n),
+            1 => ChainOutcome::UsedLast(n),
+            2 => ChainOutcome::Defer,
+            _ => ChainOutcome::Keep,
+        };
+        handed += 1;
+        deferred = outcome == ChainOutcome::Defer;
+        kept += usize::from(outcome == ChainOutcome::Keep);
+        outcome
+    });
+    let popped = handed + r.invalid - usize::from(deferred);
+    assert_eq!(q.next_avail(), start.wrapping_add(popped as u16), "{r:?}");
+    assert!(popped <= 2 * usize::from(size));
+    assert!(r.used <= popped - kept, "{r:?}");
+    if validated {
+        assert!(!matches!(r.error, Some(QueueError::RingAccess { what: "used.ring" | "used.idx", .. })), "{r:?}");
+    }
 }
 
 /// Virtqueue harness: `data[..FUZZ_MEM]` is guest memory; a 32-byte header
@@ -104,7 +141,11 @@ pub fn virtqueue(mem: &GuestMemoryMmap, data: &[u8]) {
     if !valid && hdr(2) & 2 == 0 {
         return; // a transport never activates an invalid queue
     }
+    let mut q2 = q.clone();
     drain(&mut q, mem, 64, valid);
+    // The same queue again through the device loop, from the same image.
+    mem.write_slice(&img, GuestAddress(0)).expect("memory image");
+    process(&mut q2, mem, hdr(7), valid);
 }
 
 /// A virtio device that consumes every chain of a notified queue.
@@ -146,7 +187,13 @@ impl VirtioDevice for EchoDevice {
     fn queue_notify(&mut self, index: u16) {
         let Some(ctx) = self.ctx.as_mut() else { panic!("notify before activation") };
         let Some(q) = ctx.queues.get_mut(usize::from(index)) else { panic!("notify out of range") };
-        if q.ready && drain(q, &ctx.mem, 16, true) > 0 {
+        if !q.ready {
+            return;
+        }
+        let size = q.size;
+        let r = q.process_chains(&ctx.mem, |chain| ChainOutcome::Used(check_chain(&chain, &ctx.mem, size)));
+        assert!(!matches!(r.error, Some(QueueError::RingAccess { what: "used.ring" | "used.idx", .. })), "{r:?}");
+        if r.notify {
             ctx.interrupt.signal_used_queue();
         }
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::virtio::queue::Queue;
+use crate::devices::virtio::queue::{ChainOutcome, Queue};
 use crate::devices::virtio::snapshot::VirtioDeviceState;
 use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice, INT_USED_RING};
 use crate::devices::{Device, DeviceState, IoAction};
@@ -163,28 +163,12 @@ impl VirtioDevice for TestDevice {
         if !q.ready {
             return;
         }
-        let mut any = false;
-        loop {
-            match q.pop(&ctx.mem) {
-                Ok(Some(chain)) => {
-                    log.requests.push(chain.read_all(&ctx.mem, 1 << 20).unwrap_or_default());
-                    let n = chain.write_all(&ctx.mem, b"ack").unwrap_or(0);
-                    let _ = q.add_used(&ctx.mem, chain.head_index, n as u32);
-                    any = true;
-                }
-                Ok(None) => break,
-                Err(crate::devices::virtio::queue::QueueError::InvalidChain { head_index, .. }) => {
-                    log.chain_errors += 1;
-                    let _ = q.add_used(&ctx.mem, head_index, 0);
-                    any = true;
-                }
-                Err(_) => {
-                    log.chain_errors += 1;
-                    break;
-                }
-            }
-        }
-        if any && q.needs_notification(&ctx.mem) {
+        let r = q.process_chains(&ctx.mem, |chain| {
+            log.requests.push(chain.read_all(&ctx.mem, 1 << 20).unwrap_or_default());
+            ChainOutcome::Used(chain.write_all(&ctx.mem, b"ack").unwrap_or(0) as u32)
+        });
+        log.chain_errors += r.invalid as u32 + u32::from(r.error.is_some());
+        if r.notify {
             ctx.interrupt.signal_used_queue();
             debug_assert!(ctx.interrupt.status() & INT_USED_RING != 0);
         }

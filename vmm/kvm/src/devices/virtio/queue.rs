@@ -202,6 +202,45 @@ impl DescriptorChain {
     }
 }
 
+/// What a device did with a chain [`Queue::process_chains`] handed to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainOutcome {
+    /// Done: return the chain through the used ring with this many bytes
+    /// written into its device-writable buffers (2.7.8), and go on.
+    Used(u32),
+    /// As [`ChainOutcome::Used`], then stop: the device has nothing more
+    /// to give or no room to take more (e.g. its output buffer is full).
+    UsedLast(u32),
+    /// The device cannot take this chain now (backpressure): it goes back
+    /// to the available ring untouched (the next pop returns it again) and
+    /// the loop stops.
+    Defer,
+    /// The device keeps the chain (e.g. partially consumed) and returns it
+    /// later itself with [`Queue::add_used`]; the loop stops.
+    Keep,
+}
+
+/// What one [`Queue::process_chains`] run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Processed {
+    /// Chains put in the used ring (handled ones and malformed ones).
+    pub used: usize,
+    /// Malformed chains ([`QueueError::InvalidChain`]): returned with
+    /// length 0, or left out of the used ring when their head index is
+    /// out of range (it cannot be named there).
+    pub invalid: usize,
+    /// The ring-level error that ended the run ([`QueueError::NotReady`],
+    /// [`QueueError::AvailIndexJump`], [`QueueError::RingAccess`]); chains
+    /// completed before it are in the used ring.
+    pub error: Option<QueueError>,
+    /// The device ended the run ([`ChainOutcome::UsedLast`],
+    /// [`ChainOutcome::Defer`] or [`ChainOutcome::Keep`]).
+    pub stopped: bool,
+    /// Chains were used and the driver wants a used-buffer notification
+    /// ([`Queue::needs_notification`]): the caller raises the interrupt.
+    pub notify: bool,
+}
+
 /// A split virtqueue: the driver-set configuration (size, ring addresses,
 /// ready) plus the device's ring positions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -359,6 +398,74 @@ impl Queue {
         let idx_addr = Self::ring_addr(self.used_ring, 2, "used.idx")?;
         mem.store(self.next_used.0.to_le(), idx_addr, Ordering::Release)
             .map_err(|_| QueueError::RingAccess { what: "used.idx", addr: idx_addr.0 })
+    }
+
+    /// The device side of a queue notification, for every device: pop
+    /// each available chain and hand it to `handle`, which returns what it
+    /// did ([`ChainOutcome`]); put handled chains in the used ring with the
+    /// length `handle` returns, and malformed chains (rejected by
+    /// [`Queue::pop`]) with length 0 without calling `handle`.
+    ///
+    /// Bounded: at most `2 * size` chains per call, so a driver refilling
+    /// the ring from another vCPU cannot keep the caller here forever (it
+    /// notifies again). Stops early when the ring is empty, when `handle`
+    /// says so, or at a ring-level error ([`Processed::error`]; nothing is
+    /// consumed by the failing step). The caller raises the used-buffer
+    /// interrupt when [`Processed::notify`] is set.
+    pub fn process_chains<F>(&mut self, mem: &GuestMemoryMmap, mut handle: F) -> Processed
+    where
+        F: FnMut(DescriptorChain) -> ChainOutcome,
+    {
+        let mut r = Processed::default();
+        if !self.ready || self.size == 0 {
+            r.error = Some(QueueError::NotReady);
+            return r;
+        }
+        for _ in 0..u32::from(self.size) * 2 {
+            let before = self.next_avail;
+            let (head, len, last) = match self.pop(mem) {
+                Ok(Some(chain)) => {
+                    let head = chain.head_index;
+                    match handle(chain) {
+                        ChainOutcome::Used(len) => (head, len, false),
+                        ChainOutcome::UsedLast(len) => (head, len, true),
+                        ChainOutcome::Defer => {
+                            self.next_avail = before;
+                            r.stopped = true;
+                            break;
+                        }
+                        ChainOutcome::Keep => {
+                            r.stopped = true;
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(QueueError::InvalidChain { head_index, .. }) => {
+                    r.invalid += 1;
+                    (head_index, 0, false)
+                }
+                Err(e) => {
+                    r.error = Some(e);
+                    break;
+                }
+            };
+            match self.add_used(mem, head, len) {
+                Ok(()) => r.used += 1,
+                // Only a malformed chain's head can be out of range.
+                Err(QueueError::UsedIdOutOfRange(_)) => {}
+                Err(e) => {
+                    r.error = Some(e);
+                    break;
+                }
+            }
+            if last {
+                r.stopped = true;
+                break;
+            }
+        }
+        r.notify = r.used > 0 && self.needs_notification(mem);
+        r
     }
 
     /// Whether the driver wants an interrupt for used buffers (2.7.7: the

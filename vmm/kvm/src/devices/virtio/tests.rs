@@ -150,6 +150,89 @@ fn indices_out_of_the_queue_size_are_rejected() {
 }
 
 #[test]
+fn process_chains_returns_good_chains_with_their_length_and_bad_ones_with_zero() {
+    let (m, mut d, mut q) = setup(8);
+    m.write_slice(b"ping", GuestAddress(BUF)).unwrap();
+    d.set_desc(&m, 0, BUF, 4, VIRTQ_DESC_F_NEXT, 1);
+    d.set_desc(&m, 1, BUF + 0x100, 16, VIRTQ_DESC_F_WRITE, 0);
+    d.set_desc(&m, 2, BUF + 0x200, 16, VIRTQ_DESC_F_NEXT, 9); // next out of range
+    d.set_desc(&m, 3, BUF + 0x300, 8, VIRTQ_DESC_F_WRITE, 0);
+    for head in [0, 2, 42, 3] {
+        d.offer(&m, head); // 42: head out of range, cannot be returned
+    }
+    let mut handed = Vec::new();
+    let r = q.process_chains(&m, |chain| {
+        let data = chain.read_all(&m, 64).unwrap();
+        let n = chain.write_all(&m, b"pong!").unwrap();
+        handed.push((chain.head_index, data));
+        ChainOutcome::Used(n as u32)
+    });
+    assert_eq!(handed, vec![(0, b"ping".to_vec()), (3, Vec::new())], "only valid chains reach the device");
+    assert_eq!(r, Processed { used: 3, invalid: 2, error: None, stopped: false, notify: true });
+    assert_eq!(d.used_idx(&m), 3);
+    assert_eq!([d.used_elem(&m, 0), d.used_elem(&m, 1), d.used_elem(&m, 2)], [(0, 5), (2, 0), (3, 5)]);
+    assert_eq!((q.next_avail(), q.next_used()), (4, 3));
+    // empty ring: nothing to do, no interrupt
+    let r = q.process_chains(&m, |_| panic!("no chain"));
+    assert_eq!(r, Processed::default());
+}
+
+#[test]
+fn process_chains_stops_defers_and_keeps_on_the_devices_word() {
+    let (m, mut d, mut q) = setup(4);
+    for i in 0..4 {
+        d.set_desc(&m, i, BUF + 0x100 * u64::from(i), 8, VIRTQ_DESC_F_WRITE, 0);
+        d.offer(&m, i);
+    }
+    // UsedLast: returned, then stop
+    let r = q.process_chains(&m, |_| ChainOutcome::UsedLast(1));
+    assert_eq!((r.used, r.stopped, q.next_avail()), (1, true, 1));
+    // Defer: back in the ring untouched, returned by the next run
+    let r = q.process_chains(&m, |c| {
+        assert_eq!(c.head_index, 1);
+        ChainOutcome::Defer
+    });
+    assert_eq!((r.used, r.stopped, r.notify, q.next_avail()), (0, true, false, 1));
+    // Keep: consumed, not in the used ring; the device returns it itself
+    let mut kept = None;
+    let r = q.process_chains(&m, |c| {
+        kept = Some(c);
+        ChainOutcome::Keep
+    });
+    assert_eq!((r.used, r.stopped, q.next_avail(), d.used_idx(&m)), (0, true, 2, 1));
+    assert_eq!(kept.as_ref().map(|c| c.head_index), Some(1));
+    // the rest, with the driver asking for no interrupts (2.7.7)
+    m.write_obj(VIRTQ_AVAIL_F_NO_INTERRUPT, GuestAddress(d.avail)).unwrap();
+    let r = q.process_chains(&m, |_| ChainOutcome::Used(2));
+    assert_eq!(r, Processed { used: 2, invalid: 0, error: None, stopped: false, notify: false });
+    q.add_used(&m, 1, 0).unwrap();
+    assert_eq!(d.used_idx(&m), 4);
+    assert_eq!([d.used_elem(&m, 1), d.used_elem(&m, 2), d.used_elem(&m, 3)], [(2, 2), (3, 2), (1, 0)]);
+}
+
+#[test]
+fn process_chains_reports_ring_errors_and_is_bounded() {
+    let (m, mut d, mut q) = setup(4);
+    m.write_obj(9u16, GuestAddress(q.avail_ring.0 + 2)).unwrap();
+    let r = q.process_chains(&m, |_| panic!("no chain"));
+    assert_eq!(r.error, Some(QueueError::AvailIndexJump { avail_idx: 9, next_avail: 0, ahead: 9, size: 4 }));
+    assert_eq!((r.used, q.next_avail()), (0, 0));
+    let mut not_ready = Queue::new(4);
+    assert_eq!(not_ready.process_chains(&m, |_| panic!("no chain")).error, Some(QueueError::NotReady));
+    // a driver that keeps refilling cannot hold the device longer than 2 * size chains
+    m.write_obj(0u16, GuestAddress(q.avail_ring.0 + 2)).unwrap();
+    d.set_desc(&m, 0, BUF, 8, 0, 0);
+    d.offer(&m, 0);
+    let mut calls = 0;
+    let r = q.process_chains(&m, |_| {
+        calls += 1;
+        d.offer(&m, 0);
+        ChainOutcome::Used(0)
+    });
+    assert_eq!((calls, r.used, r.stopped, r.error), (8, 8, false, None));
+}
+
+#[test]
 fn avail_index_running_ahead_of_the_ring_is_a_queue_error() {
     let (m, _d, mut q) = setup(4);
     m.write_obj(5u16, GuestAddress(q.avail_ring.0 + 2)).unwrap();

@@ -152,8 +152,7 @@ impl VirtioDevice for VirtioBlock {
         let Some(q) = ctx.queues.get_mut(usize::from(index)).filter(|q| q.ready) else { return };
         // A ring-level error leaves the queue alone; chains already
         // completed before it are in the used ring and get their interrupt.
-        let used = self.disk.process_queue(&ctx.mem, q).unwrap_or(1);
-        if used > 0 && q.needs_notification(&ctx.mem) {
+        if self.disk.process_queue(&ctx.mem, q).notify {
             ctx.interrupt.signal_used_queue();
         }
     }

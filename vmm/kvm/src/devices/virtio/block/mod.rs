@@ -50,7 +50,7 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::queue::{Descriptor, DescriptorChain, Queue, QueueError};
+use super::queue::{ChainOutcome, Descriptor, DescriptorChain, Processed, Queue};
 
 /// Sector size of `sector` in the request header (5.2.6: always 512 bytes).
 pub const SECTOR_SIZE: u64 = 512;
@@ -540,36 +540,18 @@ impl BlockDisk {
         r
     }
 
-    /// Consume every available chain of `queue`: execute it and return it
-    /// through the used ring; malformed chains (rejected by the virtqueue
-    /// layer) are returned with length 0. Returns the number of chains put
-    /// in the used ring. At most `2 * queue.size` chains per call, so a
-    /// driver refilling the ring from another vCPU cannot keep the caller
-    /// here forever (it notifies again).
-    ///
-    /// Errors: ring-level corruption ([`QueueError::AvailIndexJump`],
-    /// [`QueueError::RingAccess`], [`QueueError::NotReady`]); chains
-    /// completed before it are in the used ring.
-    pub fn process_queue(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<usize, QueueError> {
-        let mut used = 0;
-        for _ in 0..u32::from(queue.size) * 2 {
-            match queue.pop(mem) {
-                Ok(Some(chain)) => {
-                    let c = self.execute(mem, &chain);
-                    queue.add_used(mem, chain.head_index, c.used_len)?;
-                    used += 1;
-                }
-                Ok(None) => break,
-                Err(QueueError::InvalidChain { head_index, .. }) => {
-                    self.stats.dropped += 1;
-                    // An out-of-range head cannot be returned (UsedIdOutOfRange).
-                    if queue.add_used(mem, head_index, 0).is_ok() {
-                        used += 1;
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(used)
+    /// Consume every available chain of `queue` with
+    /// [`Queue::process_chains`]: execute it and return it through the used
+    /// ring; malformed chains (rejected by the virtqueue layer) are
+    /// returned with length 0 and counted in [`BlockStats::dropped`]. At
+    /// most `2 * queue.size` chains per call (the driver notifies again).
+    /// The caller raises the used-buffer interrupt when
+    /// [`Processed::notify`] is set; a ring-level error ends the run
+    /// ([`Processed::error`]), with the chains completed before it in the
+    /// used ring.
+    pub fn process_queue(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Processed {
+        let r = queue.process_chains(mem, |chain| ChainOutcome::Used(self.execute(mem, &chain).used_len));
+        self.stats.dropped += r.invalid as u64;
+        r
     }
 }

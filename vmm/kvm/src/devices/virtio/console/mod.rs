@@ -48,7 +48,7 @@ use vm_memory::GuestMemoryMmap;
 
 use self::snapshot::{ConsoleSnapshot, PortSnapshot};
 use super::block::read_stream;
-use super::queue::{parse_chain, DescriptorChain, Queue, QueueError};
+use super::queue::{parse_chain, ChainOutcome, DescriptorChain, Processed, Queue};
 use super::{ActivateContext, ActivateError, VirtioInterrupt};
 
 /// Console size in `cols`/`rows` (5.3.3; not offered).
@@ -262,6 +262,35 @@ impl Port {
     fn discards_output(&self) -> bool {
         !self.config.has_backend || self.output_closed
     }
+    /// Whether transmitted bytes can be taken now: they are discarded, or
+    /// the output buffer has room.
+    fn has_room(&self) -> bool {
+        self.discards_output() || self.outbound.len() < TX_BUFFER_LIMIT
+    }
+}
+
+/// Copy the readable bytes of `chain` from `offset` on into `p`'s output
+/// buffer (or discard them); `Some((chain, next offset))` when the buffer
+/// filled before the end of the chain.
+fn transmit(
+    p: &mut Port,
+    stats: &mut ConsoleStats,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain,
+    offset: u64,
+) -> Option<(DescriptorChain, u64)> {
+    let remaining = chain.readable_len().saturating_sub(offset);
+    if p.discards_output() {
+        stats.discarded_output += remaining;
+        return None;
+    }
+    let room = TX_BUFFER_LIMIT.saturating_sub(p.outbound.len()) as u64;
+    let n = remaining.min(room);
+    match read_stream(mem, &chain, offset, n as usize) {
+        Some(bytes) => p.outbound.extend(bytes),
+        None => stats.bad_chains += 1,
+    }
+    (n < remaining).then_some((chain, offset + n))
 }
 
 struct Active {
@@ -471,10 +500,14 @@ impl ConsoleCore {
         }
     }
 
-    /// Return chains to a queue and raise the interrupt when the driver
-    /// wants one (2.7.7).
-    fn finish(active: &Active, qi: usize, used: bool) {
-        if used && active.queues.get(qi).is_some_and(|q| q.needs_notification(&active.mem)) {
+    /// Account for one [`Queue::process_chains`] run on queue `qi` and
+    /// raise the used-buffer interrupt when the driver wants one (2.7.7).
+    fn finish(active: &Active, stats: &mut ConsoleStats, r: &Processed) {
+        stats.bad_chains += r.invalid as u64;
+        if r.error.is_some() {
+            stats.ring_errors += 1;
+        }
+        if r.notify {
             active.interrupt.signal_used_queue();
         }
     }
@@ -484,25 +517,11 @@ impl ConsoleCore {
         let Some(active) = self.active.as_mut() else { return };
         let Some(q) = active.queues.get_mut(CONTROL_TX_QUEUE).filter(|q| q.ready) else { return };
         let mut messages = Vec::new();
-        let mut used = false;
-        for _ in 0..u32::from(q.size) * 2 {
-            match q.pop(&active.mem) {
-                Ok(Some(chain)) => {
-                    messages.push(read_stream(&active.mem, &chain, 0, CONTROL_HEADER_LEN).unwrap_or_default());
-                    used |= q.add_used(&active.mem, chain.head_index, 0).is_ok();
-                }
-                Ok(None) => break,
-                Err(QueueError::InvalidChain { head_index, .. }) => {
-                    self.stats.bad_chains += 1;
-                    used |= q.add_used(&active.mem, head_index, 0).is_ok();
-                }
-                Err(_) => {
-                    self.stats.ring_errors += 1;
-                    break;
-                }
-            }
-        }
-        Self::finish(active, CONTROL_TX_QUEUE, used);
+        let r = q.process_chains(&active.mem, |chain| {
+            messages.push(read_stream(&active.mem, &chain, 0, CONTROL_HEADER_LEN).unwrap_or_default());
+            ChainOutcome::Used(0)
+        });
+        Self::finish(active, &mut self.stats, &r);
         for m in messages {
             self.handle_control(&m);
         }
@@ -572,78 +591,63 @@ impl ConsoleCore {
     fn deliver_control(&mut self) {
         let Some(active) = self.active.as_mut().filter(|a| a.multiport) else { return };
         let Some(q) = active.queues.get_mut(CONTROL_RX_QUEUE).filter(|q| q.ready) else { return };
-        let mut used = false;
-        for _ in 0..u32::from(q.size) * 2 {
-            let Some(msg) = self.control_out.front() else { break };
-            match q.pop(&active.mem) {
-                Ok(Some(chain)) => {
-                    let n = chain.write_all(&active.mem, msg).unwrap_or(0);
-                    used |= q.add_used(&active.mem, chain.head_index, n as u32).is_ok();
-                    self.control_out.pop_front();
-                }
-                Ok(None) => break,
-                Err(QueueError::InvalidChain { head_index, .. }) => {
-                    self.stats.bad_chains += 1;
-                    used |= q.add_used(&active.mem, head_index, 0).is_ok();
-                }
-                Err(_) => {
-                    self.stats.ring_errors += 1;
-                    break;
-                }
-            }
+        if self.control_out.is_empty() {
+            return;
         }
-        Self::finish(active, CONTROL_RX_QUEUE, used);
+        let out = &mut self.control_out;
+        let r = q.process_chains(&active.mem, |chain| {
+            let Some(msg) = out.pop_front() else { return ChainOutcome::Defer };
+            let n = chain.write_all(&active.mem, &msg).unwrap_or(0) as u32;
+            if out.is_empty() {
+                ChainOutcome::UsedLast(n)
+            } else {
+                ChainOutcome::Used(n)
+            }
+        });
+        Self::finish(active, &mut self.stats, &r);
     }
 
     /// Move guest -> host bytes from port `port`'s transmitq into its
-    /// output buffer until the buffer is full or the ring empty.
+    /// output buffer until the buffer is full or the ring empty; a chain
+    /// that does not fit is kept partially copied ([`Port::tx_partial`])
+    /// and finished first next time.
     fn process_tx(&mut self, port: usize) {
         let Some(active) = self.active.as_mut() else { return };
         let Some(p) = self.ports.get_mut(port) else { return };
-        let qi = tx_queue(port);
-        let Some(q) = active.queues.get_mut(qi).filter(|q| q.ready) else { return };
-        let mut used = false;
-        for _ in 0..u32::from(q.size) * 2 {
-            let discard = p.discards_output();
-            if !discard && p.outbound.len() >= TX_BUFFER_LIMIT {
-                break;
-            }
-            let (chain, offset) = match p.tx_partial.take() {
-                Some(partial) => partial,
-                None => match q.pop(&active.mem) {
-                    Ok(Some(chain)) => (chain, 0),
-                    Ok(None) => break,
-                    Err(QueueError::InvalidChain { head_index, .. }) => {
-                        self.stats.bad_chains += 1;
-                        used |= q.add_used(&active.mem, head_index, 0).is_ok();
-                        continue;
-                    }
-                    Err(_) => {
-                        self.stats.ring_errors += 1;
-                        break;
-                    }
-                },
-            };
-            let total = chain.readable_len();
-            let remaining = total.saturating_sub(offset);
-            if discard {
-                self.stats.discarded_output += remaining;
-                used |= q.add_used(&active.mem, chain.head_index, 0).is_ok();
-                continue;
-            }
-            let room = (TX_BUFFER_LIMIT - p.outbound.len()) as u64;
-            let n = remaining.min(room);
-            match read_stream(&active.mem, &chain, offset, n as usize) {
-                Some(bytes) => p.outbound.extend(bytes),
-                None => self.stats.bad_chains += 1,
-            }
-            if n < remaining {
-                p.tx_partial = Some((chain, offset + n));
-                break;
-            }
-            used |= q.add_used(&active.mem, chain.head_index, 0).is_ok();
+        let Some(q) = active.queues.get_mut(tx_queue(port)).filter(|q| q.ready) else { return };
+        let stats = &mut self.stats;
+        let mem = &active.mem;
+        if !p.has_room() {
+            return;
         }
-        Self::finish(active, qi, used);
+        let mut used_partial = false;
+        if let Some((chain, offset)) = p.tx_partial.take() {
+            let head = chain.head_index;
+            match transmit(p, stats, mem, chain, offset) {
+                Some(rest) => {
+                    p.tx_partial = Some(rest);
+                    return;
+                }
+                None => used_partial = q.add_used(mem, head, 0).is_ok(),
+            }
+        }
+        let r = if p.has_room() {
+            q.process_chains(mem, |chain| match transmit(p, stats, mem, chain, 0) {
+                Some(rest) => {
+                    p.tx_partial = Some(rest);
+                    ChainOutcome::Keep
+                }
+                None if p.has_room() => ChainOutcome::Used(0),
+                None => ChainOutcome::UsedLast(0),
+            })
+        } else {
+            Processed::default()
+        };
+        let notify_partial = used_partial && !r.notify && q.needs_notification(mem);
+        Self::finish(active, stats, &r);
+        if notify_partial {
+            active.interrupt.signal_used_queue();
+        }
     }
 
     /// Move staged host -> guest bytes into port `port`'s posted receive
@@ -653,32 +657,18 @@ impl ConsoleCore {
     fn deliver_rx(&mut self, port: usize) {
         let Some(active) = self.active.as_mut() else { return };
         let Some(p) = self.ports.get_mut(port) else { return };
-        let qi = rx_queue(port);
-        if p.guest_open {
-            if let Some(q) = active.queues.get_mut(qi).filter(|q| q.ready) {
-                let mut used = false;
-                for _ in 0..u32::from(q.size) * 2 {
+        if p.guest_open && !p.staged.is_empty() {
+            if let Some(q) = active.queues.get_mut(rx_queue(port)).filter(|q| q.ready) {
+                let r = q.process_chains(&active.mem, |chain| {
+                    let n = chain.write_all(&active.mem, p.staged.make_contiguous()).unwrap_or(0);
+                    p.staged.drain(..n);
                     if p.staged.is_empty() {
-                        break;
+                        ChainOutcome::UsedLast(n as u32)
+                    } else {
+                        ChainOutcome::Used(n as u32)
                     }
-                    match q.pop(&active.mem) {
-                        Ok(Some(chain)) => {
-                            let n = chain.write_all(&active.mem, p.staged.make_contiguous()).unwrap_or(0);
-                            p.staged.drain(..n);
-                            used |= q.add_used(&active.mem, chain.head_index, n as u32).is_ok();
-                        }
-                        Ok(None) => break,
-                        Err(QueueError::InvalidChain { head_index, .. }) => {
-                            self.stats.bad_chains += 1;
-                            used |= q.add_used(&active.mem, head_index, 0).is_ok();
-                        }
-                        Err(_) => {
-                            self.stats.ring_errors += 1;
-                            break;
-                        }
-                    }
-                }
-                Self::finish(active, qi, used);
+                });
+                Self::finish(active, &mut self.stats, &r);
             }
         }
         let p = &mut self.ports[port];
