@@ -39,47 +39,54 @@ use super::snapshot::{MmioTransportSnapshot, QueueSnapshot};
 use super::{features, status, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::devices::{Device, DeviceState, IoAction};
 
-/// MagicValue: "virt" little-endian.
+/// MagicValue: "virt" little-endian (4.2.2; ours: `virtio-bindings` only
+/// has the register offset).
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
-/// Transport version (non-legacy).
+/// Transport version (non-legacy, 4.2.2; ours, as above).
 pub const MMIO_VERSION: u32 = 2;
 /// Our VendorID ("CPVZ").
 pub const VENDOR_ID: u32 = 0x5a56_5043;
 /// Offset of the device-specific configuration space.
-pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+pub const CONFIG_SPACE_OFFSET: u64 = reg::CONFIG;
 
-/// Register offsets (table 4.1).
+/// Register offsets (table 4.1), from `virtio-bindings`
+/// (`virtio_mmio::VIRTIO_MMIO_*`; Linux names QueueDriver / QueueDevice
+/// `QUEUE_AVAIL` / `QUEUE_USED`), except [`reg::QUEUE_RESET`].
 #[allow(missing_docs)]
 pub mod reg {
-    pub const MAGIC_VALUE: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const SHM_SEL: u64 = 0x0ac;
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
-    pub const SHM_LEN_HIGH: u64 = 0x0b4;
-    pub const SHM_BASE_LOW: u64 = 0x0b8;
-    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    use virtio_bindings::virtio_mmio as m;
+    pub const MAGIC_VALUE: u64 = m::VIRTIO_MMIO_MAGIC_VALUE as u64;
+    pub const VERSION: u64 = m::VIRTIO_MMIO_VERSION as u64;
+    pub const DEVICE_ID: u64 = m::VIRTIO_MMIO_DEVICE_ID as u64;
+    pub const VENDOR_ID: u64 = m::VIRTIO_MMIO_VENDOR_ID as u64;
+    pub const DEVICE_FEATURES: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+    pub const DEVICE_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+    pub const DRIVER_FEATURES: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+    pub const DRIVER_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+    pub const QUEUE_SEL: u64 = m::VIRTIO_MMIO_QUEUE_SEL as u64;
+    pub const QUEUE_NUM_MAX: u64 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+    pub const QUEUE_NUM: u64 = m::VIRTIO_MMIO_QUEUE_NUM as u64;
+    pub const QUEUE_READY: u64 = m::VIRTIO_MMIO_QUEUE_READY as u64;
+    pub const QUEUE_NOTIFY: u64 = m::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+    pub const INTERRUPT_STATUS: u64 = m::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+    pub const INTERRUPT_ACK: u64 = m::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+    pub const STATUS: u64 = m::VIRTIO_MMIO_STATUS as u64;
+    pub const QUEUE_DESC_LOW: u64 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+    pub const QUEUE_DESC_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+    pub const QUEUE_DRIVER_LOW: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+    pub const QUEUE_DRIVER_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+    pub const QUEUE_DEVICE_LOW: u64 = m::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+    pub const QUEUE_DEVICE_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+    pub const SHM_SEL: u64 = m::VIRTIO_MMIO_SHM_SEL as u64;
+    pub const SHM_LEN_LOW: u64 = m::VIRTIO_MMIO_SHM_LEN_LOW as u64;
+    pub const SHM_LEN_HIGH: u64 = m::VIRTIO_MMIO_SHM_LEN_HIGH as u64;
+    pub const SHM_BASE_LOW: u64 = m::VIRTIO_MMIO_SHM_BASE_LOW as u64;
+    pub const SHM_BASE_HIGH: u64 = m::VIRTIO_MMIO_SHM_BASE_HIGH as u64;
+    /// QueueReset (4.2.2, table 4.1). Ours: `virtio-bindings` 0.2 has no
+    /// `VIRTIO_MMIO_QUEUE_RESET`.
     pub const QUEUE_RESET: u64 = 0x0c0;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG_GENERATION: u64 = m::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+    pub const CONFIG: u64 = m::VIRTIO_MMIO_CONFIG as u64;
 }
 
 /// One virtio-mmio window: register file state plus the device behind it.

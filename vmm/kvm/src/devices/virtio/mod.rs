@@ -18,50 +18,56 @@ use self::queue::Queue;
 use self::snapshot::VirtioDeviceState;
 use super::IrqLine;
 
-/// Device status bits (VIRTIO 1.2 section 2.1).
+/// Device status bits (VIRTIO 1.2 section 2.1), from `virtio-bindings`
+/// (`virtio_config::VIRTIO_CONFIG_S_*`).
 pub mod status {
+    use virtio_bindings::virtio_config as c;
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
+    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     /// The guest knows how to drive it.
-    pub const DRIVER: u32 = 2;
+    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
     /// The driver is ready.
-    pub const DRIVER_OK: u32 = 4;
+    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
     /// Feature negotiation done.
-    pub const FEATURES_OK: u32 = 8;
+    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
     /// The device hit an error it cannot recover from without reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const DEVICE_NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
     /// The driver gave up on the device.
-    pub const FAILED: u32 = 128;
+    pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
-/// Reserved feature bits (VIRTIO 1.2 section 6).
+/// Reserved feature bits (VIRTIO 1.2 section 6) as masks; the bit numbers
+/// come from `virtio-bindings`.
 pub mod features {
+    use virtio_bindings::{virtio_config, virtio_ring};
     /// Indirect descriptors (2.7.5.3).
-    pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
+    pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
     /// used_event / avail_event suppression (2.7.10).
-    pub const VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
+    pub const VIRTIO_F_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     /// Compliance with VIRTIO 1.x; mandatory on the v2 MMIO transport.
-    pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+    pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 }
 
-/// Device ids (VIRTIO 1.2 section 5).
+/// Device ids (VIRTIO 1.2 section 5), from `virtio-bindings`
+/// (`virtio_ids::VIRTIO_ID_*`).
 pub mod device_type {
+    use virtio_bindings::virtio_ids as ids;
     /// Network card.
-    pub const NET: u32 = 1;
+    pub const NET: u32 = ids::VIRTIO_ID_NET;
     /// Block device.
-    pub const BLOCK: u32 = 2;
+    pub const BLOCK: u32 = ids::VIRTIO_ID_BLOCK;
     /// Console.
-    pub const CONSOLE: u32 = 3;
+    pub const CONSOLE: u32 = ids::VIRTIO_ID_CONSOLE;
     /// Entropy source.
-    pub const RNG: u32 = 4;
+    pub const RNG: u32 = ids::VIRTIO_ID_RNG;
     /// Socket device.
-    pub const VSOCK: u32 = 19;
+    pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
 }
 
-/// InterruptStatus bit: a used buffer notification.
-pub const INT_USED_RING: u32 = 1;
-/// InterruptStatus bit: a configuration change notification.
-pub const INT_CONFIG: u32 = 2;
+/// InterruptStatus bit: a used buffer notification (4.2.2).
+pub const INT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// InterruptStatus bit: a configuration change notification (4.2.2).
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// The transport's interrupt state (InterruptStatus, 4.2.2) and the line it
 /// raises. Shared between the transport and the activated device.

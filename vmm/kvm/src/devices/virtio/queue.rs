@@ -18,20 +18,23 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use virtio_bindings::virtio_ring;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Descriptor flag: the chain continues at `next` (2.7.5).
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
 /// Descriptor flag: buffer is device-writable (2.7.5).
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
 /// Descriptor flag: buffer holds an indirect descriptor table (2.7.5.3).
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 /// Available ring flag: the driver does not want used-buffer interrupts (2.7.7).
-pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
-/// Largest split queue size (2.7: "The maximum Queue Size value is 32768").
+pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
+/// Largest split queue size (2.7: "The maximum Queue Size value is
+/// 32768"). Ours: `virtio-bindings` has no constant for it.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
-const DESC_SIZE: u64 = 16;
+/// Size of one descriptor (2.7.5: `struct virtq_desc`, 16 bytes).
+const DESC_SIZE: u64 = std::mem::size_of::<virtio_ring::vring_desc>() as u64;
 
 /// Why a descriptor chain was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -312,9 +315,9 @@ impl Queue {
             return Err(QueueError::InvalidConfig("size not a power of two within QueueNumMax"));
         }
         let parts = [
-            (self.desc_table, 16, DESC_SIZE * size, "descriptor table"),
-            (self.avail_ring, 2, 6 + 2 * size, "available ring"),
-            (self.used_ring, 4, 6 + 8 * size, "used ring"),
+            (self.desc_table, u64::from(virtio_ring::VRING_DESC_ALIGN_SIZE), DESC_SIZE * size, "descriptor table"),
+            (self.avail_ring, u64::from(virtio_ring::VRING_AVAIL_ALIGN_SIZE), 6 + 2 * size, "available ring"),
+            (self.used_ring, u64::from(virtio_ring::VRING_USED_ALIGN_SIZE), 6 + 8 * size, "used ring"),
         ];
         for (addr, align, len, what) in parts {
             if addr.0 % align != 0 {

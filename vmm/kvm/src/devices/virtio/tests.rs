@@ -749,3 +749,87 @@ fn snapshot_round_trip_keeps_live_queue_positions() {
     assert_eq!(log2.lock().unwrap().requests.len(), 1);
     assert_eq!(d.used_idx(&m), 3);
 }
+
+// ------------------------------------------------------------ constants
+
+/// The values taken from `virtio-bindings` are the spec's (a bump of the
+/// bindings crate cannot silently change what the guest sees).
+#[test]
+fn constants_from_virtio_bindings_have_the_spec_values() {
+    use super::block::io::{config_offset, CONFIG_LEN};
+    use super::block::{feature, request_type, status_code, ID_BYTES, REQUEST_HEADER_LEN};
+    // 2.1, 6, 5, 4.2.2
+    assert_eq!([status::ACKNOWLEDGE, status::DRIVER, status::DRIVER_OK, status::FEATURES_OK], [1, 2, 4, 8]);
+    assert_eq!([status::DEVICE_NEEDS_RESET, status::FAILED], [64, 128]);
+    assert_eq!([features::VIRTIO_F_INDIRECT_DESC, features::VIRTIO_F_EVENT_IDX], [1 << 28, 1 << 29]);
+    assert_eq!(features::VIRTIO_F_VERSION_1, 1 << 32);
+    assert_eq!([device_type::NET, device_type::BLOCK, device_type::CONSOLE, device_type::RNG], [1, 2, 3, 4]);
+    assert_eq!(device_type::VSOCK, 19);
+    assert_eq!([INT_USED_RING, INT_CONFIG], [1, 2]);
+    // 2.7.5, 2.7.7
+    assert_eq!(
+        [VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT, VIRTQ_AVAIL_F_NO_INTERRUPT],
+        [1, 2, 4, 1]
+    );
+    // 4.2.2 table 4.1
+    let regs = [
+        (reg::MAGIC_VALUE, 0x000),
+        (reg::VERSION, 0x004),
+        (reg::DEVICE_ID, 0x008),
+        (reg::VENDOR_ID, 0x00c),
+        (reg::DEVICE_FEATURES, 0x010),
+        (reg::DEVICE_FEATURES_SEL, 0x014),
+        (reg::DRIVER_FEATURES, 0x020),
+        (reg::DRIVER_FEATURES_SEL, 0x024),
+        (reg::QUEUE_SEL, 0x030),
+        (reg::QUEUE_NUM_MAX, 0x034),
+        (reg::QUEUE_NUM, 0x038),
+        (reg::QUEUE_READY, 0x044),
+        (reg::QUEUE_NOTIFY, 0x050),
+        (reg::INTERRUPT_STATUS, 0x060),
+        (reg::INTERRUPT_ACK, 0x064),
+        (reg::STATUS, 0x070),
+        (reg::QUEUE_DESC_LOW, 0x080),
+        (reg::QUEUE_DESC_HIGH, 0x084),
+        (reg::QUEUE_DRIVER_LOW, 0x090),
+        (reg::QUEUE_DRIVER_HIGH, 0x094),
+        (reg::QUEUE_DEVICE_LOW, 0x0a0),
+        (reg::QUEUE_DEVICE_HIGH, 0x0a4),
+        (reg::SHM_SEL, 0x0ac),
+        (reg::SHM_LEN_LOW, 0x0b0),
+        (reg::SHM_LEN_HIGH, 0x0b4),
+        (reg::SHM_BASE_LOW, 0x0b8),
+        (reg::SHM_BASE_HIGH, 0x0bc),
+        (reg::QUEUE_RESET, 0x0c0),
+        (reg::CONFIG_GENERATION, 0x0fc),
+        (reg::CONFIG, 0x100),
+    ];
+    for (got, want) in regs {
+        assert_eq!(got, want);
+    }
+    // 5.2.3, 5.2.4, 5.2.6
+    assert_eq!(
+        [
+            feature::VIRTIO_BLK_F_SEG_MAX,
+            feature::VIRTIO_BLK_F_RO,
+            feature::VIRTIO_BLK_F_BLK_SIZE,
+            feature::VIRTIO_BLK_F_FLUSH
+        ],
+        [1 << 2, 1 << 5, 1 << 6, 1 << 9]
+    );
+    assert_eq!(
+        [request_type::VIRTIO_BLK_T_IN, request_type::VIRTIO_BLK_T_OUT, request_type::VIRTIO_BLK_T_FLUSH],
+        [0, 1, 4]
+    );
+    assert_eq!(request_type::VIRTIO_BLK_T_GET_ID, 8);
+    assert_eq!(
+        [status_code::VIRTIO_BLK_S_OK, status_code::VIRTIO_BLK_S_IOERR, status_code::VIRTIO_BLK_S_UNSUPP],
+        [0, 1, 2]
+    );
+    assert_eq!((REQUEST_HEADER_LEN, ID_BYTES), (16, 20));
+    assert_eq!(
+        [config_offset::CAPACITY, config_offset::SIZE_MAX, config_offset::SEG_MAX, config_offset::BLK_SIZE],
+        [0, 8, 12, 20]
+    );
+    assert_eq!((config_offset::NUM_QUEUES, CONFIG_LEN), (34, 36));
+}

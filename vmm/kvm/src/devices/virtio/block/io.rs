@@ -19,20 +19,24 @@ use crate::devices::virtio::{device_type, features, ActivateContext, ActivateErr
 
 /// Size of the configuration space we expose (`struct virtio_blk_config`
 /// up to and including `num_queues`, 5.2.4); reads past it return 0.
-pub const CONFIG_LEN: usize = 36;
+pub const CONFIG_LEN: usize = config_offset::NUM_QUEUES + 2;
 
-/// Configuration field offsets (5.2.4).
+/// Configuration field offsets (5.2.4), from `struct virtio_blk_config` of
+/// `virtio-bindings`.
 pub mod config_offset {
+    use std::mem::offset_of;
+
+    use virtio_bindings::virtio_blk::virtio_blk_config as C;
     /// `le64 capacity` (512-byte sectors).
-    pub const CAPACITY: usize = 0;
+    pub const CAPACITY: usize = offset_of!(C, capacity);
     /// `le32 size_max` (not offered: 0).
-    pub const SIZE_MAX: usize = 8;
+    pub const SIZE_MAX: usize = offset_of!(C, size_max);
     /// `le32 seg_max`.
-    pub const SEG_MAX: usize = 12;
+    pub const SEG_MAX: usize = offset_of!(C, seg_max);
     /// `le32 blk_size`.
-    pub const BLK_SIZE: usize = 20;
+    pub const BLK_SIZE: usize = offset_of!(C, blk_size);
     /// `le16 num_queues` (VIRTIO_BLK_F_MQ not offered: 0).
-    pub const NUM_QUEUES: usize = 34;
+    pub const NUM_QUEUES: usize = offset_of!(C, num_queues);
 }
 
 /// A virtio-blk device (device id 2) with one request queue.

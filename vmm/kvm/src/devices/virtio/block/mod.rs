@@ -52,12 +52,14 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::queue::{ChainOutcome, Descriptor, DescriptorChain, Processed, Queue};
 
-/// Sector size of `sector` in the request header (5.2.6: always 512 bytes).
+/// Sector size of `sector` in the request header (5.2.6: always 512
+/// bytes). Ours: `virtio-bindings` has no constant for it.
 pub const SECTOR_SIZE: u64 = 512;
-/// Length of the request header `type, reserved, sector` (5.2.6).
-pub const REQUEST_HEADER_LEN: u64 = 16;
+/// Length of the request header `type, reserved, sector` (5.2.6:
+/// `struct virtio_blk_outhdr`).
+pub const REQUEST_HEADER_LEN: u64 = std::mem::size_of::<virtio_bindings::virtio_blk::virtio_blk_outhdr>() as u64;
 /// Length of the GET_ID string (5.2.6: `VIRTIO_BLK_ID_BYTES`).
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 /// QueueNumMax of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// `seg_max` advertised in the configuration (5.2.4): data segments per
@@ -67,54 +69,58 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Bounce buffer between guest memory and the image.
 pub const BOUNCE_LEN: usize = 64 << 10;
 
-/// Feature bits (VIRTIO 1.2 section 5.2.3).
+/// Feature bits (VIRTIO 1.2 section 5.2.3) as masks; the bit numbers come
+/// from `virtio-bindings` (`virtio_blk::VIRTIO_BLK_F_*`).
 pub mod feature {
+    use virtio_bindings::virtio_blk as b;
     /// Maximum size of any single segment is in `size_max`.
-    pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+    pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << b::VIRTIO_BLK_F_SIZE_MAX;
     /// Maximum number of segments in a request is in `seg_max`.
-    pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+    pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << b::VIRTIO_BLK_F_SEG_MAX;
     /// Disk-style geometry in `geometry`.
-    pub const VIRTIO_BLK_F_GEOMETRY: u64 = 1 << 4;
+    pub const VIRTIO_BLK_F_GEOMETRY: u64 = 1 << b::VIRTIO_BLK_F_GEOMETRY;
     /// The device is read-only.
-    pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+    pub const VIRTIO_BLK_F_RO: u64 = 1 << b::VIRTIO_BLK_F_RO;
     /// Block size of the disk is in `blk_size`.
-    pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+    pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << b::VIRTIO_BLK_F_BLK_SIZE;
     /// Cache flush command support.
-    pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+    pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << b::VIRTIO_BLK_F_FLUSH;
     /// Topology information in `topology`.
-    pub const VIRTIO_BLK_F_TOPOLOGY: u64 = 1 << 10;
+    pub const VIRTIO_BLK_F_TOPOLOGY: u64 = 1 << b::VIRTIO_BLK_F_TOPOLOGY;
     /// Writeback / writethrough cache mode in `writeback`.
-    pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
+    pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << b::VIRTIO_BLK_F_CONFIG_WCE;
     /// Discard command support.
-    pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+    pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << b::VIRTIO_BLK_F_DISCARD;
     /// Write zeroes command support.
-    pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+    pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << b::VIRTIO_BLK_F_WRITE_ZEROES;
 }
 
-/// Request types (VIRTIO 1.2 section 5.2.6).
+/// Request types (VIRTIO 1.2 section 5.2.6), from `virtio-bindings`.
 pub mod request_type {
+    use virtio_bindings::virtio_blk as b;
     /// Read.
-    pub const VIRTIO_BLK_T_IN: u32 = 0;
+    pub const VIRTIO_BLK_T_IN: u32 = b::VIRTIO_BLK_T_IN;
     /// Write.
-    pub const VIRTIO_BLK_T_OUT: u32 = 1;
+    pub const VIRTIO_BLK_T_OUT: u32 = b::VIRTIO_BLK_T_OUT;
     /// Flush the write cache.
-    pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+    pub const VIRTIO_BLK_T_FLUSH: u32 = b::VIRTIO_BLK_T_FLUSH;
     /// Device id string.
-    pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+    pub const VIRTIO_BLK_T_GET_ID: u32 = b::VIRTIO_BLK_T_GET_ID;
     /// Discard (not offered).
-    pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+    pub const VIRTIO_BLK_T_DISCARD: u32 = b::VIRTIO_BLK_T_DISCARD;
     /// Write zeroes (not offered).
-    pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+    pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = b::VIRTIO_BLK_T_WRITE_ZEROES;
 }
 
-/// Status byte values (VIRTIO 1.2 section 5.2.6).
+/// Status byte values (VIRTIO 1.2 section 5.2.6), from `virtio-bindings`.
 pub mod status_code {
+    use virtio_bindings::virtio_blk as b;
     /// Success.
-    pub const VIRTIO_BLK_S_OK: u8 = 0;
+    pub const VIRTIO_BLK_S_OK: u8 = b::VIRTIO_BLK_S_OK as u8;
     /// Device or driver error.
-    pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+    pub const VIRTIO_BLK_S_IOERR: u8 = b::VIRTIO_BLK_S_IOERR as u8;
     /// Request unsupported by the device.
-    pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+    pub const VIRTIO_BLK_S_UNSUPP: u8 = b::VIRTIO_BLK_S_UNSUPP as u8;
 }
 
 use request_type::*;

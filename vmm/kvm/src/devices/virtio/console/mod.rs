@@ -51,6 +51,9 @@ use super::block::read_stream;
 use super::queue::{parse_chain, ChainOutcome, DescriptorChain, Processed, Queue};
 use super::{ActivateContext, ActivateError, VirtioInterrupt};
 
+// Feature bits (5.3.3) and control events (5.3.6.2) are ours:
+// `virtio-bindings` 0.2 has no virtio_console module.
+
 /// Console size in `cols`/`rows` (5.3.3; not offered).
 pub const VIRTIO_CONSOLE_F_SIZE: u64 = 1 << 0;
 /// Multiple ports and control virtqueues (5.3.3).
@@ -58,7 +61,8 @@ pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
 /// Emergency write through `emerg_wr` (5.3.3; not offered).
 pub const VIRTIO_CONSOLE_F_EMERG_WRITE: u64 = 1 << 2;
 
-/// Control message events (VIRTIO 1.2 section 5.3.6.2).
+/// Control message events (VIRTIO 1.2 section 5.3.6.2; ours, not in
+/// `virtio-bindings`).
 pub mod event {
     /// Driver: device initialised (value 1) or failed (0).
     pub const VIRTIO_CONSOLE_DEVICE_READY: u16 = 0;
