@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::boot::x86_64::layout;
+use crate::devices::boot_timer;
 use crate::devices::serial::CaptureWriter;
 use crate::devices::virtio::mmio::reg;
+use crate::devices::virtio::mmio::window_address;
 use crate::devices::virtio::{device_type, features, status};
 use crate::testutil::{skip, Asm, Recorder, TestDevice};
 
