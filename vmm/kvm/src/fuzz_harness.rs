@@ -21,7 +21,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::devices::virtio::mmio::{reg, MmioTransport, MMIO_MAGIC_VALUE};
 use crate::devices::virtio::queue::{ChainOutcome, DescriptorChain, Queue, QueueError, MAX_QUEUE_SIZE};
 use crate::devices::virtio::snapshot::VirtioDeviceState;
-use crate::devices::virtio::{features, status, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::devices::virtio::{
+    device_type, features, status, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
+};
 use crate::devices::{Device, IrqLine};
 
 /// Guest memory size used by the harnesses (64 KiB).
@@ -157,7 +159,7 @@ struct EchoDevice {
 
 impl VirtioDevice for EchoDevice {
     fn device_type(&self) -> u32 {
-        3
+        device_type::CONSOLE
     }
     fn device_features(&self) -> u64 {
         features::VIRTIO_F_VERSION_1 | features::VIRTIO_F_INDIRECT_DESC
@@ -354,7 +356,7 @@ mod tests {
         w(reg::DRIVER_FEATURES_SEL, 1);
         w(reg::DRIVER_FEATURES, 1);
         w(reg::DRIVER_FEATURES_SEL, 0);
-        w(reg::DRIVER_FEATURES, (rng.next() as u32) & (1 << 28));
+        w(reg::DRIVER_FEATURES, (rng.next() as u32) & features::VIRTIO_F_INDIRECT_DESC as u32);
         w(reg::STATUS, 11);
         w(reg::QUEUE_NUM, 8);
         w(reg::QUEUE_DESC_LOW, 0x1000);

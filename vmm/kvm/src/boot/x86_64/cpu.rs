@@ -194,11 +194,11 @@ pub fn topology_leaves(function: u32, p: &CpuidParams) -> [CpuidEntry; 3] {
 /// only clears bits the host offered, except for the hypervisor bit, HTT,
 /// the TSC-deadline bit (when `p.tsc_deadline`) and the topology fields.
 ///
-/// * leaf 1: hypervisor bit set; APIC id in EBX[31:24]; logical processor
-///   count in EBX[23:16] and HTT when more than one vCPU; VMX and PDCM
+/// * leaf 1: hypervisor bit set; APIC id in EBX\[31:24\]; logical processor
+///   count in EBX\[23:16\] and HTT when more than one vCPU; VMX and PDCM
 ///   cleared; TSC-deadline per `p`;
-/// * leaf 4: cores per package (EAX[31:26]) and threads sharing each cache
-///   (EAX[25:14]: 1 for L1/L2, all vCPUs for L3);
+/// * leaf 4: cores per package (EAX\[31:26\]) and threads sharing each cache
+///   (EAX\[25:14\]: 1 for L1/L2, all vCPUs for L3);
 /// * leaf 6: Turbo Boost and EPB cleared;
 /// * leaf 0xA: zeroed (no architectural PMU);
 /// * leaves 0xB and 0x1F: rewritten by [`topology_leaves`] (0x1F only if
