@@ -5,6 +5,8 @@
 
 pub mod mmio;
 pub mod queue;
+#[cfg(test)]
+mod queue_tests;
 pub mod snapshot;
 #[cfg(test)]
 mod tests;
