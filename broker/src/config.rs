@@ -1,21 +1,14 @@
-//! The broker's configuration, handed over by the supervisor in the
-//! environment variable [`CONFIG_ENV`] as JSON (docs/processes.md).
+//! The broker's configuration, handed over by the supervisor as the schema
+//! message `BrokerConfig` (internal.capnp) in a memfd at the broker's
+//! `--config-fd` (docs/processes.md).
 
 use capvisor_manifest::{BuiltImage, Manifest};
-use serde::{Deserialize, Serialize};
+use capvisor_rpc::schema::internal_capnp::broker_config;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// Environment variable holding the JSON [`BrokerConfig`].
-pub const CONFIG_ENV: &str = "CAPVISOR_BROKER_CONFIG";
-
-/// Environment variable holding a worker's JSON
-/// [`capvisor_manifest::SessionContext`] (set by the broker at spawn).
-pub const SESSION_CONTEXT_ENV: &str = "CAPVISOR_SESSION_CONTEXT";
-
 /// Everything the broker needs, resolved by the supervisor. Holds no secret.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BrokerConfig {
     /// The validated manifest (auth methods, session TTL, profiles, bundles).
     pub manifest: Manifest,
@@ -33,31 +26,57 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// Reads and parses [`CONFIG_ENV`].
+    /// Encodes as the schema `BrokerConfig` (the manifest as its TOML text).
     ///
-    /// Errors: the variable is unset or not valid JSON for this struct, or
-    /// the manifest inside fails [`Manifest::validate`].
-    pub fn from_env() -> anyhow::Result<Self> {
-        let text = std::env::var(CONFIG_ENV).map_err(|_| anyhow::anyhow!("{CONFIG_ENV} is not set"))?;
-        Self::from_json(&text)
+    /// Errors: the manifest cannot be rendered as TOML, or a path is not UTF-8.
+    pub fn to_message(&self) -> anyhow::Result<capnp::message::Builder<capnp::message::HeapAllocator>> {
+        let path = |p: &std::path::Path| {
+            p.to_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("path {} is not UTF-8", p.display()))
+        };
+        let mut m = capnp::message::Builder::new_default();
+        {
+            let mut b = m.init_root::<broker_config::Builder>();
+            b.set_manifest_toml(toml::to_string(&self.manifest)?.as_str());
+            capvisor_manifest::write_images(&self.images, b.reborrow().init_images(self.images.len() as u32))?;
+            b.set_state_dir(path(&self.state_dir)?.as_str());
+            let mut uids = b.reborrow().init_owner_uids(self.owner_uids.len() as u32);
+            for (i, u) in self.owner_uids.iter().enumerate() {
+                uids.set(i as u32, *u);
+            }
+            b.set_worker_bin(path(&self.worker_bin)?.as_str());
+        }
+        Ok(m)
     }
 
-    /// Parses the JSON form (see [`BrokerConfig::from_env`] for errors).
-    pub fn from_json(text: &str) -> anyhow::Result<Self> {
-        let cfg: BrokerConfig =
-            serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{CONFIG_ENV}: invalid JSON: {e}"))?;
-        cfg.manifest.validate().map_err(|e| anyhow::anyhow!("{CONFIG_ENV}: manifest: {e}"))?;
-        Ok(cfg)
+    /// Decodes a schema `BrokerConfig` and validates its manifest.
+    ///
+    /// Errors: a missing or malformed field, or a manifest that does not
+    /// parse or validate.
+    pub fn read_from(r: broker_config::Reader<'_>) -> anyhow::Result<Self> {
+        let text = |t| capvisor_rpc::error::text(t).map_err(|e| anyhow::anyhow!("BrokerConfig: {e}"));
+        let manifest = Manifest::parse(&text(r.get_manifest_toml())?)
+            .map_err(|e| anyhow::anyhow!("BrokerConfig: manifest: {e:#}"))?;
+        Ok(Self {
+            manifest,
+            images: capvisor_manifest::read_images(r.get_images()?)?,
+            state_dir: text(r.get_state_dir())?.into(),
+            owner_uids: r.get_owner_uids()?.iter().collect(),
+            worker_bin: text(r.get_worker_bin())?.into(),
+        })
     }
 
-    /// The JSON form for [`CONFIG_ENV`].
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("BrokerConfig serialises")
+    /// Reads the config message from the inherited memfd `fd`.
+    ///
+    /// Errors: as [`capvisor_rpc::spawn::read_config`] and [`BrokerConfig::read_from`].
+    pub fn from_fd(fd: std::os::fd::RawFd) -> anyhow::Result<Self> {
+        let msg = capvisor_rpc::spawn::read_config(fd)?;
+        Self::read_from(msg.get_root()?)
     }
 
-    /// Whether the manifest enables auth method `method` (`"local"`, `"password"`).
-    pub fn auth_enabled(&self, method: &str) -> bool {
-        self.manifest.gateway.auth.iter().any(|m| m == method)
+    /// Whether the manifest enables auth method `method`.
+    pub fn auth_enabled(&self, method: capvisor_rpc::schema::capvisor_capnp::AuthMethod) -> bool {
+        let name = capvisor_rpc::principal::method_name(method);
+        self.manifest.gateway.auth.iter().any(|m| m == name)
     }
 
     /// Path of the credential store.
@@ -76,7 +95,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_round_trip() {
+    fn schema_round_trip() {
         let cfg = BrokerConfig {
             manifest: Manifest::default_manifest(),
             images: BTreeMap::new(),
@@ -84,9 +103,13 @@ mod tests {
             owner_uids: vec![1000],
             worker_bin: "/bin/false".into(),
         };
-        let back = BrokerConfig::from_json(&cfg.to_json()).unwrap();
+        let msg = cfg.to_message().unwrap();
+        let back = BrokerConfig::read_from(msg.get_root_as_reader().unwrap()).unwrap();
         assert_eq!(back, cfg);
-        assert!(back.auth_enabled("password"));
-        assert!(BrokerConfig::from_json("{}").is_err());
+        assert!(back.auth_enabled(capvisor_rpc::schema::capvisor_capnp::AuthMethod::Password));
+        let empty = capnp::message::Builder::new_default();
+        let mut empty = empty;
+        empty.init_root::<broker_config::Builder>();
+        assert!(BrokerConfig::read_from(empty.get_root_as_reader().unwrap()).is_err(), "an empty manifest is invalid");
     }
 }

@@ -45,12 +45,14 @@ impl Launcher for ProcessLauncher {
         use anyhow::Context;
         let (rpc_ours, rpc_theirs) = spawn::stream_pair()?;
         let (att_ours, att_theirs) = fdpass::pair()?;
+        let config = spawn::config_fd(&ctx.to_message()?)?;
         let mut cmd = tokio::process::Command::new(&self.worker_bin);
-        cmd.args(["--rpc-fd", "3", "--attach-fd", "4"])
-            .env(crate::config::SESSION_CONTEXT_ENV, serde_json::to_string(ctx)?)
-            .env_remove(crate::config::CONFIG_ENV)
-            .stdin(std::process::Stdio::null());
-        let inherit = [spawn::Inherit { fd: rpc_theirs, target: 3 }, spawn::Inherit { fd: att_theirs, target: 4 }];
+        cmd.args(["--rpc-fd", "3", "--attach-fd", "4", "--config-fd", "5"]).stdin(std::process::Stdio::null());
+        let inherit = [
+            spawn::Inherit { fd: rpc_theirs, target: 3 },
+            spawn::Inherit { fd: att_theirs, target: 4 },
+            spawn::Inherit { fd: config, target: 5 },
+        ];
         spawn::prepare(&mut cmd, &inherit);
         let child = cmd.spawn().with_context(|| format!("starting {}", self.worker_bin.display()))?;
         drop(inherit);

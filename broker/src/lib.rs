@@ -49,9 +49,9 @@ pub fn now_ms() -> i64 {
 ///
 /// Errors: a bad `CAPVISOR_BROKER_CONFIG`, an unusable state directory or
 /// credential store, descriptors that are not the expected sockets.
-pub async fn run(rpc_fd: RawFd, attach_fd: RawFd) -> anyhow::Result<()> {
+pub async fn run(rpc_fd: RawFd, attach_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let cfg = BrokerConfig::from_env()?;
+    let cfg = BrokerConfig::from_fd(config_fd)?;
     let launcher = launch::ProcessLauncher { worker_bin: cfg.worker_bin.clone() };
     let svc = BrokerService::new(cfg, Box::new(launcher), store::default_params())?;
     // SAFETY: the supervisor hands us these descriptors at these numbers

@@ -4,17 +4,28 @@
 //! [`BrokerService`].
 
 use crate::audit::AuditRecord;
-use crate::service::{write_login, BrokerService, ServiceRef};
+use crate::service::{BrokerService, ServiceRef};
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::schema::capvisor_capnp::accounts;
-use capvisor_rpc::schema::internal_capnp::{broker, session_host};
-use capvisor_rpc::{write_result, CvError};
+use capvisor_rpc::schema::internal_capnp::{audit_outcome, broker, session_host};
+use capvisor_rpc::CvError;
 use std::rc::Rc;
 
 /// Reads a text parameter, replacing invalid UTF-8 (text is for names,
 /// never compared as a secret here).
 fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
     Ok(String::from_utf8_lossy(r?.as_bytes()).into_owned())
+}
+
+/// Fills a login method's results: the session cap (pipelinable) and the
+/// login facts.
+macro_rules! write_grant {
+    ($results:expr, $grant:expr) => {{
+        let g = $grant;
+        let mut r = $results.get();
+        g.write_info(r.reborrow().init_info());
+        r.set_session(g.session);
+    }};
 }
 
 /// `Broker`, the gateway's bootstrap cap.
@@ -35,9 +46,9 @@ impl broker::Server for BrokerServer {
         params: broker::LoginLocalParams,
         mut results: broker::LoginLocalResults,
     ) -> capnp::Result<()> {
-        let p = params.get()?;
-        let res = self.svc.login_local(p.get_uid(), p.get_pid()).await;
-        write_login(results.get().init_result(), res);
+        let peer = params.get()?.get_peer()?;
+        let grant = self.svc.login_local(peer.get_uid(), peer.get_pid()).await?;
+        write_grant!(results, grant);
         Ok(())
     }
 
@@ -51,9 +62,9 @@ impl broker::Server for BrokerServer {
         // A password that is not UTF-8 can match no account (add takes
         // text): it becomes "", which is shorter than any stored one.
         let password = p.get_password()?.to_str().unwrap_or("").to_string();
-        let peer = text(p.get_peer())?;
-        let res = self.svc.login_password(&user, &password, &peer).await;
-        write_login(results.get().init_result(), res);
+        let peer = capvisor_rpc::principal::peer_text(p.get_peer()?)?;
+        let grant = self.svc.login_password(&user, &password, &peer).await?;
+        write_grant!(results, grant);
         Ok(())
     }
 
@@ -64,9 +75,9 @@ impl broker::Server for BrokerServer {
     ) -> capnp::Result<()> {
         let p = params.get()?;
         let token = p.get_token()?.to_str().unwrap_or("").to_string();
-        let peer = text(p.get_peer())?;
-        let res = self.svc.resume(&token, &peer).await;
-        write_login(results.get().init_result(), res);
+        let peer = capvisor_rpc::principal::peer_text(p.get_peer()?)?;
+        let grant = self.svc.resume(&token, &peer).await?;
+        write_grant!(results, grant);
         Ok(())
     }
 }
@@ -107,12 +118,11 @@ impl session_host::Server for SessionHostServer {
         _: session_host::AuditResults,
     ) -> capnp::Result<()> {
         let ev = params.get()?.get_event()?;
-        let mut rec = AuditRecord::new(
-            &text(ev.get_action())?,
-            &text(ev.get_cap())?,
-            &text(ev.get_method())?,
-            &text(ev.get_outcome())?,
-        )
+        let outcome = match ev.get_outcome()?.which()? {
+            audit_outcome::Ok(()) => "ok",
+            audit_outcome::Error(code) => capvisor_rpc::error::code_name(code?),
+        };
+        let mut rec = AuditRecord::new(&text(ev.get_action())?, &text(ev.get_cap())?, &text(ev.get_method())?, outcome)
         .principal(&self.principal)
         .session(&self.session)
         .detail(text(ev.get_detail())?);
@@ -129,7 +139,7 @@ impl session_host::Server for SessionHostServer {
         mut results: session_host::AccountsResults,
     ) -> capnp::Result<()> {
         if !self.accounts {
-            return Err(capnp::Error::failed("this session's bundle does not hold the accounts capability".into()));
+            return Err(CvError::not_found("this session's bundle does not hold the accounts capability").into());
         }
         let server =
             AccountsServer { svc: self.svc.clone(), session: self.session.clone(), principal: self.principal.clone() };
@@ -156,7 +166,7 @@ impl accounts::Server for AccountsServer {
     async fn add(
         self: CapRc<Self>,
         params: accounts::AddParams,
-        mut results: accounts::AddResults,
+        _: accounts::AddResults,
     ) -> capnp::Result<()> {
         let p = params.get()?;
         let name = text(p.get_name())?;
@@ -165,13 +175,12 @@ impl accounts::Server for AccountsServer {
             Ok(pw) => self.svc()?.account_add(&self.principal, &self.session, &name, &profile, pw.to_string()).await,
             Err(_) => Err(CvError::invalid("the password must be UTF-8 text")),
         };
-        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
-        Ok(())
+        Ok(res?)
     }
 
     async fn list(self: CapRc<Self>, _: accounts::ListParams, mut results: accounts::ListResults) -> capnp::Result<()> {
         let list = self.svc()?.account_list(&self.principal, &self.session);
-        let mut b = results.get().init_result().init_accounts(list.len() as u32);
+        let mut b = results.get().init_accounts(list.len() as u32);
         for (i, (name, profile)) in list.iter().enumerate() {
             let mut e = b.reborrow().get(i as u32);
             e.set_name(name.as_str());
@@ -183,11 +192,9 @@ impl accounts::Server for AccountsServer {
     async fn remove(
         self: CapRc<Self>,
         params: accounts::RemoveParams,
-        mut results: accounts::RemoveResults,
+        _: accounts::RemoveResults,
     ) -> capnp::Result<()> {
         let name = text(params.get()?.get_name())?;
-        let res = self.svc()?.account_remove(&self.principal, &self.session, &name).await;
-        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
-        Ok(())
+        Ok(self.svc()?.account_remove(&self.principal, &self.session, &name).await?)
     }
 }

@@ -16,8 +16,9 @@ use crate::throttle::{self, Throttle};
 use crate::token::{self, TokenIndex};
 use capvisor_manifest::{Bundle, SessionContext};
 use capvisor_rpc::fdpass::FdChannel;
-use capvisor_rpc::schema::capvisor_capnp::{login_result, session};
-use capvisor_rpc::schema::internal_capnp::{session_host, worker};
+use capvisor_rpc::principal::Principal;
+use capvisor_rpc::schema::capvisor_capnp::{login_info, session, AuthMethod};
+use capvisor_rpc::schema::internal_capnp::{session_host, worker, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -41,7 +42,8 @@ pub const MAX_VERIFY: usize = 2;
 /// The message of every failed password login, whatever the reason.
 pub const BAD_LOGIN: &str = "invalid user name or password";
 
-/// What a successful login or resume hands the client (schema `LoginOk`).
+/// What a successful login or resume hands the client (schema: the
+/// `session` and `info :LoginInfo` results of every login method).
 pub struct Grant {
     /// Session id (not a credential).
     pub session_id: String,
@@ -49,32 +51,28 @@ pub struct Grant {
     pub session: session::Client,
     /// The resume token (secret).
     pub token: String,
-    /// e.g. `local:alice`, `password:bob`.
-    pub principal: String,
+    /// Who logged in.
+    pub principal: Principal,
     /// Profile name.
     pub profile: String,
     /// Unix epoch milliseconds.
     pub expires_at_ms: i64,
 }
 
-/// Writes a login outcome into a schema `LoginResult`.
-pub fn write_login(b: login_result::Builder<'_>, res: CvResult<Grant>) {
-    match res {
-        Ok(g) => {
-            let mut ok = b.init_ok();
-            ok.set_session(g.session);
-            ok.set_resume_token(g.token.as_str());
-            ok.set_principal(g.principal.as_str());
-            ok.set_profile(g.profile.as_str());
-            ok.set_expires_at_ms(g.expires_at_ms);
-        }
-        Err(e) => e.write_to(b.init_err()),
+impl Grant {
+    /// Writes the login facts into a schema `LoginInfo` (the session cap
+    /// goes into the results' `session` field beside it).
+    pub fn write_info(&self, mut b: login_info::Builder<'_>) {
+        b.set_resume_token(self.token.as_str());
+        self.principal.write_to(b.reborrow().init_principal());
+        b.set_profile(self.profile.as_str());
+        b.set_expires_at_ms(self.expires_at_ms);
     }
 }
 
 struct LiveSession {
     id: String,
-    principal: String,
+    principal: Principal,
     profile: String,
     expires_at_ms: i64,
     worker: worker::Client,
@@ -196,19 +194,20 @@ impl BrokerService {
     pub async fn login_local(self: &Rc<Self>, uid: u32, pid: u32) -> CvResult<Grant> {
         let peer = format!("unix:uid={uid} pid={pid}");
         let rec = |outcome: &str| AuditRecord::new("login", "Gateway", "loginLocal", outcome).peer(&peer);
-        if !self.cfg.auth_enabled("local") {
-            self.audit(rec("denied").principal(&format!("local:{uid}")).detail("local login is disabled"));
+        let principal = Principal::new(AuthMethod::Local, user_name(uid));
+        let shown = principal.to_string();
+        if !self.cfg.auth_enabled(AuthMethod::Local) {
+            self.audit(rec("denied").principal(&shown).detail("local login is disabled"));
             return Err(CvError::denied("local login is disabled on this server"));
         }
         if !self.cfg.owner_uids.contains(&uid) {
-            self.audit(rec("denied").principal(&format!("local:{}", user_name(uid))).detail("uid is not an owner uid"));
+            self.audit(rec("denied").principal(&shown).detail("uid is not an owner uid"));
             return Err(CvError::denied(format!("uid {uid} may not log in locally")));
         }
-        let principal = format!("local:{}", user_name(uid));
-        let res = self.open_session_detached(principal.clone(), "owner".to_string()).await;
+        let res = self.open_session_detached(principal, "owner".to_string()).await;
         match &res {
-            Ok(g) => self.audit(rec("ok").principal(&principal).session(&g.session_id).detail("profile=owner")),
-            Err(e) => self.audit(rec(e.code_name()).principal(&principal).detail(e.message.clone())),
+            Ok(g) => self.audit(rec("ok").principal(&shown).session(&g.session_id).detail("profile=owner")),
+            Err(e) => self.audit(rec(e.code_name()).principal(&shown).detail(e.message.clone())),
         }
         res
     }
@@ -225,7 +224,7 @@ impl BrokerService {
             AuditRecord::new("login", "Gateway", "loginPassword", outcome).peer(peer).principal(&principal)
         };
         let key = throttle::key(user, peer);
-        let verdict: Result<String, (&str, CvError)> = if !self.cfg.auth_enabled("password") {
+        let verdict: Result<String, (&str, CvError)> = if !self.cfg.auth_enabled(AuthMethod::Password) {
             Err(("password login is disabled", CvError::denied("password login is disabled on this server")))
         } else {
             let known = self.store.contains(user);
@@ -251,7 +250,7 @@ impl BrokerService {
                     self.audit(rec("denied").detail(format!("account profile {profile:?} is not in the manifest")));
                     return Err(CvError::denied(format!("this account's profile {profile:?} no longer exists")));
                 }
-                let res = self.open_session_detached(format!("password:{user}"), profile.clone()).await;
+                let res = self.open_session_detached(Principal::new(AuthMethod::Password, user), profile.clone()).await;
                 match &res {
                     Ok(g) => self.audit(rec("ok").session(&g.session_id).detail(format!("profile={profile}"))),
                     Err(e) => self.audit(rec(e.code_name()).detail(e.message.clone())),
@@ -279,7 +278,7 @@ impl BrokerService {
         };
         match worker_session(&s.worker).await {
             Ok(cap) => {
-                self.audit(rec("ok").principal(&s.principal).session(&s.id));
+                self.audit(rec("ok").principal(&s.principal.to_string()).session(&s.id));
                 Ok(Grant {
                     session_id: s.id.clone(),
                     session: cap,
@@ -290,7 +289,9 @@ impl BrokerService {
                 })
             }
             Err(e) => {
-                self.audit(rec(e.code_name()).principal(&s.principal).session(&s.id).detail(e.message.clone()));
+                self.audit(
+                    rec(e.code_name()).principal(&s.principal.to_string()).session(&s.id).detail(e.message.clone()),
+                );
                 Err(e)
             }
         }
@@ -306,21 +307,21 @@ impl BrokerService {
     /// Runs [`Self::open_session`] as its own task so a caller that goes
     /// away mid-login (client disconnect cancels the call) cannot leave a
     /// half-made session: if nobody takes the grant, the session is revoked.
-    async fn open_session_detached(self: &Rc<Self>, principal: String, profile: String) -> CvResult<Grant> {
+    async fn open_session_detached(self: &Rc<Self>, principal: Principal, profile: String) -> CvResult<Grant> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
         tokio::task::spawn_local(async move {
             let res = me.open_session(principal, profile).await;
             if let Err(Ok(grant)) = tx.send(res) {
                 tracing::info!(session = %grant.session_id, "login abandoned by its caller; revoking the session");
-                me.revoke_session(&grant.session_id, "login abandoned");
+                me.revoke_session(&grant.session_id, RevokeReason::Revoked, "login abandoned");
             }
         });
         rx.await.unwrap_or_else(|_| Err(CvError::internal("login task failed")))
     }
 
     /// Mints a session for `principal` with `profile`: id, token, worker.
-    async fn open_session(self: &Rc<Self>, principal: String, profile: String) -> CvResult<Grant> {
+    async fn open_session(self: &Rc<Self>, principal: Principal, profile: String) -> CvResult<Grant> {
         if self.shutting_down.get() {
             return Err(CvError::unavailable("the server is shutting down"));
         }
@@ -352,11 +353,12 @@ impl BrokerService {
             expires_at_ms,
             images,
             run_dir: self.cfg.state_dir.join("sessions").join(&id),
+            auto_engine: self.cfg.manifest.vms.auto_engine(),
         };
         let host: session_host::Client = capnp_rpc::new_client(crate::server::SessionHostServer::new(
             Rc::downgrade(self),
             &id,
-            &principal,
+            &principal.to_string(),
             bundle.has_cap("accounts"),
         ));
         let Launched { worker, attach, ended, child } = self.launcher.launch(&ctx, host).map_err(|e| {
@@ -406,7 +408,7 @@ impl BrokerService {
         *live.expiry.borrow_mut() = Some(tokio::task::spawn_local(async move {
             tokio::time::sleep(wait).await;
             if let Some(me) = me.upgrade() {
-                me.revoke_session(&sid, "expired");
+                me.revoke_session(&sid, RevokeReason::Expired, "expired");
             }
         }));
         tracing::info!(session = %id, %principal, %profile, "session started");
@@ -465,25 +467,31 @@ impl BrokerService {
             }
             tracing::info!(session = %id, "session ended: {why}");
             self.audit(
-                AuditRecord::new("session.end", "Worker", "", "ok").principal(&s.principal).session(id).detail(why),
+                AuditRecord::new("session.end", "Worker", "", "ok")
+                    .principal(&s.principal.to_string())
+                    .session(id)
+                    .detail(why),
             );
         }
     }
 
     /// Revokes session `id`: its token stops working now, and the worker is
     /// told `Worker.revoke(reason)` (it answers every cap with
-    /// `staleSession`, stops its VMs and exits). Audits `session.revoke`.
-    pub fn revoke_session(self: &Rc<Self>, id: &str, reason: &str) {
+    /// `staleSession`, stops its VMs and exits). Audits `session.revoke`
+    /// (or `session.expire`) with `detail`.
+    pub fn revoke_session(self: &Rc<Self>, id: &str, reason: RevokeReason, detail: &str) {
         self.tokens.borrow_mut().remove(id);
         let Some(s) = self.sessions.borrow().get(id).cloned() else { return };
-        let action = if reason == "expired" { "session.expire" } else { "session.revoke" };
+        let action = if reason == RevokeReason::Expired { "session.expire" } else { "session.revoke" };
         self.audit(
-            AuditRecord::new(action, "Worker", "revoke", "ok").principal(&s.principal).session(id).detail(reason),
+            AuditRecord::new(action, "Worker", "revoke", "ok")
+                .principal(&s.principal.to_string())
+                .session(id)
+                .detail(detail),
         );
-        let reason = reason.to_string();
         tokio::task::spawn_local(async move {
             let mut req = s.worker.revoke_request();
-            req.get().set_reason(reason.as_str());
+            req.get().set_reason(reason);
             match tokio::time::timeout(REVOKE_TIMEOUT, req.send().promise).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::debug!(session = %s.id, "revoke failed: {e}"),
@@ -516,10 +524,12 @@ impl BrokerService {
             return;
         };
         match s.attach.send(b"attach", &fd).await {
-            Ok(()) => self.audit(rec("ok").principal(&s.principal).session(&s.id)),
+            Ok(()) => self.audit(rec("ok").principal(&s.principal.to_string()).session(&s.id)),
             Err(e) => {
                 tracing::warn!(session = %s.id, "cannot hand the client to its worker: {e}");
-                self.audit(rec("staleSession").principal(&s.principal).session(&s.id).detail("worker unreachable"));
+                self.audit(
+                    rec("staleSession").principal(&s.principal.to_string()).session(&s.id).detail("worker unreachable"),
+                );
                 reply_err(fd, CvError::stale()).await;
             }
         }
@@ -593,11 +603,11 @@ impl BrokerService {
                 .detail(format!("name={}", shown_user(name))),
         );
         if res.is_ok() {
-            let principal = format!("password:{name}");
+            let principal = Principal::new(AuthMethod::Password, name);
             let ids: Vec<String> =
                 self.sessions.borrow().values().filter(|s| s.principal == principal).map(|s| s.id.clone()).collect();
             for id in ids {
-                self.revoke_session(&id, "account removed");
+                self.revoke_session(&id, RevokeReason::Revoked, "account removed");
             }
         }
         res
@@ -617,7 +627,7 @@ impl BrokerService {
         let revokes = sessions.iter().map(|s| {
             self.tokens.borrow_mut().remove(&s.id);
             let mut req = s.worker.revoke_request();
-            req.get().set_reason("shutdown");
+            req.get().set_reason(RevokeReason::Shutdown);
             tokio::time::timeout(REVOKE_TIMEOUT, req.send().promise)
         });
         futures::future::join_all(revokes).await;

@@ -11,6 +11,8 @@ use capvisor_rpc::schema::capvisor_capnp::{accounts, session};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::internal_capnp::{session_host, worker};
 use capvisor_rpc::{conn, CvError};
+
+use capvisor_rpc::names::revoke_reason_name as reason_name;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -43,9 +45,9 @@ struct FakeSession {
 
 impl session::Server for FakeSession {
     async fn info(self: CapRc<Self>, _: session::InfoParams, mut results: session::InfoResults) -> capnp::Result<()> {
-        let mut i = results.get().init_result().init_info();
+        let mut i = results.get().init_info();
         i.set_session_id(self.ctx.session_id.as_str());
-        i.set_principal(self.ctx.principal.as_str());
+        self.ctx.principal.write_to(i.reborrow().init_principal());
         i.set_profile(self.ctx.profile.as_str());
         i.set_expires_at_ms(self.ctx.expires_at_ms);
         Ok(())
@@ -64,8 +66,8 @@ impl worker::Server for FakeWorker {
         Ok(())
     }
     async fn revoke(self: CapRc<Self>, params: worker::RevokeParams, _: worker::RevokeResults) -> capnp::Result<()> {
-        let reason = params.get()?.get_reason()?.to_string().unwrap();
-        self.st.borrow_mut().revokes.push((self.ctx.session_id.clone(), reason));
+        let reason = reason_name(params.get()?.get_reason()?);
+        self.st.borrow_mut().revokes.push((self.ctx.session_id.clone(), reason.to_string()));
         // Like the real worker: exit (end the connection) soon after.
         let conn = self.conn.clone();
         tokio::task::spawn_local(async move {
@@ -149,14 +151,11 @@ fn err<T>(r: Result<T, CvError>) -> CvError {
 
 async fn info(g: &Grant) -> (String, String) {
     let resp = g.session.info_request().send().promise.await.unwrap();
-    let r = resp.get().unwrap().get_result().unwrap();
-    match r.which().unwrap() {
-        capvisor_rpc::schema::capvisor_capnp::session_info_result::Info(i) => {
-            let i = i.unwrap();
-            (i.get_session_id().unwrap().to_string().unwrap(), i.get_principal().unwrap().to_string().unwrap())
-        }
-        _ => panic!("info failed"),
-    }
+    let i = resp.get().unwrap().get_info().unwrap();
+    (
+        i.get_session_id().unwrap().to_string().unwrap(),
+        capvisor_rpc::principal::Principal::read_from(i.get_principal().unwrap()).unwrap().to_string(),
+    )
 }
 
 const UID_OTHER: u32 = 54_321;
@@ -168,11 +167,11 @@ fn local_login_owner_ok_other_denied_disabled_denied() {
         let me = nix::unistd::getuid().as_raw();
         let g = h.svc.login_local(me, 42).await.unwrap();
         assert_eq!(g.profile, "owner");
-        assert_eq!(g.principal, format!("local:{}", crate::service::user_name(me)));
+        assert_eq!(g.principal.to_string(), format!("local:{}", crate::service::user_name(me)));
         assert!(g.expires_at_ms > crate::now_ms() + 86_000_000);
         let (sid, principal) = info(&g).await;
         assert_eq!(sid, g.session_id);
-        assert_eq!(principal, g.principal);
+        assert_eq!(principal, g.principal.to_string());
         // The worker got the owner bundle and a run dir under state_dir/sessions.
         let ctx = h.fake.st.borrow().contexts[0].clone();
         assert!(ctx.bundle.has_cap("accounts"));
@@ -206,7 +205,7 @@ fn password_login_and_identical_failures() {
         let h = harness(|_| {});
         h.svc.store().add("bob", "user", "correct horse battery").unwrap();
         let g = h.svc.login_password("bob", "correct horse battery", "unix:uid=7 pid=1").await.unwrap();
-        assert_eq!(g.principal, "password:bob");
+        assert_eq!(g.principal.to_string(), "password:bob");
         assert_eq!(g.profile, "user");
         assert!(!h.fake.st.borrow().contexts[0].bundle.has_cap("accounts"));
 
@@ -409,13 +408,7 @@ fn accounts_only_for_bundles_holding_them() {
             req.get().set_profile(profile);
             req.get().set_password(pw);
             async move {
-                let resp = req.send().promise.await.unwrap();
-                match resp.get().unwrap().get_result().unwrap().which().unwrap() {
-                    capvisor_rpc::schema::common_capnp::unit_result::Ok(()) => Ok(()),
-                    capvisor_rpc::schema::common_capnp::unit_result::Err(e) => {
-                        Err(CvError::read_from(e.unwrap()).unwrap())
-                    }
-                }
+                req.send().promise.await.map(drop).map_err(|e| CvError::from_rpc(&e).expect("a typed error"))
             }
         };
         assert_eq!(add("alice", "owner", "password-alice").await, Ok(()));
@@ -424,12 +417,14 @@ fn accounts_only_for_bundles_holding_them() {
         assert_eq!(add("zed", "nope", "password-zed").await.unwrap_err().code, ErrorCode::InvalidArgument);
 
         let list = acc.list_request().send().promise.await.unwrap();
-        let names: Vec<String> = match list.get().unwrap().get_result().unwrap().which().unwrap() {
-            capvisor_rpc::schema::capvisor_capnp::account_list_result::Accounts(l) => {
-                l.unwrap().iter().map(|a| a.get_name().unwrap().to_string().unwrap()).collect()
-            }
-            _ => panic!(),
-        };
+        let names: Vec<String> = list
+            .get()
+            .unwrap()
+            .get_accounts()
+            .unwrap()
+            .iter()
+            .map(|a| a.get_name().unwrap().to_string().unwrap())
+            .collect();
         assert_eq!(names, vec!["alice", "bob"]);
 
         // Removing bob revokes bob's live session.
@@ -439,9 +434,9 @@ fn accounts_only_for_bundles_holding_them() {
         assert!(h.svc.store().verify("bob", "password-bob").is_none());
         assert_eq!(err(h.svc.resume(&user.token, "p").await).code, ErrorCode::StaleSession);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(h.fake.st.borrow().revokes.contains(&(user.session_id.clone(), "account removed".into())));
+        assert!(h.fake.st.borrow().revokes.contains(&(user.session_id.clone(), "revoked".into())));
         let lines = h.audit_lines();
-        assert!(lines.iter().any(|l| l["action"] == "account.remove" && l["principal"] == owner.principal.as_str()));
+        assert!(lines.iter().any(|l| l["action"] == "account.remove" && l["principal"] == owner.principal.to_string().as_str()));
     });
 }
 
@@ -455,13 +450,13 @@ fn worker_audit_events_are_stamped_with_the_session() {
         ev.set_action("vm.create");
         ev.set_cap("VmFactory");
         ev.set_method("create");
-        ev.set_outcome("quota");
+        ev.reborrow().init_outcome().set_error(ErrorCode::Quota);
         ev.set_detail("max_vms=4");
         req.send().promise.await.unwrap();
         let lines = h.audit_lines();
         let l = lines.iter().find(|l| l["action"] == "vm.create").unwrap();
         assert_eq!(l["session"], g.session_id.as_str());
-        assert_eq!(l["principal"], g.principal.as_str());
+        assert_eq!(l["principal"], g.principal.to_string().as_str());
         assert_eq!(l["outcome"], "quota");
     });
 }
@@ -530,6 +525,6 @@ fn a_login_abandoned_mid_way_leaves_no_session() {
         assert_eq!(h.svc.session_count(), 0);
         let revokes = h.fake.st.borrow().revokes.clone();
         assert_eq!(revokes.len(), 1);
-        assert_eq!(revokes[0].1, "login abandoned");
+        assert_eq!(revokes[0].1, "revoked");
     });
 }

@@ -28,7 +28,7 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use capvisor_rpc::attach::{read_preamble, Preamble};
 use capvisor_rpc::conn;
 use capvisor_rpc::fdpass::FdChannel;
-use capvisor_rpc::schema::capvisor_capnp::{gateway, login_result};
+use capvisor_rpc::schema::capvisor_capnp::gateway;
 use capvisor_rpc::schema::internal_capnp::broker;
 use capvisor_rpc::CvError;
 use std::cell::Cell;
@@ -183,26 +183,34 @@ struct GatewayServer {
     peer: Peer,
 }
 
-/// Copies a broker's `LoginResult` (with its `Session` cap) into ours.
-fn copy_login(from: login_result::Reader<'_>, to: login_result::Builder<'_>) -> capnp::Result<()> {
-    match from.which()? {
-        login_result::Ok(ok) => {
-            let ok = ok?;
-            let mut b = to.init_ok();
-            b.set_session(ok.get_session()?);
-            b.set_resume_token(ok.get_resume_token()?);
-            b.set_principal(ok.get_principal()?);
-            b.set_profile(ok.get_profile()?);
-            b.set_expires_at_ms(ok.get_expires_at_ms());
+/// Copies a broker's login results (session cap and `LoginInfo`) into ours,
+/// field by field.
+macro_rules! copy_login {
+    ($from:expr, $to:expr) => {{
+        let from = $from;
+        let mut to = $to;
+        let info = from.get_info()?;
+        {
+            let mut b = to.reborrow().init_info();
+            b.set_resume_token(info.get_resume_token()?);
+            let p = info.get_principal()?;
+            let mut bp = b.reborrow().init_principal();
+            bp.set_method(p.get_method()?);
+            bp.set_name(p.get_name()?);
+            b.set_profile(info.get_profile()?);
+            b.set_expires_at_ms(info.get_expires_at_ms());
         }
-        login_result::Err(e) => {
-            let e = e?;
-            let mut b = to.init_err();
-            b.set_code(e.get_code().unwrap_or(capvisor_rpc::schema::common_capnp::ErrorCode::Internal));
-            b.set_message(e.get_message()?);
-        }
+        to.set_session(from.get_session()?);
+        Ok(())
+    }};
+}
+
+impl Peer {
+    fn write_to(&self, b: capvisor_rpc::schema::internal_capnp::peer::Builder<'_>) {
+        let mut c = b.init_unix();
+        c.set_uid(self.uid);
+        c.set_pid(self.pid);
     }
-    Ok(())
 }
 
 impl gateway::Server for GatewayServer {
@@ -211,9 +219,10 @@ impl gateway::Server for GatewayServer {
         _: gateway::AuthMethodsParams,
         mut results: gateway::AuthMethodsResults,
     ) -> capnp::Result<()> {
-        let mut l = results.get().init_methods(self.auth.len() as u32);
-        for (i, m) in self.auth.iter().enumerate() {
-            l.set(i as u32, m.as_str());
+        let methods: Vec<_> = self.auth.iter().filter_map(|m| capvisor_rpc::principal::parse_method(m)).collect();
+        let mut l = results.get().init_methods(methods.len() as u32);
+        for (i, m) in methods.into_iter().enumerate() {
+            l.set(i as u32, m);
         }
         Ok(())
     }
@@ -226,10 +235,13 @@ impl gateway::Server for GatewayServer {
         // A disabled method is still forwarded: the broker denies it too,
         // and audits the attempt (every denial is an audit event).
         let mut req = self.broker.login_local_request();
-        req.get().set_uid(self.peer.uid);
-        req.get().set_pid(self.peer.pid);
+        {
+            let mut c = req.get().init_peer();
+            c.set_uid(self.peer.uid);
+            c.set_pid(self.peer.pid);
+        }
         let resp = req.send().promise.await?;
-        copy_login(resp.get()?.get_result()?, results.get().init_result())
+        copy_login!(resp.get()?, results.get())
     }
 
     async fn login_password(
@@ -243,10 +255,10 @@ impl gateway::Server for GatewayServer {
             let mut b = req.get();
             b.set_user(p.get_user()?);
             b.set_password(p.get_password()?);
-            b.set_peer(self.peer.to_string().as_str());
+            self.peer.write_to(b.init_peer());
         }
         let resp = req.send().promise.await?;
-        copy_login(resp.get()?.get_result()?, results.get().init_result())
+        copy_login!(resp.get()?, results.get())
     }
 
     async fn resume(
@@ -256,14 +268,13 @@ impl gateway::Server for GatewayServer {
     ) -> capnp::Result<()> {
         let token = params.get()?.get_token()?;
         if token.as_bytes().len() > capvisor_rpc::attach::MAX_TOKEN {
-            CvError::stale().write_to(results.get().init_result().init_err());
-            return Ok(());
+            return Err(CvError::stale().into());
         }
         let mut req = self.broker.resume_request();
         req.get().set_token(token);
-        req.get().set_peer(self.peer.to_string().as_str());
+        self.peer.write_to(req.get().init_peer());
         let resp = req.send().promise.await?;
-        copy_login(resp.get()?.get_result()?, results.get().init_result())
+        copy_login!(resp.get()?, results.get())
     }
 }
 

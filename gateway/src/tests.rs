@@ -25,26 +25,26 @@ impl broker::Server for FakeBroker {
     async fn login_local(
         self: CapRc<Self>,
         p: broker::LoginLocalParams,
-        mut r: broker::LoginLocalResults,
+        _: broker::LoginLocalResults,
     ) -> capnp::Result<()> {
-        let p = p.get()?;
+        let p = p.get()?.get_peer()?;
         self.seen.borrow_mut().local.push((p.get_uid(), p.get_pid()));
         let msg = if self.auth.iter().any(|a| a == "local") {
             format!("uid {}", p.get_uid())
         } else {
             "local login is disabled".into()
         };
-        CvError::denied(msg).write_to(r.get().init_result().init_err());
-        Ok(())
+        Err(CvError::denied(msg).into())
     }
     async fn login_password(
         self: CapRc<Self>,
         p: broker::LoginPasswordParams,
-        mut r: broker::LoginPasswordResults,
+        _: broker::LoginPasswordResults,
     ) -> capnp::Result<()> {
         let p = p.get()?;
         let user = p.get_user()?.to_string().unwrap();
-        self.seen.borrow_mut().password.push((user.clone(), p.get_peer()?.to_string().unwrap()));
+        let peer = capvisor_rpc::principal::peer_text(p.get_peer()?)?;
+        self.seen.borrow_mut().password.push((user.clone(), peer));
         if user == "slow" {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -53,8 +53,7 @@ impl broker::Server for FakeBroker {
         } else {
             "password login is disabled"
         };
-        CvError::denied(msg).write_to(r.get().init_result().init_err());
-        Ok(())
+        Err(CvError::denied(msg).into())
     }
 }
 
@@ -86,7 +85,13 @@ async fn rpc_client(path: &std::path::Path) -> gateway::Client {
 
 async fn methods(gw: &gateway::Client) -> Vec<String> {
     let resp = gw.auth_methods_request().send().promise.await.unwrap();
-    resp.get().unwrap().get_methods().unwrap().iter().map(|m| m.unwrap().to_string().unwrap()).collect()
+    resp.get()
+        .unwrap()
+        .get_methods()
+        .unwrap()
+        .iter()
+        .map(|m| capvisor_rpc::principal::method_name(m.unwrap()).to_string())
+        .collect()
 }
 
 /// Reads until EOF or a reset (the gateway hung up without a word);
@@ -97,13 +102,13 @@ async fn expect_closed(s: &mut UnixStream) {
     assert!(buf.is_empty(), "unexpected reply of {} bytes", buf.len());
 }
 
-fn err_code(r: login_result::Reader<'_>) -> (ErrorCode, String) {
-    match r.which().unwrap() {
-        login_result::Err(e) => {
-            let e = CvError::read_from(e.unwrap()).unwrap();
+fn err_code<T>(r: capnp::Result<T>) -> (ErrorCode, String) {
+    match r {
+        Err(e) => {
+            let e = CvError::from_rpc(&e).unwrap_or_else(|| panic!("not a domain error: {e}"));
             (e.code, e.message)
         }
-        login_result::Ok(_) => panic!("unexpected ok"),
+        Ok(_) => panic!("unexpected ok"),
     }
 }
 
@@ -172,8 +177,7 @@ fn logins_forward_the_peer_and_disabled_methods_are_denied() {
         let gw = rpc_client(&env.path).await;
         assert_eq!(methods(&gw).await, vec!["local"]);
 
-        let resp = gw.login_local_request().send().promise.await.unwrap();
-        let (code, msg) = err_code(resp.get().unwrap().get_result().unwrap());
+        let (code, msg) = err_code(gw.login_local_request().send().promise.await);
         assert_eq!(code, ErrorCode::Denied);
         assert_eq!(msg, format!("uid {me}"));
         assert_eq!(env.seen.borrow().local, vec![(me, std::process::id())], "the peer's SO_PEERCRED is forwarded");
@@ -182,27 +186,21 @@ fn logins_forward_the_peer_and_disabled_methods_are_denied() {
         let mut req = gw.login_password_request();
         req.get().set_user("bob");
         req.get().set_password("hunter22");
-        let resp = req.send().promise.await.unwrap();
-        assert_eq!(
-            err_code(resp.get().unwrap().get_result().unwrap()),
-            (ErrorCode::Denied, "password login is disabled".into())
-        );
+        assert_eq!(err_code(req.send().promise.await), (ErrorCode::Denied, "password login is disabled".into()));
         assert_eq!(env.seen.borrow().password, vec![("bob".into(), peer.clone())]);
 
         let env = start(&["password"], 16);
         let gw = rpc_client(&env.path).await;
         assert_eq!(methods(&gw).await, vec!["password"]);
-        let resp = gw.login_local_request().send().promise.await.unwrap();
         assert_eq!(
-            err_code(resp.get().unwrap().get_result().unwrap()),
+            err_code(gw.login_local_request().send().promise.await),
             (ErrorCode::Denied, "local login is disabled".into())
         );
 
         // resume forwards too; an over-long token is stale without a broker round trip.
         let mut req = gw.resume_request();
         req.get().set_token("x".repeat(300).as_str());
-        let resp = req.send().promise.await.unwrap();
-        assert_eq!(err_code(resp.get().unwrap().get_result().unwrap()).0, ErrorCode::StaleSession);
+        assert_eq!(err_code(req.send().promise.await).0, ErrorCode::StaleSession);
     });
 }
 

@@ -491,13 +491,6 @@ impl ProcessServer {
     }
 }
 
-fn write_unit(mut b: capvisor_schema::common_capnp::unit_result::Builder<'_>, r: CvResult<()>) {
-    match r {
-        Ok(()) => b.set_ok(()),
-        Err(e) => e.write_to(b.init_err()),
-    }
-}
-
 impl process::Server for ProcessServer {
     /// Queues `data` for stdin (synchronously, so writes keep call order)
     /// and resolves once it was written. Fails once stdin is closed.
@@ -522,14 +515,13 @@ impl process::Server for ProcessServer {
         }
     }
 
-    /// Closes stdin (idempotent). Always `ok`.
+    /// Closes stdin (idempotent). Always succeeds.
     async fn close_stdin(
         self: Rc<Self>,
         _: process::CloseStdinParams,
-        mut results: process::CloseStdinResults,
+        _: process::CloseStdinResults,
     ) -> capnp::Result<()> {
         self.stdin.borrow_mut().take();
-        write_unit(results.get().init_result(), Ok(()));
         Ok(())
     }
 
@@ -537,14 +529,12 @@ impl process::Server for ProcessServer {
     async fn wait(self: Rc<Self>, _: process::WaitParams, mut results: process::WaitResults) -> capnp::Result<()> {
         let mut rx = self.finished.clone();
         let exit = match rx.wait_for(|s| s.is_some()).await {
-            Ok(v) => Ok((*v).expect("checked")),
-            Err(_) => Err(CvError::internal("the process supervisor ended without a status")),
+            Ok(v) => (*v).expect("checked"),
+            Err(_) => return Err(CvError::internal("the process supervisor ended without a status").into()),
         };
-        let b = results.get().init_result();
         match exit {
-            Ok(Exit::Code(c)) => b.init_status().set_code(c),
-            Ok(Exit::Signal(s)) => b.init_status().set_signal(s),
-            Err(e) => e.write_to(b.init_err()),
+            Exit::Code(c) => results.get().init_status().set_code(c),
+            Exit::Signal(s) => results.get().init_status().set_signal(s),
         }
         Ok(())
     }
@@ -552,17 +542,14 @@ impl process::Server for ProcessServer {
     /// Sends `signal` to the process's group (the program and anything it
     /// started that did not leave the group). After `wait` would resolve:
     /// `notRunning`. A bad signal number: `invalidArgument`.
-    async fn kill(self: Rc<Self>, params: process::KillParams, mut results: process::KillResults) -> capnp::Result<()> {
+    async fn kill(self: Rc<Self>, params: process::KillParams, _: process::KillResults) -> capnp::Result<()> {
         let sig = params.get()?.get_signal();
         let r = (|| {
             if !(1..=64).contains(&sig) {
                 return Err(CvError::invalid(format!("bad signal number {sig}")));
             }
             if self.finished.borrow().is_some() {
-                return Err(CvError::new(
-                    capvisor_schema::common_capnp::ErrorCode::NotRunning,
-                    "the process has exited",
-                ));
+                return Err(CvError::not_running("the process has exited"));
             }
             let map = |e: std::io::Error| {
                 if e.raw_os_error() == Some(libc::EINVAL) {
@@ -579,8 +566,7 @@ impl process::Server for ProcessServer {
             reaper::signal_orphaned_group(self.pid, sig).map_err(map)?;
             Ok(())
         })();
-        write_unit(results.get().init_result(), r);
-        Ok(())
+        Ok(r?)
     }
 
     /// Sets the pty's window size (`TIOCSWINSZ`). Without a pty, or with a
@@ -588,7 +574,7 @@ impl process::Server for ProcessServer {
     async fn resize(
         self: Rc<Self>,
         params: process::ResizeParams,
-        mut results: process::ResizeResults,
+        _: process::ResizeResults,
     ) -> capnp::Result<()> {
         let size = params.get()?.get_size()?;
         let (rows, cols) = (size.get_rows(), size.get_cols());
@@ -599,7 +585,6 @@ impl process::Server for ProcessServer {
                 crate::pty::set_size(m.raw(), rows, cols).map_err(|e| CvError::internal(format!("TIOCSWINSZ: {e}")))
             }
         };
-        write_unit(results.get().init_result(), r);
-        Ok(())
+        Ok(r?)
     }
 }

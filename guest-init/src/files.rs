@@ -1,7 +1,7 @@
 //! The `Files` capability: reading, atomically writing and listing guest
 //! files. Paths must be absolute guest paths.
 //!
-//! Error mapping (domain errors, in the result union):
+//! Error mapping (domain errors, as typed exceptions):
 //! - missing path or parent directory (ENOENT, ENOTDIR in a prefix) -> `notFound`
 //! - EACCES / EPERM / EROFS -> `denied`
 //! - a directory where a file is expected (or the reverse), a relative or
@@ -103,15 +103,9 @@ impl files::Server for FilesServer {
             let f = tokio::fs::File::open(&path).await.map_err(|e| io_to_cv(&path, &e))?;
             Ok::<_, CvError>(f)
         };
-        let r = r.await;
-        let mut b = results.get().init_result();
-        match r {
-            Ok(f) => {
-                let n = capvisor_rpc::sink::pump(f, &sink).await?;
-                b.set_size(n);
-            }
-            Err(e) => e.write_to(b.init_err()),
-        }
+        let f = r.await?;
+        let n = capvisor_rpc::sink::pump(f, &sink).await?;
+        results.get().set_size(n);
         Ok(())
     }
 
@@ -166,31 +160,25 @@ impl files::Server for FilesServer {
                 finished: std::cell::Cell::new(false),
             })
         };
-        let r: CvResult<FileSink> = r.await;
-        capvisor_rpc::write_result!(results.get().init_result(), r, |b, v| b
-            .set_sink(capnp_rpc::new_client::<byte_sink::Client, _>(v)));
+        let sink: CvResult<FileSink> = r.await;
+        results.get().set_sink(capnp_rpc::new_client::<byte_sink::Client, _>(sink?));
         Ok(())
     }
 
     /// Lists the directory `path` (see [`list_dir`]).
     async fn list(self: Rc<Self>, params: files::ListParams, mut results: files::ListResults) -> capnp::Result<()> {
-        let r = match abs_path(params.get()?.get_path()?) {
-            Ok(path) => tokio::task::spawn_blocking(move || list_dir(&path))
-                .await
-                .unwrap_or_else(|e| Err(CvError::internal(format!("list task: {e}")))),
-            Err(e) => Err(e),
-        };
-        let b = results.get().init_result();
-        capvisor_rpc::write_result!(b, r, |b, v| {
-            let mut l = b.init_entries(v.len() as u32);
-            for (i, e) in v.iter().enumerate() {
-                let mut d = l.reborrow().get(i as u32);
-                d.set_name(e.name.as_str());
-                d.set_kind(e.kind);
-                d.set_size(e.size);
-                d.set_mode(e.mode);
-            }
-        });
+        let path = abs_path(params.get()?.get_path()?)?;
+        let v = tokio::task::spawn_blocking(move || list_dir(&path))
+            .await
+            .unwrap_or_else(|e| Err(CvError::internal(format!("list task: {e}"))))?;
+        let mut l = results.get().init_entries(v.len() as u32);
+        for (i, e) in v.iter().enumerate() {
+            let mut d = l.reborrow().get(i as u32);
+            d.set_name(e.name.as_str());
+            d.set_kind(e.kind);
+            d.set_size(e.size);
+            d.set_mode(e.mode);
+        }
         Ok(())
     }
 }

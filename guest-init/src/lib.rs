@@ -100,17 +100,14 @@ impl guest::Server for GuestServer {
         Ok(())
     }
 
-    /// Starts a program (see [`exec`]); domain failures go into `result.err`.
+    /// Starts a program (see [`exec`]); domain failures are typed exceptions.
     async fn exec(self: Rc<Self>, params: guest::ExecParams, mut results: guest::ExecResults) -> capnp::Result<()> {
         reaper::ensure_started();
         let p = params.get()?;
         let stdout = p.get_stdout()?;
         let stderr = p.get_stderr()?;
-        let r = match exec::ExecRequest::read_from(p.get_spec()?)? {
-            Ok(req) => exec::start(req, stdout, stderr),
-            Err(e) => Err(e),
-        };
-        capvisor_rpc::write_result!(results.get().init_result(), r, |b, v| b.set_process(v));
+        let req = exec::ExecRequest::read_from(p.get_spec()?)??;
+        results.get().set_process(exec::start(req, stdout, stderr)?);
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use capvisor_guest_init::{boottime_ms, serve_stream, GuestServer, ShutdownMode};
 use capvisor_rpc::conn::{self, INTERNAL};
 use capvisor_rpc::sink::CollectSink;
 use capvisor_rpc::CvError;
-use capvisor_schema::common_capnp::{exit_status, process, wait_result, ErrorCode, FileKind};
+use capvisor_schema::common_capnp::{exit_status, process, ErrorCode, FileKind};
 use capvisor_schema::guest_capnp::guest;
 use std::future::Future;
 use std::time::Duration;
@@ -49,10 +49,9 @@ async fn exec(g: &guest::Client, r: &ExecRequest) -> Result<Started, CvError> {
         p.set_stderr(err_sink);
         r.write_to(p.init_spec());
     }
-    let resp = q.send().promise.await.expect("exec call");
-    match resp.get().unwrap().get_result().unwrap().which().unwrap() {
-        capvisor_schema::common_capnp::exec_result::Process(p) => Ok(Started { process: p.unwrap(), out, err }),
-        capvisor_schema::common_capnp::exec_result::Err(e) => Err(CvError::read_from(e.unwrap()).unwrap()),
+    match q.send().promise.await {
+        Ok(resp) => Ok(Started { process: resp.get().unwrap().get_process().unwrap(), out, err }),
+        Err(e) => Err(domain(e)),
     }
 }
 
@@ -63,13 +62,10 @@ enum Status {
 }
 
 async fn wait(p: &process::Client) -> Status {
-    let resp = p.wait_request().send().promise.await.expect("wait call");
-    match resp.get().unwrap().get_result().unwrap().which().unwrap() {
-        wait_result::Status(s) => match s.unwrap().which().unwrap() {
-            exit_status::Code(c) => Status::Code(c),
-            exit_status::Signal(s) => Status::Signal(s),
-        },
-        wait_result::Err(e) => panic!("wait failed: {}", CvError::read_from(e.unwrap()).unwrap()),
+    let resp = p.wait_request().send().promise.await.unwrap_or_else(|e| panic!("wait failed: {e}"));
+    match resp.get().unwrap().get_status().unwrap().which().unwrap() {
+        exit_status::Code(c) => Status::Code(c),
+        exit_status::Signal(s) => Status::Signal(s),
     }
 }
 
@@ -83,18 +79,19 @@ async fn run(g: &guest::Client, r: &ExecRequest) -> (Status, String, String) {
     (st, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned())
 }
 
-fn unit_err(r: capvisor_schema::common_capnp::unit_result::Reader<'_>) -> Option<CvError> {
-    match r.which().unwrap() {
-        capvisor_schema::common_capnp::unit_result::Ok(()) => None,
-        capvisor_schema::common_capnp::unit_result::Err(e) => Some(CvError::read_from(e.unwrap()).unwrap()),
-    }
+/// The typed domain error an exception carries (panics on any other failure).
+fn domain(e: capnp::Error) -> CvError {
+    CvError::from_rpc(&e).unwrap_or_else(|| panic!("not a domain error: {e}"))
+}
+
+fn unit_err<T>(r: capnp::Result<T>) -> Option<CvError> {
+    r.err().map(domain)
 }
 
 async fn kill(p: &process::Client, sig: i32) -> Option<CvError> {
     let mut q = p.kill_request();
     q.get().set_signal(sig);
-    let r = q.send().promise.await.unwrap();
-    unit_err(r.get().unwrap().get_result().unwrap())
+    unit_err(q.send().promise.await)
 }
 
 async fn resize(p: &process::Client, rows: u16, cols: u16) -> Option<CvError> {
@@ -102,8 +99,7 @@ async fn resize(p: &process::Client, rows: u16, cols: u16) -> Option<CvError> {
     let mut s = q.get().init_size();
     s.set_rows(rows);
     s.set_cols(cols);
-    let r = q.send().promise.await.unwrap();
-    unit_err(r.get().unwrap().get_result().unwrap())
+    unit_err(q.send().promise.await)
 }
 
 async fn write_stdin(p: &process::Client, data: &[u8]) -> capnp::Result<()> {
@@ -113,8 +109,7 @@ async fn write_stdin(p: &process::Client, data: &[u8]) -> capnp::Result<()> {
 }
 
 async fn close_stdin(p: &process::Client) {
-    let r = p.close_stdin_request().send().promise.await.unwrap();
-    assert!(unit_err(r.get().unwrap().get_result().unwrap()).is_none());
+    assert!(unit_err(p.close_stdin_request().send().promise.await).is_none());
 }
 
 #[test]
@@ -359,20 +354,15 @@ async fn files_cap(g: &guest::Client) -> capvisor_schema::common_capnp::files::C
 }
 
 async fn read_file(f: &capvisor_schema::common_capnp::files::Client, path: &str) -> Result<Vec<u8>, CvError> {
-    use capvisor_schema::common_capnp::read_result;
     let (sink, rx) = CollectSink::client(LIMIT);
     let mut q = f.read_request();
     q.get().set_path(path);
     q.get().set_sink(sink);
-    let r = q.send().promise.await.unwrap();
-    match r.get().unwrap().get_result().unwrap().which().unwrap() {
-        read_result::Size(n) => {
-            let data = rx.await.unwrap();
-            assert_eq!(n, data.len() as u64);
-            Ok(data)
-        }
-        read_result::Err(e) => Err(CvError::read_from(e.unwrap()).unwrap()),
-    }
+    let r = q.send().promise.await.map_err(domain)?;
+    let n = r.get().unwrap().get_size();
+    let data = rx.await.unwrap();
+    assert_eq!(n, data.len() as u64);
+    Ok(data)
 }
 
 async fn write_file(
@@ -381,15 +371,11 @@ async fn write_file(
     mode: u32,
     data: &[u8],
 ) -> Result<(), CvError> {
-    use capvisor_schema::common_capnp::sink_result;
     let mut q = f.write_request();
     q.get().set_path(path);
     q.get().set_mode(mode);
-    let r = q.send().promise.await.unwrap();
-    let sink = match r.get().unwrap().get_result().unwrap().which().unwrap() {
-        sink_result::Sink(s) => s.unwrap(),
-        sink_result::Err(e) => return Err(CvError::read_from(e.unwrap()).unwrap()),
-    };
+    let r = q.send().promise.await.map_err(domain)?;
+    let sink = r.get().unwrap().get_sink().unwrap();
     capvisor_rpc::sink::write_all(&sink, data).await.unwrap();
     sink.done_request().send().promise.await.unwrap();
     Ok(())
@@ -399,18 +385,16 @@ async fn list(
     f: &capvisor_schema::common_capnp::files::Client,
     path: &str,
 ) -> Result<Vec<(String, FileKind, u64, u32)>, CvError> {
-    use capvisor_schema::common_capnp::list_result;
     let mut q = f.list_request();
     q.get().set_path(path);
-    let r = q.send().promise.await.unwrap();
-    match r.get().unwrap().get_result().unwrap().which().unwrap() {
-        list_result::Entries(l) => Ok(l
-            .unwrap()
-            .iter()
-            .map(|e| (e.get_name().unwrap().to_string().unwrap(), e.get_kind().unwrap(), e.get_size(), e.get_mode()))
-            .collect()),
-        list_result::Err(e) => Err(CvError::read_from(e.unwrap()).unwrap()),
-    }
+    let r = q.send().promise.await.map_err(domain)?;
+    Ok(r.get()
+        .unwrap()
+        .get_entries()
+        .unwrap()
+        .iter()
+        .map(|e| (e.get_name().unwrap().to_string().unwrap(), e.get_kind().unwrap(), e.get_size(), e.get_mode()))
+        .collect())
 }
 
 #[test]
@@ -450,7 +434,6 @@ fn files_write_read_list() {
 #[test]
 fn files_write_abandoned_leaves_target_untouched() {
     with_guest(|g| async move {
-        use capvisor_schema::common_capnp::sink_result;
         let f = files_cap(&g).await;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keep.txt");
@@ -459,10 +442,7 @@ fn files_write_abandoned_leaves_target_untouched() {
         q.get().set_path(path.to_str().unwrap());
         q.get().set_mode(0o644);
         let r = q.send().promise.await.unwrap();
-        let sink = match r.get().unwrap().get_result().unwrap().which().unwrap() {
-            sink_result::Sink(s) => s.unwrap(),
-            sink_result::Err(_) => panic!("write failed"),
-        };
+        let sink = r.get().unwrap().get_sink().unwrap();
         capvisor_rpc::sink::write_all(&sink, b"partial").await.unwrap();
         drop(sink);
         drop(r);

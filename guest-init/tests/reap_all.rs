@@ -7,7 +7,7 @@
 use capvisor_guest_init::exec::{self, ExecRequest};
 use capvisor_guest_init::reaper;
 use capvisor_rpc::sink::CollectSink;
-use capvisor_schema::common_capnp::{exit_status, wait_result};
+use capvisor_schema::common_capnp::{exit_status};
 use std::time::Duration;
 
 /// Pids of our children that are zombies, from /proc/*/stat.
@@ -67,12 +67,9 @@ fn orphans_are_reaped_and_statuses_still_delivered() {
         let (e, erx) = CollectSink::client(1 << 20);
         let p = exec::start(req, o, e).unwrap();
         let w = p.wait_request().send().promise.await.unwrap();
-        match w.get().unwrap().get_result().unwrap().which().unwrap() {
-            wait_result::Status(s) => match s.unwrap().which().unwrap() {
-                exit_status::Code(c) => assert_eq!(c, 7),
-                exit_status::Signal(s) => panic!("signal {s}"),
-            },
-            wait_result::Err(_) => panic!("wait failed"),
+        match w.get().unwrap().get_status().unwrap().which().unwrap() {
+            exit_status::Code(c) => assert_eq!(c, 7),
+            exit_status::Signal(s) => panic!("signal {s}"),
         }
         let _ = (orx.await, erx.await);
         // The sleeps are alive and ours now.

@@ -16,7 +16,7 @@
 
 use capvisor_rpc::conn::{self, INTERNAL};
 use capvisor_rpc::sink::CollectSink;
-use capvisor_schema::common_capnp::{exec_result, exit_status, wait_result};
+use capvisor_schema::common_capnp::exit_status;
 use capvisor_schema::guest_capnp::guest;
 use std::io::Write;
 use std::os::fd::{AsRawFd, IntoRawFd};
@@ -69,18 +69,14 @@ async fn run(g: &guest::Client, argv: &[&str], pty: bool) -> (i32, String) {
             sz.set_cols(80);
         }
     }
-    let r = q.send().promise.await.unwrap();
-    let p = match r.get().unwrap().get_result().unwrap().which().unwrap() {
-        exec_result::Process(p) => p.unwrap(),
-        exec_result::Err(e) => panic!("exec {argv:?}: {:?}", e.unwrap().get_message()),
-    };
-    let w = p.wait_request().send().promise.await.unwrap();
-    let code = match w.get().unwrap().get_result().unwrap().which().unwrap() {
-        wait_result::Status(s) => match s.unwrap().which().unwrap() {
+    let r = q.send().promise.await.unwrap_or_else(|e| panic!("exec {argv:?}: {e}"));
+    let p = r.get().unwrap().get_process().unwrap();
+    let code = match p.wait_request().send().promise.await {
+        Ok(w) => match w.get().unwrap().get_status().unwrap().which().unwrap() {
             exit_status::Code(c) => c,
             exit_status::Signal(s) => 128 + s,
         },
-        wait_result::Err(_) => -1,
+        Err(_) => -1,
     };
     let mut out = orx.await.unwrap();
     out.extend(erx.await.unwrap());

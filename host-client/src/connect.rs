@@ -3,8 +3,9 @@
 
 use crate::error::{ClientError, ClientResult};
 use capvisor_rpc::conn::{self, UNTRUSTED};
-use capvisor_rpc::schema::capvisor_capnp::{gateway, login_result, session};
-use capvisor_rpc::CvError;
+use capvisor_rpc::error::text;
+use capvisor_rpc::principal::Principal;
+use capvisor_rpc::schema::capvisor_capnp::{gateway, login_info, session};
 use std::path::Path;
 use tokio::io::AsyncWriteExt;
 
@@ -15,7 +16,7 @@ pub struct LoginInfo {
     /// Resume token: a secret sturdy ref to the session.
     pub token: String,
     /// Who logged in.
-    pub principal: String,
+    pub principal: Principal,
     /// Profile name.
     pub profile: String,
     /// Expiry, Unix epoch ms.
@@ -39,23 +40,14 @@ pub async fn gateway(socket: &Path) -> ClientResult<gateway::Client> {
     Ok(gw)
 }
 
-fn read_login(r: login_result::Reader<'_>) -> ClientResult<LoginInfo> {
-    match r.which()? {
-        login_result::Which::Ok(ok) => {
-            let ok = ok?;
-            let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> ClientResult<String> {
-                Ok(t?.to_string().map_err(|e| capnp::Error::failed(e.to_string()))?)
-            };
-            Ok(LoginInfo {
-                session: ok.get_session()?,
-                token: text(ok.get_resume_token())?,
-                principal: text(ok.get_principal())?,
-                profile: text(ok.get_profile())?,
-                expires_at_ms: ok.get_expires_at_ms(),
-            })
-        }
-        login_result::Which::Err(e) => Err(CvError::read_from(e?)?.into()),
-    }
+fn read_login(session: session::Client, info: login_info::Reader<'_>) -> ClientResult<LoginInfo> {
+    Ok(LoginInfo {
+        session,
+        token: text(info.get_resume_token())?,
+        principal: Principal::read_from(info.get_principal()?)?,
+        profile: text(info.get_profile())?,
+        expires_at_ms: info.get_expires_at_ms(),
+    })
 }
 
 /// Logs in with this process's Unix credentials (SO_PEERCRED at the gateway).
@@ -65,7 +57,8 @@ fn read_login(r: login_result::Reader<'_>) -> ClientResult<LoginInfo> {
 pub async fn login_local(socket: &Path) -> ClientResult<LoginInfo> {
     let gw = gateway(socket).await?;
     let resp = gw.login_local_request().send().promise.await?;
-    read_login(resp.get()?.get_result()?)
+    let r = resp.get()?;
+    read_login(r.get_session()?, r.get_info()?)
 }
 
 /// Logs in with a password account.
@@ -78,7 +71,8 @@ pub async fn login_password(socket: &Path, user: &str, password: &str) -> Client
     req.get().set_user(user);
     req.get().set_password(password);
     let resp = req.send().promise.await?;
-    read_login(resp.get()?.get_result()?)
+    let r = resp.get()?;
+    read_login(r.get_session()?, r.get_info()?)
 }
 
 /// Attaches to the session of `token`: the gateway hands this connection

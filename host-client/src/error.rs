@@ -30,7 +30,14 @@ pub enum ClientError {
 pub type ClientResult<T> = Result<T, ClientError>;
 
 impl From<capnp::Error> for ClientError {
+    /// Classifies an exception by the rule in `capvisor_rpc::error`: a
+    /// `[capvisor:<code>]` reason is a typed domain outcome, kind
+    /// `disconnected` is transport loss, anything else an infrastructure
+    /// failure.
     fn from(e: capnp::Error) -> Self {
+        if let Some(d) = CvError::from_rpc(&e) {
+            return ClientError::Domain(d);
+        }
         if e.kind == capnp::ErrorKind::Disconnected {
             ClientError::Disconnected(e.extra)
         } else {

@@ -1,40 +1,27 @@
-//! Typed helpers over the client-facing capabilities. Each turns the
-//! schema's result unions into `ClientResult`, so callers match on
-//! [`ClientError::Domain`] codes rather than text.
+//! Typed helpers over the client-facing capabilities.
+//!
+//! Calls that return a capability are *pipelined*: [`cap_set`], [`get_cap`],
+//! [`vms`], [`accounts`], [`create_vm`], [`get_vm`], [`exec`] and [`files`]
+//! return at once with a promise of the capability, without a round trip.
+//! Calls made on such a promise travel together with the calls that produce
+//! it, so `vms(&s)` -> `get_vm(..)` -> `exec(..)` -> [`wait`] costs one round
+//! trip. If a call along the chain fails, the first awaited result carries
+//! that first failure's typed code ([`ClientError::Domain`]), by the error
+//! rule of `capvisor_rpc::error`.
 
 use crate::error::{ClientError, ClientResult};
 use capnp::capability::FromClientHook;
 use capnp::traits::HasTypeId;
-use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, session, vm, vm_factory, VmState};
+use capvisor_rpc::error::text;
+use capvisor_rpc::principal::Principal;
+use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, session, vm, vm_factory, Engine, VmState};
 use capvisor_rpc::schema::common_capnp::{byte_sink, exit_status, files, process, FileKind};
 use capvisor_rpc::sink::CollectSink;
-use capvisor_rpc::CvError;
 use tokio::io::AsyncRead;
 
-/// Reads a result union whose members are `$ok` and `err`.
-macro_rules! take {
-    ($r:expr, $m:ident :: $ok:ident) => {{
-        match $r.which()? {
-            $m::Which::$ok(v) => Ok(v),
-            $m::Which::Err(e) => Err(ClientError::from(CvError::read_from(e?)?)),
-        }
-    }};
-}
-
-fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> ClientResult<String> {
-    Ok(t?.to_string().map_err(|e| capnp::Error::failed(e.to_string()))?)
-}
-
-fn unit(r: capvisor_rpc::schema::common_capnp::unit_result::Reader<'_>) -> ClientResult<()> {
-    use capvisor_rpc::schema::common_capnp::unit_result;
-    take!(r, unit_result::Ok).map(|()| ())
-}
-
-/// `Session.capSet`.
-pub async fn cap_set(s: &session::Client) -> ClientResult<cap_set::Client> {
-    use capvisor_rpc::schema::capvisor_capnp::cap_set_result;
-    let resp = s.cap_set_request().send().promise.await?;
-    Ok(take!(resp.get()?.get_result()?, cap_set_result::CapSet)??)
+/// `Session.capSet`, pipelined.
+pub fn cap_set(s: &session::Client) -> cap_set::Client {
+    s.cap_set_request().send().pipeline.get_cap_set()
 }
 
 /// One `CapSet` entry.
@@ -52,10 +39,10 @@ pub struct CapInfo {
 
 /// `CapSet.list`.
 pub async fn list_caps(cs: &cap_set::Client) -> ClientResult<Vec<CapInfo>> {
-    use capvisor_rpc::schema::capvisor_capnp::cap_list_result;
     let resp = cs.list_request().send().promise.await?;
-    let list = take!(resp.get()?.get_result()?, cap_list_result::Entries)??;
-    list.iter()
+    resp.get()?
+        .get_entries()?
+        .iter()
         .map(|e| {
             Ok(CapInfo {
                 name: text(e.get_name())?,
@@ -67,37 +54,29 @@ pub async fn list_caps(cs: &cap_set::Client) -> ClientResult<Vec<CapInfo>> {
         .collect()
 }
 
-/// `CapSet.get(name, interfaceId)` with an explicit interface id.
-///
-/// Errors: `Domain(notFound)` or `Domain(wrongInterface)`.
-pub async fn get_cap_raw(
-    cs: &cap_set::Client,
-    name: &str,
-    interface_id: u64,
-) -> ClientResult<capnp::capability::Client> {
-    use capvisor_rpc::schema::capvisor_capnp::get_result;
+/// `CapSet.get(name, interfaceId)` with an explicit interface id, pipelined.
+/// A miss (`notFound`, `wrongInterface`) shows on the first call made on
+/// the result.
+pub fn get_cap_raw(cs: &cap_set::Client, name: &str, interface_id: u64) -> capnp::capability::Client {
     let mut req = cs.get_request();
     req.get().set_name(name);
     req.get().set_interface_id(interface_id);
-    let resp = req.send().promise.await?;
-    let ptr = take!(resp.get()?.get_result()?, get_result::Cap)?;
-    Ok(ptr.get_as_capability::<capnp::capability::Client>()?)
+    capnp::capability::Client::new(req.send().pipeline.get_cap().as_cap())
 }
 
-/// `CapSet.get` typed by the interface `C` asks for.
-pub async fn get_cap<C: FromClientHook + HasTypeId>(cs: &cap_set::Client, name: &str) -> ClientResult<C> {
-    let c = get_cap_raw(cs, name, C::TYPE_ID).await?;
-    Ok(C::new(c.hook))
+/// `CapSet.get` typed by the interface `C` asks for, pipelined.
+pub fn get_cap<C: FromClientHook + HasTypeId>(cs: &cap_set::Client, name: &str) -> C {
+    C::new(get_cap_raw(cs, name, C::TYPE_ID).hook)
 }
 
-/// `VmFactory` from the session's CapSet entry `vms`.
-pub async fn vms(s: &session::Client) -> ClientResult<vm_factory::Client> {
-    get_cap(&cap_set(s).await?, "vms").await
+/// `VmFactory` from the session's CapSet entry `vms`, pipelined.
+pub fn vms(s: &session::Client) -> vm_factory::Client {
+    get_cap(&cap_set(s), "vms")
 }
 
-/// `Accounts` from the session's CapSet entry `accounts`.
-pub async fn accounts(s: &session::Client) -> ClientResult<accounts::Client> {
-    get_cap(&cap_set(s).await?, "accounts").await
+/// `Accounts` from the session's CapSet entry `accounts`, pipelined.
+pub fn accounts(s: &session::Client) -> accounts::Client {
+    get_cap(&cap_set(s), "accounts")
 }
 
 /// Session facts.
@@ -106,7 +85,7 @@ pub struct SessionInfo {
     /// Session id (not a credential).
     pub session_id: String,
     /// Who.
-    pub principal: String,
+    pub principal: Principal,
     /// Profile.
     pub profile: String,
     /// Expiry, Unix epoch ms.
@@ -115,12 +94,11 @@ pub struct SessionInfo {
 
 /// `Session.info`.
 pub async fn session_info(s: &session::Client) -> ClientResult<SessionInfo> {
-    use capvisor_rpc::schema::capvisor_capnp::session_info_result;
     let resp = s.info_request().send().promise.await?;
-    let i = take!(resp.get()?.get_result()?, session_info_result::Info)??;
+    let i = resp.get()?.get_info()?;
     Ok(SessionInfo {
         session_id: text(i.get_session_id())?,
-        principal: text(i.get_principal())?,
+        principal: Principal::read_from(i.get_principal()?)?,
         profile: text(i.get_profile())?,
         expires_at_ms: i.get_expires_at_ms(),
     })
@@ -128,12 +106,12 @@ pub async fn session_info(s: &session::Client) -> ClientResult<SessionInfo> {
 
 /// `Session.logout`.
 pub async fn logout(s: &session::Client) -> ClientResult<()> {
-    let resp = s.logout_request().send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    s.logout_request().send().promise.await?;
+    Ok(())
 }
 
 /// What to create.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct VmSpec {
     /// Empty: generated.
     pub name: String,
@@ -143,8 +121,14 @@ pub struct VmSpec {
     pub memory_mib: u32,
     /// 0: 1.
     pub vcpus: u32,
-    /// "", "auto", "qemu", "kvm".
-    pub engine: String,
+    /// Which engine runs it.
+    pub engine: Engine,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        Self { name: String::new(), image: String::new(), memory_mib: 0, vcpus: 0, engine: Engine::Auto }
+    }
 }
 
 /// A VM's facts.
@@ -160,8 +144,8 @@ pub struct VmInfo {
     pub vcpus: u32,
     /// State.
     pub state: VmState,
-    /// Engine.
-    pub engine: String,
+    /// Engine (the one that runs it, once booted).
+    pub engine: Engine,
     /// Guest `uname -r`.
     pub kernel_release: String,
     /// Create to guest-init answering, ms.
@@ -175,25 +159,17 @@ fn read_info(i: capvisor_rpc::schema::capvisor_capnp::vm_info::Reader<'_>) -> Cl
         memory_mib: i.get_memory_mib(),
         vcpus: i.get_vcpus(),
         state: i.get_state()?,
-        engine: text(i.get_engine())?,
+        engine: i.get_engine()?,
         kernel_release: text(i.get_kernel_release())?,
         boot_ms: i.get_boot_ms(),
     })
 }
 
-/// The schema name of a VM state.
-pub fn state_name(s: VmState) -> &'static str {
-    match s {
-        VmState::Starting => "starting",
-        VmState::Running => "running",
-        VmState::Stopped => "stopped",
-        VmState::Crashed => "crashed",
-    }
-}
+pub use capvisor_rpc::names::{engine_name, vm_state_name as state_name};
 
-/// `VmFactory.create`: boots a VM, returns once guest-init answers.
-pub async fn create_vm(f: &vm_factory::Client, spec: &VmSpec) -> ClientResult<vm::Client> {
-    use capvisor_rpc::schema::capvisor_capnp::vm_result;
+/// `VmFactory.create`, pipelined: the VM boots on the server; calls on the
+/// returned `Vm` run once guest-init answers.
+pub fn create_vm(f: &vm_factory::Client, spec: &VmSpec) -> vm::Client {
     let mut req = f.create_request();
     {
         let mut s = req.get().init_spec();
@@ -201,66 +177,56 @@ pub async fn create_vm(f: &vm_factory::Client, spec: &VmSpec) -> ClientResult<vm
         s.set_image(spec.image.as_str());
         s.set_memory_mib(spec.memory_mib);
         s.set_vcpus(spec.vcpus);
-        s.set_engine(spec.engine.as_str());
+        s.set_engine(spec.engine);
     }
-    let resp = req.send().promise.await?;
-    Ok(take!(resp.get()?.get_result()?, vm_result::Vm)??)
+    req.send().pipeline.get_vm()
 }
 
-/// `VmFactory.get`.
-pub async fn get_vm(f: &vm_factory::Client, name: &str) -> ClientResult<vm::Client> {
-    use capvisor_rpc::schema::capvisor_capnp::vm_result;
+/// `VmFactory.get`, pipelined.
+pub fn get_vm(f: &vm_factory::Client, name: &str) -> vm::Client {
     let mut req = f.get_request();
     req.get().set_name(name);
-    let resp = req.send().promise.await?;
-    Ok(take!(resp.get()?.get_result()?, vm_result::Vm)??)
+    req.send().pipeline.get_vm()
 }
 
 /// `VmFactory.list`.
 pub async fn list_vms(f: &vm_factory::Client) -> ClientResult<Vec<VmInfo>> {
-    use capvisor_rpc::schema::capvisor_capnp::vm_list_result;
     let resp = f.list_request().send().promise.await?;
-    let list = take!(resp.get()?.get_result()?, vm_list_result::Vms)??;
-    list.iter().map(read_info).collect()
+    resp.get()?.get_vms()?.iter().map(read_info).collect()
 }
 
 /// `VmFactory.remove`.
 pub async fn remove_vm(f: &vm_factory::Client, name: &str) -> ClientResult<()> {
     let mut req = f.remove_request();
     req.get().set_name(name);
-    let resp = req.send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    req.send().promise.await?;
+    Ok(())
 }
 
 /// `Vm.info`.
 pub async fn vm_info(v: &vm::Client) -> ClientResult<VmInfo> {
-    use capvisor_rpc::schema::capvisor_capnp::vm_info_result;
     let resp = v.info_request().send().promise.await?;
-    read_info(take!(resp.get()?.get_result()?, vm_info_result::Info)??)
+    read_info(resp.get()?.get_info()?)
 }
 
 /// `Vm.stop`.
 pub async fn stop_vm(v: &vm::Client) -> ClientResult<()> {
-    let resp = v.stop_request().send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    v.stop_request().send().promise.await?;
+    Ok(())
 }
 
 /// `Vm.ping`: a no-op round trip to guest-init.
 pub async fn ping(v: &vm::Client) -> ClientResult<()> {
-    let resp = v.ping_request().send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    v.ping_request().send().promise.await?;
+    Ok(())
 }
 
 pub use capvisor_rpc::exec::ExecRequest;
 
-/// `Vm.exec`: starts a process; output flows into the sinks.
-pub async fn exec(
-    v: &vm::Client,
-    r: &ExecRequest,
-    stdout: byte_sink::Client,
-    stderr: byte_sink::Client,
-) -> ClientResult<process::Client> {
-    use capvisor_rpc::schema::common_capnp::exec_result;
+/// `Vm.exec`, pipelined: starts a process whose output flows into the
+/// sinks; a failure to start shows on the first call made on the returned
+/// `Process` (usually [`wait`]).
+pub fn exec(v: &vm::Client, r: &ExecRequest, stdout: byte_sink::Client, stderr: byte_sink::Client) -> process::Client {
     let mut req = v.exec_request();
     {
         let mut p = req.get();
@@ -268,8 +234,7 @@ pub async fn exec(
         p.set_stdout(stdout);
         p.set_stderr(stderr);
     }
-    let resp = req.send().promise.await?;
-    Ok(take!(resp.get()?.get_result()?, exec_result::Process)??)
+    req.send().pipeline.get_process()
 }
 
 /// How a process ended.
@@ -293,10 +258,8 @@ impl Exit {
 
 /// `Process.wait`: resolves after exit and after all output was delivered.
 pub async fn wait(p: &process::Client) -> ClientResult<Exit> {
-    use capvisor_rpc::schema::common_capnp::wait_result;
     let resp = p.wait_request().send().promise.await?;
-    let st = take!(resp.get()?.get_result()?, wait_result::Status)??;
-    Ok(match st.which()? {
+    Ok(match resp.get()?.get_status()?.which()? {
         exit_status::Code(c) => Exit::Code(c),
         exit_status::Signal(s) => Exit::Signal(s),
     })
@@ -314,8 +277,8 @@ pub async fn write_stdin(p: &process::Client, data: &[u8]) -> ClientResult<()> {
 
 /// `Process.closeStdin`.
 pub async fn close_stdin(p: &process::Client) -> ClientResult<()> {
-    let resp = p.close_stdin_request().send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    p.close_stdin_request().send().promise.await?;
+    Ok(())
 }
 
 /// `Process.resize` (pty only).
@@ -324,16 +287,16 @@ pub async fn resize(p: &process::Client, rows: u16, cols: u16) -> ClientResult<(
     let mut s = req.get().init_size();
     s.set_rows(rows);
     s.set_cols(cols);
-    let resp = req.send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    req.send().promise.await?;
+    Ok(())
 }
 
 /// `Process.kill`.
 pub async fn kill(p: &process::Client, signal: i32) -> ClientResult<()> {
     let mut req = p.kill_request();
     req.get().set_signal(signal);
-    let resp = req.send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    req.send().promise.await?;
+    Ok(())
 }
 
 /// A finished command's output.
@@ -348,33 +311,30 @@ pub struct Output {
 }
 
 /// Runs `argv` to completion with `stdin`, collecting up to `limit` bytes
-/// of each output stream.
+/// of each output stream (exec and wait pipelined: one round trip).
 pub async fn exec_collect(v: &vm::Client, argv: &[&str], stdin: &[u8], limit: usize) -> ClientResult<Output> {
     let (out, out_rx) = CollectSink::client(limit);
     let (err, err_rx) = CollectSink::client(limit);
     let req =
         ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), stdin: stdin.to_vec(), ..Default::default() };
-    let p = exec(v, &req, out, err).await?;
+    let p = exec(v, &req, out, err);
     let exit = wait(&p).await?;
     let gone = || ClientError::Disconnected("output stream ended early".into());
     Ok(Output { stdout: out_rx.await.map_err(|_| gone())?, stderr: err_rx.await.map_err(|_| gone())?, exit })
 }
 
-/// `Vm.files`.
-pub async fn files(v: &vm::Client) -> ClientResult<files::Client> {
-    use capvisor_rpc::schema::capvisor_capnp::files_result;
-    let resp = v.files_request().send().promise.await?;
-    Ok(take!(resp.get()?.get_result()?, files_result::Files)??)
+/// `Vm.files`, pipelined.
+pub fn files(v: &vm::Client) -> files::Client {
+    v.files_request().send().pipeline.get_files()
 }
 
 /// `Files.read` into `sink`; returns the byte count.
 pub async fn read_file(f: &files::Client, path: &str, sink: byte_sink::Client) -> ClientResult<u64> {
-    use capvisor_rpc::schema::common_capnp::read_result;
     let mut req = f.read_request();
     req.get().set_path(path);
     req.get().set_sink(sink);
     let resp = req.send().promise.await?;
-    take!(resp.get()?.get_result()?, read_result::Size)
+    Ok(resp.get()?.get_size())
 }
 
 /// Reads a whole guest file into memory (at most `limit` bytes).
@@ -388,12 +348,10 @@ pub async fn read_file_bytes(f: &files::Client, path: &str, limit: usize) -> Cli
 /// truncated, permission bits `mode`); returns bytes written once the guest
 /// has the file closed and in place.
 pub async fn write_file<R: AsyncRead + Unpin>(f: &files::Client, path: &str, mode: u32, body: R) -> ClientResult<u64> {
-    use capvisor_rpc::schema::common_capnp::sink_result;
     let mut req = f.write_request();
     req.get().set_path(path);
     req.get().set_mode(mode);
-    let resp = req.send().promise.await?;
-    let sink = take!(resp.get()?.get_result()?, sink_result::Sink)??;
+    let sink = req.send().pipeline.get_sink();
     Ok(capvisor_rpc::sink::pump(body, &sink).await?)
 }
 
@@ -412,12 +370,12 @@ pub struct DirEntry {
 
 /// `Files.list`.
 pub async fn list_dir(f: &files::Client, path: &str) -> ClientResult<Vec<DirEntry>> {
-    use capvisor_rpc::schema::common_capnp::list_result;
     let mut req = f.list_request();
     req.get().set_path(path);
     let resp = req.send().promise.await?;
-    let list = take!(resp.get()?.get_result()?, list_result::Entries)??;
-    list.iter()
+    resp.get()?
+        .get_entries()?
+        .iter()
         .map(|e| {
             Ok(DirEntry { name: text(e.get_name())?, kind: e.get_kind()?, size: e.get_size(), mode: e.get_mode() })
         })
@@ -430,22 +388,20 @@ pub async fn add_account(a: &accounts::Client, name: &str, profile: &str, passwo
     req.get().set_name(name);
     req.get().set_profile(profile);
     req.get().set_password(password);
-    let resp = req.send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    req.send().promise.await?;
+    Ok(())
 }
 
 /// `Accounts.list`: (name, profile) pairs.
 pub async fn list_accounts(a: &accounts::Client) -> ClientResult<Vec<(String, String)>> {
-    use capvisor_rpc::schema::capvisor_capnp::account_list_result;
     let resp = a.list_request().send().promise.await?;
-    let list = take!(resp.get()?.get_result()?, account_list_result::Accounts)??;
-    list.iter().map(|e| Ok((text(e.get_name())?, text(e.get_profile())?))).collect()
+    resp.get()?.get_accounts()?.iter().map(|e| Ok((text(e.get_name())?, text(e.get_profile())?))).collect()
 }
 
 /// `Accounts.remove`.
 pub async fn remove_account(a: &accounts::Client, name: &str) -> ClientResult<()> {
     let mut req = a.remove_request();
     req.get().set_name(name);
-    let resp = req.send().promise.await?;
-    unit(resp.get()?.get_result()?)
+    req.send().promise.await?;
+    Ok(())
 }

@@ -2,8 +2,12 @@
 //! profiles exist, which bundle (capability names + limits) each profile
 //! gets, and which guest images exist. TOML; the embedded default is
 //! `manifests/default.toml` ([`DEFAULT_TOML`]). Also the immutable
-//! [`SessionContext`] the broker hands each worker at spawn.
+//! [`SessionContext`] the broker hands each worker at spawn (schema
+//! `internal.capnp` `SessionContext`, in the worker's config memfd).
 
+use capvisor_rpc::principal::Principal;
+use capvisor_rpc::schema::capvisor_capnp::Engine;
+use capvisor_rpc::schema::internal_capnp::{built_image, bundle, session_context};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +44,9 @@ pub struct Manifest {
     /// Local (peer-credential) auth.
     #[serde(default)]
     pub local: LocalConfig,
+    /// VM settings that hold for every session.
+    #[serde(default)]
+    pub vms: VmsConfig,
     /// Guest images by name.
     pub images: BTreeMap<String, ImageConfig>,
     /// Profiles by name; a principal gets exactly one.
@@ -72,6 +79,23 @@ pub struct LocalConfig {
     /// the uid running `capvisor serve`.
     #[serde(default)]
     pub owner_uids: Vec<u32>,
+}
+
+/// `[vms]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmsConfig {
+    /// What engine `auto` means: `"kvm"` or `"qemu"`; absent: detect
+    /// (kvm where /dev/kvm is hardware-backed, else qemu).
+    #[serde(default)]
+    pub auto_engine: Option<String>,
+}
+
+impl VmsConfig {
+    /// The pinned meaning of `auto` (`Engine::Auto` = detect).
+    pub fn auto_engine(&self) -> Engine {
+        self.auto_engine.as_deref().and_then(|n| capvisor_rpc::names::parse_engine(n).ok()).unwrap_or(Engine::Auto)
+    }
 }
 
 /// `[images.NAME]`.
@@ -139,9 +163,13 @@ impl Manifest {
     pub fn validate(&self) -> anyhow::Result<()> {
         for a in &self.gateway.auth {
             anyhow::ensure!(
-                a == "local" || a == "password",
+                capvisor_rpc::principal::parse_method(a).is_some(),
                 "gateway.auth: unknown method {a:?} (known: local, password)"
             );
+        }
+        if let Some(e) = &self.vms.auto_engine {
+            let parsed = capvisor_rpc::names::parse_engine(e).map_err(|m| anyhow::anyhow!("vms.auto_engine: {m}"))?;
+            anyhow::ensure!(parsed != Engine::Auto, "vms.auto_engine: name kvm or qemu (leave it out to detect)");
         }
         anyhow::ensure!(self.profiles.contains_key("owner"), "profiles: an `owner` profile is required");
         for (p, prof) in &self.profiles {
@@ -185,7 +213,7 @@ impl Manifest {
     }
 }
 
-/// A built guest image: files on the host the VMM boots.
+/// A built guest image: files on the host the VMM boots (schema `BuiltImage`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BuiltImage {
     /// Uncompressed ELF vmlinux (boots by its PVH note).
@@ -196,15 +224,107 @@ pub struct BuiltImage {
     pub kernel_release: String,
 }
 
+fn path_text(p: &std::path::Path) -> capnp::Result<&str> {
+    p.to_str().ok_or_else(|| capnp::Error::failed(format!("path {} is not UTF-8", p.display())))
+}
+
+fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    capvisor_rpc::error::text(t)
+}
+
+impl BuiltImage {
+    /// Encodes as schema `BuiltImage` named `name`.
+    ///
+    /// Errors: a path is not UTF-8.
+    pub fn write_to(&self, name: &str, mut b: built_image::Builder<'_>) -> capnp::Result<()> {
+        b.set_name(name);
+        b.set_kernel(path_text(&self.kernel)?);
+        b.set_initramfs(path_text(&self.initramfs)?);
+        b.set_kernel_release(self.kernel_release.as_str());
+        Ok(())
+    }
+
+    /// Decodes a schema `BuiltImage`: (name, image).
+    ///
+    /// Errors: a missing, malformed or non-UTF-8 field.
+    pub fn read_from(r: built_image::Reader<'_>) -> capnp::Result<(String, Self)> {
+        Ok((
+            text(r.get_name())?,
+            Self {
+                kernel: text(r.get_kernel())?.into(),
+                initramfs: text(r.get_initramfs())?.into(),
+                kernel_release: text(r.get_kernel_release())?,
+            },
+        ))
+    }
+}
+
+/// Writes `images` into a schema `List(BuiltImage)` builder's owner.
+///
+/// Errors: a path is not UTF-8.
+pub fn write_images(
+    images: &BTreeMap<String, BuiltImage>,
+    mut list: capnp::struct_list::Builder<'_, built_image::Owned>,
+) -> capnp::Result<()> {
+    for (i, (name, img)) in images.iter().enumerate() {
+        img.write_to(name, list.reborrow().get(i as u32))?;
+    }
+    Ok(())
+}
+
+/// Reads a schema `List(BuiltImage)` into a map by name.
+///
+/// Errors: as [`BuiltImage::read_from`].
+pub fn read_images(
+    list: capnp::struct_list::Reader<'_, built_image::Owned>,
+) -> capnp::Result<BTreeMap<String, BuiltImage>> {
+    list.iter().map(BuiltImage::read_from).collect()
+}
+
+impl Bundle {
+    /// Encodes as schema `Bundle`.
+    pub fn write_to(&self, mut b: bundle::Builder<'_>) {
+        let mut caps = b.reborrow().init_caps(self.caps.len() as u32);
+        for (i, c) in self.caps.iter().enumerate() {
+            caps.set(i as u32, c.as_str());
+        }
+        b.set_max_vms(self.max_vms);
+        b.set_max_memory_mib(self.max_memory_mib);
+        b.set_default_memory_mib(self.default_memory_mib);
+        b.set_max_vcpus(self.max_vcpus);
+        let mut images = b.init_images(self.images.len() as u32);
+        for (i, n) in self.images.iter().enumerate() {
+            images.set(i as u32, n.as_str());
+        }
+    }
+
+    /// Decodes a schema `Bundle`.
+    ///
+    /// Errors: a missing, malformed or non-UTF-8 field.
+    pub fn read_from(r: bundle::Reader<'_>) -> capnp::Result<Self> {
+        let list = |l: capnp::text_list::Reader<'_>| -> capnp::Result<Vec<String>> {
+            l.iter().map(|t| text(t)).collect()
+        };
+        Ok(Self {
+            caps: list(r.get_caps()?)?,
+            max_vms: r.get_max_vms(),
+            max_memory_mib: r.get_max_memory_mib(),
+            default_memory_mib: r.get_default_memory_mib(),
+            max_vcpus: r.get_max_vcpus(),
+            images: list(r.get_images()?)?,
+        })
+    }
+}
+
 /// The immutable context of one session, handed by the broker to the
-/// session's worker at spawn (environment variable
-/// `CAPVISOR_SESSION_CONTEXT`, JSON). Holds no secret.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// session's worker at spawn (schema `SessionContext` in the worker's
+/// config memfd). Holds no secret.
+#[derive(Clone, Debug, PartialEq)]
 pub struct SessionContext {
     /// Random session id (hex); not a credential.
     pub session_id: String,
-    /// Who logged in, e.g. `local:alice`, `password:bob`.
-    pub principal: String,
+    /// Who logged in.
+    pub principal: Principal,
     /// Profile name.
     pub profile: String,
     /// The profile's bundle.
@@ -215,6 +335,50 @@ pub struct SessionContext {
     pub images: BTreeMap<String, BuiltImage>,
     /// Directory for this session's VM run dirs (created by the worker).
     pub run_dir: PathBuf,
+    /// What `auto` means (`Auto`: detect); manifest `[vms] auto_engine`.
+    pub auto_engine: Engine,
+}
+
+impl SessionContext {
+    /// Encodes as schema `SessionContext`.
+    ///
+    /// Errors: a path is not UTF-8.
+    pub fn write_to(&self, mut b: session_context::Builder<'_>) -> capnp::Result<()> {
+        b.set_session_id(self.session_id.as_str());
+        self.principal.write_to(b.reborrow().init_principal());
+        b.set_profile(self.profile.as_str());
+        self.bundle.write_to(b.reborrow().init_bundle());
+        b.set_expires_at_ms(self.expires_at_ms);
+        write_images(&self.images, b.reborrow().init_images(self.images.len() as u32))?;
+        b.set_run_dir(path_text(&self.run_dir)?);
+        b.set_auto_engine(self.auto_engine);
+        Ok(())
+    }
+
+    /// Decodes a schema `SessionContext`.
+    ///
+    /// Errors: a missing, malformed or non-UTF-8 field, an unknown enum value.
+    pub fn read_from(r: session_context::Reader<'_>) -> capnp::Result<Self> {
+        Ok(Self {
+            session_id: text(r.get_session_id())?,
+            principal: Principal::read_from(r.get_principal()?)?,
+            profile: text(r.get_profile())?,
+            bundle: Bundle::read_from(r.get_bundle()?)?,
+            expires_at_ms: r.get_expires_at_ms(),
+            images: read_images(r.get_images()?)?,
+            run_dir: text(r.get_run_dir())?.into(),
+            auto_engine: r.get_auto_engine()?,
+        })
+    }
+
+    /// The context as a config message (see `capvisor_rpc::spawn::config_fd`).
+    ///
+    /// Errors: as [`SessionContext::write_to`].
+    pub fn to_message(&self) -> capnp::Result<capnp::message::Builder<capnp::message::HeapAllocator>> {
+        let mut m = capnp::message::Builder::new_default();
+        self.write_to(m.init_root())?;
+        Ok(m)
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +400,38 @@ mod tests {
         assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("root"));
         let bad = DEFAULT_TOML.replace("[gateway]", "[gateway]\nbogus = 1");
         assert!(Manifest::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn session_context_round_trips_through_the_schema() {
+        let m = Manifest::default_manifest();
+        let ctx = SessionContext {
+            session_id: "ab12".into(),
+            principal: Principal::new(capvisor_rpc::schema::capvisor_capnp::AuthMethod::Local, "alice"),
+            profile: "owner".into(),
+            bundle: m.bundle_for("owner").unwrap().clone(),
+            expires_at_ms: 1_700_000_000_000,
+            images: [(
+                "base".to_string(),
+                BuiltImage { kernel: "/k".into(), initramfs: "/i".into(), kernel_release: "6.1".into() },
+            )]
+            .into(),
+            run_dir: "/run/s".into(),
+            auto_engine: Engine::Qemu,
+        };
+        let msg = ctx.to_message().unwrap();
+        assert_eq!(SessionContext::read_from(msg.get_root_as_reader().unwrap()).unwrap(), ctx);
+    }
+
+    #[test]
+    fn auto_engine_setting() {
+        assert_eq!(Manifest::default_manifest().vms.auto_engine(), Engine::Auto);
+        let pinned = format!("[vms]\nauto_engine = \"qemu\"\n{DEFAULT_TOML}");
+        assert_eq!(Manifest::parse(&pinned).unwrap().vms.auto_engine(), Engine::Qemu);
+        let bad = format!("[vms]\nauto_engine = \"xen\"\n{DEFAULT_TOML}");
+        assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("xen"));
+        let auto = format!("[vms]\nauto_engine = \"auto\"\n{DEFAULT_TOML}");
+        assert!(Manifest::parse(&auto).is_err());
     }
 
     #[test]

@@ -1,12 +1,22 @@
-//! The typed domain error of every capvisor interface (DESIGN.md, "Errors").
+//! The typed domain error of every capvisor interface and the one place it
+//! is encoded into, and parsed out of, Cap'n Proto exceptions (DESIGN.md,
+//! "Errors"; the rule is written in `schema/capnp/common.capnp` and
+//! docs/decisions.md, "Errors ride exceptions").
 //!
 //! Transport loss is `capnp::ErrorKind::Disconnected`; infrastructure
-//! failures are capnp exceptions; domain outcomes (denied, not found, quota,
-//! stale session, wrong interface, ...) are a result union carrying the
-//! schema's `Error { code, message }`, represented here by [`CvError`].
+//! failures are other capnp exceptions; domain outcomes (denied, not found,
+//! quota, stale session, wrong interface, ...) are exceptions of kind
+//! `failed` whose reason starts with `[capvisor:<code>] `. Because they are
+//! exceptions, a method can return a capability directly and a client can
+//! pipeline on it; a pipelined call whose target failed fails with the
+//! first failure's exception, code included.
 
-use capvisor_schema::common_capnp::{error, ErrorCode};
+use capvisor_schema::common_capnp::ErrorCode;
 use std::fmt;
+
+/// The text that opens an encoded domain error inside an exception reason:
+/// `[capvisor:` + code name + `] ` + message.
+pub const MARKER: &str = "[capvisor:";
 
 /// A domain outcome: a stable [`ErrorCode`] clients match on, and a message
 /// for people. The message never carries a secret.
@@ -54,26 +64,52 @@ impl CvError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
     }
-
-    /// Writes this error into a schema `Error` builder (usually a result
-    /// union's `init_err()`).
-    pub fn write_to(&self, mut b: error::Builder<'_>) {
-        b.set_code(self.code);
-        b.set_message(self.message.as_str());
-    }
-
-    /// Reads a schema `Error`. An unknown code (a newer peer) becomes
-    /// `internal` with the message kept.
-    pub fn read_from(r: error::Reader<'_>) -> capnp::Result<Self> {
-        let code = r.get_code().unwrap_or(ErrorCode::Internal);
-        let message = r.get_message()?.to_string().unwrap_or_default();
-        Ok(Self { code, message })
+    /// `notRunning`: the VM is stopped.
+    pub fn not_running(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotRunning, message)
     }
 
     /// The stable lower-camel name of the code, as in the schema
-    /// (e.g. `"staleSession"`); used in audit events and CLI output.
+    /// (e.g. `"staleSession"`); used on the wire, in audit events and CLI output.
     pub fn code_name(&self) -> &'static str {
         code_name(self.code)
+    }
+
+    /// Encodes this error as the exception a server method returns:
+    /// kind `failed`, reason `[capvisor:<code>] <message>`.
+    pub fn to_rpc(&self) -> capnp::Error {
+        capnp::Error::failed(format!("{MARKER}{}] {}", self.code_name(), self.message))
+    }
+
+    /// Decodes a domain error from an exception, wherever the marker stands
+    /// in its reason (capnp-rpc prefixes forwarded reasons with
+    /// `remote exception: `). `None` for transport loss and for exceptions
+    /// without the marker (infrastructure failures). An unknown code name
+    /// (a newer peer) decodes as `internal` with the whole reason kept.
+    pub fn from_rpc(e: &capnp::Error) -> Option<Self> {
+        if e.kind == capnp::ErrorKind::Disconnected {
+            return None;
+        }
+        let at = e.extra.find(MARKER)?;
+        let rest = &e.extra[at + MARKER.len()..];
+        let Some((name, message)) = rest.split_once(']') else {
+            return Some(Self::internal(e.extra.clone()));
+        };
+        let message = message.strip_prefix(' ').unwrap_or(message).to_string();
+        Some(match code_from_name(name) {
+            Some(code) => Self { code, message },
+            None => Self::internal(format!("unknown error code {name:?}: {message}")),
+        })
+    }
+
+    /// Relays an exception from another capvisor process: a domain error
+    /// keeps its code (re-encoded once, without transport prefixes);
+    /// anything else becomes the domain error `otherwise` makes of it.
+    pub fn relay(e: capnp::Error, otherwise: impl FnOnce(capnp::Error) -> CvError) -> CvError {
+        match Self::from_rpc(&e) {
+            Some(d) => d,
+            None => otherwise(e),
+        }
     }
 }
 
@@ -93,6 +129,25 @@ pub fn code_name(code: ErrorCode) -> &'static str {
     }
 }
 
+/// Every code, in schema order (for tests and tables).
+pub const ALL_CODES: [ErrorCode; 10] = [
+    ErrorCode::Denied,
+    ErrorCode::NotFound,
+    ErrorCode::WrongInterface,
+    ErrorCode::Quota,
+    ErrorCode::StaleSession,
+    ErrorCode::InvalidArgument,
+    ErrorCode::AlreadyExists,
+    ErrorCode::Unavailable,
+    ErrorCode::Internal,
+    ErrorCode::NotRunning,
+];
+
+/// The code named `name` (the inverse of [`code_name`]).
+pub fn code_from_name(name: &str) -> Option<ErrorCode> {
+    ALL_CODES.into_iter().find(|c| code_name(*c) == name)
+}
+
 impl fmt::Display for CvError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.code_name(), self.message)
@@ -101,27 +156,66 @@ impl fmt::Display for CvError {
 
 impl std::error::Error for CvError {}
 
+impl From<CvError> for capnp::Error {
+    fn from(e: CvError) -> Self {
+        e.to_rpc()
+    }
+}
+
 /// Maps an infrastructure error into a capnp exception (`failed`), for the
 /// paths that are not domain outcomes.
 pub fn failed(e: impl fmt::Display) -> capnp::Error {
     capnp::Error::failed(e.to_string())
 }
 
-/// Writes `res` into a result union: `Ok` via `ok`, `Err` into the builder
-/// `init_err()` returns. Use as
-/// `write_result!(results.get().init_result(), res, |b, v| b.set_vm(v))`.
-#[macro_export]
-macro_rules! write_result {
-    ($builder:expr, $res:expr, |$b:ident, $v:ident| $ok:expr) => {{
-        let mut $b = $builder;
-        match $res {
-            Ok($v) => {
-                $ok;
-            }
-            Err(e) => {
-                let e: $crate::CvError = e;
-                e.write_to($b.init_err());
-            }
+/// Reads a text field as an owned `String`.
+///
+/// Errors: the field is missing or malformed (capnp error), or it is not
+/// UTF-8 (`invalidArgument`).
+pub fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    t?.to_string().map_err(|_| CvError::invalid("text fields must be UTF-8").to_rpc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_round_trips() {
+        for code in ALL_CODES {
+            let e = CvError::new(code, "x y] z");
+            let back = CvError::from_rpc(&e.to_rpc()).unwrap();
+            assert_eq!(back, e);
+            assert_eq!(code_from_name(code_name(code)), Some(code));
         }
-    }};
+    }
+
+    #[test]
+    fn decodes_through_transport_prefixes() {
+        let wire = capnp::Error::failed(format!(
+            "remote exception: remote exception: {}",
+            CvError::not_found("no VM \"a\"").to_rpc().extra
+        ));
+        let e = CvError::from_rpc(&wire).unwrap();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(e.message, "no VM \"a\"");
+    }
+
+    #[test]
+    fn first_marker_wins() {
+        let inner = CvError::denied("the guest printed [capvisor:quota] x");
+        let e = CvError::from_rpc(&inner.to_rpc()).unwrap();
+        assert_eq!(e.code, ErrorCode::Denied);
+    }
+
+    #[test]
+    fn non_domain_errors() {
+        assert!(CvError::from_rpc(&capnp::Error::failed("boom".into())).is_none());
+        let gone = capnp::Error::disconnected(CvError::stale().to_rpc().extra);
+        assert!(CvError::from_rpc(&gone).is_none(), "transport loss is never a domain outcome");
+        let newer = capnp::Error::failed("[capvisor:fromTheFuture] hi".into());
+        assert_eq!(CvError::from_rpc(&newer).unwrap().code, ErrorCode::Internal);
+        let relayed = CvError::relay(capnp::Error::failed("boom".into()), |e| CvError::unavailable(e.extra));
+        assert_eq!(relayed.code, ErrorCode::Unavailable);
+    }
 }

@@ -5,9 +5,13 @@
 //! - [`conn`]: capnp-rpc over Unix sockets / socketpairs with bounded
 //!   [`capnp::message::ReaderOptions`], and a single-threaded runtime helper.
 //! - [`exec`]: [`exec::ExecRequest`], the Rust form of `ExecSpec`.
-//! - [`error`]: the typed domain error ([`CvError`], schema `Error`) and
-//!   conversions to and from capnp messages.
+//! - [`error`]: the typed domain error ([`CvError`]) and its one encoding
+//!   in Cap'n Proto exceptions.
 //! - [`sink`]: `ByteSink` servers and a pump from any `AsyncRead` into a sink.
+//! - [`host`]: host facts (hardware KVM usable?) and engine resolution.
+//! - [`names`]: schema names of `Engine` and `VmState`.
+//! - [`principal`]: [`principal::Principal`], who a session belongs to.
+//! - [`vmconfig`]: [`vmconfig::VmConfig`], what a worker asks its vmm to run.
 //! - [`fdpass`]: passing a file descriptor with a small tag over a
 //!   `SOCK_SEQPACKET` Unix socket (`SCM_RIGHTS`, unix(7)).
 //! - [`spawn`]: starting a child process with chosen inherited descriptors
@@ -19,9 +23,13 @@ pub mod conn;
 pub mod error;
 pub mod exec;
 pub mod fdpass;
+pub mod host;
+pub mod names;
 pub mod paths;
+pub mod principal;
 pub mod sink;
 pub mod spawn;
+pub mod vmconfig;
 
 pub use capvisor_schema as schema;
 pub use error::{CvError, CvResult};
@@ -45,4 +53,19 @@ pub fn init_logging(name: &'static str) {
         .event_format(tracing_subscriber::fmt::format().with_target(false).without_time().compact())
         .try_init();
     tracing::debug!(process = name, "logging initialised");
+}
+
+/// The last `max` bytes of the file at `path` (empty if it cannot be read);
+/// reads only those bytes, however large the file is.
+pub fn read_tail(path: &std::path::Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::with_capacity((len - start).min(max) as usize);
+    let _ = f.take(max).read_to_end(&mut buf);
+    buf
 }

@@ -1,59 +1,53 @@
 @0xe138ffd2084cb044;
 # The client-facing capabilities: what a logged-in principal holds.
+# Errors follow the rule in common.capnp: values are returned directly and
+# domain outcomes are exceptions carrying "[capvisor:<ErrorCode>]".
 
 using Common = import "common.capnp";
 
-struct LoginOk {
-  session @0 :Session;
-  resumeToken @1 :Text;    # sturdy ref: keep secret; `Gateway.resume` and attach take it
-  principal @2 :Text;      # e.g. "local:alice" or "password:bob"
-  profile @3 :Text;
-  expiresAtMs @4 :Int64;   # Unix epoch milliseconds
+enum AuthMethod {
+  # How a principal proved who it is. Only append.
+  local @0;      # Unix peer credentials on the gateway socket (SO_PEERCRED)
+  password @1;   # a password account in the broker's credential store
 }
 
-struct LoginResult {
-  union {
-    ok @0 :LoginOk;
-    err @1 :Common.Error;
-  }
+struct Principal {
+  # Who a session belongs to. Shown to people as "<method>:<name>"
+  # (e.g. "local:alice", "password:bob").
+  method @0 :AuthMethod;
+  name @1 :Text;     # local: the Unix user name (or "uid<N>"); password: the account name
+}
+
+struct LoginInfo {
+  resumeToken @0 :Text;    # sturdy ref: keep secret; `Gateway.resume` and attach take it
+  principal @1 :Principal;
+  profile @2 :Text;
+  expiresAtMs @3 :Int64;   # Unix epoch milliseconds
 }
 
 interface Gateway {
-  # Bootstrap capability of the gateway socket.
-  authMethods @0 () -> (methods :List(Text));
+  # Bootstrap capability of the gateway socket. Every login returns the
+  # session (pipelinable) and the facts of the login.
+  authMethods @0 () -> (methods :List(AuthMethod));
   # Authenticates by the connecting process's Unix credentials (SO_PEERCRED).
-  loginLocal @1 () -> (result :LoginResult);
-  loginPassword @2 (user :Text, password :Text) -> (result :LoginResult);
-  resume @3 (token :Text) -> (result :LoginResult);
+  loginLocal @1 () -> (session :Session, info :LoginInfo);
+  loginPassword @2 (user :Text, password :Text) -> (session :Session, info :LoginInfo);
+  resume @3 (token :Text) -> (session :Session, info :LoginInfo);
 }
 
 struct SessionInfo {
-  sessionId @0 :Text;
-  principal @1 :Text;
+  sessionId @0 :Text;      # not a credential
+  principal @1 :Principal;
   profile @2 :Text;
-  expiresAtMs @3 :Int64;
-}
-
-struct SessionInfoResult {
-  union {
-    info @0 :SessionInfo;
-    err @1 :Common.Error;
-  }
-}
-
-struct CapSetResult {
-  union {
-    capSet @0 :CapSet;
-    err @1 :Common.Error;
-  }
+  expiresAtMs @3 :Int64;   # Unix epoch milliseconds
 }
 
 interface Session {
-  info @0 () -> (result :SessionInfoResult);
-  capSet @1 () -> (result :CapSetResult);
+  info @0 () -> (info :SessionInfo);
+  capSet @1 () -> (capSet :CapSet);
   # Ends the session: every cap of it fails with staleSession, its resume
   # token stops working, its VMs are stopped.
-  logout @2 () -> (result :Common.UnitResult);
+  logout @2 ();
 }
 
 struct CapEntry {
@@ -63,25 +57,25 @@ struct CapEntry {
   description @3 :Text;
 }
 
-struct CapListResult {
-  union {
-    entries @0 :List(CapEntry);
-    err @1 :Common.Error;
-  }
-}
-
-struct GetResult {
-  union {
-    cap @0 :AnyPointer;     # a capability of the requested interface
-    err @1 :Common.Error;
-  }
-}
-
 interface CapSet {
-  list @0 () -> (result :CapListResult);
+  list @0 () -> (entries :List(CapEntry));
   # Returns the cap named `name` only if its interface id is `interfaceId`;
   # otherwise notFound or wrongInterface.
-  get @1 (name :Text, interfaceId :UInt64) -> (result :GetResult);
+  get @1 (name :Text, interfaceId :UInt64) -> (cap :Capability);
+}
+
+enum Engine {
+  auto @0;   # kvm where /dev/kvm is hardware-backed (falls back to qemu), else qemu
+  qemu @1;   # qemu-system-x86_64 -M microvm (KVM acceleration when usable, else TCG)
+  kvm @2;    # capvisor's own VMM inside the confined vmm process
+}
+
+enum VmState {
+  starting @0;
+  running @1;
+  paused @2;
+  stopped @3;
+  crashed @4;
 }
 
 struct VmSpec {
@@ -89,14 +83,7 @@ struct VmSpec {
   image @1 :Text;         # empty: "base"
   memoryMib @2 :UInt32;   # 0: the bundle's default
   vcpus @3 :UInt32;       # 0: 1
-  engine @4 :Text;        # "", "auto", "qemu" or "kvm"
-}
-
-enum VmState {
-  starting @0;
-  running @1;
-  stopped @2;
-  crashed @3;
+  engine @4 :Engine;
 }
 
 struct VmInfo {
@@ -105,56 +92,31 @@ struct VmInfo {
   memoryMib @2 :UInt32;
   vcpus @3 :UInt32;
   state @4 :VmState;
-  engine @5 :Text;
+  engine @5 :Engine;      # as requested until booted, then the one that runs it
   kernelRelease @6 :Text;
   bootMs @7 :UInt64;      # create call to guest-init answering, milliseconds
 }
 
-struct VmResult {
-  union {
-    vm @0 :Vm;
-    err @1 :Common.Error;
-  }
-}
-
-struct VmListResult {
-  union {
-    vms @0 :List(VmInfo);
-    err @1 :Common.Error;
-  }
-}
-
-struct VmInfoResult {
-  union {
-    info @0 :VmInfo;
-    err @1 :Common.Error;
-  }
-}
-
-struct FilesResult {
-  union {
-    files @0 :Common.Files;
-    err @1 :Common.Error;
-  }
-}
-
 interface VmFactory {
   # Boots a VM and returns once guest-init answers.
-  create @0 (spec :VmSpec) -> (result :VmResult);
-  list @1 () -> (result :VmListResult);
-  get @2 (name :Text) -> (result :VmResult);
-  # Stops the VM if running and forgets it.
-  remove @3 (name :Text) -> (result :Common.UnitResult);
+  create @0 (spec :VmSpec) -> (vm :Vm);
+  list @1 () -> (vms :List(VmInfo));
+  get @2 (name :Text) -> (vm :Vm);
+  # Stops the VM if running and forgets it. Every `Vm` (and `Process`,
+  # `Files`) reached for it answers notFound from then on, also if a new VM
+  # later takes the same name.
+  remove @3 (name :Text);
 }
 
 interface Vm {
-  info @0 () -> (result :VmInfoResult);
+  # One VM for the capability's whole life.
+  info @0 () -> (info :VmInfo);
   exec @1 (spec :Common.ExecSpec, stdout :Common.ByteSink, stderr :Common.ByteSink)
-      -> (result :Common.ExecResult);
-  files @2 () -> (result :FilesResult);
-  stop @3 () -> (result :Common.UnitResult);
+      -> (process :Common.Process);
+  files @2 () -> (files :Common.Files);
+  stop @3 ();
   # A no-op round trip to guest-init (measures the data path).
-  ping @4 () -> (result :Common.UnitResult);
+  ping @4 ();
 }
 
 struct AccountInfo {
@@ -162,16 +124,9 @@ struct AccountInfo {
   profile @1 :Text;
 }
 
-struct AccountListResult {
-  union {
-    accounts @0 :List(AccountInfo);
-    err @1 :Common.Error;
-  }
-}
-
 interface Accounts {
   # Password accounts in the broker's credential store (owner profile only).
-  add @0 (name :Text, profile :Text, password :Text) -> (result :Common.UnitResult);
-  list @1 () -> (result :AccountListResult);
-  remove @2 (name :Text) -> (result :Common.UnitResult);
+  add @0 (name :Text, profile :Text, password :Text);
+  list @1 () -> (accounts :List(AccountInfo));
+  remove @2 (name :Text);
 }

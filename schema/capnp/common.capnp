@@ -1,11 +1,26 @@
 @0xb52b1e4a3b0f2b12;
-# Types shared by every capvisor interface: the typed error every domain
-# outcome carries, and the ByteSink stream capability (DESIGN.md, "Errors").
+# Types shared by every capvisor interface: error codes, byte streams,
+# processes and files (DESIGN.md, "Errors"; docs/decisions.md, "Errors ride
+# exceptions").
+#
+# The error rule. Every method returns its value directly, so a method that
+# returns a capability can be pipelined on (`capSet().get(..).get(..).exec(..)`
+# in one round trip). A domain outcome (denied, not found, quota, ...) is a
+# Cap'n Proto exception of type `failed` whose reason text begins with
+#     [capvisor:<code>] <message for people>
+# where <code> is the lower-camel name of an `ErrorCode` enumerant below
+# (e.g. `[capvisor:notFound] this session has no VM named "web"`). Clients
+# find the first `[capvisor:` marker in the reason (transports may prefix
+# text such as "remote exception: "), map the name to the code, and treat an
+# unknown name as `internal`. An exception without the marker is an
+# infrastructure failure; type `disconnected` is transport loss. A call made
+# on a pipelined capability whose producing call failed fails with that
+# first failure's exception, code included.
 
 enum ErrorCode {
   # Stable codes clients match on. Never reorder; only append.
   denied @0;          # authentication failed, or the bundle does not allow it
-  notFound @1;        # no such VM, file, capability name, account
+  notFound @1;        # no such VM, file, capability name, account (or it was removed)
   wrongInterface @2;  # CapSet.get: the name exists, the interface id differs
   quota @3;           # a bundle limit (max VMs, memory per VM, image) would be exceeded
   staleSession @4;    # the session was logged out, expired or revoked
@@ -14,20 +29,6 @@ enum ErrorCode {
   unavailable @7;     # a backend failed (the VM did not boot, qemu missing)
   internal @8;        # a bug or unexpected failure on our side
   notRunning @9;      # the VM is stopped
-}
-
-struct Error {
-  code @0 :ErrorCode;
-  message @1 :Text;   # for people; never holds a secret; not an API
-}
-
-struct Unit {}
-
-struct UnitResult {
-  union {
-    ok @0 :Void;
-    err @1 :Error;
-  }
 }
 
 interface ByteSink {
@@ -67,29 +68,15 @@ struct ExitStatus {
   }
 }
 
-struct WaitResult {
-  union {
-    status @0 :ExitStatus;
-    err @1 :Error;
-  }
-}
-
 interface Process {
   # A running process in a guest. Its stdout and stderr flow into the
   # ByteSinks given to exec.
   write @0 (data :Data) -> stream;          # more stdin (keepStdinOpen) or pty input
-  closeStdin @1 () -> (result :UnitResult);
+  closeStdin @1 ();
   # Returns after the process exited and both output sinks got `done`.
-  wait @2 () -> (result :WaitResult);
-  kill @3 (signal :Int32) -> (result :UnitResult);
-  resize @4 (size :PtySize) -> (result :UnitResult);   # pty only
-}
-
-struct ExecResult {
-  union {
-    process @0 :Process;
-    err @1 :Error;
-  }
+  wait @2 () -> (status :ExitStatus);
+  kill @3 (signal :Int32);
+  resize @4 (size :PtySize);                # pty only
 }
 
 enum FileKind {
@@ -106,33 +93,13 @@ struct DirEntry {
   mode @3 :UInt32;     # permission bits
 }
 
-struct ReadResult {
-  union {
-    size @0 :UInt64;   # bytes streamed into the sink
-    err @1 :Error;
-  }
-}
-
-struct SinkResult {
-  union {
-    sink @0 :ByteSink;
-    err @1 :Error;
-  }
-}
-
-struct ListResult {
-  union {
-    entries @0 :List(DirEntry);
-    err @1 :Error;
-  }
-}
-
 interface Files {
   # A guest's file system. Paths are absolute guest paths.
-  read @0 (path :Text, sink :ByteSink) -> (result :ReadResult);
+  # Streams the file into `sink` (then `done`); returns the byte count.
+  read @0 (path :Text, sink :ByteSink) -> (size :UInt64);
   # Creates or truncates `path` with permission bits `mode`; the caller
   # writes the body into the returned sink and calls done, which returns
   # once the file is written and closed.
-  write @1 (path :Text, mode :UInt32) -> (result :SinkResult);
-  list @2 (path :Text) -> (result :ListResult);
+  write @1 (path :Text, mode :UInt32) -> (sink :ByteSink);
+  list @2 (path :Text) -> (entries :List(DirEntry));
 }

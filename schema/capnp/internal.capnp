@@ -1,30 +1,65 @@
 @0xcf319c5efef75e3c;
-# Interfaces between capvisor's own processes. Never reachable by clients.
+# Interfaces and messages between capvisor's own processes. Never reachable
+# by clients. Errors follow the rule in common.capnp. The spawn-time
+# configurations (BrokerConfig, SessionContext, VmConfig) are single
+# messages a parent writes into a memfd that the child inherits at the
+# descriptor named by its `--config-fd` flag (capvisor_rpc::spawn); children
+# get no other configuration and an empty environment apart from PATH and
+# CAPVISOR_LOG.
 
 using Common = import "common.capnp";
 using Cv = import "capvisor.capnp";
 
+struct UnixCred {
+  # SO_PEERCRED of a Unix-socket peer (unix(7)).
+  uid @0 :UInt32;
+  gid @1 :UInt32;
+  pid @2 :UInt32;
+}
+
+struct Peer {
+  # What the gateway saw of the connecting client (for audit and throttling).
+  union {
+    unknown @0 :Void;
+    unix @1 :UnixCred;
+  }
+}
+
 interface Broker {
   # The broker's face to the gateway (over the gateway<->broker socketpair).
-  # Login calls carry what the gateway saw of the peer.
-  loginLocal @0 (uid :UInt32, pid :UInt32) -> (result :Cv.LoginResult);
-  loginPassword @1 (user :Text, password :Text, peer :Text) -> (result :Cv.LoginResult);
-  resume @2 (token :Text, peer :Text) -> (result :Cv.LoginResult);
+  loginLocal @0 (peer :UnixCred) -> (session :Cv.Session, info :Cv.LoginInfo);
+  loginPassword @1 (user :Text, password :Text, peer :Peer) -> (session :Cv.Session, info :Cv.LoginInfo);
+  resume @2 (token :Text, peer :Peer) -> (session :Cv.Session, info :Cv.LoginInfo);
+}
+
+struct AuditOutcome {
+  union {
+    ok @0 :Void;
+    error @1 :Common.ErrorCode;
+  }
 }
 
 struct AuditEvent {
   action @0 :Text;     # e.g. "vm.create", "capset.get"
   cap @1 :Text;        # cap name or interface
   method @2 :Text;
-  outcome @3 :Text;    # "ok" or an ErrorCode name
+  outcome @3 :AuditOutcome;
   detail @4 :Text;     # never a secret
+}
+
+enum RevokeReason {
+  logout @0;      # the session's holder called Session.logout
+  expired @1;     # the session outlived its TTL
+  shutdown @2;    # capvisor is stopping
+  brokerGone @3;  # the worker lost its broker
+  revoked @4;     # the broker revoked it (e.g. an operator action)
 }
 
 interface SessionHost {
   # The broker's face to one worker: what that session may ask of the broker.
   logout @0 () -> ();
   audit @1 (event :AuditEvent) -> ();
-  # Null unless the session's bundle holds "accounts".
+  # Fails with notFound unless the session's bundle holds "accounts".
   accounts @2 () -> (accounts :Cv.Accounts);
 }
 
@@ -34,15 +69,7 @@ interface Worker {
   session @0 () -> (session :Cv.Session);
   # Revokes the session: caps fail with staleSession, VMs stop, the
   # worker exits once its clients are gone.
-  revoke @1 (reason :Text) -> ();
-}
-
-enum MachineState {
-  starting @0;
-  running @1;
-  paused @2;
-  stopped @3;
-  crashed @4;
+  revoke @1 (reason :RevokeReason) -> ();
 }
 
 struct BootTimes {
@@ -56,10 +83,10 @@ struct BootTimes {
 }
 
 struct MachineStatus {
-  state @0 :MachineState;
+  state @0 :Cv.VmState;
   detail @1 :Text;        # why it stopped or crashed
   pid @2 :UInt32;         # of the engine process (qemu, or the vmm itself for kvm) or 0
-  engine @3 :Text;        # "qemu" or "kvm"
+  engine @3 :Cv.Engine;   # the engine that runs it (qemu or kvm, never auto)
   boot @4 :BootTimes;
 }
 
@@ -69,10 +96,70 @@ interface Machine {
   status @0 () -> (status :MachineStatus);
   # Graceful (ACPI power button / guest shutdown) for up to `graceMs`, then forced.
   stop @1 (graceMs :UInt32) -> (status :MachineStatus);
-  pause @2 () -> (result :Common.UnitResult);
-  resume @3 () -> (result :Common.UnitResult);
-  # The last `maxBytes` of the guest console (serial) log.
-  consoleTail @4 (maxBytes :UInt32) -> (text :Text);
+  pause @2 ();
+  resume @3 ();
+  # The last `maxBytes` bytes of the guest console (serial) log, as written
+  # by the guest (not necessarily UTF-8).
+  consoleTail @4 (maxBytes :UInt32) -> (bytes :Data);
   # Resolves when the machine leaves starting/running/paused.
   waitExit @5 () -> (status :MachineStatus);
+}
+
+struct Disk {
+  # A raw disk image attached as virtio-blk (VIRTIO 1.2 section 5.2).
+  path @0 :Text;       # absolute host path
+  readOnly @1 :Bool;   # the device offers VIRTIO_BLK_F_RO
+}
+
+struct VmConfig {
+  # What a worker asks its vmm to run (capvisor_rpc::vmconfig::VmConfig).
+  name @0 :Text;           # for logs and the guest; never a path component the vmm trusts
+  runDir @1 :Text;         # the VM's private directory: console.log lives there
+  kernel @2 :Text;         # uncompressed ELF vmlinux
+  initramfs @3 :Text;      # uncompressed newc cpio
+  memoryMib @4 :UInt32;    # at least 64
+  vcpus @5 :UInt32;        # at least 1
+  engine @6 :Cv.Engine;
+  extraCmdline @7 :Text;   # appended to the kernel command line
+  disks @8 :List(Disk);    # /dev/vda, /dev/vdb, ... in order; at most 8
+}
+
+struct BuiltImage {
+  # A guest image built by the supervisor: files on the host.
+  name @0 :Text;           # manifest image name
+  kernel @1 :Text;         # uncompressed ELF vmlinux
+  initramfs @2 :Text;      # uncompressed newc cpio
+  kernelRelease @3 :Text;  # the guest's uname -r
+}
+
+struct Bundle {
+  # What a session may hold and do (manifest [bundles.NAME]).
+  caps @0 :List(Text);          # capability names in the CapSet
+  maxVms @1 :UInt32;
+  maxMemoryMib @2 :UInt32;      # per VM
+  defaultMemoryMib @3 :UInt32;
+  maxVcpus @4 :UInt32;          # per VM
+  images @5 :List(Text);        # image names the session may boot
+}
+
+struct SessionContext {
+  # The immutable context of one session, from the broker to its worker.
+  # Holds no secret.
+  sessionId @0 :Text;           # random hex; not a credential
+  principal @1 :Cv.Principal;
+  profile @2 :Text;
+  bundle @3 :Bundle;
+  expiresAtMs @4 :Int64;        # Unix epoch milliseconds
+  images @5 :List(BuiltImage);  # the images the bundle allows
+  runDir @6 :Text;              # directory for this session's VM run dirs
+  autoEngine @7 :Cv.Engine;     # what engine `auto` means: auto = detect (manifest [vms] auto_engine)
+}
+
+struct BrokerConfig {
+  # Everything the broker needs, resolved by the supervisor. Holds no secret.
+  manifestToml @0 :Text;        # the validated manifest, in its own (TOML) format
+  images @1 :List(BuiltImage);  # every built image
+  stateDir @2 :Text;            # accounts, audit log, session run dirs (exists, 0700)
+  ownerUids @3 :List(UInt32);   # uids that get the owner profile by loginLocal
+  workerBin @4 :Text;           # the capvisor-worker binary
 }

@@ -250,19 +250,10 @@ impl Child {
     }
 }
 
-fn spawn_child(
-    name: &'static str,
-    bin_dir: &Path,
-    args: &[String],
-    env: &[(&str, String)],
-    fds: Vec<spawn::Inherit>,
-) -> anyhow::Result<Child> {
+fn spawn_child(name: &'static str, bin_dir: &Path, args: &[String], fds: Vec<spawn::Inherit>) -> anyhow::Result<Child> {
     let path = bin_dir.join(name);
     let mut cmd = tokio::process::Command::new(&path);
     cmd.args(args).stdin(std::process::Stdio::null()).process_group(0);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
     spawn::prepare(&mut cmd, &fds);
     let child = cmd.spawn().with_context(|| format!("starting {}", path.display()))?;
     drop(fds);
@@ -282,12 +273,16 @@ async fn supervise(
     let mut int = signal(SignalKind::interrupt())?;
     let (rpc_b, rpc_g) = spawn::stream_pair()?;
     let (att_b, att_g) = fdpass::pair()?;
+    let config = spawn::config_fd(&cfg.to_message()?)?;
     let broker = spawn_child(
         "capvisor-broker",
         &opts.bin_dir,
-        &["--rpc-fd".into(), "3".into(), "--attach-fd".into(), "4".into()],
-        &[(capvisor_broker::config::CONFIG_ENV, cfg.to_json())],
-        vec![spawn::Inherit { fd: rpc_b, target: 3 }, spawn::Inherit { fd: att_b, target: 4 }],
+        &["--rpc-fd".into(), "3".into(), "--attach-fd".into(), "4".into(), "--config-fd".into(), "5".into()],
+        vec![
+            spawn::Inherit { fd: rpc_b, target: 3 },
+            spawn::Inherit { fd: att_b, target: 4 },
+            spawn::Inherit { fd: config, target: 5 },
+        ],
     )?;
     let mut children = vec![broker];
     match spawn_child(
@@ -302,7 +297,6 @@ async fn supervise(
             "5".into(),
             format!("--auth={auth}"),
         ],
-        &[],
         vec![
             spawn::Inherit { fd: listener, target: 3 },
             spawn::Inherit { fd: rpc_g, target: 4 },

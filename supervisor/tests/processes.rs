@@ -6,7 +6,8 @@
 use capvisor_broker::BrokerConfig;
 use capvisor_manifest::Manifest;
 use capvisor_rpc::conn;
-use capvisor_rpc::schema::capvisor_capnp::{gateway, login_result, session, session_info_result};
+use capvisor_rpc::principal::Principal;
+use capvisor_rpc::schema::capvisor_capnp::{gateway, session};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::CvError;
 use capvisor_supervisor::{run_services, ServeOptions};
@@ -147,34 +148,34 @@ async fn gateway_client(socket: &Path) -> gateway::Client {
     conn::connect::<gateway::Client>(s, None, conn::UNTRUSTED).0
 }
 
-fn login_outcome(r: login_result::Reader<'_>) -> Result<(session::Client, String, String), CvError> {
-    match r.which().unwrap() {
-        login_result::Ok(ok) => {
-            let ok = ok.unwrap();
-            Ok((
-                ok.get_session().unwrap(),
-                ok.get_resume_token().unwrap().to_string().unwrap(),
-                ok.get_principal().unwrap().to_string().unwrap(),
-            ))
+/// (session, token, principal) of a login call's outcome, or its typed error.
+macro_rules! login_outcome {
+    ($r:expr) => {{
+        match $r {
+            Ok(resp) => {
+                let r = resp.get().unwrap();
+                let info = r.get_info().unwrap();
+                Ok((
+                    r.get_session().unwrap(),
+                    info.get_resume_token().unwrap().to_string().unwrap(),
+                    Principal::read_from(info.get_principal().unwrap()).unwrap().to_string(),
+                ))
+            }
+            Err(e) => Err(CvError::from_rpc(&e).unwrap_or_else(|| panic!("not a domain error: {e}"))),
         }
-        login_result::Err(e) => Err(CvError::read_from(e.unwrap()).unwrap()),
-    }
+    }};
 }
 
 async fn password(gw: &gateway::Client, user: &str, pw: &str) -> Result<(session::Client, String, String), CvError> {
     let mut req = gw.login_password_request();
     req.get().set_user(user);
     req.get().set_password(pw);
-    let resp = req.send().promise.await.unwrap();
-    login_outcome(resp.get().unwrap().get_result().unwrap())
+    login_outcome!(req.send().promise.await)
 }
 
 async fn session_id(s: &session::Client) -> String {
-    let resp = s.info_request().send().promise.await.unwrap();
-    match resp.get().unwrap().get_result().unwrap().which().unwrap() {
-        session_info_result::Info(i) => i.unwrap().get_session_id().unwrap().to_string().unwrap(),
-        session_info_result::Err(e) => panic!("info: {:?}", CvError::read_from(e.unwrap())),
-    }
+    let resp = s.info_request().send().promise.await.unwrap_or_else(|e| panic!("info: {e}"));
+    resp.get().unwrap().get_info().unwrap().get_session_id().unwrap().to_string().unwrap()
 }
 
 #[test]
@@ -195,8 +196,14 @@ fn gateway_and_broker_processes_serve_logins_and_shut_down_cleanly() {
     conn::run_local(async {
         let gw = gateway_client(&r.opts.socket).await;
         let resp = gw.auth_methods_request().send().promise.await.unwrap();
-        let methods: Vec<String> =
-            resp.get().unwrap().get_methods().unwrap().iter().map(|m| m.unwrap().to_string().unwrap()).collect();
+        let methods: Vec<&str> = resp
+            .get()
+            .unwrap()
+            .get_methods()
+            .unwrap()
+            .iter()
+            .map(|m| capvisor_rpc::principal::method_name(m.unwrap()))
+            .collect();
         assert_eq!(methods, vec!["local", "password"]);
 
         let wrong = password(&gw, "bob", "not-bobs-password").await.err().unwrap();
@@ -210,8 +217,7 @@ fn gateway_and_broker_processes_serve_logins_and_shut_down_cleanly() {
         let e = capvisor_rpc::attach::read_reply(&mut s).await.unwrap().unwrap_err();
         assert_eq!(e.code, ErrorCode::StaleSession);
 
-        let resp = gw.login_local_request().send().promise.await.unwrap();
-        let local = login_outcome(resp.get().unwrap().get_result().unwrap());
+        let local = login_outcome!(gw.login_local_request().send().promise.await);
         if !with_worker {
             eprintln!("SKIPPED (partly): capvisor-worker is not built; checking only that logins fail typed");
             assert_eq!(local.err().unwrap().code, ErrorCode::Unavailable);
@@ -223,8 +229,7 @@ fn gateway_and_broker_processes_serve_logins_and_shut_down_cleanly() {
 
         let mut req = gw.resume_request();
         req.get().set_token(token.as_str());
-        let resp = req.send().promise.await.unwrap();
-        let (again, _, _) = login_outcome(resp.get().unwrap().get_result().unwrap()).unwrap();
+        let (again, _, _) = login_outcome!(req.send().promise.await).unwrap();
         assert_eq!(session_id(&again).await, id);
 
         let mut s = tokio::net::UnixStream::connect(&r.opts.socket).await.unwrap();
@@ -241,11 +246,7 @@ fn gateway_and_broker_processes_serve_logins_and_shut_down_cleanly() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut req = gw.resume_request();
         req.get().set_token(token.as_str());
-        let resp = req.send().promise.await.unwrap();
-        assert_eq!(
-            login_outcome(resp.get().unwrap().get_result().unwrap()).err().unwrap().code,
-            ErrorCode::StaleSession
-        );
+        assert_eq!(login_outcome!(req.send().promise.await).err().unwrap().code, ErrorCode::StaleSession);
     });
     let audit = std::fs::read_to_string(r.opts.state_dir.join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"action\":\"login\""));

@@ -19,7 +19,7 @@
 //! and an owner thread that holds the [`capvisor_kvm::vm::Vm`] and takes
 //! pause / resume / stop commands from the vmm's RPC thread.
 
-use crate::VmConfig;
+use capvisor_rpc::vmconfig::VmConfig;
 use anyhow::Context;
 use capvisor_kvm::devices::boot_timer::{BootTimer, BootTimes};
 use capvisor_kvm::devices::virtio::block::io::VirtioBlock;
@@ -200,7 +200,7 @@ mod tests {
             initramfs: "/i".into(),
             memory_mib: 128,
             vcpus: 1,
-            engine: "kvm".into(),
+            engine: capvisor_schema::capvisor_capnp::Engine::Kvm,
             extra_cmdline: "x=1".into(),
             disks: vec![],
         };

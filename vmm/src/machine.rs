@@ -11,13 +11,14 @@
 
 use crate::kvm_engine::{self, KvmHandle};
 use crate::qemu::{self, qmp::Qmp};
-use crate::VmConfig;
+use capvisor_rpc::vmconfig::VmConfig;
+use capvisor_schema::capvisor_capnp::{Engine, VmState};
 use capnp::capability::Rc as CapRc;
 use capvisor_kvm::devices::boot_timer::BootTimes;
 use capvisor_kvm::vm::VmExit;
 use capvisor_rpc::spawn::{self, Inherit};
-use capvisor_rpc::{write_result, CvError};
-use capvisor_schema::internal_capnp::{machine, machine_status, MachineState};
+use capvisor_rpc::CvError;
+use capvisor_schema::internal_capnp::{machine, machine_status};
 use std::cell::{Cell, RefCell};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -37,13 +38,13 @@ const STDERR_KEEP: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
     /// Current state.
-    pub state: MachineState,
+    pub state: VmState,
     /// Why it stopped or crashed (empty otherwise).
     pub detail: String,
     /// The engine process id, or 0.
     pub pid: u32,
-    /// `"qemu"` or `"kvm"`.
-    pub engine: String,
+    /// The engine that runs the VM (`Qemu` or `Kvm`, never `Auto`).
+    pub engine: Engine,
     /// Boot milestones measured inside the vmm (engine kvm; default otherwise).
     pub boot: BootTimes,
 }
@@ -51,14 +52,14 @@ pub struct Status {
 impl Status {
     /// Whether the machine has ended (`stopped` or `crashed`).
     pub fn ended(&self) -> bool {
-        matches!(self.state, MachineState::Stopped | MachineState::Crashed)
+        matches!(self.state, VmState::Stopped | VmState::Crashed)
     }
 
     fn write(&self, mut b: machine_status::Builder<'_>) {
         b.set_state(self.state);
         b.set_detail(self.detail.as_str());
         b.set_pid(self.pid);
-        b.set_engine(self.engine.as_str());
+        b.set_engine(self.engine);
         let mut t = b.init_boot();
         t.set_vm_built_us(self.boot.vm_built_us.unwrap_or(0));
         t.set_first_run_us(self.boot.first_run_us.unwrap_or(0));
@@ -102,10 +103,10 @@ impl Vm {
     /// A VM that never ran, in state `crashed` with `detail`.
     pub fn failed(detail: String) -> Rc<Vm> {
         let (tx, _) = watch::channel(Status {
-            state: MachineState::Crashed,
+            state: VmState::Crashed,
             detail,
             pid: 0,
-            engine: "qemu".into(),
+            engine: Engine::Qemu,
             boot: BootTimes::default(),
         });
         Rc::new(Vm {
@@ -132,8 +133,8 @@ impl Vm {
         let console = cfg.run_dir.join("console.log");
         std::fs::File::create(&console).with_context(|| format!("creating {}", console.display()))?;
 
-        let kvm = crate::host_kvm_usable();
-        if crate::use_kvm_engine(&cfg.engine) {
+        let kvm = capvisor_rpc::host::host_kvm_usable();
+        if capvisor_rpc::host::resolve_engine(cfg.engine, Engine::Auto) == Engine::Kvm {
             return Self::start_kvm(&cfg, agent, console);
         }
         let (qmp_ours, qmp_theirs) = spawn::stream_pair()?;
@@ -154,10 +155,10 @@ impl Vm {
         tracing::info!(pid, accel = if kvm { "kvm" } else { "tcg" }, "qemu started for VM {}", cfg.name);
 
         let (status_tx, _) = watch::channel(Status {
-            state: MachineState::Starting,
+            state: VmState::Starting,
             detail: String::new(),
             pid,
-            engine: "qemu".into(),
+            engine: Engine::Qemu,
             boot: BootTimes::default(),
         });
         let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<()>();
@@ -228,7 +229,7 @@ impl Vm {
             let Some(vm) = weak.upgrade() else { return };
             *vm.qmp.borrow_mut() = Some(qmp.clone());
             match qmp.query_status().await {
-                Ok(s) if s == "running" => vm.set_state_if(MachineState::Starting, MachineState::Running),
+                Ok(s) if s == "running" => vm.set_state_if(VmState::Starting, VmState::Running),
                 Ok(s) => tracing::info!("qemu run state after start: {s}"),
                 Err(e) => tracing::warn!("query-status: {e:#}"),
             }
@@ -241,8 +242,8 @@ impl Vm {
                         let reason = ev.data.get("reason").and_then(|r| r.as_str()).unwrap_or("unknown").to_string();
                         *vm.shutdown_reason.borrow_mut() = Some(reason);
                     }
-                    "STOP" => vm.set_state_if(MachineState::Running, MachineState::Paused),
-                    "RESUME" => vm.set_state_if(MachineState::Paused, MachineState::Running),
+                    "STOP" => vm.set_state_if(VmState::Running, VmState::Paused),
+                    "RESUME" => vm.set_state_if(VmState::Paused, VmState::Running),
                     _ => {}
                 }
             }
@@ -256,10 +257,10 @@ impl Vm {
         let started = kvm_engine::start(cfg, agent, &console)?;
         tracing::info!(confinement = %started.handle.confinement, "kvm engine started VM {}", cfg.name);
         let (status_tx, _) = watch::channel(Status {
-            state: MachineState::Running,
+            state: VmState::Running,
             detail: String::new(),
             pid: std::process::id(),
-            engine: "kvm".into(),
+            engine: Engine::Kvm,
             boot: started.handle.boot_times(),
         });
         let vm = Rc::new(Vm {
@@ -284,19 +285,19 @@ impl Vm {
     }
 
     fn on_kvm_exit(&self, exit: VmExit) {
-        let console = self.console.as_ref().map(|p| tail_lossy(p, 64 * 1024)).unwrap_or_default();
+        let console = self.console.as_ref().map(|p| String::from_utf8_lossy(&capvisor_rpc::read_tail(p, 64 * 1024)).into_owned()).unwrap_or_default();
         let panic_line = console.lines().find(|l| l.contains("Kernel panic")).map(|l| l.trim().to_string());
         let (state, detail) = match (exit, panic_line) {
-            (_, Some(p)) => (MachineState::Crashed, format!("guest kernel panic: {p}")),
-            (VmExit::Stopped, None) => (MachineState::Stopped, "stopped on request".to_string()),
-            (VmExit::PoweredOff, None) => (MachineState::Stopped, "the guest powered off".to_string()),
-            (VmExit::Reset, None) => (MachineState::Stopped, "the guest rebooted (reboot ends the VM)".to_string()),
-            (VmExit::Halted, None) => (MachineState::Stopped, "the guest halted".to_string()),
-            (VmExit::Shutdown, None) => (MachineState::Crashed, "the guest triple-faulted".to_string()),
-            (VmExit::InternalError(d), None) => (MachineState::Crashed, format!("KVM could not run the guest: {d}")),
-            (VmExit::Panicked(d), None) => (MachineState::Crashed, format!("guest crash: {d}")),
+            (_, Some(p)) => (VmState::Crashed, format!("guest kernel panic: {p}")),
+            (VmExit::Stopped, None) => (VmState::Stopped, "stopped on request".to_string()),
+            (VmExit::PoweredOff, None) => (VmState::Stopped, "the guest powered off".to_string()),
+            (VmExit::Reset, None) => (VmState::Stopped, "the guest rebooted (reboot ends the VM)".to_string()),
+            (VmExit::Halted, None) => (VmState::Stopped, "the guest halted".to_string()),
+            (VmExit::Shutdown, None) => (VmState::Crashed, "the guest triple-faulted".to_string()),
+            (VmExit::InternalError(d), None) => (VmState::Crashed, format!("KVM could not run the guest: {d}")),
+            (VmExit::Panicked(d), None) => (VmState::Crashed, format!("guest crash: {d}")),
         };
-        tracing::info!(state = state_name(state), "VM ended: {detail}");
+        tracing::info!(state = capvisor_rpc::names::vm_state_name(state), "VM ended: {detail}");
         let boot = self.kvm.as_ref().map(|k| k.boot_times()).unwrap_or_default();
         self.status.send_modify(|s| {
             s.state = state;
@@ -385,14 +386,14 @@ impl Vm {
     /// Errors: `notRunning` unless the machine is running.
     pub async fn pause(&self) -> Result<(), CvError> {
         if let Some(k) = &self.kvm {
-            self.require_state(MachineState::Running)?;
+            self.require_state(VmState::Running)?;
             k.pause().await.map_err(CvError::unavailable)?;
-            self.set_state_if(MachineState::Running, MachineState::Paused);
+            self.set_state_if(VmState::Running, VmState::Paused);
             return Ok(());
         }
-        let qmp = self.require(MachineState::Running)?;
+        let qmp = self.require(VmState::Running)?;
         qmp.execute("stop", None).await.map_err(|e| CvError::unavailable(format!("{e:#}")))?;
-        self.set_state_if(MachineState::Running, MachineState::Paused);
+        self.set_state_if(VmState::Running, VmState::Paused);
         Ok(())
     }
 
@@ -401,42 +402,42 @@ impl Vm {
     /// Errors: `notRunning` unless the machine is paused.
     pub async fn resume(&self) -> Result<(), CvError> {
         if let Some(k) = &self.kvm {
-            self.require_state(MachineState::Paused)?;
+            self.require_state(VmState::Paused)?;
             k.resume().await.map_err(CvError::unavailable)?;
-            self.set_state_if(MachineState::Paused, MachineState::Running);
+            self.set_state_if(VmState::Paused, VmState::Running);
             return Ok(());
         }
-        let qmp = self.require(MachineState::Paused)?;
+        let qmp = self.require(VmState::Paused)?;
         qmp.execute("cont", None).await.map_err(|e| CvError::unavailable(format!("{e:#}")))?;
-        self.set_state_if(MachineState::Paused, MachineState::Running);
+        self.set_state_if(VmState::Paused, VmState::Running);
         Ok(())
     }
 
-    /// The last `max_bytes` (at most [`MAX_CONSOLE_TAIL`]) of the serial
-    /// console log, decoded as lossy UTF-8. Empty when nothing was logged
-    /// or the VM never started.
-    pub fn console_tail(&self, max_bytes: u32) -> String {
-        let Some(path) = &self.console else { return String::new() };
-        tail_lossy(path, max_bytes.min(MAX_CONSOLE_TAIL) as u64)
+    /// The last `max_bytes` (at most [`MAX_CONSOLE_TAIL`]) bytes of the
+    /// serial console log, as the guest wrote them. Empty when nothing was
+    /// logged or the VM never started.
+    pub fn console_tail(&self, max_bytes: u32) -> Vec<u8> {
+        let Some(path) = &self.console else { return Vec::new() };
+        capvisor_rpc::read_tail(path, max_bytes.min(MAX_CONSOLE_TAIL) as u64)
     }
 
-    fn require_state(&self, want: MachineState) -> Result<(), CvError> {
+    fn require_state(&self, want: VmState) -> Result<(), CvError> {
         let st = self.status.borrow().state;
         if st != want {
             return Err(CvError::new(
                 capvisor_schema::common_capnp::ErrorCode::NotRunning,
-                format!("the VM is {} (needs to be {})", state_name(st), state_name(want)),
+                format!("the VM is {} (needs to be {})", capvisor_rpc::names::vm_state_name(st), capvisor_rpc::names::vm_state_name(want)),
             ));
         }
         Ok(())
     }
 
-    fn require(&self, want: MachineState) -> Result<Qmp, CvError> {
+    fn require(&self, want: VmState) -> Result<Qmp, CvError> {
         self.require_state(want)?;
         self.qmp.borrow().clone().ok_or_else(|| CvError::unavailable("QMP is not connected"))
     }
 
-    fn set_state_if(&self, from: MachineState, to: MachineState) {
+    fn set_state_if(&self, from: VmState, to: VmState) {
         self.status.send_if_modified(|s| {
             if s.state == from {
                 s.state = to;
@@ -449,59 +450,35 @@ impl Vm {
 
     fn on_exit(&self, exit: std::io::Result<std::process::ExitStatus>) {
         *self.qmp.borrow_mut() = None;
-        let console = self.console.as_ref().map(|p| tail_lossy(p, 64 * 1024)).unwrap_or_default();
+        let console = self.console.as_ref().map(|p| String::from_utf8_lossy(&capvisor_rpc::read_tail(p, 64 * 1024)).into_owned()).unwrap_or_default();
         let panic_line = console.lines().find(|l| l.contains("Kernel panic")).map(|l| l.trim().to_string());
         let stderr = String::from_utf8_lossy(&self.stderr_tail.borrow()).trim().to_string();
         let reason = self.shutdown_reason.borrow().clone();
         let (state, detail) = match (&exit, panic_line) {
-            (_, Some(p)) => (MachineState::Crashed, format!("guest kernel panic: {p}")),
-            _ if self.stop_requested.get() => (MachineState::Stopped, "stopped on request".to_string()),
+            (_, Some(p)) => (VmState::Crashed, format!("guest kernel panic: {p}")),
+            _ if self.stop_requested.get() => (VmState::Stopped, "stopped on request".to_string()),
             (Ok(st), None) if st.success() => match reason.as_deref() {
-                Some("guest-shutdown") => (MachineState::Stopped, "the guest powered off".to_string()),
-                Some("guest-reset") => (MachineState::Stopped, "the guest rebooted (reboot ends the VM)".to_string()),
-                Some(r) => (MachineState::Stopped, format!("qemu shut down ({r})")),
-                None => (MachineState::Stopped, "qemu exited".to_string()),
+                Some("guest-shutdown") => (VmState::Stopped, "the guest powered off".to_string()),
+                Some("guest-reset") => (VmState::Stopped, "the guest rebooted (reboot ends the VM)".to_string()),
+                Some(r) => (VmState::Stopped, format!("qemu shut down ({r})")),
+                None => (VmState::Stopped, "qemu exited".to_string()),
             },
             (Ok(st), None) => (
-                MachineState::Crashed,
+                VmState::Crashed,
                 if stderr.is_empty() {
                     format!("qemu exited unexpectedly ({st})")
                 } else {
                     format!("qemu exited unexpectedly ({st}): {stderr}")
                 },
             ),
-            (Err(e), None) => (MachineState::Crashed, format!("waiting for qemu failed: {e}")),
+            (Err(e), None) => (VmState::Crashed, format!("waiting for qemu failed: {e}")),
         };
-        tracing::info!(state = state_name(state), "VM ended: {detail}");
+        tracing::info!(state = capvisor_rpc::names::vm_state_name(state), "VM ended: {detail}");
         self.status.send_modify(|s| {
             s.state = state;
             s.detail = detail;
         });
     }
-}
-
-/// The schema name of a state.
-pub fn state_name(s: MachineState) -> &'static str {
-    match s {
-        MachineState::Starting => "starting",
-        MachineState::Running => "running",
-        MachineState::Paused => "paused",
-        MachineState::Stopped => "stopped",
-        MachineState::Crashed => "crashed",
-    }
-}
-
-fn tail_lossy(path: &std::path::Path, max: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(max);
-    if f.seek(SeekFrom::Start(start)).is_err() {
-        return String::new();
-    }
-    let mut buf = Vec::with_capacity((len - start) as usize);
-    let _ = f.take(max).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// The `Machine` server over a [`Vm`].
@@ -545,21 +522,17 @@ impl machine::Server for MachineServer {
     async fn pause(
         self: CapRc<Self>,
         _: machine::PauseParams,
-        mut results: machine::PauseResults,
+        _: machine::PauseResults,
     ) -> capnp::Result<()> {
-        let r = self.vm.pause().await;
-        write_result!(results.get().init_result(), r, |b, _v| b.set_ok(()));
-        Ok(())
+        Ok(self.vm.pause().await?)
     }
 
     async fn resume(
         self: CapRc<Self>,
         _: machine::ResumeParams,
-        mut results: machine::ResumeResults,
+        _: machine::ResumeResults,
     ) -> capnp::Result<()> {
-        let r = self.vm.resume().await;
-        write_result!(results.get().init_result(), r, |b, _v| b.set_ok(()));
-        Ok(())
+        Ok(self.vm.resume().await?)
     }
 
     async fn console_tail(
@@ -568,8 +541,8 @@ impl machine::Server for MachineServer {
         mut results: machine::ConsoleTailResults,
     ) -> capnp::Result<()> {
         let max = params.get()?.get_max_bytes();
-        let text = self.vm.console_tail(max);
-        results.get().set_text(text.as_str());
+        let bytes = self.vm.console_tail(max);
+        results.get().set_bytes(&bytes);
         Ok(())
     }
 
@@ -593,23 +566,23 @@ mod tests {
         capvisor_rpc::conn::run_local(async {
             let vm = Vm::failed("kernel /nope: No such file".into());
             let st = vm.status();
-            assert_eq!(st.state, MachineState::Crashed);
+            assert_eq!(st.state, VmState::Crashed);
             assert!(st.ended());
             assert_eq!(vm.wait_exit().await, st);
             assert_eq!(vm.stop(Duration::from_secs(1)).await, st);
             let e = vm.pause().await.unwrap_err();
             assert_eq!(e.code, capvisor_schema::common_capnp::ErrorCode::NotRunning);
-            assert_eq!(vm.console_tail(100), "");
+            assert!(vm.console_tail(100).is_empty());
         });
     }
 
     #[test]
-    fn console_tail_is_bounded_and_lossy() {
+    fn console_tail_is_bounded_and_raw() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c.log");
         std::fs::write(&p, b"hello \xff world").unwrap();
-        assert_eq!(tail_lossy(&p, 5), "world");
-        assert_eq!(tail_lossy(&p, 1000), "hello \u{fffd} world");
-        assert_eq!(tail_lossy(&d.path().join("missing"), 10), "");
+        assert_eq!(capvisor_rpc::read_tail(&p, 5), b"world");
+        assert_eq!(capvisor_rpc::read_tail(&p, 1000), b"hello \xff world");
+        assert!(capvisor_rpc::read_tail(&d.path().join("missing"), 10).is_empty());
     }
 }

@@ -1,7 +1,7 @@
 //! `capvisor-vmm`: one process per VM (docs/processes.md).
 //!
-//! `capvisor-vmm --rpc-fd 3 --agent-fd 4`, with the JSON
-//! `capvisor_vmm::VmConfig` in `CAPVISOR_VMM_CONFIG`:
+//! `capvisor-vmm --rpc-fd 3 --agent-fd 4 --config-fd 5`, with the schema
+//! `VmConfig` (internal.capnp) in the memfd at fd 5:
 //! - starts the VM at once (engine qemu), handing the agent socket to QEMU;
 //! - serves `Machine` as the bootstrap cap on the RPC socket;
 //! - when the RPC connection ends (the worker is gone): kills QEMU, exits;
@@ -32,6 +32,9 @@ struct Args {
     /// port `capvisor.agent` (the worker keeps the peer end).
     #[arg(long, default_value_t = 4)]
     agent_fd: RawFd,
+    /// Inherited memfd holding the schema `VmConfig` message.
+    #[arg(long, default_value_t = 5)]
+    config_fd: RawFd,
 }
 
 fn main() {
@@ -60,7 +63,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.rpc_fd != args.agent_fd, "--rpc-fd and --agent-fd must differ");
     let rpc = take_fd(args.rpc_fd, "rpc")?;
     let agent = take_fd(args.agent_fd, "agent")?;
-    let cfg = VmConfig::from_env();
+    let cfg = read_config(args.config_fd);
     conn::run_local(async move {
         let stream = capvisor_rpc::spawn::into_tokio(rpc)?;
         let vm = Vm::start(cfg, agent);
@@ -95,4 +98,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn kill_and_wait(vm: &Vm) {
     vm.kill();
     let _ = tokio::time::timeout(Duration::from_secs(5), vm.wait_exit()).await;
+}
+
+/// Reads the `VmConfig` message from the inherited memfd `fd`.
+fn read_config(fd: RawFd) -> anyhow::Result<VmConfig> {
+    let msg = capvisor_rpc::spawn::read_config(fd)?;
+    Ok(VmConfig::read_from(msg.get_root()?)?)
 }

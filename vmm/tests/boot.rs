@@ -10,9 +10,10 @@
 use capvisor_rpc::conn;
 use capvisor_rpc::sink::CollectSink;
 use capvisor_rpc::spawn::{self, Inherit};
-use capvisor_schema::common_capnp::{exec_result, exit_status, wait_result};
+use capvisor_schema::capvisor_capnp::{Engine, VmState as MachineState};
+use capvisor_schema::common_capnp::exit_status;
 use capvisor_schema::guest_capnp::guest;
-use capvisor_schema::internal_capnp::{machine, MachineState};
+use capvisor_schema::internal_capnp::machine;
 use capvisor_vmm::VmConfig;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,9 +57,14 @@ struct Vmm {
 fn spawn_vmm(cfg: &VmConfig) -> Vmm {
     let (rpc_ours, rpc_theirs) = spawn::stream_pair().unwrap();
     let (ag_ours, ag_theirs) = spawn::stream_pair().unwrap();
+    let config = spawn::config_fd(&cfg.to_message().unwrap()).unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_capvisor-vmm"));
-    cmd.args(["--rpc-fd", "3", "--agent-fd", "4"]).env(capvisor_vmm::CONFIG_ENV, serde_json::to_string(cfg).unwrap());
-    let fds = [Inherit { fd: rpc_theirs, target: 3 }, Inherit { fd: ag_theirs, target: 4 }];
+    cmd.args(["--rpc-fd", "3", "--agent-fd", "4", "--config-fd", "5"]);
+    let fds = [
+        Inherit { fd: rpc_theirs, target: 3 },
+        Inherit { fd: ag_theirs, target: 4 },
+        Inherit { fd: config, target: 5 },
+    ];
     spawn::prepare(&mut cmd, &fds);
     let started = Instant::now();
     let child = cmd.spawn().expect("spawn capvisor-vmm");
@@ -83,18 +89,15 @@ async fn console(m: &machine::Client) -> String {
     let mut q = m.console_tail_request();
     q.get().set_max_bytes(4000);
     let r = q.send().promise.await.expect("consoleTail");
-    r.get().unwrap().get_text().unwrap().to_string().unwrap()
+    String::from_utf8_lossy(r.get().unwrap().get_bytes().unwrap()).into_owned()
 }
 
 /// `Machine.pause` then `Machine.resume`, each answering `ok`; the state is
 /// `paused` in between.
 async fn pause_then_resume(m: &machine::Client) {
-    use capvisor_schema::common_capnp::unit_result;
-    let r = m.pause_request().send().promise.await.unwrap();
-    assert!(matches!(r.get().unwrap().get_result().unwrap().which().unwrap(), unit_result::Ok(())), "pause refused");
+    m.pause_request().send().promise.await.unwrap_or_else(|e| panic!("pause refused: {e}"));
     assert_eq!(status(m).await.state, MachineState::Paused);
-    let r = m.resume_request().send().promise.await.unwrap();
-    assert!(matches!(r.get().unwrap().get_result().unwrap().which().unwrap(), unit_result::Ok(())), "resume refused");
+    m.resume_request().send().promise.await.unwrap_or_else(|e| panic!("resume refused: {e}"));
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -126,18 +129,12 @@ async fn exec(g: &guest::Client, argv: &[&str]) -> (i32, String, String) {
         }
         s.init_pty().set_none(());
     }
-    let resp = q.send().promise.await.expect("Guest.exec");
-    let process = match resp.get().unwrap().get_result().unwrap().which().unwrap() {
-        exec_result::Process(p) => p.unwrap(),
-        exec_result::Err(e) => panic!("exec {argv:?}: {}", capvisor_rpc::CvError::read_from(e.unwrap()).unwrap()),
-    };
+    let resp = q.send().promise.await.unwrap_or_else(|e| panic!("exec {argv:?}: {e}"));
+    let process = resp.get().unwrap().get_process().unwrap();
     let w = process.wait_request().send().promise.await.expect("Process.wait");
-    let code = match w.get().unwrap().get_result().unwrap().which().unwrap() {
-        wait_result::Status(s) => match s.unwrap().which().unwrap() {
-            exit_status::Code(c) => c,
-            exit_status::Signal(s) => 128 + s,
-        },
-        wait_result::Err(e) => panic!("wait: {}", capvisor_rpc::CvError::read_from(e.unwrap()).unwrap()),
+    let code = match w.get().unwrap().get_status().unwrap().which().unwrap() {
+        exit_status::Code(c) => c,
+        exit_status::Signal(s) => 128 + s,
     };
     let out = String::from_utf8_lossy(&out_rx.await.unwrap()).into_owned();
     let err = String::from_utf8_lossy(&err_rx.await.unwrap()).into_owned();
@@ -152,7 +149,7 @@ fn vm_config(img: &capvisor_manifest::BuiltImage, run_dir: &Path, extra: &str) -
         initramfs: img.initramfs.clone(),
         memory_mib: 256,
         vcpus: 1,
-        engine: "auto".into(),
+        engine: Engine::Auto,
         extra_cmdline: extra.into(),
         disks: vec![],
     }
@@ -293,7 +290,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
                 initramfs: initrd.clone(),
                 memory_mib: 128,
                 vcpus: 1,
-                engine: "qemu".into(),
+                engine: Engine::Qemu,
                 extra_cmdline: String::new(),
                 disks: vec![],
             };
@@ -321,7 +318,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
             initramfs: initrd.clone(),
             memory_mib: 128,
             vcpus: 1,
-            engine: "kvm".into(),
+            engine: Engine::Kvm,
             extra_cmdline: String::new(),
             disks: vec![],
         };
@@ -425,7 +422,7 @@ fn kvm_engine_runs_the_guest_in_a_confined_vmm() {
     let img = base_image();
     let run = tempfile::tempdir().unwrap();
     let mut cfg = vm_config(&img, run.path(), "");
-    cfg.engine = "kvm".into();
+    cfg.engine = Engine::Kvm;
     conn::run_local(async move {
         let mut vmm = spawn_vmm(&cfg);
         let pid = vmm.child.id().unwrap();
@@ -452,7 +449,7 @@ fn kvm_engine_runs_the_guest_in_a_confined_vmm() {
             "vmm is not under a seccomp filter"
         );
 
-        if capvisor_vmm::host_kvm_usable() {
+        if capvisor_rpc::host::host_kvm_usable() {
             let (guest, _c) = conn::connect::<guest::Client>(vmm.agent.take().unwrap(), None, conn::INTERNAL);
             let hello = tokio::time::timeout(HELLO_TIMEOUT, guest.hello_request().send().promise).await;
             let hello = hello.expect("guest-init did not answer").expect("hello");
@@ -499,7 +496,7 @@ fn raw_disks_are_virtio_blk_devices() {
     std::fs::write(&ro, &data).unwrap();
     std::fs::write(&rw, vec![0u8; 1 << 20]).unwrap();
     let mut cfg = vm_config(&img, &run.path().join("vm"), "");
-    cfg.engine = "qemu".into();
+    cfg.engine = Engine::Qemu;
     cfg.disks = vec![
         capvisor_vmm::Disk { path: ro.clone(), read_only: true },
         capvisor_vmm::Disk { path: rw.clone(), read_only: false },

@@ -2,12 +2,14 @@
 
 use crate::state::SessionState;
 use crate::vms::{revoke_session, VmFactoryImpl};
-use crate::wrap::AccountsWrapper;
+use crate::wrap::{AccountsWrapper, Scope};
 use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
+use capvisor_rpc::error::text;
 use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, session, vm_factory};
-use capvisor_rpc::schema::internal_capnp::worker;
-use capvisor_rpc::{write_result, CvError, CvResult};
+use capvisor_rpc::schema::common_capnp::ErrorCode;
+use capvisor_rpc::schema::internal_capnp::{worker, RevokeReason};
+use capvisor_rpc::{CvError, CvResult};
 use std::rc::Rc;
 
 /// `Session`: the root of what one login holds.
@@ -18,14 +20,13 @@ pub struct SessionImpl {
 
 impl session::Server for SessionImpl {
     async fn info(self: CapRc<Self>, _: session::InfoParams, mut results: session::InfoResults) -> capnp::Result<()> {
+        self.st.check()?;
         let ctx = &self.st.ctx;
-        write_result!(results.get().init_result(), self.st.check(), |b, _v| {
-            let mut i = b.init_info();
-            i.set_session_id(ctx.session_id.as_str());
-            i.set_principal(ctx.principal.as_str());
-            i.set_profile(ctx.profile.as_str());
-            i.set_expires_at_ms(ctx.expires_at_ms);
-        });
+        let mut i = results.get().init_info();
+        i.set_session_id(ctx.session_id.as_str());
+        ctx.principal.write_to(i.reborrow().init_principal());
+        i.set_profile(ctx.profile.as_str());
+        i.set_expires_at_ms(ctx.expires_at_ms);
         Ok(())
     }
 
@@ -34,29 +35,20 @@ impl session::Server for SessionImpl {
         _: session::CapSetParams,
         mut results: session::CapSetResults,
     ) -> capnp::Result<()> {
-        let st = self.st.clone();
-        write_result!(results.get().init_result(), self.st.check(), |b, _v| {
-            b.set_cap_set(capnp_rpc::new_client(CapSetImpl { st }))
-        });
+        self.st.check()?;
+        results.get().set_cap_set(capnp_rpc::new_client(CapSetImpl { st: self.st.clone() }));
         Ok(())
     }
 
-    async fn logout(
-        self: CapRc<Self>,
-        _: session::LogoutParams,
-        mut results: session::LogoutResults,
-    ) -> capnp::Result<()> {
-        let res = self.st.check();
-        if res.is_ok() {
-            revoke_session(&self.st, "logout").await;
-        }
-        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
+    async fn logout(self: CapRc<Self>, _: session::LogoutParams, _: session::LogoutResults) -> capnp::Result<()> {
+        self.st.check()?;
+        revoke_session(&self.st, RevokeReason::Logout).await;
         Ok(())
     }
 }
 
 /// The capabilities a bundle can name, with their interface ids.
-fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
+pub fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
     match name {
         "vms" => Some((vm_factory::Client::TYPE_ID, "VmFactory")),
         "accounts" => Some((accounts::Client::TYPE_ID, "Accounts")),
@@ -79,7 +71,7 @@ impl CapSetImpl {
         };
         if iid != interface_id {
             return Err(CvError::new(
-                capvisor_rpc::schema::common_capnp::ErrorCode::WrongInterface,
+                ErrorCode::WrongInterface,
                 format!("capability {name:?} is a {iname} (interface {iid:#018x}), not interface {interface_id:#018x}"),
             ));
         }
@@ -87,7 +79,8 @@ impl CapSetImpl {
             "vms" => capnp_rpc::new_client::<vm_factory::Client, _>(VmFactoryImpl { st: self.st.clone() }).client,
             "accounts" => {
                 let inner = self.st.host.accounts_request().send().pipeline.get_accounts();
-                capnp_rpc::new_client::<accounts::Client, _>(AccountsWrapper { st: self.st.clone(), inner }).client
+                let scope = Scope::session(&self.st);
+                capnp_rpc::new_client::<accounts::Client, _>(AccountsWrapper { scope, inner }).client
             }
             _ => unreachable!("cap_interface covers every name"),
         })
@@ -96,31 +89,30 @@ impl CapSetImpl {
 
 impl cap_set::Server for CapSetImpl {
     async fn list(self: CapRc<Self>, _: cap_set::ListParams, mut results: cap_set::ListResults) -> capnp::Result<()> {
+        self.st.check()?;
         let bundle = &self.st.ctx.bundle;
-        write_result!(results.get().init_result(), self.st.check(), |b, _v| {
-            let known: Vec<_> = bundle.caps.iter().filter_map(|n| cap_interface(n).map(|c| (n, c))).collect();
-            let mut list = b.init_entries(known.len() as u32);
-            for (i, (name, (iid, iname))) in known.into_iter().enumerate() {
-                let mut e = list.reborrow().get(i as u32);
-                e.set_name(name.as_str());
-                e.set_interface_id(iid);
-                e.set_interface_name(iname);
-                let desc = capvisor_manifest::KNOWN_CAPS.iter().find(|(k, _)| k == name).map(|(_, d)| *d).unwrap_or("");
-                e.set_description(desc);
-            }
-        });
+        let known: Vec<_> = bundle.caps.iter().filter_map(|n| cap_interface(n).map(|c| (n, c))).collect();
+        let mut list = results.get().init_entries(known.len() as u32);
+        for (i, (name, (iid, iname))) in known.into_iter().enumerate() {
+            let mut e = list.reborrow().get(i as u32);
+            e.set_name(name.as_str());
+            e.set_interface_id(iid);
+            e.set_interface_name(iname);
+            let desc = capvisor_manifest::KNOWN_CAPS.iter().find(|(k, _)| k == name).map(|(_, d)| *d).unwrap_or("");
+            e.set_description(desc);
+        }
         Ok(())
     }
 
     async fn get(self: CapRc<Self>, params: cap_set::GetParams, mut results: cap_set::GetResults) -> capnp::Result<()> {
         let p = params.get()?;
-        let name = p.get_name()?.to_str().map_err(|e| capnp::Error::failed(e.to_string()))?.to_string();
+        let name = text(p.get_name())?;
         let res = self.lookup(&name, p.get_interface_id());
         match &res {
             Ok(_) => self.st.audit("capset.get", &name, "get", Ok(()), ""),
             Err(e) => self.st.audit("capset.get", &name, "get", Err(e), &e.message),
         }
-        write_result!(results.get().init_result(), res, |b, cap| b.init_cap().set_as_capability(cap.hook));
+        results.get().init_cap().set_as_capability(res?.hook);
         Ok(())
     }
 }
@@ -142,8 +134,8 @@ impl worker::Server for WorkerImpl {
     }
 
     async fn revoke(self: CapRc<Self>, params: worker::RevokeParams, _: worker::RevokeResults) -> capnp::Result<()> {
-        let reason = params.get()?.get_reason()?.to_string().unwrap_or_else(|_| "revoked".into());
-        revoke_session(&self.st, &reason).await;
+        let reason = params.get()?.get_reason().unwrap_or(RevokeReason::Revoked);
+        revoke_session(&self.st, reason).await;
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! capvisor's per-session worker (DESIGN.md, "Processes and the capability
 //! graph"): one process per session, spawned by the broker at login with
-//! the session's immutable [`capvisor_manifest::SessionContext`]. It serves
+//! the session's immutable [`capvisor_manifest::SessionContext`] (in a memfd). It serves
 //! `Session`, `CapSet`, `VmFactory`, `Vm`, `Process`, `Files` and `Accounts`
 //! to clients that attached through the gateway, and talks to each VM's
 //! guest-init directly over the VM's agent channel.
@@ -13,10 +13,12 @@
 //! - [`state`]: session state, revocation, audit.
 //! - [`caps`]: `Session`, `CapSet`, `Worker`.
 //! - [`vms`]: `VmFactory`, `Vm`, VM lifecycle (spawning `capvisor-vmm`).
-//! - [`wrap`]: revocable wrappers around guest `Process`, `Files`,
-//!   `ByteSink`, and the broker's `Accounts`.
+//! - [`wrap`]: the membrane: revocable wrappers around guest `Process`,
+//!   `Files`, `ByteSink`s, and the broker's `Accounts`.
+//! - [`serve`]: the worker's main loop (broker connection, attached clients).
 
 pub mod caps;
+pub mod serve;
 pub mod state;
 pub mod vms;
 pub mod wrap;

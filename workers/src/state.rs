@@ -1,8 +1,9 @@
-//! Session state shared by every capability the worker serves.
+//! Session state shared by every capability the worker serves: the
+//! context, the VMs, the revocation flag, audit.
 
 use crate::vms::VmEntry;
 use capvisor_manifest::SessionContext;
-use capvisor_rpc::schema::internal_capnp::session_host;
+use capvisor_rpc::schema::internal_capnp::{session_host, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -16,9 +17,11 @@ pub struct SessionState {
     pub ctx: SessionContext,
     /// The broker's face to this session.
     pub host: session_host::Client,
-    /// This session's VMs by name.
+    /// This session's VMs by name. A removed VM leaves the map and is
+    /// marked removed, so caps that designate it never reach a newer VM of
+    /// the same name.
     pub vms: RefCell<BTreeMap<String, Rc<VmEntry>>>,
-    revoked_tx: tokio::sync::watch::Sender<Option<String>>,
+    revoked_tx: tokio::sync::watch::Sender<Option<RevokeReason>>,
     /// Client connections currently attached.
     pub clients: Cell<usize>,
     /// Fires when the last client leaves (checked by the linger loop).
@@ -43,27 +46,24 @@ impl SessionState {
 
     /// `Err(staleSession)` once the session is revoked or past its expiry.
     pub fn check(&self) -> CvResult<()> {
-        if self.revoked_tx.borrow().is_some() {
-            return Err(CvError::stale());
-        }
-        if now_ms() >= self.ctx.expires_at_ms {
+        if self.revoked_tx.borrow().is_some() || now_ms() >= self.ctx.expires_at_ms {
             return Err(CvError::stale());
         }
         Ok(())
     }
 
-    /// Whether the session is revoked (logout, expiry, shutdown).
-    pub fn is_revoked(&self) -> bool {
-        self.revoked_tx.borrow().is_some()
+    /// Why the session was revoked, if it was (logout, expiry, shutdown, ...).
+    pub fn revoked_reason(&self) -> Option<RevokeReason> {
+        *self.revoked_tx.borrow()
     }
 
-    /// Marks the session revoked with `reason`. Idempotent; returns whether
+    /// Marks the session revoked for `reason`. Idempotent; returns whether
     /// this call did it.
-    pub fn mark_revoked(&self, reason: &str) -> bool {
+    pub fn mark_revoked(&self, reason: RevokeReason) -> bool {
         let mut did = false;
         self.revoked_tx.send_if_modified(|r| {
             if r.is_none() {
-                *r = Some(reason.to_string());
+                *r = Some(reason);
                 did = true;
                 true
             } else {
@@ -90,18 +90,6 @@ impl SessionState {
         }
     }
 
-    /// Like [`SessionState::guard`] for calls whose failure is a capnp
-    /// exception (streams): a revoked session fails them with `failed`.
-    pub async fn guard_rpc<T>(&self, fut: impl Future<Output = capnp::Result<T>>) -> capnp::Result<T> {
-        if let Err(e) = self.check() {
-            return Err(capnp::Error::failed(e.to_string()));
-        }
-        tokio::select! {
-            r = fut => r,
-            _ = self.revoked() => Err(capnp::Error::failed(CvError::stale().to_string())),
-        }
-    }
-
     /// A fresh default VM name (`vm-1`, `vm-2`, ...), not yet in use.
     pub fn next_vm_name(&self) -> String {
         loop {
@@ -123,10 +111,10 @@ impl SessionState {
             ev.set_action(action);
             ev.set_cap(cap);
             ev.set_method(method);
-            ev.set_outcome(match outcome {
-                Ok(()) => "ok",
-                Err(e) => e.code_name(),
-            });
+            match outcome {
+                Ok(()) => ev.reborrow().init_outcome().set_ok(()),
+                Err(e) => ev.reborrow().init_outcome().set_error(e.code),
+            }
             ev.set_detail(detail);
         }
         tokio::task::spawn_local(async move {

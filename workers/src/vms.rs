@@ -1,18 +1,27 @@
 //! `VmFactory` and `Vm`: this session's VMs. Each VM is one `capvisor-vmm`
 //! process (serving `Machine`) that the worker spawns with two socketpairs:
 //! one for `Machine`, one for the guest's agent channel, on which the worker
-//! talks to guest-init's `Guest` directly (no proxy hop in between).
+//! talks to guest-init's `Guest` directly (no proxy hop in between), and a
+//! memfd holding the VM's `VmConfig`.
+//!
+//! Identity: a `Vm` capability holds its [`VmEntry`], never a name. After
+//! `remove` the entry is marked removed, so that cap (and every `Process`,
+//! `Files` or sink reached through it) answers `notFound`, also when a new
+//! VM later takes the same name.
 
 use crate::state::SessionState;
-use crate::wrap::{FilesWrapper, ProcessWrapper};
+use capvisor_rpc::names::revoke_reason_name;
+use crate::wrap::{FilesWrapper, ProcessWrapper, Scope, SinkWrapper};
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::conn::{self, INTERNAL};
-use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_info, VmState};
-use capvisor_rpc::schema::common_capnp::{files, process, ErrorCode};
+use capvisor_rpc::error::text;
+use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_info, vm_spec, Engine, VmState};
+use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::guest_capnp::guest;
-use capvisor_rpc::schema::internal_capnp::{machine, MachineState};
+use capvisor_rpc::schema::internal_capnp::{machine, RevokeReason};
 use capvisor_rpc::spawn::{self, Inherit};
-use capvisor_rpc::{paths, write_result, CvError, CvResult};
+use capvisor_rpc::vmconfig::VmConfig;
+use capvisor_rpc::{paths, CvError, CvResult};
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -22,9 +31,16 @@ use std::time::{Duration, Instant};
 /// TCG boots take 3-8 s on our 2-core machines, more under load.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// One VM of the session.
+/// How long `auto` gives our kvm engine to reach guest-init before it
+/// falls back to QEMU (a hardware-KVM boot takes about a second).
+pub const KVM_AUTO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How much of the console log a boot failure quotes, bytes.
+pub const BOOT_FAILURE_TAIL: u64 = 1500;
+
+/// One VM of the session: the object a `Vm` capability designates.
 pub struct VmEntry {
-    /// Unique within the session.
+    /// Unique within the session while the VM exists.
     pub name: String,
     /// Image name (manifest `[images.NAME]`).
     pub image: String,
@@ -32,8 +48,8 @@ pub struct VmEntry {
     pub memory_mib: u32,
     /// vCPUs.
     pub vcpus: u32,
-    /// Engine: as requested ("auto", "qemu", "kvm") until the vmm says which runs it.
-    pub engine: RefCell<String>,
+    /// Engine: as requested until the vmm says which one runs it.
+    pub engine: Cell<Engine>,
     /// Current state.
     pub state: Cell<VmState>,
     /// `uname -r` of the guest, once booted.
@@ -44,6 +60,8 @@ pub struct VmEntry {
     pub run_dir: PathBuf,
     /// Set while the VM runs.
     pub running: RefCell<Option<Running>>,
+    /// Set by `remove`: every cap designating this VM answers notFound.
+    pub removed: Cell<bool>,
 }
 
 /// Handles of a running VM.
@@ -60,10 +78,19 @@ pub struct Running {
 }
 
 impl VmEntry {
+    /// `notFound` once the VM was removed.
+    pub fn check_present(&self) -> CvResult<()> {
+        if self.removed.get() {
+            return Err(CvError::not_found(format!("VM {:?} was removed", self.name)));
+        }
+        Ok(())
+    }
+
     fn guest(&self) -> CvResult<guest::Client> {
+        self.check_present()?;
         match &*self.running.borrow() {
             Some(r) => Ok(r.guest.clone()),
-            None => Err(CvError::new(ErrorCode::NotRunning, format!("VM {:?} is not running", self.name))),
+            None => Err(CvError::not_running(format!("VM {:?} is not running", self.name))),
         }
     }
 
@@ -73,16 +100,14 @@ impl VmEntry {
         b.set_memory_mib(self.memory_mib);
         b.set_vcpus(self.vcpus);
         b.set_state(self.state.get());
-        b.set_engine(self.engine.borrow().as_str());
+        b.set_engine(self.engine.get());
         b.set_kernel_release(self.kernel_release.borrow().as_str());
         b.set_boot_ms(self.boot_ms.get());
     }
 
-    /// The last `max` bytes of the guest console log.
+    /// The last `max` bytes of the guest console log, lossily decoded.
     pub fn console_tail(&self, max: u64) -> String {
-        let Ok(data) = std::fs::read(self.run_dir.join("console.log")) else { return String::new() };
-        let start = data.len().saturating_sub(max as usize);
-        String::from_utf8_lossy(&data[start..]).into_owned()
+        String::from_utf8_lossy(&capvisor_rpc::read_tail(&self.run_dir.join("console.log"), max)).into_owned()
     }
 }
 
@@ -100,13 +125,10 @@ struct CreateSpec {
     image: String,
     memory_mib: u32,
     vcpus: u32,
-    engine: String,
+    engine: Engine,
 }
 
-fn check_spec(
-    st: &SessionState,
-    spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>,
-) -> CvResult<CreateSpec> {
+fn check_spec(st: &SessionState, spec: vm_spec::Reader<'_>) -> CvResult<CreateSpec> {
     let text = |r: capnp::Result<capnp::text::Reader<'_>>| -> CvResult<String> {
         r.ok()
             .and_then(|t| t.to_str().ok().map(str::to_string))
@@ -149,13 +171,7 @@ fn check_spec(
     if vcpus > bundle.max_vcpus {
         return Err(CvError::quota(format!("{vcpus} vCPUs exceed this session's limit of {}", bundle.max_vcpus)));
     }
-    let mut engine = text(spec.get_engine())?;
-    if engine.is_empty() {
-        engine = "auto".into();
-    }
-    if !matches!(engine.as_str(), "auto" | "qemu" | "kvm") {
-        return Err(CvError::invalid(format!("unknown engine {engine:?} (auto, qemu, kvm)")));
-    }
+    let engine = spec.get_engine().map_err(|e| CvError::invalid(format!("unknown engine (enumerant {})", e.0)))?;
     let vms = st.vms.borrow();
     if vms.contains_key(&name) {
         return Err(CvError::new(ErrorCode::AlreadyExists, format!("a VM named {name:?} exists")));
@@ -170,37 +186,38 @@ fn check_spec(
     Ok(CreateSpec { name, image, memory_mib, vcpus, engine })
 }
 
-/// How long `auto` gives our kvm engine to reach guest-init before it
-/// falls back to QEMU (a hardware-KVM boot takes about a second).
-pub const KVM_AUTO_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Boots the VM of `entry` on `engine`: spawns its vmm and waits up to
-/// `timeout` for guest-init.
-async fn boot(st: &SessionState, entry: &VmEntry, engine: &str, timeout: Duration) -> CvResult<Running> {
+/// Boots the VM of `entry` on `engine` (`Qemu` or `Kvm`): spawns its vmm
+/// and waits up to `timeout` for guest-init.
+async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Duration) -> CvResult<Running> {
     let image = st.ctx.images.get(&entry.image).ok_or_else(|| CvError::internal("image vanished"))?;
     std::fs::create_dir_all(&entry.run_dir).map_err(|e| CvError::internal(format!("cannot create run dir: {e}")))?;
-    let cfg = capvisor_vmm::VmConfig {
+    let cfg = VmConfig {
         name: entry.name.clone(),
         run_dir: entry.run_dir.clone(),
         kernel: image.kernel.clone(),
         initramfs: image.initramfs.clone(),
         memory_mib: entry.memory_mib,
         vcpus: entry.vcpus,
-        engine: engine.to_string(),
+        engine,
         extra_cmdline: String::new(),
         disks: vec![],
     };
     let internal = |e: std::io::Error| CvError::internal(format!("cannot start the vmm: {e}"));
+    let msg = cfg.to_message().map_err(|e| CvError::internal(e.to_string()))?;
+    let config = spawn::config_fd(&msg).map_err(internal)?;
     let (rpc_here, rpc_there) = spawn::stream_pair().map_err(internal)?;
     let (agent_here, agent_there) = spawn::stream_pair().map_err(internal)?;
     let log = std::fs::File::create(entry.run_dir.join("vmm.log")).map_err(internal)?;
     let mut cmd = tokio::process::Command::new(paths::binary("capvisor-vmm"));
-    cmd.args(["--rpc-fd", "3", "--agent-fd", "4"])
-        .env("CAPVISOR_VMM_CONFIG", serde_json::to_string(&cfg).map_err(|e| CvError::internal(e.to_string()))?)
+    cmd.args(["--rpc-fd", "3", "--agent-fd", "4", "--config-fd", "5"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log);
-    let fds = [Inherit { fd: rpc_there, target: 3 }, Inherit { fd: agent_there, target: 4 }];
+    let fds = [
+        Inherit { fd: rpc_there, target: 3 },
+        Inherit { fd: agent_there, target: 4 },
+        Inherit { fd: config, target: 5 },
+    ];
     spawn::prepare(&mut cmd, &fds);
     let mut child = cmd.spawn().map_err(internal)?;
     drop(fds);
@@ -213,10 +230,11 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: &str, timeout: Duratio
     let exited = machine.wait_exit_request().send().promise;
     let outcome = tokio::select! {
         r = tokio::time::timeout(timeout, hello) => match r {
-            Ok(Ok(resp)) => {
-                let info = resp.get().map_err(|e| CvError::internal(e.to_string()))?.get_info().map_err(|e| CvError::internal(e.to_string()))?;
-                Ok(info.get_kernel_release().ok().and_then(|t| t.to_string().ok()).unwrap_or_default())
-            }
+            Ok(Ok(resp)) => resp
+                .get()
+                .and_then(|r| r.get_info())
+                .and_then(|i| text(i.get_kernel_release()))
+                .map_err(|e| format!("guest-init answered malformed: {e}")),
             Ok(Err(e)) => Err(format!("the guest agent channel failed: {e}")),
             Err(_) => Err(format!("guest-init did not answer within {} s", timeout.as_secs())),
         },
@@ -231,12 +249,11 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: &str, timeout: Duratio
     match outcome {
         Ok(release) => {
             *entry.kernel_release.borrow_mut() = release;
-            // Which engine "auto" chose.
+            // The engine that runs it (the vmm resolves nothing further, but
+            // it is the authority on what it runs).
             if let Ok(r) = machine.status_request().send().promise.await {
-                if let Ok(engine) = r.get().and_then(|r| r.get_status()).and_then(|s| s.get_engine()) {
-                    if let Ok(e) = engine.to_str() {
-                        *entry.engine.borrow_mut() = e.to_string();
-                    }
+                if let Ok(engine) = r.get().and_then(|r| r.get_status()).and_then(|s| Ok(s.get_engine()?)) {
+                    entry.engine.set(engine);
                 }
             }
             Ok(Running { machine, guest, child, conns: vec![mconn, gconn] })
@@ -246,7 +263,7 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: &str, timeout: Duratio
             gconn.abort();
             let _ = child.start_kill();
             let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-            let tail = entry.console_tail(1500);
+            let tail = entry.console_tail(BOOT_FAILURE_TAIL);
             Err(CvError::unavailable(format!("{why}\n--- last console output ---\n{tail}")))
         }
     }
@@ -284,12 +301,12 @@ pub async fn stop_vm(entry: &VmEntry) {
 /// Revokes the session (logout, expiry, shutdown): every cap answers
 /// `staleSession` from now on, calls in flight fail, VMs are stopped, and
 /// for a logout the broker forgets the resume token. Idempotent.
-pub async fn revoke_session(st: &Rc<SessionState>, reason: &str) {
+pub async fn revoke_session(st: &Rc<SessionState>, reason: RevokeReason) {
     if !st.mark_revoked(reason) {
         return;
     }
-    tracing::info!(session = %st.ctx.session_id, "session revoked: {reason}");
-    if reason == "logout" {
+    tracing::info!(session = %st.ctx.session_id, "session revoked: {}", revoke_reason_name(reason));
+    if reason == RevokeReason::Logout {
         st.audit("session.logout", "session", "logout", Ok(()), "");
         if let Err(e) = st.host.logout_request().send().promise.await {
             tracing::warn!("broker logout failed: {e}");
@@ -306,7 +323,7 @@ pub struct VmFactoryImpl {
 }
 
 impl VmFactoryImpl {
-    async fn do_create(&self, spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>) -> CvResult<vm::Client> {
+    async fn do_create(&self, spec: vm_spec::Reader<'_>) -> CvResult<Rc<VmEntry>> {
         let st = &self.st;
         st.check()?;
         let spec = check_spec(st, spec)?;
@@ -316,30 +333,31 @@ impl VmFactoryImpl {
             image: spec.image,
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
-            engine: RefCell::new(spec.engine),
+            engine: Cell::new(spec.engine),
             state: Cell::new(VmState::Starting),
             kernel_release: RefCell::new(String::new()),
             boot_ms: Cell::new(0),
             running: RefCell::new(None),
+            removed: Cell::new(false),
         });
         st.vms.borrow_mut().insert(spec.name.clone(), entry.clone());
         let t0 = Instant::now();
-        let requested = entry.engine.borrow().clone();
-        let booted = if requested == "auto" && capvisor_vmm::use_kvm_engine("auto") {
-            // `auto` on hardware KVM tries our kvm engine first and falls
-            // back to QEMU if it does not reach guest-init.
-            match st.guard(boot(st, &entry, "kvm", KVM_AUTO_TIMEOUT)).await {
-                Err(e) if e.code != capvisor_rpc::schema::common_capnp::ErrorCode::StaleSession => {
+        let engine = capvisor_rpc::host::resolve_engine(spec.engine, st.ctx.auto_engine);
+        let booted = if spec.engine == Engine::Auto && engine == Engine::Kvm {
+            // `auto` meaning kvm tries our kvm engine first and falls back
+            // to QEMU if it does not reach guest-init.
+            match st.guard(boot(st, &entry, Engine::Kvm, KVM_AUTO_TIMEOUT)).await {
+                Err(e) if e.code != ErrorCode::StaleSession => {
                     let first = e.message.lines().next().unwrap_or("").to_string();
                     tracing::warn!(vm = %entry.name, "engine kvm did not boot ({first}); falling back to qemu");
                     st.audit("vm.create", "vms", "engine-fallback", Err(&e), &first);
                     let _ = std::fs::rename(entry.run_dir.join("console.log"), entry.run_dir.join("console.kvm.log"));
-                    st.guard(boot(st, &entry, "qemu", BOOT_TIMEOUT)).await
+                    st.guard(boot(st, &entry, Engine::Qemu, BOOT_TIMEOUT)).await
                 }
                 r => r,
             }
         } else {
-            st.guard(boot(st, &entry, &requested, BOOT_TIMEOUT)).await
+            st.guard(boot(st, &entry, engine, BOOT_TIMEOUT)).await
         };
         match booted {
             Ok(run) => {
@@ -348,9 +366,10 @@ impl VmFactoryImpl {
                 *entry.running.borrow_mut() = Some(run);
                 entry.state.set(VmState::Running);
                 tracing::info!(vm = %entry.name, ms = entry.boot_ms.get(), "VM running");
-                Ok(capnp_rpc::new_client(VmImpl { st: st.clone(), name: spec.name }))
+                Ok(entry)
             }
             Err(e) => {
+                entry.removed.set(true);
                 st.vms.borrow_mut().remove(&spec.name);
                 Err(e)
             }
@@ -359,16 +378,17 @@ impl VmFactoryImpl {
 
     fn entry(&self, name: &str) -> CvResult<Rc<VmEntry>> {
         self.st.check()?;
-        lookup(&self.st, name)
+        self.st
+            .vms
+            .borrow()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CvError::not_found(format!("this session has no VM named {name:?}")))
     }
-}
 
-fn lookup(st: &SessionState, name: &str) -> CvResult<Rc<VmEntry>> {
-    st.vms
-        .borrow()
-        .get(name)
-        .cloned()
-        .ok_or_else(|| CvError::not_found(format!("this session has no VM named {name:?}")))
+    fn vm_cap(&self, entry: Rc<VmEntry>) -> vm::Client {
+        capnp_rpc::new_client(VmImpl { st: self.st.clone(), entry })
+    }
 }
 
 /// Marks the VM crashed/stopped when its machine ends on its own.
@@ -378,7 +398,7 @@ fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
         let state =
             r.ok().and_then(|r| r.get().ok().and_then(|r| r.get_status().ok()).and_then(|s| s.get_state().ok()));
         if entry.state.get() == VmState::Running {
-            entry.state.set(if state == Some(MachineState::Crashed) { VmState::Crashed } else { VmState::Stopped });
+            entry.state.set(if state == Some(VmState::Crashed) { VmState::Crashed } else { VmState::Stopped });
             // Drop the handles; stop_vm reaps the vmm when asked.
             if let Some(mut run) = entry.running.borrow_mut().take() {
                 for c in &run.conns {
@@ -393,8 +413,8 @@ fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
     });
 }
 
-fn text_param(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
-    r?.to_string().map_err(|e| capnp::Error::failed(e.to_string()))
+fn first_line(e: &CvError) -> String {
+    e.message.lines().next().unwrap_or("").to_string()
 }
 
 impl vm_factory::Server for VmFactoryImpl {
@@ -404,14 +424,10 @@ impl vm_factory::Server for VmFactoryImpl {
         mut results: vm_factory::CreateResults,
     ) -> capnp::Result<()> {
         let p = params.get()?;
-        let spec = p.get_spec()?;
-        let res = self.do_create(spec).await;
-        let detail = match &res {
-            Ok(_) => String::new(),
-            Err(e) => e.message.lines().next().unwrap_or("").to_string(),
-        };
+        let res = self.do_create(p.get_spec()?).await;
+        let detail = res.as_ref().err().map(first_line).unwrap_or_default();
         self.st.audit("vm.create", "vms", "create", res.as_ref().map(|_| ()), &detail);
-        write_result!(results.get().init_result(), res, |b, v| b.set_vm(v));
+        results.get().set_vm(self.vm_cap(res?));
         Ok(())
     }
 
@@ -420,39 +436,36 @@ impl vm_factory::Server for VmFactoryImpl {
         _: vm_factory::ListParams,
         mut results: vm_factory::ListResults,
     ) -> capnp::Result<()> {
+        self.st.check()?;
         let vms: Vec<Rc<VmEntry>> = self.st.vms.borrow().values().cloned().collect();
-        write_result!(results.get().init_result(), self.st.check(), |b, _v| {
-            let mut list = b.init_vms(vms.len() as u32);
-            for (i, e) in vms.iter().enumerate() {
-                e.fill_info(list.reborrow().get(i as u32));
-            }
-        });
+        let mut list = results.get().init_vms(vms.len() as u32);
+        for (i, e) in vms.iter().enumerate() {
+            e.fill_info(list.reborrow().get(i as u32));
+        }
         Ok(())
     }
 
-    async fn get(
-        self: CapRc<Self>,
-        params: vm_factory::GetParams,
-        mut results: vm_factory::GetResults,
-    ) -> capnp::Result<()> {
-        let name = text_param(params.get()?.get_name())?;
-        let res =
-            self.entry(&name).map(|_| capnp_rpc::new_client::<vm::Client, _>(VmImpl { st: self.st.clone(), name }));
-        write_result!(results.get().init_result(), res, |b, v| b.set_vm(v));
+    async fn get(self: CapRc<Self>, params: vm_factory::GetParams, mut results: vm_factory::GetResults) -> capnp::Result<()> {
+        let name = text(params.get()?.get_name())?;
+        let entry = self.entry(&name)?;
+        results.get().set_vm(self.vm_cap(entry));
         Ok(())
     }
 
     async fn remove(
         self: CapRc<Self>,
         params: vm_factory::RemoveParams,
-        mut results: vm_factory::RemoveResults,
+        _: vm_factory::RemoveResults,
     ) -> capnp::Result<()> {
-        let name = text_param(params.get()?.get_name())?;
+        let name = text(params.get()?.get_name())?;
         let res = match self.entry(&name) {
             Ok(e) if e.state.get() == VmState::Starting => {
                 Err(CvError::invalid(format!("VM {name:?} is still starting")))
             }
             Ok(e) => {
+                // Marked first, so no call through an old cap gets in while
+                // the VM stops.
+                e.removed.set(true);
                 stop_vm(&e).await;
                 self.st.vms.borrow_mut().remove(&name);
                 let _ = std::fs::remove_dir_all(&e.run_dir);
@@ -461,101 +474,74 @@ impl vm_factory::Server for VmFactoryImpl {
             Err(e) => Err(e),
         };
         self.st.audit("vm.remove", "vms", "remove", res.as_ref().map(|_| ()), &name);
-        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
-        Ok(())
+        Ok(res?)
     }
 }
 
-/// `Vm`: one VM of the session, looked up by name on every call (so a
-/// removed VM answers `notFound`).
+/// `Vm`: exactly one VM of the session for the capability's whole life.
 pub struct VmImpl {
     /// The session.
     pub st: Rc<SessionState>,
-    /// The VM's name.
-    pub name: String,
+    /// The VM this cap designates.
+    pub entry: Rc<VmEntry>,
 }
 
 impl VmImpl {
-    fn entry(&self) -> CvResult<Rc<VmEntry>> {
-        self.st.check()?;
-        lookup(&self.st, &self.name)
+    fn scope(&self) -> Scope {
+        Scope::vm(&self.st, &self.entry)
     }
 
-    async fn do_exec(&self, params: vm::ExecParams) -> CvResult<process::Client> {
-        let guest = self.entry()?.guest()?;
-        let rpc = |e: capnp::Error| CvError::unavailable(format!("guest call failed: {e}"));
-        let p = params.get().map_err(rpc)?;
-        let mut req = guest.exec_request();
-        {
-            let mut r = req.get();
-            r.set_spec(p.get_spec().map_err(rpc)?).map_err(rpc)?;
-            r.set_stdout(p.get_stdout().map_err(rpc)?);
-            r.set_stderr(p.get_stderr().map_err(rpc)?);
-        }
-        let resp = self.st.guard(async { req.send().promise.await.map_err(rpc) }).await?;
-        let result = resp.get().and_then(|r| r.get_result()).map_err(rpc)?;
-        use capvisor_rpc::schema::common_capnp::exec_result::Which;
-        match result.which().map_err(|e| CvError::internal(e.to_string()))? {
-            Which::Process(p) => {
-                Ok(capnp_rpc::new_client(ProcessWrapper { st: self.st.clone(), inner: p.map_err(rpc)? }))
-            }
-            Which::Err(e) => Err(CvError::read_from(e.map_err(rpc)?).map_err(rpc)?),
-        }
+    fn check(&self) -> CvResult<()> {
+        self.scope().check()
     }
 }
 
 impl vm::Server for VmImpl {
     async fn info(self: CapRc<Self>, _: vm::InfoParams, mut results: vm::InfoResults) -> capnp::Result<()> {
-        write_result!(results.get().init_result(), self.entry(), |b, e| e.fill_info(b.init_info()));
+        self.check()?;
+        self.entry.fill_info(results.get().init_info());
         Ok(())
     }
 
     async fn exec(self: CapRc<Self>, params: vm::ExecParams, mut results: vm::ExecResults) -> capnp::Result<()> {
-        let res = self.do_exec(params).await;
-        write_result!(results.get().init_result(), res, |b, p| b.set_process(p));
+        self.check()?;
+        let guest = self.entry.guest()?;
+        let scope = self.scope();
+        let p = params.get()?;
+        let mut req = guest.exec_request();
+        {
+            let mut r = req.get();
+            // ExecSpec is plain data; copying it whole carries no capability.
+            r.set_spec(p.get_spec()?)?;
+            r.set_stdout(SinkWrapper::wrap(&scope, p.get_stdout()?));
+            r.set_stderr(SinkWrapper::wrap(&scope, p.get_stderr()?));
+        }
+        let resp = scope.forward(req.send().promise).await?;
+        let inner = resp.get()?.get_process()?;
+        results.get().set_process(capnp_rpc::new_client(ProcessWrapper { scope, inner }));
         Ok(())
     }
 
     async fn files(self: CapRc<Self>, _: vm::FilesParams, mut results: vm::FilesResults) -> capnp::Result<()> {
-        let res = self.entry().and_then(|e| e.guest()).map(|g| {
-            let inner = g.files_request().send().pipeline.get_files();
-            capnp_rpc::new_client::<files::Client, _>(FilesWrapper { st: self.st.clone(), inner })
-        });
-        write_result!(results.get().init_result(), res, |b, f| b.set_files(f));
+        self.check()?;
+        let inner = self.entry.guest()?.files_request().send().pipeline.get_files();
+        results.get().set_files(capnp_rpc::new_client(FilesWrapper { scope: self.scope(), inner }));
         Ok(())
     }
 
-    async fn stop(self: CapRc<Self>, _: vm::StopParams, mut results: vm::StopResults) -> capnp::Result<()> {
-        let res = match self.entry() {
-            Ok(e) => {
-                stop_vm(&e).await;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        };
-        self.st.audit("vm.stop", "vms", "stop", res.as_ref().map(|_| ()), &self.name);
-        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
-        Ok(())
+    async fn stop(self: CapRc<Self>, _: vm::StopParams, _: vm::StopResults) -> capnp::Result<()> {
+        let res = self.check();
+        if res.is_ok() {
+            stop_vm(&self.entry).await;
+        }
+        self.st.audit("vm.stop", "vms", "stop", res.as_ref().map(|_| ()), &self.entry.name);
+        Ok(res?)
     }
 
-    async fn ping(self: CapRc<Self>, _: vm::PingParams, mut results: vm::PingResults) -> capnp::Result<()> {
-        let res = match self.entry().and_then(|e| e.guest()) {
-            Ok(g) => {
-                self.st
-                    .guard(async {
-                        g.ping_request()
-                            .send()
-                            .promise
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| CvError::unavailable(e.to_string()))
-                    })
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        write_result!(results.get().init_result(), res, |b, _v| b.set_ok(()));
-        Ok(())
+    async fn ping(self: CapRc<Self>, _: vm::PingParams, _: vm::PingResults) -> capnp::Result<()> {
+        self.check()?;
+        let g = self.entry.guest()?;
+        self.scope().forward(async { g.ping_request().send().promise.await.map(drop) }).await
     }
 }
 

@@ -1,41 +1,83 @@
-//! Revocable wrappers: each forwards to the real capability (in the guest
-//! or the broker) only while the session is live, so a client's hold on a
-//! `Process`, `Files`, `ByteSink` or `Accounts` dies with the session.
+//! The membrane: revocable wrappers around every capability the worker
+//! forwards (guest `Process`, `Files`, `ByteSink`s in both directions, the
+//! broker's `Accounts`).
+//!
+//! Each wrapper holds a [`Scope`]: the session and, for VM-reached caps, the
+//! one VM it designates. Before every forwarded call the scope is checked
+//! (session live, VM not removed), and a call in flight is cut off when the
+//! session is revoked. Results are rebuilt field by field from the schema:
+//! nothing the worker does not know (an unknown pointer field, a
+//! capability) passes from one side to the other unwrapped.
 
 use crate::state::SessionState;
+use crate::vms::VmEntry;
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::schema::capvisor_capnp::accounts;
-use capvisor_rpc::schema::common_capnp::{byte_sink, files, process};
-use capvisor_rpc::{write_result, CvError, CvResult};
+use capvisor_rpc::schema::common_capnp::{byte_sink, exit_status, files, process};
+use capvisor_rpc::{CvError, CvResult};
+use std::future::Future;
 use std::rc::Rc;
 
-fn rpc_err(e: capnp::Error) -> CvError {
-    if e.kind == capnp::ErrorKind::Disconnected {
-        CvError::new(capvisor_rpc::schema::common_capnp::ErrorCode::NotRunning, "the VM is gone")
-    } else {
-        CvError::unavailable(format!("guest call failed: {e}"))
+/// What a forwarded cap is bound to: its session, and the VM it was
+/// reached through (if any).
+#[derive(Clone)]
+pub struct Scope {
+    /// The session.
+    pub st: Rc<SessionState>,
+    /// The VM, for caps reached through a `Vm`.
+    pub vm: Option<Rc<VmEntry>>,
+}
+
+impl Scope {
+    /// A scope for session-wide caps.
+    pub fn session(st: &Rc<SessionState>) -> Self {
+        Self { st: st.clone(), vm: None }
+    }
+
+    /// A scope for caps reached through VM `vm`.
+    pub fn vm(st: &Rc<SessionState>, vm: &Rc<VmEntry>) -> Self {
+        Self { st: st.clone(), vm: Some(vm.clone()) }
+    }
+
+    /// `staleSession` once the session is revoked; `notFound` once the VM
+    /// was removed.
+    pub fn check(&self) -> CvResult<()> {
+        self.st.check()?;
+        match &self.vm {
+            Some(vm) => vm.check_present(),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs a forwarded call under the scope: checked first, cut off with
+    /// `staleSession` if the session is revoked meanwhile, and a failure of
+    /// the other side relayed with its code (transport loss to a guest
+    /// becomes `notRunning`).
+    pub async fn forward<T>(&self, fut: impl Future<Output = capnp::Result<T>>) -> Result<T, capnp::Error> {
+        self.check()?;
+        let vm = self.vm.is_some();
+        let r = self.st.guard(async { fut.await.map_err(|e| relay(e, vm)) }).await;
+        Ok(r?)
     }
 }
 
-/// Copies a forwarded call's result union (a struct with `ok`/`err`-style
-/// members) into ours, or writes the staleSession / transport error.
-macro_rules! forward_union {
-    ($st:expr, $req:expr, $results:expr) => {{
-        let res: CvResult<_> = $st.guard(async { $req.send().promise.await.map_err(rpc_err) }).await;
-        match res {
-            Ok(resp) => {
-                let r = resp.get()?.get_result()?;
-                $results.get().set_result(r)?;
-            }
-            Err(e) => e.write_to($results.get().init_result().init_err()),
+/// Maps an error from the other side of the membrane: domain codes pass
+/// (re-encoded), transport loss is `notRunning` for guest caps and
+/// `unavailable` otherwise, anything else `unavailable`.
+pub fn relay(e: capnp::Error, guest: bool) -> CvError {
+    CvError::relay(e, |e| {
+        if e.kind == capnp::ErrorKind::Disconnected && guest {
+            CvError::not_running("the VM is gone")
+        } else {
+            CvError::unavailable(format!("backend call failed: {}", e.extra))
         }
-    }};
+    })
 }
 
-/// A guest `Process`, revocable.
+/// A guest `Process`, revocable, bound to its VM.
 pub struct ProcessWrapper {
-    /// The session.
-    pub st: Rc<SessionState>,
+    /// Session and VM.
+    pub scope: Scope,
     /// guest-init's process cap.
     pub inner: process::Client,
 }
@@ -44,52 +86,48 @@ impl process::Server for ProcessWrapper {
     async fn write(self: CapRc<Self>, params: process::WriteParams) -> capnp::Result<()> {
         let mut req = self.inner.write_request();
         req.get().set_data(params.get()?.get_data()?);
-        self.st.guard_rpc(req.send()).await
+        self.scope.forward(req.send()).await
     }
 
-    async fn close_stdin(
-        self: CapRc<Self>,
-        _: process::CloseStdinParams,
-        mut results: process::CloseStdinResults,
-    ) -> capnp::Result<()> {
+    async fn close_stdin(self: CapRc<Self>, _: process::CloseStdinParams, _: process::CloseStdinResults) -> capnp::Result<()> {
         let req = self.inner.close_stdin_request();
-        forward_union!(self.st, req, results);
-        Ok(())
+        self.scope.forward(async { req.send().promise.await.map(drop) }).await
     }
 
     async fn wait(self: CapRc<Self>, _: process::WaitParams, mut results: process::WaitResults) -> capnp::Result<()> {
         let req = self.inner.wait_request();
-        forward_union!(self.st, req, results);
+        let resp = self.scope.forward(req.send().promise).await?;
+        let status = resp.get()?.get_status()?;
+        let mut out = results.get().init_status();
+        match status.which()? {
+            exit_status::Code(c) => out.set_code(c),
+            exit_status::Signal(s) => out.set_signal(s),
+        }
         Ok(())
     }
 
-    async fn kill(
-        self: CapRc<Self>,
-        params: process::KillParams,
-        mut results: process::KillResults,
-    ) -> capnp::Result<()> {
+    async fn kill(self: CapRc<Self>, params: process::KillParams, _: process::KillResults) -> capnp::Result<()> {
         let mut req = self.inner.kill_request();
         req.get().set_signal(params.get()?.get_signal());
-        forward_union!(self.st, req, results);
-        Ok(())
+        self.scope.forward(async { req.send().promise.await.map(drop) }).await
     }
 
-    async fn resize(
-        self: CapRc<Self>,
-        params: process::ResizeParams,
-        mut results: process::ResizeResults,
-    ) -> capnp::Result<()> {
+    async fn resize(self: CapRc<Self>, params: process::ResizeParams, _: process::ResizeResults) -> capnp::Result<()> {
+        let size = params.get()?.get_size()?;
         let mut req = self.inner.resize_request();
-        req.get().set_size(params.get()?.get_size()?)?;
-        forward_union!(self.st, req, results);
-        Ok(())
+        {
+            let mut s = req.get().init_size();
+            s.set_rows(size.get_rows());
+            s.set_cols(size.get_cols());
+        }
+        self.scope.forward(async { req.send().promise.await.map(drop) }).await
     }
 }
 
-/// A guest `Files`, revocable.
+/// A guest `Files`, revocable, bound to its VM.
 pub struct FilesWrapper {
-    /// The session.
-    pub st: Rc<SessionState>,
+    /// Session and VM.
+    pub scope: Scope,
     /// guest-init's files cap.
     pub inner: files::Client,
 }
@@ -99,101 +137,105 @@ impl files::Server for FilesWrapper {
         let p = params.get()?;
         let mut req = self.inner.read_request();
         req.get().set_path(p.get_path()?);
-        req.get().set_sink(p.get_sink()?);
-        forward_union!(self.st, req, results);
+        req.get().set_sink(SinkWrapper::wrap(&self.scope, p.get_sink()?));
+        let resp = self.scope.forward(req.send().promise).await?;
+        results.get().set_size(resp.get()?.get_size());
         Ok(())
     }
 
-    async fn write(
-        self: CapRc<Self>,
-        params: files::WriteParams,
-        mut results: files::WriteResults,
-    ) -> capnp::Result<()> {
+    async fn write(self: CapRc<Self>, params: files::WriteParams, mut results: files::WriteResults) -> capnp::Result<()> {
         let p = params.get()?;
         let mut req = self.inner.write_request();
         req.get().set_path(p.get_path()?);
         req.get().set_mode(p.get_mode());
-        let res: CvResult<_> = self.st.guard(async { req.send().promise.await.map_err(rpc_err) }).await;
-        let res = res.and_then(|resp| {
-            use capvisor_rpc::schema::common_capnp::sink_result::Which;
-            let r = resp.get().and_then(|r| r.get_result()).map_err(rpc_err)?;
-            match r.which().map_err(|e| CvError::internal(e.to_string()))? {
-                Which::Sink(s) => Ok(s.map_err(rpc_err)?),
-                Which::Err(e) => Err(CvError::read_from(e.map_err(rpc_err)?).map_err(rpc_err)?),
-            }
-        });
-        let st = self.st.clone();
-        write_result!(results.get().init_result(), res, |b, inner| b
-            .set_sink(capnp_rpc::new_client(SinkWrapper { st, inner })));
+        let resp = self.scope.forward(req.send().promise).await?;
+        let inner = resp.get()?.get_sink()?;
+        results.get().set_sink(SinkWrapper::wrap(&self.scope, inner));
         Ok(())
     }
 
     async fn list(self: CapRc<Self>, params: files::ListParams, mut results: files::ListResults) -> capnp::Result<()> {
         let mut req = self.inner.list_request();
         req.get().set_path(params.get()?.get_path()?);
-        forward_union!(self.st, req, results);
+        let resp = self.scope.forward(req.send().promise).await?;
+        let entries = resp.get()?.get_entries()?;
+        let mut out = results.get().init_entries(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            let mut o = out.reborrow().get(i as u32);
+            o.set_name(e.get_name()?);
+            o.set_kind(e.get_kind()?);
+            o.set_size(e.get_size());
+            o.set_mode(e.get_mode());
+        }
         Ok(())
     }
 }
 
-/// A `ByteSink` into the guest (a file body), revocable.
+/// A `ByteSink` handed across the membrane (a guest file body, or a
+/// client's stdout / stderr / read sink given to the guest), revocable:
+/// once the session ends or the VM is removed, writes fail and nothing
+/// more reaches the other side.
 pub struct SinkWrapper {
-    /// The session.
-    pub st: Rc<SessionState>,
-    /// The guest's sink.
+    /// Session and VM.
+    pub scope: Scope,
+    /// The wrapped sink.
     pub inner: byte_sink::Client,
+}
+
+impl SinkWrapper {
+    /// `inner` behind the membrane of `scope`.
+    pub fn wrap(scope: &Scope, inner: byte_sink::Client) -> byte_sink::Client {
+        capnp_rpc::new_client(SinkWrapper { scope: scope.clone(), inner })
+    }
 }
 
 impl byte_sink::Server for SinkWrapper {
     async fn write(self: CapRc<Self>, params: byte_sink::WriteParams) -> capnp::Result<()> {
         let mut req = self.inner.write_request();
         req.get().set_data(params.get()?.get_data()?);
-        self.st.guard_rpc(req.send()).await
+        self.scope.forward(req.send()).await
     }
 
     async fn done(self: CapRc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> capnp::Result<()> {
         let req = self.inner.done_request();
-        self.st.guard_rpc(async { req.send().promise.await.map(|_| ()) }).await
+        self.scope.forward(async { req.send().promise.await.map(drop) }).await
     }
 }
 
 /// The broker's `Accounts`, revocable (only in bundles that list "accounts").
 pub struct AccountsWrapper {
     /// The session.
-    pub st: Rc<SessionState>,
+    pub scope: Scope,
     /// The broker's accounts cap.
     pub inner: accounts::Client,
 }
 
 impl accounts::Server for AccountsWrapper {
-    async fn add(
-        self: CapRc<Self>,
-        params: accounts::AddParams,
-        mut results: accounts::AddResults,
-    ) -> capnp::Result<()> {
+    async fn add(self: CapRc<Self>, params: accounts::AddParams, _: accounts::AddResults) -> capnp::Result<()> {
         let p = params.get()?;
         let mut req = self.inner.add_request();
         req.get().set_name(p.get_name()?);
         req.get().set_profile(p.get_profile()?);
         req.get().set_password(p.get_password()?);
-        forward_union!(self.st, req, results);
-        Ok(())
+        self.scope.forward(async { req.send().promise.await.map(drop) }).await
     }
 
     async fn list(self: CapRc<Self>, _: accounts::ListParams, mut results: accounts::ListResults) -> capnp::Result<()> {
         let req = self.inner.list_request();
-        forward_union!(self.st, req, results);
+        let resp = self.scope.forward(req.send().promise).await?;
+        let list = resp.get()?.get_accounts()?;
+        let mut out = results.get().init_accounts(list.len());
+        for (i, a) in list.iter().enumerate() {
+            let mut o = out.reborrow().get(i as u32);
+            o.set_name(a.get_name()?);
+            o.set_profile(a.get_profile()?);
+        }
         Ok(())
     }
 
-    async fn remove(
-        self: CapRc<Self>,
-        params: accounts::RemoveParams,
-        mut results: accounts::RemoveResults,
-    ) -> capnp::Result<()> {
+    async fn remove(self: CapRc<Self>, params: accounts::RemoveParams, _: accounts::RemoveResults) -> capnp::Result<()> {
         let mut req = self.inner.remove_request();
         req.get().set_name(params.get()?.get_name()?);
-        forward_union!(self.st, req, results);
-        Ok(())
+        self.scope.forward(async { req.send().promise.await.map(drop) }).await
     }
 }

@@ -1,5 +1,5 @@
 //! The `qemu` engine: `qemu-system-x86_64 -M microvm` with hardware KVM
-//! where [`crate::host_kvm_usable`], TCG otherwise (DESIGN.md, "Engines" and
+//! where [`capvisor_rpc::host::host_kvm_usable`], TCG otherwise (DESIGN.md, "Engines" and
 //! "Machines we build on").
 //!
 //! Descriptors handed to QEMU (through `capvisor_rpc::spawn::prepare`, so
@@ -28,7 +28,7 @@
 
 pub mod qmp;
 
-use crate::VmConfig;
+use capvisor_rpc::vmconfig::VmConfig;
 use std::path::Path;
 
 /// Descriptor number of the agent socket inside QEMU.
@@ -148,7 +148,7 @@ mod tests {
             initramfs: "/img/initramfs.cpio".into(),
             memory_mib: 256,
             vcpus: 2,
-            engine: "auto".into(),
+            engine: capvisor_schema::capvisor_capnp::Engine::Auto,
             extra_cmdline: " loglevel=4 ".into(),
             disks: vec![],
         }

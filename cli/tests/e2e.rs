@@ -108,7 +108,7 @@ fn vm_lifecycle_isolation_quota_and_logout() {
     let token = saved_token(&s, "owner");
     capvisor_rpc::conn::run_local(async {
         let sess = connect::attach(&s.socket, &token).await.unwrap();
-        let vm = ops::get_vm(&ops::vms(&sess).await.unwrap(), "a").await.unwrap();
+        let vm = ops::get_vm(&ops::vms(&sess), "a");
         // The pty has the size we asked for.
         let (out, out_rx) = capvisor_rpc::sink::CollectSink::client(1 << 20);
         let (err, _err_rx) = capvisor_rpc::sink::CollectSink::client(1 << 20);
@@ -117,7 +117,7 @@ fn vm_lifecycle_isolation_quota_and_logout() {
             pty: Some((24, 80)),
             ..Default::default()
         };
-        let p = ops::exec(&vm, &req, out, err).await.unwrap();
+        let p = ops::exec(&vm, &req, out, err);
         assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Code(0));
         let text = String::from_utf8_lossy(&out_rx.await.unwrap()).into_owned();
         assert!(text.contains("24 80") && text.contains("/dev/pts/"), "pty output: {text:?}");
@@ -130,7 +130,7 @@ fn vm_lifecycle_isolation_quota_and_logout() {
             pty: Some((24, 80)),
             ..Default::default()
         };
-        let p = ops::exec(&vm, &req, out, err).await.unwrap();
+        let p = ops::exec(&vm, &req, out, err);
         ops::resize(&p, 30, 100).await.unwrap();
         ops::write_stdin(&p, b"hello\n").await.unwrap();
         assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Code(5));
@@ -140,7 +140,7 @@ fn vm_lifecycle_isolation_quota_and_logout() {
         let (out, _o) = capvisor_rpc::sink::CollectSink::client(1 << 20);
         let (err, _e) = capvisor_rpc::sink::CollectSink::client(1 << 20);
         let req = ops::ExecRequest { argv: vec!["sleep".into(), "100".into()], ..Default::default() };
-        let p = ops::exec(&vm, &req, out, err).await.unwrap();
+        let p = ops::exec(&vm, &req, out, err);
         ops::kill(&p, 9).await.unwrap();
         assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Signal(9));
     });
@@ -184,12 +184,13 @@ fn vm_lifecycle_isolation_quota_and_logout() {
     let token = saved_token(&s, "owner");
     capvisor_rpc::conn::run_local(async {
         let sess = connect::attach(&s.socket, &token).await.unwrap();
-        let vms = ops::vms(&sess).await.unwrap();
-        let vm = ops::create_vm(&vms, &ops::VmSpec { name: "z".into(), ..Default::default() }).await.unwrap();
+        let vms = ops::vms(&sess);
+        let vm = ops::create_vm(&vms, &ops::VmSpec { name: "z".into(), ..Default::default() });
+        ops::vm_info(&vm).await.unwrap();
         let (out, _o) = capvisor_rpc::sink::CollectSink::client(1 << 20);
         let (err, _e) = capvisor_rpc::sink::CollectSink::client(1 << 20);
         let req = ops::ExecRequest { argv: vec!["sleep".into(), "100".into()], ..Default::default() };
-        let p = ops::exec(&vm, &req, out, err).await.unwrap();
+        let p = ops::exec(&vm, &req, out, err);
         let pending = {
             let p = p.clone();
             tokio::task::spawn_local(async move { ops::wait(&p).await })

@@ -86,9 +86,9 @@ struct SpecArgs {
     /// vCPUs
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Engine: auto, qemu or kvm
-    #[arg(long, default_value = "auto")]
-    engine: String,
+    /// Engine: auto (kvm where /dev/kvm is hardware-backed, else qemu), qemu or kvm
+    #[arg(long, default_value = "auto", value_parser = capvisor_rpc::names::parse_engine)]
+    engine: capvisor_rpc::schema::capvisor_capnp::Engine,
 }
 
 #[derive(Args, Clone)]
@@ -243,7 +243,7 @@ fn spec_of(name: Option<String>, s: &SpecArgs) -> VmSpec {
         image: s.image.clone(),
         memory_mib: s.memory_mib.unwrap_or(0),
         vcpus: s.vcpus,
-        engine: s.engine.clone(),
+        engine: s.engine,
     }
 }
 
@@ -261,7 +261,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             let saved = SavedSession {
                 socket: socket.to_path_buf(),
                 token: info.token,
-                principal: info.principal.clone(),
+                principal: info.principal.to_string(),
                 profile: info.profile.clone(),
                 expires_at_ms: info.expires_at_ms,
             };
@@ -307,7 +307,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         }
         Cmd::Caps => {
             let (s, _) = session(socket).await?;
-            let caps = ops::list_caps(&ops::cap_set(&s).await?).await?;
+            let caps = ops::list_caps(&ops::cap_set(&s)).await?;
             println!("{:<10} {:<10} {:<18} DESCRIPTION", "NAME", "INTERFACE", "INTERFACE ID");
             for c in caps {
                 println!("{:<10} {:<10} {:#018x} {}", c.name, c.interface_name, c.interface_id, c.description);
@@ -317,9 +317,9 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         Cmd::Vm(v) => vm_cmd(v, socket).await,
         Cmd::Run { spec, exec, cmd } => {
             let (s, _) = session(socket).await?;
-            let f = ops::vms(&s).await?;
+            let f = ops::vms(&s);
             eprintln!("capvisor: booting a {} VM ...", spec.image);
-            let vm = ops::create_vm(&f, &spec_of(None, &spec)).await?;
+            let vm = ops::create_vm(&f, &spec_of(None, &spec));
             let info = ops::vm_info(&vm).await?;
             eprintln!("capvisor: {} up in {} ms (kernel {})", info.name, info.boot_ms, info.kernel_release);
             let res = tokio::select! {
@@ -333,7 +333,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         }
         Cmd::Account(a) => {
             let (s, _) = session(socket).await?;
-            let acc = ops::accounts(&s).await?;
+            let acc = ops::accounts(&s);
             match a {
                 AccountCmd::Add { name, profile, .. } => {
                     let pw = read_password()?;
@@ -358,11 +358,11 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
 
 async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
     let (s, _) = session(socket).await?;
-    let f = ops::vms(&s).await?;
+    let f = ops::vms(&s);
     match cmd {
         VmCmd::Create { name, spec } => {
             eprintln!("capvisor: booting ...");
-            let vm = ops::create_vm(&f, &spec_of(name, &spec)).await?;
+            let vm = ops::create_vm(&f, &spec_of(name, &spec));
             let i = ops::vm_info(&vm).await?;
             eprintln!(
                 "capvisor: {} running ({} MiB, {} vCPU, kernel {}, up in {} ms)",
@@ -384,14 +384,14 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
                     i.image,
                     i.memory_mib,
                     i.vcpus,
-                    i.engine,
+                    ops::engine_name(i.engine),
                     i.kernel_release
                 );
             }
             Ok(0)
         }
         VmCmd::Info { name } => {
-            let i = ops::vm_info(&ops::get_vm(&f, &name).await?).await?;
+            let i = ops::vm_info(&ops::get_vm(&f, &name)).await?;
             println!(
                 "name     {}\nstate    {}\nimage    {}\nmemory   {} MiB\nvcpus    {}\nengine   {}\nkernel   {}\nboot     {} ms",
                 i.name,
@@ -399,23 +399,23 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
                 i.image,
                 i.memory_mib,
                 i.vcpus,
-                i.engine,
+                ops::engine_name(i.engine),
                 i.kernel_release,
                 i.boot_ms
             );
             Ok(0)
         }
         VmCmd::Exec { name, exec, cmd } => {
-            let vm = ops::get_vm(&f, &name).await?;
+            let vm = ops::get_vm(&f, &name);
             exec_streaming(&vm, &exec, cmd, None).await
         }
         VmCmd::Shell { name, program } => {
-            let vm = ops::get_vm(&f, &name).await?;
+            let vm = ops::get_vm(&f, &name);
             shell(&vm, program).await
         }
         VmCmd::Cp { src, dst } => copy(&f, &src, &dst).await,
         VmCmd::Stop { name } => {
-            ops::stop_vm(&ops::get_vm(&f, &name).await?).await?;
+            ops::stop_vm(&ops::get_vm(&f, &name)).await?;
             eprintln!("capvisor: {name} stopped");
             Ok(0)
         }
@@ -446,7 +446,7 @@ async fn exec_streaming(
     };
     let (out, out_done) = WriterSink::client(tokio::io::stdout());
     let (err, err_done) = WriterSink::client(tokio::io::stderr());
-    let p = ops::exec(vm, &req, out, err).await?;
+    let p = ops::exec(vm, &req, out, err);
     if forward {
         let p2 = p.clone();
         tokio::task::spawn_local(async move {
@@ -525,7 +525,7 @@ async fn shell(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, program: S
     };
     let (out, out_done) = WriterSink::client(tokio::io::stdout());
     let (err, _err_done) = capvisor_rpc::sink::CollectSink::client(1 << 20);
-    let p = ops::exec(vm, &req, out, err).await?;
+    let p = ops::exec(vm, &req, out, err);
     let _raw = RawMode::enable();
     let p2 = p.clone();
     tokio::task::spawn_local(async move {
@@ -563,13 +563,13 @@ async fn copy(f: &capvisor_rpc::schema::capvisor_capnp::vm_factory::Client, src:
             } else {
                 path.to_string()
             };
-            let files = ops::files(&ops::get_vm(f, name).await?).await?;
+            let files = ops::files(&ops::get_vm(f, name));
             let n = ops::write_file(&files, &path, mode, file).await?;
             eprintln!("capvisor: {n} bytes -> {name}:{path}");
             Ok(0)
         }
         (Some((name, path)), None) => {
-            let files = ops::files(&ops::get_vm(f, name).await?).await?;
+            let files = ops::files(&ops::get_vm(f, name));
             let tmp = format!("{dst}.capvisor-part");
             let out = tokio::fs::File::create(&tmp).await.map_err(|e| ClientError::Usage(format!("{dst}: {e}")))?;
             let (sink, done) = WriterSink::client(out);

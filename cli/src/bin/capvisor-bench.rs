@@ -8,6 +8,8 @@
 //! Options: `--boots N` (default 5), `--execs N` (200), `--pings N` (2000).
 
 use capvisor_client::{connect, ops};
+use capvisor_rpc::host::host_kvm_usable;
+use capvisor_rpc::schema::capvisor_capnp::Engine;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -73,16 +75,28 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// (pid, argv0) of processes whose cmdline or environment mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
-    let mut out = vec![];
+/// (pid, argv0) of every process below `root` (children, their children, ...).
+fn descendants(root: u32) -> Vec<(u32, String)> {
+    let mut parent_of = vec![];
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(needle) || String::from_utf8_lossy(&env).contains(needle) {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let argv0 = String::from_utf8_lossy(cmd.split(|c| *c == 0).next().unwrap_or(b"")).into_owned();
-            out.push((pid, argv0));
+            parent_of.push((pid, ppid, argv0));
+        }
+    }
+    let mut out: Vec<(u32, String)> = vec![];
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (pid, ppid, argv0) in &parent_of {
+            if *ppid == p {
+                out.push((*pid, argv0.clone()));
+                frontier.push(*pid);
+            }
         }
     }
     out
@@ -104,11 +118,11 @@ fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration {
         initramfs: initramfs.to_path_buf(),
         memory_mib: 256,
         vcpus: 1,
-        engine: "qemu".into(),
+        engine: Engine::Qemu,
         extra_cmdline: String::new(),
         disks: vec![],
     };
-    let args = capvisor_vmm::qemu::args(&cfg, capvisor_vmm::host_kvm_usable(), capvisor_vmm::qemu::host_tsc_khz());
+    let args = capvisor_vmm::qemu::args(&cfg, host_kvm_usable(), capvisor_vmm::qemu::host_tsc_khz());
     let (agent, _agent_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
     let (qmp, _qmp_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
     let console = run_dir.join("console.log");
@@ -179,21 +193,20 @@ fn kvm_engine_figures(
             initramfs: image.initramfs.clone(),
             memory_mib: 256,
             vcpus: 1,
-            engine: "kvm".into(),
+            engine: Engine::Kvm,
             extra_cmdline: String::new(),
             disks: vec![],
         };
         capvisor_rpc::conn::run_local(async {
             let (rpc_ours, rpc_theirs) = capvisor_rpc::spawn::stream_pair().unwrap();
             let (_agent_ours, agent_theirs) = capvisor_rpc::spawn::stream_pair().unwrap();
+            let config = capvisor_rpc::spawn::config_fd(&cfg.to_message().unwrap()).unwrap();
             let mut cmd = tokio::process::Command::new(capvisor_rpc::paths::binary("capvisor-vmm"));
-            cmd.args(["--rpc-fd", "3", "--agent-fd", "4"])
-                .env(capvisor_vmm::CONFIG_ENV, serde_json::to_string(&cfg).unwrap())
-                .env("CAPVISOR_LOG", "warn")
-                .stderr(Stdio::null());
+            cmd.args(["--rpc-fd", "3", "--agent-fd", "4", "--config-fd", "5"]).stderr(Stdio::null());
             let fds = [
                 capvisor_rpc::spawn::Inherit { fd: rpc_theirs, target: 3 },
                 capvisor_rpc::spawn::Inherit { fd: agent_theirs, target: 4 },
+                capvisor_rpc::spawn::Inherit { fd: config, target: 5 },
             ];
             capvisor_rpc::spawn::prepare(&mut cmd, &fds);
             let mut child = cmd.spawn().expect("spawn capvisor-vmm");
@@ -267,16 +280,17 @@ fn main() {
     let image = capvisor_vmm::image::ensure_image(&capvisor_rpc::paths::cache_dir(), source, &guest_init, &mut |_| {})
         .expect("image");
 
+    let serve_pid = serve.id();
     let figures = capvisor_rpc::conn::run_local(async {
         let login = connect::login_local(&socket).await.expect("login");
         let session = connect::attach(&socket, &login.token).await.expect("attach");
-        let vms = ops::vms(&session).await.expect("vms cap");
+        let vms = ops::vms(&session);
 
         let mut cold = vec![];
         for i in 0..boots {
             let t = Instant::now();
             let spec = ops::VmSpec { name: format!("cold-{i}"), ..Default::default() };
-            let vm = ops::create_vm(&vms, &spec).await.expect("create");
+            let vm = ops::create_vm(&vms, &spec);
             let out = ops::exec_collect(&vm, &["true"], b"", 1 << 20).await.expect("exec");
             assert_eq!(out.exit, ops::Exit::Code(0));
             cold.push(t.elapsed());
@@ -284,10 +298,9 @@ fn main() {
             eprintln!("capvisor-bench: cold create -> first exec result #{}: {:.0} ms", i + 1, ms(cold[i]));
         }
 
-        let vm =
-            ops::create_vm(&vms, &ops::VmSpec { name: "warm".into(), ..Default::default() }).await.expect("create");
-        let engine = ops::vm_info(&vm).await.expect("info").engine;
-        let procs = processes_mentioning(&work.path().join("state").to_string_lossy());
+        let vm = ops::create_vm(&vms, &ops::VmSpec { name: "warm".into(), ..Default::default() });
+        let engine = ops::engine_name(ops::vm_info(&vm).await.expect("info").engine);
+        let procs = descendants(serve_pid);
         let rss: Vec<(String, u64)> = procs
             .iter()
             .filter(|(_, a)| a.contains("capvisor-vmm") || a.contains("qemu") || a.contains("capvisor-worker"))
@@ -342,7 +355,7 @@ fn main() {
     let ping_p50 = pct(&mut ping_rt, 50);
     println!();
     let accel = if engine == "qemu" {
-        if capvisor_vmm::host_kvm_usable() {
+        if host_kvm_usable() {
             " (KVM)"
         } else {
             " (TCG)"
@@ -432,7 +445,7 @@ fn main() {
     } else {
         println!("engine kvm: skipped (/dev/kvm is not usable here)");
     }
-    if capvisor_vmm::host_kvm_usable() {
+    if host_kvm_usable() {
         println!("engine kvm: boot to init and create -> first exec are the figures above (auto picked kvm)");
     } else {
         println!("engine kvm: boot to init and create -> first exec skipped: /dev/kvm is the nested kvm_pvm, where stock Linux kernels cannot boot");

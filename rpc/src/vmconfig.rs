@@ -1,0 +1,161 @@
+//! [`VmConfig`]: what a worker asks its vmm to run, the Rust form of
+//! internal.capnp's `VmConfig`. It lives here, not in the vmm crate, so the
+//! worker builds one without linking a hypervisor; the worker writes it
+//! into the vmm's config memfd ([`crate::spawn::config_fd`]) and the vmm
+//! reads it back ([`VmConfig::read_from`]).
+
+use capvisor_schema::capvisor_capnp::Engine;
+use capvisor_schema::internal_capnp::vm_config;
+use std::path::PathBuf;
+
+/// Most disks one VM may have.
+pub const MAX_DISKS: usize = 8;
+
+/// A raw disk image for a VM (virtio-blk, VIRTIO 1.2 section 5.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    /// Absolute path of the raw image on the host.
+    pub path: PathBuf,
+    /// Attach read-only: guest writes fail (the device offers VIRTIO_BLK_F_RO).
+    pub read_only: bool,
+}
+
+/// One VM's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// VM name (for logs and the guest's view; not a path component the vmm trusts).
+    pub name: String,
+    /// The VM's private directory (created by the worker, or by the vmm if
+    /// missing): `console.log` (the serial console) lives there.
+    pub run_dir: PathBuf,
+    /// Uncompressed ELF kernel.
+    pub kernel: PathBuf,
+    /// Uncompressed newc initramfs.
+    pub initramfs: PathBuf,
+    /// Guest memory, MiB (at least 64).
+    pub memory_mib: u32,
+    /// Virtual CPUs (1 to 64).
+    pub vcpus: u32,
+    /// Engine: `Auto` (see [`crate::host::resolve_engine`]), `Qemu` (QEMU
+    /// microvm, KVM acceleration when usable, else TCG), or `Kvm`
+    /// (capvisor's own VMM in the vmm process).
+    pub engine: Engine,
+    /// Appended to the kernel command line (one line).
+    pub extra_cmdline: String,
+    /// Raw disk images attached as virtio-blk devices, in order: the guest
+    /// sees them as /dev/vda, /dev/vdb, ... (at most [`MAX_DISKS`]).
+    pub disks: Vec<Disk>,
+}
+
+fn path(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<PathBuf> {
+    Ok(PathBuf::from(crate::error::text(t)?))
+}
+
+fn path_text(p: &std::path::Path) -> capnp::Result<&str> {
+    p.to_str().ok_or_else(|| capnp::Error::failed(format!("path {} is not UTF-8", p.display())))
+}
+
+impl VmConfig {
+    /// Encodes into a schema `VmConfig`.
+    ///
+    /// Errors: a path is not UTF-8.
+    pub fn write_to(&self, mut b: vm_config::Builder<'_>) -> capnp::Result<()> {
+        b.set_name(self.name.as_str());
+        b.set_run_dir(path_text(&self.run_dir)?);
+        b.set_kernel(path_text(&self.kernel)?);
+        b.set_initramfs(path_text(&self.initramfs)?);
+        b.set_memory_mib(self.memory_mib);
+        b.set_vcpus(self.vcpus);
+        b.set_engine(self.engine);
+        b.set_extra_cmdline(self.extra_cmdline.as_str());
+        let mut disks = b.init_disks(self.disks.len() as u32);
+        for (i, d) in self.disks.iter().enumerate() {
+            let mut e = disks.reborrow().get(i as u32);
+            e.set_path(path_text(&d.path)?);
+            e.set_read_only(d.read_only);
+        }
+        Ok(())
+    }
+
+    /// Decodes a schema `VmConfig` (then call [`VmConfig::validate`]).
+    ///
+    /// Errors: a missing or malformed field, non-UTF-8 text, an unknown engine.
+    pub fn read_from(r: vm_config::Reader<'_>) -> capnp::Result<Self> {
+        let mut disks = Vec::new();
+        for d in r.get_disks()?.iter() {
+            disks.push(Disk { path: path(d.get_path())?, read_only: d.get_read_only() });
+        }
+        Ok(Self {
+            name: crate::error::text(r.get_name())?,
+            run_dir: path(r.get_run_dir())?,
+            kernel: path(r.get_kernel())?,
+            initramfs: path(r.get_initramfs())?,
+            memory_mib: r.get_memory_mib(),
+            vcpus: r.get_vcpus(),
+            engine: r.get_engine()?,
+            extra_cmdline: crate::error::text(r.get_extra_cmdline())?,
+            disks,
+        })
+    }
+
+    /// A config message, for [`crate::spawn::config_fd`].
+    ///
+    /// Errors: as [`VmConfig::write_to`].
+    pub fn to_message(&self) -> capnp::Result<capnp::message::Builder<capnp::message::HeapAllocator>> {
+        let mut m = capnp::message::Builder::new_default();
+        self.write_to(m.init_root())?;
+        Ok(m)
+    }
+
+    /// Checks values that do not need the file system: memory, vCPUs,
+    /// command line, disks.
+    ///
+    /// Errors: the first value out of range, named.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.memory_mib >= 64, "memory_mib must be at least 64 (got {})", self.memory_mib);
+        anyhow::ensure!((1..=64).contains(&self.vcpus), "vcpus must be 1..=64 (got {})", self.vcpus);
+        anyhow::ensure!(!self.extra_cmdline.contains('\n'), "extra_cmdline must be one line");
+        anyhow::ensure!(self.disks.len() <= MAX_DISKS, "at most {MAX_DISKS} disks (got {})", self.disks.len());
+        for d in &self.disks {
+            anyhow::ensure!(d.path.is_absolute(), "disk path {} must be absolute", d.path.display());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VmConfig {
+        VmConfig {
+            name: "vm1".into(),
+            run_dir: "/tmp/r".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            engine: Engine::Qemu,
+            extra_cmdline: "quiet".into(),
+            disks: vec![Disk { path: "/d".into(), read_only: true }],
+        }
+    }
+
+    #[test]
+    fn schema_round_trip() {
+        let c = sample();
+        let m = c.to_message().unwrap();
+        let back = VmConfig::read_from(m.get_root_as_reader().unwrap()).unwrap();
+        assert_eq!(back, c);
+        back.validate().unwrap();
+    }
+
+    #[test]
+    fn validation() {
+        assert!(VmConfig { memory_mib: 1, ..sample() }.validate().is_err());
+        assert!(VmConfig { vcpus: 0, ..sample() }.validate().is_err());
+        assert!(VmConfig { extra_cmdline: "a\nb".into(), ..sample() }.validate().is_err());
+        let rel = VmConfig { disks: vec![Disk { path: "rel".into(), read_only: false }], ..sample() };
+        assert!(rel.validate().unwrap_err().to_string().contains("absolute"));
+    }
+}

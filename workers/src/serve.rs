@@ -1,0 +1,94 @@
+//! The worker's main loop, as a library function so tests can run a worker
+//! in-process: serve `Worker` to the broker, `Session` to every attached
+//! client, and revoke on logout, expiry, a signal or the broker's loss.
+
+use crate::caps::{SessionImpl, WorkerImpl};
+use crate::state::{now_ms, SessionState};
+use crate::vms::revoke_session;
+use capvisor_manifest::SessionContext;
+use capvisor_rpc::conn::{self, INTERNAL, UNTRUSTED};
+use capvisor_rpc::fdpass::FdChannel;
+use capvisor_rpc::schema::capvisor_capnp::session;
+use capvisor_rpc::schema::internal_capnp::{session_host, worker, RevokeReason};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// How long a revoked worker waits for its clients to notice and hang up.
+pub const LINGER: Duration = Duration::from_secs(10);
+
+/// Runs one session's worker until it is revoked and its clients left (or
+/// [`LINGER`] passed): `broker` is the stream to the broker (we serve
+/// `Worker`, it serves `SessionHost`), `attach` the channel on which client
+/// sockets arrive. Must run inside a `LocalSet`.
+///
+/// Errors: signal handlers cannot be installed.
+pub async fn run(broker: tokio::net::UnixStream, attach: FdChannel, ctx: SessionContext) -> anyhow::Result<()> {
+    // Our bootstrap (Worker) needs the session state, which needs the
+    // broker's SessionHost: offer a queued cap and resolve it right after.
+    let (tx, rx) = tokio::sync::oneshot::channel::<worker::Client>();
+    let queued: worker::Client =
+        capnp_rpc::new_future_client(
+            async move { rx.await.map_err(|_| capnp::Error::failed("worker not ready".into())) },
+        );
+    let (host, broker_conn) = conn::serve::<session_host::Client>(broker, queued.client, INTERNAL);
+    let st = SessionState::new(ctx, host);
+    let _ = tx.send(capnp_rpc::new_client(WorkerImpl { st: st.clone() }));
+    tracing::info!(session = %st.ctx.session_id, principal = %st.ctx.principal, "worker serving");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let expiry = Duration::from_millis((st.ctx.expires_at_ms - now_ms()).max(0) as u64);
+    let expired = tokio::time::sleep(expiry);
+    tokio::pin!(expired, broker_conn);
+    loop {
+        tokio::select! {
+            r = attach.recv() => match r {
+                Ok((_tag, fd)) => attach_client(st.clone(), fd),
+                Err(e) => {
+                    tracing::info!("attach channel closed ({e}); ending session");
+                    revoke_session(&st, RevokeReason::BrokerGone).await;
+                    break;
+                }
+            },
+            _ = &mut broker_conn => {
+                revoke_session(&st, RevokeReason::BrokerGone).await;
+                break;
+            }
+            _ = &mut expired => revoke_session(&st, RevokeReason::Expired).await,
+            _ = term.recv() => revoke_session(&st, RevokeReason::Shutdown).await,
+            _ = int.recv() => revoke_session(&st, RevokeReason::Shutdown).await,
+            _ = st.revoked() => break,
+        }
+    }
+    // Revoked: caps now answer staleSession. Give attached clients a moment
+    // to hear it, then go (which drops every connection).
+    let deadline = tokio::time::Instant::now() + LINGER;
+    while st.clients.get() > 0 && tokio::time::Instant::now() < deadline {
+        let _ = tokio::time::timeout_at(deadline, st.clients_changed.notified()).await;
+    }
+    tracing::info!(session = %st.ctx.session_id, "worker exiting");
+    Ok(())
+}
+
+/// Serves `Session` on a client socket the broker handed us.
+pub fn attach_client(st: Rc<SessionState>, fd: std::os::fd::OwnedFd) {
+    tokio::task::spawn_local(async move {
+        let mut stream = match capvisor_rpc::spawn::into_tokio(fd) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!("bad attached socket: {e}"),
+        };
+        if st.check().is_err() {
+            let _ = capvisor_rpc::attach::write_err(&mut stream, &capvisor_rpc::CvError::stale()).await;
+            return;
+        }
+        if capvisor_rpc::attach::write_ok(&mut stream).await.is_err() {
+            return;
+        }
+        st.clients.set(st.clients.get() + 1);
+        let sess: session::Client = capnp_rpc::new_client(SessionImpl { st: st.clone() });
+        let (_peer, done) = conn::serve::<capnp::capability::Client>(stream, sess.client, UNTRUSTED);
+        let _ = done.await;
+        st.clients.set(st.clients.get() - 1);
+        st.clients_changed.notify_waiters();
+    });
+}
