@@ -110,18 +110,24 @@ impl Server {
         let needle = self.dir.path().to_string_lossy().into_owned();
         let me = std::process::id();
         let server_pid = self.child.as_ref().map(|c| c.id());
-        let mut found = vec![];
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            if pid == me || Some(pid) == server_pid {
-                continue;
+        let table = proc_table();
+        let mut found: Vec<(u32, String)> = vec![];
+        // Everything below serve (children get an empty environment, so
+        // only qemu's command line names our directories) ...
+        if let Some(root) = server_pid {
+            let mut frontier = vec![root];
+            while let Some(p) = frontier.pop() {
+                for row in table.iter().filter(|r| r.ppid == p) {
+                    found.push((row.pid, row.argv0.clone()));
+                    frontier.push(row.pid);
+                }
             }
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
-            let hit = |b: &[u8]| String::from_utf8_lossy(b).contains(&needle);
-            if hit(&cmdline) || hit(&environ) {
-                let argv0 = String::from_utf8_lossy(cmdline.split(|c| *c == 0).next().unwrap_or(b"")).into_owned();
-                found.push((pid, argv0));
+        }
+        // ... and anything that names our directories (orphans included).
+        for row in &table {
+            if row.pid != me && Some(row.pid) != server_pid && row.mentions(&needle) && !found.iter().any(|(p, _)| *p == row.pid)
+            {
+                found.push((row.pid, row.argv0.clone()));
             }
         }
         found
@@ -139,6 +145,9 @@ impl Server {
 
     /// Like [`Server::stop`] with another signal (SIGINT = Ctrl-C).
     pub fn stop_with(mut self, signal: i32) {
+        // Who runs now, by (pid, start time): none of them may outlive serve.
+        let before: Vec<(u32, u64)> =
+            self.our_processes().iter().filter_map(|(p, _)| start_time(*p).map(|t| (*p, t))).collect();
         let mut child = self.child.take().unwrap();
         unsafe { libc::kill(child.id() as i32, signal) };
         let t0 = Instant::now();
@@ -155,10 +164,19 @@ impl Server {
         assert!(status.success(), "serve exited with {status}:\n{}", self.log());
         // Give reaped children a moment to vanish from /proc.
         let t0 = Instant::now();
-        let mut left = self.our_processes();
+        let survivors = |s: &Self| {
+            let mut left = s.our_processes();
+            for (pid, t) in &before {
+                if start_time(*pid) == Some(*t) && !left.iter().any(|(p, _)| p == pid) {
+                    left.push((*pid, format!("pid {pid} (ran before shutdown)")));
+                }
+            }
+            left
+        };
+        let mut left = survivors(&self);
         while !left.is_empty() && t0.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(100));
-            left = self.our_processes();
+            left = survivors(&self);
         }
         assert!(left.is_empty(), "processes left behind after shutdown: {left:?}\n{}", self.log());
         assert!(!self.socket.exists(), "socket left behind");
@@ -182,4 +200,53 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// One row of /proc: pid, parent pid, argv[0], command line and environment.
+pub struct ProcRow {
+    pub pid: u32,
+    pub ppid: u32,
+    pub argv0: String,
+    cmdline: Vec<u8>,
+    environ: Vec<u8>,
+}
+
+impl ProcRow {
+    fn mentions(&self, needle: &str) -> bool {
+        String::from_utf8_lossy(&self.cmdline).contains(needle) || String::from_utf8_lossy(&self.environ).contains(needle)
+    }
+}
+
+/// Every live process that is not a zombie.
+pub fn proc_table() -> Vec<ProcRow> {
+    let mut rows = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let mut f = rest.split_whitespace();
+        if f.next() == Some("Z") {
+            continue;
+        }
+        let Some(ppid) = f.next().and_then(|p| p.parse().ok()) else { continue };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let argv0 = String::from_utf8_lossy(cmdline.split(|c| *c == 0).next().unwrap_or(b"")).into_owned();
+        rows.push(ProcRow { pid, ppid, argv0, cmdline, environ });
+    }
+    rows
+}
+
+/// A process's start time (clock ticks after boot, field 22 of
+/// /proc/PID/stat), to tell it from a later process with the same pid;
+/// `None` when it is gone or a zombie.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    if f.first() == Some(&"Z") {
+        return None;
+    }
+    f.get(19)?.parse().ok()
 }

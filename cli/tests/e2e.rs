@@ -222,8 +222,8 @@ fn ctrl_c_with_running_vms_leaves_nothing_behind() {
     s.stop_with(libc::SIGINT);
 }
 
-/// `auto` tries our kvm engine first where it may (forced here with
-/// CAPVISOR_ENGINE_AUTO=kvm) and falls back to QEMU when the guest does not
+/// `auto` tries our kvm engine first where it may (forced here with the
+/// manifest's `[vms] auto_engine = "kvm"`) and falls back to QEMU when the guest does not
 /// reach guest-init — which is what happens on this nested /dev/kvm.
 #[test]
 fn auto_falls_back_to_qemu_when_the_kvm_engine_cannot_boot() {
@@ -235,7 +235,8 @@ fn auto_falls_back_to_qemu_when_the_kvm_engine_cannot_boot() {
         println!("skipped: /dev/kvm is hardware-backed here, so the kvm engine is expected to boot (see the vmm kvm engine test)");
         return;
     }
-    let s = Server::start_with_env(None, &[("CAPVISOR_ENGINE_AUTO", "kvm")]);
+    let manifest = format!("[vms]\nauto_engine = \"kvm\"\n{}", capvisor_manifest::DEFAULT_TOML);
+    let s = Server::start(Some(&manifest));
     s.cli_ok("owner", &["login"], None, 0);
     s.cli_ok("owner", &["vm", "create", "--name", "fb"], None, 0);
     let list = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));

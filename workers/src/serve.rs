@@ -31,7 +31,7 @@ pub async fn run(broker: tokio::net::UnixStream, attach: FdChannel, ctx: Session
             async move { rx.await.map_err(|_| capnp::Error::failed("worker not ready".into())) },
         );
     let (host, broker_conn) = conn::serve::<session_host::Client>(broker, queued.client, INTERNAL);
-    let st = SessionState::new(ctx, host);
+    let st = SessionState::new(ctx, host, Box::new(crate::launch::ProcessVmLauncher));
     let _ = tx.send(capnp_rpc::new_client(WorkerImpl { st: st.clone() }));
     tracing::info!(session = %st.ctx.session_id, principal = %st.ctx.principal, "worker serving");
 

@@ -1,6 +1,7 @@
 //! Session state shared by every capability the worker serves: the
 //! context, the VMs, the revocation flag, audit.
 
+use crate::launch::VmLauncher;
 use crate::vms::VmEntry;
 use capvisor_manifest::SessionContext;
 use capvisor_rpc::schema::internal_capnp::{session_host, RevokeReason};
@@ -17,6 +18,8 @@ pub struct SessionState {
     pub ctx: SessionContext,
     /// The broker's face to this session.
     pub host: session_host::Client,
+    /// How this session's VMs are started.
+    pub launcher: Box<dyn VmLauncher>,
     /// This session's VMs by name. A removed VM leaves the map and is
     /// marked removed, so caps that designate it never reach a newer VM of
     /// the same name.
@@ -30,12 +33,13 @@ pub struct SessionState {
 }
 
 impl SessionState {
-    /// A live (not revoked) session.
-    pub fn new(ctx: SessionContext, host: session_host::Client) -> Rc<Self> {
+    /// A live (not revoked) session whose VMs `launcher` starts.
+    pub fn new(ctx: SessionContext, host: session_host::Client, launcher: Box<dyn VmLauncher>) -> Rc<Self> {
         let (revoked_tx, _) = tokio::sync::watch::channel(None);
         Rc::new(Self {
             ctx,
             host,
+            launcher,
             vms: RefCell::new(BTreeMap::new()),
             revoked_tx,
             clients: Cell::new(0),

@@ -1,8 +1,7 @@
 //! `VmFactory` and `Vm`: this session's VMs. Each VM is one `capvisor-vmm`
-//! process (serving `Machine`) that the worker spawns with two socketpairs:
-//! one for `Machine`, one for the guest's agent channel, on which the worker
-//! talks to guest-init's `Guest` directly (no proxy hop in between), and a
-//! memfd holding the VM's `VmConfig`.
+//! process (serving `Machine`) that the session's [`crate::launch::VmLauncher`]
+//! starts; the worker talks to guest-init's `Guest` directly on the VM's
+//! agent channel (no proxy hop in between).
 //!
 //! Identity: a `Vm` capability holds its [`VmEntry`], never a name. After
 //! `remove` the entry is marked removed, so that cap (and every `Process`,
@@ -19,9 +18,8 @@ use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_info, vm_spec, Eng
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::guest_capnp::guest;
 use capvisor_rpc::schema::internal_capnp::{machine, RevokeReason};
-use capvisor_rpc::spawn::{self, Inherit};
 use capvisor_rpc::vmconfig::VmConfig;
-use capvisor_rpc::{paths, CvError, CvResult};
+use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -70,11 +68,26 @@ pub struct Running {
     pub machine: machine::Client,
     /// guest-init's `Guest`, over the agent channel.
     pub guest: guest::Client,
-    /// The vmm process.
-    pub child: tokio::process::Child,
+    /// The vmm process, if it is one.
+    pub child: Option<tokio::process::Child>,
     /// The RPC systems of the Machine and agent connections; aborting
     /// them closes both sockets, which tells the vmm to exit.
     pub conns: Vec<tokio::task::JoinHandle<Result<(), capnp::Error>>>,
+}
+
+impl Running {
+    /// Ends both connections and reaps the vmm: waits up to 5 s, then kills.
+    async fn finish(mut self) {
+        for c in &self.conns {
+            c.abort();
+        }
+        if let Some(child) = self.child.as_mut() {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        }
+    }
 }
 
 impl VmEntry {
@@ -202,29 +215,11 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
         extra_cmdline: String::new(),
         disks: vec![],
     };
-    let internal = |e: std::io::Error| CvError::internal(format!("cannot start the vmm: {e}"));
-    let msg = cfg.to_message().map_err(|e| CvError::internal(e.to_string()))?;
-    let config = spawn::config_fd(&msg).map_err(internal)?;
-    let (rpc_here, rpc_there) = spawn::stream_pair().map_err(internal)?;
-    let (agent_here, agent_there) = spawn::stream_pair().map_err(internal)?;
-    let log = std::fs::File::create(entry.run_dir.join("vmm.log")).map_err(internal)?;
-    let mut cmd = tokio::process::Command::new(paths::binary("capvisor-vmm"));
-    cmd.args(["--rpc-fd", "3", "--agent-fd", "4", "--config-fd", "5"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log);
-    let fds = [
-        Inherit { fd: rpc_there, target: 3 },
-        Inherit { fd: agent_there, target: 4 },
-        Inherit { fd: config, target: 5 },
-    ];
-    spawn::prepare(&mut cmd, &fds);
-    let mut child = cmd.spawn().map_err(internal)?;
-    drop(fds);
-    let (machine, mconn) =
-        conn::connect::<machine::Client>(spawn::into_tokio(rpc_here).map_err(internal)?, None, INTERNAL);
-    let (guest, gconn) =
-        conn::connect::<guest::Client>(spawn::into_tokio(agent_here).map_err(internal)?, None, INTERNAL);
+    let launched = st.launcher.launch(&cfg)?;
+    let machine = launched.machine;
+    let mut child = launched.child;
+    let (guest, gconn) = conn::connect::<guest::Client>(launched.agent, None, INTERNAL);
+    let conns: Vec<_> = launched.machine_conn.into_iter().chain(std::iter::once(gconn)).collect();
 
     let hello = guest.hello_request().send().promise;
     let exited = machine.wait_exit_request().send().promise;
@@ -256,13 +251,16 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
                     entry.engine.set(engine);
                 }
             }
-            Ok(Running { machine, guest, child, conns: vec![mconn, gconn] })
+            Ok(Running { machine, guest, child, conns })
         }
         Err(why) => {
-            mconn.abort();
-            gconn.abort();
-            let _ = child.start_kill();
-            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            for c in &conns {
+                c.abort();
+            }
+            if let Some(child) = child.as_mut() {
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            }
             let tail = entry.console_tail(BOOT_FAILURE_TAIL);
             Err(CvError::unavailable(format!("{why}\n--- last console output ---\n{tail}")))
         }
@@ -272,7 +270,7 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
 /// Stops the VM if it runs: asks guest-init to power off, then the vmm to
 /// stop (graceful, then forced), then reaps the vmm. Idempotent.
 pub async fn stop_vm(entry: &VmEntry) {
-    let Some(mut run) = entry.running.borrow_mut().take() else { return };
+    let Some(run) = entry.running.borrow_mut().take() else { return };
     let exited = run.machine.wait_exit_request().send().promise;
     // guest-init syncs its file systems and powers off. QEMU's microvm does
     // not end on a guest power-off, so after a short grace the vmm quits
@@ -284,15 +282,7 @@ pub async fn stop_vm(entry: &VmEntry) {
         req.get().set_grace_ms(0);
         let _ = tokio::time::timeout(Duration::from_secs(5), req.send().promise).await;
     }
-    drop(run.guest);
-    drop(run.machine);
-    for c in &run.conns {
-        c.abort();
-    }
-    if tokio::time::timeout(Duration::from_secs(5), run.child.wait()).await.is_err() {
-        let _ = run.child.start_kill();
-        let _ = run.child.wait().await;
-    }
+    run.finish().await;
     if entry.state.get() != VmState::Crashed {
         entry.state.set(VmState::Stopped);
     }
@@ -401,13 +391,10 @@ fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
             entry.state.set(if state == Some(VmState::Crashed) { VmState::Crashed } else { VmState::Stopped });
             // Drop the handles; stop_vm reaps the vmm when asked.
             if let Some(mut run) = entry.running.borrow_mut().take() {
-                for c in &run.conns {
-                    c.abort();
+                if let Some(child) = run.child.as_mut() {
+                    let _ = child.start_kill();
                 }
-                let _ = run.child.start_kill();
-                tokio::task::spawn_local(async move {
-                    let _ = run.child.wait().await;
-                });
+                tokio::task::spawn_local(run.finish());
             }
         }
     });
