@@ -1,0 +1,356 @@
+//! The worker in-process: its real `Session` / `CapSet` / `VmFactory` /
+//! `Vm` and membrane, attached over a socketpair exactly like a client the
+//! broker hands over, with each "VM" being guest-init's real `Guest` server
+//! on a socketpair and a fake `Machine` (no VM, no vmm process). Covers
+//! pipelining with typed errors, identity after remove, quotas, revocation
+//! and the forwarding of sinks.
+
+use capnp::capability::{FromClientHook, Rc as CapRc};
+use capvisor_client::{ops, ClientError};
+use capvisor_guest_init::{boottime_ms, serve_stream, GuestServer, ShutdownMode};
+use capvisor_manifest::{BuiltImage, Manifest, SessionContext};
+use capvisor_rpc::principal::Principal;
+use capvisor_rpc::schema::capvisor_capnp::{session, vm_factory, AuthMethod, Engine, VmState};
+use capvisor_rpc::schema::common_capnp::{byte_sink, ErrorCode};
+use capvisor_rpc::schema::internal_capnp::{audit_outcome, machine, session_host};
+use capvisor_rpc::sink::CollectSink;
+use capvisor_rpc::vmconfig::VmConfig;
+use capvisor_rpc::{conn, CvResult};
+use capvisor_worker::launch::{LaunchedVm, VmLauncher};
+use capvisor_worker::state::SessionState;
+use std::cell::RefCell;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// What the fake broker and fake machines saw.
+#[derive(Default)]
+struct Seen {
+    launched: Vec<VmConfig>,
+    audit: Vec<(String, String)>,
+    logouts: usize,
+    machines_stopped: usize,
+}
+
+type Shared = Rc<RefCell<Seen>>;
+
+/// `SessionHost` that records audit events and logouts.
+struct FakeHost(Shared);
+
+impl session_host::Server for FakeHost {
+    async fn logout(self: CapRc<Self>, _: session_host::LogoutParams, _: session_host::LogoutResults) -> capnp::Result<()> {
+        self.0.borrow_mut().logouts += 1;
+        Ok(())
+    }
+    async fn audit(self: CapRc<Self>, p: session_host::AuditParams, _: session_host::AuditResults) -> capnp::Result<()> {
+        let ev = p.get()?.get_event()?;
+        let outcome = match ev.get_outcome()?.which()? {
+            audit_outcome::Ok(()) => "ok".to_string(),
+            audit_outcome::Error(c) => capvisor_rpc::error::code_name(c?).to_string(),
+        };
+        self.0.borrow_mut().audit.push((ev.get_action()?.to_string().unwrap(), outcome));
+        Ok(())
+    }
+}
+
+/// `Machine` that runs until stopped.
+struct FakeMachine {
+    engine: Engine,
+    state: tokio::sync::watch::Sender<VmState>,
+    seen: Shared,
+}
+
+impl FakeMachine {
+    fn write(&self, mut b: capvisor_rpc::schema::internal_capnp::machine_status::Builder<'_>) {
+        b.set_state(*self.state.borrow());
+        b.set_engine(self.engine);
+    }
+}
+
+impl machine::Server for FakeMachine {
+    async fn status(self: CapRc<Self>, _: machine::StatusParams, mut r: machine::StatusResults) -> capnp::Result<()> {
+        self.write(r.get().init_status());
+        Ok(())
+    }
+    async fn stop(self: CapRc<Self>, _: machine::StopParams, mut r: machine::StopResults) -> capnp::Result<()> {
+        self.state.send_replace(VmState::Stopped);
+        self.seen.borrow_mut().machines_stopped += 1;
+        self.write(r.get().init_status());
+        Ok(())
+    }
+    async fn wait_exit(self: CapRc<Self>, _: machine::WaitExitParams, mut r: machine::WaitExitResults) -> capnp::Result<()> {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| matches!(s, VmState::Stopped | VmState::Crashed)).await;
+        self.write(r.get().init_status());
+        Ok(())
+    }
+}
+
+/// Launches "VMs" that are guest-init's `Guest` server on a socketpair.
+struct FakeLauncher(Shared);
+
+impl VmLauncher for FakeLauncher {
+    fn launch(&self, cfg: &VmConfig) -> CvResult<LaunchedVm> {
+        self.0.borrow_mut().launched.push(cfg.clone());
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let guest = GuestServer::new(boottime_ms(), ShutdownMode::EndServing).into_client();
+        tokio::task::spawn_local(serve_stream(theirs, guest));
+        let (state, _) = tokio::sync::watch::channel(VmState::Running);
+        let machine = capnp_rpc::new_client(FakeMachine { engine: cfg.engine, state, seen: self.0.clone() });
+        Ok(LaunchedVm { machine, machine_conn: None, agent: ours, child: None })
+    }
+}
+
+struct Env {
+    st: Rc<SessionState>,
+    seen: Shared,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// A worker for an owner session whose bundle is edited by `bundle`.
+    fn new(bundle: impl FnOnce(&mut capvisor_manifest::Bundle)) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Manifest::default_manifest().bundle_for("owner").unwrap().clone();
+        bundle(&mut b);
+        let image = BuiltImage { kernel: "/k".into(), initramfs: "/i".into(), kernel_release: "6.1-test".into() };
+        let ctx = SessionContext {
+            session_id: "inproc".into(),
+            principal: Principal::new(AuthMethod::Local, "tester"),
+            profile: "owner".into(),
+            bundle: b,
+            expires_at_ms: capvisor_worker::state::now_ms() + 3_600_000,
+            images: [("base".to_string(), image)].into(),
+            run_dir: dir.path().to_path_buf(),
+            auto_engine: Engine::Qemu,
+        };
+        let seen = Shared::default();
+        let host: session_host::Client = capnp_rpc::new_client(FakeHost(seen.clone()));
+        let st = SessionState::new(ctx, host, Box::new(FakeLauncher(seen.clone())));
+        Env { st, seen, _dir: dir }
+    }
+
+    /// A client attached the way the broker hands one over: a socket the
+    /// worker answers with the attach reply and then serves `Session` on.
+    async fn attach(&self) -> session::Client {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        capvisor_worker::serve::attach_client(self.st.clone(), theirs.into());
+        let mut ours = capvisor_rpc::spawn::into_tokio(ours.into()).unwrap();
+        capvisor_rpc::attach::read_reply(&mut ours).await.unwrap().unwrap();
+        conn::connect::<session::Client>(ours, None, conn::UNTRUSTED).0
+    }
+}
+
+fn run<F: Future<Output = ()>>(f: F) {
+    conn::run_local(async move { tokio::time::timeout(Duration::from_secs(60), f).await.expect("test timed out") })
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Domain(e)) => e.code,
+        other => panic!("expected a typed domain error, got {other:?}"),
+    }
+}
+
+fn spec(name: &str) -> ops::VmSpec {
+    ops::VmSpec { name: name.into(), ..Default::default() }
+}
+
+async fn echo(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, word: &str) -> Result<String, ClientError> {
+    let out = ops::exec_collect(vm, &["echo", word], b"", 1 << 16).await?;
+    assert_eq!(out.exit, ops::Exit::Code(0));
+    Ok(String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn a_whole_chain_is_pipelined_and_execs_in_the_guest() {
+    run(async {
+        let env = Env::new(|_| {});
+        let s = env.attach().await;
+        // create -> exec -> wait as one pipelined chain from the session.
+        let vm = ops::create_vm(&ops::vms(&s), &spec("a"));
+        assert_eq!(echo(&vm, "hello").await.unwrap(), "hello\n");
+        let info = ops::vm_info(&vm).await.unwrap();
+        assert_eq!((info.name.as_str(), info.state, info.engine), ("a", VmState::Running, Engine::Qemu));
+        // The same VM through a fresh chain ending in a pipelined get.
+        let again = ops::get_vm(&ops::vms(&s), "a");
+        let out = ops::exec_collect(&again, &["cat"], b"stdin bytes", 1 << 16).await.unwrap();
+        assert_eq!(out.stdout, b"stdin bytes");
+        let launched = env.seen.borrow().launched.clone();
+        assert_eq!(launched.len(), 1);
+        assert_eq!((launched[0].engine, launched[0].memory_mib), (Engine::Qemu, 256));
+        assert!(env.seen.borrow().audit.contains(&("vm.create".into(), "ok".into())));
+    });
+}
+
+#[test]
+fn a_failed_pipelined_call_reports_the_first_failures_code() {
+    run(async {
+        let env = Env::new(|_| {});
+        let s = env.attach().await;
+        // VmFactory.get of an unknown name, then exec on its result, then wait.
+        let vm = ops::get_vm(&ops::vms(&s), "nope");
+        let (out, _) = CollectSink::client(16);
+        let (err, _) = CollectSink::client(16);
+        let p = ops::exec(&vm, &ops::ExecRequest { argv: vec!["true".into()], ..Default::default() }, out, err);
+        assert_eq!(code(ops::wait(&p).await), ErrorCode::NotFound);
+        // CapSet.get misses, typed at the end of the chain.
+        let cs = ops::cap_set(&s);
+        let missing = vm_factory::Client::new(ops::get_cap_raw(&cs, "nope", 1).hook);
+        assert_eq!(code(ops::list_vms(&missing).await), ErrorCode::NotFound);
+        let wrong = vm_factory::Client::new(ops::get_cap_raw(&cs, "vms", 1).hook);
+        assert_eq!(code(ops::list_vms(&wrong).await), ErrorCode::WrongInterface);
+        // A failed create: the Vm promise carries the code to any call on it.
+        let bad = ops::create_vm(&ops::vms(&s), &spec("Bad Name"));
+        assert_eq!(code(ops::vm_info(&bad).await), ErrorCode::InvalidArgument);
+        assert!(env.seen.borrow().launched.is_empty());
+    });
+}
+
+#[test]
+fn a_held_vm_never_reaches_a_newer_vm_of_the_same_name() {
+    run(async {
+        let env = Env::new(|_| {});
+        let s = env.attach().await;
+        let f = ops::vms(&s);
+        let old = ops::create_vm(&f, &spec("same"));
+        assert_eq!(echo(&old, "old").await.unwrap(), "old\n");
+        let old_files = ops::files(&old);
+        assert!(!ops::list_dir(&old_files, "/").await.unwrap().is_empty());
+        let (o, _) = CollectSink::client(1 << 16);
+        let (e, _) = CollectSink::client(1 << 16);
+        let sleeper = ops::exec(&old, &ops::ExecRequest { argv: vec!["sleep".into(), "5".into()], ..Default::default() }, o, e);
+        ops::write_stdin(&sleeper, b"").await.ok();
+
+        ops::remove_vm(&f, "same").await.unwrap();
+        let new = ops::create_vm(&f, &spec("same"));
+        assert_eq!(echo(&new, "new").await.unwrap(), "new\n");
+
+        // Everything reached through the old cap answers notFound.
+        assert_eq!(code(ops::vm_info(&old).await), ErrorCode::NotFound);
+        assert_eq!(code(echo(&old, "never").await), ErrorCode::NotFound);
+        assert_eq!(code(ops::ping(&old).await), ErrorCode::NotFound);
+        assert_eq!(code(ops::list_dir(&old_files, "/").await), ErrorCode::NotFound);
+        assert_eq!(code(ops::kill(&sleeper, 9).await), ErrorCode::NotFound);
+        assert_eq!(code(ops::stop_vm(&old).await), ErrorCode::NotFound);
+        // The new VM is untouched by all of that.
+        assert_eq!(ops::vm_info(&new).await.unwrap().state, VmState::Running);
+        assert_eq!(env.seen.borrow().launched.len(), 2);
+    });
+}
+
+#[test]
+fn bundle_limits_are_typed_and_launch_nothing() {
+    run(async {
+        let env = Env::new(|b| {
+            b.max_vms = 1;
+            b.max_memory_mib = 512;
+            b.max_vcpus = 2;
+        });
+        let s = env.attach().await;
+        let f = ops::vms(&s);
+        ops::vm_info(&ops::create_vm(&f, &spec("one"))).await.unwrap();
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&f, &spec("two"))).await), ErrorCode::Quota);
+        ops::remove_vm(&f, "one").await.unwrap();
+        let big = ops::VmSpec { name: "big".into(), memory_mib: 1024, ..Default::default() };
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&f, &big)).await), ErrorCode::Quota);
+        let cpus = ops::VmSpec { name: "cpus".into(), vcpus: 3, ..Default::default() };
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&f, &cpus)).await), ErrorCode::Quota);
+        let img = ops::VmSpec { name: "img".into(), image: "debian".into(), ..Default::default() };
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&f, &img)).await), ErrorCode::Denied);
+        ops::vm_info(&ops::create_vm(&f, &spec("dup"))).await.unwrap();
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&f, &spec("dup"))).await), ErrorCode::AlreadyExists);
+        assert_eq!(code(ops::remove_vm(&f, "ghost").await), ErrorCode::NotFound);
+        assert_eq!(env.seen.borrow().launched.len(), 2, "no denied create may start a vmm");
+        assert!(env.seen.borrow().audit.contains(&("vm.create".into(), "quota".into())));
+    });
+}
+
+#[test]
+fn logout_breaks_every_cap_and_pending_call_and_stops_the_vms() {
+    run(async {
+        let env = Env::new(|_| {});
+        let s = env.attach().await;
+        let other = env.attach().await;
+        let f = ops::vms(&s);
+        let vm = ops::create_vm(&f, &spec("r"));
+        let files = ops::files(&vm);
+        ops::list_dir(&files, "/").await.unwrap();
+        let (o, _) = CollectSink::client(1 << 16);
+        let (e, _) = CollectSink::client(1 << 16);
+        let p = ops::exec(&vm, &ops::ExecRequest { argv: vec!["sleep".into(), "5".into()], ..Default::default() }, o, e);
+        let pending = {
+            let p = p.clone();
+            tokio::task::spawn_local(async move { ops::wait(&p).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ops::logout(&other).await.unwrap();
+        assert_eq!(code(pending.await.unwrap()), ErrorCode::StaleSession);
+        assert_eq!(code(ops::vm_info(&vm).await), ErrorCode::StaleSession);
+        assert_eq!(code(ops::kill(&p, 9).await), ErrorCode::StaleSession);
+        assert_eq!(code(ops::list_dir(&files, "/").await), ErrorCode::StaleSession);
+        assert_eq!(code(ops::list_vms(&f).await), ErrorCode::StaleSession);
+        assert_eq!(code(ops::session_info(&s).await), ErrorCode::StaleSession);
+        assert_eq!(code(ops::list_caps(&ops::cap_set(&s)).await), ErrorCode::StaleSession);
+        let seen = env.seen.borrow();
+        assert_eq!(seen.logouts, 1, "the broker is told, so the resume token dies");
+        assert_eq!(seen.machines_stopped, 1, "the VM is stopped");
+        assert!(env.st.vms.borrow()["r"].running.borrow().is_none());
+    });
+}
+
+/// A sink that reports each write as it arrives.
+struct Tap(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
+
+impl byte_sink::Server for Tap {
+    async fn write(self: CapRc<Self>, p: byte_sink::WriteParams) -> capnp::Result<()> {
+        let _ = self.0.send(p.get()?.get_data()?.to_vec());
+        Ok(())
+    }
+    async fn done(self: CapRc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> capnp::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn sinks_are_forwarded_through_the_membrane_and_cut_when_the_scope_ends() {
+    run(async {
+        use capvisor_worker::wrap::{Scope, SinkWrapper};
+        let env = Env::new(|_| {});
+        let s = env.attach().await;
+        // Through a real exec: the client's sink receives the guest's output.
+        let vm = ops::create_vm(&ops::vms(&s), &spec("sink"));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (e, _) = CollectSink::client(1 << 16);
+        let sh = "echo first; read x; echo second";
+        let req = ops::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), sh.into()],
+            keep_stdin_open: true,
+            ..Default::default()
+        };
+        let p = ops::exec(&vm, &req, capnp_rpc::new_client(Tap(tx)), e);
+        assert_eq!(rx.recv().await.unwrap(), b"first\n");
+        ops::write_stdin(&p, b"go\n").await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), b"second\n");
+        assert_eq!(ops::wait(&p).await.unwrap(), ops::Exit::Code(0));
+
+        // The wrapper itself: writes pass while the scope holds, then fail
+        // typed and reach nothing.
+        let entry = env.st.vms.borrow()["sink"].clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let wrapped = SinkWrapper::wrap(&Scope::vm(&env.st, &entry), capnp_rpc::new_client(Tap(tx)));
+        capvisor_rpc::sink::write_all(&wrapped, b"in scope").await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), b"in scope");
+        entry.removed.set(true);
+        let e = capvisor_rpc::sink::write_all(&wrapped, b"after remove").await.unwrap_err();
+        assert_eq!(capvisor_rpc::CvError::from_rpc(&e).unwrap().code, ErrorCode::NotFound);
+        // (A failed stream call fails every later one on that client, so a
+        // fresh wrapper shows the revocation.)
+        entry.removed.set(false);
+        let wrapped = SinkWrapper::wrap(&Scope::session(&env.st), wrapped);
+        env.st.mark_revoked(capvisor_rpc::schema::internal_capnp::RevokeReason::Revoked);
+        let e = capvisor_rpc::sink::write_all(&wrapped, b"after revoke").await.unwrap_err();
+        assert_eq!(capvisor_rpc::CvError::from_rpc(&e).unwrap().code, ErrorCode::StaleSession);
+        assert!(rx.try_recv().is_err(), "nothing passed the membrane after its scope ended");
+    });
+}
