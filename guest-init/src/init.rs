@@ -188,11 +188,15 @@ pub fn scan_ports(sys_dir: &Path, name: &str) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
-/// Polls `/sys/class/virtio-ports` for [`AGENT_PORT_NAME`] every
-/// [`PORT_POLL`] for up to `timeout`, also waiting for the device node to
+/// Polls `/sys/class/virtio-ports` for [`AGENT_PORT_NAME`] (every 1 ms at
+/// first, doubling up to [`PORT_POLL`]) for up to `timeout`, also waiting for the device node to
 /// appear. `None` when it never showed up.
 pub async fn find_agent_port(timeout: Duration) -> Option<PathBuf> {
     let deadline = tokio::time::Instant::now() + timeout;
+    // The port (or its /dev node) usually appears within a few ms of init
+    // starting: poll every 1 ms at first, backing off to PORT_POLL, so a
+    // boot does not lose a whole PORT_POLL on the critical path.
+    let mut pause = Duration::from_millis(1);
     loop {
         if let Some(p) = scan_ports(Path::new("/sys/class/virtio-ports"), AGENT_PORT_NAME) {
             if p.exists() {
@@ -202,7 +206,8 @@ pub async fn find_agent_port(timeout: Duration) -> Option<PathBuf> {
         if tokio::time::Instant::now() >= deadline {
             return None;
         }
-        tokio::time::sleep(PORT_POLL).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(PORT_POLL);
     }
 }
 
