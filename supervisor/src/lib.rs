@@ -3,7 +3,7 @@
 //!
 //! [`serve`] reads the manifest, checks the host (qemu on PATH, capvisor
 //! binaries present), builds every guest image the manifest defines
-//! (`capvisor_vmm::image::ensure_base`), binds the gateway's Unix socket
+//! (`capvisor_images::ensure_base`), binds the gateway's Unix socket
 //! (directory 0700, socket 0600), spawns `capvisor-broker` and
 //! `capvisor-gateway` with their socketpairs at fixed descriptors
 //! (`capvisor_rpc::spawn::prepare`: PDEATHSIG, close-on-exec, own process
@@ -98,7 +98,7 @@ fn check_binaries(bin_dir: &Path) -> anyhow::Result<()> {
 /// Builds (or finds cached) every image the manifest defines. Images with
 /// the same kernel source share one build.
 ///
-/// Errors: whatever `capvisor_vmm::image::ensure_image` reports, naming the image.
+/// Errors: whatever `capvisor_images::ensure_image` reports, naming the image.
 pub fn build_images(
     manifest: &Manifest,
     cache_dir: &Path,
@@ -114,18 +114,18 @@ pub fn build_images(
                     guest_init.display()
                 );
             }
-            let source: capvisor_vmm::image::KernelSource =
+            let source: capvisor_images::KernelSource =
                 img.kernel.parse().with_context(|| format!("image {name}"))?;
             let mut progress = |line: &str| eprintln!("capvisor: {line}");
-            let built = match capvisor_vmm::image::ensure_image(cache_dir, source, guest_init, &mut progress) {
+            let built = match capvisor_images::ensure_image(cache_dir, source, guest_init, &mut progress) {
                 Ok(b) => b,
                 // The minimal kernel is built from source; Debian's cloud
                 // kernel needs no build, so it is the fallback.
-                Err(e) if source == capvisor_vmm::image::KernelSource::Minimal => {
+                Err(e) if source == capvisor_images::KernelSource::Minimal => {
                     eprintln!("capvisor: image {name}: the minimal kernel is not available ({e:#}); falling back to Debian's cloud kernel");
-                    capvisor_vmm::image::ensure_image(
+                    capvisor_images::ensure_image(
                         cache_dir,
-                        capvisor_vmm::image::KernelSource::DebianCloud,
+                        capvisor_images::KernelSource::DebianCloud,
                         guest_init,
                         &mut progress,
                     )

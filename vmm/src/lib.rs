@@ -1,7 +1,5 @@
 //! capvisor-vmm: one process per VM (docs/processes.md).
 //!
-//! - [`image`]: builds the guest base image (kernel + initramfs) from Debian
-//!   packages and the guest-init binary, cached by content.
 //! - [`VmConfig`]: what the worker asks the vmm to run (schema
 //!   `internal.capnp` `VmConfig`, read from the memfd at `--config-fd`;
 //!   defined in `capvisor_rpc::vmconfig` so the worker needs no hypervisor crate).
@@ -10,10 +8,12 @@
 //!   `capvisor-kvm`, inside this process, confined by Landlock + seccomp).
 //! - [`machine`]: the `Machine` capability the vmm serves to its worker.
 //!
+//! Guest images (kernel + initramfs) are built before a VM is asked for, by
+//! the crate `capvisor-images` (`images/`); the vmm only boots them.
+//!
 //! The `capvisor-vmm` binary (src/main.rs) ties them together:
 //! `capvisor-vmm --rpc-fd 3 --agent-fd 4 --config-fd 5`.
 
-pub mod image;
 pub mod kvm_engine;
 pub mod machine;
 pub mod qemu;

@@ -161,9 +161,9 @@ fn base_image() -> capvisor_manifest::BuiltImage {
     let init = guest_init();
     let source = match std::env::var("CAPVISOR_TEST_KERNEL") {
         Ok(s) if !s.is_empty() => s.parse().expect("CAPVISOR_TEST_KERNEL"),
-        _ => capvisor_vmm::image::KernelSource::DebianCloud,
+        _ => capvisor_images::KernelSource::DebianCloud,
     };
-    capvisor_vmm::image::ensure_image(&cache_dir(), source, &init, &mut |l| eprintln!("image: {l}")).unwrap()
+    capvisor_images::ensure_image(&cache_dir(), source, &init, &mut |l| eprintln!("image: {l}")).unwrap()
 }
 
 /// One boot: returns the time from vmm spawn to `hello` answered.

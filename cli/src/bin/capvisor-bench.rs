@@ -275,9 +275,9 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // The same image `serve` boots for the default manifest's `base`.
-    let source: capvisor_vmm::image::KernelSource =
+    let source: capvisor_images::KernelSource =
         capvisor_manifest::Manifest::default_manifest().images["base"].kernel.parse().expect("kernel source");
-    let image = capvisor_vmm::image::ensure_image(&capvisor_rpc::paths::cache_dir(), source, &guest_init, &mut |_| {})
+    let image = capvisor_images::ensure_image(&capvisor_rpc::paths::cache_dir(), source, &guest_init, &mut |_| {})
         .expect("image");
 
     let serve_pid = serve.id();

@@ -1,7 +1,7 @@
 //! The base image builder against the real Debian packages (downloaded once
 //! into the shared cache `target/capvisor-test-cache`).
 
-use capvisor_vmm::image::{self, cpio};
+use capvisor_images::{self as image, cpio};
 use std::path::PathBuf;
 use std::time::Instant;
 

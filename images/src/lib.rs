@@ -1,4 +1,8 @@
-//! Guest images: the initramfs-only *base* image (DESIGN.md, "Guest").
+//! capvisor-images: the guest image builder (DESIGN.md, "Guest"), run by
+//! the supervisor before it serves (and by tests and `capvisor-bench`); the
+//! per-VM vmm only boots what it builds.
+//!
+//! Guest images: the initramfs-only *base* image.
 //!
 //! [`ensure_base`] turns Debian's `linux-image-cloud-amd64` kernel and
 //! `busybox-static` plus capvisor's guest-init binary into

@@ -96,7 +96,7 @@ impl MinimalKernel {
 }
 
 /// The build script in this source tree: `<workspace>/guest/kernel/build.sh`
-/// (found through the vmm crate's `CARGO_MANIFEST_DIR` at compile time).
+/// (found through this crate's `CARGO_MANIFEST_DIR` at compile time).
 pub fn default_build_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/kernel/build.sh")
 }
