@@ -5,7 +5,7 @@ HOST_TRIPLE := x86_64-unknown-linux-gnu
 STATIC_INIT := target/$(HOST_TRIPLE)/release/capvisor-guest-init
 APT_PACKAGES := capnproto libcapnp-dev qemu-system-x86 busybox-static
 
-.PHONY: help deps build guest-init kernel demo test bench clean
+.PHONY: help deps build guest-init kernel demo test interop bench clean
 
 help:
 	@echo "make deps    install Debian packages capvisor needs (capnproto, qemu-system-x86, busybox-static)"
@@ -13,6 +13,7 @@ help:
 	@echo "make kernel  build the minimal guest kernel (guest/kernel/, minutes; cached)"
 	@echo "make demo    the main job: serve, log in, boot a real VM through capabilities, run a command, clean up"
 	@echo "make test    build and run the whole test suite (boots real guests under QEMU)"
+	@echo "make interop a pycapnp (C++ Cap'n Proto) client against a real server: login, pipelined create+exec, errors, logout"
 	@echo "make bench   print boot, exec and data-path figures"
 
 deps:
@@ -39,6 +40,10 @@ demo: build
 test: deps
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace -- --test-threads=2
+
+interop:
+	$(CARGO) build --workspace
+	scripts/interop/run.sh
 
 bench: build
 	CAPVISOR_GUEST_INIT=$(STATIC_INIT) target/release/capvisor-bench
