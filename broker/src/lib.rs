@@ -57,6 +57,7 @@ pub async fn run(rpc_fd: RawFd, attach_fd: RawFd, config_fd: RawFd) -> anyhow::R
     // SAFETY: the supervisor hands us these descriptors at these numbers
     // (docs/processes.md) and nothing else in this process uses them.
     let stream = unsafe { conn::stream_from_fd(rpc_fd)? };
+    // SAFETY: as above: the attach SOCK_SEQPACKET socket, ours alone.
     let attach = unsafe { FdChannel::from_raw(attach_fd)? };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

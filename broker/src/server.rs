@@ -123,9 +123,9 @@ impl session_host::Server for SessionHostServer {
             audit_outcome::Error(code) => capvisor_rpc::error::code_name(code?),
         };
         let mut rec = AuditRecord::new(&text(ev.get_action())?, &text(ev.get_cap())?, &text(ev.get_method())?, outcome)
-        .principal(&self.principal)
-        .session(&self.session)
-        .detail(text(ev.get_detail())?);
+            .principal(&self.principal)
+            .session(&self.session)
+            .detail(text(ev.get_detail())?);
         if rec.action.is_empty() {
             rec.action = "worker".into();
         }
@@ -163,11 +163,7 @@ impl AccountsServer {
 }
 
 impl accounts::Server for AccountsServer {
-    async fn add(
-        self: CapRc<Self>,
-        params: accounts::AddParams,
-        _: accounts::AddResults,
-    ) -> capnp::Result<()> {
+    async fn add(self: CapRc<Self>, params: accounts::AddParams, _: accounts::AddResults) -> capnp::Result<()> {
         let p = params.get()?;
         let name = text(p.get_name())?;
         let profile = text(p.get_profile())?;

@@ -407,9 +407,7 @@ fn accounts_only_for_bundles_holding_them() {
             req.get().set_name(name);
             req.get().set_profile(profile);
             req.get().set_password(pw);
-            async move {
-                req.send().promise.await.map(drop).map_err(|e| CvError::from_rpc(&e).expect("a typed error"))
-            }
+            async move { req.send().promise.await.map(drop).map_err(|e| CvError::from_rpc(&e).expect("a typed error")) }
         };
         assert_eq!(add("alice", "owner", "password-alice").await, Ok(()));
         assert_eq!(add("alice", "user", "password-alice").await.unwrap_err().code, ErrorCode::AlreadyExists);
@@ -436,7 +434,9 @@ fn accounts_only_for_bundles_holding_them() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(h.fake.st.borrow().revokes.contains(&(user.session_id.clone(), "revoked".into())));
         let lines = h.audit_lines();
-        assert!(lines.iter().any(|l| l["action"] == "account.remove" && l["principal"] == owner.principal.to_string().as_str()));
+        assert!(lines
+            .iter()
+            .any(|l| l["action"] == "account.remove" && l["principal"] == owner.principal.to_string().as_str()));
     });
 }
 

@@ -474,6 +474,7 @@ async fn forward_stdin(p: &capvisor_rpc::schema::common_capnp::process::Client) 
 }
 
 fn term_size() -> (u16, u16) {
+    // SAFETY: winsize is plain integers; all-zero is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ fills a winsize; fd 1 may not be a tty (then we default).
     if unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {

@@ -90,7 +90,10 @@ fn denials_bad_input_and_audit() {
         // A user-profile session has no accounts cap.
         let carol = connect::login_password(&s.socket, "carol", "carol-right-pw").await.unwrap();
         let ccs = ops::cap_set(&carol.session);
-        assert_eq!(code(ops::list_accounts(&ops::get_cap::<accounts::Client>(&ccs, "accounts")).await), ErrorCode::NotFound);
+        assert_eq!(
+            code(ops::list_accounts(&ops::get_cap::<accounts::Client>(&ccs, "accounts")).await),
+            ErrorCode::NotFound
+        );
 
         // Caps held across a logout fail with staleSession; the token dies too.
         let attached = connect::attach(&s.socket, &carol.token).await.unwrap();

@@ -125,7 +125,10 @@ impl Server {
         }
         // ... and anything that names our directories (orphans included).
         for row in &table {
-            if row.pid != me && Some(row.pid) != server_pid && row.mentions(&needle) && !found.iter().any(|(p, _)| *p == row.pid)
+            if row.pid != me
+                && Some(row.pid) != server_pid
+                && row.mentions(&needle)
+                && !found.iter().any(|(p, _)| *p == row.pid)
             {
                 found.push((row.pid, row.argv0.clone()));
             }
@@ -149,6 +152,8 @@ impl Server {
         let before: Vec<(u32, u64)> =
             self.our_processes().iter().filter_map(|(p, _)| start_time(*p).map(|t| (*p, t))).collect();
         let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) takes plain integers; the child is not reaped yet,
+        // so its pid is still ours.
         unsafe { libc::kill(child.id() as i32, signal) };
         let t0 = Instant::now();
         let status = loop {
@@ -186,6 +191,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) takes plain integers; the child is not reaped
+            // yet, so its pid is still ours.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             std::thread::sleep(Duration::from_secs(2));
             let _ = c.kill();
@@ -213,7 +220,8 @@ pub struct ProcRow {
 
 impl ProcRow {
     fn mentions(&self, needle: &str) -> bool {
-        String::from_utf8_lossy(&self.cmdline).contains(needle) || String::from_utf8_lossy(&self.environ).contains(needle)
+        String::from_utf8_lossy(&self.cmdline).contains(needle)
+            || String::from_utf8_lossy(&self.environ).contains(needle)
     }
 }
 

@@ -303,7 +303,9 @@ pub async fn run(listen_fd: RawFd, broker_fd: RawFd, attach_fd: RawFd, auth: Vec
     let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(listen_fd) };
     listener.set_nonblocking(true)?;
     let listener = UnixListener::from_std(listener)?;
+    // SAFETY: as above: the broker stream socket, ours alone.
     let broker_stream = unsafe { conn::stream_from_fd(broker_fd)? };
+    // SAFETY: as above: the attach SOCK_SEQPACKET socket, ours alone.
     let attach = unsafe { FdChannel::from_raw(attach_fd)? };
     let (broker, broker_done) = conn::connect::<broker::Client>(broker_stream, None, conn::INTERNAL);
     let gw = Gateway::new(broker, attach, auth, MAX_CONNECTIONS);

@@ -256,48 +256,62 @@ unsafe fn child_after_fork(
     err_w: RawFd,
     empty_set: &libc::sigset_t,
 ) -> ! {
+    /// Reports `stage` and errno on `err_w` (5 bytes) and exits with 127.
+    ///
+    /// # Safety
+    /// Only in the forked child (it calls `_exit`).
     unsafe fn fail(err_w: RawFd, stage: u8) -> ! {
-        let errno = *libc::__errno_location();
-        let mut buf = [0u8; 5];
-        buf[0] = stage;
-        buf[1..].copy_from_slice(&errno.to_ne_bytes());
-        libc::write(err_w, buf.as_ptr().cast(), buf.len());
-        libc::_exit(127)
-    }
-    for sig in 1..=64 {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
+        // SAFETY: errno is thread-local and always readable; write(2) and
+        // _exit(2) are async-signal-safe and `buf` outlives the call.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let mut buf = [0u8; 5];
+            buf[0] = stage;
+            buf[1..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(err_w, buf.as_ptr().cast(), buf.len());
+            libc::_exit(127)
         }
     }
-    libc::sigprocmask(libc::SIG_SETMASK, empty_set, std::ptr::null_mut());
-    if is_pty {
-        if libc::setsid() < 0 {
+    // SAFETY: the caller guarantees we are the freshly forked child. Every
+    // call below is async-signal-safe; `argv` / `envp` are NULL-terminated
+    // arrays of pointers into CStrings the parent keeps alive, and `cwd` /
+    // `prog` are NUL-terminated.
+    unsafe {
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        libc::sigprocmask(libc::SIG_SETMASK, empty_set, std::ptr::null_mut());
+        if is_pty {
+            if libc::setsid() < 0 {
+                fail(err_w, STAGE_SETUP);
+            }
+        } else if libc::setpgid(0, 0) < 0 {
             fail(err_w, STAGE_SETUP);
         }
-    } else if libc::setpgid(0, 0) < 0 {
-        fail(err_w, STAGE_SETUP);
-    }
-    // Move the sources above 2 first so none is clobbered by a dup2.
-    let mut high = [0 as RawFd; 3];
-    for i in 0..3 {
-        high[i] = libc::fcntl(fds[i], libc::F_DUPFD_CLOEXEC, 10);
-        if high[i] < 0 {
+        // Move the sources above 2 first so none is clobbered by a dup2.
+        let mut high = [0 as RawFd; 3];
+        for i in 0..3 {
+            high[i] = libc::fcntl(fds[i], libc::F_DUPFD_CLOEXEC, 10);
+            if high[i] < 0 {
+                fail(err_w, STAGE_SETUP);
+            }
+        }
+        for (i, fd) in high.iter().enumerate() {
+            if libc::dup2(*fd, i as RawFd) < 0 {
+                fail(err_w, STAGE_SETUP);
+            }
+        }
+        if is_pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
             fail(err_w, STAGE_SETUP);
         }
-    }
-    for (i, fd) in high.iter().enumerate() {
-        if libc::dup2(*fd, i as RawFd) < 0 {
-            fail(err_w, STAGE_SETUP);
+        if libc::chdir(cwd.as_ptr()) < 0 {
+            fail(err_w, STAGE_CHDIR);
         }
+        libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        fail(err_w, STAGE_EXEC)
     }
-    if is_pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-        fail(err_w, STAGE_SETUP);
-    }
-    if libc::chdir(cwd.as_ptr()) < 0 {
-        fail(err_w, STAGE_CHDIR);
-    }
-    libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr());
-    fail(err_w, STAGE_EXEC)
 }
 
 /// Validates `req`, starts the program and returns its `Process` cap.
@@ -571,11 +585,7 @@ impl process::Server for ProcessServer {
 
     /// Sets the pty's window size (`TIOCSWINSZ`). Without a pty, or with a
     /// zero dimension: `invalidArgument`.
-    async fn resize(
-        self: Rc<Self>,
-        params: process::ResizeParams,
-        _: process::ResizeResults,
-    ) -> capnp::Result<()> {
+    async fn resize(self: Rc<Self>, params: process::ResizeParams, _: process::ResizeResults) -> capnp::Result<()> {
         let size = params.get()?.get_size()?;
         let (rows, cols) = (size.get_rows(), size.get_cols());
         let r = match &self.master {

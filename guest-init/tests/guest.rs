@@ -475,6 +475,8 @@ fn binary_serve_fd_and_shutdown() {
         });
     }
     let mut child = cmd.spawn().unwrap();
+    // SAFETY: `fd` came from `into_raw_fd` above and nothing else owns it;
+    // the child has its own copy at descriptor 3.
     unsafe { libc::close(fd) };
     let _ = ours.as_raw_fd();
     conn::run_local(async move {

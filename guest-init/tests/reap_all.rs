@@ -7,7 +7,7 @@
 use capvisor_guest_init::exec::{self, ExecRequest};
 use capvisor_guest_init::reaper;
 use capvisor_rpc::sink::CollectSink;
-use capvisor_schema::common_capnp::{exit_status};
+use capvisor_schema::common_capnp::exit_status;
 use std::time::Duration;
 
 /// Pids of our children that are zombies, from /proc/*/stat.

@@ -127,6 +127,8 @@ fn boots_and_serves_guest() {
         });
     }
     let mut qemu = cmd.spawn().expect("qemu-system-x86_64");
+    // SAFETY: `fd` came from `into_raw_fd` above and nothing else owns it;
+    // the child has its own copy at descriptor 3.
     unsafe { libc::close(fd) };
     let _ = ours.as_raw_fd();
     let t0 = Instant::now();

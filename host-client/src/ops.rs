@@ -1,7 +1,7 @@
 //! Typed helpers over the client-facing capabilities.
 //!
-//! Calls that return a capability are *pipelined*: [`cap_set`], [`get_cap`],
-//! [`vms`], [`accounts`], [`create_vm`], [`get_vm`], [`exec`] and [`files`]
+//! Calls that return a capability are *pipelined*: [`cap_set()`], [`get_cap`],
+//! [`vms`], [`accounts()`], [`create_vm`], [`get_vm`], [`exec`] and [`files()`]
 //! return at once with a promise of the capability, without a round trip.
 //! Calls made on such a promise travel together with the calls that produce
 //! it, so `vms(&s)` -> `get_vm(..)` -> `exec(..)` -> [`wait`] costs one round

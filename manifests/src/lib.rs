@@ -302,9 +302,7 @@ impl Bundle {
     ///
     /// Errors: a missing, malformed or non-UTF-8 field.
     pub fn read_from(r: bundle::Reader<'_>) -> capnp::Result<Self> {
-        let list = |l: capnp::text_list::Reader<'_>| -> capnp::Result<Vec<String>> {
-            l.iter().map(|t| text(t)).collect()
-        };
+        let list = |l: capnp::text_list::Reader<'_>| -> capnp::Result<Vec<String>> { l.iter().map(text).collect() };
         Ok(Self {
             caps: list(r.get_caps()?)?,
             max_vms: r.get_max_vms(),

@@ -119,7 +119,9 @@ pub fn serve<C: capnp::capability::FromClientHook>(
 /// `fd` must be an open stream socket this process owns and uses nowhere else.
 pub unsafe fn stream_from_fd(fd: std::os::fd::RawFd) -> std::io::Result<tokio::net::UnixStream> {
     use std::os::fd::FromRawFd;
-    let std = std::os::unix::net::UnixStream::from_raw_fd(fd);
+    // SAFETY: the caller guarantees `fd` is an open stream socket owned by
+    // this process and used nowhere else, so the stream may take ownership.
+    let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
     std.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(std)
 }

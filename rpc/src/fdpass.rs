@@ -45,7 +45,9 @@ impl FdChannel {
     /// # Safety
     /// `raw` must be an open `SOCK_SEQPACKET` socket owned by nobody else.
     pub unsafe fn from_raw(raw: RawFd) -> std::io::Result<Self> {
-        Self::new(OwnedFd::from_raw_fd(raw))
+        // SAFETY: the caller guarantees `raw` is open and owned by nobody
+        // else, so `OwnedFd` may take ownership (and close it on drop).
+        Self::new(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     /// Sends `tag` and `fd` as one message. `fd` stays open here (the peer

@@ -48,5 +48,4 @@ mod tests {
             assert_eq!(detected, Engine::Qemu);
         }
     }
-
 }

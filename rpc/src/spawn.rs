@@ -129,7 +129,10 @@ pub fn read_config(fd: RawFd) -> anyhow::Result<capnp::message::Reader<capnp::se
     let mut bytes = Vec::new();
     f.take(CONFIG_MAX_BYTES + 1).read_to_end(&mut bytes)?;
     anyhow::ensure!(bytes.len() as u64 <= CONFIG_MAX_BYTES, "configuration exceeds {CONFIG_MAX_BYTES} bytes");
-    let opts = capnp::message::ReaderOptions { traversal_limit_in_words: Some(CONFIG_MAX_BYTES as usize / 8), nesting_limit: 32 };
+    let opts = capnp::message::ReaderOptions {
+        traversal_limit_in_words: Some(CONFIG_MAX_BYTES as usize / 8),
+        nesting_limit: 32,
+    };
     Ok(capnp::serialize::read_message(&mut bytes.as_slice(), opts)?)
 }
 

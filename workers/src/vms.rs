@@ -9,11 +9,11 @@
 //! VM later takes the same name.
 
 use crate::state::SessionState;
-use capvisor_rpc::names::revoke_reason_name;
 use crate::wrap::{FilesWrapper, ProcessWrapper, Scope, SinkWrapper};
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::conn::{self, INTERNAL};
 use capvisor_rpc::error::text;
+use capvisor_rpc::names::revoke_reason_name;
 use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_info, vm_spec, Engine, VmState};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::guest_capnp::guest;
@@ -432,7 +432,11 @@ impl vm_factory::Server for VmFactoryImpl {
         Ok(())
     }
 
-    async fn get(self: CapRc<Self>, params: vm_factory::GetParams, mut results: vm_factory::GetResults) -> capnp::Result<()> {
+    async fn get(
+        self: CapRc<Self>,
+        params: vm_factory::GetParams,
+        mut results: vm_factory::GetResults,
+    ) -> capnp::Result<()> {
         let name = text(params.get()?.get_name())?;
         let entry = self.entry(&name)?;
         results.get().set_vm(self.vm_cap(entry));

@@ -89,7 +89,11 @@ impl process::Server for ProcessWrapper {
         self.scope.forward(req.send()).await
     }
 
-    async fn close_stdin(self: CapRc<Self>, _: process::CloseStdinParams, _: process::CloseStdinResults) -> capnp::Result<()> {
+    async fn close_stdin(
+        self: CapRc<Self>,
+        _: process::CloseStdinParams,
+        _: process::CloseStdinResults,
+    ) -> capnp::Result<()> {
         let req = self.inner.close_stdin_request();
         self.scope.forward(async { req.send().promise.await.map(drop) }).await
     }
@@ -143,7 +147,11 @@ impl files::Server for FilesWrapper {
         Ok(())
     }
 
-    async fn write(self: CapRc<Self>, params: files::WriteParams, mut results: files::WriteResults) -> capnp::Result<()> {
+    async fn write(
+        self: CapRc<Self>,
+        params: files::WriteParams,
+        mut results: files::WriteResults,
+    ) -> capnp::Result<()> {
         let p = params.get()?;
         let mut req = self.inner.write_request();
         req.get().set_path(p.get_path()?);
@@ -233,7 +241,11 @@ impl accounts::Server for AccountsWrapper {
         Ok(())
     }
 
-    async fn remove(self: CapRc<Self>, params: accounts::RemoveParams, _: accounts::RemoveResults) -> capnp::Result<()> {
+    async fn remove(
+        self: CapRc<Self>,
+        params: accounts::RemoveParams,
+        _: accounts::RemoveResults,
+    ) -> capnp::Result<()> {
         let mut req = self.inner.remove_request();
         req.get().set_name(params.get()?.get_name()?);
         self.scope.forward(async { req.send().promise.await.map(drop) }).await

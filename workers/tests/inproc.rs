@@ -38,11 +38,19 @@ type Shared = Rc<RefCell<Seen>>;
 struct FakeHost(Shared);
 
 impl session_host::Server for FakeHost {
-    async fn logout(self: CapRc<Self>, _: session_host::LogoutParams, _: session_host::LogoutResults) -> capnp::Result<()> {
+    async fn logout(
+        self: CapRc<Self>,
+        _: session_host::LogoutParams,
+        _: session_host::LogoutResults,
+    ) -> capnp::Result<()> {
         self.0.borrow_mut().logouts += 1;
         Ok(())
     }
-    async fn audit(self: CapRc<Self>, p: session_host::AuditParams, _: session_host::AuditResults) -> capnp::Result<()> {
+    async fn audit(
+        self: CapRc<Self>,
+        p: session_host::AuditParams,
+        _: session_host::AuditResults,
+    ) -> capnp::Result<()> {
         let ev = p.get()?.get_event()?;
         let outcome = match ev.get_outcome()?.which()? {
             audit_outcome::Ok(()) => "ok".to_string(),
@@ -78,7 +86,11 @@ impl machine::Server for FakeMachine {
         self.write(r.get().init_status());
         Ok(())
     }
-    async fn wait_exit(self: CapRc<Self>, _: machine::WaitExitParams, mut r: machine::WaitExitResults) -> capnp::Result<()> {
+    async fn wait_exit(
+        self: CapRc<Self>,
+        _: machine::WaitExitParams,
+        mut r: machine::WaitExitResults,
+    ) -> capnp::Result<()> {
         let mut rx = self.state.subscribe();
         let _ = rx.wait_for(|s| matches!(s, VmState::Stopped | VmState::Crashed)).await;
         self.write(r.get().init_status());
@@ -219,7 +231,8 @@ fn a_held_vm_never_reaches_a_newer_vm_of_the_same_name() {
         assert!(!ops::list_dir(&old_files, "/").await.unwrap().is_empty());
         let (o, _) = CollectSink::client(1 << 16);
         let (e, _) = CollectSink::client(1 << 16);
-        let sleeper = ops::exec(&old, &ops::ExecRequest { argv: vec!["sleep".into(), "5".into()], ..Default::default() }, o, e);
+        let sleeper =
+            ops::exec(&old, &ops::ExecRequest { argv: vec!["sleep".into(), "5".into()], ..Default::default() }, o, e);
         ops::write_stdin(&sleeper, b"").await.ok();
 
         ops::remove_vm(&f, "same").await.unwrap();
@@ -278,7 +291,8 @@ fn logout_breaks_every_cap_and_pending_call_and_stops_the_vms() {
         ops::list_dir(&files, "/").await.unwrap();
         let (o, _) = CollectSink::client(1 << 16);
         let (e, _) = CollectSink::client(1 << 16);
-        let p = ops::exec(&vm, &ops::ExecRequest { argv: vec!["sleep".into(), "5".into()], ..Default::default() }, o, e);
+        let p =
+            ops::exec(&vm, &ops::ExecRequest { argv: vec!["sleep".into(), "5".into()], ..Default::default() }, o, e);
         let pending = {
             let p = p.clone();
             tokio::task::spawn_local(async move { ops::wait(&p).await })
