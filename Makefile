@@ -5,14 +5,15 @@ HOST_TRIPLE := x86_64-unknown-linux-gnu
 STATIC_INIT := target/$(HOST_TRIPLE)/release/capvisor-guest-init
 APT_PACKAGES := capnproto libcapnp-dev qemu-system-x86 busybox-static python3-venv
 
-.PHONY: help deps build guest-init kernel demo test interop bench clean
+.PHONY: help deps build guest-init kernel demo lint test interop bench clean
 
 help:
 	@echo "make deps    install Debian packages capvisor needs (capnproto, qemu-system-x86, busybox-static, python3-venv)"
 	@echo "make build   build every binary (release) and the static guest-init"
 	@echo "make kernel  build the minimal guest kernel (guest/kernel/, minutes; cached)"
 	@echo "make demo    the main job: serve, log in, boot a real VM through capabilities, run a command, clean up"
-	@echo "make test    build and run the whole test suite (boots real guests under QEMU), then the pycapnp interop test"
+	@echo "make lint    cargo fmt --check, clippy (all targets, warnings denied) and rustdoc (warnings denied)"
+	@echo "make test    make lint, then build and run the whole test suite (boots real guests under QEMU), then the pycapnp interop test"
 	@echo "make interop a pycapnp (C++ Cap'n Proto) client against a real server: login, pipelined create+exec, errors, logout"
 	@echo "make bench   print boot, exec and data-path figures"
 
@@ -37,7 +38,14 @@ build: deps guest-init
 demo: build
 	CAPVISOR_GUEST_INIT=$(STATIC_INIT) scripts/demo.sh
 
-test: deps
+# Lint levels live in the root Cargo.toml ([workspace.lints]); every
+# warning fails here. deps first: the schema crate's build runs capnp.
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+test: deps lint
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace -- --test-threads=2
 	scripts/interop/run.sh
