@@ -18,17 +18,129 @@
 //! Threads: one per vCPU, the queue-notification thread, the console pump,
 //! and an owner thread that holds the [`capvisor_kvm::vm::Vm`] and takes
 //! pause / resume / stop commands from the vmm's RPC thread.
+//!
+//! [`KvmEngine`] is that VM behind [`Engine`]: it starts in `running` (the
+//! vCPUs run once [`KvmEngine::start`] returns), reports boot milestones
+//! measured in this process, and classifies the end with [`exit_outcome`].
 
-use capvisor_rpc::vmconfig::VmConfig;
+use crate::engine::{ConsoleLog, Engine, EngineKind, Lifecycle, Status};
 use anyhow::Context;
 use capvisor_kvm::devices::boot_timer::{BootTimer, BootTimes};
 use capvisor_kvm::devices::virtio::block::io::VirtioBlock;
 use capvisor_kvm::devices::virtio::console::io::{ConsolePort, VirtioConsole};
 use capvisor_kvm::vm::{BootSource, VmBuilder, VmExit};
+use capvisor_rpc::vmconfig::VmConfig;
+use capvisor_rpc::CvError;
+use capvisor_schema::capvisor_capnp::VmState;
+use futures::future::LocalBoxFuture;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
+
+/// One kvm-engine VM, running inside this process.
+pub struct KvmEngine {
+    life: Lifecycle,
+    console: ConsoleLog,
+    handle: KvmHandle,
+}
+
+impl KvmEngine {
+    /// Builds the VM for `cfg` with `agent` on the virtio-console port
+    /// `capvisor.agent` and COM1 appending to `console`, confines this
+    /// process, starts the vCPUs and returns in state `running`; a local
+    /// task records the end.
+    ///
+    /// Errors: those of building and confining the VM (see the module
+    /// docs): /dev/kvm unusable, kernel or initramfs unreadable, a disk
+    /// failing to open, confinement failing. Must be called inside a `LocalSet`.
+    pub fn start(cfg: &VmConfig, agent: OwnedFd, console: ConsoleLog) -> anyhow::Result<Rc<Self>> {
+        let started = run_machine(cfg, agent, console.path())?;
+        tracing::info!(confinement = %started.handle.confinement, "kvm engine started VM {}", cfg.name);
+        let mut status = Status::new(VmState::Running, std::process::id(), EngineKind::Kvm);
+        status.boot = started.handle.boot_times();
+        let engine = Rc::new(KvmEngine { life: Lifecycle::new(status), console, handle: started.handle });
+        let weak = Rc::downgrade(&engine);
+        let exit = started.exit;
+        tokio::task::spawn_local(async move {
+            let exit = exit.await.unwrap_or_else(|_| VmExit::InternalError("the VM owner thread died".into()));
+            if let Some(engine) = weak.upgrade() {
+                engine.life.set_boot(engine.handle.boot_times());
+                let (state, detail) = exit_outcome(exit, engine.console.panic_line());
+                engine.life.end(state, detail);
+            }
+        });
+        Ok(engine)
+    }
+}
+
+impl Engine for KvmEngine {
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.life
+    }
+
+    /// The status with the boot milestones as of now.
+    fn status(&self) -> Status {
+        let mut s = self.life.status();
+        s.boot = self.handle.boot_times();
+        s
+    }
+
+    /// Stops the vCPUs at once (`grace` is not used: the guest had its
+    /// chance through `Guest.shutdown` before this call, and ACPI
+    /// power-button delivery is not wired on engine kvm).
+    fn stop(&self, _grace: Duration) -> LocalBoxFuture<'_, Status> {
+        Box::pin(async move {
+            if self.life.status().ended() {
+                return self.life.status();
+            }
+            self.kill();
+            self.life.settle().await
+        })
+    }
+
+    /// Tells the owner thread to stop the vCPUs for good.
+    fn kill(&self) {
+        self.handle.stop();
+    }
+
+    /// Parks every vCPU.
+    fn pause(&self) -> LocalBoxFuture<'_, Result<(), CvError>> {
+        Box::pin(self.life.transition(VmState::Running, VmState::Paused, async {
+            self.handle.pause().await.map_err(CvError::unavailable)
+        }))
+    }
+
+    /// Lets the parked vCPUs run again.
+    fn resume(&self) -> LocalBoxFuture<'_, Result<(), CvError>> {
+        Box::pin(self.life.transition(VmState::Paused, VmState::Running, async {
+            self.handle.resume().await.map_err(CvError::unavailable)
+        }))
+    }
+
+    fn console_tail(&self, max_bytes: u32) -> Vec<u8> {
+        self.console.tail(max_bytes)
+    }
+}
+
+/// How a kvm-engine VM ended: a "Kernel panic" line on the console
+/// (`panic_line`) makes any end `crashed`; otherwise a stop on request, a
+/// power-off, a reset (`reboot=k`: the i8042 reset line) or a halt is
+/// `stopped`, and a triple fault (`Shutdown`), a KVM internal error or a
+/// crashed vCPU thread is `crashed`.
+pub fn exit_outcome(exit: VmExit, panic_line: Option<String>) -> (VmState, String) {
+    match (exit, panic_line) {
+        (_, Some(p)) => (VmState::Crashed, format!("guest kernel panic: {p}")),
+        (VmExit::Stopped, None) => (VmState::Stopped, "stopped on request".to_string()),
+        (VmExit::PoweredOff, None) => (VmState::Stopped, "the guest powered off".to_string()),
+        (VmExit::Reset, None) => (VmState::Stopped, "the guest rebooted (reboot ends the VM)".to_string()),
+        (VmExit::Halted, None) => (VmState::Stopped, "the guest halted".to_string()),
+        (VmExit::Shutdown, None) => (VmState::Crashed, "the guest triple-faulted".to_string()),
+        (VmExit::InternalError(d), None) => (VmState::Crashed, format!("KVM could not run the guest: {d}")),
+        (VmExit::Panicked(d), None) => (VmState::Crashed, format!("guest crash: {d}")),
+    }
+}
 
 /// Commands to the owner thread.
 enum Cmd {
@@ -38,46 +150,46 @@ enum Cmd {
 }
 
 /// A running kvm-engine VM, as seen from the RPC thread.
-pub struct KvmHandle {
+struct KvmHandle {
     cmd: mpsc::Sender<Cmd>,
     timer: Arc<BootTimer>,
-    /// What confinement is in force (for logs and status).
-    pub confinement: String,
+    /// What confinement is in force (for logs).
+    confinement: String,
 }
 
 /// A started VM: its handle and the receiver of its exit.
-pub struct Started {
+struct Started {
     /// Commands and boot times.
-    pub handle: KvmHandle,
+    handle: KvmHandle,
     /// Resolves once, with how the VM ended.
-    pub exit: tokio::sync::oneshot::Receiver<VmExit>,
+    exit: tokio::sync::oneshot::Receiver<VmExit>,
 }
 
 impl KvmHandle {
     /// Parks every vCPU.
     ///
     /// Errors: the vCPUs did not park in time, or the VM has ended.
-    pub async fn pause(&self) -> Result<(), String> {
+    async fn pause(&self) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.cmd.send(Cmd::Pause(tx)).map_err(|_| "the VM has ended".to_string())?;
         rx.await.map_err(|_| "the VM has ended".to_string())?
     }
 
     /// Lets parked vCPUs run again.
-    pub async fn resume(&self) -> Result<(), String> {
+    async fn resume(&self) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.cmd.send(Cmd::Resume(tx)).map_err(|_| "the VM has ended".to_string())?;
         rx.await.map_err(|_| "the VM has ended".to_string())
     }
 
     /// Stops the vCPUs for good; the exit arrives on [`Started::exit`] as
-    /// `Stopped` (or how it ended before).
-    pub fn stop(&self) {
+    /// `Stopped` (or how it ended before). No-op once the VM has ended.
+    fn stop(&self) {
         let _ = self.cmd.send(Cmd::Stop);
     }
 
     /// Boot milestones so far (µs since the vmm process started).
-    pub fn boot_times(&self) -> BootTimes {
+    fn boot_times(&self) -> BootTimes {
         self.timer.times()
     }
 }
@@ -104,12 +216,13 @@ pub fn kernel_cmdline_for(cfg: &VmConfig, nested_pvm: bool) -> String {
     }
 }
 
-/// Builds the machine, confines the process, starts the vCPUs.
+/// Builds the machine, confines the process, starts the vCPUs and the
+/// owner thread.
 ///
 /// Errors: /dev/kvm missing or unusable, kernel/initramfs unreadable, a
 /// device failing to build, confinement failing (the VM is not started
 /// unconfined unless `CAPVISOR_SANDBOX=off`).
-pub fn start(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Result<Started> {
+fn run_machine(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Result<Started> {
     anyhow::ensure!(cfg.vcpus <= capvisor_kvm::vm::MAX_VCPUS as u32, "at most {} vCPUs", capvisor_kvm::vm::MAX_VCPUS);
     let serial = std::fs::OpenOptions::new()
         .append(true)
@@ -190,6 +303,23 @@ pub fn start(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exits_are_classified() {
+        let panic = Some("Kernel panic - not syncing: x".to_string());
+        assert_eq!(exit_outcome(VmExit::PoweredOff, panic).0, VmState::Crashed);
+        for (exit, state, detail) in [
+            (VmExit::Stopped, VmState::Stopped, "stopped on request"),
+            (VmExit::PoweredOff, VmState::Stopped, "the guest powered off"),
+            (VmExit::Reset, VmState::Stopped, "the guest rebooted (reboot ends the VM)"),
+            (VmExit::Halted, VmState::Stopped, "the guest halted"),
+            (VmExit::Shutdown, VmState::Crashed, "the guest triple-faulted"),
+            (VmExit::InternalError("emulation failure".into()), VmState::Crashed, "KVM could not run the guest: emulation failure"),
+            (VmExit::Panicked("vcpu0".into()), VmState::Crashed, "guest crash: vcpu0"),
+        ] {
+            assert_eq!(exit_outcome(exit, None), (state, detail.to_string()));
+        }
+    }
 
     #[test]
     fn cmdline_reboots_through_the_keyboard_controller() {

@@ -2,18 +2,21 @@
 //!
 //! `capvisor-vmm --rpc-fd 3 --agent-fd 4 --config-fd 5`, with the schema
 //! `VmConfig` (internal.capnp) in the memfd at fd 5:
-//! - starts the VM at once (engine qemu), handing the agent socket to QEMU;
+//! - starts the VM at once on its engine (`capvisor_vmm::engine::start`:
+//!   QEMU with the agent socket handed to it, or engine kvm in this process);
 //! - serves `Machine` as the bootstrap cap on the RPC socket;
-//! - when the RPC connection ends (the worker is gone): kills QEMU, exits;
-//! - when QEMU exits: answers `waitExit`, then exits once the worker drops
+//! - when the RPC connection ends (the worker is gone): kills the VM, exits;
+//! - when the VM ends: answers `waitExit`, then exits once the worker drops
 //!   the connection or after [`LINGER`];
-//! - on SIGTERM / SIGINT: kills QEMU, exits.
+//! - on SIGTERM / SIGINT: kills the VM, exits.
 //!
-//! A VM that cannot start (bad config, missing kernel, no QEMU) is served in
-//! state `crashed` with the reason, so the worker learns why.
+//! A VM that cannot start (bad config, missing kernel, no QEMU, /dev/kvm
+//! unusable) is served in state `crashed` with the reason, so the worker
+//! learns why.
 
 use capvisor_rpc::conn;
-use capvisor_vmm::machine::{MachineServer, Vm};
+use capvisor_vmm::engine::{self, Engine};
+use capvisor_vmm::machine::MachineServer;
 use capvisor_vmm::VmConfig;
 use clap::Parser;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -66,7 +69,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cfg = read_config(args.config_fd);
     conn::run_local(async move {
         let stream = capvisor_rpc::spawn::into_tokio(rpc)?;
-        let vm = Vm::start(cfg, agent);
+        let vm = engine::start(cfg, agent);
         let client = MachineServer::client(vm.clone());
         let (_peer, mut conn_done) = conn::serve::<capnp::capability::Client>(stream, client.client, conn::INTERNAL);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -74,7 +77,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             _ = &mut conn_done => {
                 tracing::info!("worker connection ended: stopping the VM");
-                kill_and_wait(&vm).await;
+                kill_and_wait(&*vm).await;
             }
             st = vm.wait_exit() => {
                 tracing::info!("VM ended ({:?}); lingering for the worker", st.state);
@@ -85,17 +88,17 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = term.recv() => {
                 tracing::info!("SIGTERM: stopping the VM");
-                kill_and_wait(&vm).await;
+                kill_and_wait(&*vm).await;
             }
             _ = int.recv() => {
-                kill_and_wait(&vm).await;
+                kill_and_wait(&*vm).await;
             }
         }
         anyhow::Ok(())
     })
 }
 
-async fn kill_and_wait(vm: &Vm) {
+async fn kill_and_wait(vm: &dyn Engine) {
     vm.kill();
     let _ = tokio::time::timeout(Duration::from_secs(5), vm.wait_exit()).await;
 }

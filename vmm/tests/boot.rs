@@ -310,7 +310,8 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
             assert!(st.success());
         }
 
-        // The kvm engine is not wired up yet: a clear message, not a hang.
+        // Engine kvm with something that is no kernel: a clear message
+        // naming kvm (the Failed engine's detail), not a hang.
         let cfg = VmConfig {
             name: "kvm".into(),
             run_dir: run.path().join("vm2"),

@@ -16,7 +16,11 @@
 //!   (`-chardev socket,id=qmp,fd=N -mon chardev=qmp,mode=control`), so no
 //!   QMP socket exists in the file system.
 //!
-//! The serial console goes to `run_dir/console.log`.
+//! The serial console goes to `run_dir/console.log`
+//! ([`crate::engine::CONSOLE_LOG`]).
+//!
+//! [`QemuEngine`] (in `engine.rs`) runs QEMU with these arguments behind
+//! [`crate::engine::Engine`].
 //!
 //! The machine keeps its CMOS RTC (`rtc=on`, where DESIGN.md's experiments
 //! used `rtc=off`): without one, Debian's 6.1 kernel spends about 1.4 s in
@@ -26,7 +30,10 @@
 //! boot fell from 4.9 s to 2.1 s wall). The guest also gets the wall-clock
 //! time, which TLS in the guest needs.
 
+pub mod engine;
 pub mod qmp;
+
+pub use engine::QemuEngine;
 
 use capvisor_rpc::vmconfig::VmConfig;
 use std::path::Path;
@@ -80,7 +87,7 @@ pub fn kernel_cmdline(cfg: &VmConfig, tsc_khz: Option<u64>) -> String {
 /// `kvm`, else multi-threaded TCG. The agent socket and the QMP socket are
 /// expected at [`AGENT_FD`] and [`QMP_FD`].
 pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
-    let console = cfg.run_dir.join("console.log");
+    let console = cfg.run_dir.join(crate::engine::CONSOLE_LOG);
     let mut a: Vec<String> = vec![
         "-M".into(),
         "microvm,x-option-roms=off,rtc=on".into(),
