@@ -165,7 +165,7 @@ fn image_key(source: KernelSource, kernel_id: &str, busybox_sha: &str, init_sha:
     hex::encode(h.finalize())
 }
 
-/// How many base images [`prune`] keeps (the most recently used ones).
+/// How many base images a build keeps (the most recently used ones; see `prune`).
 pub const KEEP_IMAGES: usize = 4;
 /// Images used (or builds started) this recently are never pruned.
 const PRUNE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
