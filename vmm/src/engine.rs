@@ -200,7 +200,11 @@ impl Lifecycle {
             true
         });
         if ended {
-            tracing::info!(state = capvisor_rpc::names::vm_state_name(state), "VM ended: {}", self.status.borrow().detail);
+            tracing::info!(
+                state = capvisor_rpc::names::vm_state_name(state),
+                "VM ended: {}",
+                self.status.borrow().detail
+            );
         }
         ended
     }
@@ -338,15 +342,19 @@ impl Engine for Failed {
     fn kill(&self) {}
 
     fn pause(&self) -> LocalBoxFuture<'_, Result<(), CvError>> {
-        Box::pin(self.life.transition(VmState::Running, VmState::Paused, async {
-            Err(CvError::unavailable("the VM never started"))
-        }))
+        Box::pin(
+            self.life.transition(VmState::Running, VmState::Paused, async {
+                Err(CvError::unavailable("the VM never started"))
+            }),
+        )
     }
 
     fn resume(&self) -> LocalBoxFuture<'_, Result<(), CvError>> {
-        Box::pin(self.life.transition(VmState::Paused, VmState::Running, async {
-            Err(CvError::unavailable("the VM never started"))
-        }))
+        Box::pin(
+            self.life.transition(VmState::Paused, VmState::Running, async {
+                Err(CvError::unavailable("the VM never started"))
+            }),
+        )
     }
 
     fn console_tail(&self, _max_bytes: u32) -> Vec<u8> {
@@ -454,7 +462,9 @@ mod tests {
 
             // A transition whose engine op fails leaves the state alone.
             let e = life
-                .transition(VmState::Running, VmState::Paused, async { Err(CvError::unavailable("QMP is not connected")) })
+                .transition(VmState::Running, VmState::Paused, async {
+                    Err(CvError::unavailable("QMP is not connected"))
+                })
                 .await
                 .unwrap_err();
             assert_eq!(e.code, ErrorCode::Unavailable);

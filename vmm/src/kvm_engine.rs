@@ -314,7 +314,11 @@ mod tests {
             (VmExit::Reset, VmState::Stopped, "the guest rebooted (reboot ends the VM)"),
             (VmExit::Halted, VmState::Stopped, "the guest halted"),
             (VmExit::Shutdown, VmState::Crashed, "the guest triple-faulted"),
-            (VmExit::InternalError("emulation failure".into()), VmState::Crashed, "KVM could not run the guest: emulation failure"),
+            (
+                VmExit::InternalError("emulation failure".into()),
+                VmState::Crashed,
+                "KVM could not run the guest: emulation failure",
+            ),
             (VmExit::Panicked("vcpu0".into()), VmState::Crashed, "guest crash: vcpu0"),
         ] {
             assert_eq!(exit_outcome(exit, None), (state, detail.to_string()));

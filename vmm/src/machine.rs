@@ -51,19 +51,11 @@ impl machine::Server for MachineServer {
         Ok(())
     }
 
-    async fn pause(
-        self: CapRc<Self>,
-        _: machine::PauseParams,
-        _: machine::PauseResults,
-    ) -> capnp::Result<()> {
+    async fn pause(self: CapRc<Self>, _: machine::PauseParams, _: machine::PauseResults) -> capnp::Result<()> {
         Ok(self.vm.pause().await?)
     }
 
-    async fn resume(
-        self: CapRc<Self>,
-        _: machine::ResumeParams,
-        _: machine::ResumeResults,
-    ) -> capnp::Result<()> {
+    async fn resume(self: CapRc<Self>, _: machine::ResumeParams, _: machine::ResumeResults) -> capnp::Result<()> {
         Ok(self.vm.resume().await?)
     }
 

@@ -241,7 +241,11 @@ async fn read_stderr(stderr: tokio::process::ChildStderr, tail: Rc<RefCell<Vec<u
 }
 
 /// The owner of the child: reaps it, kills it on request, records its end.
-async fn own_child(mut child: tokio::process::Child, mut kill_rx: mpsc::UnboundedReceiver<()>, engine: Weak<QemuEngine>) {
+async fn own_child(
+    mut child: tokio::process::Child,
+    mut kill_rx: mpsc::UnboundedReceiver<()>,
+    engine: Weak<QemuEngine>,
+) {
     let exit = loop {
         tokio::select! {
             st = child.wait() => break st,
@@ -314,17 +318,30 @@ mod tests {
     #[test]
     fn exits_are_classified() {
         let panic = || Some("Kernel panic - not syncing: x".to_string());
-        let o = |exit: std::io::Result<ExitStatus>, p, stop, reason, stderr| exit_outcome(&exit, p, stop, reason, stderr);
-        assert_eq!(o(code(0), panic(), true, None, ""), (VmState::Crashed, "guest kernel panic: Kernel panic - not syncing: x".into()));
+        let o =
+            |exit: std::io::Result<ExitStatus>, p, stop, reason, stderr| exit_outcome(&exit, p, stop, reason, stderr);
+        assert_eq!(
+            o(code(0), panic(), true, None, ""),
+            (VmState::Crashed, "guest kernel panic: Kernel panic - not syncing: x".into())
+        );
         assert_eq!(o(code(1), None, true, None, "x"), (VmState::Stopped, "stopped on request".into()));
-        assert_eq!(o(code(0), None, false, Some("guest-shutdown"), ""), (VmState::Stopped, "the guest powered off".into()));
+        assert_eq!(
+            o(code(0), None, false, Some("guest-shutdown"), ""),
+            (VmState::Stopped, "the guest powered off".into())
+        );
         assert_eq!(
             o(code(0), None, false, Some("guest-reset"), ""),
             (VmState::Stopped, "the guest rebooted (reboot ends the VM)".into())
         );
-        assert_eq!(o(code(0), None, false, Some("host-qmp-quit"), ""), (VmState::Stopped, "qemu shut down (host-qmp-quit)".into()));
+        assert_eq!(
+            o(code(0), None, false, Some("host-qmp-quit"), ""),
+            (VmState::Stopped, "qemu shut down (host-qmp-quit)".into())
+        );
         assert_eq!(o(code(0), None, false, None, ""), (VmState::Stopped, "qemu exited".into()));
-        assert_eq!(o(code(1), None, false, None, ""), (VmState::Crashed, "qemu exited unexpectedly (exit status: 1)".into()));
+        assert_eq!(
+            o(code(1), None, false, None, ""),
+            (VmState::Crashed, "qemu exited unexpectedly (exit status: 1)".into())
+        );
         assert_eq!(
             o(code(1), None, false, None, "qemu: could not load kernel"),
             (VmState::Crashed, "qemu exited unexpectedly (exit status: 1): qemu: could not load kernel".into())
