@@ -8,13 +8,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The directory holding the workspace's built binaries (`capvisor` and,
+/// after `cargo build --workspace`, every server binary beside it).
 pub fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_capvisor")).parent().unwrap().to_path_buf()
 }
 
+/// A running `capvisor serve` with its own temporary directory. Dropping it
+/// sends SIGTERM, then SIGKILL after 2 s; [`Server::stop`] checks the shutdown.
 pub struct Server {
+    /// Everything of this server's: `serve.log`, `manifest.toml`, `run/`,
+    /// `state/` and one `config/<who>` per client.
     pub dir: tempfile::TempDir,
+    /// The gateway socket, `dir/run/gateway.sock` (`CAPVISOR_SOCKET`).
     pub socket: PathBuf,
+    /// The state directory, `dir/state` (`CAPVISOR_STATE_DIR`).
     pub state: PathBuf,
     child: Option<Child>,
 }
@@ -63,10 +71,14 @@ impl Server {
         s
     }
 
+    /// serve's stdout and stderr so far (those of its children included);
+    /// empty if unreadable.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 
+    /// Client `who`'s `CAPVISOR_CONFIG_DIR`, `dir/config/<who>` (holds its
+    /// `session.json` after a login).
     pub fn config_dir(&self, who: &str) -> PathBuf {
         self.dir.path().join("config").join(who)
     }
@@ -201,18 +213,23 @@ impl Drop for Server {
     }
 }
 
+/// `o`'s stdout as text (invalid UTF-8 replaced).
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `o`'s stderr as text (invalid UTF-8 replaced).
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// One row of /proc: pid, parent pid, argv[0], command line and environment.
 pub struct ProcRow {
+    /// Process id.
     pub pid: u32,
+    /// Parent process id (field 4 of /proc/PID/stat).
     pub ppid: u32,
+    /// The first NUL-separated word of /proc/PID/cmdline.
     pub argv0: String,
     cmdline: Vec<u8>,
     environ: Vec<u8>,
