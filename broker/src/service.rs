@@ -159,7 +159,8 @@ impl BrokerService {
         }))
     }
 
-    /// The configuration.
+    /// The configuration the supervisor passed at spawn (state dir,
+    /// manifest, worker binary; see [`BrokerConfig`]).
     pub fn config(&self) -> &BrokerConfig {
         &self.cfg
     }

@@ -83,7 +83,7 @@ struct SpecArgs {
     /// Guest memory in MiB [default: the profile's default]
     #[arg(long)]
     memory_mib: Option<u32>,
-    /// vCPUs
+    /// Number of vCPUs
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Engine: auto (kvm where /dev/kvm is hardware-backed, else qemu), qemu or kvm

@@ -84,9 +84,9 @@ pub fn accounts(s: &session::Client) -> accounts::Client {
 pub struct SessionInfo {
     /// Session id (not a credential).
     pub session_id: String,
-    /// Who.
+    /// Who the session belongs to (`local:<unix user>` or `password:<account>`).
     pub principal: Principal,
-    /// Profile.
+    /// Manifest profile the session runs under (decides its bundle).
     pub profile: String,
     /// Expiry, Unix epoch ms.
     pub expires_at_ms: i64,
@@ -113,13 +113,13 @@ pub async fn logout(s: &session::Client) -> ClientResult<()> {
 /// What to create.
 #[derive(Clone, Debug)]
 pub struct VmSpec {
-    /// Empty: generated.
+    /// Empty: generated. Otherwise `[a-z0-9][a-z0-9-]{0,31}`, unique in the session.
     pub name: String,
-    /// Empty: `base`.
+    /// Manifest image name; empty: `base`.
     pub image: String,
-    /// 0: the bundle's default.
+    /// Guest memory in MiB; 0: the bundle's default.
     pub memory_mib: u32,
-    /// 0: 1.
+    /// Number of vCPUs; 0: 1.
     pub vcpus: u32,
     /// Which engine runs it.
     pub engine: Engine,
@@ -134,15 +134,15 @@ impl Default for VmSpec {
 /// A VM's facts.
 #[derive(Clone, Debug)]
 pub struct VmInfo {
-    /// Name.
+    /// Name, unique in the session while the VM exists.
     pub name: String,
-    /// Image.
+    /// Manifest image name.
     pub image: String,
-    /// MiB.
+    /// Guest memory in MiB.
     pub memory_mib: u32,
-    /// vCPUs.
+    /// Number of vCPUs.
     pub vcpus: u32,
-    /// State.
+    /// Lifecycle state.
     pub state: VmState,
     /// Engine (the one that runs it, once booted).
     pub engine: Engine,
@@ -360,9 +360,9 @@ pub async fn write_file<R: AsyncRead + Unpin>(f: &files::Client, path: &str, mod
 pub struct DirEntry {
     /// File name.
     pub name: String,
-    /// Kind.
+    /// File, directory, symlink or other (the link itself, not its target).
     pub kind: FileKind,
-    /// Bytes.
+    /// Size in bytes.
     pub size: u64,
     /// Permission bits.
     pub mode: u32,

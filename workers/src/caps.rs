@@ -14,7 +14,8 @@ use std::rc::Rc;
 
 /// `Session`: the root of what one login holds.
 pub struct SessionImpl {
-    /// The session.
+    /// The session this cap belongs to: its context, VMs and revocation
+    /// flag (every call checks it first).
     pub st: Rc<SessionState>,
 }
 
@@ -58,7 +59,8 @@ pub fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
 
 /// `CapSet`: the session's named capabilities, exactly as its bundle lists.
 pub struct CapSetImpl {
-    /// The session.
+    /// The session this cap belongs to: its context, VMs and revocation
+    /// flag (every call checks it first).
     pub st: Rc<SessionState>,
 }
 
@@ -119,7 +121,8 @@ impl cap_set::Server for CapSetImpl {
 
 /// `Worker`: the broker's handle on this worker.
 pub struct WorkerImpl {
-    /// The session.
+    /// The session this cap belongs to: its context, VMs and revocation
+    /// flag (every call checks it first).
     pub st: Rc<SessionState>,
 }
 

@@ -44,7 +44,7 @@ pub struct VmEntry {
     pub image: String,
     /// Guest memory, MiB.
     pub memory_mib: u32,
-    /// vCPUs.
+    /// Number of vCPUs (at least 1).
     pub vcpus: u32,
     /// Engine: as requested until the vmm says which one runs it.
     pub engine: Cell<Engine>,
@@ -308,7 +308,8 @@ pub async fn revoke_session(st: &Rc<SessionState>, reason: RevokeReason) {
 
 /// `VmFactory` of one session.
 pub struct VmFactoryImpl {
-    /// The session.
+    /// The session this cap belongs to: its context, VMs and revocation
+    /// flag (every call checks it first).
     pub st: Rc<SessionState>,
 }
 
@@ -471,7 +472,8 @@ impl vm_factory::Server for VmFactoryImpl {
 
 /// `Vm`: exactly one VM of the session for the capability's whole life.
 pub struct VmImpl {
-    /// The session.
+    /// The session this cap belongs to: its context, VMs and revocation
+    /// flag (every call checks it first).
     pub st: Rc<SessionState>,
     /// The VM this cap designates.
     pub entry: Rc<VmEntry>,

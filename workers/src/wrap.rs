@@ -22,7 +22,7 @@ use std::rc::Rc;
 /// reached through (if any).
 #[derive(Clone)]
 pub struct Scope {
-    /// The session.
+    /// The session whose revocation cuts this cap.
     pub st: Rc<SessionState>,
     /// The VM, for caps reached through a `Vm`.
     pub vm: Option<Rc<VmEntry>>,
@@ -212,7 +212,7 @@ impl byte_sink::Server for SinkWrapper {
 
 /// The broker's `Accounts`, revocable (only in bundles that list "accounts").
 pub struct AccountsWrapper {
-    /// The session.
+    /// The session whose revocation cuts this cap (no VM).
     pub scope: Scope,
     /// The broker's accounts cap.
     pub inner: accounts::Client,
