@@ -114,8 +114,7 @@ pub fn build_images(
                     guest_init.display()
                 );
             }
-            let source: capvisor_images::KernelSource =
-                img.kernel.parse().with_context(|| format!("image {name}"))?;
+            let source: capvisor_images::KernelSource = img.kernel.parse().with_context(|| format!("image {name}"))?;
             let mut progress = |line: &str| eprintln!("capvisor: {line}");
             let built = match capvisor_images::ensure_image(cache_dir, source, guest_init, &mut progress) {
                 Ok(b) => b,
