@@ -5,7 +5,11 @@
 //! with a bare QEMU boot and a raw Unix-socket round trip measured in the
 //! same run.
 //!
-//! Options: `--boots N` (default 5), `--execs N` (200), `--pings N` (2000).
+//! Options: `--boots N` (default 5), `--execs N` (200), `--pings N` (2000),
+//! `--cli-runs N` (50), `--chains N` (200), `--relay-chains N` (50),
+//! `--delay-ms D` (10): round trips counted through a relay adding D per
+//! direction (module `rtt`). `--cli-only --bin-dir DIR [--guest-init PATH]`
+//! measures only `capvisor vm exec` with DIR's server and CLI.
 
 use capvisor_client::{connect, ops};
 use capvisor_rpc::host::host_kvm_usable;
@@ -15,6 +19,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "capvisor-bench/rtt.rs"]
+mod rtt;
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -247,6 +254,9 @@ fn kvm_engine_figures(
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--cli-only") {
+        std::process::exit(rtt::cli_only_main());
+    }
     let boots = arg("--boots", 5);
     let execs = arg("--execs", 200);
     let pings = arg("--pings", 2000);
@@ -268,6 +278,7 @@ fn main() {
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn capvisor serve");
+    let _stop_on_panic = rtt::StopOnPanic(serve.id());
     let t0 = Instant::now();
     while !socket.exists() {
         assert!(serve.try_wait().unwrap().is_none(), "capvisor serve exited early");
@@ -281,6 +292,8 @@ fn main() {
         .expect("image");
 
     let serve_pid = serve.id();
+    let delay = rtt::delay_arg();
+    let relay = rtt::Relay::start(&work.path().join("relay.sock"), &socket).expect("relay");
     let figures = capvisor_rpc::conn::run_local(async {
         let login = connect::login_local(&socket).await.expect("login");
         let session = connect::attach(&socket, &login.token).await.expect("attach");
@@ -330,11 +343,26 @@ fn main() {
             ops::ping(&vm).await.expect("ping");
             ping_rt.push(t.elapsed());
         }
+        let chains = rtt::chain_figures(
+            &session,
+            &login.token,
+            "warm",
+            &relay,
+            arg("--chains", 200),
+            arg("--relay-chains", 50),
+            delay,
+        )
+        .await
+        .expect("chain figures");
         ops::remove_vm(&vms, "warm").await.expect("remove");
         ops::logout(&session).await.expect("logout");
-        (cold, exec_rt, ping_rt, info_rt, rss, engine)
+        (cold, exec_rt, ping_rt, info_rt, rss, engine, chains)
     });
-    let (mut cold, mut exec_rt, mut ping_rt, mut info_rt, rss, engine) = figures;
+    let (mut cold, mut exec_rt, mut ping_rt, mut info_rt, rss, engine, mut chains) = figures;
+    let mut cli =
+        rtt::cli_figures(&bin_dir.join("capvisor"), &socket, &relay, work.path(), arg("--cli-runs", 50), delay)
+            .expect("CLI figures");
+    drop(relay);
 
     let mut bare = vec![];
     for i in 0..boots {
@@ -342,8 +370,7 @@ fn main() {
         eprintln!("capvisor-bench: bare qemu boot to init #{}: {:.0} ms", i + 1, ms(bare[i]));
     }
 
-    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
-    let _ = serve.wait();
+    rtt::stop_serve(&mut serve);
 
     let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     let (mut kvm_first, mut kvm_rss, mut kvm_own) =
@@ -413,6 +440,8 @@ fn main() {
     );
     println!("{:<58} {:>9.0} us", "raw Unix-socket round trip p99", us(pct(&mut raw, 99)));
     println!("{:<58} {:>10.2}x", "ratio whole chain / raw (p50)", ping_p50.as_secs_f64() / raw_p50.as_secs_f64());
+    rtt::print_chain(&mut chains);
+    rtt::print_cli(&mut cli, "CLI");
     for (name, kib) in &rss {
         println!("{:<58} {:>8.1} MiB", format!("engine {engine}: RSS of {name} (running VM)"), *kib as f64 / 1024.0);
     }
