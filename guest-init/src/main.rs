@@ -138,11 +138,16 @@ fn pid1_main() -> ! {
     init::mount_basics();
     init::ensure_stdio();
     log("started");
+    let t0 = boottime_ms();
     init::set_hostname();
     init::loopback_up();
-    let t0 = boottime_ms();
+    let t1 = boottime_ms();
     let (ok, failed) = init::load_modules(std::path::Path::new(init::MODULES_DIR));
-    log(format!("modules loaded ({ok} ok, {failed} failed, {} ms)", boottime_ms() - t0));
+    log(format!(
+        "hostname and lo up ({} ms); modules loaded ({ok} ok, {failed} failed, {} ms)",
+        t1 - t0,
+        boottime_ms() - t1
+    ));
     loop {
         let r = std::panic::catch_unwind(|| capvisor_rpc::conn::run_local(serve_agent_forever()));
         match r {

@@ -244,13 +244,10 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
     match outcome {
         Ok(release) => {
             *entry.kernel_release.borrow_mut() = release;
-            // The engine that runs it (the vmm resolves nothing further, but
-            // it is the authority on what it runs).
-            if let Ok(r) = machine.status_request().send().promise.await {
-                if let Ok(engine) = r.get().and_then(|r| r.get_status()).and_then(|s| Ok(s.get_engine()?)) {
-                    entry.engine.set(engine);
-                }
-            }
+            // The engine that runs it is the one asked for: the worker
+            // resolved `auto` before the spawn and the vmm runs exactly
+            // that, so no status round trip sits on the boot's critical path.
+            entry.engine.set(engine);
             Ok(Running { machine, guest, child, conns })
         }
         Err(why) => {
