@@ -54,6 +54,8 @@ fn raw_rtt(n: usize) -> Vec<Duration> {
                     break;
                 }
             }
+            // SAFETY: the forked echo child ends without running the parent's
+            // destructors or atexit handlers (fork(2) in a single-threaded process).
             unsafe { libc::_exit(0) };
         }
         nix::unistd::ForkResult::Parent { child } => {

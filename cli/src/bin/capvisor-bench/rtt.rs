@@ -421,7 +421,7 @@ pub fn stop_serve(serve: &mut std::process::Child) {
     if let Ok(Some(_)) = serve.try_wait() {
         return;
     }
-    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(serve.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
         if let Ok(Some(_)) = serve.try_wait() {
@@ -431,7 +431,7 @@ pub fn stop_serve(serve: &mut std::process::Child) {
     }
     eprintln!("capvisor-bench: capvisor serve ignored SIGTERM for 30 s; killing it and its children");
     for (pid, _) in crate::descendants(serve.id()) {
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
     let _ = serve.kill();
     let _ = serve.wait();
@@ -497,7 +497,7 @@ impl Drop for StopOnPanic {
             }
         }
         for (p, _) in below {
-            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
         }
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(pid, None);
