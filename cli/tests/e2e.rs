@@ -17,7 +17,7 @@ fn manifest() -> String {
 }
 
 fn capvisor_manifest_default() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/default.toml")).unwrap()
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifest/default.toml")).unwrap()
 }
 
 /// VM names from `capvisor vm list` output (first column, header skipped).

@@ -1,7 +1,7 @@
 //! capvisor's manifest: which auth methods the gateway offers, which
 //! profiles exist, which bundle (capability names + limits) each profile
 //! gets, and which guest images exist. TOML; the embedded default is
-//! `manifests/default.toml` ([`DEFAULT_TOML`]). Also the immutable
+//! `manifest/default.toml` ([`DEFAULT_TOML`]). Also the immutable
 //! [`SessionContext`] the broker hands each worker at spawn (schema
 //! `internal.capnp` `SessionContext`, in the worker's config memfd).
 
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// The embedded default manifest (`manifests/default.toml`).
+/// The embedded default manifest (`manifest/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../default.toml");
 
 /// Capability names a bundle may list, with what each one grants.
