@@ -165,7 +165,7 @@ impl AccountsServer {
 impl accounts::Server for AccountsServer {
     async fn add(self: CapRc<Self>, params: accounts::AddParams, _: accounts::AddResults) -> capnp::Result<()> {
         let p = params.get()?;
-        let name = text(p.get_name())?;
+        let name = text(p.get_account())?;
         let profile = text(p.get_profile())?;
         let res = match p.get_password()?.to_str() {
             Ok(pw) => self.svc()?.account_add(&self.principal, &self.session, &name, &profile, pw.to_string()).await,
@@ -190,7 +190,7 @@ impl accounts::Server for AccountsServer {
         params: accounts::RemoveParams,
         _: accounts::RemoveResults,
     ) -> capnp::Result<()> {
-        let name = text(params.get()?.get_name())?;
+        let name = text(params.get()?.get_account())?;
         Ok(self.svc()?.account_remove(&self.principal, &self.session, &name).await?)
     }
 }

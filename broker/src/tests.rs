@@ -267,7 +267,7 @@ fn audit_never_holds_passwords_or_tokens() {
         let host = h.host(&g.session_id);
         let acc = host.accounts_request().send().promise.await.unwrap().get().unwrap().get_accounts().unwrap();
         let mut req = acc.add_request();
-        req.get().set_name("dave");
+        req.get().set_account("dave");
         req.get().set_profile("user");
         req.get().set_password("another-Secret-99");
         req.send().promise.await.unwrap();
@@ -404,7 +404,7 @@ fn accounts_only_for_bundles_holding_them() {
             .unwrap();
         let add = |name: &str, profile: &str, pw: &str| {
             let mut req = acc.add_request();
-            req.get().set_name(name);
+            req.get().set_account(name);
             req.get().set_profile(profile);
             req.get().set_password(pw);
             async move { req.send().promise.await.map(drop).map_err(|e| CvError::from_rpc(&e).expect("a typed error")) }
@@ -427,7 +427,7 @@ fn accounts_only_for_bundles_holding_them() {
 
         // Removing bob revokes bob's live session.
         let mut req = acc.remove_request();
-        req.get().set_name("bob");
+        req.get().set_account("bob");
         req.send().promise.await.unwrap();
         assert!(h.svc.store().verify("bob", "password-bob").is_none());
         assert_eq!(err(h.svc.resume(&user.token, "p").await).code, ErrorCode::StaleSession);

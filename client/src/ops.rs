@@ -59,7 +59,7 @@ pub async fn list_caps(cs: &cap_set::Client) -> ClientResult<Vec<CapInfo>> {
 /// the result.
 pub fn get_cap_raw(cs: &cap_set::Client, name: &str, interface_id: u64) -> capnp::capability::Client {
     let mut req = cs.get_request();
-    req.get().set_name(name);
+    req.get().set_cap_name(name);
     req.get().set_interface_id(interface_id);
     capnp::capability::Client::new(req.send().pipeline.get_cap().as_cap())
 }
@@ -185,7 +185,7 @@ pub fn create_vm(f: &vm_factory::Client, spec: &VmSpec) -> vm::Client {
 /// `VmFactory.get`, pipelined.
 pub fn get_vm(f: &vm_factory::Client, name: &str) -> vm::Client {
     let mut req = f.get_request();
-    req.get().set_name(name);
+    req.get().set_vm_name(name);
     req.send().pipeline.get_vm()
 }
 
@@ -198,7 +198,7 @@ pub async fn list_vms(f: &vm_factory::Client) -> ClientResult<Vec<VmInfo>> {
 /// `VmFactory.remove`.
 pub async fn remove_vm(f: &vm_factory::Client, name: &str) -> ClientResult<()> {
     let mut req = f.remove_request();
-    req.get().set_name(name);
+    req.get().set_vm_name(name);
     req.send().promise.await?;
     Ok(())
 }
@@ -385,7 +385,7 @@ pub async fn list_dir(f: &files::Client, path: &str) -> ClientResult<Vec<DirEntr
 /// `Accounts.add`.
 pub async fn add_account(a: &accounts::Client, name: &str, profile: &str, password: &str) -> ClientResult<()> {
     let mut req = a.add_request();
-    req.get().set_name(name);
+    req.get().set_account(name);
     req.get().set_profile(profile);
     req.get().set_password(password);
     req.send().promise.await?;
@@ -401,7 +401,7 @@ pub async fn list_accounts(a: &accounts::Client) -> ClientResult<Vec<(String, St
 /// `Accounts.remove`.
 pub async fn remove_account(a: &accounts::Client, name: &str) -> ClientResult<()> {
     let mut req = a.remove_request();
-    req.get().set_name(name);
+    req.get().set_account(name);
     req.send().promise.await?;
     Ok(())
 }

@@ -59,9 +59,10 @@ struct CapEntry {
 
 interface CapSet {
   list @0 () -> (entries :List(CapEntry));
-  # Returns the cap named `name` only if its interface id is `interfaceId`;
-  # otherwise notFound or wrongInterface.
-  get @1 (name :Text, interfaceId :UInt64) -> (cap :Capability);
+  # Returns the cap named `capName` only if its interface id is
+  # `interfaceId`; otherwise notFound or wrongInterface. (Parameters are
+  # never called plain `name`: pycapnp reserves that keyword.)
+  get @1 (capName :Text, interfaceId :UInt64) -> (cap :Capability);
 }
 
 enum Engine {
@@ -101,11 +102,11 @@ interface VmFactory {
   # Boots a VM and returns once guest-init answers.
   create @0 (spec :VmSpec) -> (vm :Vm);
   list @1 () -> (vms :List(VmInfo));
-  get @2 (name :Text) -> (vm :Vm);
+  get @2 (vmName :Text) -> (vm :Vm);
   # Stops the VM if running and forgets it. Every `Vm` (and `Process`,
   # `Files`) reached for it answers notFound from then on, also if a new VM
   # later takes the same name.
-  remove @3 (name :Text);
+  remove @3 (vmName :Text);
 }
 
 interface Vm {
@@ -126,7 +127,7 @@ struct AccountInfo {
 
 interface Accounts {
   # Password accounts in the broker's credential store (owner profile only).
-  add @0 (name :Text, profile :Text, password :Text);
+  add @0 (account :Text, profile :Text, password :Text);
   list @1 () -> (accounts :List(AccountInfo));
-  remove @2 (name :Text);
+  remove @2 (account :Text);
 }

@@ -349,7 +349,7 @@ class Interop:
         login = gw.loginLocal()                                   # call 1, not awaited
         session = login.session                                   # a promised cap (pipeline), no I/O
         cap_set = session.capSet()                                # call 2 on the promised Session
-        got = cap_set.capSet.get("vms", self.vmf_id)              # call 3 on the promised CapSet
+        got = cap_set.capSet.get(capName="vms", interfaceId=self.vmf_id)              # call 3 on the promised CapSet
         vms = got.cap.cast_as(self.cv.VmFactory)                  # promised AnyPointer cap, cast locally
         created = vms.create({"name": "interop-a"})               # call 4 on the promised VmFactory
         vm = created.vm
@@ -429,7 +429,7 @@ class Interop:
         await self.expect_code("notFound", old.exec(self.exec_spec(["touch", "/tmp/old-cap-ran"]), so, se))
         await self.expect_code("notFound", old.info())
         # A freshly fetched cap reaches the new VM, where the old cap's command never ran.
-        fresh = self.vms.get("same").vm
+        fresh = self.vms.get(vmName="same").vm  # keywords work: no parameter is called plain `name`
         code, out, _ = await self.run_exec(fresh, ["sh", "-c", "test -e /tmp/old-cap-ran && echo ran || echo clean"])
         assert (code, out) == (0, b"clean\n"), (code, out)
         code, _, _ = await self.run_exec(fresh_created, ["true"])

@@ -108,7 +108,7 @@ impl cap_set::Server for CapSetImpl {
 
     async fn get(self: CapRc<Self>, params: cap_set::GetParams, mut results: cap_set::GetResults) -> capnp::Result<()> {
         let p = params.get()?;
-        let name = text(p.get_name())?;
+        let name = text(p.get_cap_name())?;
         let res = self.lookup(&name, p.get_interface_id());
         match &res {
             Ok(_) => self.st.audit("capset.get", &name, "get", Ok(()), ""),

@@ -435,7 +435,7 @@ impl vm_factory::Server for VmFactoryImpl {
         params: vm_factory::GetParams,
         mut results: vm_factory::GetResults,
     ) -> capnp::Result<()> {
-        let name = text(params.get()?.get_name())?;
+        let name = text(params.get()?.get_vm_name())?;
         let entry = self.entry(&name)?;
         results.get().set_vm(self.vm_cap(entry));
         Ok(())
@@ -446,7 +446,7 @@ impl vm_factory::Server for VmFactoryImpl {
         params: vm_factory::RemoveParams,
         _: vm_factory::RemoveResults,
     ) -> capnp::Result<()> {
-        let name = text(params.get()?.get_name())?;
+        let name = text(params.get()?.get_vm_name())?;
         let res = match self.entry(&name) {
             Ok(e) if e.state.get() == VmState::Starting => {
                 Err(CvError::invalid(format!("VM {name:?} is still starting")))

@@ -222,7 +222,7 @@ impl accounts::Server for AccountsWrapper {
     async fn add(self: CapRc<Self>, params: accounts::AddParams, _: accounts::AddResults) -> capnp::Result<()> {
         let p = params.get()?;
         let mut req = self.inner.add_request();
-        req.get().set_name(p.get_name()?);
+        req.get().set_account(p.get_account()?);
         req.get().set_profile(p.get_profile()?);
         req.get().set_password(p.get_password()?);
         self.scope.forward(async { req.send().promise.await.map(drop) }).await
@@ -247,7 +247,7 @@ impl accounts::Server for AccountsWrapper {
         _: accounts::RemoveResults,
     ) -> capnp::Result<()> {
         let mut req = self.inner.remove_request();
-        req.get().set_name(params.get()?.get_name()?);
+        req.get().set_account(params.get()?.get_account()?);
         self.scope.forward(async { req.send().promise.await.map(drop) }).await
     }
 }

@@ -261,12 +261,12 @@ async fn chain_awaited(s: &session::Client, name: &str) -> anyhow::Result<()> {
     let r = s.cap_set_request().send().promise.await?;
     let cs = r.get()?.get_cap_set()?;
     let mut q = cs.get_request();
-    q.get().set_name("vms");
+    q.get().set_cap_name("vms");
     q.get().set_interface_id(vm_factory::Client::TYPE_ID);
     let r = q.send().promise.await?;
     let f: vm_factory::Client = r.get()?.get_cap().get_as_capability()?;
     let mut q = f.get_request();
-    q.get().set_name(name);
+    q.get().set_vm_name(name);
     let r = q.send().promise.await?;
     let vm = r.get()?.get_vm()?;
     vm.ping_request().send().promise.await?;
