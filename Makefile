@@ -44,6 +44,9 @@ lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+	@# The client library a GUI or agent runner links carries no server or hypervisor code.
+	@bad=$$($(CARGO) tree -p capvisor-client -e normal --prefix none | grep -E '^(kvm-ioctls|kvm-bindings|seccompiler|landlock|capvisor-(vmm|kvm|images|supervisor|broker|gateway|worker)) ' | sort -u); \
+	if [ -n "$$bad" ]; then echo "capvisor-client depends on server-side crates:"; echo "$$bad"; exit 1; fi
 
 test: deps lint
 	$(CARGO) build --workspace
