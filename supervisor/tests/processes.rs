@@ -238,9 +238,15 @@ fn gateway_and_broker_processes_serve_logins_and_shut_down_cleanly() {
         let (attached, _) = conn::connect::<session::Client>(s, None, conn::INTERNAL);
         assert_eq!(session_id(&attached).await, id);
 
-        let (bob, _, p) = password(&gw, "bob", "password-bob").await.unwrap();
+        let (bob, bob_token, p) = password(&gw, "bob", "password-bob").await.unwrap();
         assert_eq!(p, "password:bob");
         assert_ne!(session_id(&bob).await, id);
+        // Logout on the Session a login returned (relayed by gateway and
+        // broker, not attached) answers ok, and the token is gone.
+        bob.logout_request().send().promise.await.expect("logout through the login connection answers ok");
+        let mut req = gw.resume_request();
+        req.get().set_token(bob_token.as_str());
+        assert_eq!(login_outcome!(req.send().promise.await).err().unwrap().code, ErrorCode::StaleSession);
 
         attached.logout_request().send().promise.await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;

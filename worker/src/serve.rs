@@ -16,6 +16,11 @@ use std::time::Duration;
 /// How long a revoked worker waits for its clients to notice and hang up.
 pub const LINGER: Duration = Duration::from_secs(10);
 
+/// How long a revoked worker keeps its connections after its last answer
+/// was queued, so that answer (e.g. to the `Session.logout` that revoked
+/// it, relayed by the broker) is written before the process exits.
+pub const REPLY_FLUSH: Duration = Duration::from_millis(100);
+
 /// Runs one session's worker until it is revoked and its clients left (or
 /// [`LINGER`] passed): `broker` is the stream to the broker (we serve
 /// `Worker`, it serves `SessionHost`), `attach` the channel on which client
@@ -60,12 +65,16 @@ pub async fn run(broker: tokio::net::UnixStream, attach: FdChannel, ctx: Session
             _ = st.revoked() => break,
         }
     }
-    // Revoked: caps now answer staleSession. Give attached clients a moment
-    // to hear it, then go (which drops every connection).
+    // Revoked: caps now answer staleSession. Let revocation finish (VMs
+    // stopped, broker told: the revoking call answers after that), give
+    // attached clients a moment to hear it, then go (which drops every
+    // connection).
     let deadline = tokio::time::Instant::now() + LINGER;
+    let _ = tokio::time::timeout_at(deadline, st.revocation_finished()).await;
     while st.clients.get() > 0 && tokio::time::Instant::now() < deadline {
         let _ = tokio::time::timeout_at(deadline, st.clients_changed.notified()).await;
     }
+    tokio::time::sleep(REPLY_FLUSH).await;
     tracing::info!(session = %st.ctx.session_id, "worker exiting");
     Ok(())
 }

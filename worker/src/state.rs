@@ -25,6 +25,8 @@ pub struct SessionState {
     /// the same name.
     pub vms: RefCell<BTreeMap<String, Rc<VmEntry>>>,
     revoked_tx: tokio::sync::watch::Sender<Option<RevokeReason>>,
+    /// Set once revocation has finished its work (VMs stopped, broker told).
+    revocation_done: tokio::sync::watch::Sender<bool>,
     /// Client connections currently attached.
     pub clients: Cell<usize>,
     /// Fires when the last client leaves (checked by the linger loop).
@@ -36,12 +38,14 @@ impl SessionState {
     /// A live (not revoked) session whose VMs `launcher` starts.
     pub fn new(ctx: SessionContext, host: session_host::Client, launcher: Box<dyn VmLauncher>) -> Rc<Self> {
         let (revoked_tx, _) = tokio::sync::watch::channel(None);
+        let (revocation_done, _) = tokio::sync::watch::channel(false);
         Rc::new(Self {
             ctx,
             host,
             launcher,
             vms: RefCell::new(BTreeMap::new()),
             revoked_tx,
+            revocation_done,
             clients: Cell::new(0),
             clients_changed: tokio::sync::Notify::new(),
             next_vm: Cell::new(1),
@@ -75,6 +79,20 @@ impl SessionState {
             }
         });
         did
+    }
+
+    /// Records that revocation finished its work (see [`Self::revocation_finished`]).
+    pub fn mark_revocation_done(&self) {
+        self.revocation_done.send_replace(true);
+    }
+
+    /// Resolves once revocation has finished its work: the VMs are stopped
+    /// and, for a logout, the broker was told. The worker stays until then,
+    /// so the call that revoked (e.g. `Session.logout` through the broker)
+    /// still gets its answer.
+    pub async fn revocation_finished(&self) {
+        let mut rx = self.revocation_done.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
     }
 
     /// Resolves once the session is revoked.

@@ -301,6 +301,7 @@ pub async fn revoke_session(st: &Rc<SessionState>, reason: RevokeReason) {
     }
     let entries: Vec<Rc<VmEntry>> = st.vms.borrow().values().cloned().collect();
     futures::future::join_all(entries.iter().map(|e| stop_vm(e))).await;
+    st.mark_revocation_done();
 }
 
 /// `VmFactory` of one session.
@@ -329,6 +330,11 @@ impl VmFactoryImpl {
             removed: Cell::new(false),
         });
         st.vms.borrow_mut().insert(spec.name.clone(), entry.clone());
+        // Until the VM runs, a failed boot and a cancelled call (the client
+        // went away mid-boot, dropping this future and with it the vmm,
+        // which is killed on drop) both forget the half-made VM: its name
+        // and its max_vms slot come back.
+        let mut guard = Unborn { st: st.clone(), entry: Some(entry.clone()), failed: false };
         let t0 = Instant::now();
         let engine = capvisor_rpc::host::resolve_engine(spec.engine, st.ctx.auto_engine);
         let booted = if spec.engine == Engine::Auto && engine == Engine::Kvm {
@@ -347,21 +353,20 @@ impl VmFactoryImpl {
         } else {
             st.guard(boot(st, &entry, engine, BOOT_TIMEOUT)).await
         };
-        match booted {
-            Ok(run) => {
-                entry.boot_ms.set(t0.elapsed().as_millis() as u64);
-                watch_exit(entry.clone(), run.machine.clone());
-                *entry.running.borrow_mut() = Some(run);
-                entry.state.set(VmState::Running);
-                tracing::info!(vm = %entry.name, ms = entry.boot_ms.get(), "VM running");
-                Ok(entry)
-            }
+        let run = match booted {
+            Ok(run) => run,
             Err(e) => {
-                entry.removed.set(true);
-                st.vms.borrow_mut().remove(&spec.name);
-                Err(e)
+                guard.failed = true;
+                return Err(e);
             }
-        }
+        };
+        guard.entry = None;
+        entry.boot_ms.set(t0.elapsed().as_millis() as u64);
+        watch_exit(entry.clone(), run.machine.clone());
+        *entry.running.borrow_mut() = Some(run);
+        entry.state.set(VmState::Running);
+        tracing::info!(vm = %entry.name, ms = entry.boot_ms.get(), "VM running");
+        Ok(entry)
     }
 
     fn entry(&self, name: &str) -> CvResult<Rc<VmEntry>> {
@@ -376,6 +381,36 @@ impl VmFactoryImpl {
 
     fn vm_cap(&self, entry: Rc<VmEntry>) -> vm::Client {
         capnp_rpc::new_client(VmImpl { st: self.st.clone(), entry })
+    }
+}
+
+/// A VM still booting: dropped before it is disarmed (boot failed, or the
+/// create call was cancelled), it marks the VM removed and forgets it (its
+/// run directory stays for the logs), and audits a cancellation.
+struct Unborn {
+    st: Rc<SessionState>,
+    entry: Option<Rc<VmEntry>>,
+    /// The boot failed (audited by `create` with its error), as opposed to
+    /// the call being cancelled.
+    failed: bool,
+}
+
+impl Drop for Unborn {
+    fn drop(&mut self) {
+        let Some(entry) = self.entry.take() else { return };
+        entry.removed.set(true);
+        let mut vms = self.st.vms.borrow_mut();
+        if vms.get(&entry.name).is_some_and(|e| Rc::ptr_eq(e, &entry)) {
+            vms.remove(&entry.name);
+        }
+        drop(vms);
+        if entry.state.get() == VmState::Starting {
+            entry.state.set(VmState::Stopped);
+        }
+        if !self.failed {
+            tracing::info!(vm = %entry.name, "create cancelled mid-boot; VM forgotten");
+            self.st.audit("vm.create.cancelled", "vms", "create", Ok(()), &entry.name);
+        }
     }
 }
 

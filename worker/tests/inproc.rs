@@ -30,6 +30,9 @@ struct Seen {
     audit: Vec<(String, String)>,
     logouts: usize,
     machines_stopped: usize,
+    /// Launch VMs whose guest never answers (their agent ends are kept here).
+    hang: bool,
+    hung: Vec<tokio::net::UnixStream>,
 }
 
 type Shared = Rc<RefCell<Seen>>;
@@ -105,8 +108,12 @@ impl VmLauncher for FakeLauncher {
     fn launch(&self, cfg: &VmConfig) -> CvResult<LaunchedVm> {
         self.0.borrow_mut().launched.push(cfg.clone());
         let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
-        let guest = GuestServer::new(boottime_ms(), ShutdownMode::EndServing).into_client();
-        tokio::task::spawn_local(serve_stream(theirs, guest));
+        if self.0.borrow().hang {
+            self.0.borrow_mut().hung.push(theirs);
+        } else {
+            let guest = GuestServer::new(boottime_ms(), ShutdownMode::EndServing).into_client();
+            tokio::task::spawn_local(serve_stream(theirs, guest));
+        }
         let (state, _) = tokio::sync::watch::channel(VmState::Running);
         let machine = capnp_rpc::new_client(FakeMachine { engine: cfg.engine, state, seen: self.0.clone() });
         Ok(LaunchedVm { machine, machine_conn: None, agent: ours, child: None })
@@ -145,11 +152,16 @@ impl Env {
     /// A client attached the way the broker hands one over: a socket the
     /// worker answers with the attach reply and then serves `Session` on.
     async fn attach(&self) -> session::Client {
+        self.attach_with_conn().await.0
+    }
+
+    /// [`Env::attach`], with the client's RPC system (abort it to hang up).
+    async fn attach_with_conn(&self) -> (session::Client, tokio::task::JoinHandle<Result<(), capnp::Error>>) {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         capvisor_worker::serve::attach_client(self.st.clone(), theirs.into());
         let mut ours = capvisor_rpc::spawn::into_tokio(ours.into()).unwrap();
         capvisor_rpc::attach::read_reply(&mut ours).await.unwrap().unwrap();
-        conn::connect::<session::Client>(ours, None, conn::UNTRUSTED).0
+        conn::connect::<session::Client>(ours, None, conn::UNTRUSTED)
     }
 }
 
@@ -366,5 +378,36 @@ fn sinks_are_forwarded_through_the_membrane_and_cut_when_the_scope_ends() {
         let e = capvisor_rpc::sink::write_all(&wrapped, b"after revoke").await.unwrap_err();
         assert_eq!(capvisor_rpc::CvError::from_rpc(&e).unwrap().code, ErrorCode::StaleSession);
         assert!(rx.try_recv().is_err(), "nothing passed the membrane after its scope ended");
+    });
+}
+
+#[test]
+fn a_create_cancelled_mid_boot_leaves_no_vm_behind() {
+    run(async {
+        let env = Env::new(|b| b.max_vms = 1);
+        env.seen.borrow_mut().hang = true;
+        let (s, conn) = env.attach_with_conn().await;
+        let vm = ops::create_vm(&ops::vms(&s), &spec("slow"));
+        let pending = tokio::task::spawn_local(async move { ops::vm_info(&vm).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(env.st.vms.borrow()["slow"].state.get(), VmState::Starting);
+        let held = env.st.vms.borrow()["slow"].clone();
+        // The client goes away mid-boot.
+        conn.abort();
+        pending.abort();
+        drop(s);
+        let t0 = std::time::Instant::now();
+        while !env.st.vms.borrow().is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the half-made VM was never forgotten");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(held.removed.get());
+        assert!(env.seen.borrow().audit.contains(&("vm.create.cancelled".into(), "ok".into())));
+        // Its name and its max_vms slot are free again.
+        env.seen.borrow_mut().hang = false;
+        let s = env.attach().await;
+        let again = ops::create_vm(&ops::vms(&s), &spec("slow"));
+        assert_eq!(echo(&again, "back").await.unwrap(), "back\n");
+        assert_eq!(env.seen.borrow().launched.len(), 2);
     });
 }
