@@ -12,8 +12,8 @@
 //! Confinement (docs/vmm-confinement.md): after the machine is built and
 //! before any vCPU or device thread starts, the process confines itself
 //! with Landlock (read-only kernel + initramfs, read-write run dir) and a
-//! seccomp allowlist (no network, no exec). Set `CAPVISOR_SANDBOX=off` to
-//! skip that while debugging; it is logged.
+//! seccomp allowlist (no network, no exec). No switch turns it off: a VM
+//! whose confinement cannot be applied does not start.
 //!
 //! Threads: one per vCPU, the queue-notification thread, the console pump,
 //! and an owner thread that holds the [`capvisor_kvm::vm::Vm`] and takes
@@ -220,8 +220,8 @@ pub fn kernel_cmdline_for(cfg: &VmConfig, nested_pvm: bool) -> String {
 /// owner thread.
 ///
 /// Errors: /dev/kvm missing or unusable, kernel/initramfs unreadable, a
-/// device failing to build, confinement failing (the VM is not started
-/// unconfined unless `CAPVISOR_SANDBOX=off`).
+/// device failing to build, confinement failing (the VM is never started
+/// unconfined).
 fn run_machine(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Result<Started> {
     anyhow::ensure!(cfg.vcpus <= capvisor_kvm::vm::MAX_VCPUS as u32, "at most {} vCPUs", capvisor_kvm::vm::MAX_VCPUS);
     let serial = std::fs::OpenOptions::new()
@@ -248,10 +248,7 @@ fn run_machine(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Re
     }
     let mut vm = builder.build().context("building the VM (is /dev/kvm usable?)")?;
 
-    let confinement = if std::env::var("CAPVISOR_SANDBOX").as_deref() == Ok("off") {
-        tracing::warn!("CAPVISOR_SANDBOX=off: the kvm engine runs unconfined");
-        "off (CAPVISOR_SANDBOX=off)".to_string()
-    } else {
+    let confinement = {
         let policy = capvisor_kvm::sandbox::SandboxPolicy::for_vm(
             cfg.kernel.clone(),
             Some(cfg.initramfs.clone()),
