@@ -6,6 +6,7 @@ use capvisor_client::config::{self, SavedSession};
 use capvisor_client::connect;
 use capvisor_client::ops::{self, ExecRequest, VmSpec};
 use capvisor_client::{ClientError, ClientResult};
+use capvisor_rpc::error::printable;
 use capvisor_rpc::schema::capvisor_capnp::session;
 use capvisor_rpc::sink::WriterSink;
 use clap::{Args, Parser, Subcommand};
@@ -181,11 +182,18 @@ fn main() {
 }
 
 fn report(e: &ClientError) -> i32 {
+    // Messages can quote guest output (a boot failure's console tail): no
+    // terminal control character from them reaches the terminal raw.
     match e {
-        ClientError::Domain(d) => eprintln!("capvisor: {} [{}]", d.message, d.code_name()),
-        other => eprintln!("capvisor: {other}"),
+        ClientError::Domain(d) => eprintln!("capvisor: {} [{}]", printable(&d.message, true), d.code_name()),
+        other => eprintln!("capvisor: {}", printable(&other.to_string(), true)),
     }
     e.exit_code()
+}
+
+/// One line of server- or guest-supplied text, safe for the terminal.
+fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    printable(text, false)
 }
 
 fn serve(socket: &Path, manifest: Option<PathBuf>) -> i32 {
@@ -321,7 +329,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             eprintln!("capvisor: booting a {} VM ...", spec.image);
             let vm = ops::create_vm(&f, &spec_of(None, &spec));
             let info = ops::vm_info(&vm).await?;
-            eprintln!("capvisor: {} up in {} ms (kernel {})", info.name, info.boot_ms, info.kernel_release);
+            eprintln!("capvisor: {} up in {} ms (kernel {})", info.name, info.boot_ms, shown(&info.kernel_release));
             let res = tokio::select! {
                 r = exec_streaming(&vm, &exec, cmd, None) => r,
                 _ = tokio::signal::ctrl_c() => Ok(130),
@@ -366,7 +374,11 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
             let i = ops::vm_info(&vm).await?;
             eprintln!(
                 "capvisor: {} running ({} MiB, {} vCPU, kernel {}, up in {} ms)",
-                i.name, i.memory_mib, i.vcpus, i.kernel_release, i.boot_ms
+                i.name,
+                i.memory_mib,
+                i.vcpus,
+                shown(&i.kernel_release),
+                i.boot_ms
             );
             println!("{}", i.name);
             Ok(0)
@@ -385,7 +397,7 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
                     i.memory_mib,
                     i.vcpus,
                     ops::engine_name(i.engine),
-                    i.kernel_release
+                    shown(&i.kernel_release)
                 );
             }
             Ok(0)
@@ -400,7 +412,7 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
                 i.memory_mib,
                 i.vcpus,
                 ops::engine_name(i.engine),
-                i.kernel_release,
+                shown(&i.kernel_release),
                 i.boot_ms
             );
             Ok(0)

@@ -176,9 +176,41 @@ pub fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> 
     t?.to_string().map_err(|_| CvError::invalid("text fields must be UTF-8").to_rpc())
 }
 
+/// `text` made safe to show on a terminal: every control character (C0
+/// except `\n` and `\t` when `multiline`, DEL, and the C1 range
+/// U+0080-U+009F, which terminals also obey) is replaced by its `\u{..}`
+/// escape, so guest-controlled text (a kernel release, a console tail)
+/// cannot move the cursor, change colours or send terminal queries
+/// (ECMA-48 escape and control sequences start with such characters).
+pub fn printable(text: &str, multiline: bool) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && !(multiline && (c == '\n' || c == '\t'));
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if bad(c) {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_escapes_terminal_controls() {
+        assert_eq!(printable("6.1.0-cloud", false), "6.1.0-cloud");
+        assert_eq!(printable("a\x1b[2Jb", false), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\u{9b}31m", false), "x\\u{9b}31m");
+        assert_eq!(printable("l1\nl2\r", true), "l1\nl2\\u{d}");
+        assert_eq!(printable("l1\nl2", false), "l1\\u{a}l2");
+        assert_eq!(printable("\x07\x7f", true), "\\u{7}\\u{7f}");
+    }
 
     #[test]
     fn every_code_round_trips() {

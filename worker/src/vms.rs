@@ -243,7 +243,8 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
     };
     match outcome {
         Ok(release) => {
-            *entry.kernel_release.borrow_mut() = release;
+            // Guest-controlled text: no terminal control characters pass.
+            *entry.kernel_release.borrow_mut() = capvisor_rpc::error::printable(&release, false).into_owned();
             // The engine that runs it is the one asked for: the worker
             // resolved `auto` before the spawn and the vmm runs exactly
             // that, so no status round trip sits on the boot's critical path.
@@ -259,6 +260,7 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
             }
             let tail = entry.console_tail(BOOT_FAILURE_TAIL);
+            let tail = capvisor_rpc::error::printable(&tail, true);
             Err(CvError::unavailable(format!("{why}\n--- last console output ---\n{tail}")))
         }
     }
