@@ -535,11 +535,14 @@ impl vm::Server for VmImpl {
         let guest = self.entry.guest()?;
         let scope = self.scope();
         let p = params.get()?;
+        // Rebuilt field by field (rpc::exec::ExecRequest): a struct copied
+        // whole would carry fields this worker does not know, capabilities
+        // included, past the membrane.
+        let spec = capvisor_rpc::exec::ExecRequest::read_from(p.get_spec()?)??;
         let mut req = guest.exec_request();
         {
             let mut r = req.get();
-            // ExecSpec is plain data; copying it whole carries no capability.
-            r.set_spec(p.get_spec()?)?;
+            spec.write_to(r.reborrow().init_spec());
             r.set_stdout(SinkWrapper::wrap(&scope, p.get_stdout()?));
             r.set_stderr(SinkWrapper::wrap(&scope, p.get_stderr()?));
         }
