@@ -27,8 +27,6 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Most sessions alive at once; a login beyond gets `quota`.
-pub const MAX_SESSIONS: usize = 256;
 /// How long a worker may take to answer `Worker.session`.
 pub const WORKER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `Worker.revoke` may take before the broker stops waiting.
@@ -191,7 +189,7 @@ impl BrokerService {
     ///
     /// Errors: `denied` when local login is disabled or `uid` is not an
     /// owner uid; `unavailable` when the worker does not start; `quota`
-    /// at [`MAX_SESSIONS`].
+    /// (see [`Self::open_session`]'s limits).
     pub async fn login_local(self: &Rc<Self>, uid: u32, pid: u32) -> CvResult<Grant> {
         let peer = format!("unix:uid={uid} pid={pid}");
         let rec = |outcome: &str| AuditRecord::new("login", "Gateway", "loginLocal", outcome).peer(&peer);
@@ -326,15 +324,13 @@ impl BrokerService {
         if self.shutting_down.get() {
             return Err(CvError::unavailable("the server is shutting down"));
         }
-        if self.sessions.borrow().len() >= MAX_SESSIONS {
-            return Err(CvError::quota(format!("too many sessions (at most {MAX_SESSIONS})")));
-        }
         let bundle: Bundle = self
             .cfg
             .manifest
             .bundle_for(&profile)
             .cloned()
             .ok_or_else(|| CvError::internal(format!("profile {profile:?} has no bundle")))?;
+        self.check_session_limits(&principal, &profile, &bundle)?;
         let id = token::new_session_id();
         let minted = token::mint();
         let ttl_ms = self.cfg.manifest.gateway.session_ttl_secs.min(10 * 365 * 86400) as i64 * 1000;
@@ -414,6 +410,35 @@ impl BrokerService {
         }));
         tracing::info!(session = %id, %principal, %profile, "session started");
         Ok(Grant { session_id: id, session: cap, token: minted.token, principal, profile, expires_at_ms })
+    }
+
+    /// The session bounds (docs/bounds.md): at most `[sessions] max_total`
+    /// live sessions on the host, of which sessions of profiles other than
+    /// `owner` may hold at most `max_total - reserved_for_owner` (so they
+    /// can never lock the owner out), and at most the bundle's
+    /// `max_sessions` per principal.
+    ///
+    /// Errors: `quota`, naming the bound.
+    fn check_session_limits(&self, principal: &Principal, profile: &str, bundle: &Bundle) -> CvResult<()> {
+        let limits = &self.cfg.manifest.sessions;
+        let sessions = self.sessions.borrow();
+        let total = sessions.len() as u32;
+        let others = sessions.values().filter(|s| s.profile != "owner").count() as u32;
+        let open_to_all = limits.max_total - limits.reserved_for_owner;
+        if total >= limits.max_total || (profile != "owner" && others >= open_to_all) {
+            return Err(CvError::quota(format!(
+                "this host has {total} live sessions (at most {}, of which {} are kept for the owner)",
+                limits.max_total, limits.reserved_for_owner
+            )));
+        }
+        let mine = sessions.values().filter(|s| &s.principal == principal).count() as u32;
+        if mine >= bundle.max_sessions {
+            return Err(CvError::quota(format!(
+                "{principal} already holds {mine} live sessions (at most {}); log out of one first",
+                bundle.max_sessions
+            )));
+        }
+        Ok(())
     }
 
     /// Waits for `child` in the background; forgets its pid once reaped.

@@ -528,3 +528,46 @@ fn a_login_abandoned_mid_way_leaves_no_session() {
         assert_eq!(revokes[0].1, "revoked");
     });
 }
+
+#[test]
+fn session_limits_per_principal_and_the_owners_reserve() {
+    conn::run_local(async {
+        let h = harness(|c| {
+            c.manifest.sessions.max_total = 5;
+            c.manifest.sessions.reserved_for_owner = 2;
+            c.manifest.bundles.get_mut("user").unwrap().max_sessions = 2;
+        });
+        for (name, pw) in [("bob", "password-bob"), ("carol", "password-carol")] {
+            h.svc.store().add(name, "user", pw).unwrap();
+        }
+        let peer = "unix:uid=7 pid=1";
+        // Per principal: bob may hold two sessions, not three.
+        let b1 = h.svc.login_password("bob", "password-bob", peer).await.unwrap();
+        h.svc.login_password("bob", "password-bob", peer).await.unwrap();
+        let e = err(h.svc.login_password("bob", "password-bob", peer).await);
+        assert_eq!(e.code, ErrorCode::Quota);
+        assert!(e.message.contains("password:bob") && e.message.contains("at most 2"), "{}", e.message);
+        // Host-wide: carol gets the third slot of the three open to all ...
+        h.svc.login_password("carol", "password-carol", peer).await.unwrap();
+        assert_eq!(err(h.svc.login_password("carol", "password-carol", peer).await).code, ErrorCode::Quota);
+        assert_eq!(h.svc.session_count(), 3);
+        // ... and the owner still logs in, into the reserve, up to max_total.
+        let me = nix::unistd::getuid().as_raw();
+        h.svc.login_local(me, 1).await.unwrap();
+        h.svc.login_local(me, 2).await.unwrap();
+        assert_eq!(err(h.svc.login_local(me, 3).await).code, ErrorCode::Quota);
+        assert_eq!(h.svc.session_count(), 5, "no denied login left a session or a worker behind");
+        assert_eq!(h.fake.st.borrow().contexts.len(), 5);
+        // A session given back frees its slot for its principal.
+        h.svc.revoke_session(&b1.session_id, capvisor_rpc::schema::internal_capnp::RevokeReason::Revoked, "test");
+        let t0 = Instant::now();
+        while h.svc.session_count() > 4 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "revoked session never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        h.svc.login_password("bob", "password-bob", peer).await.unwrap();
+        let quota_denials =
+            h.audit_lines().iter().filter(|l| l["action"] == "login" && l["outcome"] == "quota").count();
+        assert_eq!(quota_denials, 3, "every denial is audited");
+    });
+}

@@ -47,6 +47,9 @@ pub struct Manifest {
     /// VM settings that hold for every session.
     #[serde(default)]
     pub vms: VmsConfig,
+    /// Host-wide session limits.
+    #[serde(default)]
+    pub sessions: SessionsConfig,
     /// Guest images by name.
     pub images: BTreeMap<String, ImageConfig>,
     /// Profiles by name; a principal gets exactly one.
@@ -98,6 +101,30 @@ impl VmsConfig {
     }
 }
 
+/// `[sessions]`: host-wide session limits (docs/bounds.md).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Most live sessions on this host; a login beyond gets `quota`.
+    pub max_total: u32,
+    /// Of `max_total`, how many only `owner`-profile logins may use, so a
+    /// flood of other principals' sessions never locks the owner out.
+    pub reserved_for_owner: u32,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self { max_total: 256, reserved_for_owner: 16 }
+    }
+}
+
+/// The default of [`Bundle::max_sessions`].
+pub const DEFAULT_MAX_SESSIONS: u32 = 16;
+
+fn default_max_sessions() -> u32 {
+    DEFAULT_MAX_SESSIONS
+}
+
 /// `[images.NAME]`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -132,6 +159,10 @@ pub struct Bundle {
     pub max_vcpus: u32,
     /// Image names the session may boot.
     pub images: Vec<String>,
+    /// Most live sessions one principal of this bundle may hold at once; a
+    /// login beyond gets `quota` (default [`DEFAULT_MAX_SESSIONS`]).
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: u32,
 }
 
 impl Bundle {
@@ -195,7 +226,12 @@ impl Manifest {
                 "bundles.{b}: default_memory_mib exceeds max_memory_mib"
             );
             anyhow::ensure!(bundle.max_vcpus >= 1, "bundles.{b}: max_vcpus must be at least 1");
+            anyhow::ensure!(bundle.max_sessions >= 1, "bundles.{b}: max_sessions must be at least 1");
         }
+        anyhow::ensure!(
+            self.sessions.reserved_for_owner < self.sessions.max_total,
+            "sessions.reserved_for_owner must be below sessions.max_total"
+        );
         for (i, img) in &self.images {
             anyhow::ensure!(
                 KNOWN_KERNELS.iter().any(|(k, _)| *k == img.kernel),
@@ -292,6 +328,7 @@ impl Bundle {
         b.set_max_memory_mib(self.max_memory_mib);
         b.set_default_memory_mib(self.default_memory_mib);
         b.set_max_vcpus(self.max_vcpus);
+        b.set_max_sessions(self.max_sessions);
         let mut images = b.init_images(self.images.len() as u32);
         for (i, n) in self.images.iter().enumerate() {
             images.set(i as u32, n.as_str());
@@ -309,6 +346,7 @@ impl Bundle {
             max_memory_mib: r.get_max_memory_mib(),
             default_memory_mib: r.get_default_memory_mib(),
             max_vcpus: r.get_max_vcpus(),
+            max_sessions: r.get_max_sessions(),
             images: list(r.get_images()?)?,
         })
     }

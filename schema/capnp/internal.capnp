@@ -140,6 +140,7 @@ struct Bundle {
   defaultMemoryMib @3 :UInt32;
   maxVcpus @4 :UInt32;          # per VM
   images @5 :List(Text);        # image names the session may boot
+  maxSessions @6 :UInt32;       # live sessions one principal may hold
 }
 
 struct SessionContext {
