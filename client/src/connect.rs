@@ -23,7 +23,15 @@ pub struct LoginInfo {
     pub expires_at_ms: i64,
 }
 
+/// Connects to the gateway socket after checking that it belongs to us or
+/// to root (`capvisor_rpc::paths::check_gateway_socket`), so no credential
+/// goes to a server another user put in our path.
 async fn dial(socket: &Path) -> ClientResult<tokio::net::UnixStream> {
+    match capvisor_rpc::paths::check_gateway_socket(socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(ClientError::Io(e)),
+        // A missing socket is reported by connect below, with its hint.
+        _ => {}
+    }
     tokio::net::UnixStream::connect(socket).await.map_err(|e| {
         ClientError::Io(std::io::Error::new(
             e.kind(),
