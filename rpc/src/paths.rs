@@ -161,6 +161,20 @@ pub fn check_gateway_socket(socket: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The directory holding the capvisor binaries: the directory of the
+/// running executable, or `CAPVISOR_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(p) = env_path("CAPVISOR_BIN_DIR") {
+        return p;
+    }
+    std::env::current_exe().ok().and_then(|p| p.parent().map(|p| p.to_path_buf())).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Path of capvisor binary `name` (e.g. `"capvisor-worker"`) beside the running one.
+pub fn binary(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,18 +232,4 @@ mod tests {
             assert!(check_gateway_socket(&sock).unwrap_err().to_string().contains("uid 65534"));
         }
     }
-}
-
-/// The directory holding the capvisor binaries: the directory of the
-/// running executable, or `CAPVISOR_BIN_DIR`.
-pub fn bin_dir() -> PathBuf {
-    if let Some(p) = env_path("CAPVISOR_BIN_DIR") {
-        return p;
-    }
-    std::env::current_exe().ok().and_then(|p| p.parent().map(|p| p.to_path_buf())).unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// Path of capvisor binary `name` (e.g. `"capvisor-worker"`) beside the running one.
-pub fn binary(name: &str) -> PathBuf {
-    bin_dir().join(name)
 }
