@@ -415,6 +415,9 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
                 shown(&i.kernel_release),
                 i.boot_ms
             );
+            if !i.detail.is_empty() {
+                println!("detail   {}", shown(&i.detail));
+            }
             Ok(0)
         }
         VmCmd::Exec { name, exec, cmd } => {

@@ -249,3 +249,58 @@ fn auto_falls_back_to_qemu_when_the_kvm_engine_cannot_boot() {
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
 }
+
+/// Polls `vm info NAME` until the VM leaves `running`; returns the output.
+fn info_once_ended(s: &Server, name: &str) -> String {
+    let t0 = std::time::Instant::now();
+    loop {
+        let info = stdout(&s.cli_ok("owner", &["vm", "info", name], None, 0));
+        if !info.lines().any(|l| l.starts_with("state") && l.ends_with("running")) {
+            return info;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{name} never left running:\n{info}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// kill -9 of a VM's vmm, and of its QEMU: the VM is `crashed` with the
+/// reason, its caps answer notRunning, it can be removed, and the session
+/// and its other VMs carry on.
+#[test]
+fn a_killed_vmm_or_qemu_crashes_only_its_vm() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "kv"], None, 0);
+    let vmm = s.our_processes().into_iter().find(|(_, a)| a.ends_with("capvisor-vmm")).expect("a vmm runs").0;
+    kill9(vmm);
+    let info = info_once_ended(&s, "kv");
+    assert!(info.contains("state    crashed") && info.contains("vmm process ended"), "{info}");
+    // notRunning is exit code 19.
+    s.cli_ok("owner", &["vm", "exec", "kv", "--", "true"], None, 19);
+    s.cli_ok("owner", &["vm", "rm", "kv"], None, 0);
+
+    s.cli_ok("owner", &["vm", "create", "--name", "kq"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "other"], None, 0);
+    let qemu = s
+        .our_processes()
+        .into_iter()
+        .find(|(p, a)| {
+            a.contains("qemu")
+                && std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().contains("/kq/console.log")
+        })
+        .expect("kq's qemu runs")
+        .0;
+    kill9(qemu);
+    let info = info_once_ended(&s, "kq");
+    assert!(info.contains("state    crashed") && info.contains("qemu exited unexpectedly"), "{info}");
+    // The session and its other VM carry on.
+    let o = s.cli_ok("owner", &["vm", "exec", "other", "--", "echo", "still-here"], None, 0);
+    assert_eq!(stdout(&o), "still-here\n");
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}
+
+/// SIGKILL, as a crash would.
+fn kill9(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+}

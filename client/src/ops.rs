@@ -150,6 +150,8 @@ pub struct VmInfo {
     pub kernel_release: String,
     /// Create to guest-init answering, ms.
     pub boot_ms: u64,
+    /// Why it stopped or crashed; empty while it runs.
+    pub detail: String,
 }
 
 fn read_info(i: capvisor_rpc::schema::capvisor_capnp::vm_info::Reader<'_>) -> ClientResult<VmInfo> {
@@ -162,6 +164,7 @@ fn read_info(i: capvisor_rpc::schema::capvisor_capnp::vm_info::Reader<'_>) -> Cl
         engine: i.get_engine()?,
         kernel_release: text(i.get_kernel_release())?,
         boot_ms: i.get_boot_ms(),
+        detail: text(i.get_detail())?,
     })
 }
 

@@ -96,6 +96,7 @@ struct VmInfo {
   engine @5 :Engine;      # as requested until booted, then the one that runs it
   kernelRelease @6 :Text;
   bootMs @7 :UInt64;      # create call to guest-init answering, milliseconds
+  detail @8 :Text;        # why it stopped or crashed (empty while it runs)
 }
 
 interface VmFactory {

@@ -54,6 +54,9 @@ pub struct VmEntry {
     pub kernel_release: RefCell<String>,
     /// Create call to guest-init answering, ms.
     pub boot_ms: Cell<u64>,
+    /// Why it stopped or crashed (empty while it runs); may quote the
+    /// guest, so it is stored terminal-safe.
+    pub detail: RefCell<String>,
     /// The VM's private directory (console.log, vmm.log).
     pub run_dir: PathBuf,
     /// Set while the VM runs.
@@ -116,6 +119,7 @@ impl VmEntry {
         b.set_engine(self.engine.get());
         b.set_kernel_release(self.kernel_release.borrow().as_str());
         b.set_boot_ms(self.boot_ms.get());
+        b.set_detail(self.detail.borrow().as_str());
     }
 
     /// The last `max` bytes of the guest console log, lossily decoded.
@@ -284,6 +288,7 @@ pub async fn stop_vm(entry: &VmEntry) {
     run.finish().await;
     if entry.state.get() != VmState::Crashed {
         entry.state.set(VmState::Stopped);
+        *entry.detail.borrow_mut() = "stopped on request".into();
     }
 }
 
@@ -328,6 +333,7 @@ impl VmFactoryImpl {
             state: Cell::new(VmState::Starting),
             kernel_release: RefCell::new(String::new()),
             boot_ms: Cell::new(0),
+            detail: RefCell::new(String::new()),
             running: RefCell::new(None),
             removed: Cell::new(false),
         });
@@ -420,10 +426,19 @@ impl Drop for Unborn {
 fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
     tokio::task::spawn_local(async move {
         let r = machine.wait_exit_request().send().promise.await;
-        let state =
-            r.ok().and_then(|r| r.get().ok().and_then(|r| r.get_status().ok()).and_then(|s| s.get_state().ok()));
+        let (state, detail) = match r.as_ref().map(|r| r.get().and_then(|r| r.get_status())) {
+            Ok(Ok(s)) => (
+                s.get_state().unwrap_or(VmState::Crashed),
+                s.get_detail().ok().and_then(|t| t.to_str().ok()).unwrap_or("").to_string(),
+            ),
+            Ok(Err(e)) => (VmState::Crashed, format!("the vmm answered malformed: {e}")),
+            // The vmm process died (or hung up) under the VM.
+            Err(e) => (VmState::Crashed, format!("the vmm process ended unexpectedly ({})", e.extra)),
+        };
         if entry.state.get() == VmState::Running {
-            entry.state.set(if state == Some(VmState::Crashed) { VmState::Crashed } else { VmState::Stopped });
+            entry.state.set(if state == VmState::Crashed { VmState::Crashed } else { VmState::Stopped });
+            *entry.detail.borrow_mut() = capvisor_rpc::error::printable(&detail, false).into_owned();
+            tracing::info!(vm = %entry.name, "VM ended: {detail}");
             // Drop the handles; stop_vm reaps the vmm when asked.
             if let Some(mut run) = entry.running.borrow_mut().take() {
                 if let Some(child) = run.child.as_mut() {

@@ -33,6 +33,9 @@ struct Seen {
     /// Launch VMs whose guest never answers (their agent ends are kept here).
     hang: bool,
     hung: Vec<tokio::net::UnixStream>,
+    /// One switch per launched machine: `true` makes its vmm "die" (its
+    /// `waitExit` fails the way a lost connection does).
+    kill_switches: Vec<tokio::sync::watch::Sender<bool>>,
 }
 
 type Shared = Rc<RefCell<Seen>>;
@@ -68,6 +71,7 @@ impl session_host::Server for FakeHost {
 struct FakeMachine {
     engine: Engine,
     state: tokio::sync::watch::Sender<VmState>,
+    dead: tokio::sync::watch::Receiver<bool>,
     seen: Shared,
 }
 
@@ -95,7 +99,11 @@ impl machine::Server for FakeMachine {
         mut r: machine::WaitExitResults,
     ) -> capnp::Result<()> {
         let mut rx = self.state.subscribe();
-        let _ = rx.wait_for(|s| matches!(s, VmState::Stopped | VmState::Crashed)).await;
+        let mut dead = self.dead.clone();
+        tokio::select! {
+            _ = rx.wait_for(|s| matches!(s, VmState::Stopped | VmState::Crashed)) => {}
+            _ = dead.wait_for(|d| *d) => return Err(capnp::Error::disconnected("Peer disconnected.".into())),
+        }
         self.write(r.get().init_status());
         Ok(())
     }
@@ -115,7 +123,9 @@ impl VmLauncher for FakeLauncher {
             tokio::task::spawn_local(serve_stream(theirs, guest));
         }
         let (state, _) = tokio::sync::watch::channel(VmState::Running);
-        let machine = capnp_rpc::new_client(FakeMachine { engine: cfg.engine, state, seen: self.0.clone() });
+        let (kill, dead) = tokio::sync::watch::channel(false);
+        self.0.borrow_mut().kill_switches.push(kill);
+        let machine = capnp_rpc::new_client(FakeMachine { engine: cfg.engine, state, dead, seen: self.0.clone() });
         Ok(LaunchedVm { machine, machine_conn: None, agent: ours, child: None })
     }
 }
@@ -409,5 +419,35 @@ fn a_create_cancelled_mid_boot_leaves_no_vm_behind() {
         let again = ops::create_vm(&ops::vms(&s), &spec("slow"));
         assert_eq!(echo(&again, "back").await.unwrap(), "back\n");
         assert_eq!(env.seen.borrow().launched.len(), 2);
+    });
+}
+
+#[test]
+fn a_vm_whose_vmm_dies_is_crashed_with_the_reason() {
+    run(async {
+        let env = Env::new(|_| {});
+        let s = env.attach().await;
+        let f = ops::vms(&s);
+        let vm = ops::create_vm(&f, &spec("k"));
+        assert_eq!(ops::vm_info(&vm).await.unwrap().detail, "");
+        env.seen.borrow().kill_switches[0].send_replace(true);
+        let t0 = std::time::Instant::now();
+        let info = loop {
+            let i = ops::vm_info(&vm).await.unwrap();
+            if i.state != VmState::Running {
+                break i;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "the VM never left running");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(info.state, VmState::Crashed);
+        assert!(info.detail.contains("vmm process ended"), "{}", info.detail);
+        assert_eq!(code(echo(&vm, "x").await), ErrorCode::NotRunning);
+        ops::remove_vm(&f, "k").await.unwrap();
+        // A VM stopped on request says so.
+        let vm = ops::create_vm(&f, &spec("s"));
+        ops::stop_vm(&vm).await.unwrap();
+        let info = ops::vm_info(&vm).await.unwrap();
+        assert_eq!((info.state, info.detail.as_str()), (VmState::Stopped, "stopped on request"));
     });
 }
