@@ -304,3 +304,73 @@ fn a_killed_vmm_or_qemu_crashes_only_its_vm() {
 fn kill9(pid: u32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
 }
+
+/// kill -9 of one session's worker revokes only that session: its VM goes
+/// with it (the vmm dies with its parent), its saved login is stale, and
+/// another principal's session and VM carry on; the end is audited.
+#[test]
+fn a_killed_worker_ends_only_its_session() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok(
+        "owner",
+        &["account", "add", "dora", "--profile", "user", "--password-stdin"],
+        Some(b"dora-secret-1\n"),
+        0,
+    );
+    s.cli_ok("dora", &["login", "--user", "dora", "--password-stdin"], Some(b"dora-secret-1\n"), 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "mine"], None, 0);
+    s.cli_ok("dora", &["vm", "create", "--name", "hers"], None, 0);
+    assert_eq!(s.qemu_count(), 2);
+    // The owner's worker is the one whose vmm runs the VM "mine".
+    let table = proc_table();
+    let vmm_of = |vm: &str| {
+        table
+            .iter()
+            .find(|r| {
+                r.argv0.contains("qemu")
+                    && std::fs::read_to_string(format!("/proc/{}/cmdline", r.pid))
+                        .unwrap_or_default()
+                        .contains(&format!("/{vm}/console.log"))
+            })
+            .map(|q| q.ppid)
+            .expect("a qemu per VM")
+    };
+    let worker = table.iter().find(|r| r.pid == vmm_of("mine")).map(|r| r.ppid).expect("the vmm's parent");
+    assert!(table.iter().any(|r| r.pid == worker && r.argv0.ends_with("capvisor-worker")));
+    kill9(worker);
+    // The owner's session is gone (typed), its VM with it ...
+    let t0 = std::time::Instant::now();
+    while s.qemu_count() != 1 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "the dead session's VM outlived it");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = s.cli("owner", &["caps"], None);
+    assert_eq!(o.status.code(), Some(14), "staleSession: {}", stderr(&o));
+    // ... while dora's session and VM carry on.
+    let o = s.cli_ok("dora", &["vm", "exec", "hers", "--", "echo", "unharmed"], None, 0);
+    assert_eq!(stdout(&o), "unharmed\n");
+    let audit = std::fs::read_to_string(s.state.join("audit.jsonl")).unwrap();
+    assert!(audit.lines().any(|l| l.contains("\"session.end\"") && l.contains("worker connection ended")), "{audit}");
+    // The owner logs in again and works.
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "list"], None, 0);
+    s.cli_ok("dora", &["logout"], None, 0);
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}
+
+/// kill -9 of the broker ends everything cleanly: serve exits naming the
+/// broker, and no worker, vmm or QEMU outlives it (no live cap remains).
+#[test]
+fn a_killed_broker_ends_everything_without_orphans() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "b"], None, 0);
+    let broker = s.our_processes().into_iter().find(|(_, a)| a.ends_with("capvisor-broker")).expect("a broker").0;
+    kill9(broker);
+    let (status, left, log) = s.wait_for_exit();
+    assert!(!status.success(), "serve must report the crash");
+    assert!(log.contains("capvisor-broker exited unexpectedly"), "{log}");
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -158,6 +158,39 @@ impl Server {
         self.stop_with(libc::SIGTERM)
     }
 
+    /// Waits (up to 60 s) for serve to end on its own, e.g. after a child
+    /// crashed; returns its status and whatever of ours still runs 5 s
+    /// later (processes that ran before, by pid and start time, included),
+    /// and serve's log.
+    pub fn wait_for_exit(mut self) -> (std::process::ExitStatus, Vec<(u32, String)>, String) {
+        let before: Vec<(u32, u64)> =
+            self.our_processes().iter().filter_map(|(p, _)| start_time(*p).map(|t| (*p, t))).collect();
+        let mut child = self.child.take().unwrap();
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("serve did not end within 60 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let t0 = Instant::now();
+        loop {
+            let left: Vec<(u32, String)> = before
+                .iter()
+                .filter(|(p, t)| start_time(*p) == Some(*t))
+                .map(|(p, _)| (*p, std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default()))
+                .collect();
+            if left.is_empty() || t0.elapsed() > Duration::from_secs(5) {
+                return (status, left, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Like [`Server::stop`] with another signal (SIGINT = Ctrl-C).
     pub fn stop_with(mut self, signal: i32) {
         // Who runs now, by (pid, start time): none of them may outlive serve.
