@@ -2,7 +2,8 @@
 //! need. Each child gets its socketpair ends at fixed descriptor numbers
 //! (documented by the child's `--*-fd` flags), everything else is
 //! close-on-exec, and `PR_SET_PDEATHSIG(SIGKILL)` (prctl(2)) kills the
-//! child if its parent dies, so no worker, vmm or qemu outlives a crash.
+//! child if its parent dies, so no worker, vmm or qemu outlives a crash;
+//! `PR_SET_NO_NEW_PRIVS` keeps every child from gaining privileges by exec.
 //!
 //! Children get an empty environment apart from [`PASSED_ENV`]: whatever
 //! a child needs travels as a schema message in a memfd it inherits
@@ -63,6 +64,11 @@ pub fn prepare(cmd: &mut tokio::process::Command, fds: &[Inherit]) {
                 // dup2 clears FD_CLOEXEC on the new descriptor.
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // No child of ours ever needs to gain privileges through exec
+            // (setuid binaries, file capabilities): prctl(2) PR_SET_NO_NEW_PRIVS.
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The parent may have died before prctl took effect.

@@ -231,6 +231,12 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
     let qemu_pid = st.pid;
     assert!(qemu_pid > 0 && alive(qemu_pid));
     eprintln!("vmm RSS {} KiB, qemu RSS {} KiB", rss_kib(vmm_pid).unwrap_or(0), rss_kib(qemu_pid).unwrap_or(0));
+    // QEMU runs under its own seccomp sandbox, without new privileges.
+    let qemu_status = std::fs::read_to_string(format!("/proc/{qemu_pid}/status")).unwrap();
+    assert!(qemu_status.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')), "qemu is not sandboxed");
+    assert!(qemu_status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "qemu may gain privileges");
+    let vmm_status = std::fs::read_to_string(format!("/proc/{vmm_pid}/status")).unwrap();
+    assert!(vmm_status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "vmm may gain privileges");
 
     let (code, out, err) = exec(&g, &["uname", "-r"]).await;
     assert_eq!((code, out.trim(), err.as_str()), (0, release.as_str(), ""));

@@ -83,9 +83,12 @@ pub fn kernel_cmdline(cfg: &VmConfig, tsc_khz: Option<u64>) -> String {
     s
 }
 
+/// The `-sandbox` value every QEMU runs with.
+pub const QEMU_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// QEMU's arguments (without the program) for `cfg`: hardware KVM when
-/// `kvm`, else multi-threaded TCG. The agent socket and the QMP socket are
-/// expected at [`AGENT_FD`] and [`QMP_FD`].
+/// `kvm`, else multi-threaded TCG, always under [`QEMU_SANDBOX`]. The agent
+/// socket and the QMP socket are expected at [`AGENT_FD`] and [`QMP_FD`].
 pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
     let console = cfg.run_dir.join(crate::engine::CONSOLE_LOG);
     let mut a: Vec<String> = vec![
@@ -95,6 +98,11 @@ pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
         "-no-user-config".into(),
         "-nographic".into(),
         "-no-reboot".into(),
+        // QEMU's own seccomp filter (it also sets no_new_privs): no obsolete
+        // system calls, no privilege changes, no fork/exec, no scheduler or
+        // resource-limit changes (QEMU's -sandbox, docs/vmm-confinement.md).
+        "-sandbox".into(),
+        QEMU_SANDBOX.into(),
     ];
     if kvm {
         a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]);
