@@ -3,12 +3,11 @@
 //! (see `capvisor_client::config`) and drives its capabilities by name.
 
 use capvisor_client::config::{self, SavedSession};
-use capvisor_client::connect;
 use capvisor_client::ops::{self, ExecRequest, VmSpec};
+use capvisor_client::{connect, stream};
 use capvisor_client::{ClientError, ClientResult};
 use capvisor_rpc::error::printable;
 use capvisor_rpc::schema::capvisor_capnp::session;
-use capvisor_rpc::sink::WriterSink;
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -230,10 +229,7 @@ fn read_password() -> ClientResult<String> {
 }
 
 async fn session(socket: &Path) -> ClientResult<(session::Client, SavedSession)> {
-    let saved = config::load(&config::session_file())?.ok_or(ClientError::NotLoggedIn)?;
-    let sock = if socket.exists() { socket } else { saved.socket.as_path() };
-    let s = connect::attach(sock, &saved.token).await?;
-    Ok((s, saved))
+    connect::attach_saved(socket).await
 }
 
 fn parse_env(env: &[String]) -> ClientResult<Vec<(String, String)>> {
@@ -331,7 +327,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             let info = ops::vm_info(&vm).await?;
             eprintln!("capvisor: {} up in {} ms (kernel {})", info.name, info.boot_ms, shown(&info.kernel_release));
             let res = tokio::select! {
-                r = exec_streaming(&vm, &exec, cmd, None) => r,
+                r = exec_streaming(&vm, &exec, cmd) => r,
                 _ = tokio::signal::ctrl_c() => Ok(130),
             };
             let rm = ops::remove_vm(&f, &info.name).await;
@@ -422,7 +418,7 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
         }
         VmCmd::Exec { name, exec, cmd } => {
             let vm = ops::get_vm(&f, &name);
-            exec_streaming(&vm, &exec, cmd, None).await
+            exec_streaming(&vm, &exec, cmd).await
         }
         VmCmd::Shell { name, program } => {
             let vm = ops::get_vm(&f, &name);
@@ -444,11 +440,12 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
 
 /// Runs `cmd` in `vm` with output streamed to our stdout/stderr and stdin
 /// forwarded (when -i or not a terminal); returns the command's exit code.
+/// Runs `cmd` in `vm` with output streamed to our stdout/stderr and stdin
+/// forwarded (when -i or not a terminal); returns the command's exit code.
 async fn exec_streaming(
     vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client,
     a: &ExecArgs,
     cmd: Vec<String>,
-    pty: Option<(u16, u16)>,
 ) -> ClientResult<i32> {
     let forward = a.interactive || !std::io::stdin().is_terminal();
     let req = ExecRequest {
@@ -457,35 +454,11 @@ async fn exec_streaming(
         cwd: a.cwd.clone(),
         stdin: vec![],
         keep_stdin_open: forward,
-        pty,
+        pty: None,
     };
-    let (out, out_done) = WriterSink::client(tokio::io::stdout());
-    let (err, err_done) = WriterSink::client(tokio::io::stderr());
-    let p = ops::exec(vm, &req, out, err);
-    if forward {
-        let p2 = p.clone();
-        tokio::task::spawn_local(async move {
-            let _ = forward_stdin(&p2).await;
-        });
-    }
-    let exit = ops::wait(&p).await?;
-    let _ = out_done.await;
-    let _ = err_done.await;
+    let stdin = forward.then(tokio::io::stdin);
+    let exit = stream::exec_streaming(vm, &req, tokio::io::stdout(), tokio::io::stderr(), stdin).await?;
     Ok(exit.shell_code())
-}
-
-async fn forward_stdin(p: &capvisor_rpc::schema::common_capnp::process::Client) -> ClientResult<()> {
-    use tokio::io::AsyncReadExt;
-    let mut stdin = tokio::io::stdin();
-    let mut buf = vec![0u8; capvisor_rpc::CHUNK];
-    loop {
-        let n = stdin.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        ops::write_stdin(p, &buf[..n]).await?;
-    }
-    ops::close_stdin(p).await
 }
 
 fn term_size() -> (u16, u16) {
@@ -530,35 +503,21 @@ impl Drop for RawMode {
 }
 
 async fn shell(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, program: String) -> ClientResult<i32> {
-    let size = term_size();
-    let req = ExecRequest {
-        argv: vec![program],
-        env: vec![],
-        cwd: "/root".into(),
-        stdin: vec![],
-        keep_stdin_open: true,
-        pty: Some(size),
-    };
-    let (out, out_done) = WriterSink::client(tokio::io::stdout());
-    let (err, _err_done) = capvisor_rpc::sink::CollectSink::client(1 << 20);
-    let p = ops::exec(vm, &req, out, err);
-    let _raw = RawMode::enable();
-    let p2 = p.clone();
-    tokio::task::spawn_local(async move {
-        let _ = forward_stdin(&p2).await;
-    });
-    let p3 = p.clone();
+    let (resize_tx, resizes) = tokio::sync::mpsc::unbounded_channel();
     tokio::task::spawn_local(async move {
         let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else {
             return;
         };
         while winch.recv().await.is_some() {
-            let (r, c) = term_size();
-            let _ = ops::resize(&p3, r, c).await;
+            if resize_tx.send(term_size()).is_err() {
+                return;
+            }
         }
     });
-    let exit = ops::wait(&p).await?;
-    let _ = out_done.await;
+    let _raw = RawMode::enable();
+    let exit =
+        stream::pty_session(vm, vec![program], "/root", term_size(), tokio::io::stdout(), tokio::io::stdin(), resizes)
+            .await?;
     Ok(exit.shell_code())
 }
 
@@ -569,39 +528,21 @@ fn guest_path(s: &str) -> Option<(&str, &str)> {
 }
 
 async fn copy(f: &capvisor_rpc::schema::capvisor_capnp::vm_factory::Client, src: &str, dst: &str) -> ClientResult<i32> {
-    use std::os::unix::fs::PermissionsExt;
     match (guest_path(src), guest_path(dst)) {
         (None, Some((name, path))) => {
-            let file = tokio::fs::File::open(src).await.map_err(|e| ClientError::Usage(format!("{src}: {e}")))?;
-            let mode = file.metadata().await?.permissions().mode() & 0o7777;
             let path = if path.ends_with('/') {
                 format!("{path}{}", Path::new(src).file_name().and_then(|n| n.to_str()).unwrap_or("file"))
             } else {
                 path.to_string()
             };
-            let files = ops::files(&ops::get_vm(f, name));
-            let n = ops::write_file(&files, &path, mode, file).await?;
+            let n = stream::copy_to_guest(&ops::files(&ops::get_vm(f, name)), Path::new(src), &path).await?;
             eprintln!("capvisor: {n} bytes -> {name}:{path}");
             Ok(0)
         }
         (Some((name, path)), None) => {
-            let files = ops::files(&ops::get_vm(f, name));
-            let tmp = format!("{dst}.capvisor-part");
-            let out = tokio::fs::File::create(&tmp).await.map_err(|e| ClientError::Usage(format!("{dst}: {e}")))?;
-            let (sink, done) = WriterSink::client(out);
-            let r = ops::read_file(&files, path, sink).await;
-            let _ = done.await;
-            match r {
-                Ok(n) => {
-                    tokio::fs::rename(&tmp, dst).await?;
-                    eprintln!("capvisor: {name}:{path} -> {dst} ({n} bytes)");
-                    Ok(0)
-                }
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    Err(e)
-                }
-            }
+            let n = stream::copy_from_guest(&ops::files(&ops::get_vm(f, name)), path, Path::new(dst)).await?;
+            eprintln!("capvisor: {name}:{path} -> {dst} ({n} bytes)");
+            Ok(0)
         }
         _ => Err(ClientError::Usage(
             "vm cp wants exactly one side as NAME:/absolute/path and the other a local path".into(),

@@ -99,3 +99,16 @@ pub async fn attach(socket: &Path, token: &str) -> ClientResult<session::Client>
     let (sess, _conn) = conn::connect::<session::Client>(s, None, UNTRUSTED);
     Ok(sess)
 }
+
+/// Attaches to the session saved by a login (`crate::config`, in
+/// `CAPVISOR_CONFIG_DIR`): on `socket` when a socket exists there, else on
+/// the socket the login used. Returns the session and what was saved.
+///
+/// Errors: `NotLoggedIn` without a saved login; otherwise as [`attach`]
+/// (`staleSession` once that session ended).
+pub async fn attach_saved(socket: &Path) -> ClientResult<(session::Client, crate::config::SavedSession)> {
+    let saved = crate::config::load(&crate::config::session_file())?.ok_or(ClientError::NotLoggedIn)?;
+    let sock = if socket.exists() { socket } else { saved.socket.as_path() };
+    let s = attach(sock, &saved.token).await?;
+    Ok((s, saved))
+}

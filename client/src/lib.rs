@@ -10,6 +10,8 @@
 //! - [`connect`]: gateway login and attach-by-token (see
 //!   `capvisor_rpc::attach` for the wire preamble).
 //! - [`config`]: the saved login (resume token) in `CAPVISOR_CONFIG_DIR`.
+//! - [`stream`]: composed operations: exec with streamed output and stdin,
+//!   an interactive pty session, copies between host and guest files.
 //! - [`ops`]: typed helpers over `CapSet`, `VmFactory`, `Vm`, `Process`,
 //!   `Files`, `Accounts`.
 
@@ -17,6 +19,7 @@ pub mod config;
 pub mod connect;
 pub mod error;
 pub mod ops;
+pub mod stream;
 
 pub use capvisor_rpc::schema;
 pub use error::{ClientError, ClientResult};

@@ -451,3 +451,56 @@ fn a_vm_whose_vmm_dies_is_crashed_with_the_reason() {
         assert_eq!((info.state, info.detail.as_str()), (VmState::Stopped, "stopped on request"));
     });
 }
+
+#[test]
+fn the_client_librarys_composed_operations_work_end_to_end() {
+    use capvisor_client::stream;
+    use tokio::io::AsyncReadExt;
+    run(async {
+        let env = Env::new(|_| {});
+        let s = env.attach().await;
+        let vm = ops::create_vm(&ops::vms(&s), &spec("lib"));
+        // exec with stdin from a reader and output into writers.
+        let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
+        let (err_w, mut err_r) = tokio::io::duplex(1 << 16);
+        let req = ops::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "cat; echo done >&2; exit 5".into()],
+            keep_stdin_open: true,
+            ..Default::default()
+        };
+        let exit = stream::exec_streaming(&vm, &req, out_w, err_w, Some(&b"piped in"[..])).await.unwrap();
+        assert_eq!(exit, ops::Exit::Code(5));
+        let (mut out, mut err) = (vec![], vec![]);
+        out_r.read_to_end(&mut out).await.unwrap();
+        err_r.read_to_end(&mut err).await.unwrap();
+        assert_eq!((out.as_slice(), err.as_slice()), (&b"piped in"[..], &b"done\n"[..]));
+
+        // A pty session: size, a resize, input, exit code.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (pty_w, mut pty_r) = tokio::io::duplex(1 << 16);
+        tx.send((40, 120)).unwrap();
+        let script = "sleep 0.3; stty size; read x; exit 4";
+        let argv = vec!["sh".into(), "-c".into(), script.into()];
+        let exit = stream::pty_session(&vm, argv, "/", (30, 100), pty_w, &b"go\n"[..], rx).await.unwrap();
+        assert_eq!(exit, ops::Exit::Code(4));
+        let mut shown = String::new();
+        pty_r.read_to_string(&mut shown).await.unwrap();
+        assert!(shown.contains("40 120"), "{shown:?}");
+
+        // Copies both ways, through the guest's Files (here the host's).
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.bin");
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&src, &data).unwrap();
+        let files = ops::files(&vm);
+        let guest_path = dir.path().join("in-guest.bin");
+        let n = stream::copy_to_guest(&files, &src, guest_path.to_str().unwrap()).await.unwrap();
+        assert_eq!(n, data.len() as u64);
+        let back = dir.path().join("back.bin");
+        stream::copy_from_guest(&files, guest_path.to_str().unwrap(), &back).await.unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), data);
+        let missing = dir.path().join("nope");
+        assert_eq!(code(stream::copy_from_guest(&files, missing.to_str().unwrap(), &back).await), ErrorCode::NotFound);
+        assert_eq!(std::fs::read(&back).unwrap(), data, "a failed copy leaves the destination as it was");
+    });
+}
