@@ -189,7 +189,7 @@ impl BrokerService {
     ///
     /// Errors: `denied` when local login is disabled or `uid` is not an
     /// owner uid; `unavailable` when the worker does not start; `quota`
-    /// (see [`Self::open_session`]'s limits).
+    /// when a session bound is reached (docs/bounds.md).
     pub async fn login_local(self: &Rc<Self>, uid: u32, pid: u32) -> CvResult<Grant> {
         let peer = format!("unix:uid={uid} pid={pid}");
         let rec = |outcome: &str| AuditRecord::new("login", "Gateway", "loginLocal", outcome).peer(&peer);
