@@ -159,13 +159,33 @@ impl Server {
     }
 
     /// Waits (up to 60 s) for serve to end on its own, e.g. after a child
-    /// crashed; returns its status and whatever of ours still runs 5 s
-    /// later (processes that ran before, by pid and start time, included),
+    /// crashed; returns its status, whatever of ours still runs 5 s later,
     /// and serve's log.
-    pub fn wait_for_exit(mut self) -> (std::process::ExitStatus, Vec<(u32, String)>, String) {
+    pub fn wait_for_exit(self) -> (std::process::ExitStatus, Vec<(u32, String)>, String) {
+        self.end(None)
+    }
+
+    /// Like [`Server::stop`] with another signal (SIGINT = Ctrl-C).
+    pub fn stop_with(self, signal: i32) {
+        let socket = self.socket.clone();
+        let (status, left, log) = self.end(Some(signal));
+        assert!(status.success(), "serve exited with {status}:\n{log}");
+        assert!(left.is_empty(), "processes left behind after shutdown: {left:?}\n{log}");
+        assert!(!socket.exists(), "socket left behind");
+    }
+
+    /// Sends `signal` to serve (if any), waits up to 60 s for it to end, then
+    /// up to 5 s for everything of ours to go (what runs now, by pid and
+    /// start time, and anything still below or naming our directories).
+    fn end(mut self, signal: Option<i32>) -> (std::process::ExitStatus, Vec<(u32, String)>, String) {
         let before: Vec<(u32, u64)> =
             self.our_processes().iter().filter_map(|(p, _)| start_time(*p).map(|t| (*p, t))).collect();
         let mut child = self.child.take().unwrap();
+        if let Some(sig) = signal {
+            // SAFETY: kill(2) takes plain integers; the child is not reaped
+            // yet, so its pid is still ours.
+            unsafe { libc::kill(child.id() as i32, sig) };
+        }
         let t0 = Instant::now();
         let status = loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -177,59 +197,23 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let t0 = Instant::now();
-        loop {
-            let left: Vec<(u32, String)> = before
-                .iter()
-                .filter(|(p, t)| start_time(*p) == Some(*t))
-                .map(|(p, _)| (*p, std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default()))
-                .collect();
-            if left.is_empty() || t0.elapsed() > Duration::from_secs(5) {
-                return (status, left, self.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Like [`Server::stop`] with another signal (SIGINT = Ctrl-C).
-    pub fn stop_with(mut self, signal: i32) {
-        // Who runs now, by (pid, start time): none of them may outlive serve.
-        let before: Vec<(u32, u64)> =
-            self.our_processes().iter().filter_map(|(p, _)| start_time(*p).map(|t| (*p, t))).collect();
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) takes plain integers; the child is not reaped yet,
-        // so its pid is still ours.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
-                let _ = child.kill();
-                panic!("serve did not exit within 60 s of SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "serve exited with {status}:\n{}", self.log());
-        // Give reaped children a moment to vanish from /proc.
-        let t0 = Instant::now();
         let survivors = |s: &Self| {
             let mut left = s.our_processes();
             for (pid, t) in &before {
                 if start_time(*pid) == Some(*t) && !left.iter().any(|(p, _)| p == pid) {
-                    left.push((*pid, format!("pid {pid} (ran before shutdown)")));
+                    left.push((*pid, format!("pid {pid} (ran before serve ended)")));
                 }
             }
             left
         };
+        // Give reaped children a moment to vanish from /proc.
+        let t0 = Instant::now();
         let mut left = survivors(&self);
         while !left.is_empty() && t0.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(100));
             left = survivors(&self);
         }
-        assert!(left.is_empty(), "processes left behind after shutdown: {left:?}\n{}", self.log());
-        assert!(!self.socket.exists(), "socket left behind");
+        (status, left, self.log())
     }
 }
 
