@@ -37,6 +37,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const LINGER: Duration = Duration::from_secs(10);
 /// Argon2 verifications running at once (each takes a core for tens of ms).
 pub const MAX_VERIFY: usize = 2;
+/// Password logins waiting for or holding a verification slot at once; one
+/// more gets `unavailable` at once instead of queueing without bound.
+pub const MAX_VERIFY_QUEUE: usize = 32;
 /// The message of every failed password login, whatever the reason.
 pub const BAD_LOGIN: &str = "invalid user name or password";
 
@@ -90,6 +93,11 @@ pub struct BrokerService {
     /// Worker pids by session id, until reaped.
     children: RefCell<HashMap<String, u32>>,
     verify_permits: Arc<tokio::sync::Semaphore>,
+    /// Password logins waiting for or holding a verification slot.
+    verify_queue: Cell<usize>,
+    /// Account names with a password login in progress (verification and
+    /// failure delay): one attempt per account at a time.
+    attempts: RefCell<std::collections::HashSet<String>>,
     shutting_down: Cell<bool>,
 }
 
@@ -153,6 +161,8 @@ impl BrokerService {
             throttle: RefCell::new(Throttle::default()),
             children: RefCell::new(HashMap::new()),
             verify_permits: Arc::new(tokio::sync::Semaphore::new(MAX_VERIFY)),
+            verify_queue: Cell::new(0),
+            attempts: RefCell::new(std::collections::HashSet::new()),
             shutting_down: Cell::new(false),
         }))
     }
@@ -223,9 +233,36 @@ impl BrokerService {
             AuditRecord::new("login", "Gateway", "loginPassword", outcome).peer(peer).principal(&principal)
         };
         let key = throttle::key(user, peer);
+        // One attempt per account at a time, verification and failure delay
+        // included: parallel guesses at one account do not run in parallel.
+        let account: String = user.chars().take(64).collect();
+        if !self.attempts.borrow_mut().insert(account.clone()) {
+            self.audit(rec("denied").detail("another login for this account is in progress"));
+            return Err(CvError::denied("another login for this account is in progress; try again"));
+        }
+        struct Attempt<'a>(&'a RefCell<std::collections::HashSet<String>>, String);
+        impl Drop for Attempt<'_> {
+            fn drop(&mut self) {
+                self.0.borrow_mut().remove(&self.1);
+            }
+        }
+        let _attempt = Attempt(&self.attempts, account);
         let verdict: Result<String, (&str, CvError)> = if !self.cfg.auth_enabled(AuthMethod::Password) {
             Err(("password login is disabled", CvError::denied("password login is disabled on this server")))
         } else {
+            // A bounded queue in front of the verification slots.
+            if self.verify_queue.get() >= MAX_VERIFY_QUEUE {
+                self.audit(rec("unavailable").detail("verification queue full"));
+                return Err(CvError::unavailable("too many logins in progress; try again in a moment"));
+            }
+            self.verify_queue.set(self.verify_queue.get() + 1);
+            struct Queued<'a>(&'a Cell<usize>);
+            impl Drop for Queued<'_> {
+                fn drop(&mut self) {
+                    self.0.set(self.0.get() - 1);
+                }
+            }
+            let queued = Queued(&self.verify_queue);
             let known = self.store.contains(user);
             let permit = self.verify_permits.clone().acquire_owned().await;
             let store = self.store.clone();
@@ -236,6 +273,7 @@ impl BrokerService {
             })
             .await
             .unwrap_or(None);
+            drop(queued);
             match res {
                 Some(profile) => Ok(profile),
                 None if known => Err(("wrong password", CvError::denied(BAD_LOGIN))),

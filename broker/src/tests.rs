@@ -571,3 +571,49 @@ fn session_limits_per_principal_and_the_owners_reserve() {
         assert_eq!(quota_denials, 3, "every denial is audited");
     });
 }
+
+#[test]
+fn one_password_attempt_per_account_and_a_bounded_verify_queue() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        h.svc.store().add("bob", "user", "password-bob").unwrap();
+        let peer = "unix:uid=7 pid=1";
+        // A wrong guess is in progress (verifying, then its failure delay):
+        // a parallel attempt at the same account is refused at once, even
+        // with the right password, and without a verification.
+        let svc = h.svc.clone();
+        let guess = tokio::task::spawn_local(async move { svc.login_password("bob", "wrong-guess-1", peer).await });
+        tokio::task::yield_now().await;
+        let t = Instant::now();
+        let parallel = err(h.svc.login_password("bob", "password-bob", "unix:uid=8 pid=2").await);
+        assert_eq!(parallel.code, ErrorCode::Denied);
+        assert!(parallel.message.contains("in progress"), "{}", parallel.message);
+        assert!(t.elapsed() < crate::throttle::BASE, "refused without waiting");
+        assert_eq!(err(guess.await.unwrap()).message, BAD_LOGIN);
+        // Once it ended, the account logs in.
+        h.svc.login_password("bob", "password-bob", "unix:uid=8 pid=2").await.unwrap();
+
+        // Many logins at once: the first MAX_VERIFY_QUEUE queue for a
+        // verification slot, the rest get `unavailable` at once.
+        let extra = 5;
+        let n = crate::service::MAX_VERIFY_QUEUE + extra;
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let svc = h.svc.clone();
+                tokio::task::spawn_local(async move {
+                    svc.login_password(&format!("nobody{i}"), "whatever-pw", &format!("unix:uid={} pid=1", 100 + i))
+                        .await
+                })
+            })
+            .collect();
+        let mut codes = vec![];
+        for t in tasks {
+            codes.push(err(t.await.unwrap()).code);
+        }
+        let unavailable = codes.iter().filter(|c| **c == ErrorCode::Unavailable).count();
+        assert_eq!(unavailable, extra, "{codes:?}");
+        assert_eq!(codes.iter().filter(|c| **c == ErrorCode::Denied).count(), crate::service::MAX_VERIFY_QUEUE);
+        let lines = h.audit_lines();
+        assert_eq!(lines.iter().filter(|l| l["outcome"] == "unavailable").count(), extra, "each refusal is audited");
+    });
+}
