@@ -159,6 +159,13 @@ impl Gateway {
     }
 }
 
+/// Longest user name the gateway forwards, bytes (account names are at most
+/// 32; the rest is cut before it reaches the broker).
+pub const MAX_USER: usize = 64;
+/// Longest password the gateway forwards, bytes (the credential store's
+/// limit); a longer one reaches the broker as empty.
+pub const MAX_PASSWORD: usize = 1024;
+
 /// What the gateway knows of a peer: its SO_PEERCRED uid and pid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
@@ -250,11 +257,19 @@ impl gateway::Server for GatewayServer {
         mut results: gateway::LoginPasswordResults,
     ) -> capnp::Result<()> {
         let p = params.get()?;
+        let (user, password) = (p.get_user()?, p.get_password()?);
         let mut req = self.broker.login_password_request();
         {
             let mut b = req.get();
-            b.set_user(p.get_user()?);
-            b.set_password(p.get_password()?);
+            // Over-long fields are not copied to the broker: the user name
+            // is cut to MAX_USER bytes and an over-long password is sent as
+            // empty, so the attempt still fails (and is audited and
+            // throttled) like any wrong password.
+            let user = user.as_bytes();
+            b.set_user(capnp::text::Reader::from(&user[..user.len().min(MAX_USER)]));
+            if password.as_bytes().len() <= MAX_PASSWORD {
+                b.set_password(password);
+            }
             self.peer.write_to(b.init_peer());
         }
         let resp = req.send().promise.await?;

@@ -11,6 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Seen {
     local: Vec<(u32, u32)>,
     password: Vec<(String, String)>,
+    /// Byte lengths of the passwords that reached the broker.
+    password_lens: Vec<usize>,
 }
 
 /// Records what it saw and denies everything: a method not in `auth` with
@@ -42,9 +44,10 @@ impl broker::Server for FakeBroker {
         _: broker::LoginPasswordResults,
     ) -> capnp::Result<()> {
         let p = p.get()?;
-        let user = p.get_user()?.to_string().unwrap();
+        let user = String::from_utf8_lossy(p.get_user()?.as_bytes()).into_owned();
         let peer = capvisor_rpc::principal::peer_text(p.get_peer()?)?;
         self.seen.borrow_mut().password.push((user.clone(), peer));
+        self.seen.borrow_mut().password_lens.push(p.get_password()?.as_bytes().len());
         if user == "slow" {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -245,4 +248,27 @@ fn auth_parsing() {
     assert!(parse_auth(&["".into()]).unwrap().is_empty());
     assert!(parse_auth(&["kerberos".into()]).is_err());
     assert_eq!(Peer { uid: 1, pid: 2 }.to_string(), "unix:uid=1 pid=2");
+}
+
+#[test]
+fn over_long_login_fields_are_not_forwarded_whole() {
+    conn::run_local(async {
+        let env = start(&["local", "password"], 16);
+        let gw = rpc_client(&env.path).await;
+        let mut req = gw.login_password_request();
+        req.get().set_user("u".repeat(10_000).as_str());
+        req.get().set_password("p".repeat(200_000).as_str());
+        assert_eq!(err_code(req.send().promise.await).0, ErrorCode::Denied);
+        let mut req = gw.login_password_request();
+        req.get().set_user("bob");
+        req.get().set_password("p".repeat(MAX_PASSWORD).as_str());
+        assert_eq!(err_code(req.send().promise.await).0, ErrorCode::Denied);
+        let seen = env.seen.borrow();
+        assert_eq!(seen.password[0].0.len(), MAX_USER, "the user name is cut");
+        assert_eq!(
+            seen.password_lens,
+            vec![0, MAX_PASSWORD],
+            "an over-long password arrives empty; a maximal one whole"
+        );
+    });
 }
