@@ -129,3 +129,36 @@ fn denials_bad_input_and_audit() {
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
 }
+
+/// A local client holding hundreds of idle login connections (each sent
+/// only the preamble) no longer locks anyone out: past the per-uid bound
+/// the gateway closes them right after the preamble, and attaches go on.
+#[test]
+fn idle_login_connections_do_not_lock_others_out() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    let mut idle = vec![];
+    for _ in 0..520 {
+        let mut c = UnixStream::connect(&s.socket).unwrap();
+        c.write_all(capvisor_rpc::attach::MAGIC_RPC).unwrap();
+        idle.push(c);
+    }
+    let t = std::time::Instant::now();
+    let caps = stdout(&s.cli_ok("owner", &["caps"], None, 0));
+    assert!(caps.contains("VmFactory"), "{caps}");
+    assert!(t.elapsed() < Duration::from_secs(5), "caps took {:?}", t.elapsed());
+    // Most of the idle connections were closed by the gateway already.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut closed = 0;
+    for c in idle.iter_mut() {
+        c.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        if matches!(c.read(&mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 520 - capvisor_gateway::MAX_RPC_PER_UID, "only {closed} of 520 closed");
+    drop(idle);
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}

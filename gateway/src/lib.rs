@@ -40,6 +40,30 @@ use tokio::net::{UnixListener, UnixStream};
 
 /// Most connections served at once (preamble, RPC or attach hand-off).
 pub const MAX_CONNECTIONS: usize = 512;
+/// Most login (RPC) connections one uid may hold at once; one more is
+/// closed right after its preamble. Attach connections do not count: they
+/// leave the gateway at once.
+pub const MAX_RPC_PER_UID: usize = 64;
+/// How long a login (RPC) connection may stay without a successful login
+/// after its preamble; then it is closed.
+pub const LOGIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The gateway's connection bounds (docs/bounds.md).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections at once, every kind ([`MAX_CONNECTIONS`]).
+    pub max_connections: usize,
+    /// Login connections per uid ([`MAX_RPC_PER_UID`]).
+    pub max_rpc_per_uid: usize,
+    /// Time from preamble to a successful login ([`LOGIN_DEADLINE`]).
+    pub login_deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_connections: MAX_CONNECTIONS, max_rpc_per_uid: MAX_RPC_PER_UID, login_deadline: LOGIN_DEADLINE }
+    }
+}
 /// Auth methods the gateway knows.
 pub const KNOWN_METHODS: &[&str] = &["local", "password"];
 
@@ -50,6 +74,9 @@ pub struct Gateway {
     auth: Rc<Vec<String>>,
     permits: Arc<tokio::sync::Semaphore>,
     max: usize,
+    limits: Limits,
+    /// Login connections open per uid.
+    rpc_per_uid: std::cell::RefCell<std::collections::HashMap<u32, usize>>,
     refused: Cell<u64>,
     last_refusal_log: Cell<Option<Instant>>,
 }
@@ -57,14 +84,16 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway forwarding logins to `broker` and attaches to `attach`,
     /// offering the auth methods `auth` (`"local"`, `"password"`), serving
-    /// at most `max_connections` at once.
-    pub fn new(broker: broker::Client, attach: FdChannel, auth: Vec<String>, max_connections: usize) -> Rc<Self> {
+    /// within `limits`.
+    pub fn new(broker: broker::Client, attach: FdChannel, auth: Vec<String>, limits: Limits) -> Rc<Self> {
         Rc::new(Self {
             broker,
             attach: Rc::new(attach),
             auth: Rc::new(auth),
-            permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
-            max: max_connections,
+            permits: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+            max: limits.max_connections,
+            limits,
+            rpc_per_uid: Default::default(),
             refused: Cell::new(0),
             last_refusal_log: Cell::new(None),
         })
@@ -138,15 +167,41 @@ impl Gateway {
         match read_preamble(&mut stream).await {
             Err(e) => tracing::debug!(peer = %peer, "dropping connection: {e}"),
             Ok(Preamble::Rpc) => {
-                let server = GatewayServer { broker: self.broker.clone(), auth: self.auth.clone(), peer };
+                let Some(_slot) = RpcSlot::take(&self, peer.uid) else {
+                    tracing::debug!(peer = %peer, "closing login connection: this uid holds the most allowed");
+                    return;
+                };
+                let logged_in = Rc::new(Cell::new(false));
+                let server = GatewayServer {
+                    broker: self.broker.clone(),
+                    auth: self.auth.clone(),
+                    peer,
+                    logged_in: logged_in.clone(),
+                };
                 let client: gateway::Client = capnp_rpc::new_client(server);
                 let limit = conn::UNTRUSTED.traversal_limit_in_words.unwrap_or(usize::MAX) as u64;
                 let (r, w) = stream.into_split();
                 let (r, w) = guard::guard(r, w, limit);
                 let system = conn::rpc_system_rw(r, w, Side::Server, Some(client.client), conn::UNTRUSTED);
-                match system.await {
-                    Ok(()) => tracing::debug!(peer = %peer, "connection closed"),
-                    Err(e) => tracing::debug!(peer = %peer, "connection ended: {e}"),
+                tokio::pin!(system);
+                // A connection that has not logged in by the deadline is
+                // closed; one that did holds a session and stays.
+                let deadline = tokio::time::sleep(self.limits.login_deadline);
+                tokio::pin!(deadline);
+                let ended = loop {
+                    tokio::select! {
+                        r = &mut system => break Some(r),
+                        _ = &mut deadline, if !logged_in.get() => {
+                            if !logged_in.get() {
+                                break None;
+                            }
+                        }
+                    }
+                };
+                match ended {
+                    None => tracing::debug!(peer = %peer, "closing login connection: no login within the deadline"),
+                    Some(Ok(())) => tracing::debug!(peer = %peer, "connection closed"),
+                    Some(Err(e)) => tracing::debug!(peer = %peer, "connection ended: {e}"),
                 }
             }
             Ok(Preamble::Attach(token)) => {
@@ -165,6 +220,37 @@ pub const MAX_USER: usize = 64;
 /// Longest password the gateway forwards, bytes (the credential store's
 /// limit); a longer one reaches the broker as empty.
 pub const MAX_PASSWORD: usize = 1024;
+
+/// One uid's hold on a login-connection slot; released when dropped.
+struct RpcSlot<'a> {
+    gw: &'a Gateway,
+    uid: u32,
+}
+
+impl<'a> RpcSlot<'a> {
+    /// A slot for `uid`, unless it holds [`Limits::max_rpc_per_uid`] already.
+    fn take(gw: &'a Gateway, uid: u32) -> Option<Self> {
+        let mut m = gw.rpc_per_uid.borrow_mut();
+        let n = m.entry(uid).or_insert(0);
+        if *n >= gw.limits.max_rpc_per_uid {
+            return None;
+        }
+        *n += 1;
+        Some(Self { gw, uid })
+    }
+}
+
+impl Drop for RpcSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.gw.rpc_per_uid.borrow_mut();
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
 
 /// What the gateway knows of a peer: its SO_PEERCRED uid and pid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +274,8 @@ struct GatewayServer {
     broker: broker::Client,
     auth: Rc<Vec<String>>,
     peer: Peer,
+    /// Set by the first successful login on this connection.
+    logged_in: Rc<Cell<bool>>,
 }
 
 /// Copies a broker's login results (session cap and `LoginInfo`) into ours,
@@ -208,7 +296,7 @@ macro_rules! copy_login {
             b.set_expires_at_ms(info.get_expires_at_ms());
         }
         to.set_session(from.get_session()?);
-        Ok(())
+        capnp::Result::Ok(())
     }};
 }
 
@@ -248,7 +336,9 @@ impl gateway::Server for GatewayServer {
             c.set_pid(self.peer.pid);
         }
         let resp = req.send().promise.await?;
-        copy_login!(resp.get()?, results.get())
+        copy_login!(resp.get()?, results.get())?;
+        self.logged_in.set(true);
+        Ok(())
     }
 
     async fn login_password(
@@ -273,7 +363,9 @@ impl gateway::Server for GatewayServer {
             self.peer.write_to(b.init_peer());
         }
         let resp = req.send().promise.await?;
-        copy_login!(resp.get()?, results.get())
+        copy_login!(resp.get()?, results.get())?;
+        self.logged_in.set(true);
+        Ok(())
     }
 
     async fn resume(
@@ -289,7 +381,9 @@ impl gateway::Server for GatewayServer {
         req.get().set_token(token);
         self.peer.write_to(req.get().init_peer());
         let resp = req.send().promise.await?;
-        copy_login!(resp.get()?, results.get())
+        copy_login!(resp.get()?, results.get())?;
+        self.logged_in.set(true);
+        Ok(())
     }
 }
 
@@ -323,7 +417,7 @@ pub async fn run(listen_fd: RawFd, broker_fd: RawFd, attach_fd: RawFd, auth: Vec
     // SAFETY: as above: the attach SOCK_SEQPACKET socket, ours alone.
     let attach = unsafe { FdChannel::from_raw(attach_fd)? };
     let (broker, broker_done) = conn::connect::<broker::Client>(broker_stream, None, conn::INTERNAL);
-    let gw = Gateway::new(broker, attach, auth, MAX_CONNECTIONS);
+    let gw = Gateway::new(broker, attach, auth, Limits::default());
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tracing::info!(methods = ?gw.auth, "gateway serving");

@@ -68,6 +68,10 @@ struct Env {
 }
 
 fn start(auth: &[&str], max: usize) -> Env {
+    start_with(auth, Limits { max_connections: max, ..Limits::default() })
+}
+
+fn start_with(auth: &[&str], limits: Limits) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.sock");
     let listener = UnixListener::bind(&path).unwrap();
@@ -75,7 +79,7 @@ fn start(auth: &[&str], max: usize) -> Env {
     let auth_list: Vec<String> = auth.iter().map(|s| s.to_string()).collect();
     let broker: broker::Client = capnp_rpc::new_client(FakeBroker { seen: seen.clone(), auth: auth_list });
     let (a, b) = fdpass::pair().unwrap();
-    let gw = Gateway::new(broker, FdChannel::new(a).unwrap(), auth.iter().map(|s| s.to_string()).collect(), max);
+    let gw = Gateway::new(broker, FdChannel::new(a).unwrap(), auth.iter().map(|s| s.to_string()).collect(), limits);
     tokio::task::spawn_local(gw.accept_loop(listener));
     Env { _dir: dir, path, seen, broker_side: FdChannel::new(b).unwrap() }
 }
@@ -270,5 +274,39 @@ fn over_long_login_fields_are_not_forwarded_whole() {
             vec![0, MAX_PASSWORD],
             "an over-long password arrives empty; a maximal one whole"
         );
+    });
+}
+
+#[test]
+fn idle_login_connections_are_bounded_per_uid_and_closed_at_the_deadline() {
+    conn::run_local(async {
+        let limits = Limits { max_connections: 512, max_rpc_per_uid: 3, login_deadline: Duration::from_millis(400) };
+        let env = start_with(&["local", "password"], limits);
+        // Idle login connections: a uid gets three ...
+        let mut idle = vec![];
+        for _ in 0..3 {
+            let mut s = UnixStream::connect(&env.path).await.unwrap();
+            s.write_all(MAGIC_RPC).await.unwrap();
+            idle.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ... a fourth is closed right after its preamble ...
+        let mut fourth = UnixStream::connect(&env.path).await.unwrap();
+        fourth.write_all(MAGIC_RPC).await.unwrap();
+        let t = std::time::Instant::now();
+        expect_closed(&mut fourth).await;
+        assert!(t.elapsed() < Duration::from_millis(300), "closed at once, not at the deadline");
+        // ... while an attach still goes through at once.
+        let mut s = UnixStream::connect(&env.path).await.unwrap();
+        write_attach(&mut s, "some-token").await.unwrap();
+        let (tag, _fd) = tokio::time::timeout(Duration::from_secs(2), env.broker_side.recv()).await.unwrap().unwrap();
+        assert_eq!(tag, b"some-token");
+        // The idle ones are closed once the login deadline passed, which
+        // frees the uid's slots.
+        for s in idle.iter_mut() {
+            expect_closed(s).await;
+        }
+        let gw = rpc_client(&env.path).await;
+        assert_eq!(methods(&gw).await, vec!["local", "password"]);
     });
 }
