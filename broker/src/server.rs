@@ -88,13 +88,24 @@ pub struct SessionHostServer {
     session: String,
     principal: String,
     accounts: bool,
+    budget: PrincipalBudget,
+}
+
+/// A principal's VM budget across its sessions (from its bundle).
+#[derive(Clone, Copy, Debug)]
+pub struct PrincipalBudget {
+    /// Most running VMs.
+    pub vms: u32,
+    /// Most guest memory of its running VMs, MiB.
+    pub memory_mib: u64,
 }
 
 impl SessionHostServer {
     /// The host of session `session` of `principal`; `accounts` says
-    /// whether its bundle holds the "accounts" cap.
-    pub fn new(svc: ServiceRef, session: &str, principal: &str, accounts: bool) -> Self {
-        Self { svc, session: session.into(), principal: principal.into(), accounts }
+    /// whether its bundle holds the "accounts" cap; `budget` bounds the
+    /// principal's VMs across its sessions.
+    pub fn new(svc: ServiceRef, session: &str, principal: &str, accounts: bool, budget: PrincipalBudget) -> Self {
+        Self { svc, session: session.into(), principal: principal.into(), accounts, budget }
     }
 
     fn svc(&self) -> capnp::Result<Rc<BrokerService>> {
@@ -133,6 +144,28 @@ impl session_host::Server for SessionHostServer {
         Ok(())
     }
 
+    async fn reserve_vm(
+        self: CapRc<Self>,
+        params: session_host::ReserveVmParams,
+        mut results: session_host::ReserveVmResults,
+    ) -> capnp::Result<()> {
+        let memory_mib = params.get()?.get_memory_mib() as u64;
+        let svc = self.svc()?;
+        let res = svc.reserve_vm(&self.principal, self.budget, memory_mib);
+        if let Err(e) = &res {
+            svc.audit(
+                AuditRecord::new("vm.reserve", "SessionHost", "reserveVm", e.code_name())
+                    .principal(&self.principal)
+                    .session(&self.session)
+                    .detail(e.message.clone()),
+            );
+        }
+        res?;
+        let hold = VmHoldServer { svc: self.svc.clone(), principal: self.principal.clone(), memory_mib };
+        results.get().set_hold(capnp_rpc::new_client::<capvisor_rpc::schema::internal_capnp::vm_hold::Client, _>(hold));
+        Ok(())
+    }
+
     async fn accounts(
         self: CapRc<Self>,
         _: session_host::AccountsParams,
@@ -145,6 +178,24 @@ impl session_host::Server for SessionHostServer {
             AccountsServer { svc: self.svc.clone(), session: self.session.clone(), principal: self.principal.clone() };
         results.get().set_accounts(capnp_rpc::new_client(server));
         Ok(())
+    }
+}
+
+/// A VM reservation (`VmHold`): gives its room back when dropped, which
+/// happens when the worker drops its reference or its connection ends.
+pub struct VmHoldServer {
+    svc: ServiceRef,
+    principal: String,
+    memory_mib: u64,
+}
+
+impl capvisor_rpc::schema::internal_capnp::vm_hold::Server for VmHoldServer {}
+
+impl Drop for VmHoldServer {
+    fn drop(&mut self) {
+        if let Some(svc) = self.svc.upgrade() {
+            svc.release_vm(&self.principal, self.memory_mib);
+        }
     }
 }
 

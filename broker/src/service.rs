@@ -98,6 +98,8 @@ pub struct BrokerService {
     /// Account names with a password login in progress (verification and
     /// failure delay): one attempt per account at a time.
     attempts: RefCell<std::collections::HashSet<String>>,
+    /// Running VMs and their guest memory, per principal and on the host.
+    vm_budget: RefCell<VmBudget>,
     shutting_down: Cell<bool>,
 }
 
@@ -163,6 +165,7 @@ impl BrokerService {
             verify_permits: Arc::new(tokio::sync::Semaphore::new(MAX_VERIFY)),
             verify_queue: Cell::new(0),
             attempts: RefCell::new(std::collections::HashSet::new()),
+            vm_budget: RefCell::new(VmBudget::default()),
             shutting_down: Cell::new(false),
         }))
     }
@@ -395,6 +398,10 @@ impl BrokerService {
             &id,
             &principal.to_string(),
             bundle.has_cap("accounts"),
+            crate::server::PrincipalBudget {
+                vms: bundle.principal_vms(),
+                memory_mib: bundle.max_principal_memory_mib.unwrap_or(u64::MAX),
+            },
         ));
         let Launched { worker, attach, ended, child } = self.launcher.launch(&ctx, host).map_err(|e| {
             tracing::error!(session = %id, "cannot start the session's worker: {e:#}");
@@ -448,6 +455,61 @@ impl BrokerService {
         }));
         tracing::info!(session = %id, %principal, %profile, "session started");
         Ok(Grant { session_id: id, session: cap, token: minted.token, principal, profile, expires_at_ms })
+    }
+
+    /// Reserves room for a running VM of `memory_mib` for `principal`
+    /// against its budget and the host's (`[vms] max_host_vms`,
+    /// `max_host_memory_mib`, default three quarters of the host's memory).
+    /// [`Self::release_vm`] gives it back.
+    ///
+    /// Errors: `quota` naming the budget that would be exceeded.
+    pub fn reserve_vm(&self, principal: &str, budget: crate::server::PrincipalBudget, memory_mib: u64) -> CvResult<()> {
+        let vms = &self.cfg.manifest.vms;
+        let host_mem = vms.max_host_memory_mib.unwrap_or_else(default_host_memory_mib);
+        let mut b = self.vm_budget.borrow_mut();
+        if b.host_vms >= vms.max_host_vms as u64 {
+            return Err(CvError::quota(format!("this host runs {} VMs, its limit", b.host_vms)));
+        }
+        if b.host_memory_mib.saturating_add(memory_mib) > host_mem {
+            return Err(CvError::quota(format!(
+                "{memory_mib} MiB more would exceed this host's {host_mem} MiB for VMs ({} MiB in use)",
+                b.host_memory_mib
+            )));
+        }
+        let (n, mem) = b.per_principal.get(principal).copied().unwrap_or((0, 0));
+        if n >= budget.vms as u64 {
+            return Err(CvError::quota(format!("{principal} runs {n} VMs, its limit across sessions")));
+        }
+        if mem.saturating_add(memory_mib) > budget.memory_mib {
+            return Err(CvError::quota(format!(
+                "{memory_mib} MiB more would exceed {principal}'s {} MiB for VMs across sessions ({mem} MiB in use)",
+                budget.memory_mib
+            )));
+        }
+        b.host_vms += 1;
+        b.host_memory_mib += memory_mib;
+        b.per_principal.insert(principal.to_string(), (n + 1, mem + memory_mib));
+        Ok(())
+    }
+
+    /// Gives back a reservation made by [`Self::reserve_vm`].
+    pub fn release_vm(&self, principal: &str, memory_mib: u64) {
+        let mut b = self.vm_budget.borrow_mut();
+        b.host_vms = b.host_vms.saturating_sub(1);
+        b.host_memory_mib = b.host_memory_mib.saturating_sub(memory_mib);
+        if let Some((n, mem)) = b.per_principal.get_mut(principal) {
+            *n = n.saturating_sub(1);
+            *mem = mem.saturating_sub(memory_mib);
+            if *n == 0 {
+                b.per_principal.remove(principal);
+            }
+        }
+    }
+
+    /// Running VMs reserved on the host and their guest memory, MiB.
+    pub fn vm_usage(&self) -> (u64, u64) {
+        let b = self.vm_budget.borrow();
+        (b.host_vms, b.host_memory_mib)
     }
 
     /// The session bounds (docs/bounds.md): at most `[sessions] max_total`
@@ -715,6 +777,24 @@ impl BrokerService {
             self.forget_session(&id, "shutdown");
         }
     }
+}
+
+/// Running VMs and guest memory reserved, on the host and per principal.
+#[derive(Default)]
+struct VmBudget {
+    host_vms: u64,
+    host_memory_mib: u64,
+    /// principal -> (VMs, MiB).
+    per_principal: HashMap<String, (u64, u64)>,
+}
+
+/// Three quarters of the host's memory (`MemTotal`, /proc/meminfo), MiB;
+/// 4096 when it cannot be read.
+pub fn default_host_memory_mib() -> u64 {
+    let kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    });
+    kib.map(|k| k / 1024 * 3 / 4).unwrap_or(4096)
 }
 
 fn outcome<T>(res: &CvResult<T>) -> &'static str {

@@ -617,3 +617,47 @@ fn one_password_attempt_per_account_and_a_bounded_verify_queue() {
         assert_eq!(lines.iter().filter(|l| l["outcome"] == "unavailable").count(), extra, "each refusal is audited");
     });
 }
+
+#[test]
+fn vm_budgets_span_sessions_and_free_with_the_hold() {
+    conn::run_local(async {
+        let h = harness(|c| {
+            c.manifest.vms.max_host_vms = 3;
+            c.manifest.vms.max_host_memory_mib = Some(1024);
+            c.manifest.bundles.get_mut("owner").unwrap().max_principal_vms = Some(2);
+        });
+        let me = nix::unistd::getuid().as_raw();
+        let a = h.svc.login_local(me, 1).await.unwrap();
+        let b = h.svc.login_local(me, 2).await.unwrap();
+        let reserve = |id: &str, mib: u32| {
+            let mut req = h.host(id).reserve_vm_request();
+            req.get().set_memory_mib(mib);
+            async move {
+                req.send()
+                    .promise
+                    .await
+                    .map(|r| r.get().unwrap().get_hold().unwrap())
+                    .map_err(|e| CvError::from_rpc(&e).expect("a typed error"))
+            }
+        };
+        // The principal's two VMs may be in different sessions; a third is refused.
+        let h1 = reserve(&a.session_id, 256).await.unwrap();
+        let _h2 = reserve(&b.session_id, 256).await.unwrap();
+        let e = err(reserve(&b.session_id, 256).await);
+        assert_eq!(e.code, ErrorCode::Quota);
+        assert!(e.message.contains("across sessions"), "{}", e.message);
+        assert_eq!(h.svc.vm_usage(), (2, 512));
+        // Dropping a hold gives its room back.
+        drop(h1);
+        let t0 = Instant::now();
+        while h.svc.vm_usage().0 != 1 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the hold was never released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The host's memory budget holds for everyone.
+        let e = err(reserve(&a.session_id, 800).await);
+        assert_eq!(e.code, ErrorCode::Quota);
+        assert!(e.message.contains("this host's 1024 MiB"), "{}", e.message);
+        assert!(h.audit_lines().iter().any(|l| l["action"] == "vm.reserve" && l["outcome"] == "quota"));
+    });
+}

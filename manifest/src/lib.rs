@@ -85,13 +85,33 @@ pub struct LocalConfig {
 }
 
 /// `[vms]`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmsConfig {
     /// What engine `auto` means: `"kvm"` or `"qemu"`; absent: detect
     /// (kvm where /dev/kvm is hardware-backed, else qemu).
     #[serde(default)]
     pub auto_engine: Option<String>,
+    /// Most VMs running on this host at once, every session together.
+    #[serde(default = "default_max_host_vms")]
+    pub max_host_vms: u32,
+    /// Most guest memory of the running VMs on this host, MiB; absent:
+    /// three quarters of the host's memory (`MemTotal` in /proc/meminfo).
+    #[serde(default)]
+    pub max_host_memory_mib: Option<u64>,
+}
+
+/// The default of [`VmsConfig::max_host_vms`].
+pub const DEFAULT_MAX_HOST_VMS: u32 = 64;
+
+fn default_max_host_vms() -> u32 {
+    DEFAULT_MAX_HOST_VMS
+}
+
+impl Default for VmsConfig {
+    fn default() -> Self {
+        Self { auto_engine: None, max_host_vms: DEFAULT_MAX_HOST_VMS, max_host_memory_mib: None }
+    }
 }
 
 impl VmsConfig {
@@ -163,6 +183,22 @@ pub struct Bundle {
     /// login beyond gets `quota` (default [`DEFAULT_MAX_SESSIONS`]).
     #[serde(default = "default_max_sessions")]
     pub max_sessions: u32,
+    /// Most VMs running at once for one principal, all its sessions
+    /// together; absent: `max_sessions * max_vms` (no bound beyond the
+    /// per-session ones).
+    #[serde(default)]
+    pub max_principal_vms: Option<u32>,
+    /// Most guest memory of one principal's running VMs, all its sessions
+    /// together, MiB; absent: no bound beyond the per-session ones.
+    #[serde(default)]
+    pub max_principal_memory_mib: Option<u64>,
+}
+
+impl Bundle {
+    /// [`Bundle::max_principal_vms`] with its default applied.
+    pub fn principal_vms(&self) -> u32 {
+        self.max_principal_vms.unwrap_or(self.max_sessions.saturating_mul(self.max_vms))
+    }
 }
 
 impl Bundle {
@@ -347,6 +383,8 @@ impl Bundle {
             default_memory_mib: r.get_default_memory_mib(),
             max_vcpus: r.get_max_vcpus(),
             max_sessions: r.get_max_sessions(),
+            max_principal_vms: None,
+            max_principal_memory_mib: None,
             images: list(r.get_images()?)?,
         })
     }

@@ -61,6 +61,17 @@ interface SessionHost {
   audit @1 (event :AuditEvent) -> ();
   # Fails with notFound unless the session's bundle holds "accounts".
   accounts @2 () -> (accounts :Cv.Accounts);
+  # Reserves room for one running VM of `memoryMib` against the budgets
+  # that span sessions: the principal's and the host's (manifest [vms] and
+  # [bundles.B]). Holding the returned cap keeps the room; dropping it (or
+  # the worker's end) gives it back. Fails with quota when a budget would
+  # be exceeded.
+  reserveVm @3 (memoryMib :UInt32) -> (hold :VmHold);
+}
+
+interface VmHold {
+  # A reservation made by SessionHost.reserveVm; it has no methods: it is
+  # released when the last reference to it is dropped.
 }
 
 interface Worker {

@@ -63,6 +63,9 @@ pub struct VmEntry {
     pub running: RefCell<Option<Running>>,
     /// Set by `remove`: every cap designating this VM answers notFound.
     pub removed: Cell<bool>,
+    /// The broker's reservation of room for this VM (principal and host
+    /// budgets) while it runs; dropped when it stops.
+    pub hold: RefCell<Option<capvisor_rpc::schema::internal_capnp::vm_hold::Client>>,
 }
 
 /// Handles of a running VM.
@@ -286,6 +289,7 @@ pub async fn stop_vm(entry: &VmEntry) {
         let _ = tokio::time::timeout(Duration::from_secs(5), req.send().promise).await;
     }
     run.finish().await;
+    entry.hold.borrow_mut().take();
     if entry.state.get() != VmState::Crashed {
         entry.state.set(VmState::Stopped);
         *entry.detail.borrow_mut() = "stopped on request".into();
@@ -336,6 +340,7 @@ impl VmFactoryImpl {
             detail: RefCell::new(String::new()),
             running: RefCell::new(None),
             removed: Cell::new(false),
+            hold: RefCell::new(None),
         });
         st.vms.borrow_mut().insert(spec.name.clone(), entry.clone());
         // Until the VM runs, a failed boot and a cancelled call (the client
@@ -344,6 +349,24 @@ impl VmFactoryImpl {
         // and its max_vms slot come back.
         let mut guard = Unborn { st: st.clone(), entry: Some(entry.clone()), failed: false };
         let t0 = Instant::now();
+        // Room in the budgets that span sessions (the principal's, the
+        // host's) is reserved with the broker before anything starts.
+        let mut reserve = st.host.reserve_vm_request();
+        reserve.get().set_memory_mib(spec.memory_mib);
+        let hold = st
+            .guard(async {
+                let resp = reserve.send().promise.await.map_err(|e| crate::wrap::relay(e, false))?;
+                resp.get().and_then(|r| r.get_hold()).map_err(|e| CvError::internal(e.to_string()))
+            })
+            .await;
+        let hold = match hold {
+            Ok(h) => h,
+            Err(e) => {
+                guard.failed = true;
+                return Err(e);
+            }
+        };
+        *entry.hold.borrow_mut() = Some(hold);
         let engine = capvisor_rpc::host::resolve_engine(spec.engine, st.ctx.auto_engine);
         let booted = if spec.engine == Engine::Auto && engine == Engine::Kvm {
             // `auto` meaning kvm tries our kvm engine first and falls back
@@ -407,6 +430,7 @@ impl Drop for Unborn {
     fn drop(&mut self) {
         let Some(entry) = self.entry.take() else { return };
         entry.removed.set(true);
+        entry.hold.borrow_mut().take();
         let mut vms = self.st.vms.borrow_mut();
         if vms.get(&entry.name).is_some_and(|e| Rc::ptr_eq(e, &entry)) {
             vms.remove(&entry.name);
@@ -438,6 +462,7 @@ fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
         if entry.state.get() == VmState::Running {
             entry.state.set(if state == VmState::Crashed { VmState::Crashed } else { VmState::Stopped });
             *entry.detail.borrow_mut() = capvisor_rpc::error::printable(&detail, false).into_owned();
+            entry.hold.borrow_mut().take();
             tracing::info!(vm = %entry.name, "VM ended: {detail}");
             // Drop the handles; stop_vm reaps the vmm when asked.
             if let Some(mut run) = entry.running.borrow_mut().take() {

@@ -36,12 +36,27 @@ struct Seen {
     /// One switch per launched machine: `true` makes its vmm "die" (its
     /// `waitExit` fails the way a lost connection does).
     kill_switches: Vec<tokio::sync::watch::Sender<bool>>,
+    /// VM reservations held now, and the most the fake broker grants.
+    holds: usize,
+    max_holds: Option<usize>,
 }
 
 type Shared = Rc<RefCell<Seen>>;
 
-/// `SessionHost` that records audit events and logouts.
+/// `SessionHost` that records audit events and logouts, and grants VM
+/// reservations up to `max_holds`.
 struct FakeHost(Shared);
+
+/// A reservation of the fake broker: counted while it lives.
+struct FakeHold(Shared);
+
+impl capvisor_rpc::schema::internal_capnp::vm_hold::Server for FakeHold {}
+
+impl Drop for FakeHold {
+    fn drop(&mut self) {
+        self.0.borrow_mut().holds -= 1;
+    }
+}
 
 impl session_host::Server for FakeHost {
     async fn logout(
@@ -63,6 +78,22 @@ impl session_host::Server for FakeHost {
             audit_outcome::Error(c) => capvisor_rpc::error::code_name(c?).to_string(),
         };
         self.0.borrow_mut().audit.push((ev.get_action()?.to_string().unwrap(), outcome));
+        Ok(())
+    }
+    async fn reserve_vm(
+        self: CapRc<Self>,
+        _: session_host::ReserveVmParams,
+        mut r: session_host::ReserveVmResults,
+    ) -> capnp::Result<()> {
+        let mut seen = self.0.borrow_mut();
+        if seen.max_holds.is_some_and(|m| seen.holds >= m) {
+            return Err(capvisor_rpc::CvError::quota("the principal's VM budget is used up").into());
+        }
+        seen.holds += 1;
+        drop(seen);
+        r.get().set_hold(capnp_rpc::new_client::<capvisor_rpc::schema::internal_capnp::vm_hold::Client, _>(FakeHold(
+            self.0.clone(),
+        )));
         Ok(())
     }
 }
@@ -502,5 +533,30 @@ fn the_client_librarys_composed_operations_work_end_to_end() {
         let missing = dir.path().join("nope");
         assert_eq!(code(stream::copy_from_guest(&files, missing.to_str().unwrap(), &back).await), ErrorCode::NotFound);
         assert_eq!(std::fs::read(&back).unwrap(), data, "a failed copy leaves the destination as it was");
+    });
+}
+
+#[test]
+fn running_vms_hold_a_broker_reservation_and_a_refusal_starts_nothing() {
+    run(async {
+        let env = Env::new(|_| {});
+        env.seen.borrow_mut().max_holds = Some(1);
+        let s = env.attach().await;
+        let f = ops::vms(&s);
+        let one = ops::create_vm(&f, &spec("one"));
+        ops::vm_info(&one).await.unwrap();
+        assert_eq!(env.seen.borrow().holds, 1);
+        // The broker refuses a second: typed quota, no vmm launched.
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&f, &spec("two"))).await), ErrorCode::Quota);
+        assert_eq!(env.seen.borrow().launched.len(), 1);
+        // Stopping gives the room back (the cap is still held by the client).
+        ops::stop_vm(&one).await.unwrap();
+        let t0 = std::time::Instant::now();
+        while env.seen.borrow().holds != 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the reservation was never released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let two = ops::create_vm(&f, &spec("two"));
+        assert_eq!(echo(&two, "room").await.unwrap(), "room\n");
     });
 }
