@@ -492,6 +492,12 @@ impl BrokerService {
         Ok(())
     }
 
+    /// Takes every verification slot (tests: to hold logins in the queue).
+    #[cfg(test)]
+    pub(crate) async fn take_verify_slots(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.verify_permits.clone().acquire_many_owned(MAX_VERIFY as u32).await.expect("semaphore open")
+    }
+
     /// Gives back a reservation made by [`Self::reserve_vm`].
     pub fn release_vm(&self, principal: &str, memory_mib: u64) {
         let mut b = self.vm_budget.borrow_mut();

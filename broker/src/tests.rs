@@ -593,8 +593,9 @@ fn one_password_attempt_per_account_and_a_bounded_verify_queue() {
         // Once it ended, the account logs in.
         h.svc.login_password("bob", "password-bob", "unix:uid=8 pid=2").await.unwrap();
 
-        // Many logins at once: the first MAX_VERIFY_QUEUE queue for a
-        // verification slot, the rest get `unavailable` at once.
+        // Many logins at once while every verification slot is busy: the
+        // first MAX_VERIFY_QUEUE queue, the rest get `unavailable` at once.
+        let slots = h.svc.take_verify_slots().await;
         let extra = 5;
         let n = crate::service::MAX_VERIFY_QUEUE + extra;
         let tasks: Vec<_> = (0..n)
@@ -606,6 +607,8 @@ fn one_password_attempt_per_account_and_a_bounded_verify_queue() {
                 })
             })
             .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(slots);
         let mut codes = vec![];
         for t in tasks {
             codes.push(err(t.await.unwrap()).code);
