@@ -96,6 +96,10 @@ impl AuditRecord {
 pub struct AuditLog {
     path: PathBuf,
     file: Mutex<File>,
+    /// Records that could not be written, since start.
+    lost: std::sync::atomic::AtomicU64,
+    /// Whether the last write failed.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl AuditLog {
@@ -105,7 +109,12 @@ impl AuditLog {
     pub fn open(path: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
-        Ok(Self { path: path.to_path_buf(), file: Mutex::new(file) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+            lost: Default::default(),
+            failing: Default::default(),
+        })
     }
 
     /// The file's path.
@@ -114,15 +123,34 @@ impl AuditLog {
     }
 
     /// Appends `rec` (fields longer than [`MAX_FIELD`] are cut). A write
-    /// failure is logged, not returned: auditing never takes the broker down.
+    /// failure is logged and counted ([`Self::lost`]) and makes the log
+    /// [unhealthy](Self::healthy) until a later write succeeds: the broker
+    /// then refuses new sessions and account changes (fail closed) rather
+    /// than act without a record.
     pub fn write(&self, mut rec: AuditRecord) {
+        use std::sync::atomic::Ordering;
         rec.clamp();
         let mut line = serde_json::to_vec(&rec).expect("audit record serialises");
         line.push(b'\n');
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(&line) {
-            tracing::error!(path = %self.path.display(), "cannot write the audit log: {e}");
+        match f.write_all(&line) {
+            Ok(()) => self.failing.store(false, Ordering::Relaxed),
+            Err(e) => {
+                let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
+                self.failing.store(true, Ordering::Relaxed);
+                tracing::error!(path = %self.path.display(), lost, "cannot write the audit log: {e}");
+            }
         }
+    }
+
+    /// Whether the last write succeeded (or none was made yet).
+    pub fn healthy(&self) -> bool {
+        !self.failing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records lost to write failures since the log was opened.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -146,5 +174,18 @@ mod tests {
         assert!(lines[0].ts_ms > 1_600_000_000_000);
         assert!(lines[1].detail.len() <= MAX_FIELD + 3);
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(log.healthy());
+        assert_eq!(log.lost(), 0);
+    }
+
+    #[test]
+    fn write_failures_are_counted_and_make_the_log_unhealthy() {
+        // /dev/full fails every write with ENOSPC: a full disk.
+        let log = AuditLog::open(Path::new("/dev/full")).unwrap();
+        assert!(log.healthy());
+        log.write(AuditRecord::new("login", "Gateway", "loginLocal", "ok"));
+        log.write(AuditRecord::new("login", "Gateway", "loginLocal", "ok"));
+        assert!(!log.healthy());
+        assert_eq!(log.lost(), 2);
     }
 }

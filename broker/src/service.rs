@@ -365,6 +365,7 @@ impl BrokerService {
         if self.shutting_down.get() {
             return Err(CvError::unavailable("the server is shutting down"));
         }
+        self.require_audit()?;
         let bundle: Bundle = self
             .cfg
             .manifest
@@ -457,13 +458,27 @@ impl BrokerService {
         Ok(Grant { session_id: id, session: cap, token: minted.token, principal, profile, expires_at_ms })
     }
 
+    /// Fail closed: `unavailable` while the audit log cannot be written, so
+    /// nothing privileged happens without a record.
+    fn require_audit(&self) -> CvResult<()> {
+        if self.audit.healthy() {
+            return Ok(());
+        }
+        Err(CvError::unavailable(format!(
+            "the audit log cannot be written ({} records lost); capvisor refuses this until it can",
+            self.audit.lost()
+        )))
+    }
+
     /// Reserves room for a running VM of `memory_mib` for `principal`
     /// against its budget and the host's (`[vms] max_host_vms`,
     /// `max_host_memory_mib`, default three quarters of the host's memory).
     /// [`Self::release_vm`] gives it back.
     ///
-    /// Errors: `quota` naming the budget that would be exceeded.
+    /// Errors: `quota` naming the budget that would be exceeded;
+    /// `unavailable` while the audit log cannot be written.
     pub fn reserve_vm(&self, principal: &str, budget: crate::server::PrincipalBudget, memory_mib: u64) -> CvResult<()> {
+        self.require_audit()?;
         let vms = &self.cfg.manifest.vms;
         let host_mem = vms.max_host_memory_mib.unwrap_or_else(default_host_memory_mib);
         let mut b = self.vm_budget.borrow_mut();
@@ -697,6 +712,7 @@ impl BrokerService {
         profile: &str,
         password: String,
     ) -> CvResult<()> {
+        self.require_audit()?;
         let store = self.store.clone();
         let (n, p) = (name.to_string(), profile.to_string());
         let res = tokio::task::spawn_blocking(move || store.add(&n, &p, &password))
@@ -723,6 +739,7 @@ impl BrokerService {
     /// `Accounts.remove`: deletes the account and revokes its live sessions.
     /// Audits `account.remove`.
     pub async fn account_remove(self: &Rc<Self>, actor: &str, sid: &str, name: &str) -> CvResult<()> {
+        self.require_audit()?;
         let store = self.store.clone();
         let n = name.to_string();
         let res = tokio::task::spawn_blocking(move || store.remove(&n))

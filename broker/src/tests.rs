@@ -664,3 +664,24 @@ fn vm_budgets_span_sessions_and_free_with_the_hold() {
         assert!(h.audit_lines().iter().any(|l| l["action"] == "vm.reserve" && l["outcome"] == "quota"));
     });
 }
+
+#[test]
+fn an_unwritable_audit_log_fails_closed() {
+    conn::run_local(async {
+        // audit.jsonl points at /dev/full: every write fails (a full disk).
+        let h = harness(|c| std::os::unix::fs::symlink("/dev/full", c.audit_path()).unwrap());
+        let me = nix::unistd::getuid().as_raw();
+        // The first login happens (nothing failed yet); its record is lost.
+        let g = h.svc.login_local(me, 1).await.unwrap();
+        // From then on nothing privileged happens without a record.
+        let e = err(h.svc.login_local(me, 2).await);
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(e.message.contains("audit log"), "{}", e.message);
+        assert_eq!(h.svc.session_count(), 1, "no session without a record");
+        let budget = crate::server::PrincipalBudget { vms: 4, memory_mib: u64::MAX };
+        assert_eq!(err(h.svc.reserve_vm(&g.principal.to_string(), budget, 256)).code, ErrorCode::Unavailable);
+        let add = h.svc.account_add("local:root", &g.session_id, "zed", "user", "password-zed".into()).await;
+        assert_eq!(err(add).code, ErrorCode::Unavailable);
+        assert!(h.svc.store().list().is_empty(), "no account change without a record");
+    });
+}
