@@ -30,20 +30,18 @@ impl BrokerConfig {
     ///
     /// Errors: the manifest cannot be rendered as TOML, or a path is not UTF-8.
     pub fn to_message(&self) -> anyhow::Result<capnp::message::Builder<capnp::message::HeapAllocator>> {
-        let path = |p: &std::path::Path| {
-            p.to_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("path {} is not UTF-8", p.display()))
-        };
+        use capvisor_rpc::error::path_text;
         let mut m = capnp::message::Builder::new_default();
         {
             let mut b = m.init_root::<broker_config::Builder>();
             b.set_manifest_toml(toml::to_string(&self.manifest)?.as_str());
             capvisor_manifest::write_images(&self.images, b.reborrow().init_images(self.images.len() as u32))?;
-            b.set_state_dir(path(&self.state_dir)?.as_str());
+            b.set_state_dir(path_text(&self.state_dir)?);
             let mut uids = b.reborrow().init_owner_uids(self.owner_uids.len() as u32);
             for (i, u) in self.owner_uids.iter().enumerate() {
                 uids.set(i as u32, *u);
             }
-            b.set_worker_bin(path(&self.worker_bin)?.as_str());
+            b.set_worker_bin(path_text(&self.worker_bin)?);
         }
         Ok(m)
     }

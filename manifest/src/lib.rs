@@ -5,6 +5,7 @@
 //! [`SessionContext`] the broker hands each worker at spawn (schema
 //! `internal.capnp` `SessionContext`, in the worker's config memfd).
 
+use capvisor_rpc::error::{path_text, text};
 use capvisor_rpc::principal::Principal;
 use capvisor_rpc::schema::capvisor_capnp::Engine;
 use capvisor_rpc::schema::internal_capnp::{built_image, bundle, session_context};
@@ -294,14 +295,6 @@ pub struct BuiltImage {
     pub initramfs: PathBuf,
     /// The kernel's release (`uname -r` in the guest).
     pub kernel_release: String,
-}
-
-fn path_text(p: &std::path::Path) -> capnp::Result<&str> {
-    p.to_str().ok_or_else(|| capnp::Error::failed(format!("path {} is not UTF-8", p.display())))
-}
-
-fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
-    capvisor_rpc::error::text(t)
 }
 
 impl BuiltImage {

@@ -176,6 +176,13 @@ pub fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> 
     t?.to_string().map_err(|_| CvError::invalid("text fields must be UTF-8").to_rpc())
 }
 
+/// A host path as schema `Text` (our schemas carry paths as UTF-8 text).
+///
+/// Errors: the path is not UTF-8 (`failed`, naming it).
+pub fn path_text(p: &std::path::Path) -> capnp::Result<&str> {
+    p.to_str().ok_or_else(|| capnp::Error::failed(format!("path {} is not UTF-8", p.display())))
+}
+
 /// `text` made safe to show on a terminal: every control character (C0
 /// except `\n` and `\t` when `multiline`, DEL, and the C1 range
 /// U+0080-U+009F, which terminals also obey) is replaced by its `\u{..}`

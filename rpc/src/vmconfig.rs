@@ -4,6 +4,7 @@
 //! into the vmm's config memfd ([`crate::spawn::config_fd`]) and the vmm
 //! reads it back ([`VmConfig::read_from`]).
 
+use crate::error::path_text;
 use capvisor_schema::capvisor_capnp::Engine;
 use capvisor_schema::internal_capnp::vm_config;
 use std::path::PathBuf;
@@ -49,10 +50,6 @@ pub struct VmConfig {
 
 fn path(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<PathBuf> {
     Ok(PathBuf::from(crate::error::text(t)?))
-}
-
-fn path_text(p: &std::path::Path) -> capnp::Result<&str> {
-    p.to_str().ok_or_else(|| capnp::Error::failed(format!("path {} is not UTF-8", p.display())))
 }
 
 impl VmConfig {
