@@ -3,13 +3,16 @@
 //! store, mints sessions and resume tokens, spawns one worker per session,
 //! routes attached client sockets to their worker, and writes the audit log.
 //!
-//! Process contract: `capvisor-broker --rpc-fd 3 --attach-fd 4` with
-//! fd 3 = RPC stream to the gateway (the broker serves `Broker` as its
-//! bootstrap, [`capvisor_rpc::conn::INTERNAL`] limits), fd 4 = the fd
-//! channel on which the gateway passes attach connections (tag = token),
-//! env `CAPVISOR_BROKER_CONFIG` = JSON [`BrokerConfig`]. It runs until
-//! SIGTERM/SIGINT or until the gateway's connection ends, then revokes
-//! every session, waits (bounded) for the workers and exits 0.
+//! Process contract: `capvisor-broker --gateways-fd 3 --config-fd 4` with
+//! fd 3 = the supervisor's fd channel introducing each gateway it starts
+//! (see [`run`]: per gateway an RPC stream on which the broker serves
+//! `Broker` as its bootstrap with [`capvisor_rpc::conn::INTERNAL`] limits,
+//! and the fd channel on which that gateway passes attach connections, tag
+//! = token), fd 4 = a memfd holding the schema `BrokerConfig` message
+//! ([`BrokerConfig`]). It runs until SIGTERM/SIGINT or until the
+//! supervisor's channel ends, then revokes every session, waits (bounded)
+//! for the workers and exits 0. A gateway's end is not the broker's: the
+//! supervisor restarts a crashed gateway and introduces the new one.
 //!
 //! - [`config`]: the configuration ([`BrokerConfig`]).
 //! - [`store`]: the credential store (Argon2id, atomic file writes).
@@ -47,30 +50,86 @@ pub fn now_ms() -> i64 {
 /// The broker process's main loop (see the crate docs). Must run inside
 /// [`conn::run_local`].
 ///
-/// Errors: a bad `CAPVISOR_BROKER_CONFIG`, an unusable state directory or
+/// `gateways_fd` is the supervisor's fd channel: each gateway the
+/// supervisor starts (the first and every restart after a crash) arrives
+/// as two messages, tag [`GATEWAY_RPC_TAG`] carrying the RPC stream the
+/// broker serves `Broker` on, then tag [`GATEWAY_ATTACH_TAG`] carrying the
+/// SOCK_SEQPACKET channel on which that gateway passes attach connections.
+/// A gateway going away ends only its own connections (logins in
+/// progress); sessions, workers and VMs carry on, and clients resume with
+/// their token through the next gateway. The broker runs until the
+/// supervisor's channel closes or SIGTERM/SIGINT.
+///
+/// Errors: a bad configuration message, an unusable state directory or
 /// credential store, descriptors that are not the expected sockets.
-pub async fn run(rpc_fd: RawFd, attach_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
+pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let cfg = BrokerConfig::from_fd(config_fd)?;
     let launcher = launch::ProcessLauncher { worker_bin: cfg.worker_bin.clone() };
     let svc = BrokerService::new(cfg, Box::new(launcher), store::default_params())?;
-    // SAFETY: the supervisor hands us these descriptors at these numbers
-    // (docs/processes.md) and nothing else in this process uses them.
-    let stream = unsafe { conn::stream_from_fd(rpc_fd)? };
-    // SAFETY: as above: the attach SOCK_SEQPACKET socket, ours alone.
-    let attach = unsafe { FdChannel::from_raw(attach_fd)? };
+    // SAFETY: the supervisor hands us this descriptor at this number
+    // (docs/processes.md) and nothing else in this process uses it.
+    let gateways = unsafe { FdChannel::from_raw(gateways_fd)? };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let bootstrap: broker::Client = capnp_rpc::new_client(server::BrokerServer::new(svc.clone()));
-    let (_gateway, rpc_done) = conn::serve::<capnp::capability::Client>(stream, bootstrap.client, conn::INTERNAL);
     tracing::info!("broker serving");
     tokio::select! {
-        r = rpc_done => tracing::info!("gateway connection ended ({r:?}); shutting down"),
-        r = svc.clone().run_attach_loop(attach) => tracing::info!("attach channel closed ({r:?}); shutting down"),
+        r = serve_gateways(svc.clone(), gateways) => tracing::info!("supervisor channel closed ({r:?}); shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM; shutting down"),
         _ = int.recv() => tracing::info!("SIGINT; shutting down"),
     }
     svc.shutdown().await;
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// Tag of the supervisor's message carrying a gateway's RPC stream.
+pub const GATEWAY_RPC_TAG: &[u8] = b"gateway-rpc";
+/// Tag of the supervisor's message carrying a gateway's attach channel; it
+/// follows the [`GATEWAY_RPC_TAG`] message of the same gateway.
+pub const GATEWAY_ATTACH_TAG: &[u8] = b"gateway-attach";
+
+/// Serves every gateway the supervisor introduces on `ch` (see [`run`]),
+/// each on its own task, until the channel ends (`Ok`) or fails.
+pub async fn serve_gateways(svc: std::rc::Rc<BrokerService>, ch: FdChannel) -> std::io::Result<()> {
+    let mut generation = 0u64;
+    loop {
+        let rpc = match ch.recv().await {
+            Ok((tag, fd)) if tag == GATEWAY_RPC_TAG => fd,
+            Ok((tag, _)) => {
+                tracing::warn!("unexpected message {:?} on the supervisor channel", String::from_utf8_lossy(&tag));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!("malformed message on the supervisor channel: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let attach = match ch.recv().await {
+            Ok((tag, fd)) if tag == GATEWAY_ATTACH_TAG => FdChannel::new(fd)?,
+            Ok((tag, _)) => {
+                tracing::warn!("expected the gateway's attach channel, got {:?}", String::from_utf8_lossy(&tag));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        generation += 1;
+        let stream = capvisor_rpc::spawn::into_tokio(rpc)?;
+        let detail = format!("gateway #{generation} connected");
+        svc.audit(audit::AuditRecord::new("gateway.connect", "Broker", "", "ok").detail(&detail));
+        tracing::info!("{detail}");
+        let svc = svc.clone();
+        tokio::task::spawn_local(async move {
+            let bootstrap: broker::Client = capnp_rpc::new_client(server::BrokerServer::new(svc.clone()));
+            let (_gateway, rpc_done) =
+                conn::serve::<capnp::capability::Client>(stream, bootstrap.client, conn::INTERNAL);
+            tokio::select! {
+                r = rpc_done => tracing::info!("gateway #{generation}: connection ended ({r:?})"),
+                r = svc.clone().run_attach_loop(attach) => tracing::info!("gateway #{generation}: attach channel closed ({r:?})"),
+            }
+        });
+    }
 }

@@ -1,4 +1,4 @@
-//! `capvisor-broker --rpc-fd 3 --attach-fd 4 --config-fd 5` (see the library docs).
+//! `capvisor-broker --gateways-fd 3 --config-fd 4` (see the library docs).
 
 use clap::Parser;
 
@@ -6,21 +6,19 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "capvisor-broker", version)]
 struct Args {
-    /// Inherited RPC stream to the gateway (the broker serves `Broker` on it).
+    /// Inherited SOCK_SEQPACKET fd channel on which the supervisor introduces
+    /// each gateway (its RPC stream, then its attach channel).
     #[arg(long, default_value_t = 3)]
-    rpc_fd: i32,
-    /// Inherited SOCK_SEQPACKET fd channel on which the gateway passes attach connections.
-    #[arg(long, default_value_t = 4)]
-    attach_fd: i32,
+    gateways_fd: i32,
     /// Inherited memfd holding the schema `BrokerConfig` message.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 4)]
     config_fd: i32,
 }
 
 fn main() -> std::process::ExitCode {
     capvisor_rpc::init_logging("broker");
     let args = Args::parse();
-    match capvisor_rpc::conn::run_local(capvisor_broker::run(args.rpc_fd, args.attach_fd, args.config_fd)) {
+    match capvisor_rpc::conn::run_local(capvisor_broker::run(args.gateways_fd, args.config_fd)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("capvisor-broker: {e:#}");

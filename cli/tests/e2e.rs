@@ -374,3 +374,28 @@ fn a_killed_broker_ends_everything_without_orphans() {
     assert!(log.contains("capvisor-broker exited unexpectedly"), "{log}");
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// kill -9 of the gateway: the supervisor starts a new one on the same
+/// socket, and the session and its running VM carry on (the CLI attaches
+/// with its saved token through the new gateway); the restart is audited.
+#[test]
+fn a_killed_gateway_is_restarted_and_vms_carry_on() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "g"], None, 0);
+    let gateway = || s.our_processes().into_iter().find(|(_, a)| a.ends_with("capvisor-gateway")).map(|p| p.0);
+    let first = gateway().expect("a gateway");
+    kill9(first);
+    let t0 = std::time::Instant::now();
+    while gateway().is_none_or(|p| p == first) {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "the gateway was not restarted");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = s.cli_ok("owner", &["vm", "exec", "g", "--", "echo", "still", "here"], None, 0);
+    assert_eq!(stdout(&o), "still here\n");
+    assert_eq!(s.qemu_count(), 1);
+    let audit = std::fs::read_to_string(s.state.join("audit.jsonl")).unwrap();
+    assert_eq!(audit.matches("\"action\":\"gateway.connect\"").count(), 2, "{audit}");
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}

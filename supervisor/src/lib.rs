@@ -8,7 +8,10 @@
 //! `capvisor-gateway` with their socketpairs at fixed descriptors
 //! (`capvisor_rpc::spawn::prepare`: PDEATHSIG, close-on-exec, own process
 //! group so a terminal's Ctrl-C reaches only the supervisor), and then
-//! waits for SIGINT/SIGTERM or a child's exit. Shutdown is orderly:
+//! waits for SIGINT/SIGTERM or a child's exit. A gateway that dies is
+//! restarted on the same socket (at most [`GATEWAY_RESTARTS`] times in
+//! [`GATEWAY_RESTART_WINDOW`]) and introduced to the broker, so sessions
+//! and VMs carry on; the broker's exit ends everything. Shutdown is orderly:
 //! SIGTERM to gateway and broker (the broker revokes every session, workers
 //! stop their VMs), up to [`SHUTDOWN_GRACE`] of waiting, SIGKILL for what
 //! is left, and the socket is removed.
@@ -24,6 +27,14 @@ use std::time::Duration;
 
 /// How long shutdown waits for gateway and broker after SIGTERM before SIGKILL.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// Most gateway restarts within [`GATEWAY_RESTART_WINDOW`]; one more crash
+/// is a crash loop and serve shuts everything down.
+pub const GATEWAY_RESTARTS: usize = 5;
+/// The window [`GATEWAY_RESTARTS`] counts in.
+pub const GATEWAY_RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// Pause before restarting a crashed gateway, so a crash on every start
+/// does not spin.
+pub const GATEWAY_RESTART_DELAY: Duration = Duration::from_millis(200);
 /// How long the gateway may take to answer the readiness probe.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The QEMU binary the `qemu` engine runs.
@@ -240,6 +251,16 @@ struct Child {
 }
 
 impl Child {
+    /// Whether the child still runs (reaps it if it has exited).
+    fn running(&mut self) -> bool {
+        if self.status.is_none() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.status = Some(st);
+            }
+        }
+        self.status.is_none()
+    }
+
     fn signal(&self, sig: nix::sys::signal::Signal) {
         if self.status.is_none() {
             if let Some(pid) = self.child.id() {
@@ -259,32 +280,25 @@ fn spawn_child(name: &'static str, bin_dir: &Path, args: &[String], fds: Vec<spa
     Ok(Child { name, child, status: None })
 }
 
-async fn supervise(
+/// Starts a gateway on `listener` with fresh pipes to the broker, after
+/// introducing those pipes to the broker on its supervisor channel
+/// (`capvisor_broker::run`).
+async fn start_gateway(
     opts: &ServeOptions,
-    cfg: BrokerConfig,
-    auth: String,
-    listener: OwnedFd,
-    label: &str,
-    stop: Option<tokio::sync::oneshot::Receiver<()>>,
-) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    auth: &str,
+    listener: &OwnedFd,
+    broker_ch: &fdpass::FdChannel,
+) -> anyhow::Result<Child> {
     let (rpc_b, rpc_g) = spawn::stream_pair()?;
     let (att_b, att_g) = fdpass::pair()?;
-    let config = spawn::config_fd(&cfg.to_message()?)?;
-    let broker = spawn_child(
-        "capvisor-broker",
-        &opts.bin_dir,
-        &["--rpc-fd".into(), "3".into(), "--attach-fd".into(), "4".into(), "--config-fd".into(), "5".into()],
-        vec![
-            spawn::Inherit { fd: rpc_b, target: 3 },
-            spawn::Inherit { fd: att_b, target: 4 },
-            spawn::Inherit { fd: config, target: 5 },
-        ],
-    )?;
-    let mut children = vec![broker];
-    match spawn_child(
+    broker_ch.send(capvisor_broker::GATEWAY_RPC_TAG, &rpc_b).await.context("introducing the gateway to the broker")?;
+    broker_ch
+        .send(capvisor_broker::GATEWAY_ATTACH_TAG, &att_b)
+        .await
+        .context("introducing the gateway to the broker")?;
+    drop((rpc_b, att_b));
+    let listener = listener.try_clone().context("duplicating the gateway socket")?;
+    spawn_child(
         "capvisor-gateway",
         &opts.bin_dir,
         &[
@@ -301,7 +315,46 @@ async fn supervise(
             spawn::Inherit { fd: rpc_g, target: 4 },
             spawn::Inherit { fd: att_g, target: 5 },
         ],
-    ) {
+    )
+}
+
+/// Whether a gateway that just died may be restarted: true while fewer
+/// than [`GATEWAY_RESTARTS`] restarts happened in the last
+/// [`GATEWAY_RESTART_WINDOW`] (and then records this one).
+fn may_restart(restarts: &mut std::collections::VecDeque<std::time::Instant>) -> bool {
+    let now = std::time::Instant::now();
+    while restarts.front().is_some_and(|t| now.duration_since(*t) > GATEWAY_RESTART_WINDOW) {
+        restarts.pop_front();
+    }
+    if restarts.len() >= GATEWAY_RESTARTS {
+        return false;
+    }
+    restarts.push_back(now);
+    true
+}
+
+async fn supervise(
+    opts: &ServeOptions,
+    cfg: BrokerConfig,
+    auth: String,
+    listener: OwnedFd,
+    label: &str,
+    stop: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (gw_sup, gw_b) = fdpass::pair()?;
+    let broker_ch = fdpass::FdChannel::new(gw_sup)?;
+    let config = spawn::config_fd(&cfg.to_message()?)?;
+    let broker = spawn_child(
+        "capvisor-broker",
+        &opts.bin_dir,
+        &["--gateways-fd".into(), "3".into(), "--config-fd".into(), "4".into()],
+        vec![spawn::Inherit { fd: gw_b, target: 3 }, spawn::Inherit { fd: config, target: 4 }],
+    )?;
+    let mut children = vec![broker];
+    match start_gateway(opts, &auth, &listener, &broker_ch).await {
         Ok(g) => children.push(g),
         Err(e) => {
             shutdown(&mut children).await;
@@ -322,19 +375,36 @@ async fn supervise(
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let stop = async move {
+    let mut stop = std::pin::pin!(async move {
         match stop {
             Some(rx) => {
                 let _ = rx.await;
             }
             None => futures::future::pending().await,
         }
-    };
-    let outcome = tokio::select! {
-        _ = stop => { tracing::info!("stop requested: shutting down"); Ok(()) }
-        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
-        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
-        _ = wait_any(&mut children) => Err(anyhow::anyhow!("{}; shut everything down", exit_report(&mut children).await)),
+    });
+    let mut restarts = std::collections::VecDeque::new();
+    let outcome = loop {
+        let (name, status) = tokio::select! {
+            _ = &mut stop => { tracing::info!("stop requested: shutting down"); break Ok(()) }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
+            exited = wait_any(&mut children) => exited,
+        };
+        // A gateway also ends when its broker does: let a dying broker be
+        // seen before deciding.
+        tokio::time::sleep(GATEWAY_RESTART_DELAY).await;
+        let broker_alive = children.iter_mut().any(|c| c.name == "capvisor-broker" && c.running());
+        if name != "capvisor-gateway" || !broker_alive || !may_restart(&mut restarts) {
+            break Err(anyhow::anyhow!("{}; shut everything down", exit_report(&mut children).await));
+        }
+        tracing::warn!("capvisor-gateway exited unexpectedly ({status}); restarting it (sessions and VMs carry on)");
+        eprintln!("capvisor: the gateway exited unexpectedly ({status}); restarting it");
+        children.retain(|c| c.status.is_none());
+        match start_gateway(opts, &auth, &listener, &broker_ch).await {
+            Ok(g) => children.push(g),
+            Err(e) => break Err(e.context("restarting the gateway")),
+        }
     };
     shutdown(&mut children).await;
     outcome

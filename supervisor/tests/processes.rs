@@ -103,6 +103,10 @@ impl Running {
     }
 
     fn child_pid(&self, comm: &str) -> u32 {
+        self.find_child(comm).unwrap_or_else(|| panic!("no child {comm}"))
+    }
+
+    fn find_child(&self, comm: &str) -> Option<u32> {
         let me = std::process::id();
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
@@ -111,10 +115,10 @@ impl Running {
             let ppid: u32 = rest.split(' ').nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
             let c = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
             if ppid == me && comm.starts_with(c.trim()) {
-                return pid;
+                return Some(pid);
             }
         }
-        panic!("no child {comm}");
+        None
     }
 
     fn finish(self) -> anyhow::Result<()> {
@@ -260,13 +264,94 @@ fn gateway_and_broker_processes_serve_logins_and_shut_down_cleanly() {
     r.finish().unwrap();
 }
 
+fn kill9(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
 #[test]
-fn a_dying_child_stops_everything_with_its_name() {
+fn a_killed_gateway_is_restarted_and_sessions_carry_on() {
     let Some(r) = start(|_| {}) else { return };
-    let gw = r.child_pid("capvisor-gateway");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(gw as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    if !have("capvisor-worker") {
+        eprintln!("SKIPPED: capvisor-worker is not built");
+        return;
+    }
+    let first = r.child_pid("capvisor-gateway");
+    conn::run_local(async {
+        let gw = gateway_client(&r.opts.socket).await;
+        let (sess, token, _) = login_outcome!(gw.login_local_request().send().promise.await).unwrap();
+        let id = session_id(&sess).await;
+        // An attached client talks to its worker directly: it must not
+        // notice the gateway's death at all.
+        let mut s = tokio::net::UnixStream::connect(&r.opts.socket).await.unwrap();
+        capvisor_rpc::attach::write_attach(&mut s, &token).await.unwrap();
+        capvisor_rpc::attach::read_reply(&mut s).await.unwrap().unwrap();
+        let (attached_before, _c1) = conn::connect::<session::Client>(s, None, conn::INTERNAL);
+        assert_eq!(session_id(&attached_before).await, id);
+
+        kill9(first);
+        // The login connection to the dead gateway ends.
+        let e = tokio::time::timeout(Duration::from_secs(10), gw.auth_methods_request().send().promise)
+            .await
+            .expect("a call on a dead gateway's connection must fail, not hang");
+        assert!(e.is_err(), "the killed gateway still answered");
+        assert_eq!(session_id(&attached_before).await, id, "the attached session broke with the gateway");
+
+        // A new gateway serves the same socket.
+        let t0 = Instant::now();
+        loop {
+            if r.find_child("capvisor-gateway").is_some_and(|p| p != first) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "the gateway was not restarted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let gw = gateway_client(&r.opts.socket).await;
+        let mut req = gw.resume_request();
+        req.get().set_token(token.as_str());
+        let (again, _, _) = login_outcome!(req.send().promise.await).expect("resume through the new gateway");
+        assert_eq!(session_id(&again).await, id);
+        let mut s = tokio::net::UnixStream::connect(&r.opts.socket).await.unwrap();
+        capvisor_rpc::attach::write_attach(&mut s, &token).await.unwrap();
+        capvisor_rpc::attach::read_reply(&mut s).await.unwrap().expect("attach through the new gateway");
+        let (attached, _c2) = conn::connect::<session::Client>(s, None, conn::INTERNAL);
+        assert_eq!(session_id(&attached).await, id);
+        assert_eq!(session_id(&attached_before).await, id, "the first attached client still answers");
+        attached.logout_request().send().promise.await.unwrap();
+    });
+    let audit = std::fs::read_to_string(r.opts.state_dir.join("audit.jsonl")).unwrap();
+    assert_eq!(audit.matches("\"action\":\"gateway.connect\"").count(), 2, "{audit}");
+    r.finish().unwrap();
+}
+
+#[test]
+fn a_gateway_crash_loop_stops_everything_with_its_name() {
+    let Some(r) = start(|_| {}) else { return };
+    let mut killed = vec![];
+    let t0 = Instant::now();
+    // One more crash than the restart budget allows.
+    while killed.len() <= capvisor_supervisor::GATEWAY_RESTARTS {
+        assert!(t0.elapsed() < Duration::from_secs(60), "gateway not restarted in time; killed {killed:?}");
+        let Some(pid) = r.find_child("capvisor-gateway") else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        if killed.contains(&pid) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        kill9(pid);
+        killed.push(pid);
+    }
     let e = format!("{:#}", r.finish_on_its_own().unwrap_err());
     assert!(e.contains("capvisor-gateway exited unexpectedly"), "{e}");
+}
+
+#[test]
+fn a_dying_broker_stops_everything_with_its_name() {
+    let Some(r) = start(|_| {}) else { return };
+    kill9(r.child_pid("capvisor-broker"));
+    let e = format!("{:#}", r.finish_on_its_own().unwrap_err());
+    assert!(e.contains("capvisor-broker exited unexpectedly"), "{e}");
 }
 
 #[test]
