@@ -4,6 +4,18 @@
 //! Every login (ok or denied), resume, attach, logout, session end, account
 //! change and every event a worker reports is a line. A record never holds
 //! a password, a resume token or a token hash.
+//!
+//! Repeats are coalesced so a flood (wrong passwords, refused calls) cannot
+//! grow the log one line per attempt: the first of a run of records equal
+//! in every field but the time is written at once; equal records within
+//! [`COALESCE_WINDOW`] after it are counted, not written, and when the
+//! window closes one more line stands for those repeats, with `repeated` =
+//! how many (so a line accounts for `max(repeated, 1)` events) and
+//! `since_ms` = the first one's time (`ts_ms` = the last one's). The broker
+//! closes due windows every second ([`AuditLog::flush_due`]) and all of
+//! them at shutdown ([`AuditLog::flush_all`]). At most [`COALESCE_KEYS`]
+//! distinct records are tracked; beyond that records are written as they
+//! come.
 
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -13,6 +25,14 @@ use std::sync::Mutex;
 
 /// Longest value kept in one field (characters); longer values are cut.
 pub const MAX_FIELD: usize = 512;
+/// How long equal records are counted into one line (see the module docs).
+pub const COALESCE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most distinct records tracked for coalescing at once.
+pub const COALESCE_KEYS: usize = 1024;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 /// One audit line.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -38,6 +58,18 @@ pub struct AuditRecord {
     pub detail: String,
     /// What the gateway saw of the peer, e.g. `unix:uid=1000 pid=4242`, or `""`.
     pub peer: String,
+    /// On a coalesced line: how many more records equal to this one (but
+    /// for the time) happened from `since_ms` to `ts_ms`, not written one
+    /// by one. Absent (0) on ordinary lines.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeated: u64,
+    /// On a coalesced line: the time of the first repeat, Unix epoch ms.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub since_ms: i64,
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
 }
 
 impl AuditRecord {
@@ -91,11 +123,23 @@ impl AuditRecord {
     }
 }
 
+/// A run of equal records being counted (see the module docs).
+struct Run {
+    opened: std::time::Instant,
+    first_ms: i64,
+    last_ms: i64,
+    repeats: u64,
+    rec: AuditRecord,
+}
+
 /// An append-only JSONL audit file. Each record is one `write` on an
 /// `O_APPEND` descriptor, so lines never interleave.
 pub struct AuditLog {
     path: PathBuf,
     file: Mutex<File>,
+    window: std::time::Duration,
+    /// Open runs by record (time zeroed), serialised.
+    runs: Mutex<std::collections::HashMap<Vec<u8>, Run>>,
     /// Records that could not be written, since start.
     lost: std::sync::atomic::AtomicU64,
     /// Whether the last write failed.
@@ -107,11 +151,19 @@ impl AuditLog {
     ///
     /// Errors: any I/O error opening the file.
     pub fn open(path: &Path) -> std::io::Result<Self> {
+        Self::open_with_window(path, COALESCE_WINDOW)
+    }
+
+    /// [`Self::open`] with another coalescing window (tests; zero turns
+    /// coalescing off).
+    pub fn open_with_window(path: &Path, window: std::time::Duration) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             file: Mutex::new(file),
+            window,
+            runs: Default::default(),
             lost: Default::default(),
             failing: Default::default(),
         })
@@ -127,10 +179,72 @@ impl AuditLog {
     /// [unhealthy](Self::healthy) until a later write succeeds: the broker
     /// then refuses new sessions and account changes (fail closed) rather
     /// than act without a record.
+    ///
+    /// A record equal but for its time to one written less than the
+    /// coalescing window ago is only counted (see the module docs).
     pub fn write(&self, mut rec: AuditRecord) {
-        use std::sync::atomic::Ordering;
         rec.clamp();
-        let mut line = serde_json::to_vec(&rec).expect("audit record serialises");
+        if self.window.is_zero() {
+            return self.append(&rec);
+        }
+        let key = serde_json::to_vec(&AuditRecord { ts_ms: 0, ..rec.clone() }).expect("audit record serialises");
+        let now = std::time::Instant::now();
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(run) = runs.get_mut(&key) {
+            if now.duration_since(run.opened) < self.window {
+                run.repeats += 1;
+                run.last_ms = rec.ts_ms;
+                if run.repeats == 1 {
+                    run.first_ms = rec.ts_ms;
+                }
+                return;
+            }
+            let done = runs.remove(&key).expect("present");
+            self.close(done);
+        }
+        if runs.len() >= COALESCE_KEYS {
+            self.close_due(&mut runs, now);
+        }
+        self.append(&rec);
+        if runs.len() < COALESCE_KEYS {
+            runs.insert(key, Run { opened: now, first_ms: 0, last_ms: 0, repeats: 0, rec });
+        }
+    }
+
+    /// Writes the coalesced line of every run whose window has closed.
+    pub fn flush_due(&self) {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        self.close_due(&mut runs, std::time::Instant::now());
+    }
+
+    /// Writes the coalesced line of every open run (at shutdown).
+    pub fn flush_all(&self) {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, run) in runs.drain() {
+            self.close(run);
+        }
+    }
+
+    fn close_due(&self, runs: &mut std::collections::HashMap<Vec<u8>, Run>, now: std::time::Instant) {
+        let due: Vec<Vec<u8>> =
+            runs.iter().filter(|(_, r)| now.duration_since(r.opened) >= self.window).map(|(k, _)| k.clone()).collect();
+        for k in due {
+            if let Some(run) = runs.remove(&k) {
+                self.close(run);
+            }
+        }
+    }
+
+    /// Writes a run's coalesced line, when it counted any repeat.
+    fn close(&self, run: Run) {
+        if run.repeats > 0 {
+            self.append(&AuditRecord { ts_ms: run.last_ms, repeated: run.repeats, since_ms: run.first_ms, ..run.rec });
+        }
+    }
+
+    fn append(&self, rec: &AuditRecord) {
+        use std::sync::atomic::Ordering;
+        let mut line = serde_json::to_vec(rec).expect("audit record serialises");
         line.push(b'\n');
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         match f.write_all(&line) {
@@ -178,10 +292,66 @@ mod tests {
         assert_eq!(log.lost(), 0);
     }
 
+    fn read(p: &Path) -> Vec<AuditRecord> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn repeats_are_coalesced_into_one_counted_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.jsonl");
+        let log = AuditLog::open_with_window(&p, std::time::Duration::from_millis(300)).unwrap();
+        let wrong = |pid: u32| {
+            AuditRecord::new("login", "Gateway", "loginPassword", "denied")
+                .principal("password:bob")
+                .peer(&format!("unix:uid=1000 pid={pid}"))
+        };
+        for _ in 0..50 {
+            log.write(wrong(7));
+        }
+        log.write(wrong(8)); // another peer: its own line
+        log.write(AuditRecord::new("login", "Gateway", "loginPassword", "ok").principal("password:bob"));
+        let lines = read(&p);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines[0].repeated, 0);
+        // Nothing is lost: the counted repeats appear once the window closes.
+        std::thread::sleep(std::time::Duration::from_millis(350));
+        log.flush_due();
+        let lines = read(&p);
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[3].repeated, 49);
+        assert_eq!((lines[3].peer.as_str(), lines[3].outcome.as_str()), ("unix:uid=1000 pid=7", "denied"));
+        assert!(lines[3].since_ms >= lines[0].ts_ms && lines[3].ts_ms >= lines[3].since_ms);
+        // A new run starts after the window: written at once again.
+        log.write(wrong(7));
+        log.write(wrong(7));
+        assert_eq!(read(&p).len(), 5);
+        log.flush_all();
+        let lines = read(&p);
+        assert_eq!((lines.len(), lines[5].repeated), (6, 1));
+        let total: u64 = lines.iter().filter(|l| l.peer.ends_with("pid=7")).map(|l| l.repeated.max(1)).sum();
+        assert_eq!(total, 52, "every event is accounted for");
+    }
+
+    #[test]
+    fn coalescing_tracks_a_bounded_number_of_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.jsonl");
+        let log = AuditLog::open_with_window(&p, std::time::Duration::from_secs(3600)).unwrap();
+        for i in 0..COALESCE_KEYS + 10 {
+            log.write(AuditRecord::new("login", "Gateway", "loginPassword", "denied").detail(format!("{i}")));
+        }
+        assert_eq!(log.runs.lock().unwrap().len(), COALESCE_KEYS);
+        // Untracked records are written one by one: none is lost.
+        let last = format!("{}", COALESCE_KEYS + 5);
+        log.write(AuditRecord::new("login", "Gateway", "loginPassword", "denied").detail(last));
+        assert_eq!(read(&p).len(), COALESCE_KEYS + 11);
+    }
+
     #[test]
     fn write_failures_are_counted_and_make_the_log_unhealthy() {
         // /dev/full fails every write with ENOSPC: a full disk.
-        let log = AuditLog::open(Path::new("/dev/full")).unwrap();
+        let log = AuditLog::open_with_window(Path::new("/dev/full"), std::time::Duration::ZERO).unwrap();
         assert!(log.healthy());
         log.write(AuditRecord::new("login", "Gateway", "loginLocal", "ok"));
         log.write(AuditRecord::new("login", "Gateway", "loginLocal", "ok"));

@@ -73,12 +73,21 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tracing::info!("broker serving");
+    let ticker = svc.clone();
+    tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            ticker.audit_log().flush_due();
+        }
+    });
     tokio::select! {
         r = serve_gateways(svc.clone(), gateways) => tracing::info!("supervisor channel closed ({r:?}); shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM; shutting down"),
         _ = int.recv() => tracing::info!("SIGINT; shutting down"),
     }
     svc.shutdown().await;
+    svc.audit_log().flush_all();
     tracing::info!("broker stopped");
     Ok(())
 }

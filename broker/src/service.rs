@@ -186,6 +186,11 @@ impl BrokerService {
         self.audit.write(rec)
     }
 
+    /// The audit log (for closing coalesced runs: `flush_due`, `flush_all`).
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
     /// Number of live sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.borrow().len()

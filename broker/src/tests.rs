@@ -134,8 +134,17 @@ impl Harness {
     fn audit_text(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default()
     }
+    /// Every audited event, one value each: open coalesced runs are closed
+    /// first and a coalesced line counts as its `repeated` events.
     fn audit_lines(&self) -> Vec<serde_json::Value> {
-        self.audit_text().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        self.svc.audit_log().flush_all();
+        let mut out = vec![];
+        for l in self.audit_text().lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let n = v.get("repeated").and_then(|r| r.as_u64()).unwrap_or(1);
+            out.extend(std::iter::repeat_n(v, n as usize));
+        }
+        out
     }
     fn host(&self, id: &str) -> session_host::Client {
         self.fake.st.borrow().hosts.get(id).unwrap().clone()
