@@ -10,6 +10,7 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use futures::AsyncReadExt;
 use std::future::Future;
+use std::rc::Rc;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 /// Reader limits for connections a hostile peer may write to (the gateway
@@ -24,6 +25,108 @@ pub const UNTRUSTED: ReaderOptions =
 /// still travels in [`crate::CHUNK`]-sized `ByteSink` writes.
 pub const INTERNAL: ReaderOptions =
     ReaderOptions { traversal_limit_in_words: Some(8 * 1024 * 1024), nesting_limit: 64 };
+
+/// Reader limits for the agent link as the host reads it (the worker's
+/// end): the guest is untrusted. 1 MiB per message (128 Ki words), nesting
+/// 64: a [`crate::CHUNK`] `ByteSink.write` (64 KiB) and every other guest
+/// answer fit many times over. A larger message ends the link (the worker
+/// then marks the VM crashed).
+pub const GUEST: ReaderOptions = ReaderOptions { traversal_limit_in_words: Some(128 * 1024), nesting_limit: 64 };
+
+/// How much a peer may have the local end working on at once: calls
+/// received and not yet answered (`Return` not yet sent), and the size of
+/// their messages. capnp-rpc (Rust) has no receiver-side flow limit (C++'s
+/// `RpcSystem::setFlowLimit`; the Rust crate's flow controller only bounds
+/// what a well-behaved *sender* puts in flight), so [`rpc_system_limited`]
+/// counts in the transport: a `Call` over either bound is answered at once
+/// with an `unavailable` exception ("too many calls in flight on this
+/// connection") and its message dropped, without reaching the RPC system;
+/// the connection stays usable. Refusing instead of not reading further
+/// means answers to our own questions keep flowing, so a peer at the bound
+/// cannot deadlock calls that wait on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallLimits {
+    /// Calls in progress, at most.
+    pub calls: usize,
+    /// Bytes of the messages of the calls in progress, at most (a call
+    /// that alone is larger than this is still admitted when none is in
+    /// progress; the reader options bound single messages).
+    pub bytes: u64,
+}
+
+/// Calls a client may have in progress on one connection (the gateway's
+/// login connections, sessions attached to a worker): 256 calls, 64 MiB.
+pub const CLIENT_CALLS: CallLimits = CallLimits { calls: 256, bytes: 64 << 20 };
+
+/// Calls a guest may have in progress on its agent link (its
+/// `ByteSink.write`s toward the client, mostly): 256 calls, 4 MiB. A
+/// well-behaved guest-init streams each sink with capnp-rpc's 64 KiB window,
+/// so this leaves room for dozens of busy streams; a guest writing without
+/// waiting gets `unavailable` for the excess and cannot grow the worker
+/// (or, behind it, the client).
+pub const GUEST_CALLS: CallLimits = CallLimits { calls: 256, bytes: 4 << 20 };
+
+/// What a [`CallLimits`]-bounded connection has in progress, shared with
+/// the transport that counts it (for tests and diagnostics).
+#[derive(Debug, Default)]
+pub struct CallGauge {
+    calls: std::cell::Cell<usize>,
+    bytes: std::cell::Cell<u64>,
+    peak_bytes: std::cell::Cell<u64>,
+    peak_calls: std::cell::Cell<usize>,
+    refused: std::cell::Cell<u64>,
+    /// Answer id -> message bytes of each call in progress.
+    answers: std::cell::RefCell<std::collections::HashMap<u32, u64>>,
+}
+
+impl CallGauge {
+    /// Calls received and not yet answered.
+    pub fn calls(&self) -> usize {
+        self.calls.get()
+    }
+    /// Message bytes of those calls.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.get()
+    }
+    /// The most calls ever in progress at once.
+    pub fn peak_calls(&self) -> usize {
+        self.peak_calls.get()
+    }
+    /// The most message bytes ever in progress at once.
+    pub fn peak_bytes(&self) -> u64 {
+        self.peak_bytes.get()
+    }
+    /// Calls refused with `unavailable` so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.get()
+    }
+
+    fn admit(&self, limits: CallLimits, id: u32, size: u64) -> bool {
+        let (calls, bytes) = (self.calls.get(), self.bytes.get());
+        if calls >= limits.calls || (calls > 0 && bytes.saturating_add(size) > limits.bytes) {
+            self.refused.set(self.refused.get() + 1);
+            return false;
+        }
+        if let Some(old) = self.answers.borrow_mut().insert(id, size) {
+            // A reused id still in progress is a protocol error the RPC
+            // system reports; keep the counts consistent meanwhile.
+            self.bytes.set(self.bytes.get() - old);
+            self.calls.set(self.calls.get() - 1);
+        }
+        self.calls.set(self.calls.get() + 1);
+        self.bytes.set(self.bytes.get() + size);
+        self.peak_calls.set(self.peak_calls.get().max(self.calls.get()));
+        self.peak_bytes.set(self.peak_bytes.get().max(self.bytes.get()));
+        true
+    }
+
+    fn answered(&self, id: u32) {
+        if let Some(size) = self.answers.borrow_mut().remove(&id) {
+            self.calls.set(self.calls.get() - 1);
+            self.bytes.set(self.bytes.get() - size);
+        }
+    }
+}
 
 /// Runs `fut` to completion on a fresh single-threaded tokio runtime with a
 /// `LocalSet`, so it may `spawn_local` RPC systems.
@@ -56,6 +159,54 @@ pub fn rpc_system(
     let network =
         twoparty::VatNetwork::new(futures::io::BufReader::new(reader), futures::io::BufWriter::new(writer), side, opts);
     RpcSystem::new(Box::new(network), bootstrap)
+}
+
+/// [`rpc_system`] with at most `limits` calls of the peer in progress
+/// ([`CallLimits`]); returns the system and the gauge counting them.
+pub fn rpc_system_limited(
+    stream: tokio::net::UnixStream,
+    side: Side,
+    bootstrap: Option<Client>,
+    opts: ReaderOptions,
+    limits: CallLimits,
+) -> (RpcSystem<Side>, Rc<CallGauge>) {
+    let (reader, writer) = stream.compat().split();
+    let network =
+        twoparty::VatNetwork::new(futures::io::BufReader::new(reader), futures::io::BufWriter::new(writer), side, opts);
+    limited(network, bootstrap, limits)
+}
+
+/// [`rpc_system_rw`] with at most `limits` calls of the peer in progress
+/// ([`CallLimits`]); returns the system and the gauge counting them.
+pub fn rpc_system_rw_limited<R, W>(
+    reader: R,
+    writer: W,
+    side: Side,
+    bootstrap: Option<Client>,
+    opts: ReaderOptions,
+    limits: CallLimits,
+) -> (RpcSystem<Side>, Rc<CallGauge>)
+where
+    R: tokio::io::AsyncRead + Unpin + 'static,
+    W: tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(reader.compat()),
+        futures::io::BufWriter::new(writer.compat_write()),
+        side,
+        opts,
+    );
+    limited(network, bootstrap, limits)
+}
+
+fn limited<T: futures::AsyncRead + Unpin + 'static>(
+    network: twoparty::VatNetwork<T>,
+    bootstrap: Option<Client>,
+    limits: CallLimits,
+) -> (RpcSystem<Side>, Rc<CallGauge>) {
+    let gauge = Rc::new(CallGauge::default());
+    let net = limit::Network { inner: Box::new(network), limits, gauge: gauge.clone() };
+    (RpcSystem::new(Box::new(net), bootstrap), gauge)
 }
 
 /// Like [`rpc_system`] but on any split tokio reader / writer pair (for a
@@ -96,6 +247,39 @@ pub fn connect<C: capnp::capability::FromClientHook>(
     (cap, handle)
 }
 
+/// [`connect`] with at most `limits` calls of the peer in progress
+/// ([`CallLimits`]; for the agent link, where the guest calls the sinks it
+/// was given); also returns the gauge.
+///
+/// Must be called inside a `LocalSet`.
+pub fn connect_limited<C: capnp::capability::FromClientHook>(
+    stream: tokio::net::UnixStream,
+    bootstrap: Option<Client>,
+    opts: ReaderOptions,
+    limits: CallLimits,
+) -> (C, tokio::task::JoinHandle<Result<(), capnp::Error>>, Rc<CallGauge>) {
+    let (mut system, gauge) = rpc_system_limited(stream, Side::Client, bootstrap, opts, limits);
+    let cap: C = system.bootstrap(Side::Server);
+    let handle = tokio::task::spawn_local(system);
+    (cap, handle, gauge)
+}
+
+/// [`serve`] with at most `limits` calls of the peer in progress
+/// ([`CallLimits`]); also returns the gauge.
+///
+/// Must be called inside a `LocalSet`.
+pub fn serve_limited<C: capnp::capability::FromClientHook>(
+    stream: tokio::net::UnixStream,
+    bootstrap: Client,
+    opts: ReaderOptions,
+    limits: CallLimits,
+) -> (C, tokio::task::JoinHandle<Result<(), capnp::Error>>, Rc<CallGauge>) {
+    let (mut system, gauge) = rpc_system_limited(stream, Side::Server, Some(bootstrap), opts, limits);
+    let cap: C = system.bootstrap(Side::Client);
+    let handle = tokio::task::spawn_local(system);
+    (cap, handle, gauge)
+}
+
 /// Serves `bootstrap` on `stream` (this end is `Side::Server`) and returns
 /// the peer's own bootstrap cap of type `C` (a broken cap if it offers
 /// none) and a handle that resolves when the connection ends.
@@ -112,6 +296,200 @@ pub fn serve<C: capnp::capability::FromClientHook>(
     (cap, handle)
 }
 
+/// The transport of [`rpc_system_limited`]: a twoparty network whose
+/// connection screens incoming `Call`s against [`CallLimits`] and notes
+/// outgoing `Return`s (capnp rpc.capnp, `Message.call` / `Message.return`).
+mod limit {
+    use super::{CallGauge, CallLimits};
+    use capnp::capability::Promise;
+    use capnp_rpc::rpc_capnp::{cap_descriptor, exception, message};
+    use capnp_rpc::rpc_twoparty_capnp::Side;
+    use capnp_rpc::{IncomingMessage, OutgoingMessage};
+    use futures::TryFutureExt;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    type Conn = Rc<RefCell<Box<dyn capnp_rpc::Connection<Side>>>>;
+
+    pub(super) struct Network {
+        pub(super) inner: Box<dyn capnp_rpc::VatNetwork<Side>>,
+        pub(super) limits: CallLimits,
+        pub(super) gauge: Rc<CallGauge>,
+    }
+
+    fn wrap(
+        inner: Box<dyn capnp_rpc::Connection<Side>>,
+        limits: CallLimits,
+        gauge: Rc<CallGauge>,
+    ) -> Box<dyn capnp_rpc::Connection<Side>> {
+        Box::new(Connection { inner: Rc::new(RefCell::new(inner)), limits, gauge })
+    }
+
+    impl capnp_rpc::VatNetwork<Side> for Network {
+        fn connect(&mut self, host_id: Side) -> Option<Box<dyn capnp_rpc::Connection<Side>>> {
+            self.inner.connect(host_id).map(|c| wrap(c, self.limits, self.gauge.clone()))
+        }
+
+        fn accept(&mut self) -> Promise<Box<dyn capnp_rpc::Connection<Side>>, capnp::Error> {
+            let (limits, gauge) = (self.limits, self.gauge.clone());
+            Promise::from_future(self.inner.accept().map_ok(move |c| wrap(c, limits, gauge)))
+        }
+
+        fn drive_until_shutdown(&mut self) -> Promise<(), capnp::Error> {
+            self.inner.drive_until_shutdown()
+        }
+    }
+
+    struct Connection {
+        inner: Conn,
+        limits: CallLimits,
+        gauge: Rc<CallGauge>,
+    }
+
+    /// A call to refuse: its question id, and the peer's capabilities its
+    /// parameters carried (export id, references), which are released.
+    struct Refusal {
+        question_id: u32,
+        releases: Vec<(u32, u32)>,
+    }
+
+    /// `Some` when `msg` is a `Call` over the limits (which are not charged
+    /// then); a call within them is charged to the gauge. Anything that
+    /// does not parse passes, for the RPC system to reject.
+    fn screen(msg: &dyn IncomingMessage, limits: CallLimits, gauge: &CallGauge) -> Option<Refusal> {
+        let body = msg.get_body().ok()?;
+        let m: message::Reader<'_> = body.get_as().ok()?;
+        let Ok(message::Call(Ok(call))) = m.which() else { return None };
+        let size = body.target_size().ok()?.word_count * 8;
+        let question_id = call.get_question_id();
+        if gauge.admit(limits, question_id, size) {
+            return None;
+        }
+        let mut releases: Vec<(u32, u32)> = Vec::new();
+        if let Ok(table) = call.get_params().and_then(|p| p.get_cap_table()) {
+            for d in table.iter() {
+                if let Ok(cap_descriptor::SenderHosted(id) | cap_descriptor::SenderPromise(id)) = d.which() {
+                    match releases.iter_mut().find(|(e, _)| *e == id) {
+                        Some((_, n)) => *n += 1,
+                        None => releases.push((id, 1)),
+                    }
+                }
+            }
+        }
+        Some(Refusal { question_id, releases })
+    }
+
+    /// Answers a refused call with an `unavailable` exception and releases
+    /// the capabilities its parameters carried (`releaseParamCaps` false:
+    /// the explicit `Release`s do it, which C++ and Rust peers both expect).
+    fn refuse(conn: &Conn, r: &Refusal, limits: CallLimits) -> capnp::Result<()> {
+        let reason = crate::CvError::unavailable(format!(
+            "too many calls in flight on this connection (at most {} calls, {} bytes); retry when some have finished",
+            limits.calls, limits.bytes
+        ))
+        .to_rpc()
+        .extra;
+        let mut conn = conn.borrow_mut();
+        let mut out = conn.new_outgoing_message(64);
+        {
+            let mut ret = out.get_body()?.init_as::<message::Builder<'_>>().init_return();
+            ret.set_answer_id(r.question_id);
+            ret.set_release_param_caps(false);
+            let mut ex = ret.init_exception();
+            ex.set_type(exception::Type::Overloaded);
+            ex.set_reason(reason.as_str());
+        }
+        let _ = out.send();
+        for &(id, count) in &r.releases {
+            let mut out = conn.new_outgoing_message(8);
+            let mut rel = out.get_body()?.init_as::<message::Builder<'_>>().init_release();
+            rel.set_id(id);
+            rel.set_reference_count(count);
+            let _ = out.send();
+        }
+        Ok(())
+    }
+
+    impl capnp_rpc::Connection<Side> for Connection {
+        fn get_peer_vat_id(&self) -> Side {
+            self.inner.borrow().get_peer_vat_id()
+        }
+
+        fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
+            let inner = self.inner.borrow_mut().new_outgoing_message(first_segment_word_size);
+            Box::new(Outgoing { inner, gauge: self.gauge.clone() })
+        }
+
+        fn receive_incoming_message(&mut self) -> Promise<Option<Box<dyn IncomingMessage>>, capnp::Error> {
+            let (conn, limits, gauge) = (self.inner.clone(), self.limits, self.gauge.clone());
+            Promise::from_future(async move {
+                loop {
+                    let next = conn.borrow_mut().receive_incoming_message();
+                    let Some(msg) = next.await? else { return Ok(None) };
+                    match screen(msg.as_ref(), limits, &gauge) {
+                        None => return Ok(Some(msg)),
+                        Some(r) => {
+                            tracing::debug!(question = r.question_id, "call refused: too many in flight");
+                            refuse(&conn, &r, limits)?;
+                        }
+                    }
+                }
+            })
+        }
+
+        fn new_stream(&mut self) -> (Box<dyn capnp_rpc::FlowController>, Promise<(), capnp::Error>) {
+            self.inner.borrow_mut().new_stream()
+        }
+
+        fn shutdown(&mut self, result: capnp::Result<()>) -> Promise<(), capnp::Error> {
+            self.inner.borrow_mut().shutdown(result)
+        }
+    }
+
+    /// An outgoing message; a `Return` sent ends its call's charge.
+    struct Outgoing {
+        inner: Box<dyn OutgoingMessage>,
+        gauge: Rc<CallGauge>,
+    }
+
+    impl OutgoingMessage for Outgoing {
+        fn get_body(&mut self) -> capnp::Result<capnp::any_pointer::Builder<'_>> {
+            self.inner.get_body()
+        }
+
+        fn get_body_as_reader(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+            self.inner.get_body_as_reader()
+        }
+
+        fn send(
+            self: Box<Self>,
+        ) -> (Promise<(), capnp::Error>, Rc<capnp::message::Builder<capnp::message::HeapAllocator>>) {
+            let answered =
+                self.inner.get_body_as_reader().and_then(|b| b.get_as::<message::Reader<'_>>()).ok().and_then(|m| {
+                    match m.which() {
+                        Ok(message::Return(Ok(r))) => Some(r.get_answer_id()),
+                        _ => None,
+                    }
+                });
+            if let Some(id) = answered {
+                self.gauge.answered(id);
+            }
+            self.inner.send()
+        }
+
+        /// Taken, not sent (capnp-rpc takes the results message of a
+        /// call cancelled meanwhile and sends a separate `Return`): no
+        /// charge ends here.
+        fn take(self: Box<Self>) -> capnp::message::Builder<capnp::message::HeapAllocator> {
+            self.inner.take()
+        }
+
+        fn size_in_words(&self) -> usize {
+            self.inner.size_in_words()
+        }
+    }
+}
+
 /// Turns an inherited raw descriptor (a socketpair end the parent passed at
 /// spawn, see [`crate::spawn`]) into a non-blocking tokio `UnixStream`.
 ///
@@ -124,4 +502,182 @@ pub unsafe fn stream_from_fd(fd: std::os::fd::RawFd) -> std::io::Result<tokio::n
     let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
     std.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(std)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::common_capnp::{byte_sink, files};
+    use crate::CvError;
+    use capvisor_schema::common_capnp::ErrorCode;
+    use std::cell::Cell;
+
+    /// A sink whose calls wait until `open` is notified; counts the calls
+    /// it entered and the bytes written to it.
+    #[derive(Default)]
+    struct Gate {
+        open: tokio::sync::Notify,
+        entered: Cell<usize>,
+        opened: Cell<bool>,
+    }
+
+    impl Gate {
+        async fn pass(&self) {
+            self.entered.set(self.entered.get() + 1);
+            while !self.opened.get() {
+                self.open.notified().await;
+            }
+        }
+        fn release(&self) {
+            self.opened.set(true);
+            self.open.notify_waiters();
+        }
+    }
+
+    struct GatedSink(Rc<Gate>);
+
+    impl byte_sink::Server for GatedSink {
+        async fn write(self: Rc<Self>, _: byte_sink::WriteParams) -> capnp::Result<()> {
+            self.0.pass().await;
+            Ok(())
+        }
+        async fn done(self: Rc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> capnp::Result<()> {
+            self.0.pass().await;
+            Ok(())
+        }
+    }
+
+    impl files::Server for GatedSink {
+        async fn read(self: Rc<Self>, _: files::ReadParams, _: files::ReadResults) -> capnp::Result<()> {
+            self.0.pass().await;
+            Ok(())
+        }
+    }
+
+    /// A sink that says when the last reference to it is gone.
+    struct Watched(Rc<Cell<bool>>);
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.0.set(true);
+        }
+    }
+    impl byte_sink::Server for Watched {}
+
+    /// Serves `bootstrap` under `limits`; returns the client's view of it.
+    fn pair<C: capnp::capability::FromClientHook>(bootstrap: Client, limits: CallLimits) -> (C, Rc<CallGauge>) {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (system, gauge) = rpc_system_limited(a, Side::Server, Some(bootstrap), UNTRUSTED, limits);
+        tokio::task::spawn_local(system);
+        (connect::<C>(b, None, INTERNAL).0, gauge)
+    }
+
+    async fn until(mut cond: impl FnMut() -> bool) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !cond() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("condition within 10 s");
+    }
+
+    /// `ByteSink.write` sent as a plain call: no stream window, as a
+    /// hostile writer would.
+    fn unpaced_write(
+        sink: &byte_sink::Client,
+        data: &[u8],
+    ) -> capnp::capability::RemotePromise<capnp::any_pointer::Owned> {
+        let mut req = sink.client.new_call::<byte_sink::write_params::Owned, capnp::any_pointer::Owned>(
+            byte_sink::Client::TYPE_ID,
+            0,
+            None,
+        );
+        req.get().set_data(data);
+        req.send()
+    }
+
+    fn code(e: &capnp::Error) -> Option<ErrorCode> {
+        CvError::from_rpc(e).map(|c| c.code)
+    }
+
+    use capnp::traits::HasTypeId;
+
+    #[test]
+    fn a_call_over_the_limit_is_refused_at_once_and_the_connection_keeps_working() {
+        run_local(async {
+            let gate = Rc::new(Gate::default());
+            let limits = CallLimits { calls: 4, bytes: 1 << 20 };
+            let (sink, gauge) = pair::<byte_sink::Client>(
+                capnp_rpc::new_client::<byte_sink::Client, _>(GatedSink(gate.clone())).client,
+                limits,
+            );
+            let held: Vec<_> = (0..4).map(|_| sink.done_request().send().promise).collect();
+            until(|| gate.entered.get() == 4).await;
+            assert_eq!(gauge.calls(), 4);
+            let e = sink.done_request().send().promise.await.err().expect("the fifth call is refused");
+            assert_eq!(code(&e), Some(ErrorCode::Unavailable), "{e}");
+            assert!(e.to_string().contains("too many calls in flight on this connection"), "{e}");
+            assert_eq!((gate.entered.get(), gauge.refused()), (4, 1), "the refused call never reached the server");
+            gate.release();
+            for p in held {
+                p.await.expect("admitted calls complete");
+            }
+            assert_eq!((gauge.calls(), gauge.bytes()), (0, 0));
+            sink.done_request().send().promise.await.expect("the connection still works");
+            assert_eq!(gauge.peak_calls(), 4);
+        });
+    }
+
+    #[test]
+    fn a_writer_that_never_waits_is_held_to_the_byte_bound() {
+        run_local(async {
+            let gate = Rc::new(Gate::default());
+            let limits = CallLimits { calls: 256, bytes: 256 * 1024 };
+            let (sink, gauge) = pair::<byte_sink::Client>(
+                capnp_rpc::new_client::<byte_sink::Client, _>(GatedSink(gate.clone())).client,
+                limits,
+            );
+            let chunk = vec![7u8; crate::CHUNK];
+            let sent: Vec<_> = (0..100).map(|_| unpaced_write(&sink, &chunk).promise).collect();
+            let results = futures::future::join_all(sent.into_iter().map(|p| async {
+                let r = p.await.map(drop);
+                r
+            }));
+            let results = tokio::task::spawn_local(results);
+            until(|| gauge.refused() + gauge.calls() as u64 == 100).await;
+            // Never more than the bound in progress: 64 KiB chunks plus
+            // framing, so 3 of them.
+            assert!(gauge.peak_bytes() <= limits.bytes, "{}", gauge.peak_bytes());
+            assert_eq!(gauge.calls(), 3);
+            gate.release();
+            let results = results.await.unwrap();
+            let refused = results.iter().filter(|r| r.as_ref().is_err_and(|e| code(e) == Some(ErrorCode::Unavailable)));
+            assert_eq!(refused.count(), 97);
+            assert_eq!(gauge.calls(), 0);
+            unpaced_write(&sink, b"after").promise.await.expect("the connection still works");
+        });
+    }
+
+    #[test]
+    fn capabilities_in_a_refused_call_are_released_to_their_owner() {
+        run_local(async {
+            let gate = Rc::new(Gate::default());
+            let (f, _gauge) = pair::<files::Client>(
+                capnp_rpc::new_client::<files::Client, _>(GatedSink(gate.clone())).client,
+                CallLimits { calls: 1, bytes: 1 << 20 },
+            );
+            let held = f.read_request().send().promise;
+            until(|| gate.entered.get() == 1).await;
+            let gone = Rc::new(Cell::new(false));
+            let mut req = f.read_request();
+            req.get().set_sink(capnp_rpc::new_client(Watched(gone.clone())));
+            let e = req.send().promise.await.err().expect("refused");
+            assert_eq!(code(&e), Some(ErrorCode::Unavailable));
+            // Only the export the refused call made held the sink: once the
+            // refusal released it, the sink is dropped.
+            until(|| gone.get()).await;
+            gate.release();
+            held.await.unwrap();
+        });
+    }
 }
