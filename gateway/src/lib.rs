@@ -22,6 +22,7 @@
 //! connection ends or SIGTERM/SIGINT, then exits 0.
 
 pub mod guard;
+pub mod sandbox;
 
 use capnp::capability::Rc as CapRc;
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -420,7 +421,8 @@ pub async fn run(listen_fd: RawFd, broker_fd: RawFd, attach_fd: RawFd, auth: Vec
     let gw = Gateway::new(broker, attach, auth, Limits::default());
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tracing::info!(methods = ?gw.auth, "gateway serving");
+    let confined = sandbox::confine()?;
+    tracing::info!(methods = ?gw.auth, "gateway serving; confined: {confined}");
     tokio::select! {
         r = gw.clone().accept_loop(listener) => { r?; }
         r = broker_done => tracing::info!("broker connection ended ({r:?}); exiting"),
