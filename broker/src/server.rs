@@ -46,8 +46,11 @@ impl broker::Server for BrokerServer {
         params: broker::LoginLocalParams,
         mut results: broker::LoginLocalResults,
     ) -> capnp::Result<()> {
-        let peer = params.get()?.get_peer()?;
-        let grant = self.svc.login_local(peer.get_uid(), peer.get_pid()).await?;
+        let conn = text(params.get()?.get_conn())?;
+        // The client's own socket, passed just before this call; held (and
+        // so kept open) until the login is decided.
+        let (peer, _sock) = self.svc.login_socket(&conn, "loginLocal").await?;
+        let grant = self.svc.login_local(&peer).await?;
         write_grant!(results, grant);
         Ok(())
     }
@@ -62,8 +65,8 @@ impl broker::Server for BrokerServer {
         // A password that is not UTF-8 can match no account (add takes
         // text): it becomes "", which is shorter than any stored one.
         let password = p.get_password()?.to_str().unwrap_or("").to_string();
-        let peer = capvisor_rpc::principal::peer_text(p.get_peer()?)?;
-        let grant = self.svc.login_password(&user, &password, &peer).await?;
+        let (peer, _sock) = self.svc.login_socket(&text(p.get_conn())?, "loginPassword").await?;
+        let grant = self.svc.login_password(&user, &password, &peer.to_string()).await?;
         write_grant!(results, grant);
         Ok(())
     }
@@ -75,8 +78,8 @@ impl broker::Server for BrokerServer {
     ) -> capnp::Result<()> {
         let p = params.get()?;
         let token = p.get_token()?.to_str().unwrap_or("").to_string();
-        let peer = capvisor_rpc::principal::peer_text(p.get_peer()?)?;
-        let grant = self.svc.resume(&token, &peer).await?;
+        let (peer, _sock) = self.svc.login_socket(&text(p.get_conn())?, "resume").await?;
+        let grant = self.svc.resume(&token, &peer.to_string()).await?;
         write_grant!(results, grant);
         Ok(())
     }

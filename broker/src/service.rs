@@ -16,7 +16,7 @@ use crate::throttle::{self, Throttle};
 use crate::token::{self, TokenIndex};
 use capvisor_manifest::{Bundle, SessionContext};
 use capvisor_rpc::fdpass::FdChannel;
-use capvisor_rpc::principal::Principal;
+use capvisor_rpc::principal::{PeerCred, Principal};
 use capvisor_rpc::schema::capvisor_capnp::{login_info, session, AuthMethod};
 use capvisor_rpc::schema::internal_capnp::{session_host, worker, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
@@ -40,6 +40,16 @@ pub const MAX_VERIFY: usize = 2;
 /// Password logins waiting for or holding a verification slot at once; one
 /// more gets `unavailable` at once instead of queueing without bound.
 pub const MAX_VERIFY_QUEUE: usize = 32;
+/// Most client sockets passed for login calls ([`BrokerService::add_login_socket`])
+/// the broker holds at once; one more is closed at once (its call is then
+/// denied). Sockets whose client hung up are dropped first.
+pub const MAX_LOGIN_SOCKETS: usize = 1024;
+/// How long a passed login socket waits for the call that names it; an
+/// older one is dropped.
+pub const LOGIN_SOCKET_TTL: Duration = Duration::from_secs(30);
+/// How long a login call waits for the socket it names to arrive (it is
+/// sent just before the call, on another channel).
+pub const LOGIN_SOCKET_WAIT: Duration = Duration::from_secs(5);
 /// The message of every failed password login, whatever the reason.
 pub const BAD_LOGIN: &str = "invalid user name or password";
 
@@ -100,7 +110,29 @@ pub struct BrokerService {
     attempts: RefCell<std::collections::HashSet<String>>,
     /// Running VMs and their guest memory, per principal and on the host.
     vm_budget: RefCell<VmBudget>,
+    /// Client sockets passed by the gateway for login calls, by `conn` id.
+    login_sockets: RefCell<HashMap<String, LoginSocket>>,
+    /// Wakes login calls waiting for their socket.
+    login_socket_arrived: tokio::sync::Notify,
     shutting_down: Cell<bool>,
+}
+
+/// A client socket passed for one login call, with its peer's credentials
+/// read when it arrived.
+struct LoginSocket {
+    peer: PeerCred,
+    fd: OwnedFd,
+    at: std::time::Instant,
+}
+
+/// Whether the client at the other end of `fd` hung up (POLLRDHUP/POLLHUP,
+/// poll(2)); reads nothing.
+fn hung_up(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd for a descriptor we own; timeout 0 (no wait).
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// The user name of `uid` from the passwd database, else the number.
@@ -125,11 +157,7 @@ pub fn shown_user(user: &str) -> &str {
 /// `unix:uid=U pid=P` of the peer of a connected Unix socket (SO_PEERCRED,
 /// unix(7)), or `""`.
 pub fn socket_peer(fd: &OwnedFd) -> String {
-    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    match getsockopt(fd, PeerCredentials) {
-        Ok(c) => format!("unix:uid={} pid={}", c.uid(), c.pid()),
-        Err(_) => String::new(),
-    }
+    PeerCred::of_socket(fd).map(|p| p.to_string()).unwrap_or_default()
 }
 
 impl BrokerService {
@@ -166,6 +194,8 @@ impl BrokerService {
             verify_queue: Cell::new(0),
             attempts: RefCell::new(std::collections::HashSet::new()),
             vm_budget: RefCell::new(VmBudget::default()),
+            login_sockets: RefCell::new(HashMap::new()),
+            login_socket_arrived: tokio::sync::Notify::new(),
             shutting_down: Cell::new(false),
         }))
     }
@@ -203,27 +233,105 @@ impl BrokerService {
 
     // ---- logins ---------------------------------------------------------
 
-    /// `Broker.loginLocal`: the gateway saw a Unix peer with `uid`, `pid`.
+    /// Takes in a client socket the gateway passed for a login call
+    /// (`login:<conn>` on its attach channel): reads the peer's credentials
+    /// from it now (SO_PEERCRED, SO_PEERGROUPS) and keeps it until the call
+    /// naming `conn` takes it ([`Self::login_socket`]). Drops sockets older
+    /// than [`LOGIN_SOCKET_TTL`] or whose client hung up; beyond
+    /// [`MAX_LOGIN_SOCKETS`] the new one is closed (logged).
+    pub fn add_login_socket(&self, conn: &str, fd: OwnedFd) {
+        let peer = match PeerCred::of_socket(&fd) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("a login socket without peer credentials: {e}");
+                return;
+            }
+        };
+        let mut m = self.login_sockets.borrow_mut();
+        if m.len() >= MAX_LOGIN_SOCKETS / 2 {
+            m.retain(|_, s| s.at.elapsed() < LOGIN_SOCKET_TTL && !hung_up(&s.fd));
+        }
+        if m.len() >= MAX_LOGIN_SOCKETS {
+            tracing::warn!("{MAX_LOGIN_SOCKETS} login sockets are waiting for their calls; closing one more");
+            return;
+        }
+        m.insert(conn.to_string(), LoginSocket { peer, fd, at: std::time::Instant::now() });
+        drop(m);
+        self.login_socket_arrived.notify_waiters();
+    }
+
+    /// The client socket a login call names by `conn`, and its peer's
+    /// credentials, waiting up to [`LOGIN_SOCKET_WAIT`] for it to arrive.
+    /// The caller holds the descriptor until the login is decided, then
+    /// drops (closes) it.
     ///
-    /// Errors: `denied` when local login is disabled or `uid` is not an
-    /// owner uid; `unavailable` when the worker does not start; `quota`
-    /// when a session bound is reached (docs/bounds.md).
-    pub async fn login_local(self: &Rc<Self>, uid: u32, pid: u32) -> CvResult<Grant> {
-        let peer = format!("unix:uid={uid} pid={pid}");
-        let rec = |outcome: &str| AuditRecord::new("login", "Gateway", "loginLocal", outcome).peer(&peer);
+    /// Errors: `denied` when no such socket arrives (audited under
+    /// `method`): the broker takes no identity from the gateway's words.
+    pub async fn login_socket(&self, conn: &str, method: &str) -> CvResult<(PeerCred, OwnedFd)> {
+        let deadline = tokio::time::Instant::now() + LOGIN_SOCKET_WAIT;
+        loop {
+            let arrived = self.login_socket_arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(s) = self.login_sockets.borrow_mut().remove(conn) {
+                return Ok((s.peer, s.fd));
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                break;
+            }
+        }
+        let action = if method == "resume" { "resume" } else { "login" };
+        self.audit(
+            AuditRecord::new(action, "Gateway", method, "denied")
+                .detail("the gateway named no client socket it passed"),
+        );
+        Err(CvError::denied("the server could not identify this connection"))
+    }
+
+    /// Client sockets waiting for their login calls.
+    pub fn login_sockets_held(&self) -> usize {
+        self.login_sockets.borrow().len()
+    }
+
+    /// `Broker.loginLocal` of the client `peer` (credentials the broker
+    /// read from the client's socket, [`Self::login_socket`]). The profile:
+    /// `owner` for a uid in the resolved `owner_uids`; else the manifest's
+    /// `[[local.map]]` rules for the uid, its primary gid and its
+    /// supplementary groups (SO_PEERGROUPS: the groups the client process
+    /// held when it connected, not the group database's current view);
+    /// principal `local:<user name>`.
+    ///
+    /// Errors: `denied` when local login is disabled or the peer matches no
+    /// rule (audited); `unavailable` when the worker does not start;
+    /// `quota` when a session bound is reached (docs/bounds.md).
+    pub async fn login_local(self: &Rc<Self>, peer: &PeerCred) -> CvResult<Grant> {
+        let uid = peer.uid;
+        let peer_text = peer.to_string();
+        let rec = |outcome: &str| AuditRecord::new("login", "Gateway", "loginLocal", outcome).peer(&peer_text);
         let principal = Principal::new(AuthMethod::Local, user_name(uid));
         let shown = principal.to_string();
         if !self.cfg.auth_enabled(AuthMethod::Local) {
             self.audit(rec("denied").principal(&shown).detail("local login is disabled"));
             return Err(CvError::denied("local login is disabled on this server"));
         }
-        if !self.cfg.owner_uids.contains(&uid) {
-            self.audit(rec("denied").principal(&shown).detail("uid is not an owner uid"));
+        let profile = if self.cfg.owner_uids.contains(&uid) {
+            "owner".to_string()
+        } else if let Some(p) = self.cfg.manifest.local.profile_for(uid, peer.gid, &peer.groups) {
+            p.to_string()
+        } else {
+            let groups: Vec<String> = peer.groups.iter().map(|g| g.to_string()).collect();
+            self.audit(rec("denied").principal(&shown).detail(format!(
+                "uid {uid} (gid {}, groups [{}]) is no owner uid and matches no [[local.map]] rule",
+                peer.gid,
+                groups.join(",")
+            )));
             return Err(CvError::denied(format!("uid {uid} may not log in locally")));
-        }
-        let res = self.open_session_detached(principal, "owner".to_string()).await;
+        };
+        let res = self.open_session_detached(principal, profile.clone()).await;
         match &res {
-            Ok(g) => self.audit(rec("ok").principal(&shown).session(&g.session_id).detail("profile=owner")),
+            Ok(g) => {
+                self.audit(rec("ok").principal(&shown).session(&g.session_id).detail(format!("profile={profile}")))
+            }
             Err(e) => self.audit(rec(e.code_name()).principal(&shown).detail(e.message.clone())),
         }
         res
@@ -687,7 +795,9 @@ impl BrokerService {
         }
     }
 
-    /// Serves attaches arriving on `ch` until the gateway closes it.
+    /// Serves attaches arriving on `ch` until the gateway closes it; a
+    /// message tagged `login:<conn>` is instead a client socket for a
+    /// login call ([`Self::add_login_socket`]).
     ///
     /// Errors: an I/O error on the channel other than end-of-file.
     pub async fn run_attach_loop(self: Rc<Self>, ch: FdChannel) -> std::io::Result<()> {
@@ -695,6 +805,10 @@ impl BrokerService {
             match ch.recv().await {
                 Ok((tag, fd)) => {
                     let me = self.clone();
+                    if let Some(conn) = tag.strip_prefix(capvisor_rpc::principal::LOGIN_SOCKET_TAG.as_bytes()) {
+                        self.add_login_socket(&String::from_utf8_lossy(conn), fd);
+                        continue;
+                    }
                     tokio::task::spawn_local(async move { me.attach(tag, fd).await });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),

@@ -7,6 +7,7 @@ use crate::{store, BrokerConfig};
 use capnp::capability::Rc as CapRc;
 use capvisor_manifest::{Manifest, SessionContext};
 use capvisor_rpc::fdpass::{self, FdChannel};
+use capvisor_rpc::principal::PeerCred;
 use capvisor_rpc::schema::capvisor_capnp::{accounts, session};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::internal_capnp::{session_host, worker};
@@ -168,13 +169,21 @@ async fn info(g: &Grant) -> (String, String) {
 }
 
 const UID_OTHER: u32 = 54_321;
+/// A gid no rule names.
+const GID_NONE: u32 = 4_000_000_123;
+
+/// A local peer as the broker reads it from a client socket: `uid`, `pid`,
+/// a primary gid no rule names and no supplementary groups.
+fn local_peer(uid: u32, pid: u32) -> PeerCred {
+    PeerCred { uid, gid: GID_NONE, pid, groups: vec![] }
+}
 
 #[test]
 fn local_login_owner_ok_other_denied_disabled_denied() {
     conn::run_local(async {
         let h = harness(|_| {});
         let me = nix::unistd::getuid().as_raw();
-        let g = h.svc.login_local(me, 42).await.unwrap();
+        let g = h.svc.login_local(&local_peer(me, 42)).await.unwrap();
         assert_eq!(g.profile, "owner");
         assert_eq!(g.principal.to_string(), format!("local:{}", crate::service::user_name(me)));
         assert!(g.expires_at_ms > crate::now_ms() + 86_000_000);
@@ -186,12 +195,12 @@ fn local_login_owner_ok_other_denied_disabled_denied() {
         assert!(ctx.bundle.has_cap("accounts"));
         assert_eq!(ctx.run_dir, h.dir.path().join("sessions").join(&g.session_id));
 
-        let e = err(h.svc.login_local(UID_OTHER, 1).await);
+        let e = err(h.svc.login_local(&local_peer(UID_OTHER, 1)).await);
         assert_eq!(e.code, ErrorCode::Denied);
         assert_eq!(h.svc.session_count(), 1);
 
         let h2 = harness(|c| c.manifest.gateway.auth = vec!["password".into()]);
-        assert_eq!(err(h2.svc.login_local(me, 1).await).code, ErrorCode::Denied);
+        assert_eq!(err(h2.svc.login_local(&local_peer(me, 1)).await).code, ErrorCode::Denied);
         assert_eq!(h2.svc.session_count(), 0);
         assert!(
             h2.audit_lines().iter().any(|l| l["method"] == "loginLocal" && l["outcome"] == "denied"),
@@ -255,7 +264,7 @@ fn failures_are_delayed_without_blocking_other_logins() {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let t = Instant::now();
-        h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
         assert!(t.elapsed() < Duration::from_millis(1000), "a local login is not held up");
         assert!(!slow.is_finished());
         assert!(slow.await.unwrap() >= Duration::from_millis(1200));
@@ -305,7 +314,7 @@ fn audit_never_holds_passwords_or_tokens() {
 fn resume_logout_and_unknown_tokens() {
     conn::run_local(async {
         let h = harness(|_| {});
-        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let g = h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
         let r = h.svc.resume(&g.token, "p").await.unwrap();
         assert_eq!(r.session_id, g.session_id);
         assert_eq!(r.expires_at_ms, g.expires_at_ms);
@@ -323,7 +332,7 @@ fn resume_logout_and_unknown_tokens() {
 fn expiry_revokes_and_kills_the_token() {
     conn::run_local(async {
         let h = harness(|c| c.manifest.gateway.session_ttl_secs = 1);
-        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let g = h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
         assert!(h.svc.resume(&g.token, "p").await.is_ok());
         tokio::time::sleep(Duration::from_millis(1300)).await;
         assert_eq!(err(h.svc.resume(&g.token, "p").await).code, ErrorCode::StaleSession);
@@ -341,7 +350,7 @@ fn expiry_revokes_and_kills_the_token() {
 fn attach_routes_live_tokens_and_rejects_others() {
     conn::run_local(async {
         let h = harness(|_| {});
-        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let g = h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
 
         let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
         let fd = server.into_std().unwrap().into();
@@ -376,7 +385,7 @@ fn attach_routes_live_tokens_and_rejects_others() {
 fn attach_loop_over_fd_channel() {
     conn::run_local(async {
         let h = harness(|_| {});
-        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let g = h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
         let (gw, br) = fdpass::pair().unwrap();
         let (gw, br) = (FdChannel::new(gw).unwrap(), FdChannel::new(br).unwrap());
         let lp = tokio::task::spawn_local(h.svc.clone().run_attach_loop(br));
@@ -394,7 +403,7 @@ fn accounts_only_for_bundles_holding_them() {
     conn::run_local(async {
         let h = harness(|_| {});
         h.svc.store().add("bob", "user", "password-bob").unwrap();
-        let owner = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let owner = h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
         let user = h.svc.login_password("bob", "password-bob", "p").await.unwrap();
 
         let denied = h.host(&user.session_id).accounts_request().send().promise.await;
@@ -453,7 +462,7 @@ fn accounts_only_for_bundles_holding_them() {
 fn worker_audit_events_are_stamped_with_the_session() {
     conn::run_local(async {
         let h = harness(|_| {});
-        let g = h.svc.login_local(nix::unistd::getuid().as_raw(), 1).await.unwrap();
+        let g = h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
         let mut req = h.host(&g.session_id).audit_request();
         let mut ev = req.get().init_event();
         ev.set_action("vm.create");
@@ -475,8 +484,8 @@ fn shutdown_revokes_everything_and_refuses_new_logins() {
     conn::run_local(async {
         let h = harness(|_| {});
         let me = nix::unistd::getuid().as_raw();
-        let a = h.svc.login_local(me, 1).await.unwrap();
-        let b = h.svc.login_local(me, 2).await.unwrap();
+        let a = h.svc.login_local(&local_peer(me, 1)).await.unwrap();
+        let b = h.svc.login_local(&local_peer(me, 2)).await.unwrap();
         let t = Instant::now();
         h.svc.shutdown().await;
         assert!(t.elapsed() < Duration::from_secs(5));
@@ -486,7 +495,7 @@ fn shutdown_revokes_everything_and_refuses_new_logins() {
         let mut want = vec![(a.session_id, "shutdown".to_string()), (b.session_id, "shutdown".to_string())];
         want.sort();
         assert_eq!(revokes, want);
-        assert_eq!(err(h.svc.login_local(me, 3).await).code, ErrorCode::Unavailable);
+        assert_eq!(err(h.svc.login_local(&local_peer(me, 3)).await).code, ErrorCode::Unavailable);
         assert_eq!(err(h.svc.resume(&a.token, "p").await).code, ErrorCode::StaleSession);
     });
 }
@@ -504,14 +513,14 @@ fn worker_that_fails_to_start_is_unavailable() {
         };
         let launcher = crate::launch::ProcessLauncher { worker_bin: cfg.worker_bin.clone() };
         let svc = BrokerService::new(cfg, Box::new(launcher), store::test_params()).unwrap();
-        let e = err(svc.login_local(nix::unistd::getuid().as_raw(), 1).await);
+        let e = err(svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await);
         assert_eq!(e.code, ErrorCode::Unavailable);
         assert_eq!(svc.session_count(), 0);
         // A worker that exits at once (no RPC) is unavailable too.
         let cfg2 = BrokerConfig { worker_bin: "/bin/true".into(), ..svc.config().clone() };
         let launcher = crate::launch::ProcessLauncher { worker_bin: "/bin/true".into() };
         let svc2 = BrokerService::new(cfg2, Box::new(launcher), store::test_params()).unwrap();
-        let e = err(svc2.login_local(nix::unistd::getuid().as_raw(), 1).await);
+        let e = err(svc2.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await);
         assert_eq!(e.code, ErrorCode::Unavailable);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(svc2.session_count(), 0);
@@ -524,10 +533,9 @@ fn a_login_abandoned_mid_way_leaves_no_session() {
         let h = harness(|_| {});
         h.fake.st.borrow_mut().session_delay = Duration::from_millis(300);
         let svc = h.svc.clone();
-        let login =
-            tokio::task::spawn_local(
-                async move { svc.login_local(nix::unistd::getuid().as_raw(), 1).await.map(|_| ()) },
-            );
+        let login = tokio::task::spawn_local(async move {
+            svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.map(|_| ())
+        });
         tokio::time::sleep(Duration::from_millis(100)).await;
         login.abort(); // the client hung up: the RPC call is cancelled
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -562,9 +570,9 @@ fn session_limits_per_principal_and_the_owners_reserve() {
         assert_eq!(h.svc.session_count(), 3);
         // ... and the owner still logs in, into the reserve, up to max_total.
         let me = nix::unistd::getuid().as_raw();
-        h.svc.login_local(me, 1).await.unwrap();
-        h.svc.login_local(me, 2).await.unwrap();
-        assert_eq!(err(h.svc.login_local(me, 3).await).code, ErrorCode::Quota);
+        h.svc.login_local(&local_peer(me, 1)).await.unwrap();
+        h.svc.login_local(&local_peer(me, 2)).await.unwrap();
+        assert_eq!(err(h.svc.login_local(&local_peer(me, 3)).await).code, ErrorCode::Quota);
         assert_eq!(h.svc.session_count(), 5, "no denied login left a session or a worker behind");
         assert_eq!(h.fake.st.borrow().contexts.len(), 5);
         // A session given back frees its slot for its principal.
@@ -639,8 +647,8 @@ fn vm_budgets_span_sessions_and_free_with_the_hold() {
             c.manifest.bundles.get_mut("owner").unwrap().max_principal_vms = Some(2);
         });
         let me = nix::unistd::getuid().as_raw();
-        let a = h.svc.login_local(me, 1).await.unwrap();
-        let b = h.svc.login_local(me, 2).await.unwrap();
+        let a = h.svc.login_local(&local_peer(me, 1)).await.unwrap();
+        let b = h.svc.login_local(&local_peer(me, 2)).await.unwrap();
         let reserve = |id: &str, mib: u32| {
             let mut req = h.host(id).reserve_vm_request();
             req.get().set_memory_mib(mib);
@@ -681,9 +689,9 @@ fn an_unwritable_audit_log_fails_closed() {
         let h = harness(|c| std::os::unix::fs::symlink("/dev/full", c.audit_path()).unwrap());
         let me = nix::unistd::getuid().as_raw();
         // The first login happens (nothing failed yet); its record is lost.
-        let g = h.svc.login_local(me, 1).await.unwrap();
+        let g = h.svc.login_local(&local_peer(me, 1)).await.unwrap();
         // From then on nothing privileged happens without a record.
-        let e = err(h.svc.login_local(me, 2).await);
+        let e = err(h.svc.login_local(&local_peer(me, 2)).await);
         assert_eq!(e.code, ErrorCode::Unavailable);
         assert!(e.message.contains("audit log"), "{}", e.message);
         assert_eq!(h.svc.session_count(), 1, "no session without a record");
@@ -692,5 +700,177 @@ fn an_unwritable_audit_log_fails_closed() {
         let add = h.svc.account_add("local:root", &g.session_id, "zed", "user", "password-zed".into()).await;
         assert_eq!(err(add).code, ErrorCode::Unavailable);
         assert!(h.svc.store().list().is_empty(), "no account change without a record");
+    });
+}
+
+// ---- local identities: [[local.map]] and credentials read from the socket --
+
+/// The default manifest with `rules` as its `[[local.map]]`.
+fn with_local_map(rules: &str) -> Manifest {
+    let text = capvisor_manifest::DEFAULT_TOML.replace("owner_uids = []", &format!("owner_uids = []\n{rules}"));
+    Manifest::parse(&text).unwrap()
+}
+
+fn denials_naming(h: &Harness, uid: u32) -> usize {
+    h.audit_lines()
+        .iter()
+        .filter(|l| {
+            l["method"] == "loginLocal"
+                && l["outcome"] == "denied"
+                && l["detail"].as_str().unwrap_or("").contains(&format!("uid {uid} "))
+        })
+        .count()
+}
+
+#[test]
+fn local_map_uid_beats_group_first_match_wins_no_match_denied() {
+    conn::run_local(async {
+        let rules = "[[local.map]]\ngroup = 4242\nprofile = \"owner\"\n\
+                     [[local.map]]\nuid = 1001\nprofile = \"user\"\n\
+                     [[local.map]]\ngroup = 4343\nprofile = \"user\"";
+        let h = harness(|c| c.manifest = with_local_map(rules));
+        let g = |uid, gid, groups: &[u32]| PeerCred { uid, gid, pid: 7, groups: groups.to_vec() };
+
+        // A uid rule beats an earlier group rule.
+        let a = h.svc.login_local(&g(1001, GID_NONE, &[4242])).await.unwrap();
+        assert_eq!(a.profile, "user");
+        assert_eq!(a.principal.to_string(), format!("local:{}", crate::service::user_name(1001)));
+        // Group rules: the first in order wins, supplementary or primary.
+        assert_eq!(h.svc.login_local(&g(1002, GID_NONE, &[4343, 4242])).await.unwrap().profile, "owner");
+        assert_eq!(h.svc.login_local(&g(1003, 4343, &[])).await.unwrap().profile, "user");
+        // The worker of a mapped session gets the mapped bundle.
+        let ctx = h.fake.st.borrow().contexts.iter().find(|c| c.session_id == a.session_id).cloned().unwrap();
+        assert!(!ctx.bundle.has_cap("accounts"), "user profile: no accounts cap");
+        assert_eq!(ctx.bundle.max_vms, 2);
+        // owner_uids still give owner, whatever the rules say.
+        let me = nix::unistd::getuid().as_raw();
+        assert_eq!(h.svc.login_local(&g(me, 4343, &[])).await.unwrap().profile, "owner");
+        // Nothing matches: typed denial, audited, no session.
+        let before = h.svc.session_count();
+        let e = err(h.svc.login_local(&g(1004, 5, &[6, 7])).await);
+        assert_eq!(e.code, ErrorCode::Denied);
+        assert_eq!(e.message, "uid 1004 may not log in locally");
+        assert_eq!(h.svc.session_count(), before);
+        assert_eq!(denials_naming(&h, 1004), 1, "the denial is audited with the peer's uid and groups");
+        // The per-principal session bound of the mapped bundle applies
+        // (user: max_sessions = 4; one is open already).
+        for _ in 0..3 {
+            h.svc.login_local(&g(1001, GID_NONE, &[])).await.unwrap();
+        }
+        assert_eq!(err(h.svc.login_local(&g(1001, GID_NONE, &[])).await).code, ErrorCode::Quota);
+    });
+}
+
+/// A client socket connected by a thread running as `uid`/`gid` (raw
+/// setresuid/setresgid change only the calling thread's credentials, which
+/// is what connect(2) records for SO_PEERCRED): the broker's end of it.
+fn socket_of_uid(dir: &std::path::Path, uid: u32, gid: u32) -> std::os::unix::net::UnixStream {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("as-{uid}.sock"));
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let client = std::thread::spawn(move || {
+        // SAFETY: plain syscalls with integer arguments; they change only
+        // this short-lived thread's credentials.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        std::os::unix::net::UnixStream::connect(&path).unwrap()
+    })
+    .join()
+    .unwrap();
+    let (server, _) = l.accept().unwrap();
+    // The client end may go: SO_PEERCRED was fixed at connect.
+    std::mem::forget(client);
+    server
+}
+
+#[test]
+fn the_broker_uses_the_sockets_credentials_not_the_gateways_word() {
+    conn::run_local(async {
+        let h = harness(|c| c.manifest = with_local_map("[[local.map]]\nuid = 54321\nprofile = \"user\""));
+        let broker: capvisor_rpc::schema::internal_capnp::broker::Client =
+            capnp_rpc::new_client(crate::server::BrokerServer::new(h.svc.clone()));
+        let (gw, br) = fdpass::pair().unwrap();
+        let (gw, br) = (FdChannel::new(gw).unwrap(), FdChannel::new(br).unwrap());
+        let _lp = tokio::task::spawn_local(h.svc.clone().run_attach_loop(br));
+        let login = |conn: &str| {
+            let mut req = broker.login_local_request();
+            req.get().set_conn(conn);
+            req.send().promise
+        };
+        let profile = |r: capnp::Result<capnp::capability::Response<_>>| -> Result<String, ErrorCode> {
+            match r {
+                Ok(resp) => {
+                    let resp: capnp::capability::Response<
+                        capvisor_rpc::schema::internal_capnp::broker::login_local_results::Owned,
+                    > = resp;
+                    Ok(resp.get().unwrap().get_info().unwrap().get_profile().unwrap().to_string().unwrap())
+                }
+                Err(e) => Err(CvError::from_rpc(&e).unwrap().code),
+            }
+        };
+
+        // The "gateway" (this test, an owner uid) passes a socket of its own.
+        let (mine, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        gw.send(b"login:aaaa", &mine).await.unwrap();
+        drop(mine);
+        assert_eq!(profile(login("aaaa").await), Ok("owner".into()));
+        assert_eq!(h.svc.login_sockets_held(), 0, "taken by its call");
+        // Its id cannot be used twice, and an id never passed gets nothing:
+        // the gateway cannot log in as anyone without a client's socket.
+        let t = Instant::now();
+        assert_eq!(profile(login("aaaa").await), Err(ErrorCode::Denied));
+        assert!(t.elapsed() >= crate::service::LOGIN_SOCKET_WAIT - Duration::from_millis(100));
+        assert!(h.audit_lines().iter().any(|l| l["method"] == "loginLocal"
+            && l["outcome"] == "denied"
+            && l["detail"].as_str().unwrap().contains("no client socket")));
+        assert_eq!(h.svc.session_count(), 1);
+
+        if nix::unistd::geteuid().is_root() {
+            // A socket whose client runs as uid 54321: that uid is who logs
+            // in, although the caller (the "gateway") is an owner uid.
+            let dir = tempfile::tempdir().unwrap();
+            let theirs = socket_of_uid(dir.path(), UID_OTHER, UID_OTHER);
+            gw.send(b"login:bbbb", &theirs).await.unwrap();
+            drop(theirs);
+            let resp = login("bbbb").await.unwrap();
+            let info = resp.get().unwrap().get_info().unwrap();
+            assert_eq!(info.get_profile().unwrap().to_str().unwrap(), "user");
+            let p = capvisor_rpc::principal::Principal::read_from(info.get_principal().unwrap()).unwrap();
+            assert_eq!(p.to_string(), format!("local:{}", crate::service::user_name(UID_OTHER)));
+            // ... and one of a uid nothing maps is denied.
+            let nobody = socket_of_uid(dir.path(), 54_322, 54_322);
+            gw.send(b"login:cccc", &nobody).await.unwrap();
+            drop(nobody);
+            assert_eq!(profile(login("cccc").await), Err(ErrorCode::Denied));
+            assert_eq!(denials_naming(&h, 54_322), 1);
+        } else {
+            eprintln!("skipping the other-uid half: needs root to connect as another uid");
+        }
+    });
+}
+
+#[test]
+fn login_sockets_are_bounded_and_dropped_when_their_client_hangs_up() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        let mut clients = vec![];
+        for i in 0..crate::service::MAX_LOGIN_SOCKETS + 10 {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            h.svc.add_login_socket(&format!("{i}"), ours.into());
+            clients.push(theirs);
+        }
+        assert_eq!(h.svc.login_sockets_held(), crate::service::MAX_LOGIN_SOCKETS, "one more is closed at once");
+        // Clients that hung up free their places at the next arrival.
+        clients.truncate(100);
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        h.svc.add_login_socket("late", ours.into());
+        assert_eq!(h.svc.login_sockets_held(), 101);
+        let (p, _fd) = h.svc.login_socket("late", "loginLocal").await.unwrap();
+        assert_eq!(p.uid, nix::unistd::geteuid().as_raw());
     });
 }

@@ -2,11 +2,18 @@
 //! docs/processes.md): the one public listener. Every connection starts
 //! with the [`capvisor_rpc::attach`] preamble:
 //! - `CVRPC001`: the gateway serves `Gateway` (authMethods, loginLocal,
-//!   loginPassword, resume) bound to the peer's SO_PEERCRED (unix(7)),
-//!   with [`capvisor_rpc::conn::UNTRUSTED`] reader limits; logins are
-//!   forwarded to the broker's `Broker` cap, which decides (a method the
-//!   manifest disables gets a typed `denied` there, audited and delayed
-//!   like any failed login); `authMethods` lists the `--auth` methods.
+//!   loginPassword, resume) with [`capvisor_rpc::conn::UNTRUSTED`] reader
+//!   limits; logins are forwarded to the broker's `Broker` cap, which
+//!   decides (a method the manifest disables gets a typed `denied` there,
+//!   audited and delayed like any failed login); `authMethods` lists the
+//!   `--auth` methods. The gateway does not tell the broker who the client
+//!   is: before each forwarded call it passes a duplicate of the client's
+//!   socket on the attach channel tagged `login:<conn>`
+//!   ([`capvisor_rpc::principal::LOGIN_SOCKET_TAG`],
+//!   `conn` a fresh random id named in the call), and the broker reads the
+//!   peer's credentials from that descriptor itself (docs/authority.md).
+//!   The gateway's own SO_PEERCRED (unix(7)) read serves only its per-uid
+//!   connection bound and its logs.
 //! - `CVATT001` + token: the connected socket goes to the broker over the
 //!   fd channel, tagged with the token; the gateway keeps no copy.
 //!
@@ -33,7 +40,7 @@ use capvisor_rpc::schema::capvisor_capnp::gateway;
 use capvisor_rpc::schema::internal_capnp::broker;
 use capvisor_rpc::CvError;
 use std::cell::Cell;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -173,8 +180,20 @@ impl Gateway {
                     return;
                 };
                 let logged_in = Rc::new(Cell::new(false));
+                // Our own duplicate of the client's socket, from which each
+                // login call hands the broker one more (closed with the
+                // connection).
+                let sock = match stream.as_fd().try_clone_to_owned() {
+                    Ok(fd) => Rc::new(fd),
+                    Err(e) => {
+                        tracing::warn!(peer = %peer, "cannot duplicate a client socket: {e}");
+                        return;
+                    }
+                };
                 let server = GatewayServer {
                     broker: self.broker.clone(),
+                    attach: self.attach.clone(),
+                    sock,
                     auth: self.auth.clone(),
                     peer,
                     logged_in: logged_in.clone(),
@@ -206,7 +225,13 @@ impl Gateway {
                 }
             }
             Ok(Preamble::Attach(token)) => {
-                // The token is a secret: never logged.
+                // The token is a secret: never logged. A "token" in the
+                // namespace of login sockets is no token: stale, and it
+                // never reaches the broker's table of login sockets.
+                if token.starts_with(capvisor_rpc::principal::LOGIN_SOCKET_TAG) {
+                    let _ = capvisor_rpc::attach::write_err(&mut stream, &CvError::stale()).await;
+                    return;
+                }
                 if let Err(e) = self.attach.send(token.as_bytes(), &stream).await {
                     tracing::warn!(peer = %peer, "cannot hand an attach connection to the broker: {e}");
                 }
@@ -270,9 +295,35 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// A fresh connection id for one forwarded login call: 32 lowercase hex
+/// digits from getrandom(2), so no gateway generation reuses one.
+///
+/// Errors: getrandom fails.
+pub fn new_conn_id() -> std::io::Result<String> {
+    let mut b = [0u8; 16];
+    let mut filled = 0;
+    while filled < b.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `b`.
+        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// `Gateway` bound to one peer.
 struct GatewayServer {
     broker: broker::Client,
+    /// The attach channel: client sockets for login calls go there too.
+    attach: Rc<FdChannel>,
+    /// Our duplicate of the client's socket.
+    sock: Rc<OwnedFd>,
     auth: Rc<Vec<String>>,
     peer: Peer,
     /// Set by the first successful login on this connection.
@@ -301,11 +352,19 @@ macro_rules! copy_login {
     }};
 }
 
-impl Peer {
-    fn write_to(&self, b: capvisor_rpc::schema::internal_capnp::peer::Builder<'_>) {
-        let mut c = b.init_unix();
-        c.set_uid(self.uid);
-        c.set_pid(self.pid);
+impl GatewayServer {
+    /// Hands the broker a duplicate of this client's socket for one login
+    /// call; returns the `conn` id the call must name.
+    ///
+    /// Errors: `unavailable` when the attach channel is gone.
+    async fn hand_over(&self) -> capnp::Result<String> {
+        let fail = |e: std::io::Error| {
+            tracing::warn!(peer = %self.peer, "cannot hand a login connection to the broker: {e}");
+            capnp::Error::from(CvError::unavailable("the broker cannot be reached"))
+        };
+        let id = new_conn_id().map_err(fail)?;
+        self.attach.send(format!("{}{id}", capvisor_rpc::principal::LOGIN_SOCKET_TAG).as_bytes(), &*self.sock).await.map_err(fail)?;
+        Ok(id)
     }
 }
 
@@ -330,12 +389,9 @@ impl gateway::Server for GatewayServer {
     ) -> capnp::Result<()> {
         // A disabled method is still forwarded: the broker denies it too,
         // and audits the attempt (every denial is an audit event).
+        let conn = self.hand_over().await?;
         let mut req = self.broker.login_local_request();
-        {
-            let mut c = req.get().init_peer();
-            c.set_uid(self.peer.uid);
-            c.set_pid(self.peer.pid);
-        }
+        req.get().set_conn(conn.as_str());
         let resp = req.send().promise.await?;
         copy_login!(resp.get()?, results.get())?;
         self.logged_in.set(true);
@@ -349,6 +405,7 @@ impl gateway::Server for GatewayServer {
     ) -> capnp::Result<()> {
         let p = params.get()?;
         let (user, password) = (p.get_user()?, p.get_password()?);
+        let conn = self.hand_over().await?;
         let mut req = self.broker.login_password_request();
         {
             let mut b = req.get();
@@ -361,7 +418,7 @@ impl gateway::Server for GatewayServer {
             if password.as_bytes().len() <= MAX_PASSWORD {
                 b.set_password(password);
             }
-            self.peer.write_to(b.init_peer());
+            b.set_conn(conn.as_str());
         }
         let resp = req.send().promise.await?;
         copy_login!(resp.get()?, results.get())?;
@@ -378,9 +435,10 @@ impl gateway::Server for GatewayServer {
         if token.as_bytes().len() > capvisor_rpc::attach::MAX_TOKEN {
             return Err(CvError::stale().into());
         }
+        let conn = self.hand_over().await?;
         let mut req = self.broker.resume_request();
         req.get().set_token(token);
-        self.peer.write_to(req.get().init_peer());
+        req.get().set_conn(conn.as_str());
         let resp = req.send().promise.await?;
         copy_login!(resp.get()?, results.get())?;
         self.logged_in.set(true);

@@ -11,6 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Seen {
     local: Vec<(u32, u32)>,
     password: Vec<(String, String)>,
+    /// The `conn` ids the calls named.
+    conns: Vec<String>,
     /// Byte lengths of the passwords that reached the broker.
     password_lens: Vec<usize>,
 }
@@ -21,6 +23,25 @@ struct Seen {
 struct FakeBroker {
     seen: Rc<RefCell<Seen>>,
     auth: Vec<String>,
+    /// The broker's end of the attach channel, where client sockets for
+    /// login calls arrive.
+    ch: Rc<FdChannel>,
+}
+
+impl FakeBroker {
+    /// Like the real broker: the client socket the call's `conn` names
+    /// (it arrived just before the call), and its peer's credentials.
+    async fn peer_of(&self, conn: &str) -> capnp::Result<capvisor_rpc::principal::PeerCred> {
+        let (tag, fd) = self.ch.recv().await?;
+        assert_eq!(
+            String::from_utf8_lossy(&tag),
+            format!("{}{conn}", capvisor_rpc::principal::LOGIN_SOCKET_TAG),
+            "the call names the socket just passed"
+        );
+        assert_eq!(conn.len(), 32, "a 128-bit id");
+        self.seen.borrow_mut().conns.push(conn.to_string());
+        Ok(capvisor_rpc::principal::PeerCred::of_socket(&fd)?)
+    }
 }
 
 impl broker::Server for FakeBroker {
@@ -29,10 +50,10 @@ impl broker::Server for FakeBroker {
         p: broker::LoginLocalParams,
         _: broker::LoginLocalResults,
     ) -> capnp::Result<()> {
-        let p = p.get()?.get_peer()?;
-        self.seen.borrow_mut().local.push((p.get_uid(), p.get_pid()));
+        let p = self.peer_of(p.get()?.get_conn()?.to_str()?).await?;
+        self.seen.borrow_mut().local.push((p.uid, p.pid));
         let msg = if self.auth.iter().any(|a| a == "local") {
-            format!("uid {}", p.get_uid())
+            format!("uid {}", p.uid)
         } else {
             "local login is disabled".into()
         };
@@ -45,7 +66,7 @@ impl broker::Server for FakeBroker {
     ) -> capnp::Result<()> {
         let p = p.get()?;
         let user = String::from_utf8_lossy(p.get_user()?.as_bytes()).into_owned();
-        let peer = capvisor_rpc::principal::peer_text(p.get_peer()?)?;
+        let peer = self.peer_of(p.get_conn()?.to_str()?).await?.to_string();
         self.seen.borrow_mut().password.push((user.clone(), peer));
         self.seen.borrow_mut().password_lens.push(p.get_password()?.as_bytes().len());
         if user == "slow" {
@@ -64,7 +85,7 @@ struct Env {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
     seen: Rc<RefCell<Seen>>,
-    broker_side: FdChannel,
+    broker_side: Rc<FdChannel>,
 }
 
 fn start(auth: &[&str], max: usize) -> Env {
@@ -77,11 +98,13 @@ fn start_with(auth: &[&str], limits: Limits) -> Env {
     let listener = UnixListener::bind(&path).unwrap();
     let seen = Rc::new(RefCell::new(Seen::default()));
     let auth_list: Vec<String> = auth.iter().map(|s| s.to_string()).collect();
-    let broker: broker::Client = capnp_rpc::new_client(FakeBroker { seen: seen.clone(), auth: auth_list });
     let (a, b) = fdpass::pair().unwrap();
+    let broker_side = Rc::new(FdChannel::new(b).unwrap());
+    let broker: broker::Client =
+        capnp_rpc::new_client(FakeBroker { seen: seen.clone(), auth: auth_list, ch: broker_side.clone() });
     let gw = Gateway::new(broker, FdChannel::new(a).unwrap(), auth.iter().map(|s| s.to_string()).collect(), limits);
     tokio::task::spawn_local(gw.accept_loop(listener));
-    Env { _dir: dir, path, seen, broker_side: FdChannel::new(b).unwrap() }
+    Env { _dir: dir, path, seen, broker_side }
 }
 
 async fn rpc_client(path: &std::path::Path) -> gateway::Client {
@@ -176,7 +199,7 @@ fn client_disconnecting_mid_call_harms_nobody() {
 }
 
 #[test]
-fn logins_forward_the_peer_and_disabled_methods_are_denied() {
+fn logins_hand_the_clients_socket_to_the_broker_and_disabled_methods_are_denied() {
     conn::run_local(async {
         let me = nix::unistd::getuid().as_raw();
         let peer = format!("unix:uid={me} pid={}", std::process::id());
@@ -187,7 +210,11 @@ fn logins_forward_the_peer_and_disabled_methods_are_denied() {
         let (code, msg) = err_code(gw.login_local_request().send().promise.await);
         assert_eq!(code, ErrorCode::Denied);
         assert_eq!(msg, format!("uid {me}"));
-        assert_eq!(env.seen.borrow().local, vec![(me, std::process::id())], "the peer's SO_PEERCRED is forwarded");
+        assert_eq!(
+            env.seen.borrow().local,
+            vec![(me, std::process::id())],
+            "the broker reads the client's own socket (SO_PEERCRED of the descriptor passed)"
+        );
 
         // A disabled method: typed denial, decided (and audited) by the broker.
         let mut req = gw.login_password_request();
@@ -195,6 +222,9 @@ fn logins_forward_the_peer_and_disabled_methods_are_denied() {
         req.get().set_password("hunter22");
         assert_eq!(err_code(req.send().promise.await), (ErrorCode::Denied, "password login is disabled".into()));
         assert_eq!(env.seen.borrow().password, vec![("bob".into(), peer.clone())]);
+        let conns = env.seen.borrow().conns.clone();
+        assert_eq!(conns.len(), 2);
+        assert_ne!(conns[0], conns[1], "every call hands over its own descriptor under a fresh id");
 
         let env = start(&["password"], 16);
         let gw = rpc_client(&env.path).await;
@@ -227,6 +257,16 @@ fn attach_hands_the_socket_to_the_broker() {
         drop(s);
         // The gateway kept no copy: the client sees EOF once the broker closes.
         expect_closed(&mut c).await;
+
+        // A token in the login-socket namespace is refused by the gateway
+        // (stale) and never reaches the broker's channel.
+        let mut c = UnixStream::connect(&env.path).await.unwrap();
+        write_attach(&mut c, "login:0123456789abcdef0123456789abcdef").await.unwrap();
+        assert_eq!(capvisor_rpc::attach::read_reply(&mut c).await.unwrap().unwrap_err().code, ErrorCode::StaleSession);
+        let mut c = UnixStream::connect(&env.path).await.unwrap();
+        write_attach(&mut c, "tok-456").await.unwrap();
+        let (tag, _fd) = env.broker_side.recv().await.unwrap();
+        assert_eq!(tag, b"tok-456", "the next message on the channel is the next real attach");
     });
 }
 

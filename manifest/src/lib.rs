@@ -70,8 +70,44 @@ pub struct GatewayConfig {
 }
 
 impl Default for GatewayConfig {
+    /// A group that may open the gateway socket (name or gid): the
+    /// socket's directory becomes 0750 and the socket 0660 with this
+    /// group. Absent: only the serving uid (directory 0700, socket 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<GroupSpec>,
+    /// `socket_group` resolved to a gid by [`Manifest::parse`].
+    #[serde(skip)]
+    pub socket_gid: Option<u32>,
     fn default() -> Self {
-        Self { auth: vec!["local".into(), "password".into()], session_ttl_secs: 86400 }
+        Self {
+            auth: vec!["local".into(), "password".into()],
+            session_ttl_secs: 86400,
+            socket_group: None,
+            socket_gid: None,
+        }
+    }
+}
+
+/// A Unix group named in the manifest: by name (resolved with getgrnam(3)
+/// when the manifest is loaded) or by gid.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum GroupSpec {
+    /// A numeric gid.
+    Gid(u32),
+    /// A group name.
+    Name(String),
+}
+
+impl GroupSpec {
+    /// The gid: the number, or the name looked up in the group database.
+    ///
+    /// Errors: a name the group database does not know.
+    pub fn resolve(&self) -> std::io::Result<u32> {
+        match self {
+            GroupSpec::Gid(g) => Ok(*g),
+            GroupSpec::Name(n) => capvisor_rpc::principal::resolve_group(n),
+        }
     }
 }
 
@@ -86,6 +122,42 @@ pub struct LocalConfig {
 }
 
 /// `[vms]`.
+    /// Profiles for other local uids and groups (`[[local.map]]`): a uid
+    /// in `owner_uids` gets `owner`; otherwise the first rule naming the
+    /// peer's uid, else the first rule naming one of its groups (primary
+    /// or supplementary); a uid matching nothing is denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map: Vec<LocalRule>,
+}
+
+/// `[[local.map]]`: one local identity rule. Exactly one of `uid` and
+/// `group` is set.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRule {
+    /// The uid this rule maps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The group this rule maps (name or gid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupSpec>,
+    /// The profile a matching peer gets (must exist).
+    pub profile: String,
+    /// `group` resolved to a gid by [`Manifest::parse`].
+    #[serde(skip)]
+    pub gid: Option<u32>,
+}
+
+impl LocalConfig {
+    /// The profile of a local peer with `uid`, primary `gid` and
+    /// supplementary `groups` by the `map` rules (not `owner_uids`, which
+    /// the broker checks first): the first uid rule naming `uid` wins; else
+    /// the first group rule whose gid is `gid` or in `groups`; else `None`.
+    pub fn profile_for(&self, uid: u32, gid: u32, groups: &[u32]) -> Option<&str> {
+        let by_uid = self.map.iter().find(|r| r.uid == Some(uid));
+        let by_group = || self.map.iter().find(|r| r.gid.is_some_and(|g| g == gid || groups.contains(&g)));
+        by_uid.or_else(by_group).map(|r| r.profile.as_str())
+    }
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmsConfig {
@@ -215,9 +287,12 @@ impl Manifest {
     /// Errors: TOML syntax, unknown keys, a profile naming a missing bundle,
     /// a bundle naming an unknown cap or image, a default memory above the
     /// maximum, an unknown auth method, an unknown image kernel source, no
-    /// `owner` profile.
+    /// `owner` profile, a `[[local.map]]` rule naming an unknown profile or
+    /// group (or both or neither of uid and group), an unknown
+    /// `gateway.socket_group`.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let m: Manifest = toml::from_str(text)?;
+        let mut m: Manifest = toml::from_str(text)?;
+        m.resolve_groups()?;
         m.validate()?;
         Ok(m)
     }
@@ -297,8 +372,40 @@ pub struct BuiltImage {
     pub kernel_release: String,
 }
 
+    /// Resolves group names (`gateway.socket_group`, `local.map[i].group`)
+    /// to gids from the group database (getgrnam(3)), once, at load.
+    ///
+    /// Errors: a group name the database does not know, naming the key.
+    pub fn resolve_groups(&mut self) -> anyhow::Result<()> {
+        if let Some(g) = &self.gateway.socket_group {
+            self.gateway.socket_gid = Some(g.resolve().map_err(|e| anyhow::anyhow!("gateway.socket_group: {e}"))?);
+        }
+        for (i, r) in self.local.map.iter_mut().enumerate() {
+            if let Some(g) = &r.group {
+                r.gid = Some(g.resolve().map_err(|e| anyhow::anyhow!("local.map[{i}].group: {e}"))?);
+            }
+        }
+        Ok(())
+    }
+
 impl BuiltImage {
     /// Encodes as schema `BuiltImage` named `name`.
+        for (i, r) in self.local.map.iter().enumerate() {
+            anyhow::ensure!(r.uid.is_some() != r.group.is_some(), "local.map[{i}]: give exactly one of uid and group");
+            anyhow::ensure!(
+                self.profiles.contains_key(&r.profile),
+                "local.map[{i}].profile: profile {:?} is not defined",
+                r.profile
+            );
+            anyhow::ensure!(
+                r.group.is_none() || r.gid.is_some(),
+                "local.map[{i}].group: not resolved (load with Manifest::parse)"
+            );
+        }
+        anyhow::ensure!(
+            self.gateway.socket_group.is_none() || self.gateway.socket_gid.is_some(),
+            "gateway.socket_group: not resolved (load with Manifest::parse)"
+        );
     ///
     /// Errors: a path is not UTF-8.
     pub fn write_to(&self, name: &str, mut b: built_image::Builder<'_>) -> capnp::Result<()> {
@@ -513,3 +620,49 @@ mod tests {
         assert!(err.contains("debian-cloud, minimal"), "{err}");
     }
 }
+    #[test]
+    fn local_map_rules_uid_beats_group_first_match_wins() {
+        let text = DEFAULT_TOML.replace(
+            "owner_uids = []",
+            "owner_uids = []\n[[local.map]]\ngroup = \"root\"\nprofile = \"owner\"\n\
+             [[local.map]]\nuid = 1001\nprofile = \"user\"\n\
+             [[local.map]]\ngroup = 4242\nprofile = \"user\"\n\
+             [[local.map]]\nuid = 1001\nprofile = \"owner\"",
+        );
+        let m = Manifest::parse(&text).unwrap();
+        assert_eq!(m.local.map[0].gid, Some(0), "a group name is resolved at load");
+        let l = &m.local;
+        // A uid rule beats an earlier group rule; the first uid rule wins.
+        assert_eq!(l.profile_for(1001, 0, &[]), Some("user"));
+        // Group rules in order, primary or supplementary.
+        assert_eq!(l.profile_for(1002, 0, &[]), Some("owner"));
+        assert_eq!(l.profile_for(1002, 100, &[4242, 0]), Some("owner"));
+        assert_eq!(l.profile_for(1002, 100, &[4242]), Some("user"));
+        assert_eq!(l.profile_for(1002, 4242, &[]), Some("user"));
+        assert_eq!(l.profile_for(1002, 100, &[5, 6]), None);
+        // It survives the broker's TOML round trip.
+        assert_eq!(Manifest::parse(&toml::to_string(&m).unwrap()).unwrap(), m);
+    }
+
+    #[test]
+    fn local_map_and_socket_group_are_validated_at_load() {
+        let with = |extra: &str| DEFAULT_TOML.replace("owner_uids = []", &format!("owner_uids = []\n{extra}"));
+        let e = Manifest::parse(&with("[[local.map]]\nuid = 5\nprofile = \"admin\"")).unwrap_err().to_string();
+        assert!(e.contains("local.map[0].profile") && e.contains("admin"), "{e}");
+        let e = Manifest::parse(&with("[[local.map]]\nuid = 5\nprofile = \"user\"\n[[local.map]]\ngroup = \"no-such-group-q\"\nprofile = \"user\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local.map[1].group") && e.contains("no-such-group-q"), "{e}");
+        let e =
+            Manifest::parse(&with("[[local.map]]\nuid = 5\ngroup = 5\nprofile = \"user\"")).unwrap_err().to_string();
+        assert!(e.contains("exactly one of uid and group"), "{e}");
+        let e = Manifest::parse(&with("[[local.map]]\nprofile = \"user\"")).unwrap_err().to_string();
+        assert!(e.contains("exactly one of uid and group"), "{e}");
+        let g = |v: &str| DEFAULT_TOML.replace("[gateway]", &format!("[gateway]\nsocket_group = {v}"));
+        let e = Manifest::parse(&g("\"no-such-group-q\"")).unwrap_err().to_string();
+        assert!(e.contains("gateway.socket_group") && e.contains("no-such-group-q"), "{e}");
+        assert_eq!(Manifest::parse(&g("\"root\"")).unwrap().gateway.socket_gid, Some(0));
+        assert_eq!(Manifest::parse(&g("77")).unwrap().gateway.socket_gid, Some(77));
+        assert_eq!(Manifest::default_manifest().gateway.socket_gid, None);
+    }
+

@@ -10,26 +10,18 @@
 using Common = import "common.capnp";
 using Cv = import "capvisor.capnp";
 
-struct UnixCred {
-  # SO_PEERCRED of a Unix-socket peer (unix(7)).
-  uid @0 :UInt32;
-  gid @1 :UInt32;
-  pid @2 :UInt32;
-}
-
-struct Peer {
-  # What the gateway saw of the connecting client (for audit and throttling).
-  union {
-    unknown @0 :Void;
-    unix @1 :UnixCred;
-  }
-}
-
 interface Broker {
   # The broker's face to the gateway (over the gateway<->broker socketpair).
-  loginLocal @0 (peer :UnixCred) -> (session :Cv.Session, info :Cv.LoginInfo);
-  loginPassword @1 (user :Text, password :Text, peer :Peer) -> (session :Cv.Session, info :Cv.LoginInfo);
-  resume @2 (token :Text, peer :Peer) -> (session :Cv.Session, info :Cv.LoginInfo);
+  # The broker never takes a client's identity from the gateway's words:
+  # before each call the gateway passes a duplicate of the client's
+  # connected socket on its attach channel with the tag "login:<conn>"
+  # (capvisor_rpc::fdpass), and names that `conn` here; the broker reads
+  # the peer's uid, gid, pid and groups from that descriptor
+  # (SO_PEERCRED, SO_PEERGROUPS) and closes its copy once the call is
+  # decided. A `conn` the broker never received is denied.
+  loginLocal @0 (conn :Text) -> (session :Cv.Session, info :Cv.LoginInfo);
+  loginPassword @1 (user :Text, password :Text, conn :Text) -> (session :Cv.Session, info :Cv.LoginInfo);
+  resume @2 (token :Text, conn :Text) -> (session :Cv.Session, info :Cv.LoginInfo);
 }
 
 struct AuditOutcome {
