@@ -5,7 +5,7 @@ HOST_TRIPLE := x86_64-unknown-linux-gnu
 STATIC_INIT := target/$(HOST_TRIPLE)/release/capvisor-guest-init
 APT_PACKAGES := capnproto libcapnp-dev qemu-system-x86 busybox-static python3-venv
 
-.PHONY: help deps build guest-init kernel demo lint test interop bench clean
+.PHONY: help deps build guest-init kernel demo lint test interop bench soak clean
 
 help:
 	@echo "make deps    install Debian packages capvisor needs (capnproto, qemu-system-x86, busybox-static, python3-venv)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test    make lint, then build and run the whole test suite (boots real guests under QEMU), then the pycapnp interop test"
 	@echo "make interop a pycapnp (C++ Cap'n Proto) client against a real server: login, pipelined create+exec, errors, logout"
 	@echo "make bench   print boot, exec and data-path figures"
+	@echo "make soak    reliability suite (docs/soak.md): 200 sessions under a hostile flood, 20 VMs, kill -9 of each process kind; bounded, loopback only"
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -59,6 +60,9 @@ interop:
 
 bench: build
 	CAPVISOR_GUEST_INIT=$(STATIC_INIT) target/release/capvisor-bench
+
+soak: build
+	CAPVISOR_GUEST_INIT=$(STATIC_INIT) target/release/capvisor-soak
 
 clean:
 	$(CARGO) clean

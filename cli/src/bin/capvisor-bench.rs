@@ -20,8 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "common/procs.rs"]
+mod procs;
 #[path = "capvisor-bench/rtt.rs"]
 mod rtt;
+use procs::descendants;
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -84,33 +87,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// (pid, argv0) of every process below `root` (children, their children, ...).
-fn descendants(root: u32) -> Vec<(u32, String)> {
-    let mut parent_of = vec![];
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-        if let Some(ppid) = ppid {
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let argv0 = String::from_utf8_lossy(cmd.split(|c| *c == 0).next().unwrap_or(b"")).into_owned();
-            parent_of.push((pid, ppid, argv0));
-        }
-    }
-    let mut out: Vec<(u32, String)> = vec![];
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for (pid, ppid, argv0) in &parent_of {
-            if *ppid == p {
-                out.push((*pid, argv0.clone()));
-                frontier.push(*pid);
-            }
-        }
-    }
-    out
-}
-
 /// Boots the image with plain qemu: exactly the command line the vmm uses
 /// (`capvisor_vmm::qemu::args`: same machine, accel, kernel, initramfs,
 /// command line, devices; agent and QMP on socketpairs nobody talks on),
@@ -132,6 +108,7 @@ async fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration
         engine: Engine::Qemu,
         extra_cmdline: String::new(),
         disks: vec![],
+        confine: Default::default(),
     };
     let args = capvisor_vmm::qemu::args(&cfg, host_kvm_usable(), capvisor_vmm::qemu::host_tsc_khz());
     let (agent, _agent_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
@@ -207,6 +184,7 @@ fn kvm_engine_figures(
             engine: Engine::Kvm,
             extra_cmdline: String::new(),
             disks: vec![],
+            confine: Default::default(),
         };
         capvisor_rpc::conn::run_local(async {
             let (rpc_ours, rpc_theirs) = capvisor_rpc::spawn::stream_pair().unwrap();
