@@ -6,7 +6,7 @@ use crate::caps::{SessionImpl, WorkerImpl};
 use crate::state::{now_ms, SessionState};
 use crate::vms::revoke_session;
 use capvisor_manifest::SessionContext;
-use capvisor_rpc::conn::{self, INTERNAL, UNTRUSTED};
+use capvisor_rpc::conn::{self, CLIENT_CALLS, INTERNAL, UNTRUSTED};
 use capvisor_rpc::fdpass::FdChannel;
 use capvisor_rpc::schema::capvisor_capnp::session;
 use capvisor_rpc::schema::internal_capnp::{session_host, worker, RevokeReason};
@@ -95,7 +95,10 @@ pub fn attach_client(st: Rc<SessionState>, fd: std::os::fd::OwnedFd) {
         }
         st.clients.set(st.clients.get() + 1);
         let sess: session::Client = capnp_rpc::new_client(SessionImpl { st: st.clone() });
-        let (_peer, done) = conn::serve::<capnp::capability::Client>(stream, sess.client, UNTRUSTED);
+        // The client is untrusted: bounded messages, and at most
+        // CLIENT_CALLS calls in progress (one more gets `unavailable`).
+        let (_peer, done, _calls) =
+            conn::serve_limited::<capnp::capability::Client>(stream, sess.client, UNTRUSTED, CLIENT_CALLS);
         let _ = done.await;
         st.clients.set(st.clients.get() - 1);
         st.clients_changed.notify_waiters();

@@ -11,7 +11,7 @@
 use crate::state::SessionState;
 use crate::wrap::{FilesWrapper, ProcessWrapper, Scope, SinkWrapper};
 use capnp::capability::Rc as CapRc;
-use capvisor_rpc::conn::{self, INTERNAL};
+use capvisor_rpc::conn::{self, CallGauge, GUEST, GUEST_CALLS};
 use capvisor_rpc::error::text;
 use capvisor_rpc::names::revoke_reason_name;
 use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_info, vm_spec, Engine, VmState};
@@ -79,6 +79,12 @@ pub struct Running {
     /// The RPC systems of the Machine and agent connections; aborting
     /// them closes both sockets, which tells the vmm to exit.
     pub conns: Vec<tokio::task::JoinHandle<Result<(), capnp::Error>>>,
+    /// What the guest has in progress on its agent link (its calls on the
+    /// sinks it was given), bounded by [`GUEST_CALLS`].
+    pub agent_calls: Rc<CallGauge>,
+    /// Fires with the error when the agent link fails (taken by the exit
+    /// watcher).
+    pub agent_failed: Option<tokio::sync::oneshot::Receiver<capnp::Error>>,
 }
 
 impl Running {
@@ -206,6 +212,38 @@ fn check_spec(st: &SessionState, spec: vm_spec::Reader<'_>) -> CvResult<CreateSp
     Ok(CreateSpec { name, image, memory_mib, vcpus, engine })
 }
 
+/// The worker's end of a VM's agent link (see [`agent_link`]).
+struct AgentLink {
+    /// guest-init's `Guest`.
+    guest: guest::Client,
+    /// The link's RPC system.
+    conn: tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    /// What the guest has in progress on the link.
+    calls: Rc<CallGauge>,
+    /// Fires with the error when the link fails.
+    failed: tokio::sync::oneshot::Receiver<capnp::Error>,
+}
+
+/// Opens the worker's end of a VM's agent link: guest-init's `Guest` as
+/// the peer's bootstrap, read with the [`GUEST`] reader limits (1 MiB
+/// messages) and at most [`GUEST_CALLS`] guest calls in progress. `failed`
+/// fires when the link fails (a message over the limits, a protocol
+/// violation), not when it is aborted.
+fn agent_link(stream: tokio::net::UnixStream) -> AgentLink {
+    use capnp_rpc::rpc_twoparty_capnp::Side;
+    let (mut system, calls) = conn::rpc_system_limited(stream, Side::Client, None, GUEST, GUEST_CALLS);
+    let guest: guest::Client = system.bootstrap(Side::Server);
+    let (tx, failed) = tokio::sync::oneshot::channel();
+    let conn = tokio::task::spawn_local(async move {
+        let r = system.await;
+        if let Err(e) = &r {
+            let _ = tx.send(e.clone());
+        }
+        r
+    });
+    AgentLink { guest, conn, calls, failed }
+}
+
 /// Boots the VM of `entry` on `engine` (`Qemu` or `Kvm`): spawns its vmm
 /// and waits up to `timeout` for guest-init.
 async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Duration) -> CvResult<Running> {
@@ -221,11 +259,12 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
         engine,
         extra_cmdline: String::new(),
         disks: vec![],
+        confine: Default::default(),
     };
     let launched = st.launcher.launch(&cfg)?;
     let machine = launched.machine;
     let mut child = launched.child;
-    let (guest, gconn) = conn::connect::<guest::Client>(launched.agent, None, INTERNAL);
+    let AgentLink { guest, conn: gconn, calls: agent_calls, failed: agent_failed } = agent_link(launched.agent);
     let conns: Vec<_> = launched.machine_conn.into_iter().chain(std::iter::once(gconn)).collect();
 
     let hello = guest.hello_request().send().promise;
@@ -256,7 +295,7 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
             // resolved `auto` before the spawn and the vmm runs exactly
             // that, so no status round trip sits on the boot's critical path.
             entry.engine.set(engine);
-            Ok(Running { machine, guest, child, conns })
+            Ok(Running { machine, guest, child, conns, agent_calls, agent_failed: Some(agent_failed) })
         }
         Err(why) => {
             for c in &conns {
@@ -393,7 +432,8 @@ impl VmFactoryImpl {
         };
         guard.entry = None;
         entry.boot_ms.set(t0.elapsed().as_millis() as u64);
-        watch_exit(entry.clone(), run.machine.clone());
+        let mut run = run;
+        watch_exit(entry.clone(), run.machine.clone(), run.agent_failed.take());
         *entry.running.borrow_mut() = Some(run);
         entry.state.set(VmState::Running);
         tracing::info!(vm = %entry.name, ms = entry.boot_ms.get(), "VM running");
@@ -446,18 +486,38 @@ impl Drop for Unborn {
     }
 }
 
-/// Marks the VM crashed/stopped when its machine ends on its own.
-fn watch_exit(entry: Rc<VmEntry>, machine: machine::Client) {
+/// Marks the VM crashed/stopped when its machine ends on its own, and
+/// crashed when its agent link fails (`agent_failed`: a guest message over
+/// [`GUEST`], a protocol violation); a link that merely closes (the guest
+/// powering off) is left to the machine's own end.
+fn watch_exit(
+    entry: Rc<VmEntry>,
+    machine: machine::Client,
+    agent_failed: Option<tokio::sync::oneshot::Receiver<capnp::Error>>,
+) {
     tokio::task::spawn_local(async move {
-        let r = machine.wait_exit_request().send().promise.await;
-        let (state, detail) = match r.as_ref().map(|r| r.get().and_then(|r| r.get_status())) {
-            Ok(Ok(s)) => (
-                s.get_state().unwrap_or(VmState::Crashed),
-                s.get_detail().ok().and_then(|t| t.to_str().ok()).unwrap_or("").to_string(),
-            ),
-            Ok(Err(e)) => (VmState::Crashed, format!("the vmm answered malformed: {e}")),
-            // The vmm process died (or hung up) under the VM.
-            Err(e) => (VmState::Crashed, format!("the vmm process ended unexpectedly ({})", e.extra)),
+        let link_broken = async {
+            match agent_failed {
+                Some(rx) => match rx.await {
+                    Ok(e) if e.kind != capnp::ErrorKind::Disconnected => e,
+                    _ => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        let (state, detail) = tokio::select! {
+            r = machine.wait_exit_request().send().promise => {
+                match r.as_ref().map(|r| r.get().and_then(|r| r.get_status())) {
+                    Ok(Ok(s)) => (
+                        s.get_state().unwrap_or(VmState::Crashed),
+                        s.get_detail().ok().and_then(|t| t.to_str().ok()).unwrap_or("").to_string(),
+                    ),
+                    Ok(Err(e)) => (VmState::Crashed, format!("the vmm answered malformed: {e}")),
+                    // The vmm process died (or hung up) under the VM.
+                    Err(e) => (VmState::Crashed, format!("the vmm process ended unexpectedly ({})", e.extra)),
+                }
+            }
+            e = link_broken => (VmState::Crashed, format!("the guest broke its agent link: {}", e.extra)),
         };
         if entry.state.get() == VmState::Running {
             entry.state.set(if state == VmState::Crashed { VmState::Crashed } else { VmState::Stopped });
