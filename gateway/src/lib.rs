@@ -202,7 +202,16 @@ impl Gateway {
                 let limit = conn::UNTRUSTED.traversal_limit_in_words.unwrap_or(usize::MAX) as u64;
                 let (r, w) = stream.into_split();
                 let (r, w) = guard::guard(r, w, limit);
-                let system = conn::rpc_system_rw(r, w, Side::Server, Some(client.client), conn::UNTRUSTED);
+                // At most CLIENT_CALLS login calls in progress; one more is
+                // answered `unavailable` at once.
+                let (system, _calls) = conn::rpc_system_rw_limited(
+                    r,
+                    w,
+                    Side::Server,
+                    Some(client.client),
+                    conn::UNTRUSTED,
+                    conn::CLIENT_CALLS,
+                );
                 tokio::pin!(system);
                 // A connection that has not logged in by the deadline is
                 // closed; one that did holds a session and stays.
