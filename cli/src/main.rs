@@ -41,6 +41,12 @@ enum Cmd {
         /// Manifest (TOML) with profiles, bundles and images [default: the embedded manifest]
         #[arg(long)]
         manifest: Option<PathBuf>,
+        /// Run as this service user (start as root): serve makes the socket, state and cache
+        /// directories for it [default: /run/capvisor/gateway.sock, /var/lib/capvisor,
+        /// /var/cache/capvisor, or --socket, CAPVISOR_STATE_DIR, CAPVISOR_CACHE_DIR], then drops
+        /// to its uid, gid and groups before anything starts. The manifest must be readable by it.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
     },
     /// Log in and save the session's resume token. Without --user: by your Unix credentials.
     Login {
@@ -162,10 +168,10 @@ enum AccountCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let socket = cli.socket.clone().unwrap_or_else(capvisor_rpc::paths::gateway_socket);
-    if let Cmd::Serve { manifest } = &cli.cmd {
-        std::process::exit(serve(&socket, manifest.clone()));
+    if let Cmd::Serve { manifest, user } = &cli.cmd {
+        std::process::exit(serve(cli.socket.clone(), manifest.clone(), user.as_deref()));
     }
+    let socket = cli.socket.clone().unwrap_or_else(capvisor_rpc::paths::gateway_socket);
     capvisor_rpc::conn::run_local(async {
         let code = match run(cli.cmd, &socket).await {
             Ok(code) => code,
@@ -195,17 +201,34 @@ fn shown(text: &str) -> std::borrow::Cow<'_, str> {
     printable(text, false)
 }
 
-fn serve(socket: &Path, manifest: Option<PathBuf>) -> i32 {
+/// `capvisor serve`: as the calling user (socket in its runtime directory
+/// unless `--socket`), or with `--user` as that service user (see
+/// `capvisor_supervisor::identity`).
+fn serve(socket: Option<PathBuf>, manifest: Option<PathBuf>, user: Option<&str>) -> i32 {
     capvisor_rpc::init_logging("serve");
+    let (socket, state_dir, cache_dir) = match user {
+        None => (
+            socket.unwrap_or_else(|| capvisor_rpc::paths::runtime_dir().join("gateway.sock")),
+            capvisor_rpc::paths::state_dir(),
+            capvisor_rpc::paths::cache_dir(),
+        ),
+        Some(name) => match become_service_user(name, socket, manifest.as_deref()) {
+            Ok(paths) => paths,
+            Err(e) => {
+                eprintln!("capvisor serve: {e:#}");
+                return 1;
+            }
+        },
+    };
     let bin_dir = capvisor_rpc::paths::bin_dir();
     let guest_init = std::env::var_os("CAPVISOR_GUEST_INIT")
         .map(PathBuf::from)
         .unwrap_or_else(|| bin_dir.join("capvisor-guest-init"));
     let opts = capvisor_supervisor::ServeOptions {
         manifest_path: manifest,
-        socket: socket.to_path_buf(),
-        state_dir: capvisor_rpc::paths::state_dir(),
-        cache_dir: capvisor_rpc::paths::cache_dir(),
+        socket,
+        state_dir,
+        cache_dir,
         bin_dir,
         guest_init,
     };
@@ -216,6 +239,26 @@ fn serve(socket: &Path, manifest: Option<PathBuf>) -> i32 {
             1
         }
     }
+}
+
+/// `serve --user NAME`: the service paths, made for `name`, and this
+/// process dropped to `name` (the manifest is read first for its
+/// `[gateway] socket_group`).
+fn become_service_user(
+    name: &str,
+    socket: Option<PathBuf>,
+    manifest: Option<&Path>,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    use capvisor_supervisor::identity;
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("--user {name} needs root: start `capvisor serve --user` as root, or leave --user out");
+    }
+    let (m, _) = capvisor_supervisor::load_manifest(manifest)?;
+    let user = identity::ServiceUser::lookup(name)?;
+    let (socket, state, cache) = identity::service_paths(socket);
+    identity::become_service_user(&user, &socket, &state, &cache, m.gateway.socket_gid)?;
+    eprintln!("capvisor: serving as {} (uid {}, gid {})", user.name, user.uid, user.gid);
+    Ok((socket, state, cache))
 }
 
 fn read_password() -> ClientResult<String> {

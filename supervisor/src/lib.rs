@@ -25,6 +25,8 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod identity;
+
 /// How long shutdown waits for gateway and broker after SIGTERM before SIGKILL.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// Most gateway restarts within [`GATEWAY_RESTART_WINDOW`]; one more crash
@@ -166,9 +168,18 @@ impl Drop for SocketGuard {
 /// Errors: "another capvisor serve is running on PATH"; the path exists and
 /// is not a socket; the directory belongs to someone else; I/O errors.
 pub fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    bind_socket_for(path, None)
+}
+
+/// [`bind_socket`], with `group` (`[gateway] socket_group`): directory
+/// 2750 and socket 0660 with that group ([`identity::prepare_socket_dir`],
+/// [`identity::set_socket_mode`]).
+///
+/// Errors: as [`bind_socket`]; we are not in `group`.
+pub fn bind_socket_for(path: &Path, group: Option<u32>) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    paths::ensure_private_dir(dir).with_context(|| format!("preparing socket directory {}", dir.display()))?;
+    identity::prepare_socket_dir(dir, group)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             bail!("{} exists and is not a socket; remove it or choose another --socket", path.display());
@@ -184,7 +195,7 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListen
     }
     let listener =
         std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    identity::set_socket_mode(path, group)?;
     Ok(listener)
 }
 
@@ -237,7 +248,7 @@ pub fn run_services(
     stop: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> anyhow::Result<()> {
     let auth = cfg.manifest.gateway.auth.join(",");
-    let listener = bind_socket(&opts.socket)?;
+    let listener = bind_socket_for(&opts.socket, cfg.manifest.gateway.socket_gid)?;
     let guard = SocketGuard(opts.socket.clone());
     let res = conn::run_local(supervise(opts, cfg, auth, listener.into(), label, stop));
     drop(guard);
