@@ -23,12 +23,23 @@ pub struct LoginInfo {
     pub expires_at_ms: i64,
 }
 
-/// Connects to the gateway socket after checking that it belongs to us or
-/// to root (`capvisor_rpc::paths::check_gateway_socket`), so no credential
-/// goes to a server another user put in our path.
+/// Connects to the gateway socket after checking that it belongs to us, to
+/// root, or to a server root set up for a group of ours
+/// (`capvisor_rpc::paths::check_gateway_socket`), so no credential goes to
+/// a server another user put in our path. A server run by another uid is
+/// named with `--socket PATH` / `CAPVISOR_SOCKET`, or found at
+/// `capvisor_rpc::paths::SYSTEM_SOCKET`.
 async fn dial(socket: &Path) -> ClientResult<tokio::net::UnixStream> {
     match capvisor_rpc::paths::check_gateway_socket(socket) {
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(ClientError::Io(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(ClientError::Io(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot use capvisor at {}: {e} (a shared server admits its socket group only)",
+                    socket.display()
+                ),
+            )))
+        }
         // A missing socket is reported by connect below, with its hint.
         _ => {}
     }
