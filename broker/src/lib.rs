@@ -66,6 +66,12 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let cfg = BrokerConfig::from_fd(config_fd)?;
     let launcher = launch::ProcessLauncher { worker_bin: cfg.worker_bin.clone() };
+    // From here on the broker, its workers, their vmms and QEMU stay
+    // inside this Landlock domain (before any thread exists).
+    match capvisor_confine::service::confine_self(&confinement_policy(&cfg)?) {
+        Ok(status) => tracing::info!("confined: landlock {status}"),
+        Err(e) => anyhow::bail!("cannot confine the broker: {e}"),
+    }
     let svc = BrokerService::new(cfg, Box::new(launcher), store::default_params())?;
     // SAFETY: the supervisor hands us this descriptor at this number
     // (docs/processes.md) and nothing else in this process uses it.
@@ -90,6 +96,17 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     svc.audit_log().flush_all();
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// The broker's Landlock policy (`capvisor_confine::service`): its state
+/// directory, the binaries next to the worker, the images of `cfg`.
+///
+/// Errors: the state or binary directory does not exist.
+pub fn confinement_policy(cfg: &BrokerConfig) -> anyhow::Result<capvisor_confine::landlock::QemuPolicy> {
+    let bin_dir = cfg.worker_bin.parent().unwrap_or(std::path::Path::new("/"));
+    let images: Vec<&std::path::Path> =
+        cfg.images.values().flat_map(|i| [i.kernel.as_path(), i.initramfs.as_path()]).collect();
+    Ok(capvisor_confine::service::broker_policy(&cfg.state_dir, bin_dir, &images, "qemu-system-x86_64")?)
 }
 
 /// Tag of the supervisor's message carrying a gateway's RPC stream.

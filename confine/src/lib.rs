@@ -21,6 +21,7 @@
 pub mod cgroup;
 pub mod landlock;
 pub mod netns;
+pub mod service;
 
 use std::fmt;
 use std::os::unix::process::CommandExt;
