@@ -506,6 +506,7 @@ impl BrokerService {
             images,
             run_dir: self.cfg.state_dir.join("sessions").join(&id),
             auto_engine: self.cfg.manifest.vms.auto_engine(),
+            confinement: self.cfg.manifest.confinement.requirements(),
         };
         let host: session_host::Client = capnp_rpc::new_client(crate::server::SessionHostServer::new(
             Rc::downgrade(self),

@@ -81,6 +81,54 @@ impl fmt::Display for Limits {
     }
 }
 
+/// Name prefix of the subtree a broker makes below its own cgroup:
+/// `capvisor-<broker pid>`.
+pub const SUBTREE_PREFIX: &str = "capvisor-";
+/// Name prefix of a session's cgroup: `session-<session id>`.
+pub const SESSION_PREFIX: &str = "session-";
+/// Name of the leaf a session's worker runs in.
+pub const WORKER_LEAF: &str = "worker";
+/// Name prefix of a VM's cgroup: `vm-<VM name>`.
+pub const VM_PREFIX: &str = "vm-";
+
+/// Memory one VM may use beyond its guest RAM, MiB: QEMU itself (about
+/// 60 MiB resident for a 256 MiB TCG guest booted to guest-init and
+/// running commands), its TCG translation cache (bounded to
+/// 64 MiB by `-accel tcg,tb-size=64`), page cache of the kernel and
+/// initramfs it reads (charged to the first reader, reclaimable), and the
+/// vmm process (about 10 MiB). docs/bounds.md.
+pub const VM_OVERHEAD_MIB: u64 = 192;
+/// Tasks one VM may have besides one per vCPU: the vmm (tokio thread and
+/// blocking pool), QEMU's main, RCU and I/O threads, and QEMU's block
+/// thread pool (up to 64 workers). docs/bounds.md.
+pub const VM_PIDS_BASE: u64 = 128;
+/// Memory a session's worker may use, MiB (its own budget within the
+/// session's cgroup).
+pub const WORKER_MEMORY_MIB: u64 = 256;
+/// Tasks a session's worker may have (tokio thread and blocking pool).
+pub const WORKER_PIDS: u64 = 64;
+
+/// Limits of one VM's cgroup: guest RAM + [`VM_OVERHEAD_MIB`], and
+/// [`VM_PIDS_BASE`] + one task per vCPU.
+pub fn vm_limits(memory_mib: u32, vcpus: u32) -> Limits {
+    Limits {
+        memory_bytes: Some((u64::from(memory_mib) + VM_OVERHEAD_MIB) << 20),
+        pids: Some(VM_PIDS_BASE + u64::from(vcpus)),
+    }
+}
+
+/// Limits of one session's cgroup: room for `max_vms` VMs at their
+/// largest ([`vm_limits`] of `max_memory_mib`, `max_vcpus`) plus the
+/// worker ([`WORKER_MEMORY_MIB`], [`WORKER_PIDS`]).
+pub fn session_limits(max_vms: u32, max_memory_mib: u32, max_vcpus: u32) -> Limits {
+    let vm = vm_limits(max_memory_mib, max_vcpus);
+    let n = u64::from(max_vms);
+    Limits {
+        memory_bytes: Some(n * vm.memory_bytes.unwrap_or(0) + (WORKER_MEMORY_MIB << 20)),
+        pids: Some(n * vm.pids.unwrap_or(0) + WORKER_PIDS),
+    }
+}
+
 /// One cgroup node, in every hierarchy capvisor uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cgroup {
@@ -173,6 +221,44 @@ impl Cgroup {
         let own =
             std::fs::read_to_string("/proc/self/cgroup").map_err(|e| err(format!("reading /proc/self/cgroup: {e}")))?;
         Self::own_from(root, &parse_mountinfo(&mounts), &own)
+    }
+
+    /// The session cgroup this process (a worker) was started in: its own
+    /// cgroup must be a leaf named `worker` whose parent is named
+    /// `session-*` (the layout the broker makes), in the v2 hierarchy when
+    /// the parent has `memory` and `pids` enabled for its children, else in
+    /// the v1 `memory` and `pids` hierarchies.
+    ///
+    /// Errors: this process is not in such a leaf (the broker could not
+    /// make the session cgroup, or the hierarchies are not under `root`).
+    pub fn session_of_worker(root: &Path) -> Result<Cgroup, ConfineError> {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| err(format!("reading /proc/self/mountinfo: {e}")))?;
+        let own =
+            std::fs::read_to_string("/proc/self/cgroup").map_err(|e| err(format!("reading /proc/self/cgroup: {e}")))?;
+        let mounts = parse_mountinfo(&mounts);
+        let mounts: Vec<&Mount> = mounts.iter().filter(|m| m.point.starts_with(root)).collect();
+        let session_of = |c: Cgroup| -> Option<Cgroup> {
+            let p = c.parent()?;
+            (c.name() == WORKER_LEAF && p.name().starts_with(SESSION_PREFIX)).then_some(p)
+        };
+        let v2 = mounts.iter().find(|m| m.fstype == "cgroup2").and_then(|m| {
+            let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+            let d = dir_in(m, path)?;
+            let s = session_of(Cgroup { version: Version::V2, memory: d.clone(), pids: d })?;
+            let sub = read_words(&s.memory.join("cgroup.subtree_control"));
+            (sub.iter().any(|x| x == "memory") && sub.iter().any(|x| x == "pids")).then_some(s)
+        });
+        if let Some(s) = v2 {
+            return Ok(s);
+        }
+        let v1 = Self::own_v1(&mounts, &own).map_err(|e| err(format!("not in a session cgroup: {e}")))?;
+        session_of(v1.clone()).ok_or_else(|| {
+            err(format!(
+                "not in a session cgroup (this worker is in {}; the broker could not place it, see its log)",
+                v1.memory.display()
+            ))
+        })
     }
 
     fn own_from(root: &Path, mounts: &[Mount], own: &str) -> Result<Cgroup, ConfineError> {
@@ -277,7 +363,7 @@ impl Cgroup {
                 write_file(&self.memory.join("cgroup.subtree_control"), "+memory +pids")?;
             }
         }
-        let c = Cgroup { version: self.version, memory: self.memory.join(name), pids: self.pids.join(name) };
+        let c = self.at(name);
         for d in c.dirs() {
             match std::fs::create_dir(d) {
                 Ok(()) => {}
@@ -286,6 +372,12 @@ impl Cgroup {
             }
         }
         Ok(c)
+    }
+
+    /// The cgroup `name` below this one, by path only (nothing is made or
+    /// checked; see [`Cgroup::child`]).
+    pub fn at(&self, name: &str) -> Cgroup {
+        Cgroup { version: self.version, memory: self.memory.join(name), pids: self.pids.join(name) }
     }
 
     /// Sets `limits` (see [`Limits`] for the files written).
@@ -380,8 +472,17 @@ impl Cgroup {
     ///
     /// Errors: a file cannot be opened for writing.
     pub fn placement(&self) -> Result<Placement, ConfineError> {
+        let dirs: Vec<PathBuf> = self.dirs().into_iter().map(Path::to_path_buf).collect();
+        Self::placement_of(&dirs)
+    }
+
+    /// [`Cgroup::placement`] for a cgroup known only by its directories
+    /// (as a `VmConfig` carries them).
+    ///
+    /// Errors: as [`Cgroup::placement`].
+    pub fn placement_of(dirs: &[PathBuf]) -> Result<Placement, ConfineError> {
         let mut fds = Vec::new();
-        for d in self.dirs() {
+        for d in dirs {
             let p = d.join("cgroup.procs");
             let f = std::fs::OpenOptions::new()
                 .write(true)
@@ -412,7 +513,9 @@ impl Cgroup {
     /// `parent_too`, then also the parent if it is empty by then. Failures
     /// are logged.
     pub fn remove_when_empty(self, within: Duration, parent_too: bool) -> std::thread::JoinHandle<bool> {
+        pending().lock().unwrap_or_else(|p| p.into_inner()).push(self.memory.clone());
         std::thread::spawn(move || {
+            let _unlist = Unlist(self.memory.clone());
             let deadline = std::time::Instant::now() + within;
             let done = loop {
                 match self.remove() {
@@ -436,6 +539,23 @@ impl Cgroup {
         })
     }
 
+    /// Waits up to `within` while a [`Cgroup::remove_when_empty`] of this
+    /// same cgroup is still running in this process, so a cgroup made again
+    /// under the same name (a VM re-created) is not removed under its new
+    /// processes. Returns false if one still runs.
+    pub fn wait_removal(&self, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if !pending().lock().unwrap_or_else(|p| p.into_inner()).contains(&self.memory) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Removes the children of this cgroup named `<prefix><pid>` whose
     /// process is gone (a crashed capvisor's subtree), with everything
     /// below them. Returns one line per subtree handled, for the log.
@@ -457,6 +577,24 @@ impl Cgroup {
             }
         }
         out
+    }
+}
+
+/// Cgroups a [`Cgroup::remove_when_empty`] thread is removing.
+fn pending() -> &'static std::sync::Mutex<Vec<PathBuf>> {
+    static PENDING: std::sync::OnceLock<std::sync::Mutex<Vec<PathBuf>>> = std::sync::OnceLock::new();
+    PENDING.get_or_init(Default::default)
+}
+
+/// Takes a path off [`pending`] when dropped.
+struct Unlist(PathBuf);
+
+impl Drop for Unlist {
+    fn drop(&mut self) {
+        let mut p = pending().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = p.iter().position(|x| *x == self.0) {
+            p.swap_remove(i);
+        }
     }
 }
 

@@ -51,6 +51,9 @@ pub struct Manifest {
     /// Host-wide session limits.
     #[serde(default)]
     pub sessions: SessionsConfig,
+    /// Which confinement layers every VM must get.
+    #[serde(default)]
+    pub confinement: ConfinementConfig,
     /// Guest images by name.
     pub images: BTreeMap<String, ImageConfig>,
     /// Profiles by name; a principal gets exactly one.
@@ -211,6 +214,73 @@ impl Default for SessionsConfig {
     }
 }
 
+/// Confinement layer names `[confinement] required` may list (the names
+/// of `capvisor_confine::Layer`).
+pub const CONFINEMENT_LAYERS: &[&str] = &["cgroup", "netns", "landlock"];
+
+/// `[confinement]`: which confinement layers every VM must get
+/// (docs/vmm-confinement.md). A required layer the host cannot give stops
+/// the VM from starting (`unavailable` naming the layer and why, audited);
+/// a layer left out of `required` is still applied when the host offers
+/// it, and its absence is audited and logged.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfinementConfig {
+    /// Layers that must hold, of [`CONFINEMENT_LAYERS`]: `cgroup` (the VM's
+    /// vmm and QEMU in a cgroup with memory and pids limits), `netns` (QEMU
+    /// in a fresh network namespace), `landlock` (QEMU under its Landlock
+    /// ruleset). Default: all three.
+    #[serde(default = "default_required_layers")]
+    pub required: Vec<String>,
+    /// Where the cgroup file systems are mounted (only hierarchies mounted
+    /// below it are used). Default `/sys/fs/cgroup`.
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: PathBuf,
+}
+
+fn default_required_layers() -> Vec<String> {
+    CONFINEMENT_LAYERS.iter().map(|s| s.to_string()).collect()
+}
+
+fn default_cgroup_root() -> PathBuf {
+    "/sys/fs/cgroup".into()
+}
+
+impl Default for ConfinementConfig {
+    fn default() -> Self {
+        Self { required: default_required_layers(), cgroup_root: default_cgroup_root() }
+    }
+}
+
+impl ConfinementConfig {
+    /// The requirements as a worker gets them (schema `Confinement`).
+    pub fn requirements(&self) -> capvisor_rpc::vmconfig::Confinement {
+        let has = |l: &str| self.required.iter().any(|r| r == l);
+        capvisor_rpc::vmconfig::Confinement {
+            cgroup: has("cgroup"),
+            netns: has("netns"),
+            landlock: has("landlock"),
+            cgroup_root: self.cgroup_root.clone(),
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for r in &self.required {
+            anyhow::ensure!(
+                CONFINEMENT_LAYERS.contains(&r.as_str()),
+                "confinement.required: unknown layer {r:?} (known: {})",
+                CONFINEMENT_LAYERS.join(", ")
+            );
+        }
+        anyhow::ensure!(
+            self.cgroup_root.is_absolute(),
+            "confinement.cgroup_root: must be an absolute path (got {})",
+            self.cgroup_root.display()
+        );
+        Ok(())
+    }
+}
+
 /// The default of [`Bundle::max_sessions`].
 pub const DEFAULT_MAX_SESSIONS: u32 = 16;
 
@@ -340,6 +410,7 @@ impl Manifest {
             anyhow::ensure!(bundle.max_vcpus >= 1, "bundles.{b}: max_vcpus must be at least 1");
             anyhow::ensure!(bundle.max_sessions >= 1, "bundles.{b}: max_sessions must be at least 1");
         }
+        self.confinement.validate()?;
         anyhow::ensure!(
             self.sessions.reserved_for_owner < self.sessions.max_total,
             "sessions.reserved_for_owner must be below sessions.max_total"
@@ -511,6 +582,8 @@ pub struct SessionContext {
     pub run_dir: PathBuf,
     /// What `auto` means (`Auto`: detect); manifest `[vms] auto_engine`.
     pub auto_engine: Engine,
+    /// Which confinement layers every VM must get; manifest `[confinement]`.
+    pub confinement: capvisor_rpc::vmconfig::Confinement,
 }
 
 impl SessionContext {
@@ -526,6 +599,7 @@ impl SessionContext {
         write_images(&self.images, b.reborrow().init_images(self.images.len() as u32))?;
         b.set_run_dir(path_text(&self.run_dir)?);
         b.set_auto_engine(self.auto_engine);
+        self.confinement.write_to(b.reborrow().init_confinement())?;
         Ok(())
     }
 
@@ -542,6 +616,7 @@ impl SessionContext {
             images: read_images(r.get_images()?)?,
             run_dir: text(r.get_run_dir())?.into(),
             auto_engine: r.get_auto_engine()?,
+            confinement: capvisor_rpc::vmconfig::Confinement::read_from(r.get_confinement()?)?,
         })
     }
 
@@ -592,9 +667,32 @@ mod tests {
             .into(),
             run_dir: "/run/s".into(),
             auto_engine: Engine::Qemu,
+            confinement: capvisor_rpc::vmconfig::Confinement {
+                netns: false,
+                cgroup_root: "/mnt/cg".into(),
+                ..Default::default()
+            },
         };
         let msg = ctx.to_message().unwrap();
         assert_eq!(SessionContext::read_from(msg.get_root_as_reader().unwrap()).unwrap(), ctx);
+    }
+
+    #[test]
+    fn confinement_table() {
+        let all = Manifest::default_manifest().confinement.requirements();
+        assert!(all.cgroup && all.netns && all.landlock, "every layer is required by default");
+        assert_eq!(all.cgroup_root, std::path::Path::new("/sys/fs/cgroup"));
+        let some = format!("[confinement]\nrequired = [\"landlock\"]\ncgroup_root = \"/mnt/cg\"\n{DEFAULT_TOML}");
+        let r = Manifest::parse(&some).unwrap().confinement.requirements();
+        assert_eq!((r.cgroup, r.netns, r.landlock), (false, false, true));
+        assert_eq!(r.cgroup_root, std::path::Path::new("/mnt/cg"));
+        let bad = format!("[confinement]\nrequired = [\"selinux\"]\n{DEFAULT_TOML}");
+        let e = Manifest::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("confinement.required") && e.contains("selinux"), "{e}");
+        let rel = format!("[confinement]\ncgroup_root = \"cg\"\n{DEFAULT_TOML}");
+        assert!(Manifest::parse(&rel).unwrap_err().to_string().contains("confinement.cgroup_root"));
+        let unknown = format!("[confinement]\nrequire = []\n{DEFAULT_TOML}");
+        assert!(Manifest::parse(&unknown).unwrap_err().to_string().contains("require"));
     }
 
     #[test]

@@ -46,6 +46,78 @@ pub struct VmConfig {
     /// Raw disk images attached as virtio-blk devices, in order: the guest
     /// sees them as /dev/vda, /dev/vdb, ... (at most [`MAX_DISKS`]).
     pub disks: Vec<Disk>,
+    /// How the vmm confines the QEMU it starts (engine `qemu`; the `kvm`
+    /// engine confines itself). Default: every layer.
+    pub confine: QemuConfinement,
+}
+
+/// The confinement layers the vmm applies to QEMU (docs/vmm-confinement.md),
+/// as the worker decided them from the manifest's `[confinement]` and what
+/// the host offers. A layer to apply that cannot be applied stops the VM
+/// (it is `crashed` with the reason). Schema: `VmConfig.skipNetns`,
+/// `skipLandlock` (inverted, so a message without them fails closed), `cgroup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuConfinement {
+    /// Start QEMU in a fresh network namespace.
+    pub netns: bool,
+    /// Start QEMU under the Landlock ruleset for its VM.
+    pub landlock: bool,
+    /// The VM's cgroup directories (the worker put the vmm there; QEMU
+    /// inherits them), for the report; empty when the VM has none.
+    pub cgroup: Vec<PathBuf>,
+}
+
+impl Default for QemuConfinement {
+    fn default() -> Self {
+        Self { netns: true, landlock: true, cgroup: Vec::new() }
+    }
+}
+
+/// Manifest `[confinement]` as the broker hands it to a worker (schema
+/// `Confinement` in `SessionContext`): which layers every VM must get.
+/// Default: all required, cgroups under `/sys/fs/cgroup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Confinement {
+    /// A VM must be in a cgroup with memory and pids limits.
+    pub cgroup: bool,
+    /// QEMU must run in a fresh network namespace.
+    pub netns: bool,
+    /// QEMU must run under Landlock.
+    pub landlock: bool,
+    /// Where cgroup file systems are mounted (`[confinement] cgroup_root`).
+    pub cgroup_root: PathBuf,
+}
+
+impl Default for Confinement {
+    fn default() -> Self {
+        Self { cgroup: true, netns: true, landlock: true, cgroup_root: "/sys/fs/cgroup".into() }
+    }
+}
+
+impl Confinement {
+    /// Encodes into a schema `Confinement`.
+    ///
+    /// Errors: the root is not UTF-8.
+    pub fn write_to(&self, mut b: capvisor_schema::internal_capnp::confinement::Builder<'_>) -> capnp::Result<()> {
+        b.set_cgroup_optional(!self.cgroup);
+        b.set_netns_optional(!self.netns);
+        b.set_landlock_optional(!self.landlock);
+        b.set_cgroup_root(path_text(&self.cgroup_root)?);
+        Ok(())
+    }
+
+    /// Decodes a schema `Confinement` (an empty root means the default).
+    ///
+    /// Errors: non-UTF-8 text.
+    pub fn read_from(r: capvisor_schema::internal_capnp::confinement::Reader<'_>) -> capnp::Result<Self> {
+        let root = crate::error::text(r.get_cgroup_root())?;
+        Ok(Self {
+            cgroup: !r.get_cgroup_optional(),
+            netns: !r.get_netns_optional(),
+            landlock: !r.get_landlock_optional(),
+            cgroup_root: if root.is_empty() { Self::default().cgroup_root } else { root.into() },
+        })
+    }
 }
 
 fn path(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<PathBuf> {
@@ -65,11 +137,17 @@ impl VmConfig {
         b.set_vcpus(self.vcpus);
         b.set_engine(self.engine);
         b.set_extra_cmdline(self.extra_cmdline.as_str());
-        let mut disks = b.init_disks(self.disks.len() as u32);
+        let mut disks = b.reborrow().init_disks(self.disks.len() as u32);
         for (i, d) in self.disks.iter().enumerate() {
             let mut e = disks.reborrow().get(i as u32);
             e.set_path(path_text(&d.path)?);
             e.set_read_only(d.read_only);
+        }
+        b.set_skip_netns(!self.confine.netns);
+        b.set_skip_landlock(!self.confine.landlock);
+        let mut cg = b.init_cgroup(self.confine.cgroup.len() as u32);
+        for (i, d) in self.confine.cgroup.iter().enumerate() {
+            cg.set(i as u32, path_text(d)?);
         }
         Ok(())
     }
@@ -82,6 +160,10 @@ impl VmConfig {
         for d in r.get_disks()?.iter() {
             disks.push(Disk { path: path(d.get_path())?, read_only: d.get_read_only() });
         }
+        let mut cgroup = Vec::new();
+        for d in r.get_cgroup()?.iter() {
+            cgroup.push(path(d)?);
+        }
         Ok(Self {
             name: crate::error::text(r.get_name())?,
             run_dir: path(r.get_run_dir())?,
@@ -92,6 +174,7 @@ impl VmConfig {
             engine: r.get_engine()?,
             extra_cmdline: crate::error::text(r.get_extra_cmdline())?,
             disks,
+            confine: QemuConfinement { netns: !r.get_skip_netns(), landlock: !r.get_skip_landlock(), cgroup },
         })
     }
 
@@ -135,6 +218,7 @@ mod tests {
             engine: Engine::Qemu,
             extra_cmdline: "quiet".into(),
             disks: vec![Disk { path: "/d".into(), read_only: true }],
+            confine: QemuConfinement { netns: false, landlock: true, cgroup: vec!["/sys/fs/cgroup/x/vm-1".into()] },
         }
     }
 
@@ -145,6 +229,23 @@ mod tests {
         let back = VmConfig::read_from(m.get_root_as_reader().unwrap()).unwrap();
         assert_eq!(back, c);
         back.validate().unwrap();
+        let relaxed = Confinement { netns: false, cgroup_root: "/elsewhere".into(), ..Default::default() };
+        let mut m = capnp::message::Builder::new_default();
+        relaxed.write_to(m.init_root()).unwrap();
+        assert_eq!(Confinement::read_from(m.get_root_as_reader().unwrap()).unwrap(), relaxed);
+    }
+
+    /// A message that says nothing about confinement asks for all of it.
+    #[test]
+    fn missing_confinement_fields_fail_closed() {
+        let mut m = capnp::message::Builder::new_default();
+        m.init_root::<vm_config::Builder>().set_name("x");
+        let c = VmConfig::read_from(m.get_root_as_reader().unwrap()).unwrap();
+        assert_eq!(c.confine, QemuConfinement::default());
+        assert!(c.confine.netns && c.confine.landlock);
+        let mut m = capnp::message::Builder::new_default();
+        m.init_root::<capvisor_schema::internal_capnp::confinement::Builder>();
+        assert_eq!(Confinement::read_from(m.get_root_as_reader().unwrap()).unwrap(), Confinement::default());
     }
 
     #[test]

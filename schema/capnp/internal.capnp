@@ -125,6 +125,22 @@ struct VmConfig {
   engine @6 :Cv.Engine;
   extraCmdline @7 :Text;   # appended to the kernel command line
   disks @8 :List(Disk);    # /dev/vda, /dev/vdb, ... in order; at most 8
+  # How the vmm confines the QEMU it starts (docs/vmm-confinement.md). The
+  # worker decided from the manifest's [confinement] and what the host
+  # offers; the defaults (false) mean "apply", so a message without them
+  # fails closed. A layer to apply that cannot be applied stops the VM.
+  skipNetns @9 :Bool;       # QEMU runs in the host's network namespace
+  skipLandlock @10 :Bool;   # QEMU runs without the Landlock ruleset
+  cgroup @11 :List(Text);   # the VM's cgroup directories (the vmm is in them; QEMU inherits); empty: none
+}
+
+struct Confinement {
+  # Manifest [confinement]: which layers a VM must get (docs/vmm-confinement.md).
+  # The defaults (false) mean "required", so a message without them fails closed.
+  cgroupOptional @0 :Bool;
+  netnsOptional @1 :Bool;
+  landlockOptional @2 :Bool;
+  cgroupRoot @3 :Text;      # where cgroup file systems are mounted; "" = /sys/fs/cgroup
 }
 
 struct BuiltImage {
@@ -157,6 +173,7 @@ struct SessionContext {
   images @5 :List(BuiltImage);  # the images the bundle allows
   runDir @6 :Text;              # directory for this session's VM run dirs
   autoEngine @7 :Cv.Engine;     # what engine `auto` means: auto = detect (manifest [vms] auto_engine)
+  confinement @8 :Confinement;  # manifest [confinement]
 }
 
 struct BrokerConfig {

@@ -443,6 +443,7 @@ mod tests {
                 engine: EngineKind::Qemu,
                 extra_cmdline: String::new(),
                 disks: vec![],
+                confine: Default::default(),
             };
             let st = start(Ok(cfg), agent).status();
             assert_eq!(st.state, VmState::Crashed);

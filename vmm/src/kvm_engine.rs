@@ -334,6 +334,7 @@ mod tests {
             engine: capvisor_schema::capvisor_capnp::Engine::Kvm,
             extra_cmdline: "x=1".into(),
             disks: vec![],
+            confine: Default::default(),
         };
         let c = kernel_cmdline(&cfg);
         assert!(c.contains("reboot=k") && !c.contains("reboot=t") && c.ends_with("x=1"), "{c}");

@@ -159,6 +159,7 @@ fn vm_config(img: &capvisor_manifest::BuiltImage, run_dir: &Path, extra: &str) -
         engine: Engine::Auto,
         extra_cmdline: extra.into(),
         disks: vec![],
+        confine: Default::default(),
     }
 }
 
@@ -306,6 +307,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
                 engine: Engine::Qemu,
                 extra_cmdline: String::new(),
                 disks: vec![],
+                confine: Default::default(),
             };
             let t = Instant::now();
             let mut vmm = spawn_vmm(&cfg);
@@ -335,6 +337,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
             engine: Engine::Kvm,
             extra_cmdline: String::new(),
             disks: vec![],
+            confine: Default::default(),
         };
         let vmm = spawn_vmm(&cfg);
         let st = status(&vmm.machine).await;

@@ -6,13 +6,130 @@
 //! --config-fd 5` with a socketpair for `Machine`, a socketpair for the
 //! guest's agent channel (the vmm hands its end to the VM; the worker
 //! keeps the other and talks to guest-init on it directly), and a memfd
-//! holding the schema `VmConfig` (docs/processes.md).
+//! holding the schema `VmConfig` (docs/processes.md), moved into the VM's
+//! cgroup (`cfg.confine.cgroup`) between fork and exec, so the vmm and the
+//! QEMU it starts are charged to it from their first instruction.
+//!
+//! [`confine_vm`] decides a VM's confinement from the manifest's
+//! `[confinement]` (docs/vmm-confinement.md): it makes the VM's cgroup
+//! below the session's, probes the network namespace and Landlock, and
+//! fails closed on a required layer it cannot give.
 
+use capvisor_confine::cgroup::{self, Cgroup};
+use capvisor_confine::{ConfineError, Layer, Report};
 use capvisor_rpc::conn::{self, INTERNAL};
 use capvisor_rpc::schema::internal_capnp::machine;
 use capvisor_rpc::spawn::{self, Inherit};
-use capvisor_rpc::vmconfig::VmConfig;
+use capvisor_rpc::vmconfig::{Confinement, QemuConfinement, VmConfig};
 use capvisor_rpc::{paths, CvError, CvResult};
+use std::time::Duration;
+
+/// How long a VM's cgroup is retried for removal after its vmm's
+/// connection ended (the vmm and QEMU exit meanwhile).
+pub const CGROUP_REMOVE_WAIT: Duration = Duration::from_secs(30);
+
+/// A VM's confinement, decided before its vmm starts.
+#[derive(Debug)]
+pub struct VmConfinement {
+    /// What the vmm must apply to QEMU, and the VM's cgroup directories:
+    /// goes into `VmConfig.confine`.
+    pub qemu: QemuConfinement,
+    /// The decision, for the audit line and the log: applied layers and
+    /// the missing ones the manifest allows.
+    pub report: Report,
+}
+
+/// Decides the confinement of VM `name` (`memory_mib` of guest RAM,
+/// `vcpus`) as `req` (manifest `[confinement]`) asks:
+/// - cgroup: `vm-<name>` below this worker's session cgroup
+///   ([`Cgroup::session_of_worker`]) with [`cgroup::vm_limits`];
+/// - netns: a probe child in a fresh network namespace;
+/// - landlock: the kernel's Landlock ABI is not 0.
+///
+/// A layer that cannot be given is missing from the report when `req`
+/// allows it, else the decision fails.
+///
+/// Errors: `unavailable` naming the first required layer that cannot be
+/// given and why (e.g. `confinement of VM "a" failed: cgroup: not in a
+/// session cgroup ...`).
+///
+/// With `qemu` false (the `kvm` engine, whose vmm confines itself with
+/// Landlock and seccomp, `capvisor_kvm::sandbox`) only the cgroup is decided here.
+pub fn confine_vm(
+    req: &Confinement,
+    name: &str,
+    memory_mib: u32,
+    vcpus: u32,
+    qemu_engine: bool,
+) -> CvResult<VmConfinement> {
+    let mut report = Report::default();
+    let mut qemu = QemuConfinement { netns: false, landlock: false, cgroup: Vec::new() };
+    let vm_cgroup = (|| {
+        let session = Cgroup::session_of_worker(&req.cgroup_root)?;
+        let leaf = format!("{}{name}", cgroup::VM_PREFIX);
+        // A VM of the same name that just ended may still be having its
+        // cgroup removed; let that finish first.
+        session.at(&leaf).wait_removal(Duration::from_secs(5));
+        let vm = session.child(&leaf)?;
+        vm.set_limits(&cgroup::vm_limits(memory_mib, vcpus))?;
+        Ok::<_, ConfineError>(vm)
+    })();
+    match vm_cgroup {
+        Ok(vm) => {
+            report.applied(Layer::Cgroup, vm.describe());
+            qemu.cgroup = vm.dirs().into_iter().map(|d| d.to_path_buf()).collect();
+        }
+        Err(e) if req.cgroup => return Err(CvError::unavailable(format!("confinement of VM {name:?} failed: {e}"))),
+        Err(e) => report.missing.push(e),
+    }
+    if !qemu_engine {
+        report.applied(Layer::Landlock, "and seccomp applied by the kvm engine's vmm to itself");
+        return Ok(VmConfinement { qemu, report });
+    }
+    // network namespace (QEMU's, applied by the vmm)
+    let plan = capvisor_confine::netns::NetnsPlan::new();
+    match probe_netns(&plan) {
+        Ok(()) => {
+            report.applied(Layer::Netns, plan.describe());
+            qemu.netns = true;
+        }
+        Err(e) if req.netns => {
+            remove_now(&qemu);
+            return Err(CvError::unavailable(format!("confinement of VM {name:?} failed: {e}")));
+        }
+        Err(e) => report.missing.push(e),
+    }
+    // Landlock (QEMU's ruleset is built and enforced by the vmm)
+    match capvisor_confine::landlock::abi() {
+        0 => {
+            let e = ConfineError::new(Layer::Landlock, "the kernel has no Landlock (not built in, or not in lsm=)");
+            if req.landlock {
+                remove_now(&qemu);
+                return Err(CvError::unavailable(format!("confinement of VM {name:?} failed: {e}")));
+            }
+            report.missing.push(e);
+        }
+        abi => {
+            report.applied(Layer::Landlock, format!("ABI {abi} (QEMU's ruleset)"));
+            qemu.landlock = true;
+        }
+    }
+    Ok(VmConfinement { qemu, report })
+}
+
+/// The network-namespace probe, once per worker (the answer does not
+/// change while it runs).
+fn probe_netns(plan: &capvisor_confine::netns::NetnsPlan) -> Result<(), ConfineError> {
+    static PROBE: std::sync::OnceLock<Result<(), ConfineError>> = std::sync::OnceLock::new();
+    PROBE.get_or_init(|| plan.probe()).clone()
+}
+
+/// Removes a VM cgroup made by a decision that then failed.
+fn remove_now(q: &QemuConfinement) {
+    for d in &q.cgroup {
+        let _ = std::fs::remove_dir(d);
+    }
+}
 
 /// A started VM, as the worker holds it.
 pub struct LaunchedVm {
@@ -55,6 +172,14 @@ impl VmLauncher for ProcessVmLauncher {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log);
+        // Into the VM's cgroup between fork and exec; registered before
+        // `prepare`'s hook, which renumbers descriptors.
+        if !cfg.confine.cgroup.is_empty() {
+            let placement = Cgroup::placement_of(&cfg.confine.cgroup)
+                .map_err(|e| CvError::unavailable(format!("confinement of VM {:?} failed: {e}", cfg.name)))?;
+            capvisor_confine::ChildConfinement { cgroup: Some(placement), ..Default::default() }
+                .install(cmd.as_std_mut());
+        }
         let fds = [
             Inherit { fd: rpc_there, target: 3 },
             Inherit { fd: agent_there, target: 4 },
@@ -65,6 +190,7 @@ impl VmLauncher for ProcessVmLauncher {
         drop(fds);
         let (machine, conn) =
             conn::connect::<machine::Client>(spawn::into_tokio(rpc_here).map_err(internal)?, None, INTERNAL);
+        let conn = remove_cgroup_after(conn, &cfg.confine.cgroup);
         Ok(LaunchedVm {
             machine,
             machine_conn: Some(conn),
@@ -72,4 +198,36 @@ impl VmLauncher for ProcessVmLauncher {
             child: Some(child),
         })
     }
+}
+
+/// Wraps the vmm's connection task so that when it ends, or the wrapper is
+/// aborted or dropped (the worker lets the VM go), the connection is
+/// aborted too and the VM's cgroup `dirs` is removed once the vmm and
+/// QEMU have left it ([`Cgroup::remove_when_empty`], on a thread).
+fn remove_cgroup_after(
+    conn: tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    dirs: &[std::path::PathBuf],
+) -> tokio::task::JoinHandle<Result<(), capnp::Error>> {
+    struct Guard {
+        conn: tokio::task::AbortHandle,
+        dirs: Vec<std::path::PathBuf>,
+    }
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.conn.abort();
+            if let Some(first) = self.dirs.first() {
+                let version = if self.dirs.len() > 1 { cgroup::Version::V1 } else { cgroup::Version::V2 };
+                let last = self.dirs.last().unwrap_or(first).clone();
+                Cgroup::from_dirs(version, first.clone(), last).remove_when_empty(CGROUP_REMOVE_WAIT, false);
+            }
+        }
+    }
+    let guard = Guard { conn: conn.abort_handle(), dirs: dirs.to_vec() };
+    tokio::task::spawn_local(async move {
+        let _guard = guard;
+        match conn.await {
+            Ok(r) => r,
+            Err(e) => Err(capnp::Error::failed(format!("vmm connection task: {e}"))),
+        }
+    })
 }

@@ -261,6 +261,19 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
         disks: vec![],
         confine: Default::default(),
     };
+    // Confinement (docs/vmm-confinement.md): decided here, fail closed on
+    // a required layer, audited either way.
+    let confined = crate::launch::confine_vm(
+        &st.ctx.confinement,
+        &entry.name,
+        entry.memory_mib,
+        entry.vcpus,
+        engine != Engine::Kvm,
+    )
+    .inspect_err(|e| st.audit("vm.confine", "vms", "create", Err(e), &e.message))?;
+    tracing::info!(vm = %entry.name, "confinement: {}", confined.report);
+    st.audit("vm.confine", "vms", "create", Ok(()), &format!("{}: {}", entry.name, confined.report));
+    let cfg = VmConfig { confine: confined.qemu, ..cfg };
     let launched = st.launcher.launch(&cfg)?;
     let machine = launched.machine;
     let mut child = launched.child;

@@ -183,6 +183,13 @@ impl Env {
             images: [("base".to_string(), image)].into(),
             run_dir: dir.path().to_path_buf(),
             auto_engine: Engine::Qemu,
+            // In-process: no session cgroup; every layer optional (absences are audited).
+            confinement: capvisor_rpc::vmconfig::Confinement {
+                cgroup: false,
+                netns: false,
+                landlock: false,
+                ..Default::default()
+            },
         };
         let seen = Shared::default();
         let host: session_host::Client = capnp_rpc::new_client(FakeHost(seen.clone()));

@@ -70,20 +70,31 @@ impl QemuEngine {
     ) -> anyhow::Result<Rc<Self>> {
         use anyhow::Context;
         let (qmp_ours, qmp_theirs) = spawn::stream_pair()?;
+        let (confinement, report) = confinement(program, cfg, kvm)?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(super::args(cfg, kvm, super::host_tsc_khz()))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
+        // Before `prepare`'s hook: ours writes to descriptors opened here,
+        // which `prepare` may renumber over.
+        confinement.install(cmd.as_std_mut());
         let fds = [Inherit { fd: agent, target: super::AGENT_FD }, Inherit { fd: qmp_theirs, target: super::QMP_FD }];
         spawn::prepare(&mut cmd, &fds);
         let spawned = cmd.spawn();
         // Our copies of the handed-over descriptors close here, so the
         // worker sees the agent channel end when QEMU does.
         drop(fds);
-        let mut child = spawned.with_context(|| format!("starting {program} (is QEMU installed?)"))?;
+        let mut child =
+            spawned.with_context(|| format!("starting {program} (is QEMU installed?) confined by: {report}"))?;
         let pid = child.id().unwrap_or(0);
-        tracing::info!(pid, accel = if kvm { "kvm" } else { "tcg" }, "qemu started for VM {}", cfg.name);
+        tracing::info!(
+            pid,
+            accel = if kvm { "kvm" } else { "tcg" },
+            "qemu started for VM {}; confinement: {report}; -sandbox {}",
+            cfg.name,
+            super::QEMU_SANDBOX
+        );
 
         let (kill_tx, kill_rx) = mpsc::unbounded_channel::<()>();
         let engine = Rc::new(QemuEngine {
@@ -187,6 +198,52 @@ impl Engine for QemuEngine {
     fn console_tail(&self, max_bytes: u32) -> Vec<u8> {
         self.console.tail(max_bytes)
     }
+}
+
+/// The layers QEMU gets beyond `-sandbox` and `prepare`'s no_new_privs
+/// (docs/vmm-confinement.md), as `cfg.confine` asks: a fresh network
+/// namespace, the Landlock ruleset for this VM's files
+/// ([`capvisor_confine::landlock::QemuPolicy`]), and the report of them
+/// with the cgroup the worker put this vmm in (QEMU inherits it).
+///
+/// Errors: a layer asked for cannot be prepared (`confinement: landlock:
+/// ...`); the VM then does not start.
+pub fn confinement(
+    program: &str,
+    cfg: &VmConfig,
+    kvm: bool,
+) -> anyhow::Result<(capvisor_confine::ChildConfinement, capvisor_confine::Report)> {
+    use capvisor_confine::{landlock, netns, ChildConfinement, Layer, Report};
+    let mut report = Report::default();
+    let mut child = ChildConfinement::default();
+    if !cfg.confine.cgroup.is_empty() {
+        let dirs: Vec<String> = cfg.confine.cgroup.iter().map(|d| d.display().to_string()).collect();
+        report.applied(Layer::Cgroup, format!("inherited from the vmm ({})", dirs.join(", ")));
+    }
+    if cfg.confine.netns {
+        let plan = netns::NetnsPlan::new();
+        report.applied(Layer::Netns, plan.describe());
+        child.netns = Some(plan);
+    }
+    if cfg.confine.landlock {
+        let prepared = (|| {
+            let exe = landlock::resolve_program(program)?;
+            let mut ro: Vec<&std::path::Path> = vec![&cfg.kernel, &cfg.initramfs];
+            let mut rw: Vec<&std::path::Path> = vec![&cfg.run_dir];
+            for d in &cfg.disks {
+                if d.read_only {
+                    ro.push(&d.path)
+                } else {
+                    rw.push(&d.path)
+                }
+            }
+            landlock::QemuPolicy::for_qemu(&exe).with_vm(&ro, &rw, kvm)?.prepare()
+        })()
+        .map_err(|e| anyhow::anyhow!("confinement: {e}"))?;
+        report.applied(Layer::Landlock, prepared.describe());
+        child.landlock = Some(prepared);
+    }
+    Ok((child, report))
 }
 
 /// How a QEMU run ended, from what is known when the process is gone:
@@ -370,6 +427,9 @@ mod tests {
             engine: EngineKind::Qemu,
             extra_cmdline: String::new(),
             disks: vec![],
+            // The stand-in is a shell script: its interpreter is outside the
+            // QEMU Landlock policy (the boot test covers Landlock on QEMU).
+            confine: capvisor_rpc::vmconfig::QemuConfinement { netns: true, landlock: false, cgroup: vec![] },
         }
     }
 

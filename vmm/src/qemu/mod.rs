@@ -166,6 +166,7 @@ mod tests {
             engine: capvisor_schema::capvisor_capnp::Engine::Auto,
             extra_cmdline: " loglevel=4 ".into(),
             disks: vec![],
+            confine: Default::default(),
         }
     }
 
