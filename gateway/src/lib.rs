@@ -40,7 +40,7 @@ use capvisor_rpc::schema::capvisor_capnp::gateway;
 use capvisor_rpc::schema::internal_capnp::broker;
 use capvisor_rpc::CvError;
 use std::cell::Cell;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,28 +180,20 @@ impl Gateway {
                     return;
                 };
                 let logged_in = Rc::new(Cell::new(false));
-                // Our own duplicate of the client's socket, from which each
-                // login call hands the broker one more (closed with the
-                // connection).
-                let sock = match stream.as_fd().try_clone_to_owned() {
-                    Ok(fd) => Rc::new(fd),
-                    Err(e) => {
-                        tracing::warn!(peer = %peer, "cannot duplicate a client socket: {e}");
-                        return;
-                    }
-                };
+                // The RPC system and the server share the one descriptor:
+                // each login call hands the broker a duplicate of it.
+                let sock = Rc::new(stream);
                 let server = GatewayServer {
                     broker: self.broker.clone(),
                     attach: self.attach.clone(),
-                    sock,
+                    sock: sock.clone(),
                     auth: self.auth.clone(),
                     peer,
                     logged_in: logged_in.clone(),
                 };
                 let client: gateway::Client = capnp_rpc::new_client(server);
                 let limit = conn::UNTRUSTED.traversal_limit_in_words.unwrap_or(usize::MAX) as u64;
-                let (r, w) = stream.into_split();
-                let (r, w) = guard::guard(r, w, limit);
+                let (r, w) = guard::guard(Shared(sock.clone()), Shared(sock), limit);
                 // At most CLIENT_CALLS login calls in progress; one more is
                 // answered `unavailable` at once.
                 let (system, _calls) = conn::rpc_system_rw_limited(
@@ -246,6 +238,67 @@ impl Gateway {
                 }
             }
         }
+    }
+}
+
+/// One half of a login connection's socket, shared by the RPC system's
+/// reader and writer and the connection's `GatewayServer` (which passes it
+/// to the broker for each login call), so a login connection holds one
+/// descriptor. Reads and writes go through tokio's readiness
+/// (`poll_read_ready` + `try_read`, `poll_write_ready` + `try_write`);
+/// shutdown is shutdown(2) `SHUT_WR`.
+struct Shared(Rc<UnixStream>);
+
+impl tokio::io::AsyncRead for Shared {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            std::task::ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Shared {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Ok(n) => return std::task::Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::os::fd::AsRawFd;
+        let r = nix::sys::socket::shutdown(self.0.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        std::task::Poll::Ready(r.or_else(|e| if e == nix::errno::Errno::ENOTCONN { Ok(()) } else { Err(e.into()) }))
     }
 }
 
@@ -331,8 +384,8 @@ struct GatewayServer {
     broker: broker::Client,
     /// The attach channel: client sockets for login calls go there too.
     attach: Rc<FdChannel>,
-    /// Our duplicate of the client's socket.
-    sock: Rc<OwnedFd>,
+    /// The client's socket (shared with the RPC system reading it).
+    sock: Rc<UnixStream>,
     auth: Rc<Vec<String>>,
     peer: Peer,
     /// Set by the first successful login on this connection.
@@ -372,7 +425,10 @@ impl GatewayServer {
             capnp::Error::from(CvError::unavailable("the broker cannot be reached"))
         };
         let id = new_conn_id().map_err(fail)?;
-        self.attach.send(format!("{}{id}", capvisor_rpc::principal::LOGIN_SOCKET_TAG).as_bytes(), &*self.sock).await.map_err(fail)?;
+        self.attach
+            .send(format!("{}{id}", capvisor_rpc::principal::LOGIN_SOCKET_TAG).as_bytes(), &*self.sock)
+            .await
+            .map_err(fail)?;
         Ok(id)
     }
 }
