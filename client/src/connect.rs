@@ -21,6 +21,13 @@ pub struct LoginInfo {
     pub profile: String,
     /// Expiry, Unix epoch ms.
     pub expires_at_ms: i64,
+    /// The login (Gateway RPC) connection; resolves when it ends. It stays
+    /// open while this process lives (dropping the handle does not close
+    /// it) and counts against the gateway's login connections per uid
+    /// (`capvisor_gateway::MAX_RPC_PER_UID`): a long-lived client that logs
+    /// in repeatedly calls `abort()` on it once done with `session` (after
+    /// attaching by token, or after logout); the session itself lives on.
+    pub connection: tokio::task::JoinHandle<Result<(), capnp::Error>>,
 }
 
 /// Connects to the gateway socket after checking that it belongs to us, to
@@ -53,14 +60,24 @@ async fn dial(socket: &Path) -> ClientResult<tokio::net::UnixStream> {
 
 /// Opens a Gateway RPC connection on `socket`.
 pub async fn gateway(socket: &Path) -> ClientResult<gateway::Client> {
-    let mut s = dial(socket).await?;
-    s.write_all(capvisor_rpc::attach::MAGIC_RPC).await?;
-    let (gw, _conn) = conn::connect::<gateway::Client>(s, None, UNTRUSTED);
-    Ok(gw)
+    Ok(gateway_conn(socket).await?.0)
 }
 
-fn read_login(session: session::Client, info: login_info::Reader<'_>) -> ClientResult<LoginInfo> {
+type ConnHandle = tokio::task::JoinHandle<Result<(), capnp::Error>>;
+
+async fn gateway_conn(socket: &Path) -> ClientResult<(gateway::Client, ConnHandle)> {
+    let mut s = dial(socket).await?;
+    s.write_all(capvisor_rpc::attach::MAGIC_RPC).await?;
+    Ok(conn::connect::<gateway::Client>(s, None, UNTRUSTED))
+}
+
+fn read_login(
+    session: session::Client,
+    info: login_info::Reader<'_>,
+    connection: ConnHandle,
+) -> ClientResult<LoginInfo> {
     Ok(LoginInfo {
+        connection,
         session,
         token: text(info.get_resume_token())?,
         principal: Principal::read_from(info.get_principal()?)?,
@@ -74,10 +91,10 @@ fn read_login(session: session::Client, info: login_info::Reader<'_>) -> ClientR
 /// Errors: `Domain(denied)` if this uid gets no profile or local login is
 /// disabled; `Io` if the socket is unreachable.
 pub async fn login_local(socket: &Path) -> ClientResult<LoginInfo> {
-    let gw = gateway(socket).await?;
+    let (gw, c) = gateway_conn(socket).await?;
     let resp = gw.login_local_request().send().promise.await?;
     let r = resp.get()?;
-    read_login(r.get_session()?, r.get_info()?)
+    read_login(r.get_session()?, r.get_info()?, c)
 }
 
 /// Logs in with a password account.
@@ -85,13 +102,13 @@ pub async fn login_local(socket: &Path) -> ClientResult<LoginInfo> {
 /// Errors: `Domain(denied)` for an unknown user or a wrong password (the
 /// same error for both).
 pub async fn login_password(socket: &Path, user: &str, password: &str) -> ClientResult<LoginInfo> {
-    let gw = gateway(socket).await?;
+    let (gw, c) = gateway_conn(socket).await?;
     let mut req = gw.login_password_request();
     req.get().set_user(user);
     req.get().set_password(password);
     let resp = req.send().promise.await?;
     let r = resp.get()?;
-    read_login(r.get_session()?, r.get_info()?)
+    read_login(r.get_session()?, r.get_info()?, c)
 }
 
 /// Attaches to the session of `token`: the gateway hands this connection

@@ -32,6 +32,19 @@ pub struct Client {
     pub id: String,
     /// Resume token.
     pub token: String,
+    /// The login connection while the session is used through it.
+    conn: Option<tokio::task::JoinHandle<Result<(), capnp::Error>>>,
+}
+
+impl Drop for Client {
+    /// Closes the login connection: it would otherwise stay open for the
+    /// life of this process and hold one of our uid's login-connection
+    /// slots at the gateway (`connect::LoginInfo::connection`).
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.abort();
+        }
+    }
 }
 
 /// Logs in (`password` account name, or local), reads the session id,
@@ -44,16 +57,25 @@ pub async fn login(stats: &Shared, socket: &Path, password: Option<&str>, attach
         }
         None => timed(stats, "loginLocal", &[], connect::login_local(socket)).await?,
     };
-    let id = timed(stats, "Session.info", &[], ops::session_info(&info.session)).await?.session_id;
-    stats.borrow_mut().expect("login", "ok", &id, "");
-    let session = if attach {
-        let s = timed(stats, "attach", &[], connect::attach(socket, &info.token)).await?;
-        stats.borrow_mut().expect("attach", "ok", &id, "");
-        s
-    } else {
-        info.session
+    let id = match timed(stats, "Session.info", &[], ops::session_info(&info.session)).await {
+        Ok(i) => i.session_id,
+        Err(e) => {
+            info.connection.abort();
+            return Err(e);
+        }
     };
-    Ok(Client { session, id, token: info.token })
+    stats.borrow_mut().expect("login", "ok", &id, "");
+    let (session, conn) = if attach {
+        let s = timed(stats, "attach", &[], connect::attach(socket, &info.token)).await;
+        // Attached: the login connection is not needed any more.
+        info.connection.abort();
+        let s = s?;
+        stats.borrow_mut().expect("attach", "ok", &id, "");
+        (s, None)
+    } else {
+        (info.session, Some(info.connection))
+    };
+    Ok(Client { session, id, token: info.token, conn })
 }
 
 /// Logs `c` out; records the audit event on success.

@@ -315,6 +315,7 @@ pub async fn kill_gateway(stats: &Shared, serve: &mut Serve, socket: &Path) -> (
             if let Ok(l) = connect::login_local(socket).await {
                 relogin = Some(t0.elapsed());
                 let _ = ops::logout(&l.session).await;
+                l.connection.abort();
                 break;
             }
         }
