@@ -20,7 +20,8 @@
 //!   ([`Lifecycle::set_state_if`]), so an engine event racing an RPC cannot
 //!   move the machine backwards; the first end is final.
 //! - [`ConsoleLog`]: `run_dir/console.log`, the guest's serial console,
-//!   which both engines write and read back.
+//!   which both engines write through a [`ConsoleRing`] (at most
+//!   [`MAX_CONSOLE_LOG`] bytes on disk, the newest kept) and read back.
 //! - [`start`]: validates the config, picks the engine and starts it;
 //!   never fails (a VM that cannot start is a [`Failed`] engine).
 //!
@@ -45,6 +46,10 @@ pub use capvisor_schema::capvisor_capnp::Engine as EngineKind;
 
 /// Largest `consoleTail` answer, bytes.
 pub const MAX_CONSOLE_TAIL: u32 = 1 << 20;
+/// Most bytes of guest console output kept on disk per VM
+/// (`run_dir/console.log`); older output is dropped, the newest half at
+/// least is always there ([`ConsoleRing`]).
+pub const MAX_CONSOLE_LOG: u64 = 1 << 20;
 /// The console log's file name inside the VM's run dir.
 pub const CONSOLE_LOG: &str = "console.log";
 /// How much of the console's end is searched for a kernel panic, bytes.
@@ -297,6 +302,14 @@ impl ConsoleLog {
         &self.path
     }
 
+    /// A writer appending to the log, keeping it at most
+    /// [`MAX_CONSOLE_LOG`] bytes ([`ConsoleRing`]).
+    ///
+    /// Errors: the file cannot be opened for writing.
+    pub fn ring(&self) -> std::io::Result<ConsoleRing> {
+        ConsoleRing::open(&self.path, MAX_CONSOLE_LOG)
+    }
+
     /// The last `max_bytes` (at most [`MAX_CONSOLE_TAIL`]) bytes, raw;
     /// empty if unreadable.
     pub fn tail(&self, max_bytes: u32) -> Vec<u8> {
@@ -307,6 +320,93 @@ impl ConsoleLog {
     /// trimmed: a panic there makes any end a crash.
     pub fn panic_line(&self) -> Option<String> {
         panic_line(&capvisor_rpc::read_tail(&self.path, PANIC_SCAN))
+    }
+}
+
+/// The writer of a console log bounded to `cap` bytes on disk, the newest
+/// output kept: bytes are appended until the next write would pass `cap`;
+/// then the newest `cap / 2` bytes move to the front of the file (positioned
+/// read and write) and the file is cut there (`ftruncate`), so the log is
+/// always a plain text file ending with the newest output, at least
+/// `cap / 2` of it once that much was written. One write larger than
+/// `cap / 2` keeps only its last `cap / 2` bytes.
+///
+/// Why one file compacted in place (not `console.log` + `console.log.1`
+/// rotated, nor a ring with a header): every reader (`consoleTail`, the
+/// worker's boot-failure tail, the panic scan, an operator's `tail -f`)
+/// keeps reading one plain file from its end; and the kvm engine writes
+/// from vCPU threads after confinement, where only calls on the open
+/// descriptor (`pread64`, `pwrite64`, `ftruncate`) are allowed, no
+/// `rename` or `openat`. A reader racing a compaction still sees the newest
+/// output at the end: the front is rewritten first, the file cut after.
+/// The cost is copying `cap / 2` bytes every `cap / 2` bytes logged.
+pub struct ConsoleRing {
+    file: std::fs::File,
+    len: u64,
+    cap: u64,
+}
+
+impl ConsoleRing {
+    /// Opens `path` (created if missing) for writing after its current
+    /// end, bounded to `cap` bytes (at least 2).
+    ///
+    /// Errors: the file cannot be opened or its size read.
+    pub fn open(path: &Path, cap: u64) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let len = file.metadata()?.len();
+        let mut ring = ConsoleRing { file, len, cap: cap.max(2) };
+        if ring.len > ring.cap {
+            ring.keep_last(ring.cap / 2)?;
+        }
+        Ok(ring)
+    }
+
+    /// Bytes in the file now.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was logged (or kept).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Moves the last `keep` bytes to the front and cuts the file there.
+    fn keep_last(&mut self, keep: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let keep = keep.min(self.len);
+        let mut buf = vec![0u8; keep as usize];
+        self.file.read_exact_at(&mut buf, self.len - keep)?;
+        self.file.write_all_at(&buf, 0)?;
+        self.file.set_len(keep)?;
+        self.len = keep;
+        Ok(())
+    }
+}
+
+impl std::io::Write for ConsoleRing {
+    /// Logs all of `buf` (reports `buf.len()`), compacting first when it
+    /// would pass the bound.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let half = self.cap / 2;
+        if buf.len() as u64 > half {
+            let tail = &buf[buf.len() - half as usize..];
+            self.file.write_all_at(tail, 0)?;
+            self.file.set_len(half)?;
+            self.len = half;
+            return Ok(buf.len());
+        }
+        if self.len + buf.len() as u64 > self.cap {
+            self.keep_last(half)?;
+        }
+        self.file.write_all_at(buf, self.len)?;
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -490,6 +590,45 @@ mod tests {
             assert_eq!(st.boot, boot);
             assert_eq!(life.settle().await, st);
         });
+    }
+
+    #[test]
+    fn the_console_ring_keeps_the_file_bounded_and_the_newest_output() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let log = ConsoleLog::create(d.path()).unwrap();
+        let cap = 4096u64;
+        let mut ring = ConsoleRing::open(log.path(), cap).unwrap();
+        // A flood of numbered lines, written in pieces of every size up to
+        // a UART's one byte at a time.
+        let mut all = Vec::new();
+        for i in 0..5000u32 {
+            let line = format!("line {i:05}\n");
+            all.extend_from_slice(line.as_bytes());
+            if i % 3 == 0 {
+                for b in line.as_bytes() {
+                    ring.write_all(std::slice::from_ref(b)).unwrap();
+                }
+            } else {
+                ring.write_all(line.as_bytes()).unwrap();
+            }
+            let size = std::fs::metadata(log.path()).unwrap().len();
+            assert!(size <= cap, "{size} bytes on disk after line {i}");
+            assert_eq!(size, ring.len());
+        }
+        let kept = std::fs::read(log.path()).unwrap();
+        assert!(kept.len() as u64 >= cap / 2);
+        assert!(all.ends_with(&kept), "the file is exactly the newest output");
+        assert_eq!(log.tail(11), b"line 04999\n");
+        // One write over half the bound keeps its own end.
+        ring.write_all(&[b'x'; 3000]).unwrap();
+        ring.write_all(b"\nKernel panic - not syncing: flood\n").unwrap();
+        assert!(std::fs::metadata(log.path()).unwrap().len() <= cap);
+        assert_eq!(log.panic_line().as_deref(), Some("Kernel panic - not syncing: flood"));
+        // Reopened over a file that is too big (written by an older vmm).
+        std::fs::write(log.path(), vec![b'y'; 10_000]).unwrap();
+        let ring = ConsoleRing::open(log.path(), cap).unwrap();
+        assert_eq!((ring.len(), std::fs::metadata(log.path()).unwrap().len()), (cap / 2, cap / 2));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Engine `kvm`: the VM runs inside this vmm process on capvisor's own
 //! VMM (crate `capvisor-kvm`, in `vmm/kvm`), with no QEMU.
 //!
-//! Devices: COM1 (console log), i8042 reset, ACPI PM (power off / reset),
-//! the boot-timer port, and one virtio-console with port 0 as a console
+//! Devices: COM1 (the console log, bounded by a
+//! [`crate::engine::ConsoleRing`]), i8042 reset, ACPI PM (power off /
+//! reset), the boot-timer port, and one virtio-console with port 0 as a console
 //! (no backend) and port 1 named `capvisor.agent` on the agent socket the
 //! worker handed us — the same port guest-init finds under QEMU, so
 //! guest-init does not care which engine runs it. Devices are found by
@@ -34,7 +35,6 @@ use capvisor_rpc::CvError;
 use capvisor_schema::capvisor_capnp::VmState;
 use futures::future::LocalBoxFuture;
 use std::os::fd::OwnedFd;
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -56,7 +56,7 @@ impl KvmEngine {
     /// docs): /dev/kvm unusable, kernel or initramfs unreadable, a disk
     /// failing to open, confinement failing. Must be called inside a `LocalSet`.
     pub fn start(cfg: &VmConfig, agent: OwnedFd, console: ConsoleLog) -> anyhow::Result<Rc<Self>> {
-        let started = run_machine(cfg, agent, console.path())?;
+        let started = run_machine(cfg, agent, &console)?;
         tracing::info!(confinement = %started.handle.confinement, "kvm engine started VM {}", cfg.name);
         let mut status = Status::new(VmState::Running, std::process::id(), EngineKind::Kvm);
         status.boot = started.handle.boot_times();
@@ -222,13 +222,11 @@ pub fn kernel_cmdline_for(cfg: &VmConfig, nested_pvm: bool) -> String {
 /// Errors: /dev/kvm missing or unusable, kernel/initramfs unreadable, a
 /// device failing to build, confinement failing (the VM is never started
 /// unconfined).
-fn run_machine(cfg: &VmConfig, agent: OwnedFd, console_log: &Path) -> anyhow::Result<Started> {
+fn run_machine(cfg: &VmConfig, agent: OwnedFd, console_log: &ConsoleLog) -> anyhow::Result<Started> {
     anyhow::ensure!(cfg.vcpus <= capvisor_kvm::vm::MAX_VCPUS as u32, "at most {} vCPUs", capvisor_kvm::vm::MAX_VCPUS);
-    let serial = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(console_log)
-        .with_context(|| format!("opening {}", console_log.display()))?;
+    // COM1 writes from the vCPU threads into the bounded console log
+    // (positioned writes on this descriptor only: fine after confinement).
+    let serial = console_log.ring().with_context(|| format!("opening {}", console_log.path().display()))?;
     let (console, backend) =
         VirtioConsole::new(vec![ConsolePort::console(None), ConsolePort::named("capvisor.agent", agent)])
             .context("building the virtio-console")?;

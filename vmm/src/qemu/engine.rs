@@ -79,7 +79,12 @@ impl QemuEngine {
         // Before `prepare`'s hook: ours writes to descriptors opened here,
         // which `prepare` may renumber over.
         confinement.install(cmd.as_std_mut());
-        let fds = [Inherit { fd: agent, target: super::AGENT_FD }, Inherit { fd: qmp_theirs, target: super::QMP_FD }];
+        let (console_ours, console_theirs) = spawn::stream_pair()?;
+        let fds = [
+            Inherit { fd: agent, target: super::AGENT_FD },
+            Inherit { fd: qmp_theirs, target: super::QMP_FD },
+            Inherit { fd: console_theirs, target: super::CONSOLE_FD },
+        ];
         spawn::prepare(&mut cmd, &fds);
         let spawned = cmd.spawn();
         // Our copies of the handed-over descriptors close here, so the
@@ -109,7 +114,8 @@ impl QemuEngine {
         if let Some(stderr) = child.stderr.take() {
             tokio::task::spawn_local(read_stderr(stderr, engine.stderr_tail.clone()));
         }
-        tokio::task::spawn_local(own_child(child, kill_rx, Rc::downgrade(&engine)));
+        let console_done = tokio::task::spawn_local(pump_console(console_ours, engine.console.clone()));
+        tokio::task::spawn_local(own_child(child, kill_rx, console_done, Rc::downgrade(&engine)));
         tokio::task::spawn_local(drive_qmp(qmp_ours, Rc::downgrade(&engine)));
         Ok(engine)
     }
@@ -297,10 +303,44 @@ async fn read_stderr(stderr: tokio::process::ChildStderr, tail: Rc<RefCell<Vec<u
     }
 }
 
-/// The owner of the child: reaps it, kills it on request, records its end.
+/// How long the owner lets the console pump log QEMU's last output after
+/// QEMU exited (the panic scan reads it).
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
+
+/// Copies what QEMU's serial console writes (its end of the console
+/// socketpair) into `console` through a [`crate::engine::ConsoleRing`],
+/// until QEMU closes it. Never writes to the socket: QEMU would take that
+/// as guest input.
+async fn pump_console(socket: OwnedFd, console: ConsoleLog) {
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+    let (mut stream, mut ring) = match (spawn::into_tokio(socket), console.ring()) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), _) | (_, Err(e)) => return tracing::error!("console: {e}"),
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Err(e) = ring.write_all(&buf[..n]) {
+                    tracing::warn!("console log: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("console socket: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// The owner of the child: reaps it, kills it on request, lets the console
+/// pump finish, records its end.
 async fn own_child(
     mut child: tokio::process::Child,
     mut kill_rx: mpsc::UnboundedReceiver<()>,
+    console_done: tokio::task::JoinHandle<()>,
     engine: Weak<QemuEngine>,
 ) {
     let exit = loop {
@@ -311,8 +351,10 @@ async fn own_child(
             }
         }
     };
-    // Let the stderr reader drain the last lines.
+    // Let the stderr reader drain the last lines, and the console pump
+    // log the last output (its socket ends with QEMU).
     tokio::time::sleep(STDERR_DRAIN).await;
+    let _ = tokio::time::timeout(CONSOLE_DRAIN, console_done).await;
     if let Some(engine) = engine.upgrade() {
         engine.on_exit(exit);
     }
@@ -448,6 +490,37 @@ mod tests {
             assert_eq!(end.state, VmState::Crashed);
             assert_eq!(end.detail, "qemu exited unexpectedly (exit status: 3): qemu: no such machine");
             assert_eq!(e.stop(Duration::from_secs(1)).await, end, "stopping an ended machine changes nothing");
+        });
+    }
+
+    #[test]
+    fn a_console_flood_stays_bounded_on_disk_and_the_last_panic_is_found() {
+        capvisor_rpc::conn::run_local(async {
+            let d = tempfile::tempdir().unwrap();
+            // 3 MiB of output on the console socket, then a panic line.
+            let program = fake_qemu(
+                d.path(),
+                &format!(
+                    "head -c 3145728 /dev/zero | tr '\\0' x >&{fd}\necho >&{fd}\n\
+                     echo 'Kernel panic - not syncing: flooded' >&{fd}\nexit 0",
+                    fd = super::super::CONSOLE_FD
+                ),
+            );
+            let (agent, _peer) = spawn::stream_pair().unwrap();
+            let console = ConsoleLog::create(d.path()).unwrap();
+            let e = QemuEngine::spawn(&program, &cfg(d.path()), agent, console.clone(), false).unwrap();
+            let end = e.wait_exit().await;
+            assert_eq!(end.state, VmState::Crashed, "{}", end.detail);
+            assert_eq!(end.detail, "guest kernel panic: Kernel panic - not syncing: flooded");
+            let size = std::fs::metadata(console.path()).unwrap().len();
+            assert!(size <= crate::engine::MAX_CONSOLE_LOG, "{size} bytes on disk");
+            assert!(size >= crate::engine::MAX_CONSOLE_LOG / 2, "{size} bytes on disk");
+            let tail = e.console_tail(64);
+            assert!(
+                tail.ends_with(b"xxx\nKernel panic - not syncing: flooded\n"),
+                "{}",
+                String::from_utf8_lossy(&tail)
+            );
         });
     }
 

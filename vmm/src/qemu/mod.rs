@@ -16,8 +16,14 @@
 //!   (`-chardev socket,id=qmp,fd=N -mon chardev=qmp,mode=control`), so no
 //!   QMP socket exists in the file system.
 //!
-//! The serial console goes to `run_dir/console.log`
-//! ([`crate::engine::CONSOLE_LOG`]).
+//! - [`CONSOLE_FD`]: one end of a private socketpair behind the serial
+//!   console (`-chardev socket,id=con,fd=N -serial chardev:con`): the vmm
+//!   reads it into `run_dir/console.log` ([`crate::engine::CONSOLE_LOG`])
+//!   through a [`crate::engine::ConsoleRing`], so a guest flooding its
+//!   console cannot fill the disk (QEMU's `-serial file:` grows without
+//!   bound). When the vmm falls behind, the socket fills and QEMU's UART
+//!   waits for room before it takes more: the guest slows, the host does
+//!   not grow.
 //!
 //! [`QemuEngine`] (in `engine.rs`) runs QEMU with these arguments behind
 //! [`crate::engine::Engine`].
@@ -42,6 +48,8 @@ use std::path::Path;
 pub const AGENT_FD: i32 = 3;
 /// Descriptor number of the QMP socket inside QEMU.
 pub const QMP_FD: i32 = 4;
+/// Descriptor number of the serial console socket inside QEMU.
+pub const CONSOLE_FD: i32 = 5;
 /// Environment variable overriding the QEMU binary (default `qemu-system-x86_64` in `PATH`).
 pub const QEMU_ENV: &str = "CAPVISOR_QEMU";
 
@@ -83,14 +91,18 @@ pub fn kernel_cmdline(cfg: &VmConfig, tsc_khz: Option<u64>) -> String {
     s
 }
 
+/// QEMU's TCG translation-cache size, MiB (`-accel tcg,tb-size=N`): part
+/// of `capvisor_confine::cgroup::VM_OVERHEAD_MIB`.
+pub const TCG_TB_SIZE_MIB: u32 = 64;
+
 /// The `-sandbox` value every QEMU runs with.
 pub const QEMU_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// QEMU's arguments (without the program) for `cfg`: hardware KVM when
 /// `kvm`, else multi-threaded TCG, always under [`QEMU_SANDBOX`]. The agent
-/// socket and the QMP socket are expected at [`AGENT_FD`] and [`QMP_FD`].
+/// socket, the QMP socket and the console socket are expected at
+/// [`AGENT_FD`], [`QMP_FD`] and [`CONSOLE_FD`].
 pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
-    let console = cfg.run_dir.join(crate::engine::CONSOLE_LOG);
     let mut a: Vec<String> = vec![
         "-M".into(),
         "microvm,x-option-roms=off,rtc=on".into(),
@@ -107,7 +119,10 @@ pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
     if kvm {
         a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]);
     } else {
-        a.extend(["-accel".into(), "tcg,thread=multi".into(), "-cpu".into(), "max".into()]);
+        // The TCG translation cache is bounded (QEMU 7.2 reserves 1 GiB by
+        // default and fills it as the guest runs new code), so QEMU's memory
+        // stays within the VM cgroup's overhead (docs/bounds.md).
+        a.extend(["-accel".into(), format!("tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}"), "-cpu".into(), "max".into()]);
     }
     a.extend([
         "-m".into(),
@@ -120,8 +135,10 @@ pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
         path_arg(&cfg.initramfs),
         "-append".into(),
         kernel_cmdline(cfg, tsc_khz),
+        "-chardev".into(),
+        format!("socket,id=con,fd={CONSOLE_FD}"),
         "-serial".into(),
-        format!("file:{}", path_arg(&console)),
+        "chardev:con".into(),
         "-chardev".into(),
         format!("socket,id=qmp,fd={QMP_FD}"),
         "-mon".into(),
@@ -173,9 +190,10 @@ mod tests {
     #[test]
     fn command_line_tcg_and_kvm() {
         let a = args(&cfg(), false, Some(2599998)).join(" ");
-        assert!(a.contains("-accel tcg,thread=multi -cpu max"), "{a}");
+        assert!(a.contains("-accel tcg,thread=multi,tb-size=64 -cpu max"), "{a}");
         assert!(a.contains("-m 256 -smp 2 -kernel /img/vmlinux -initrd /img/initramfs.cpio"), "{a}");
-        assert!(a.contains("-serial file:/run/vm/console.log"), "{a}");
+        assert!(a.contains("-chardev socket,id=con,fd=5 -serial chardev:con"), "{a}");
+        assert!(!a.contains("file:"), "QEMU writes no file of its own: {a}");
         assert!(a.contains("socket,id=ag,fd=3"), "{a}");
         assert!(a.contains("virtserialport,chardev=ag,name=capvisor.agent"), "{a}");
         let v = args(&cfg(), false, Some(2599998));
