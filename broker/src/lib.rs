@@ -106,7 +106,7 @@ pub fn confinement_policy(cfg: &BrokerConfig) -> anyhow::Result<capvisor_confine
     let bin_dir = cfg.worker_bin.parent().unwrap_or(std::path::Path::new("/"));
     let images: Vec<&std::path::Path> =
         cfg.images.values().flat_map(|i| [i.kernel.as_path(), i.initramfs.as_path()]).collect();
-    Ok(capvisor_confine::service::broker_policy(&cfg.state_dir, bin_dir, &images, "qemu-system-x86_64")?)
+    Ok(capvisor_confine::service::service_policy(&cfg.state_dir, bin_dir, &images, "qemu-system-x86_64")?)
 }
 
 /// Tag of the supervisor's message carrying a gateway's RPC stream.

@@ -1,20 +1,23 @@
 //! Landlock for capvisor's own long-lived services: the broker confines
-//! itself once it has opened its state (docs/vmm-confinement.md,
-//! "broker and workers"). A Landlock domain is inherited by every process
-//! started after it, so the broker's policy is the outer bound of its
-//! workers, their vmms and QEMU, each of which narrows it further (QEMU's
-//! own policy in [`crate::landlock`], the kvm engine's in
-//! `capvisor_kvm::sandbox`).
+//! itself at start, and each worker again, narrower, at its start
+//! (docs/vmm-confinement.md, "broker and workers"). A Landlock domain is
+//! inherited by every process started after it, and nested domains only
+//! narrow: the broker's policy bounds its workers, a worker's bounds its
+//! vmms and QEMU, which narrow it further (QEMU's own policy in
+//! [`crate::landlock`], the kvm engine's in `capvisor_kvm::sandbox`).
 //!
-//! What the broker's domain grants ([`broker_policy`]); everything else is
-//! denied, including every TCP bind and connect and signals or abstract
-//! Unix sockets outside the domain:
+//! What a service's domain grants ([`service_policy`]; the writable
+//! directory is the broker's state directory, or a worker's session run
+//! directory, so a worker cannot touch the credential store, the audit log
+//! or another session's files); everything else is denied, including every
+//! TCP bind and connect and signals or abstract Unix sockets outside the
+//! domain:
 //!
 //! | list | paths | why |
 //! |---|---|---|
 //! | exec | capvisor's binary directory, QEMU and the shared-library directories ([`crate::landlock::QemuPolicy::for_qemu`]), `/bin/true` | workers, vmms and QEMU are started from there; the network-namespace probe |
 //! | read | firmware and the loader cache (same), the images' directories, `/proc`, `/sys`, `/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf` | VM images; peer credentials and groups; cgroup and CPU facts; user names |
-//! | read-write | the state directory (credential store, audit log, session run directories), the cgroup file systems under `/sys/fs/cgroup` | what the broker and its workers write |
+//! | read-write | the broker's state directory (credential store, audit log, session run directories) or the worker's session run directory; the cgroup file systems under `/sys/fs/cgroup` | what the service and its children write |
 //! | devices | `/dev/null`, `/dev/kvm` where present | child stdio; the kvm engine and KVM-accelerated QEMU |
 //!
 //! So a compromised broker or worker cannot write the operator's home,
@@ -38,14 +41,14 @@ fn push(v: &mut Vec<PathBuf>, p: &Path) {
     }
 }
 
-/// The broker's policy (see the module docs): `state_dir` read-write,
+/// A service's policy (see the module docs): `rw_dir` read-write,
 /// `bin_dir` executable, each of `image_files`' directory readable, QEMU
 /// (`qemu`, resolved in `PATH` when it has no slash) and its libraries
 /// executable when it is installed.
 ///
-/// Errors: `state_dir` or `bin_dir` does not exist.
-pub fn broker_policy(
-    state_dir: &Path,
+/// Errors: `rw_dir` or `bin_dir` does not exist.
+pub fn service_policy(
+    rw_dir: &Path,
     bin_dir: &Path,
     image_files: &[&Path],
     qemu: &str,
@@ -67,7 +70,7 @@ pub fn broker_policy(
     for r in ["/proc", "/sys"].iter().chain(ETC_READ) {
         push(&mut p.read_only, Path::new(r));
     }
-    p.read_write.push(canon(state_dir)?);
+    p.read_write.push(canon(rw_dir)?);
     push(&mut p.read_write, Path::new("/sys/fs/cgroup"));
     for d in ["/dev/null", "/dev/kvm"] {
         push(&mut p.devices, Path::new(d));
@@ -117,7 +120,7 @@ mod tests {
         std::fs::write(img.join("vmlinux"), "kernel\n").unwrap();
         std::fs::write(elsewhere.join("secret"), "secret").unwrap();
         let kernel = img.join("vmlinux");
-        let mut policy = broker_policy(&state, &bin, &[&kernel], "qemu-system-x86_64").unwrap();
+        let mut policy = service_policy(&state, &bin, &[&kernel], "qemu-system-x86_64").unwrap();
         // The shell that plays the broker here.
         let bash = resolve_program("bash").unwrap();
         policy.exec.push(bash.clone());
@@ -150,6 +153,6 @@ mod tests {
             assert!(l.ends_with("Permission denied"), "expected EACCES: {text}");
         }
         assert!(!elsewhere.join("new").exists());
-        assert!(broker_policy(&d.path().join("missing"), &bin, &[], "qemu-system-x86_64").is_err());
+        assert!(service_policy(&d.path().join("missing"), &bin, &[], "qemu-system-x86_64").is_err());
     }
 }

@@ -21,11 +21,32 @@ struct Args {
     config_fd: i32,
 }
 
+/// Narrows the broker's Landlock domain to this session before any thread
+/// exists: writes only below the session's run directory and the cgroup
+/// file systems (`capvisor_confine::service`). The worker does not start
+/// unconfined.
+fn confine(ctx: &SessionContext) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&ctx.run_dir).with_context(|| format!("creating {}", ctx.run_dir.display()))?;
+    let images: Vec<&std::path::Path> =
+        ctx.images.values().flat_map(|i| [i.kernel.as_path(), i.initramfs.as_path()]).collect();
+    let policy = capvisor_confine::service::service_policy(
+        &ctx.run_dir,
+        &capvisor_rpc::paths::bin_dir(),
+        &images,
+        "qemu-system-x86_64",
+    )?;
+    let status = capvisor_confine::service::confine_self(&policy).context("cannot confine the worker")?;
+    tracing::info!("confined: landlock {status}");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     capvisor_rpc::init_logging("worker");
     let args = Args::parse();
     let msg = capvisor_rpc::spawn::read_config(args.config_fd)?;
     let ctx = SessionContext::read_from(msg.get_root()?)?;
+    confine(&ctx)?;
     conn::run_local(async move {
         // SAFETY: the broker handed us these descriptors at these numbers.
         let broker = unsafe { conn::stream_from_fd(args.rpc_fd)? };
