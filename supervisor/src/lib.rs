@@ -4,7 +4,9 @@
 //! [`serve`] reads the manifest, checks the host (qemu on PATH, capvisor
 //! binaries present), builds every guest image the manifest defines
 //! (`capvisor_images::ensure_base`), binds the gateway's Unix socket
-//! (directory 0700, socket 0600), spawns `capvisor-broker` and
+//! (directory 0700, socket 0600; 2750 and 0660 with `[gateway]
+//! socket_group`, see [`identity`], which also drops `serve --user` to its
+//! service user), spawns `capvisor-broker` and
 //! `capvisor-gateway` with their socketpairs at fixed descriptors
 //! (`capvisor_rpc::spawn::prepare`: PDEATHSIG, close-on-exec, own process
 //! group so a terminal's Ctrl-C reaches only the supervisor), and then
