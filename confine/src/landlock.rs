@@ -310,4 +310,39 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
         assert!(policy.clone().with_vm(&[Path::new("/nonexistent/vmlinux")], &[], false).is_err());
     }
+
+    /// Real QEMU under the policy: it starts (and stays up, paused by `-S`)
+    /// with [`QemuPolicy::for_qemu`], and is refused its firmware (so it
+    /// exits naming it) when the policy lacks the firmware directory:
+    /// Landlock holds on QEMU itself, not only on test programs.
+    #[test]
+    fn qemu_starts_under_its_policy_and_not_without_its_firmware() {
+        let qemu = resolve_program("qemu-system-x86_64").expect("QEMU is installed");
+        let full = QemuPolicy::for_qemu(&qemu);
+        let firmware = Path::new("/usr/share/qemu").canonicalize().unwrap();
+        let mut lacking = full.clone();
+        lacking.read_only.retain(|p| *p != firmware);
+        assert_ne!(lacking, full, "the policy names the firmware directory");
+        let start = |policy: &QemuPolicy| {
+            let mut cmd = std::process::Command::new(&qemu);
+            cmd.args(["-M", "microvm,x-option-roms=off", "-nodefaults", "-no-user-config", "-display", "none"])
+                .args(["-accel", "tcg", "-m", "64", "-S"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            crate::ChildConfinement { landlock: Some(policy.prepare().unwrap()), ..Default::default() }
+                .install(&mut cmd);
+            cmd.spawn().unwrap()
+        };
+        let mut ok = start(&full);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(ok.try_wait().unwrap().is_none(), "QEMU exited under its own policy");
+        ok.kill().unwrap();
+        ok.wait().unwrap();
+
+        let refused = start(&lacking).wait_with_output().unwrap();
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains("bios-microvm.bin") || err.contains("firmware"), "{err}");
+    }
 }

@@ -66,6 +66,11 @@ fn spawn_vmm_with_env(cfg: &VmConfig, env: &[(&str, &str)]) -> Vmm {
     let config = spawn::config_fd(&cfg.to_message().unwrap()).unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_capvisor-vmm"));
     cmd.args(["--rpc-fd", "3", "--agent-fd", "4", "--config-fd", "5"]);
+    // Into the VM's cgroup between fork and exec, as the worker does.
+    if !cfg.confine.cgroup.is_empty() {
+        let placement = capvisor_confine::cgroup::Cgroup::placement_of(&cfg.confine.cgroup).unwrap();
+        capvisor_confine::ChildConfinement { cgroup: Some(placement), ..Default::default() }.install(cmd.as_std_mut());
+    }
     let fds = [
         Inherit { fd: rpc_theirs, target: 3 },
         Inherit { fd: ag_theirs, target: 4 },
@@ -174,9 +179,39 @@ fn base_image() -> capvisor_manifest::BuiltImage {
     capvisor_images::ensure_image(&cache_dir(), source, &init, &mut |l| eprintln!("image: {l}")).unwrap()
 }
 
-/// One boot: returns the time from vmm spawn to `hello` answered.
+/// A VM cgroup for a boot test, `<own>/capvisor-boottest-<pid>-<n>/vm-boot-test`,
+/// with the limits the worker gives a VM of `cfg`'s size. Returns (subtree, VM cgroup).
+fn vm_cgroup(cfg: &VmConfig) -> (capvisor_confine::cgroup::Cgroup, capvisor_confine::cgroup::Cgroup) {
+    use capvisor_confine::cgroup::{self, Cgroup};
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let own = Cgroup::own(Path::new(cgroup::DEFAULT_ROOT)).expect("a usable cgroup on this host");
+    own.clean_stale("capvisor-boottest-");
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let top = own.child(&format!("capvisor-boottest-{}-{n}", std::process::id())).unwrap();
+    let vm = top.child("vm-boot-test").unwrap();
+    vm.set_limits(&cgroup::vm_limits(cfg.memory_mib, cfg.vcpus)).unwrap();
+    (top, vm)
+}
+
+/// The cgroup path of `pid` in the hierarchy whose /proc/PID/cgroup line
+/// names `controller` ("" for v2).
+fn proc_cgroup(pid: u32, controller: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    s.lines()
+        .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|x| x == controller)))
+        .and_then(|l| l.splitn(3, ':').nth(2))
+        .unwrap_or_else(|| panic!("no {controller} line in {s}"))
+        .to_string()
+}
+
+/// One boot: returns the time from vmm spawn to `hello` answered. The vmm
+/// runs in a VM cgroup, QEMU in a fresh network namespace under Landlock
+/// (the defaults), and the test checks all three from outside.
 async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Duration {
-    let mut vmm = spawn_vmm(&vm_config(img, run_dir, ""));
+    let mut cfg = vm_config(img, run_dir, "");
+    let (top, vm_cg) = vm_cgroup(&cfg);
+    cfg.confine.cgroup = vm_cg.dirs().into_iter().map(Path::to_path_buf).collect();
+    let mut vmm = spawn_vmm(&cfg);
     let vmm_pid = vmm.child.id().unwrap();
     let (g, _gconn) = conn::connect::<guest::Client>(vmm.agent.take().unwrap(), None, conn::INTERNAL);
     // Host-side timeline from the console: first kernel line, guest-init serving.
@@ -238,6 +273,39 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
     assert!(qemu_status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "qemu may gain privileges");
     let vmm_status = std::fs::read_to_string(format!("/proc/{vmm_pid}/status")).unwrap();
     assert!(vmm_status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "vmm may gain privileges");
+    // The vmm and QEMU are in the VM's cgroup, with its limits.
+    let controllers: &[&str] =
+        if vm_cg.version() == capvisor_confine::cgroup::Version::V1 { &["memory", "pids"] } else { &[""] };
+    for c in controllers {
+        for pid in [vmm_pid, qemu_pid] {
+            let at = proc_cgroup(pid, c);
+            assert!(at.ends_with(&format!("/{}/vm-boot-test", top.name())), "pid {pid} {c}: {at}");
+        }
+    }
+    let mut procs = vm_cg.procs();
+    procs.retain(|p| *p != vmm_pid && *p != qemu_pid);
+    assert!(procs.is_empty(), "only the vmm and QEMU are in the VM cgroup: {procs:?}");
+    assert_eq!(vm_cg.limits(), capvisor_confine::cgroup::vm_limits(cfg.memory_mib, cfg.vcpus));
+    // QEMU is in a network namespace of its own; the vmm stays in ours.
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(ns(&qemu_pid.to_string()), ns("self"), "qemu shares the host's network namespace");
+    assert_eq!(ns(&vmm_pid.to_string()), ns("self"));
+    // Landlock leaves no mark in /proc; a QEMU under it can still only
+    // have opened what the policy grants: every file it holds open is the
+    // kernel, initramfs, its run dir, a library or firmware, or a
+    // non-file (socket, pipe, anon inode, /dev/null inherited).
+    for fd in std::fs::read_dir(format!("/proc/{qemu_pid}/fd")).unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+        let t = target.to_string_lossy();
+        let allowed = !t.starts_with('/')
+            || t == "/dev/null"
+            || t.starts_with("/dev/kvm")
+            || target.starts_with(run_dir.canonicalize().unwrap())
+            || target == cfg.kernel.canonicalize().unwrap()
+            || target == cfg.initramfs.canonicalize().unwrap()
+            || t.starts_with("/usr/");
+        assert!(allowed, "qemu holds {t} open");
+    }
 
     let (code, out, err) = exec(&g, &["uname", "-r"]).await;
     assert_eq!((code, out.trim(), err.as_str()), (0, release.as_str(), ""));
@@ -268,6 +336,16 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
     vmm.conn.abort();
     let st = tokio::time::timeout(Duration::from_secs(5), vmm.child.wait()).await.expect("vmm exits").unwrap();
     assert!(st.success(), "{st}");
+    // Figures for docs/bounds.md: what the VM cost its cgroup at its peak.
+    eprintln!(
+        "VM cgroup ({}): peak memory {} MiB for a {} MiB guest (limit {} MiB)",
+        vm_cg.version(),
+        vm_cg.memory_peak().unwrap_or(0) >> 20,
+        cfg.memory_mib,
+        vm_cg.limits().memory_bytes.unwrap_or(0) >> 20
+    );
+    assert!(top.clone().remove_when_empty(Duration::from_secs(5), false).join().unwrap(), "the VM cgroup is removed");
+    assert!(top.dirs().iter().all(|d| !d.exists()));
     to_hello
 }
 
