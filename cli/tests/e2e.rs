@@ -286,7 +286,7 @@ fn a_killed_vmm_or_qemu_crashes_only_its_vm() {
         .into_iter()
         .find(|(p, a)| {
             a.contains("qemu")
-                && std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().contains("/kq/console.log")
+                && std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().contains("\0guest=kq\0")
         })
         .expect("kq's qemu runs")
         .0;
@@ -331,7 +331,7 @@ fn a_killed_worker_ends_only_its_session() {
                 r.argv0.contains("qemu")
                     && std::fs::read_to_string(format!("/proc/{}/cmdline", r.pid))
                         .unwrap_or_default()
-                        .contains(&format!("/{vm}/console.log"))
+                        .contains(&format!("\0guest={vm}\0"))
             })
             .map(|q| q.ppid)
             .expect("a qemu per VM")

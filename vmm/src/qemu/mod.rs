@@ -104,6 +104,10 @@ pub const QEMU_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=de
 /// [`AGENT_FD`], [`QMP_FD`] and [`CONSOLE_FD`].
 pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
     let mut a: Vec<String> = vec![
+        // Names the VM in `ps` (its run dir no longer shows there: the
+        // console is a descriptor, not a file QEMU opens).
+        "-name".into(),
+        format!("guest={}", cfg.name.replace(',', ",,")),
         "-M".into(),
         "microvm,x-option-roms=off,rtc=on".into(),
         "-nodefaults".into(),
@@ -194,6 +198,7 @@ mod tests {
         assert!(a.contains("-m 256 -smp 2 -kernel /img/vmlinux -initrd /img/initramfs.cpio"), "{a}");
         assert!(a.contains("-chardev socket,id=con,fd=5 -serial chardev:con"), "{a}");
         assert!(!a.contains("file:"), "QEMU writes no file of its own: {a}");
+        assert!(a.starts_with("-name guest=t -M microvm"), "{a}");
         assert!(a.contains("socket,id=ag,fd=3"), "{a}");
         assert!(a.contains("virtserialport,chardev=ag,name=capvisor.agent"), "{a}");
         let v = args(&cfg(), false, Some(2599998));
