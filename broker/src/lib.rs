@@ -37,6 +37,7 @@ mod tests;
 pub use config::BrokerConfig;
 pub use service::BrokerService;
 
+use anyhow::Context;
 use capvisor_rpc::conn;
 use capvisor_rpc::fdpass::FdChannel;
 use capvisor_rpc::schema::internal_capnp::broker;
@@ -72,6 +73,11 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
         Ok(status) => tracing::info!("confined: landlock {status}"),
         Err(e) => anyhow::bail!("cannot confine the broker: {e}"),
     }
+    let n = capvisor_confine::service::deny_dangerous_syscalls().context("cannot confine the broker")?;
+    tracing::info!(
+        "confined: seccomp denies {} dangerous system calls ({n} BPF instructions)",
+        capvisor_confine::service::DENIED.len()
+    );
     let svc = BrokerService::new(cfg, Box::new(launcher), store::default_params())?;
     // SAFETY: the supervisor hands us this descriptor at this number
     // (docs/processes.md) and nothing else in this process uses it.

@@ -98,6 +98,102 @@ pub fn confine_self(policy: &QemuPolicy) -> Result<String, ConfineError> {
     Ok(prepared.describe())
 }
 
+/// System calls no capvisor process needs and that widen the kernel's
+/// attack surface or reach outside the process: debugging other processes,
+/// mounts and namespaces joined by descriptor, kernel modules and kexec,
+/// BPF and perf, keyrings, userfaultfd and io_uring, handle-based opens
+/// (the classic container escape), clock and host-name changes, raw port
+/// I/O. The list follows the denials of Docker's default seccomp profile
+/// that apply to unprivileged services. `unshare` stays allowed: the vmm
+/// gives QEMU a fresh network namespace with it.
+pub const DENIED: &[(i64, &str)] = &[
+    (libc::SYS_ptrace, "ptrace"),
+    (libc::SYS_process_vm_readv, "process_vm_readv"),
+    (libc::SYS_process_vm_writev, "process_vm_writev"),
+    (libc::SYS_mount, "mount"),
+    (libc::SYS_umount2, "umount2"),
+    (libc::SYS_pivot_root, "pivot_root"),
+    (libc::SYS_chroot, "chroot"),
+    (libc::SYS_setns, "setns"),
+    (libc::SYS_open_tree, "open_tree"),
+    (libc::SYS_move_mount, "move_mount"),
+    (libc::SYS_fsopen, "fsopen"),
+    (libc::SYS_fsmount, "fsmount"),
+    (libc::SYS_fspick, "fspick"),
+    (libc::SYS_mount_setattr, "mount_setattr"),
+    (libc::SYS_swapon, "swapon"),
+    (libc::SYS_swapoff, "swapoff"),
+    (libc::SYS_reboot, "reboot"),
+    (libc::SYS_kexec_load, "kexec_load"),
+    (libc::SYS_kexec_file_load, "kexec_file_load"),
+    (libc::SYS_init_module, "init_module"),
+    (libc::SYS_finit_module, "finit_module"),
+    (libc::SYS_delete_module, "delete_module"),
+    (libc::SYS_bpf, "bpf"),
+    (libc::SYS_perf_event_open, "perf_event_open"),
+    (libc::SYS_keyctl, "keyctl"),
+    (libc::SYS_add_key, "add_key"),
+    (libc::SYS_request_key, "request_key"),
+    (libc::SYS_userfaultfd, "userfaultfd"),
+    (libc::SYS_io_uring_setup, "io_uring_setup"),
+    (libc::SYS_io_uring_enter, "io_uring_enter"),
+    (libc::SYS_io_uring_register, "io_uring_register"),
+    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
+    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
+    (libc::SYS_acct, "acct"),
+    (libc::SYS_settimeofday, "settimeofday"),
+    (libc::SYS_clock_settime, "clock_settime"),
+    (libc::SYS_clock_adjtime, "clock_adjtime"),
+    (libc::SYS_adjtimex, "adjtimex"),
+    (libc::SYS_quotactl, "quotactl"),
+    (libc::SYS_lookup_dcookie, "lookup_dcookie"),
+    (libc::SYS_fanotify_init, "fanotify_init"),
+    (libc::SYS_iopl, "iopl"),
+    (libc::SYS_ioperm, "ioperm"),
+    (libc::SYS_syslog, "syslog"),
+    (libc::SYS_vhangup, "vhangup"),
+    (libc::SYS_sethostname, "sethostname"),
+    (libc::SYS_setdomainname, "setdomainname"),
+];
+
+/// The BPF program of [`deny_dangerous_syscalls`].
+///
+/// Errors: the compiler rejected the rules (ruled out by the tests).
+pub fn deny_program() -> std::io::Result<seccompiler::BpfProgram> {
+    let rules = DENIED.iter().map(|(nr, _)| (*nr, vec![])).collect();
+    seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .and_then(seccompiler::BpfProgram::try_from)
+    .map_err(|x| std::io::Error::other(format!("seccomp: {x}")))
+}
+
+/// Installs a seccomp filter (seccomp(2), `SECCOMP_SET_MODE_FILTER`) on
+/// the calling process that fails every call in [`DENIED`] with `EPERM`
+/// and allows the rest. Inherited by every process started after it (the
+/// broker's workers, vmms and QEMU, which add their own, stricter
+/// filters). Call single-threaded, like [`confine_self`]. Irreversible.
+/// Returns the program's length in BPF instructions.
+///
+/// Errors: another thread exists; the kernel refused the filter.
+pub fn deny_dangerous_syscalls() -> std::io::Result<usize> {
+    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
+    let e = |m: String| std::io::Error::other(format!("seccomp: {m}"));
+    if threads != 1 {
+        return Err(e(format!("must be applied single-threaded ({threads} threads)")));
+    }
+    let program = deny_program()?;
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) only sets a flag of this process.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(e(format!("PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error())));
+    }
+    seccompiler::apply_filter(&program).map_err(|x| e(x.to_string()))?;
+    Ok(program.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +250,54 @@ mod tests {
         }
         assert!(!elsewhere.join("new").exists());
         assert!(service_policy(&d.path().join("missing"), &bin, &[], "qemu-system-x86_64").is_err());
+    }
+
+    /// Under the deny filter, `ptrace`, `mount`, `bpf`, module loading,
+    /// `setns` and `keyctl` fail with EPERM while ordinary calls work.
+    #[test]
+    fn denied_calls_fail_with_eperm_and_the_rest_works() {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "service::tests::deny_child", "--ignored", "--nocapture", "--test-threads=1"]);
+        cmd.env("CAPVISOR_DENY_CHILD", "1");
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        for call in ["ptrace", "mount", "bpf", "init_module", "setns", "keyctl"] {
+            assert!(text.contains(&format!("{call}: EPERM")), "{call} not denied: {text}");
+        }
+        assert!(text.contains("getpid: ok"), "{text}");
+    }
+
+    /// The child of [`denied_calls_fail_with_eperm_and_the_rest_works`].
+    /// libtest runs it on a thread of its own, so it installs the program
+    /// on that thread only (the thread that then makes the calls) instead
+    /// of calling [`deny_dangerous_syscalls`], which wants one thread.
+    #[test]
+    #[ignore]
+    fn deny_child() {
+        if std::env::var_os("CAPVISOR_DENY_CHILD").is_none() {
+            return;
+        }
+        seccompiler::apply_filter(&deny_program().unwrap()).unwrap();
+        let errno = |r: libc::c_long| {
+            if r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+                "EPERM".to_string()
+            } else {
+                format!("returned {r} ({})", std::io::Error::last_os_error())
+            }
+        };
+        // SAFETY: each call gets harmless arguments; denied ones never run.
+        unsafe {
+            println!("ptrace: {}", errno(libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0)));
+            println!(
+                "mount: {}",
+                errno(libc::syscall(libc::SYS_mount, c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, 0))
+            );
+            println!("bpf: {}", errno(libc::syscall(libc::SYS_bpf, 0, 0, 0)));
+            println!("init_module: {}", errno(libc::syscall(libc::SYS_init_module, 0, 0, 0)));
+            println!("setns: {}", errno(libc::syscall(libc::SYS_setns, -1, 0)));
+            println!("keyctl: {}", errno(libc::syscall(libc::SYS_keyctl, 0, 0, 0)));
+            println!("getpid: {}", if libc::getpid() > 0 { "ok" } else { "failed" });
+        }
     }
 }
