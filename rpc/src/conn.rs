@@ -54,17 +54,26 @@ pub struct CallLimits {
     pub bytes: u64,
 }
 
+/// Room for the calls one well-behaved stream can have in progress:
+/// capnp-rpc's 64 KiB window per stream (`-> stream` methods) over its
+/// smallest message, a one-byte `ByteSink.write` / `Process.write` (about
+/// 150 bytes as the window counts them: 433 in progress, measured by the
+/// tests below), with room to spare.
+const STREAM_CALLS: usize = 1024;
+
 /// Calls a client may have in progress on one connection (the gateway's
-/// login connections, sessions attached to a worker): 256 calls, 64 MiB.
-pub const CLIENT_CALLS: CallLimits = CallLimits { calls: 256, bytes: 64 << 20 };
+/// login connections, sessions attached to a worker): 1024 calls (one
+/// stdin stream of one-byte writes held up by a slow guest fits), 64 MiB.
+pub const CLIENT_CALLS: CallLimits = CallLimits { calls: STREAM_CALLS, bytes: 64 << 20 };
 
 /// Calls a guest may have in progress on its agent link (its
-/// `ByteSink.write`s toward the client, mostly): 256 calls, 4 MiB. A
-/// well-behaved guest-init streams each sink with capnp-rpc's 64 KiB window,
-/// so this leaves room for dozens of busy streams; a guest writing without
+/// `ByteSink.write`s toward the client, mostly): 4096 calls, 16 MiB. A
+/// well-behaved guest-init streams each sink within capnp-rpc's 64 KiB
+/// window, so this leaves room for 4 streams of one-byte writes or 128 of
+/// full chunks held up by slow clients at once; a guest writing without
 /// waiting gets `unavailable` for the excess and cannot grow the worker
 /// (or, behind it, the client).
-pub const GUEST_CALLS: CallLimits = CallLimits { calls: 256, bytes: 4 << 20 };
+pub const GUEST_CALLS: CallLimits = CallLimits { calls: 4 * STREAM_CALLS, bytes: 16 << 20 };
 
 /// What a [`CallLimits`]-bounded connection has in progress, shared with
 /// the transport that counts it (for tests and diagnostics).
@@ -655,6 +664,46 @@ mod tests {
             assert_eq!(refused.count(), 97);
             assert_eq!(gauge.calls(), 0);
             unpaced_write(&sink, b"after").promise.await.expect("the connection still works");
+        });
+    }
+
+    #[test]
+    fn a_well_behaved_stream_of_tiny_writes_fits_the_client_bound() {
+        run_local(async {
+            let gate = Rc::new(Gate::default());
+            let (sink, gauge) = pair::<byte_sink::Client>(
+                capnp_rpc::new_client::<byte_sink::Client, _>(GatedSink(gate.clone())).client,
+                CLIENT_CALLS,
+            );
+            // One-byte writes, paced by the stream window the way every
+            // capvisor writer sends them, against a receiver that is stuck.
+            let sent = Rc::new(Cell::new(0usize));
+            let counter = sent.clone();
+            let writer = tokio::task::spawn_local(async move {
+                for _ in 0..3000 {
+                    let mut req = sink.write_request();
+                    req.get().set_data(b"x");
+                    req.send().await?;
+                    counter.set(counter.get() + 1);
+                }
+                sink.done_request().send().promise.await.map(drop)
+            });
+            // More than 256 in progress (a smaller bound would refuse this
+            // well-behaved writer) ...
+            until(|| gauge.calls() > 256).await;
+            // ... until the window holds the writer back.
+            let mut last = (sent.get(), 0);
+            until(|| {
+                last = if sent.get() == last.0 { (last.0, last.1 + 1) } else { (sent.get(), 0) };
+                last.1 >= 20
+            })
+            .await;
+            assert!(sent.get() < 3000, "the window held the writer");
+            assert_eq!(gauge.refused(), 0);
+            assert!(gauge.calls() < STREAM_CALLS, "{} calls in progress", gauge.calls());
+            gate.release();
+            writer.await.unwrap().expect("nothing refused");
+            assert_eq!(gauge.refused(), 0);
         });
     }
 

@@ -72,7 +72,7 @@ fn unpaced_write(sink: &byte_sink::Client, data: &[u8]) -> capnp::capability::Re
     req.send()
 }
 
-const FLOOD_WRITES: usize = 200;
+const FLOOD_WRITES: usize = 400;
 
 struct FakeGuest(Rc<Guests>);
 struct NoProcess;
@@ -89,7 +89,7 @@ impl guest::Server for FakeGuest {
         Ok(())
     }
 
-    /// `flood`: 200 writes of 64 KiB to stdout, none waiting for another;
+    /// `flood`: 400 writes of 64 KiB to stdout, none waiting for another;
     /// `huge`: one 2 MiB write (over the host's 1 MiB guest message bound).
     async fn exec(self: CapRc<Self>, p: guest::ExecParams, mut r: guest::ExecResults) -> capnp::Result<()> {
         let p = p.get()?;
@@ -193,7 +193,13 @@ impl Env {
             images: [("base".to_string(), image)].into(),
             run_dir: dir.path().to_path_buf(),
             auto_engine: Engine::Qemu,
-            confinement: Default::default(),
+            // In-process: no session cgroup; every layer optional.
+            confinement: capvisor_rpc::vmconfig::Confinement {
+                cgroup: false,
+                netns: false,
+                landlock: false,
+                ..Default::default()
+            },
         };
         let guests = Rc::new(Guests::default());
         let host: session_host::Client = capnp_rpc::new_client(FakeHost);
