@@ -105,6 +105,9 @@ pub struct BrokerService {
     verify_permits: Arc<tokio::sync::Semaphore>,
     /// Password logins waiting for or holding a verification slot.
     verify_queue: Cell<usize>,
+    /// One password attempt at a time per source (peer uid): its
+    /// verification and failure delay; later ones wait their turn here.
+    source_turns: RefCell<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Account names with a password login in progress (verification and
     /// failure delay): one attempt per account at a time.
     attempts: RefCell<std::collections::HashSet<String>>,
@@ -192,6 +195,7 @@ impl BrokerService {
             children: RefCell::new(HashMap::new()),
             verify_permits: Arc::new(tokio::sync::Semaphore::new(MAX_VERIFY)),
             verify_queue: Cell::new(0),
+            source_turns: RefCell::new(std::collections::HashMap::new()),
             attempts: RefCell::new(std::collections::HashSet::new()),
             vm_budget: RefCell::new(VmBudget::default()),
             login_sockets: RefCell::new(HashMap::new()),
@@ -214,6 +218,11 @@ impl BrokerService {
     /// Appends an audit record.
     pub fn audit(&self, rec: AuditRecord) {
         self.audit.write(rec)
+    }
+
+    /// Sources (peer uids) with a password attempt in progress or waiting.
+    pub fn sources_in_progress(&self) -> usize {
+        self.source_turns.borrow().len()
     }
 
     /// The audit log (for closing coalesced runs: `flush_due`, `flush_all`).
@@ -363,6 +372,7 @@ impl BrokerService {
             }
         }
         let _attempt = Attempt(&self.attempts, account);
+        let mut turn: Option<SourceTurn<'_>> = None;
         let verdict: Result<String, (&str, CvError)> = if !self.cfg.auth_enabled(AuthMethod::Password) {
             Err(("password login is disabled", CvError::denied("password login is disabled on this server")))
         } else {
@@ -379,6 +389,10 @@ impl BrokerService {
                 }
             }
             let queued = Queued(&self.verify_queue);
+            // The source's earlier attempt (verification and failure delay)
+            // ends before this one verifies: one source's guesses at many
+            // accounts do not run in parallel either.
+            turn = Some(SourceTurn::wait(&self.source_turns, throttle::source(peer)).await);
             let known = self.store.contains(user);
             let permit = self.verify_permits.clone().acquire_owned().await;
             let store = self.store.clone();
@@ -398,6 +412,7 @@ impl BrokerService {
         };
         match verdict {
             Ok(profile) => {
+                drop(turn.take());
                 self.throttle.borrow_mut().on_success(&key);
                 if self.cfg.manifest.bundle_for(&profile).is_none() {
                     self.audit(rec("denied").detail(format!("account profile {profile:?} is not in the manifest")));
@@ -414,6 +429,7 @@ impl BrokerService {
                 let delay = self.throttle.borrow_mut().on_failure(&key);
                 self.audit(rec("denied").detail(format!("{why}; delayed {} ms", delay.as_millis())));
                 tokio::time::sleep(delay).await;
+                drop(turn);
                 Err(e)
             }
         }
@@ -805,11 +821,11 @@ impl BrokerService {
         loop {
             match ch.recv().await {
                 Ok((tag, fd)) => {
-                    let me = self.clone();
                     if let Some(conn) = tag.strip_prefix(capvisor_rpc::principal::LOGIN_SOCKET_TAG.as_bytes()) {
                         self.add_login_socket(&String::from_utf8_lossy(conn), fd);
                         continue;
                     }
+                    let me = self.clone();
                     tokio::task::spawn_local(async move { me.attach(tag, fd).await });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -977,3 +993,36 @@ async fn reply_err(fd: OwnedFd, e: CvError) {
 
 /// Keeps `Weak` in the public signature of server constructors readable.
 pub type ServiceRef = Weak<BrokerService>;
+
+/// A source's turn at password verification (see
+/// `BrokerService::login_password`): holds the source's lock; on drop
+/// releases it and forgets the lock when nobody else waits for it, so the
+/// table holds only sources with an attempt in progress.
+struct SourceTurn<'a> {
+    table: &'a RefCell<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    source: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<'a> SourceTurn<'a> {
+    async fn wait(
+        table: &'a RefCell<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+        source: &str,
+    ) -> SourceTurn<'a> {
+        let lock = table.borrow_mut().entry(source.to_string()).or_default().clone();
+        // Registered before waiting, so a cancelled wait still cleans up.
+        let mut turn = SourceTurn { table, source: source.to_string(), guard: None };
+        turn.guard = Some(lock.lock_owned().await);
+        turn
+    }
+}
+
+impl Drop for SourceTurn<'_> {
+    fn drop(&mut self) {
+        self.guard = None;
+        let mut t = self.table.borrow_mut();
+        if t.get(&self.source).is_some_and(|l| Arc::strong_count(l) == 1) {
+            t.remove(&self.source);
+        }
+    }
+}

@@ -874,3 +874,41 @@ fn login_sockets_are_bounded_and_dropped_when_their_client_hangs_up() {
         assert_eq!(p.uid, nix::unistd::geteuid().as_raw());
     });
 }
+
+#[test]
+fn one_source_guesses_one_account_at_a_time_others_are_not_held_up() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        for u in ["ann", "ben", "cat"] {
+            h.svc.store().add(u, "user", &format!("password-{u}")).unwrap();
+        }
+        let order = Rc::new(RefCell::new(Vec::new()));
+        let attempt = |user: &'static str, peer: &'static str| {
+            let (svc, order) = (h.svc.clone(), order.clone());
+            tokio::task::spawn_local(async move {
+                let t = Instant::now();
+                let r = svc.login_password(user, "wrong-guess-1", peer).await;
+                order.borrow_mut().push(user);
+                (r, t.elapsed())
+            })
+        };
+        // uid 9 guesses at two accounts at once; uid 10 tries a third.
+        let first = attempt("ann", "unix:uid=9 pid=1");
+        tokio::task::yield_now().await;
+        let second = attempt("ben", "unix:uid=9 pid=2");
+        let other = attempt("cat", "unix:uid=10 pid=3");
+        let (r1, _) = first.await.unwrap();
+        let (r2, t2) = second.await.unwrap();
+        let (r3, _) = other.await.unwrap();
+        for r in [r1, r2, r3] {
+            assert_eq!(err(r).message, BAD_LOGIN);
+        }
+        // The second guess of uid 9 waited for the first's verification and
+        // failure delay before its own (each delay is at least BASE) ...
+        assert!(t2 >= crate::throttle::BASE * 2, "the second guess ran in parallel: {t2:?}");
+        // ... while uid 10 was not held up behind uid 9.
+        assert_eq!(*order.borrow(), ["ann", "cat", "ben"]);
+        // Nothing is left in the table of sources once attempts end.
+        assert_eq!(h.svc.sources_in_progress(), 0);
+    });
+}

@@ -24,12 +24,18 @@ pub struct Throttle {
     failures: HashMap<String, (u32, Instant)>,
 }
 
+/// The source of a login attempt: the peer description up to its first
+/// space (`unix:uid=U`), so every connection of one uid is one source.
+pub fn source(peer: &str) -> &str {
+    peer.split(' ').next().unwrap_or("")
+}
+
 /// The throttle key of a login attempt: the user name and the peer's
 /// identity. The gateway describes a Unix peer as `unix:uid=U pid=P`; only
 /// the part before the first space counts, so a new connection (new pid)
 /// does not reset the count.
 pub fn key(user: &str, peer: &str) -> String {
-    let ident = peer.split(' ').next().unwrap_or("");
+    let ident = source(peer);
     let user: String = user.chars().take(64).collect();
     format!("{user}\u{0}{ident}")
 }
