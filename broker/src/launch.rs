@@ -117,7 +117,12 @@ impl Launcher for ProcessLauncher {
             spawn::Inherit { fd: config, target: 5 },
         ];
         spawn::prepare(&mut cmd, &inherit);
-        let child = cmd.spawn().with_context(|| format!("starting {}", self.worker_bin.display()))?;
+        let child = cmd.spawn().with_context(|| format!("starting {}", self.worker_bin.display()));
+        let child = child.inspect_err(|_| {
+            if let Some(s) = &session {
+                s.clone().remove_when_empty(SESSION_CGROUP_REMOVE_WAIT, true);
+            }
+        })?;
         drop(inherit);
         let stream = spawn::into_tokio(rpc_ours)?;
         let (worker, ended) = conn::connect::<worker::Client>(stream, Some(host.client), conn::INTERNAL);

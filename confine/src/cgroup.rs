@@ -513,6 +513,14 @@ impl Cgroup {
     /// `parent_too`, then also the parent if it is empty by then. Failures
     /// are logged.
     pub fn remove_when_empty(self, within: Duration, parent_too: bool) -> std::thread::JoinHandle<bool> {
+        // Usually the processes are gone already: remove at once, so a
+        // process that exits right after leaves nothing behind.
+        if self.remove().is_ok() {
+            if parent_too {
+                self.remove_parent_if_empty();
+            }
+            return std::thread::spawn(|| true);
+        }
         pending().lock().unwrap_or_else(|p| p.into_inner()).push(self.memory.clone());
         std::thread::spawn(move || {
             let _unlist = Unlist(self.memory.clone());
@@ -528,15 +536,19 @@ impl Cgroup {
                 }
             };
             if done && parent_too {
-                if let Some(p) = self.parent() {
-                    for d in p.dirs() {
-                        // Other children keep it busy; that is fine.
-                        let _ = std::fs::remove_dir(d);
-                    }
-                }
+                self.remove_parent_if_empty();
             }
             done
         })
+    }
+
+    fn remove_parent_if_empty(&self) {
+        if let Some(p) = self.parent() {
+            for d in p.dirs() {
+                // Other children keep it busy; that is fine.
+                let _ = std::fs::remove_dir(d);
+            }
+        }
     }
 
     /// Waits up to `within` while a [`Cgroup::remove_when_empty`] of this

@@ -186,7 +186,7 @@ impl VmLauncher for ProcessVmLauncher {
             Inherit { fd: config, target: 5 },
         ];
         spawn::prepare(&mut cmd, &fds);
-        let child = cmd.spawn().map_err(internal)?;
+        let child = cmd.spawn().map_err(internal).inspect_err(|_| remove_now(&cfg.confine))?;
         drop(fds);
         let (machine, conn) =
             conn::connect::<machine::Client>(spawn::into_tokio(rpc_here).map_err(internal)?, None, INTERNAL);
