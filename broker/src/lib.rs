@@ -71,7 +71,10 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     // inside this Landlock domain (before any thread exists).
     match capvisor_confine::service::confine_self(&confinement_policy(&cfg)?) {
         Ok(status) => tracing::info!("confined: landlock {status}"),
-        Err(e) => anyhow::bail!("cannot confine the broker: {e}"),
+        Err(e) if cfg.manifest.confinement.requirements().landlock => {
+            anyhow::bail!("cannot confine the broker: {e} (the manifest's [confinement] required names landlock)")
+        }
+        Err(e) => tracing::warn!("NOT confined by Landlock ([confinement] required allows it): {e}"),
     }
     let n = capvisor_confine::service::deny_dangerous_syscalls().context("cannot confine the broker")?;
     tracing::info!(
@@ -112,7 +115,13 @@ pub fn confinement_policy(cfg: &BrokerConfig) -> anyhow::Result<capvisor_confine
     let bin_dir = cfg.worker_bin.parent().unwrap_or(std::path::Path::new("/"));
     let images: Vec<&std::path::Path> =
         cfg.images.values().flat_map(|i| [i.kernel.as_path(), i.initramfs.as_path()]).collect();
-    Ok(capvisor_confine::service::service_policy(&cfg.state_dir, bin_dir, &images, "qemu-system-x86_64")?)
+    Ok(capvisor_confine::service::service_policy(
+        &cfg.state_dir,
+        bin_dir,
+        &images,
+        "qemu-system-x86_64",
+        &cfg.manifest.confinement.cgroup_root,
+    )?)
 }
 
 /// Tag of the supervisor's message carrying a gateway's RPC stream.

@@ -17,7 +17,7 @@
 //! |---|---|---|
 //! | exec | capvisor's binary directory, QEMU and the shared-library directories ([`crate::landlock::QemuPolicy::for_qemu`]), `/bin/true` | workers, vmms and QEMU are started from there; the network-namespace probe |
 //! | read | firmware and the loader cache (same), the images' directories, `/proc`, `/sys`, `/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf` | VM images; peer credentials and groups; cgroup and CPU facts; user names |
-//! | read-write | the broker's state directory (credential store, audit log, session run directories) or the worker's session run directory; the cgroup file systems under `/sys/fs/cgroup` | what the service and its children write |
+//! | read-write | the broker's state directory (credential store, audit log, session run directories) or the worker's session run directory; the cgroup file systems (`[confinement] cgroup_root`, default `/sys/fs/cgroup`) | what the service and its children write |
 //! | devices | `/dev/null`, `/dev/kvm` where present | child stdio; the kvm engine and KVM-accelerated QEMU |
 //!
 //! So a compromised broker or worker cannot write the operator's home,
@@ -44,7 +44,8 @@ fn push(v: &mut Vec<PathBuf>, p: &Path) {
 /// A service's policy (see the module docs): `rw_dir` read-write,
 /// `bin_dir` executable, each of `image_files`' directory readable, QEMU
 /// (`qemu`, resolved in `PATH` when it has no slash) and its libraries
-/// executable when it is installed.
+/// executable when it is installed, `cgroup_root` (manifest
+/// `[confinement] cgroup_root`) writable when it exists.
 ///
 /// Errors: `rw_dir` or `bin_dir` does not exist.
 pub fn service_policy(
@@ -52,6 +53,7 @@ pub fn service_policy(
     bin_dir: &Path,
     image_files: &[&Path],
     qemu: &str,
+    cgroup_root: &Path,
 ) -> Result<QemuPolicy, ConfineError> {
     let canon =
         |p: &Path| p.canonicalize().map_err(|e| ConfineError::new(Layer::Landlock, format!("{}: {e}", p.display())));
@@ -71,7 +73,7 @@ pub fn service_policy(
         push(&mut p.read_only, Path::new(r));
     }
     p.read_write.push(canon(rw_dir)?);
-    push(&mut p.read_write, Path::new("/sys/fs/cgroup"));
+    push(&mut p.read_write, cgroup_root);
     for d in ["/dev/null", "/dev/kvm"] {
         push(&mut p.devices, Path::new(d));
     }
@@ -216,7 +218,8 @@ mod tests {
         std::fs::write(img.join("vmlinux"), "kernel\n").unwrap();
         std::fs::write(elsewhere.join("secret"), "secret").unwrap();
         let kernel = img.join("vmlinux");
-        let mut policy = service_policy(&state, &bin, &[&kernel], "qemu-system-x86_64").unwrap();
+        let mut policy =
+            service_policy(&state, &bin, &[&kernel], "qemu-system-x86_64", Path::new("/sys/fs/cgroup")).unwrap();
         // The shell that plays the broker here.
         let bash = resolve_program("bash").unwrap();
         policy.exec.push(bash.clone());
@@ -249,7 +252,14 @@ mod tests {
             assert!(l.ends_with("Permission denied"), "expected EACCES: {text}");
         }
         assert!(!elsewhere.join("new").exists());
-        assert!(service_policy(&d.path().join("missing"), &bin, &[], "qemu-system-x86_64").is_err());
+        assert!(service_policy(
+            &d.path().join("missing"),
+            &bin,
+            &[],
+            "qemu-system-x86_64",
+            Path::new("/sys/fs/cgroup")
+        )
+        .is_err());
     }
 
     /// Under the deny filter, `ptrace`, `mount`, `bpf`, module loading,

@@ -24,7 +24,8 @@ struct Args {
 /// Narrows the broker's Landlock domain to this session before any thread
 /// exists: writes only below the session's run directory and the cgroup
 /// file systems (`capvisor_confine::service`). The worker does not start
-/// unconfined.
+/// unconfined unless the manifest's `[confinement] required` leaves out
+/// `landlock`.
 fn confine(ctx: &SessionContext) -> anyhow::Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(&ctx.run_dir).with_context(|| format!("creating {}", ctx.run_dir.display()))?;
@@ -35,9 +36,15 @@ fn confine(ctx: &SessionContext) -> anyhow::Result<()> {
         &capvisor_rpc::paths::bin_dir(),
         &images,
         "qemu-system-x86_64",
+        &ctx.confinement.cgroup_root,
     )?;
-    let status = capvisor_confine::service::confine_self(&policy).context("cannot confine the worker")?;
-    tracing::info!("confined: landlock {status}");
+    match capvisor_confine::service::confine_self(&policy) {
+        Ok(status) => tracing::info!("confined: landlock {status}"),
+        Err(e) if ctx.confinement.landlock => {
+            anyhow::bail!("cannot confine the worker: {e} (the manifest's [confinement] required names landlock)")
+        }
+        Err(e) => tracing::warn!("NOT confined by Landlock ([confinement] required allows it): {e}"),
+    }
     Ok(())
 }
 
