@@ -48,11 +48,11 @@ fn audit_line(s: &Server, needles: &[&str]) -> String {
 
 /// The worker runs in `capvisor-<broker pid>/session-<id>/worker`, the VM's
 /// vmm and QEMU in `.../session-<id>/vm-<name>` with the VM's limits, the
-/// session cgroup carries the bundle's budget; QEMU is in a network
-/// namespace of its own; the decision is audited; the VM's cgroup goes with
+/// session cgroup carries the bundle's budget; the vmm is in a fresh
+/// network namespace and QEMU in another of its own; the decision is audited; the VM's cgroup goes with
 /// the VM, the session's with the session, the broker's subtree with serve.
 #[test]
-fn sessions_and_vms_run_in_their_cgroups_and_qemu_in_its_own_netns() {
+fn sessions_and_vms_run_in_their_cgroups_and_the_vmm_and_qemu_in_fresh_netns() {
     let own = Cgroup::own(Path::new(cgroup::DEFAULT_ROOT)).expect("a usable cgroup on this host");
     let s = Server::start(None);
     s.cli_ok("owner", &["login"], None, 0);
@@ -87,6 +87,9 @@ fn sessions_and_vms_run_in_their_cgroups_and_qemu_in_its_own_netns() {
 
     let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
     assert_ne!(ns(&qemu.to_string()), ns("self"), "qemu is in the host's network namespace");
+    assert_ne!(ns(&vmm.to_string()), ns("self"), "the vmm is in the host's network namespace");
+    assert_ne!(ns(&qemu.to_string()), ns(&vmm.to_string()), "qemu has a namespace of its own");
+    assert_eq!(ns(&worker.to_string()), ns("self"));
     let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
     assert!(status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')));
 

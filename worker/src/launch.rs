@@ -43,7 +43,8 @@ pub struct VmConfinement {
 /// `vcpus`) as `req` (manifest `[confinement]`) asks:
 /// - cgroup: `vm-<name>` below this worker's session cgroup
 ///   ([`Cgroup::session_of_worker`]) with [`cgroup::vm_limits`];
-/// - netns: a probe child in a fresh network namespace;
+/// - netns: a probe child in a fresh network namespace (the vmm gets one,
+///   and QEMU another inside it);
 /// - landlock: the kernel's Landlock ABI is not 0.
 ///
 /// A layer that cannot be given is missing from the report when `req`
@@ -82,11 +83,8 @@ pub fn confine_vm(
         Err(e) if req.cgroup => return Err(CvError::unavailable(format!("confinement of VM {name:?} failed: {e}"))),
         Err(e) => report.missing.push(e),
     }
-    if !qemu_engine {
-        report.applied(Layer::Landlock, "and seccomp applied by the kvm engine's vmm to itself");
-        return Ok(VmConfinement { qemu, report });
-    }
-    // network namespace (QEMU's, applied by the vmm)
+    // A fresh network namespace for the vmm (either engine) and, inside
+    // it, another for QEMU (applied by the vmm).
     let plan = capvisor_confine::netns::NetnsPlan::new();
     match probe_netns(&plan) {
         Ok(()) => {
@@ -98,6 +96,10 @@ pub fn confine_vm(
             return Err(CvError::unavailable(format!("confinement of VM {name:?} failed: {e}")));
         }
         Err(e) => report.missing.push(e),
+    }
+    if !qemu_engine {
+        report.applied(Layer::Landlock, "and seccomp applied by the kvm engine's vmm to itself");
+        return Ok(VmConfinement { qemu, report });
     }
     // Landlock (QEMU's ruleset is built and enforced by the vmm)
     match capvisor_confine::landlock::abi() {
@@ -174,12 +176,19 @@ impl VmLauncher for ProcessVmLauncher {
             .stderr(log);
         // Into the VM's cgroup between fork and exec; registered before
         // `prepare`'s hook, which renumbers descriptors.
-        if !cfg.confine.cgroup.is_empty() {
-            let placement = Cgroup::placement_of(&cfg.confine.cgroup)
-                .map_err(|e| CvError::unavailable(format!("confinement of VM {:?} failed: {e}", cfg.name)))?;
-            capvisor_confine::ChildConfinement { cgroup: Some(placement), ..Default::default() }
-                .install(cmd.as_std_mut());
-        }
+        // With `cfg.confine.netns`, the vmm starts in a fresh network
+        // namespace too: it opens no socket (its RPC and agent channels
+        // are inherited socketpairs).
+        let placement = if cfg.confine.cgroup.is_empty() {
+            None
+        } else {
+            Some(
+                Cgroup::placement_of(&cfg.confine.cgroup)
+                    .map_err(|e| CvError::unavailable(format!("confinement of VM {:?} failed: {e}", cfg.name)))?,
+            )
+        };
+        let netns = cfg.confine.netns.then(capvisor_confine::netns::NetnsPlan::new);
+        capvisor_confine::ChildConfinement { cgroup: placement, netns, landlock: None }.install(cmd.as_std_mut());
         let fds = [
             Inherit { fd: rpc_there, target: 3 },
             Inherit { fd: agent_there, target: 4 },
