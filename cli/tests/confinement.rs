@@ -142,3 +142,26 @@ fn a_required_layer_that_cannot_be_applied_stops_the_vm_and_is_audited() {
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
 }
+
+/// A broker killed with SIGKILL cannot remove its cgroups; the next
+/// broker removes the dead one's subtree at its first session.
+#[test]
+fn a_crashed_brokers_cgroups_are_removed_by_the_next_one() {
+    let own = Cgroup::own(Path::new(cgroup::DEFAULT_ROOT)).expect("a usable cgroup on this host");
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "k"], None, 0);
+    let broker = pid_of(&s, "capvisor-broker");
+    let stale = own.at(&format!("capvisor-{broker}"));
+    // SAFETY: kill(2) on a pid of ours.
+    assert_eq!(unsafe { libc::kill(broker as i32, libc::SIGKILL) }, 0);
+    let (status, left, log) = s.wait_for_exit();
+    assert!(!status.success() && left.is_empty(), "{left:?}\n{log}");
+    assert!(stale.dirs().iter().all(|d| d.exists()), "a killed broker leaves its subtree");
+
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    wait_gone(&stale, "the dead broker's");
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}
