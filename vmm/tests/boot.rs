@@ -309,6 +309,13 @@ async fn boot_once(img: &capvisor_manifest::BuiltImage, run_dir: &Path) -> Durat
 
     let (code, out, err) = exec(&g, &["uname", "-r"]).await;
     assert_eq!((code, out.trim(), err.as_str()), (0, release.as_str(), ""));
+    // The guest touches most of its RAM (dd reads 150 MiB from /dev/zero
+    // into one buffer), so QEMU backs it: the VM cgroup's limit must hold a
+    // guest that uses its memory, and the peak printed below is the figure
+    // for docs/bounds.md.
+    let (code, out, err) =
+        exec(&g, &["sh", "-c", "dd if=/dev/zero of=/dev/null bs=150M count=1 2>/dev/null && echo touched"]).await;
+    assert_eq!((code, out.trim()), (0, "touched"), "{err}");
     let con = console(&vmm.machine).await;
     assert!(con.contains("guest-init"), "console shows guest-init: {con}");
 
