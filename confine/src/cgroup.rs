@@ -758,6 +758,33 @@ mod tests {
         assert!(top.remove_when_empty(Duration::from_secs(5), false).join().unwrap());
     }
 
+    /// The memory limit holds: a child that writes 128 MiB in a 32 MiB
+    /// cgroup is killed (SIGKILL from the cgroup's OOM killer), while one
+    /// that stays below it finishes.
+    #[test]
+    fn the_memory_limit_ends_a_process_that_exceeds_it() {
+        use std::os::unix::process::ExitStatusExt;
+        let own = own();
+        let top = own.child(&format!("capvisor-test-mem-{}", std::process::id())).unwrap();
+        top.set_limits(&Limits { memory_bytes: Some(32 << 20), pids: None }).unwrap();
+        let run = |mib: u32| {
+            let mut cmd = std::process::Command::new("/usr/bin/python3");
+            cmd.args(["-c", &format!("b = b'x' * ({mib} << 20); print(len(b) >> 20)")])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null());
+            crate::ChildConfinement { cgroup: Some(top.placement().unwrap()), ..Default::default() }.install(&mut cmd);
+            cmd.output().unwrap()
+        };
+        let small = run(4);
+        assert!(small.status.success(), "{:?}", small.status);
+        assert_eq!(String::from_utf8_lossy(&small.stdout).trim(), "4");
+        let big = run(128);
+        assert_eq!(big.status.signal(), Some(libc::SIGKILL), "{:?}", big.status);
+        assert!(big.stdout.is_empty());
+        assert!(top.memory_peak().unwrap_or(0) <= 32 << 20);
+        assert!(top.remove_when_empty(Duration::from_secs(5), false).join().unwrap());
+    }
+
     #[test]
     fn stale_subtrees_of_dead_processes_are_removed() {
         let own = own();
