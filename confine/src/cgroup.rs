@@ -568,7 +568,8 @@ impl Cgroup {
         }
     }
 
-    /// Removes the children of this cgroup named `<prefix><pid>` whose
+    /// Removes the children of this cgroup named `<prefix><pid>` (or
+    /// `<prefix><pid>-<suffix>`) whose
     /// process is gone (a crashed capvisor's subtree), with everything
     /// below them. Returns one line per subtree handled, for the log.
     pub fn clean_stale(&self, prefix: &str) -> Vec<String> {
@@ -578,7 +579,10 @@ impl Cgroup {
             let Ok(rd) = std::fs::read_dir(d) else { continue };
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+                // `<prefix><pid>`, optionally followed by `-<anything>`.
+                let pid =
+                    name.strip_prefix(prefix).and_then(|p| p.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+                let Some(pid) = pid else { continue };
                 if pid == me || Path::new(&format!("/proc/{pid}")).exists() || !e.path().is_dir() {
                     continue;
                 }
@@ -791,11 +795,12 @@ mod tests {
         let parent = own.child(&format!("capvisor-test-stale-{}", std::process::id())).unwrap();
         // A pid that is surely not running: above pid_max.
         let dead = parent.child("capvisor-99999999").unwrap();
+        let dead_suffixed = parent.child("capvisor-99999998-3").unwrap();
         dead.child("session-x").unwrap().child("vm-y").unwrap();
         let alive = parent.child(&format!("capvisor-{}", std::process::id())).unwrap();
         let notes = parent.clean_stale("capvisor-");
-        assert_eq!(notes.len(), dead.dirs().len(), "{notes:?}");
-        assert!(dead.dirs().iter().all(|d| !d.exists()));
+        assert_eq!(notes.len(), 2 * dead.dirs().len(), "{notes:?}");
+        assert!(dead.dirs().iter().chain(dead_suffixed.dirs().iter()).all(|d| !d.exists()));
         assert!(alive.dirs().iter().all(|d| d.exists()), "our own subtree stays");
         assert!(parent.child("../x").is_err());
         parent.remove().unwrap();
