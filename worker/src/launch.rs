@@ -54,8 +54,9 @@ pub struct VmConfinement {
 /// given and why (e.g. `confinement of VM "a" failed: cgroup: not in a
 /// session cgroup ...`).
 ///
-/// With `qemu` false (the `kvm` engine, whose vmm confines itself with
-/// Landlock and seccomp, `capvisor_kvm::sandbox`) only the cgroup is decided here.
+/// With `qemu_engine` false (the `kvm` engine, whose vmm confines itself
+/// with Landlock and seccomp, `capvisor_kvm::sandbox`) only the cgroup and
+/// the vmm's network namespace are decided here.
 pub fn confine_vm(
     req: &Confinement,
     name: &str,
@@ -239,4 +240,39 @@ fn remove_cgroup_after(
             Err(e) => Err(capnp::Error::failed(format!("vmm connection task: {e}"))),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This test process is in no session cgroup: a required cgroup layer
+    /// refuses with `unavailable` naming it; an optional one is reported
+    /// missing while the other layers are still given.
+    #[test]
+    fn a_missing_session_cgroup_fails_closed_unless_optional() {
+        let strict = Confinement::default();
+        let e = confine_vm(&strict, "a", 256, 1, true).unwrap_err();
+        assert_eq!(e.code, capvisor_rpc::schema::common_capnp::ErrorCode::Unavailable);
+        assert!(
+            e.message.starts_with("confinement of VM \"a\" failed: cgroup: not in a session cgroup"),
+            "{}",
+            e.message
+        );
+
+        let relaxed = Confinement { cgroup: false, ..Default::default() };
+        let d = confine_vm(&relaxed, "a", 256, 1, true).unwrap();
+        assert!(d.qemu.cgroup.is_empty());
+        assert!(d.qemu.netns && d.qemu.landlock, "{}", d.report);
+        assert_eq!(d.report.missing.len(), 1);
+        assert_eq!(d.report.missing[0].layer, Layer::Cgroup);
+        let text = d.report.to_string();
+        assert!(
+            text.starts_with("netns fresh; landlock ABI ") && text.contains("; NO cgroup (not in a session cgroup"),
+            "{text}"
+        );
+
+        let kvm = confine_vm(&relaxed, "a", 256, 1, false).unwrap();
+        assert!(kvm.qemu.netns && !kvm.qemu.landlock, "the kvm engine's vmm applies its own Landlock");
+    }
 }
