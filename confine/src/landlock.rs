@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `exec`: the QEMU binary, shared-library directories (`/usr/lib`, `/lib64`, ...; QEMU's accelerator modules live there too) | read, execute (+ list for directories) |
 //! | `read_only`: firmware (`/usr/share/qemu`, `/usr/share/seabios`, `/usr/lib/ipxe/qemu`, or `<bindir>/../share/qemu`), `/etc/ld.so.cache`, the VM's kernel, initramfs and read-only disks | read (+ list) |
-//! | `read_write`: the VM's run directory (its console log), writable disks | read, write, truncate (+ list, create and remove files and directories beneath) |
+//! | `read_write`: the VM's run directory, writable disks, `/dev/null` (QEMU probes file locking on it) | read, write, truncate (+ list, create and remove files and directories beneath) |
 //! | `devices`: `/dev/kvm` when QEMU uses KVM | read, write, device ioctls |
 //!
 //! Nothing else: no other file is readable (`/etc/passwd`, other VMs' run
@@ -115,6 +115,9 @@ impl QemuPolicy {
         for f in ["/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu", "/etc/ld.so.cache"] {
             push_existing(&mut p.read_only, f);
         }
+        // QEMU's block layer opens /dev/null to probe for OFD locks before
+        // it opens a disk image (util/osdep.c, qemu_probe_lock_ops).
+        push_existing(&mut p.read_write, "/dev/null");
         p
     }
 
