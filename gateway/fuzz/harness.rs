@@ -196,12 +196,17 @@ pub async fn check(gw: &Gw, input: &[u8]) {
     }
 }
 
+type Fixture = (tokio::runtime::Runtime, tokio::task::LocalSet, std::cell::OnceCell<Gw>);
+
 thread_local! {
-    static RT: (tokio::runtime::Runtime, tokio::task::LocalSet, std::cell::OnceCell<Gw>) = (
+    // Leaked on purpose: dropping the runtime and the LocalSet in thread
+    // exit order (runtime first) wakes local tasks after the LocalSet's
+    // thread-local is gone, which panics at process exit.
+    static RT: &'static Fixture = Box::leak(Box::new((
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"),
         tokio::task::LocalSet::new(),
         std::cell::OnceCell::new(),
-    );
+    )));
 }
 
 /// The cargo-fuzz entry point: one gateway per process (kept across

@@ -51,9 +51,9 @@ fn kill9(pid: u32) {
     crate::server::signal(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
-/// The qemu process of VM `name` (its command line names `/<name>/console.log`).
+/// The qemu process of VM `name` (its command line has `-name guest=<name>`).
 fn qemu_of(serve: u32, name: &str) -> Option<procs::Proc> {
-    let needle = format!("/{name}/console.log");
+    let needle = format!(" guest={name} ");
     procs::below(&procs::table(), serve)
         .into_iter()
         .find(|p| p.name().starts_with("qemu-system") && p.cmdline.contains(&needle))
@@ -250,6 +250,7 @@ pub async fn kill_worker(serve: u32, socket: &Path, s: &mut Sess, doomed: &Doome
     let Some(w) = s.worker else {
         return KillOutcome { kind: "worker".into(), seen: "the session's worker was not found".into(), pass: false };
     };
+    let before = s.vms.iter().filter(|(n, _)| qemu_of(serve, n).is_some()).count();
     for (name, _) in &s.vms {
         doomed.borrow_mut().insert(name.clone(), SESSION_GONE);
     }
@@ -282,8 +283,8 @@ pub async fn kill_worker(serve: u32, socket: &Path, s: &mut Sess, doomed: &Doome
     }
     KillOutcome {
         kind: "worker".into(),
-        seen: format!("session call -> {call}; re-attach -> {attach}; its {} VM(s)' qemu left: {qemus}", s.vms.len()),
-        pass: SESSION_GONE.contains(&call.as_str()) && attach == "staleSession" && qemus == 0,
+        seen: format!("session call -> {call}; re-attach -> {attach}; its VMs' QEMUs: {before} before, {qemus} after"),
+        pass: SESSION_GONE.contains(&call.as_str()) && attach == "staleSession" && before == s.vms.len() && qemus == 0,
     }
 }
 
