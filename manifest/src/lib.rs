@@ -70,9 +70,6 @@ pub struct GatewayConfig {
     pub auth: Vec<String>,
     /// Session (and resume token) lifetime, seconds.
     pub session_ttl_secs: u64,
-}
-
-impl Default for GatewayConfig {
     /// A group that may open the gateway socket (name or gid): the
     /// socket's directory becomes 0750 and the socket 0660 with this
     /// group. Absent: only the serving uid (directory 0700, socket 0600).
@@ -81,6 +78,9 @@ impl Default for GatewayConfig {
     /// `socket_group` resolved to a gid by [`Manifest::parse`].
     #[serde(skip)]
     pub socket_gid: Option<u32>,
+}
+
+impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             auth: vec!["local".into(), "password".into()],
@@ -122,9 +122,6 @@ pub struct LocalConfig {
     /// the uid running `capvisor serve`.
     #[serde(default)]
     pub owner_uids: Vec<u32>,
-}
-
-/// `[vms]`.
     /// Profiles for other local uids and groups (`[[local.map]]`): a uid
     /// in `owner_uids` gets `owner`; otherwise the first rule naming the
     /// peer's uid, else the first rule naming one of its groups (primary
@@ -161,6 +158,9 @@ impl LocalConfig {
         let by_group = || self.map.iter().find(|r| r.gid.is_some_and(|g| g == gid || groups.contains(&g)));
         by_uid.or_else(by_group).map(|r| r.profile.as_str())
     }
+}
+
+/// `[vms]`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmsConfig {
@@ -372,8 +372,40 @@ impl Manifest {
         Self::parse(DEFAULT_TOML).expect("embedded default manifest is valid")
     }
 
+    /// Resolves group names (`gateway.socket_group`, `local.map[i].group`)
+    /// to gids from the group database (getgrnam(3)), once, at load.
+    ///
+    /// Errors: a group name the database does not know, naming the key.
+    pub fn resolve_groups(&mut self) -> anyhow::Result<()> {
+        if let Some(g) = &self.gateway.socket_group {
+            self.gateway.socket_gid = Some(g.resolve().map_err(|e| anyhow::anyhow!("gateway.socket_group: {e}"))?);
+        }
+        for (i, r) in self.local.map.iter_mut().enumerate() {
+            if let Some(g) = &r.group {
+                r.gid = Some(g.resolve().map_err(|e| anyhow::anyhow!("local.map[{i}].group: {e}"))?);
+            }
+        }
+        Ok(())
+    }
+
     /// Checks cross references (see [`Manifest::parse`]).
     pub fn validate(&self) -> anyhow::Result<()> {
+        for (i, r) in self.local.map.iter().enumerate() {
+            anyhow::ensure!(r.uid.is_some() != r.group.is_some(), "local.map[{i}]: give exactly one of uid and group");
+            anyhow::ensure!(
+                self.profiles.contains_key(&r.profile),
+                "local.map[{i}].profile: profile {:?} is not defined",
+                r.profile
+            );
+            anyhow::ensure!(
+                r.group.is_none() || r.gid.is_some(),
+                "local.map[{i}].group: not resolved (load with Manifest::parse)"
+            );
+        }
+        anyhow::ensure!(
+            self.gateway.socket_group.is_none() || self.gateway.socket_gid.is_some(),
+            "gateway.socket_group: not resolved (load with Manifest::parse)"
+        );
         for a in &self.gateway.auth {
             anyhow::ensure!(
                 capvisor_rpc::principal::parse_method(a).is_some(),
@@ -443,40 +475,8 @@ pub struct BuiltImage {
     pub kernel_release: String,
 }
 
-    /// Resolves group names (`gateway.socket_group`, `local.map[i].group`)
-    /// to gids from the group database (getgrnam(3)), once, at load.
-    ///
-    /// Errors: a group name the database does not know, naming the key.
-    pub fn resolve_groups(&mut self) -> anyhow::Result<()> {
-        if let Some(g) = &self.gateway.socket_group {
-            self.gateway.socket_gid = Some(g.resolve().map_err(|e| anyhow::anyhow!("gateway.socket_group: {e}"))?);
-        }
-        for (i, r) in self.local.map.iter_mut().enumerate() {
-            if let Some(g) = &r.group {
-                r.gid = Some(g.resolve().map_err(|e| anyhow::anyhow!("local.map[{i}].group: {e}"))?);
-            }
-        }
-        Ok(())
-    }
-
 impl BuiltImage {
     /// Encodes as schema `BuiltImage` named `name`.
-        for (i, r) in self.local.map.iter().enumerate() {
-            anyhow::ensure!(r.uid.is_some() != r.group.is_some(), "local.map[{i}]: give exactly one of uid and group");
-            anyhow::ensure!(
-                self.profiles.contains_key(&r.profile),
-                "local.map[{i}].profile: profile {:?} is not defined",
-                r.profile
-            );
-            anyhow::ensure!(
-                r.group.is_none() || r.gid.is_some(),
-                "local.map[{i}].group: not resolved (load with Manifest::parse)"
-            );
-        }
-        anyhow::ensure!(
-            self.gateway.socket_group.is_none() || self.gateway.socket_gid.is_some(),
-            "gateway.socket_group: not resolved (load with Manifest::parse)"
-        );
     ///
     /// Errors: a path is not UTF-8.
     pub fn write_to(&self, name: &str, mut b: built_image::Builder<'_>) -> capnp::Result<()> {
@@ -707,18 +707,6 @@ mod tests {
     }
 
     #[test]
-    fn image_kernel_sources() {
-        assert_eq!(Manifest::default_manifest().images["base"].kernel, "minimal");
-        let debian = DEFAULT_TOML.replace("kernel = \"minimal\"", "kernel = \"debian-cloud\"");
-        assert_ne!(debian, DEFAULT_TOML);
-        assert_eq!(Manifest::parse(&debian).unwrap().images["base"].kernel, "debian-cloud");
-        let bogus = DEFAULT_TOML.replace("kernel = \"minimal\"", "kernel = \"bogus\"");
-        let err = Manifest::parse(&bogus).unwrap_err().to_string();
-        assert!(err.contains("images.base.kernel") && err.contains("\"bogus\""), "{err}");
-        assert!(err.contains("debian-cloud, minimal"), "{err}");
-    }
-}
-    #[test]
     fn local_map_rules_uid_beats_group_first_match_wins() {
         let text = DEFAULT_TOML.replace(
             "owner_uids = []",
@@ -764,3 +752,15 @@ mod tests {
         assert_eq!(Manifest::default_manifest().gateway.socket_gid, None);
     }
 
+    #[test]
+    fn image_kernel_sources() {
+        assert_eq!(Manifest::default_manifest().images["base"].kernel, "minimal");
+        let debian = DEFAULT_TOML.replace("kernel = \"minimal\"", "kernel = \"debian-cloud\"");
+        assert_ne!(debian, DEFAULT_TOML);
+        assert_eq!(Manifest::parse(&debian).unwrap().images["base"].kernel, "debian-cloud");
+        let bogus = DEFAULT_TOML.replace("kernel = \"minimal\"", "kernel = \"bogus\"");
+        let err = Manifest::parse(&bogus).unwrap_err().to_string();
+        assert!(err.contains("images.base.kernel") && err.contains("\"bogus\""), "{err}");
+        assert!(err.contains("debian-cloud, minimal"), "{err}");
+    }
+}
