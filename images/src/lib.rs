@@ -222,6 +222,8 @@ fn complete(dir: &Path) -> Option<BuiltImage> {
         kernel,
         initramfs,
         kernel_release: release,
+        rootfs: None,
+        writable_mib: 0,
     })
 }
 

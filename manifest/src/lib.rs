@@ -473,6 +473,13 @@ pub struct BuiltImage {
     pub initramfs: PathBuf,
     /// The kernel's release (`uname -r` in the guest).
     pub kernel_release: String,
+    /// A read-only root file system image (ext4) shared by every VM of
+    /// this image, attached as a virtio-blk disk; `None`: the initramfs
+    /// is the whole root (the `base` image).
+    pub rootfs: Option<PathBuf>,
+    /// Size of each VM's writable layer over `rootfs`, MiB (0 without
+    /// `rootfs`).
+    pub writable_mib: u64,
 }
 
 impl BuiltImage {
@@ -484,6 +491,10 @@ impl BuiltImage {
         b.set_kernel(path_text(&self.kernel)?);
         b.set_initramfs(path_text(&self.initramfs)?);
         b.set_kernel_release(self.kernel_release.as_str());
+        if let Some(r) = &self.rootfs {
+            b.set_rootfs(path_text(r)?);
+        }
+        b.set_writable_mib(self.writable_mib);
         Ok(())
     }
 
@@ -497,6 +508,8 @@ impl BuiltImage {
                 kernel: text(r.get_kernel())?.into(),
                 initramfs: text(r.get_initramfs())?.into(),
                 kernel_release: text(r.get_kernel_release())?,
+                rootfs: Some(text(r.get_rootfs())?).filter(|p| !p.is_empty()).map(PathBuf::from),
+                writable_mib: r.get_writable_mib(),
             },
         ))
     }
@@ -662,7 +675,13 @@ mod tests {
             expires_at_ms: 1_700_000_000_000,
             images: [(
                 "base".to_string(),
-                BuiltImage { kernel: "/k".into(), initramfs: "/i".into(), kernel_release: "6.1".into() },
+                BuiltImage {
+                    kernel: "/k".into(),
+                    initramfs: "/i".into(),
+                    kernel_release: "6.1".into(),
+                    rootfs: Some("/r".into()),
+                    writable_mib: 1024,
+                },
             )]
             .into(),
             run_dir: "/run/s".into(),

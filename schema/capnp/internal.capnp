@@ -149,6 +149,8 @@ struct BuiltImage {
   kernel @1 :Text;         # uncompressed ELF vmlinux
   initramfs @2 :Text;      # uncompressed newc cpio
   kernelRelease @3 :Text;  # the guest's uname -r
+  rootfs @4 :Text;         # read-only root file system image (ext4) on virtio-blk; "" = none (the initramfs is the root)
+  writableMib @5 :UInt64;  # size of each VM's writable layer over rootfs, MiB (0 with no rootfs)
 }
 
 struct Bundle {

@@ -183,7 +183,13 @@ impl Env {
     fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let b = Manifest::default_manifest().bundle_for("owner").unwrap().clone();
-        let image = BuiltImage { kernel: "/k".into(), initramfs: "/i".into(), kernel_release: "6.1-test".into() };
+        let image = BuiltImage {
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            kernel_release: "6.1-test".into(),
+            rootfs: None,
+            writable_mib: 0,
+        };
         let ctx = SessionContext {
             session_id: "bounds".into(),
             principal: Principal::new(AuthMethod::Local, "tester"),

@@ -173,7 +173,13 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let mut b = Manifest::default_manifest().bundle_for("owner").unwrap().clone();
         bundle(&mut b);
-        let image = BuiltImage { kernel: "/k".into(), initramfs: "/i".into(), kernel_release: "6.1-test".into() };
+        let image = BuiltImage {
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            kernel_release: "6.1-test".into(),
+            rootfs: None,
+            writable_mib: 0,
+        };
         let ctx = SessionContext {
             session_id: "inproc".into(),
             principal: Principal::new(AuthMethod::Local, "tester"),
