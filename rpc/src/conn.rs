@@ -50,7 +50,10 @@ pub struct CallLimits {
     pub calls: usize,
     /// Bytes of the messages of the calls in progress, at most (a call
     /// that alone is larger than this is still admitted when none is in
-    /// progress; the reader options bound single messages).
+    /// progress; the reader options bound single messages). Also the most
+    /// bytes queued toward a peer that does not read them (its answers,
+    /// refusals included): past that, the connection reads nothing more
+    /// from the peer until it has read some.
     pub bytes: u64,
 }
 
@@ -84,6 +87,10 @@ pub struct CallGauge {
     peak_bytes: std::cell::Cell<u64>,
     peak_calls: std::cell::Cell<usize>,
     refused: std::cell::Cell<u64>,
+    out_bytes: std::cell::Cell<u64>,
+    peak_out_bytes: std::cell::Cell<u64>,
+    /// Sends not yet written; each yields its size once written.
+    writes: std::cell::RefCell<futures::stream::FuturesUnordered<futures::future::LocalBoxFuture<'static, u64>>>,
     /// Answer id -> message bytes of each call in progress.
     answers: std::cell::RefCell<std::collections::HashMap<u32, u64>>,
 }
@@ -108,6 +115,44 @@ impl CallGauge {
     /// Calls refused with `unavailable` so far.
     pub fn refused(&self) -> u64 {
         self.refused.get()
+    }
+    /// Bytes queued toward the peer and not yet written (as of the last
+    /// send or read).
+    pub fn out_bytes(&self) -> u64 {
+        self.out_bytes.get()
+    }
+    /// The most bytes ever queued toward the peer at once.
+    pub fn peak_out_bytes(&self) -> u64 {
+        self.peak_out_bytes.get()
+    }
+
+    /// Notes `size` bytes queued to be written, done when `written` resolves.
+    fn queued(&self, size: u64, written: futures::future::LocalBoxFuture<'static, u64>) {
+        self.reap();
+        self.out_bytes.set(self.out_bytes.get() + size);
+        self.peak_out_bytes.set(self.peak_out_bytes.get().max(self.out_bytes.get()));
+        self.writes.borrow_mut().push(written);
+    }
+
+    /// Counts the writes finished by now.
+    fn reap(&self) {
+        use futures::{FutureExt, StreamExt};
+        while let Some(Some(size)) = self.writes.borrow_mut().next().now_or_never() {
+            self.out_bytes.set(self.out_bytes.get() - size);
+        }
+    }
+
+    /// Waits until at most `limit` bytes are queued toward the peer.
+    async fn drained(&self, limit: u64) {
+        use futures::StreamExt;
+        self.reap();
+        while self.out_bytes.get() > limit {
+            let next = futures::future::poll_fn(|cx| self.writes.borrow_mut().poll_next_unpin(cx)).await;
+            match next {
+                Some(size) => self.out_bytes.set(self.out_bytes.get() - size),
+                None => break,
+            }
+        }
     }
 
     fn admit(&self, limits: CallLimits, id: u32, size: u64) -> bool {
@@ -391,7 +436,7 @@ mod limit {
     /// Answers a refused call with an `unavailable` exception and releases
     /// the capabilities its parameters carried (`releaseParamCaps` false:
     /// the explicit `Release`s do it, which C++ and Rust peers both expect).
-    fn refuse(conn: &Conn, r: &Refusal, limits: CallLimits) -> capnp::Result<()> {
+    fn refuse(conn: &Conn, r: &Refusal, limits: CallLimits, gauge: &Rc<CallGauge>) -> capnp::Result<()> {
         let reason = crate::CvError::unavailable(format!(
             "too many calls in flight on this connection (at most {} calls, {} bytes); retry when some have finished",
             limits.calls, limits.bytes
@@ -399,7 +444,9 @@ mod limit {
         .to_rpc()
         .extra;
         let mut conn = conn.borrow_mut();
-        let mut out = conn.new_outgoing_message(64);
+        // Counted toward what is queued for the peer, like every send.
+        let mut new = |words| Box::new(Outgoing { inner: conn.new_outgoing_message(words), gauge: gauge.clone() });
+        let mut out = new(64);
         {
             let mut ret = out.get_body()?.init_as::<message::Builder<'_>>().init_return();
             ret.set_answer_id(r.question_id);
@@ -410,7 +457,7 @@ mod limit {
         }
         let _ = out.send();
         for &(id, count) in &r.releases {
-            let mut out = conn.new_outgoing_message(8);
+            let mut out = new(8);
             let mut rel = out.get_body()?.init_as::<message::Builder<'_>>().init_release();
             rel.set_id(id);
             rel.set_reference_count(count);
@@ -433,13 +480,16 @@ mod limit {
             let (conn, limits, gauge) = (self.inner.clone(), self.limits, self.gauge.clone());
             Promise::from_future(async move {
                 loop {
+                    // A peer that does not read what we send gets nothing
+                    // more read from it (its answers would pile up here).
+                    gauge.drained(limits.bytes).await;
                     let next = conn.borrow_mut().receive_incoming_message();
                     let Some(msg) = next.await? else { return Ok(None) };
                     match screen(msg.as_ref(), limits, &gauge) {
                         None => return Ok(Some(msg)),
                         Some(r) => {
                             tracing::debug!(question = r.question_id, "call refused: too many in flight");
-                            refuse(&conn, &r, limits)?;
+                            refuse(&conn, &r, limits, &gauge)?;
                         }
                     }
                 }
@@ -483,7 +533,19 @@ mod limit {
             if let Some(id) = answered {
                 self.gauge.answered(id);
             }
-            self.inner.send()
+            let size = self.inner.size_in_words() as u64 * 8;
+            let (written, message) = self.inner.send();
+            let (tx, rx) = futures::channel::oneshot::channel();
+            self.gauge.queued(
+                size,
+                Box::pin(async move {
+                    let _ = tx.send(written.await);
+                    size
+                }),
+            );
+            let done =
+                async move { rx.await.unwrap_or_else(|_| Err(capnp::Error::disconnected("not written".into()))) };
+            (Promise::from_future(done), message)
         }
 
         /// Taken, not sent (capnp-rpc takes the results message of a
@@ -704,6 +766,69 @@ mod tests {
             gate.release();
             writer.await.unwrap().expect("nothing refused");
             assert_eq!(gauge.refused(), 0);
+        });
+    }
+
+    /// A raw rpc.capnp message from a peer: `Bootstrap` (question 0) when
+    /// `question` is 0, else `ByteSink.done` on the bootstrap's promised
+    /// answer.
+    fn raw_message(question: u32) -> Vec<u8> {
+        use capnp::traits::HasTypeId;
+        use capnp_rpc::rpc_capnp::message;
+        let mut m = capnp::message::Builder::new_default();
+        let root = m.init_root::<message::Builder<'_>>();
+        if question == 0 {
+            root.init_bootstrap().set_question_id(0);
+        } else {
+            let mut call = root.init_call();
+            call.set_question_id(question);
+            call.set_interface_id(byte_sink::Client::TYPE_ID);
+            call.set_method_id(1);
+            call.reborrow().init_target().init_promised_answer().set_question_id(0);
+            call.init_params().init_content().init_as::<byte_sink::done_params::Builder<'_>>();
+        }
+        capnp::serialize::write_message_to_words(&m)
+    }
+
+    #[test]
+    fn a_peer_that_never_reads_its_answers_is_no_longer_read() {
+        run_local(async {
+            let gate = Rc::new(Gate::default());
+            let limits = CallLimits { calls: 1, bytes: 64 * 1024 };
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let sink: byte_sink::Client = capnp_rpc::new_client(GatedSink(gate.clone()));
+            let (system, gauge) = rpc_system_limited(
+                tokio::net::UnixStream::from_std(ours).unwrap(),
+                Side::Server,
+                Some(sink.client),
+                UNTRUSTED,
+                limits,
+            );
+            let system = tokio::task::spawn_local(system);
+            // The peer: one call held at the gate, then a flood of calls
+            // over the limit, each answered with a refusal it never reads.
+            let flood = std::thread::spawn(move || {
+                use std::io::Write;
+                let mut theirs = theirs;
+                // A write blocked this long means we stopped reading.
+                theirs.set_write_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+                for q in 0..100_000u32 {
+                    if theirs.write_all(&raw_message(q)).is_err() {
+                        return q;
+                    }
+                }
+                100_000
+            });
+            until(|| gate.entered.get() == 1 && gauge.out_bytes() >= limits.bytes).await;
+            assert!(gauge.peak_out_bytes() <= limits.bytes + 1024, "{} bytes queued", gauge.peak_out_bytes());
+            let refused = gauge.refused();
+            assert!(refused < 100_000, "reading stopped: {refused} refused");
+            // The peer is stuck writing: its write times out.
+            let flood = tokio::task::spawn_blocking(move || flood.join().unwrap());
+            assert!(flood.await.unwrap() < 100_000, "the peer could not send everything");
+            assert!(gauge.peak_out_bytes() <= limits.bytes + 1024, "{} bytes queued", gauge.peak_out_bytes());
+            system.abort();
         });
     }
 
