@@ -143,7 +143,8 @@ static HOSTILE_PIDS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new
 fn watchdog(limit: Duration) {
     std::thread::spawn(move || {
         std::thread::sleep(limit);
-        eprintln!("capvisor-soak: FAILED: the global deadline of {limit:?} passed; killing the run");
+        let step = stats::STEP.lock().map(|s| s.clone()).unwrap_or_default();
+        eprintln!("capvisor-soak: FAILED: the global deadline of {limit:?} passed during: {step}; killing the run");
         let mut pids = HOSTILE_PIDS.lock().map(|v| v.clone()).unwrap_or_default();
         pids.push(SERVE_PID.load(Ordering::SeqCst));
         for pid in pids {
@@ -285,7 +286,9 @@ fn run(args: Args) -> i32 {
         }
         let (stop_probe, probe_rx) = tokio::sync::oneshot::channel();
         let probe = tokio::task::spawn_local(sessions::owner_probe(st.clone(), socket.clone(), probe_rx));
+        stats::step("phase A: sessions under the flood");
         sessions::run(&st, &socket, args.sessions, args.concurrency, ACCOUNTS).await;
+        stats::step("phase A: waiting for the hostile clients");
         for c in children {
             let (tx, rx) = tokio::sync::oneshot::channel();
             std::thread::spawn(move || {
@@ -314,6 +317,7 @@ fn run(args: Args) -> i32 {
         let mut sess = vec![];
         if args.vms > 0 {
             let t_b = Instant::now();
+            stats::step("phase B: booting VMs");
             let (s, boots) = vms::start_vms(&st, serve.pid, &socket, args.vms).await;
             sess = s;
             fig.boot_p50_ms = msf(pct(&boots, 50));
@@ -326,11 +330,13 @@ fn run(args: Args) -> i32 {
                 t_b.elapsed().as_secs_f64()
             );
             let stop = Rc::new(Cell::new(false));
+            stats::step("phase B: exec traffic");
             let loops = vms::start_loops(&st, &sess, stop.clone(), doomed.clone(), results.clone());
             tokio::time::sleep(Duration::from_secs(args.exec_secs / 2)).await;
             sampler.sample_now(serve.pid);
             let n = sess.len();
             if kill("vmm") && !sess.is_empty() && !sess[0].vms.is_empty() {
+                stats::step("phase C: kill -9 of a vmm");
                 let o = vms::kill_vm_process(serve.pid, &sess[0], 0, false, &doomed).await;
                 fig.kills.push((o.kind, o.seen, o.pass));
             }
@@ -343,15 +349,18 @@ fn run(args: Args) -> i32 {
                     None
                 };
                 if let Some((j, v)) = at {
+                    stats::step("phase C: kill -9 of a qemu");
                     let o = vms::kill_vm_process(serve.pid, &sess[j], v, true, &doomed).await;
                     fig.kills.push((o.kind, o.seen, o.pass));
                 }
             }
             if kill("worker") && n > 0 {
+                stats::step("phase C: kill -9 of a worker");
                 let o = vms::kill_worker(serve.pid, &socket, &mut sess[n - 1], &doomed).await;
                 fig.kills.push((o.kind, o.seen, o.pass));
             }
             tokio::time::sleep(Duration::from_secs(args.exec_secs - args.exec_secs / 2)).await;
+            stats::step("phase C: stopping the exec loops");
             stop.set(true);
             for l in loops {
                 let _ = l.await;
@@ -368,7 +377,8 @@ fn run(args: Args) -> i32 {
                     if let Some(f) = fail {
                         fig.exec_failures_unaffected.push(format!("{name}: {f}"));
                     }
-                    let r = capvisor_client::ops::exec_collect(vm, &["echo", "after"], b"", 64).await;
+                    let r =
+                        stats::bounded(30, capvisor_client::ops::exec_collect(vm, &["echo", "after"], b"", 64)).await;
                     if !matches!(&r, Ok(o) if o.stdout == b"after\n") {
                         fig.exec_failures_unaffected
                             .push(format!("{name}: exec after the kills -> {:?}", r.map(|o| o.exit)));
@@ -385,11 +395,13 @@ fn run(args: Args) -> i32 {
                 fig.kills.push((k.into(), "not run: no VMs (--vms 0)".into(), true));
             }
         }
+        stats::step("removing VMs, logging out");
         vms::teardown(&st, &sess).await;
         let _ = sessions::logout(&st, &admin).await;
         drop(admin);
 
         if kill("gateway") {
+            stats::step("phase C: kill -9 of the gateway");
             let (o, alive) = vms::kill_gateway(&st, &mut serve, &socket).await;
             fig.kills.push((o.kind, o.seen, o.pass));
             if !alive && kill("broker") {
@@ -397,12 +409,14 @@ fn run(args: Args) -> i32 {
             }
         }
         if kill("broker") && serve.exited().is_none() {
+            stats::step("phase C: kill -9 of the broker");
             let o = vms::kill_broker(&st, &mut serve, &socket).await;
             fig.kills.push((o.kind, o.seen, o.pass));
         }
     });
 
     // Shutdown, then the figures that must be 0.
+    stats::step("stopping serve");
     sampler.sample_now(serve.pid);
     let (status, by_term) = serve.stop();
     let broker_killed = fig.kills.iter().any(|(k, s, _)| k == "broker" && !s.starts_with("not run"));

@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// Times `f` and records it in `stats` under `what`.
+/// Longest wait for one call (a VM's create and first exec included,
+/// which waits for the boot: 120 s at most server-side).
+pub const CALL_LIMIT_SECS: u64 = 150;
+
+/// Times `f` (bounded by [`CALL_LIMIT_SECS`]) and records it in `stats` under `what`.
 pub async fn timed<T, F: std::future::Future<Output = Result<T, ClientError>>>(
     stats: &Shared,
     what: &str,
@@ -18,7 +22,7 @@ pub async fn timed<T, F: std::future::Future<Output = Result<T, ClientError>>>(
     f: F,
 ) -> Result<T, ClientError> {
     let t = Instant::now();
-    let r = f.await;
+    let r = crate::stats::bounded(CALL_LIMIT_SECS, f).await;
     stats.borrow_mut().record(what, &r, t.elapsed(), expected);
     r
 }

@@ -8,15 +8,39 @@ use std::time::Duration;
 
 /// How a failed call is named in the report: the `[capvisor:<code>]` code
 /// (`CvError::from_rpc`, through `ClientError::Domain`) or, for failures
-/// that are not typed domain outcomes, `disconnected`, `rpc` or `io`.
+/// that are not typed domain outcomes, `disconnected`, `rpc`, `io`, or
+/// `timeout` for a call the run gave up waiting for ([`bounded`]).
 pub fn code_name(e: &ClientError) -> String {
     match e {
         ClientError::Domain(d) => d.code_name().to_string(),
         ClientError::Disconnected(_) => "disconnected".into(),
         ClientError::Rpc(_) => "rpc".into(),
+        ClientError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout".into(),
         ClientError::Io(_) => "io".into(),
         ClientError::NotLoggedIn => "notLoggedIn".into(),
         ClientError::Usage(_) => "usage".into(),
+    }
+}
+
+/// Runs `f` for at most `secs` seconds; past that the call counts as
+/// failed with code `timeout` (a hang is a finding, and the run must end).
+pub async fn bounded<T>(
+    secs: u64,
+    f: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(Duration::from_secs(secs), f).await.unwrap_or_else(|_| {
+        Err(ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {secs} s"))))
+    })
+}
+
+/// What the run is doing now (printed if the global deadline passes).
+pub static STEP: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// Sets [`STEP`] and prints it on stderr.
+pub fn step(what: &str) {
+    eprintln!("capvisor-soak: {what}");
+    if let Ok(mut s) = STEP.lock() {
+        *s = what.to_string();
     }
 }
 

@@ -142,11 +142,11 @@ pub fn start_loops(
                         _ => &["true"],
                     };
                     let t = Instant::now();
-                    let r = ops::exec_collect(&vm, argv, b"", 1 << 16).await;
+                    let r = crate::stats::bounded(30, ops::exec_collect(&vm, argv, b"", 1 << 16)).await;
                     // Whether a failure is meant is decided once it arrived:
                     // the kill may come while the call is on its way.
                     let expected: &[&str] = doomed.borrow().get(&name).copied().unwrap_or(&[]);
-                    stats.borrow_mut().record("Vm.exec", &r, t.elapsed(), expected);
+                    stats.borrow_mut().record(&format!("Vm.exec {argv:?} on {name}"), &r, t.elapsed(), expected);
                     let mut pause = false;
                     {
                         let mut res = results.borrow_mut();
@@ -190,7 +190,7 @@ pub fn start_loops(
 async fn wait_ended(vm: &vm::Client) -> Result<(VmState, String), ClientError> {
     let t0 = Instant::now();
     loop {
-        let i = ops::vm_info(vm).await?;
+        let i = crate::stats::bounded(10, ops::vm_info(vm)).await?;
         if i.state != VmState::Running || t0.elapsed() > Duration::from_secs(30) {
             return Ok((i.state, i.detail));
         }
@@ -222,7 +222,7 @@ pub async fn kill_vm_process(serve: u32, s: &Sess, idx: usize, qemu: bool, doome
     doomed.borrow_mut().insert(name.clone(), VM_GONE);
     kill9(pid);
     let state = wait_ended(vm).await;
-    let exec = ops::exec_collect(vm, &["true"], b"", 64).await;
+    let exec = crate::stats::bounded(15, ops::exec_collect(vm, &["true"], b"", 64)).await;
     let exec_code = match &exec {
         Ok(_) => "ok".to_string(),
         Err(e) => crate::stats::code_name(e),
@@ -256,7 +256,7 @@ pub async fn kill_worker(serve: u32, socket: &Path, s: &mut Sess, doomed: &Doome
     }
     kill9(w);
     s.dead = true;
-    let r = ops::list_vms(&s.factory).await;
+    let r = crate::stats::bounded(15, ops::list_vms(&s.factory)).await;
     let call = match &r {
         Ok(_) => "ok".to_string(),
         Err(e) => crate::stats::code_name(e),
@@ -264,7 +264,7 @@ pub async fn kill_worker(serve: u32, socket: &Path, s: &mut Sess, doomed: &Doome
     let t0 = Instant::now();
     let mut attach = String::new();
     while t0.elapsed() < Duration::from_secs(20) {
-        attach = match connect::attach(socket, &s.client.token).await {
+        attach = match crate::stats::bounded(10, connect::attach(socket, &s.client.token)).await {
             Ok(_) => "ok".into(),
             Err(e) => crate::stats::code_name(&e),
         };
@@ -313,16 +313,16 @@ pub async fn kill_gateway(stats: &Shared, serve: &mut Serve, socket: &Path) -> (
             .into_iter()
             .any(|p| p.name() == "capvisor-gateway" && p.pid != gw.pid);
         if new_gw {
-            if let Ok(l) = connect::login_local(socket).await {
+            if let Ok(l) = crate::stats::bounded(10, connect::login_local(socket)).await {
                 relogin = Some(t0.elapsed());
-                let _ = ops::logout(&l.session).await;
+                let _ = crate::stats::bounded(10, ops::logout(&l.session)).await;
                 l.connection.abort();
                 break;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let attached = match ops::list_vms(&ops::vms(&c.session)).await {
+    let attached = match crate::stats::bounded(15, ops::list_vms(&ops::vms(&c.session))).await {
         Ok(_) => "ok".to_string(),
         Err(e) => crate::stats::code_name(&e),
     };
@@ -366,7 +366,7 @@ pub async fn kill_broker(stats: &Shared, serve: &mut Serve, socket: &Path) -> Ki
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let attached = match &c {
-        Some(c) => match ops::list_vms(&ops::vms(&c.session)).await {
+        Some(c) => match crate::stats::bounded(15, ops::list_vms(&ops::vms(&c.session))).await {
             Ok(_) => "ok".to_string(),
             Err(e) => crate::stats::code_name(&e),
         },
