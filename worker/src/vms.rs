@@ -66,6 +66,10 @@ pub struct VmEntry {
     /// The broker's reservation of room for this VM (principal and host
     /// budgets) while it runs; dropped when it stops.
     pub hold: RefCell<Option<capvisor_rpc::schema::internal_capnp::vm_hold::Client>>,
+    /// Woken when the VM stops or crashes ([`VmEntry::set_ended`]): calls
+    /// forwarded into the guest then end with `notRunning` instead of
+    /// waiting on a connection that is gone (`crate::wrap::Scope::forward`).
+    pub ended: tokio::sync::Notify,
 }
 
 /// Handles of a running VM.
@@ -103,6 +107,26 @@ impl Running {
 }
 
 impl VmEntry {
+    /// Moves the VM to `state` (`Stopped` or `Crashed`) and wakes every
+    /// call waiting in [`VmEntry::wait_ended`].
+    pub fn set_ended(&self, state: VmState) {
+        self.state.set(state);
+        self.ended.notify_waiters();
+    }
+
+    /// Resolves once the VM is stopped or crashed (at once if it is).
+    pub async fn wait_ended(&self) {
+        loop {
+            let notified = self.ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if matches!(self.state.get(), VmState::Stopped | VmState::Crashed) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// `notFound` once the VM was removed.
     pub fn check_present(&self) -> CvResult<()> {
         if self.removed.get() {
@@ -343,8 +367,8 @@ pub async fn stop_vm(entry: &VmEntry) {
     run.finish().await;
     entry.hold.borrow_mut().take();
     if entry.state.get() != VmState::Crashed {
-        entry.state.set(VmState::Stopped);
         *entry.detail.borrow_mut() = "stopped on request".into();
+        entry.set_ended(VmState::Stopped);
     }
 }
 
@@ -393,6 +417,7 @@ impl VmFactoryImpl {
             running: RefCell::new(None),
             removed: Cell::new(false),
             hold: RefCell::new(None),
+            ended: tokio::sync::Notify::new(),
         });
         st.vms.borrow_mut().insert(spec.name.clone(), entry.clone());
         // Until the VM runs, a failed boot and a cancelled call (the client
@@ -490,7 +515,7 @@ impl Drop for Unborn {
         }
         drop(vms);
         if entry.state.get() == VmState::Starting {
-            entry.state.set(VmState::Stopped);
+            entry.set_ended(VmState::Stopped);
         }
         if !self.failed {
             tracing::info!(vm = %entry.name, "create cancelled mid-boot; VM forgotten");
@@ -533,8 +558,8 @@ fn watch_exit(
             e = link_broken => (VmState::Crashed, format!("the guest broke its agent link: {}", e.extra)),
         };
         if entry.state.get() == VmState::Running {
-            entry.state.set(if state == VmState::Crashed { VmState::Crashed } else { VmState::Stopped });
             *entry.detail.borrow_mut() = capvisor_rpc::error::printable(&detail, false).into_owned();
+            entry.set_ended(if state == VmState::Crashed { VmState::Crashed } else { VmState::Stopped });
             entry.hold.borrow_mut().take();
             tracing::info!(vm = %entry.name, "VM ended: {detail}");
             // Drop the handles; stop_vm reaps the vmm when asked.

@@ -50,13 +50,32 @@ impl Scope {
     }
 
     /// Runs a forwarded call under the scope: checked first, cut off with
-    /// `staleSession` if the session is revoked meanwhile, and a failure of
-    /// the other side relayed with its code (transport loss to a guest
-    /// becomes `notRunning`).
+    /// `staleSession` if the session is revoked meanwhile and with
+    /// `notRunning` if its VM stops or crashes meanwhile (a guest whose
+    /// vmm died never answers), and a failure of the other side relayed
+    /// with its code (transport loss to a guest becomes `notRunning`).
     pub async fn forward<T>(&self, fut: impl Future<Output = capnp::Result<T>>) -> Result<T, capnp::Error> {
         self.check()?;
         let vm = self.vm.is_some();
-        let r = self.st.guard(async { fut.await.map_err(|e| relay(e, vm)) }).await;
+        let ended = async {
+            match &self.vm {
+                Some(e) => {
+                    e.wait_ended().await;
+                    let detail = e.detail.borrow().clone();
+                    CvError::not_running(format!("VM {:?} is no longer running: {detail}", e.name))
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let r = self
+            .st
+            .guard(async {
+                tokio::select! {
+                    r = fut => r.map_err(|e| relay(e, vm)),
+                    e = ended => Err(e),
+                }
+            })
+            .await;
         Ok(r?)
     }
 }

@@ -474,7 +474,18 @@ fn a_vm_whose_vmm_dies_is_crashed_with_the_reason() {
         let f = ops::vms(&s);
         let vm = ops::create_vm(&f, &spec("k"));
         assert_eq!(ops::vm_info(&vm).await.unwrap().detail, "");
+        // A command still running when the vmm dies: its call must end
+        // (notRunning), not wait for a guest that is gone.
+        let v2 = vm.clone();
+        let in_flight =
+            tokio::task::spawn_local(async move { ops::exec_collect(&v2, &["sleep", "30"], b"", 1 << 16).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
         env.seen.borrow().kill_switches[0].send_replace(true);
+        let r = tokio::time::timeout(Duration::from_secs(10), in_flight)
+            .await
+            .expect("an exec in flight when the vmm died never answered")
+            .unwrap();
+        assert_eq!(code(r), ErrorCode::NotRunning);
         let t0 = std::time::Instant::now();
         let info = loop {
             let i = ops::vm_info(&vm).await.unwrap();
