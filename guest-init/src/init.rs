@@ -108,9 +108,42 @@ pub fn ensure_stdio() {
 
 /// Sets the hostname to [`HOSTNAME`].
 pub fn set_hostname() {
-    if let Err(e) = nix::unistd::sethostname(HOSTNAME) {
+    set_hostname_to(HOSTNAME);
+}
+
+/// Sets the hostname to `name` (sethostname(2)); failures are logged.
+pub fn set_hostname_to(name: &str) {
+    if let Err(e) = nix::unistd::sethostname(name) {
         log(format!("sethostname: {e}"));
     }
+}
+
+/// Reads the kernel command line and, when it asks for a root image
+/// (`capvisor.root=`), switches into it ([`crate::rootfs::switch_root`]);
+/// sets the hostname (`capvisor.hostname=`, else [`HOSTNAME`]). A failed
+/// switch is logged as `root switch failed: <step>: <errno>` on the
+/// console and powers the machine off, so the host sees a boot failure
+/// with the console tail rather than a guest that never answers. Returns
+/// whether a switch happened.
+pub fn root_and_hostname() -> bool {
+    let plan = crate::rootfs::RootPlan::from_proc();
+    let switched = plan.root.is_some();
+    if switched {
+        let t0 = crate::boottime_ms();
+        if let Err(e) = crate::rootfs::switch_root(&plan) {
+            log(format!("root switch failed: {e}; powering off"));
+            power_off(false);
+            // Not PID 1 (cannot happen here): do not serve a half-built root.
+            std::process::exit(1);
+        }
+        log(format!(
+            "switched root to {} ({} ms)",
+            plan.root.as_deref().unwrap_or(Path::new("?")).display(),
+            crate::boottime_ms() - t0
+        ));
+    }
+    set_hostname_to(plan.hostname.as_deref().unwrap_or(HOSTNAME));
+    switched
 }
 
 /// Brings the loopback interface `lo` up (SIOCSIFFLAGS | IFF_UP); the

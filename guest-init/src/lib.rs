@@ -18,6 +18,8 @@
 //! - [`reaper`]: child reaping (`waitpid(-1)` as PID 1).
 //! - [`pty`]: pseudo-terminal helpers.
 //! - [`fdio`]: async I/O on raw descriptors (pipes, pty master, virtio port).
+//! - [`rootfs`]: switching into a root image with a writable overlay;
+//!   user lookup in the guest's passwd/group.
 //! - [`init`]: PID 1 set-up (mounts, modules, hostname, loopback) and agent
 //!   port discovery.
 
@@ -27,6 +29,7 @@ pub mod files;
 pub mod init;
 pub mod pty;
 pub mod reaper;
+pub mod rootfs;
 
 use capnp::capability::Rc;
 use capnp_rpc::rpc_twoparty_capnp::Side;

@@ -139,7 +139,7 @@ fn pid1_main() -> ! {
     init::ensure_stdio();
     log("started");
     let t0 = boottime_ms();
-    init::set_hostname();
+    init::root_and_hostname();
     init::loopback_up();
     let t1 = boottime_ms();
     let (ok, failed) = init::load_modules(std::path::Path::new(init::MODULES_DIR));
