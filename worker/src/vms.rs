@@ -268,6 +268,55 @@ fn agent_link(stream: tokio::net::UnixStream) -> AgentLink {
     AgentLink { guest, conn, calls, failed }
 }
 
+/// File name of a VM's writable layer in its run directory (removed with
+/// the run directory on `remove`).
+pub const WRITABLE_LAYER: &str = "writable.ext4";
+
+/// Attaches a root image: `rootfs` read-only as the first disk
+/// (`/dev/vda`), and the VM's writable layer as the second (`/dev/vdb`): a
+/// sparse file [`WRITABLE_LAYER`] of `writable_mib` MiB in the run
+/// directory, formatted ext4 by mkfs.ext4(8) on the host when it does not
+/// exist yet (a restarted VM keeps its layer). guest-init is told on the
+/// kernel command line (`capvisor.root=/dev/vda capvisor.upper=/dev/vdb
+/// capvisor.hostname=<vm>`, see guest-init's `rootfs` module). The layer's
+/// size is the VM's disk quota: writes past it fail with ENOSPC in the
+/// guest (docs/decisions.md).
+///
+/// Errors: `internal` when the file cannot be made or formatted
+/// (mkfs.ext4's stderr in the message).
+fn root_disks(mut cfg: VmConfig, rootfs: &std::path::Path, writable_mib: u64) -> CvResult<VmConfig> {
+    let layer = cfg.run_dir.join(WRITABLE_LAYER);
+    if !layer.exists() {
+        let tmp = cfg.run_dir.join(format!("{WRITABLE_LAYER}.new"));
+        let f = std::fs::File::create(&tmp)
+            .map_err(|e| CvError::internal(format!("cannot create the writable layer {}: {e}", tmp.display())))?;
+        f.set_len(writable_mib.max(1) * 1024 * 1024)
+            .map_err(|e| CvError::internal(format!("cannot size the writable layer: {e}")))?;
+        drop(f);
+        let out = std::process::Command::new("mkfs.ext4")
+            .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+            .args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-L", "capvisor-rw"])
+            .arg(&tmp)
+            .output()
+            .map_err(|e| CvError::internal(format!("cannot run mkfs.ext4 (package e2fsprogs): {e}")))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(CvError::internal(format!(
+                "mkfs.ext4 of the writable layer failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        std::fs::rename(&tmp, &layer).map_err(|e| CvError::internal(format!("writable layer: {e}")))?;
+    }
+    cfg.disks = vec![
+        capvisor_rpc::vmconfig::Disk { path: rootfs.to_path_buf(), read_only: true },
+        capvisor_rpc::vmconfig::Disk { path: layer, read_only: false },
+    ];
+    cfg.extra_cmdline = format!("capvisor.root=/dev/vda capvisor.upper=/dev/vdb capvisor.hostname={}", cfg.name);
+    Ok(cfg)
+}
+
 /// Boots the VM of `entry` on `engine` (`Qemu` or `Kvm`): spawns its vmm
 /// and waits up to `timeout` for guest-init.
 async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Duration) -> CvResult<Running> {
@@ -284,6 +333,10 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
         extra_cmdline: String::new(),
         disks: vec![],
         confine: Default::default(),
+    };
+    let cfg = match &image.rootfs {
+        Some(rootfs) => root_disks(cfg, rootfs, image.writable_mib)?,
+        None => cfg,
     };
     // Confinement (docs/vmm-confinement.md): decided here, fail closed on
     // a required layer, audited either way.
