@@ -197,21 +197,16 @@ fn seed_cache(cache: &Path) {
 }
 
 /// The manifest: the default with the `user` bundle cut to one VM, the
-/// socket opened to `group`, uid `mapped` mapped to `user`, and (where the
-/// manifest knows confinement) no confinement layer required, since an
-/// unprivileged service user may not be given every layer.
+/// socket opened to `group`, uid `mapped` mapped to `user`. Every
+/// confinement layer stays required: `serve --user` delegates a cgroup to
+/// the service user, and netns and Landlock need no privilege.
 fn manifest(group: &str, mapped: u32) -> String {
     let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifest/default.toml"))
         .unwrap()
         .replace("max_vms = 2", "max_vms = 1")
         .replace("[gateway]", &format!("[gateway]\nsocket_group = \"{group}\""))
         .replace("owner_uids = []", &format!("owner_uids = []\n[[local.map]]\nuid = {mapped}\nprofile = \"user\""));
-    let relaxed = format!("[confinement]\nrequired = []\n{base}");
-    if capvisor_manifest::Manifest::parse(&relaxed).is_ok() {
-        relaxed
-    } else {
-        base
-    }
+    base
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //! | list | paths | why |
 //! |---|---|---|
 //! | exec | capvisor's binary directory, QEMU and the shared-library directories ([`crate::landlock::QemuPolicy::for_qemu`]), `/bin/true` | workers, vmms and QEMU are started from there; the network-namespace probe |
-//! | read | firmware and the loader cache (same), the images' directories, `/proc`, `/sys`, `/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf` | VM images; peer credentials and groups; cgroup and CPU facts; user names |
+//! | read | firmware and the loader cache (same), the images' directories, `/proc` (read-write when not root: an unprivileged network namespace writes its id maps there), `/sys`, `/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf` | VM images; peer credentials and groups; cgroup and CPU facts; user names |
 //! | read-write | the broker's state directory (credential store, audit log, session run directories) or the worker's session run directory; the cgroup file systems (`[confinement] cgroup_root`, default `/sys/fs/cgroup`) | what the service and its children write |
 //! | devices | `/dev/null`, `/dev/kvm` where present | child stdio; the kvm engine and KVM-accelerated QEMU |
 //!
@@ -69,8 +69,18 @@ pub fn service_policy(
             push(&mut p.read_only, dir);
         }
     }
-    for r in ["/proc", "/sys"].iter().chain(ETC_READ) {
+    for r in ["/sys"].iter().chain(ETC_READ) {
         push(&mut p.read_only, Path::new(r));
+    }
+    // Unprivileged, a fresh network namespace needs a user namespace whose
+    // id maps are written to /proc/self/{setgroups,uid_map,gid_map}
+    // (crate::netns); what else an unprivileged uid may write in /proc is
+    // its own processes' files. As root /proc stays read-only.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        push(&mut p.read_only, Path::new("/proc"));
+    } else {
+        push(&mut p.read_write, Path::new("/proc"));
     }
     p.read_write.push(canon(rw_dir)?);
     push(&mut p.read_write, cgroup_root);

@@ -74,7 +74,44 @@ pub fn become_service_user(
     make_dir_for(socket_dir, user.uid, group, mode)?;
     make_dir_for(state_dir, user.uid, user.gid, 0o700)?;
     make_dir_for(cache_dir, user.uid, user.gid, 0o700)?;
+    if let Err(e) = delegate_cgroup(user, Path::new(capvisor_confine::cgroup::DEFAULT_ROOT)) {
+        // Not fatal here: the worker decides per VM, and the manifest's
+        // [confinement] required says whether a VM may start without one.
+        tracing::warn!("no cgroup delegated to {}: {e:#}", user.name);
+    }
     drop_to(user)
+}
+
+/// Name of the cgroup delegated to a service user, below the cgroup
+/// `serve` was started in.
+pub fn delegated_cgroup_name(uid: u32) -> String {
+    format!("capvisor-user-{uid}")
+}
+
+/// Delegates a cgroup to `user` (cgroup v1 or v2, Documentation/admin-guide/
+/// cgroup-v2.rst "Delegation"): creates [`delegated_cgroup_name`] below
+/// this process's own cgroup in the memory and pids hierarchies, gives the
+/// directory and its files to the user, and moves this process into it, so
+/// the broker and workers started after the drop to `user` can make their
+/// session and VM cgroups below it.
+///
+/// Errors: no usable cgroup hierarchy, or the kernel refused a step.
+pub fn delegate_cgroup(user: &ServiceUser, root: &Path) -> anyhow::Result<()> {
+    use capvisor_confine::cgroup::Cgroup;
+    let own = Cgroup::own(root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let d = own.child(&delegated_cgroup_name(user.uid)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (uid, gid) = (Some(nix::unistd::Uid::from_raw(user.uid)), Some(nix::unistd::Gid::from_raw(user.gid)));
+    for dir in d.dirs() {
+        nix::unistd::chown(dir, uid, gid).with_context(|| format!("giving {} to {}", dir.display(), user.name))?;
+        for f in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?.flatten() {
+            if f.file_type().is_ok_and(|t| t.is_file()) {
+                nix::unistd::chown(&f.path(), uid, gid).with_context(|| format!("giving {}", f.path().display()))?;
+            }
+        }
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("entering {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Creates `dir` owned by `uid`:`gid` with `mode` when missing (missing
