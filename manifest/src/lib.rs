@@ -296,6 +296,83 @@ pub struct ImageConfig {
     /// linux-image-cloud-amd64 + its virtio modules) or `"minimal"`
     /// (capvisor's own build from linux-source-6.1, no modules; faster to boot).
     pub kernel: String,
+    /// Debian codename of a root-image image (see [`KNOWN_DISTRIBUTIONS`]);
+    /// absent: [`DEFAULT_DISTRIBUTION`]. Only with `packages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<String>,
+    /// Debian packages installed on top of the `minbase` variant into a
+    /// read-only ext4 root image (capvisor-images `rootfs`). Empty: the
+    /// busybox-in-initramfs kind (like `base`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    /// Each VM's writable layer over the root image, MiB
+    /// ([`WRITABLE_MIB_RANGE`]); absent: [`DEFAULT_WRITABLE_MIB`]. Only with `packages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable_mib: Option<u64>,
+}
+
+/// Debian distributions an image may name (`[images.NAME] distribution`).
+pub const KNOWN_DISTRIBUTIONS: &[(&str, &str)] = &[("bookworm", "Debian 12")];
+/// The distribution of an image with `packages` and no `distribution`.
+pub const DEFAULT_DISTRIBUTION: &str = "bookworm";
+/// Each VM's writable layer when `writable_mib` is absent, MiB.
+pub const DEFAULT_WRITABLE_MIB: u64 = 2048;
+/// Allowed `writable_mib`, MiB (64 MiB .. 1 TiB).
+pub const WRITABLE_MIB_RANGE: std::ops::RangeInclusive<u64> = 64..=1 << 20;
+
+impl ImageConfig {
+    /// Whether this image has a Debian root image (it lists `packages`).
+    pub fn has_rootfs(&self) -> bool {
+        !self.packages.is_empty()
+    }
+
+    /// The distribution codename (default [`DEFAULT_DISTRIBUTION`]).
+    pub fn distribution(&self) -> &str {
+        self.distribution.as_deref().unwrap_or(DEFAULT_DISTRIBUTION)
+    }
+
+    /// Each VM's writable layer, MiB: 0 without a root image, else
+    /// `writable_mib` or [`DEFAULT_WRITABLE_MIB`].
+    pub fn writable_mib(&self) -> u64 {
+        if self.has_rootfs() {
+            self.writable_mib.unwrap_or(DEFAULT_WRITABLE_MIB)
+        } else {
+            0
+        }
+    }
+
+    /// Checks the root-image keys of `[images.<name>]`; errors name the key.
+    fn validate(&self, name: &str) -> anyhow::Result<()> {
+        if !self.has_rootfs() {
+            anyhow::ensure!(
+                self.distribution.is_none() && self.writable_mib.is_none(),
+                "images.{name}: distribution and writable_mib need a non-empty packages list"
+            );
+            return Ok(());
+        }
+        let d = self.distribution();
+        anyhow::ensure!(
+            KNOWN_DISTRIBUTIONS.iter().any(|(k, _)| *k == d),
+            "images.{name}.distribution: unknown distribution {d:?} (known: {})",
+            KNOWN_DISTRIBUTIONS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+        );
+        for (i, p) in self.packages.iter().enumerate() {
+            // Debian policy 5.6.1: lower case letters, digits, + - . ; at
+            // least two characters, starting with an alphanumeric.
+            let ok = p.len() >= 2
+                && p.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+            anyhow::ensure!(ok, "images.{name}.packages[{i}]: {p:?} is not a Debian package name");
+        }
+        let w = self.writable_mib();
+        anyhow::ensure!(
+            WRITABLE_MIB_RANGE.contains(&w),
+            "images.{name}.writable_mib: {w} is outside {}..={} MiB",
+            WRITABLE_MIB_RANGE.start(),
+            WRITABLE_MIB_RANGE.end()
+        );
+        Ok(())
+    }
 }
 
 /// `[profiles.NAME]`.
@@ -454,6 +531,7 @@ impl Manifest {
                 img.kernel,
                 KNOWN_KERNELS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
             );
+            img.validate(i)?;
         }
         Ok(())
     }
@@ -781,5 +859,41 @@ mod tests {
         let err = Manifest::parse(&bogus).unwrap_err().to_string();
         assert!(err.contains("images.base.kernel") && err.contains("\"bogus\""), "{err}");
         assert!(err.contains("debian-cloud, minimal"), "{err}");
+    }
+
+    #[test]
+    fn debian_image_keys() {
+        let m = Manifest::default_manifest();
+        let d = &m.images["debian"];
+        assert!(d.has_rootfs() && !m.images["base"].has_rootfs());
+        assert_eq!(d.distribution(), "bookworm");
+        for p in ["bash", "python3", "git", "nodejs", "npm", "e2fsprogs", "ca-certificates"] {
+            assert!(d.packages.iter().any(|x| x == p), "{p}");
+        }
+        assert_eq!(d.writable_mib(), 2048);
+        assert_eq!(m.images["base"].writable_mib(), 0);
+        for b in ["owner", "user"] {
+            assert!(m.bundles[b].images.contains(&"debian".to_string()), "{b}");
+        }
+        let with = |extra: &str| format!("{DEFAULT_TOML}\n[images.extra]\nkernel = \"minimal\"\n{extra}\n");
+        let err = |extra: &str| Manifest::parse(&with(extra)).unwrap_err().to_string();
+        let ok = Manifest::parse(&with("packages = [\"bash\", \"g++\", \"libc6.1\"]")).unwrap();
+        assert_eq!(ok.images["extra"].writable_mib(), DEFAULT_WRITABLE_MIB);
+        let e = err("packages = [\"bash\"]\ndistribution = \"sid\"");
+        assert!(e.contains("images.extra.distribution") && e.contains("\"sid\""), "{e}");
+        let e = err("packages = [\"bash\", \"\"]");
+        assert!(e.contains("images.extra.packages[1]"), "{e}");
+        let e = err("packages = [\"bash; rm -rf /\"]");
+        assert!(e.contains("images.extra.packages[0]"), "{e}");
+        let e = err("packages = [\"Bash\"]");
+        assert!(e.contains("images.extra.packages[0]"), "{e}");
+        let e = err("packages = [\"bash\"]\nwritable_mib = 8");
+        assert!(e.contains("images.extra.writable_mib") && e.contains("8"), "{e}");
+        let e = err("packages = [\"bash\"]\nwritable_mib = 2000000");
+        assert!(e.contains("images.extra.writable_mib"), "{e}");
+        let e = err("writable_mib = 512");
+        assert!(e.contains("images.extra") && e.contains("packages"), "{e}");
+        let e = err("packages = []\ndistribution = \"bookworm\"");
+        assert!(e.contains("images.extra") && e.contains("packages"), "{e}");
     }
 }
