@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 HOST_TRIPLE := x86_64-unknown-linux-gnu
 STATIC_INIT := target/$(HOST_TRIPLE)/release/capvisor-guest-init
-APT_PACKAGES := capnproto libcapnp-dev qemu-system-x86 busybox-static python3-venv
+APT_PACKAGES := capnproto libcapnp-dev qemu-system-x86 busybox-static python3-venv mmdebstrap e2fsprogs
 
 .PHONY: help deps build guest-init kernel demo lint test interop bench soak clean
 

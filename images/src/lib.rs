@@ -2,7 +2,9 @@
 //! the supervisor before it serves (and by tests and `capvisor-bench`); the
 //! per-VM vmm only boots what it builds.
 //!
-//! Guest images: the initramfs-only *base* image.
+//! Guest images: the initramfs-only *base* image, and ([`rootfs`]) the
+//! read-only Debian root images (`[images.NAME] packages`) booted with
+//! base's kernel and initramfs.
 //!
 //! [`ensure_base`] turns Debian's `linux-image-cloud-amd64` kernel and
 //! `busybox-static` plus capvisor's guest-init binary into
@@ -29,6 +31,7 @@ pub mod apt;
 pub mod cpio;
 pub mod elf;
 pub mod kernel;
+pub mod rootfs;
 pub mod vmlinux;
 
 use anyhow::{bail, ensure, Context};

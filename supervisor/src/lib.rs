@@ -149,7 +149,21 @@ pub fn build_images(
             };
             by_kernel.insert(img.kernel.clone(), built);
         }
-        out.insert(name.clone(), by_kernel[&img.kernel].clone());
+        let mut built = by_kernel[&img.kernel].clone();
+        if img.has_rootfs() {
+            // Same kernel and initramfs, plus the Debian root image.
+            let spec = capvisor_images::rootfs::RootfsSpec {
+                distribution: img.distribution().to_string(),
+                packages: img.packages.clone(),
+            };
+            let mut progress = |line: &str| eprintln!("capvisor: {line}");
+            built.rootfs = Some(
+                capvisor_images::rootfs::ensure_rootfs(cache_dir, &spec, &mut progress)
+                    .with_context(|| format!("building image {name}"))?,
+            );
+            built.writable_mib = img.writable_mib();
+        }
+        out.insert(name.clone(), built);
     }
     Ok(out)
 }
