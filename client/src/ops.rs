@@ -198,6 +198,39 @@ pub async fn list_vms(f: &vm_factory::Client) -> ClientResult<Vec<VmInfo>> {
     resp.get()?.get_vms()?.iter().map(read_info).collect()
 }
 
+/// An image the session may boot (schema `ImageInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Manifest image name (`[images.NAME]`).
+    pub name: String,
+    /// `"base"` (busybox in an initramfs) or `"debian"` (a read-only root image).
+    pub kind: String,
+    /// Guest `uname -r`.
+    pub kernel_release: String,
+    /// The root image's size on the host, bytes (0: none).
+    pub rootfs_bytes: u64,
+    /// Each VM's writable layer, MiB (0: none).
+    pub writable_mib: u64,
+}
+
+/// `VmFactory.images`: the images this session may boot.
+pub async fn list_images(f: &vm_factory::Client) -> ClientResult<Vec<ImageInfo>> {
+    let resp = f.images_request().send().promise.await?;
+    resp.get()?
+        .get_images()?
+        .iter()
+        .map(|i| {
+            Ok(ImageInfo {
+                name: text(i.get_name())?,
+                kind: text(i.get_kind())?,
+                kernel_release: text(i.get_kernel_release())?,
+                rootfs_bytes: i.get_rootfs_bytes(),
+                writable_mib: i.get_writable_mib(),
+            })
+        })
+        .collect()
+}
+
 /// `VmFactory.remove`.
 pub async fn remove_vm(f: &vm_factory::Client, name: &str) -> ClientResult<()> {
     let mut req = f.remove_request();

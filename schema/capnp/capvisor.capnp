@@ -108,6 +108,16 @@ interface VmFactory {
   # `Files`) reached for it answers notFound from then on, also if a new VM
   # later takes the same name.
   remove @3 (vmName :Text);
+  # The images this session may boot (its bundle's list, as built).
+  images @4 () -> (images :List(ImageInfo));
+}
+
+struct ImageInfo {
+  name @0 :Text;
+  kind @1 :Text;           # "base" (busybox in an initramfs) or "debian" (a read-only root image)
+  kernelRelease @2 :Text;
+  rootfsBytes @3 :UInt64;  # the root image's size on the host, bytes (0: none)
+  writableMib @4 :UInt64;  # each VM's writable layer, MiB (0: none)
 }
 
 interface Vm {

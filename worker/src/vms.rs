@@ -693,6 +693,26 @@ impl vm_factory::Server for VmFactoryImpl {
         self.st.audit("vm.remove", "vms", "remove", res.as_ref().map(|_| ()), &name);
         Ok(res?)
     }
+
+    async fn images(
+        self: CapRc<Self>,
+        _: vm_factory::ImagesParams,
+        mut results: vm_factory::ImagesResults,
+    ) -> capnp::Result<()> {
+        self.st.check()?;
+        let ctx = &self.st.ctx;
+        let allowed: Vec<_> = ctx.bundle.images.iter().filter_map(|n| ctx.images.get(n).map(|i| (n, i))).collect();
+        let mut list = results.get().init_images(allowed.len() as u32);
+        for (i, (name, img)) in allowed.into_iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            b.set_name(name.as_str());
+            b.set_kind(if img.rootfs.is_some() { "debian" } else { "base" });
+            b.set_kernel_release(img.kernel_release.as_str());
+            b.set_rootfs_bytes(img.rootfs.as_ref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len()));
+            b.set_writable_mib(img.writable_mib);
+        }
+        Ok(())
+    }
 }
 
 /// `Vm`: exactly one VM of the session for the capability's whole life.
