@@ -63,8 +63,6 @@ enum Cmd {
     Whoami,
     /// List the capabilities this session holds (name, interface, what it grants).
     Caps,
-    /// List the guest images this session may boot (name, kind, kernel, root image size).
-    Images,
     /// Create, list, use and remove VMs (cap `vms`).
     #[command(subcommand)]
     Vm(VmCmd),
@@ -107,9 +105,13 @@ struct ExecArgs {
     /// Environment variable NAME=VALUE (repeatable)
     #[arg(short, long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
-    /// Working directory in the guest
-    #[arg(long, default_value = "/")]
+    /// Working directory in the guest (default: the user's home with
+    /// --user, else /)
+    #[arg(long, default_value = "")]
     cwd: String,
+    /// Run as this user of the guest (name or numeric uid; default root)
+    #[arg(short, long, default_value = "")]
+    user: String,
 }
 
 #[derive(Subcommand)]
@@ -363,23 +365,6 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             }
             Ok(0)
         }
-        Cmd::Images => {
-            let (s, _) = session(socket).await?;
-            let images = ops::list_images(&ops::vms(&s)).await?;
-            println!("{:<12} {:<7} {:<24} {:>10} {:>10}", "NAME", "KIND", "KERNEL", "ROOT IMAGE", "WRITABLE");
-            for i in images {
-                let mib = |m: u64| if m == 0 { "-".to_string() } else { format!("{m} MiB") };
-                println!(
-                    "{:<12} {:<7} {:<24} {:>10} {:>10}",
-                    i.name,
-                    i.kind,
-                    i.kernel_release,
-                    mib(i.rootfs_bytes.div_ceil(1 << 20)),
-                    mib(i.writable_mib)
-                );
-            }
-            Ok(0)
-        }
         Cmd::Vm(v) => vm_cmd(v, socket).await,
         Cmd::Run { spec, exec, cmd } => {
             let (s, _) = session(socket).await?;
@@ -517,6 +502,7 @@ async fn exec_streaming(
         stdin: vec![],
         keep_stdin_open: forward,
         pty: None,
+        user: a.user.clone(),
     };
     let stdin = forward.then(tokio::io::stdin);
     let exit = stream::exec_streaming(vm, &req, tokio::io::stdout(), tokio::io::stderr(), stdin).await?;

@@ -83,7 +83,7 @@ where
     O: AsyncWrite + Unpin + 'static,
     I: AsyncRead + Unpin + 'static,
 {
-    let req = ExecRequest { argv, env: vec![], cwd: cwd.into(), stdin: vec![], keep_stdin_open: true, pty: Some(size) };
+    let req = ExecRequest { argv, cwd: cwd.into(), keep_stdin_open: true, pty: Some(size), ..Default::default() };
     let (out, out_done) = WriterSink::client(output);
     // A pty sends nothing to stderr; keep what might come, bounded.
     let (err, _err_done) = capvisor_rpc::sink::CollectSink::client(1 << 20);

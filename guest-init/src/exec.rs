@@ -12,7 +12,12 @@
 //! `SIGPIPE`, like every Rust program), becomes a process-group leader
 //! (`setpgid(0, 0)`; with a pty: `setsid()` and `TIOCSCTTY`, so the pty is
 //! its controlling terminal), installs stdin/stdout/stderr, `chdir`s and
-//! `execve`s. A failure in the child is reported to the parent over a
+//! `execve`s. With `ExecSpec.user` it first takes that user's groups,
+//! gid and uid (setgroups, setgid, setuid; looked up in the guest's
+//! `/etc/passwd` and `/etc/group` by [`crate::rootfs::lookup_user`], an
+//! unknown name is `invalidArgument` "no user NAME in the guest") and
+//! starts in the user's home unless `cwd` is given; `HOME`, `USER`,
+//! `LOGNAME` and `SHELL` are the user's. A failure in the child is reported to the parent over a
 //! close-on-exec pipe (stage + errno), so `exec` answers with a typed
 //! error instead of a process that exits 127.
 //!
@@ -148,7 +153,15 @@ enum ChildStdio {
     Pty { slave: OwnedFd },
 }
 
+/// Credentials a child takes before exec (from [`crate::rootfs::User`]).
+struct Ids {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
 const STAGE_SETUP: u8 = 1;
+const STAGE_USER: u8 = 4;
 const STAGE_CHDIR: u8 = 2;
 const STAGE_EXEC: u8 = 3;
 
@@ -160,6 +173,7 @@ fn fork_exec(
     envp: &[CString],
     cwd: &CStr,
     stdio: ChildStdio,
+    ids: Option<&Ids>,
 ) -> CvResult<(libc::pid_t, oneshot::Receiver<Exit>)> {
     let argv_ptrs: Vec<*const libc::c_char> =
         argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
@@ -189,7 +203,7 @@ fn fork_exec(
         }
         if pid == 0 {
             // SAFETY: we are the freshly forked child.
-            unsafe { child_after_fork(prog, &argv_ptrs, &envp_ptrs, cwd, fds, is_pty, err_w_raw, &empty_set) }
+            unsafe { child_after_fork(prog, &argv_ptrs, &envp_ptrs, cwd, fds, is_pty, err_w_raw, &empty_set, ids) }
         }
         Ok(pid)
     });
@@ -235,6 +249,7 @@ fn fork_exec(
         (STAGE_EXEC, libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR | libc::ELOOP) => {
             CvError::not_found(format!("cannot execute {prog_s}: {e}"))
         }
+        (STAGE_USER, libc::EPERM) => CvError::denied(format!("cannot switch user: {e}")),
         (STAGE_EXEC, libc::E2BIG) => CvError::invalid(format!("argument list too long: {e}")),
         (stage, _) => CvError::internal(format!("starting {prog_s} failed (stage {stage}): {e}")),
     })
@@ -255,6 +270,7 @@ unsafe fn child_after_fork(
     is_pty: bool,
     err_w: RawFd,
     empty_set: &libc::sigset_t,
+    ids: Option<&Ids>,
 ) -> ! {
     /// Reports `stage` and errno on `err_w` (5 bytes) and exits with 127.
     ///
@@ -306,6 +322,15 @@ unsafe fn child_after_fork(
         if is_pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
             fail(err_w, STAGE_SETUP);
         }
+        // setgroups(2), setgid(2), setuid(2): raw system calls, no allocation.
+        if let Some(ids) = ids {
+            if libc::setgroups(ids.groups.len(), ids.groups.as_ptr()) < 0
+                || libc::setgid(ids.gid) < 0
+                || libc::setuid(ids.uid) < 0
+            {
+                fail(err_w, STAGE_USER);
+            }
+        }
         if libc::chdir(cwd.as_ptr()) < 0 {
             fail(err_w, STAGE_CHDIR);
         }
@@ -337,8 +362,21 @@ fn start_server(req: ExecRequest, stdout: byte_sink::Client, stderr: byte_sink::
             return Err(CvError::invalid("pty size must be at least 1x1"));
         }
     }
+    // User (guest /etc/passwd, /etc/group); empty: root as before.
+    let user = if req.user.is_empty() {
+        None
+    } else {
+        Some(crate::rootfs::lookup_user_here(&req.user).map_err(CvError::invalid)?)
+    };
     // Environment.
     let mut env = default_env(req.pty.is_some());
+    if let Some(u) = &user {
+        for (k, v) in [("HOME", &u.home), ("USER", &u.name), ("LOGNAME", &u.name), ("SHELL", &u.shell)] {
+            if let Some(slot) = env.iter_mut().find(|(n, _)| n == k) {
+                slot.1 = v.clone();
+            }
+        }
+    }
     for (n, v) in &req.env {
         if n.is_empty() || n.contains('=') || n.contains('\0') {
             return Err(CvError::invalid(format!("bad environment variable name {n:?}")));
@@ -355,7 +393,8 @@ fn start_server(req: ExecRequest, stdout: byte_sink::Client, stderr: byte_sink::
     let argv = req.argv.iter().map(|a| cstring(a, "argv")).collect::<CvResult<Vec<_>>>()?;
 
     // Working directory.
-    let cwd = Path::new("/").join(if req.cwd.is_empty() { "/" } else { &req.cwd });
+    let default_cwd = user.as_ref().map(|u| u.home.as_str()).unwrap_or("/");
+    let cwd = Path::new("/").join(if req.cwd.is_empty() { default_cwd } else { &req.cwd });
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(CvError::invalid(format!("cwd {} is not a directory", cwd.display()))),
@@ -393,7 +432,8 @@ fn start_server(req: ExecRequest, stdout: byte_sink::Client, stderr: byte_sink::
             )
         }
     };
-    let (pid, exit_rx) = fork_exec(&prog_c, &argv, &envp, &cwd_c, stdio)?;
+    let ids = user.map(|u| Ids { uid: u.uid, gid: u.gid, groups: u.groups });
+    let (pid, exit_rx) = fork_exec(&prog_c, &argv, &envp, &cwd_c, stdio, ids.as_ref())?;
 
     // Readers and the stdin writer.
     let (out_reader, err_reader, stdin_writer, pty_eof) = match &master {

@@ -19,6 +19,9 @@ pub struct ExecRequest {
     pub keep_stdin_open: bool,
     /// `Some((rows, cols))`: run on a pseudo-terminal of that size.
     pub pty: Option<(u16, u16)>,
+    /// User to run as: a login name or numeric uid, looked up in the
+    /// guest's `/etc/passwd`; empty: root.
+    pub user: String,
 }
 
 impl ExecRequest {
@@ -37,6 +40,7 @@ impl ExecRequest {
         s.set_cwd(self.cwd.as_str());
         s.set_stdin(&self.stdin);
         s.set_keep_stdin_open(self.keep_stdin_open);
+        s.set_user(self.user.as_str());
         match self.pty {
             Some((rows, cols)) => {
                 let mut sz = s.init_pty().init_size();
@@ -71,6 +75,10 @@ impl ExecRequest {
         };
         req.stdin = spec.get_stdin()?.to_vec();
         req.keep_stdin_open = spec.get_keep_stdin_open();
+        req.user = match spec.get_user()?.to_str() {
+            Ok(s) => s.to_string(),
+            Err(_) => return Ok(Err(CvError::invalid("user must be UTF-8"))),
+        };
         req.pty = match spec.get_pty().which()? {
             exec_spec::pty::None(()) => None,
             exec_spec::pty::Size(s) => {
@@ -95,6 +103,7 @@ mod tests {
             stdin: b"in".to_vec(),
             keep_stdin_open: true,
             pty: Some((24, 80)),
+            user: "agent".into(),
         };
         let mut msg = capnp::message::Builder::new_default();
         r.write_to(msg.init_root::<exec_spec::Builder>());

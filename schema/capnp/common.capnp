@@ -59,6 +59,7 @@ struct ExecSpec {
     none @5 :Void;          # pipes: stdout and stderr separate
     size @6 :PtySize;       # a pseudo-terminal: output (both streams) goes to stdout
   }
+  user @7 :Text;            # name or numeric uid to run as (guest /etc/passwd); empty: root
 }
 
 struct ExitStatus {

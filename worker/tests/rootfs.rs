@@ -112,6 +112,17 @@ async fn sh(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, script: &str)
     (code, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+async fn exec_req(
+    vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client,
+    req: &ops::ExecRequest,
+) -> Result<ops::Output, capvisor_client::ClientError> {
+    let (out, out_rx) = capvisor_rpc::sink::CollectSink::client(1 << 16);
+    let (err, err_rx) = capvisor_rpc::sink::CollectSink::client(1 << 16);
+    let p = ops::exec(vm, req, out, err);
+    let exit = ops::wait(&p).await?;
+    Ok(ops::Output { stdout: out_rx.await.unwrap(), stderr: err_rx.await.unwrap(), exit })
+}
+
 #[test]
 fn a_vm_boots_into_its_root_image_with_a_bounded_writable_layer() {
     // capvisor-vmm is in target/debug, one level above this test binary.
@@ -186,6 +197,24 @@ fn a_vm_boots_into_its_root_image_with_a_bounded_writable_layer() {
             // The busybox root is what execs see (the initramfs has no /etc/group).
             let (_, out, _) = sh(&vm, "cat /root/note; cat /etc/group | head -1").await;
             assert_eq!(out, "persisted\nroot:x:0:\n", "a file in /root survives to a second exec");
+
+            // As the unprivileged user: uid, groups, HOME and cwd from the guest's passwd/group.
+            let req = ops::ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "id -u; id -G; echo $HOME $USER; pwd; touch /root/x".into()],
+                user: "agent".into(),
+                ..Default::default()
+            };
+            let out = exec_req(&vm, &req).await.unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "1000\n1000 100\n/home/agent agent\n/home/agent\n");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "agent cannot write /root");
+            let req = ops::ExecRequest { argv: vec!["id".into()], user: "mallory".into(), ..Default::default() };
+            match exec_req(&vm, &req).await {
+                Err(capvisor_client::ClientError::Domain(e)) => {
+                    assert_eq!(e.code, capvisor_rpc::schema::common_capnp::ErrorCode::InvalidArgument);
+                    assert!(e.message.contains("no user mallory in the guest"), "{}", e.message);
+                }
+                other => panic!("expected invalidArgument, got {other:?}"),
+            }
 
             // ENOSPC at the writable layer's size, inside the guest only.
             let (c, _, err) = sh(&vm, "dd if=/dev/zero of=/big bs=1M count=64").await;
