@@ -63,6 +63,8 @@ enum Cmd {
     Whoami,
     /// List the capabilities this session holds (name, interface, what it grants).
     Caps,
+    /// List the guest images this session may boot (name, kind, kernel, root image size).
+    Images,
     /// Create, list, use and remove VMs (cap `vms`).
     #[command(subcommand)]
     Vm(VmCmd),
@@ -362,6 +364,23 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             println!("{:<10} {:<10} {:<18} DESCRIPTION", "NAME", "INTERFACE", "INTERFACE ID");
             for c in caps {
                 println!("{:<10} {:<10} {:#018x} {}", c.name, c.interface_name, c.interface_id, c.description);
+            }
+            Ok(0)
+        }
+        Cmd::Images => {
+            let (s, _) = session(socket).await?;
+            let images = ops::list_images(&ops::vms(&s)).await?;
+            println!("{:<12} {:<7} {:<24} {:>10} {:>10}", "NAME", "KIND", "KERNEL", "ROOT IMAGE", "WRITABLE");
+            for i in images {
+                let mib = |m: u64| if m == 0 { "-".to_string() } else { format!("{m} MiB") };
+                println!(
+                    "{:<12} {:<7} {:<24} {:>10} {:>10}",
+                    i.name,
+                    i.kind,
+                    i.kernel_release,
+                    mib(i.rootfs_bytes.div_ceil(1 << 20)),
+                    mib(i.writable_mib)
+                );
             }
             Ok(0)
         }
