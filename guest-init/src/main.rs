@@ -2,8 +2,9 @@
 //!
 //! - As PID 1 (getpid() == 1; command-line arguments are ignored, since the
 //!   kernel passes unknown boot parameters to init): mounts the basic file
-//!   systems, sets the hostname, brings up `lo`, loads the modules listed
-//!   in `/lib/modules/capvisor/order`, finds the virtio-serial port named
+//!   systems, loads the modules listed in `/lib/modules/capvisor/order`,
+//!   switches into a root image when the kernel command line names one
+//!   (`capvisor.root=`, see `rootfs`), sets the hostname, brings up `lo`, finds the virtio-serial port named
 //!   `capvisor.agent` and serves `Guest` on it as the bootstrap capability
 //!   (`Side::Server`), reopening the port and serving again whenever a
 //!   connection ends. It reaps every orphan, never exits (a PID 1 exit
@@ -138,13 +139,15 @@ fn pid1_main() -> ! {
     init::mount_basics();
     init::ensure_stdio();
     log("started");
+    // Modules first: they live in the initramfs, and a root image's disk
+    // needs virtio_blk (a module under the debian-cloud kernel).
     let t0 = boottime_ms();
+    let (ok, failed) = init::load_modules(std::path::Path::new(init::MODULES_DIR));
+    let t1 = boottime_ms();
     init::root_and_hostname();
     init::loopback_up();
-    let t1 = boottime_ms();
-    let (ok, failed) = init::load_modules(std::path::Path::new(init::MODULES_DIR));
     log(format!(
-        "hostname and lo up ({} ms); modules loaded ({ok} ok, {failed} failed, {} ms)",
+        "modules loaded ({ok} ok, {failed} failed, {} ms); root, hostname and lo up ({} ms)",
         t1 - t0,
         boottime_ms() - t1
     ));
