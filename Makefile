@@ -51,6 +51,9 @@ lint: deps
 
 test: deps lint
 	$(CARGO) build --workspace
+	@# Warm the image cache once (the debian image's first build takes minutes),
+	@# so no test's server start pays for it.
+	CAPVISOR_GUEST_INIT=target/debug/capvisor-guest-init target/debug/capvisor serve --prepare
 	$(CARGO) test --workspace -- --test-threads=2
 	scripts/interop/run.sh
 

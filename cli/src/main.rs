@@ -47,6 +47,11 @@ enum Cmd {
         /// to its uid, gid and groups before anything starts. The manifest must be readable by it.
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
+        /// Build (or find in the cache) every image the manifest defines, print where they are,
+        /// and exit without serving: warms the cache ahead of time (the debian image's first
+        /// build takes minutes and needs the Debian mirror).
+        #[arg(long)]
+        prepare: bool,
     },
     /// Log in and save the session's resume token. Without --user: by your Unix credentials.
     Login {
@@ -174,7 +179,10 @@ enum AccountCmd {
 
 fn main() {
     let cli = Cli::parse();
-    if let Cmd::Serve { manifest, user } = &cli.cmd {
+    if let Cmd::Serve { manifest, user, prepare } = &cli.cmd {
+        if *prepare {
+            std::process::exit(prepare_images(manifest.as_deref()));
+        }
         std::process::exit(serve(cli.socket.clone(), manifest.clone(), user.as_deref()));
     }
     let socket = cli.socket.clone().unwrap_or_else(capvisor_rpc::paths::gateway_socket);
@@ -242,6 +250,31 @@ fn serve(socket: Option<PathBuf>, manifest: Option<PathBuf>, user: Option<&str>)
         Ok(()) => 0,
         Err(e) => {
             eprintln!("capvisor serve: {e:#}");
+            1
+        }
+    }
+}
+
+/// `serve --prepare`: builds the manifest's images into the cache and
+/// lists them; exit 0, or 1 with the error.
+fn prepare_images(manifest: Option<&Path>) -> i32 {
+    capvisor_rpc::init_logging("serve");
+    let bin_dir = capvisor_rpc::paths::bin_dir();
+    let guest_init = std::env::var_os("CAPVISOR_GUEST_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir.join("capvisor-guest-init"));
+    let res = capvisor_supervisor::load_manifest(manifest)
+        .and_then(|(m, _)| capvisor_supervisor::build_images(&m, &capvisor_rpc::paths::cache_dir(), &guest_init));
+    match res {
+        Ok(images) => {
+            for (name, i) in images {
+                let root = i.rootfs.as_ref().map(|r| format!(", root {}", r.display())).unwrap_or_default();
+                println!("{name}: kernel {} ({}){root}", i.kernel.display(), i.kernel_release);
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("capvisor serve --prepare: {e:#}");
             1
         }
     }
