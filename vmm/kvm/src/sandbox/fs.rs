@@ -75,20 +75,10 @@ impl fmt::Display for LandlockStatus {
     }
 }
 
-/// The kernel's Landlock ABI version: `landlock_create_ruleset(NULL, 0,
-/// LANDLOCK_CREATE_RULESET_VERSION)`; 0 when Landlock is unavailable.
+/// The kernel's Landlock ABI version; 0 when Landlock is unavailable (one
+/// home: [`capvisor_confine::landlock::abi`]).
 pub fn landlock_abi() -> i32 {
-    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
-    // SAFETY: the version query takes no attribute pointer and creates no fd.
-    let v = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<libc::c_void>(),
-            0usize,
-            LANDLOCK_CREATE_RULESET_VERSION,
-        )
-    };
-    i32::try_from(v).unwrap_or(0).max(0)
+    capvisor_confine::landlock::abi()
 }
 
 fn read_only_rights() -> BitFlags<AccessFs> {
