@@ -113,8 +113,11 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
 /// Errors: the state or binary directory does not exist.
 pub fn confinement_policy(cfg: &BrokerConfig) -> anyhow::Result<capvisor_confine::landlock::QemuPolicy> {
     let bin_dir = cfg.worker_bin.parent().unwrap_or(std::path::Path::new("/"));
-    let images: Vec<&std::path::Path> =
-        cfg.images.values().flat_map(|i| [i.kernel.as_path(), i.initramfs.as_path()]).collect();
+    let images: Vec<&std::path::Path> = cfg
+        .images
+        .values()
+        .flat_map(|i| [i.kernel.as_path(), i.initramfs.as_path()].into_iter().chain(i.rootfs.as_deref()))
+        .collect();
     Ok(capvisor_confine::service::service_policy(
         &cfg.state_dir,
         bin_dir,

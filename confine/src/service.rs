@@ -15,7 +15,7 @@
 //!
 //! | list | paths | why |
 //! |---|---|---|
-//! | exec | capvisor's binary directory, QEMU and the shared-library directories ([`crate::landlock::QemuPolicy::for_qemu`]), `/bin/true` | workers, vmms and QEMU are started from there; the network-namespace probe |
+//! | exec | capvisor's binary directory, QEMU and the shared-library directories ([`crate::landlock::QemuPolicy::for_qemu`]), `/bin/true`, `mkfs.ext4` ([`MKFS`]) | workers, vmms and QEMU are started from there; the network-namespace probe; formatting a VM's writable layer |
 //! | read | firmware and the loader cache (same), the images' directories, `/proc` (read-write when not root: an unprivileged network namespace writes its id maps there), `/sys`, `/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf` | VM images; peer credentials and groups; cgroup and CPU facts; user names |
 //! | read-write | the broker's state directory (credential store, audit log, session run directories) or the worker's session run directory; the cgroup file systems (`[confinement] cgroup_root`, default `/sys/fs/cgroup`) | what the service and its children write |
 //! | devices | `/dev/null`, `/dev/kvm` where present | child stdio; the kvm engine and KVM-accelerated QEMU |
@@ -32,6 +32,10 @@ use std::path::{Path, PathBuf};
 /// Files under `/etc` the services read (user and group names, the name
 /// service switch that tells libc where they are).
 pub const ETC_READ: &[&str] = &["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"];
+
+/// The e2fsprogs programs the worker runs to format a VM's writable layer
+/// (those present are executable in a service's domain).
+pub const MKFS: &[&str] = &["/usr/sbin/mkfs.ext4", "/usr/sbin/mke2fs", "/sbin/mkfs.ext4", "/sbin/mke2fs"];
 
 fn push(v: &mut Vec<PathBuf>, p: &Path) {
     if let Ok(c) = p.canonicalize() {
@@ -64,6 +68,10 @@ pub fn service_policy(
     p.exec.push(canon(bin_dir)?);
     // The network-namespace probe runs it (`crate::netns::NetnsPlan::probe`).
     push(&mut p.exec, Path::new("/bin/true"));
+    // The worker formats each VM's writable layer over a root image.
+    for mkfs in MKFS {
+        push(&mut p.exec, Path::new(mkfs));
+    }
     for f in image_files {
         if let Some(dir) = f.parent() {
             push(&mut p.read_only, dir);

@@ -34,21 +34,13 @@ fn confine(ctx: &SessionContext) -> anyhow::Result<()> {
         .values()
         .flat_map(|i| [i.kernel.as_path(), i.initramfs.as_path()].into_iter().chain(i.rootfs.as_deref()))
         .collect();
-    let mut policy = capvisor_confine::service::service_policy(
+    let policy = capvisor_confine::service::service_policy(
         &ctx.run_dir,
         &capvisor_rpc::paths::bin_dir(),
         &images,
         "qemu-system-x86_64",
         &ctx.confinement.cgroup_root,
     )?;
-    // Root images: each VM's writable layer is formatted by mkfs.ext4 (vms.rs).
-    for mkfs in ["/usr/sbin/mkfs.ext4", "/usr/sbin/mke2fs", "/sbin/mkfs.ext4", "/sbin/mke2fs"] {
-        if let Ok(c) = std::path::Path::new(mkfs).canonicalize() {
-            if !policy.exec.contains(&c) {
-                policy.exec.push(c);
-            }
-        }
-    }
     match capvisor_confine::service::confine_self(&policy) {
         Ok(status) => tracing::info!("confined: landlock {status}"),
         Err(e) if ctx.confinement.landlock => {
