@@ -907,7 +907,8 @@ fn one_source_guesses_one_account_at_a_time_others_are_not_held_up() {
         // failure delay before its own (each delay is at least BASE) ...
         assert!(t2 >= crate::throttle::BASE * 2, "the second guess ran in parallel: {t2:?}");
         // ... while uid 10 was not held up behind uid 9.
-        assert_eq!(*order.borrow(), ["ann", "cat", "ben"]);
+        // (ann and cat verify side by side, in either order; ben only after both.)
+        assert_eq!(order.borrow().last(), Some(&"ben"), "{:?}", order.borrow());
         // Nothing is left in the table of sources once attempts end.
         assert_eq!(h.svc.sources_in_progress(), 0);
     });
