@@ -300,7 +300,7 @@ mod tests {
     fn repeats_are_coalesced_into_one_counted_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("audit.jsonl");
-        let log = AuditLog::open_with_window(&p, std::time::Duration::from_millis(300)).unwrap();
+        let log = AuditLog::open_with_window(&p, std::time::Duration::from_millis(1500)).unwrap();
         let wrong = |pid: u32| {
             AuditRecord::new("login", "Gateway", "loginPassword", "denied")
                 .principal("password:bob")
@@ -315,7 +315,7 @@ mod tests {
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert_eq!(lines[0].repeated, 0);
         // Nothing is lost: the counted repeats appear once the window closes.
-        std::thread::sleep(std::time::Duration::from_millis(350));
+        std::thread::sleep(std::time::Duration::from_millis(1600));
         log.flush_due();
         let lines = read(&p);
         assert_eq!(lines.len(), 4, "{lines:?}");
