@@ -33,6 +33,13 @@ use std::path::{Path, PathBuf};
 /// service switch that tells libc where they are).
 pub const ETC_READ: &[&str] = &["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"];
 
+/// Threads of the calling process (entries of `/proc/self/task`; 0 when
+/// unreadable). Both layers here apply to the calling thread and the ones
+/// it starts later, so they are applied while this is 1.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
 /// The e2fsprogs programs the worker runs to format a VM's writable layer
 /// (those present are executable in a service's domain).
 pub const MKFS: &[&str] = &["/usr/sbin/mkfs.ext4", "/usr/sbin/mke2fs", "/sbin/mkfs.ext4", "/sbin/mke2fs"];
@@ -107,7 +114,7 @@ pub fn service_policy(
 /// Errors: another thread exists; Landlock is unavailable (the reason
 /// says why); a path cannot be opened; the kernel refused.
 pub fn confine_self(policy: &QemuPolicy) -> Result<String, ConfineError> {
-    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
+    let threads = thread_count();
     if threads != 1 {
         return Err(ConfineError::new(Layer::Landlock, format!("must be applied single-threaded ({threads} threads)")));
     }
@@ -200,7 +207,7 @@ pub fn deny_program() -> std::io::Result<seccompiler::BpfProgram> {
 ///
 /// Errors: another thread exists; the kernel refused the filter.
 pub fn deny_dangerous_syscalls() -> std::io::Result<usize> {
-    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
+    let threads = thread_count();
     let e = |m: String| std::io::Error::other(format!("seccomp: {m}"));
     if threads != 1 {
         return Err(e(format!("must be applied single-threaded ({threads} threads)")));
