@@ -30,6 +30,7 @@ pub mod service;
 pub mod store;
 pub mod throttle;
 pub mod token;
+pub mod volumes;
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@
 use crate::audit::AuditRecord;
 use crate::service::{BrokerService, ServiceRef};
 use capnp::capability::Rc as CapRc;
+use capvisor_manifest::Bundle;
 use capvisor_rpc::schema::capvisor_capnp::accounts;
 use capvisor_rpc::schema::internal_capnp::{audit_outcome, broker, session_host};
 use capvisor_rpc::CvError;
@@ -90,7 +91,7 @@ pub struct SessionHostServer {
     svc: ServiceRef,
     session: String,
     principal: String,
-    accounts: bool,
+    bundle: Bundle,
     budget: PrincipalBudget,
 }
 
@@ -104,11 +105,22 @@ pub struct PrincipalBudget {
 }
 
 impl SessionHostServer {
-    /// The host of session `session` of `principal`; `accounts` says
-    /// whether its bundle holds the "accounts" cap; `budget` bounds the
-    /// principal's VMs across its sessions.
-    pub fn new(svc: ServiceRef, session: &str, principal: &str, accounts: bool, budget: PrincipalBudget) -> Self {
-        Self { svc, session: session.into(), principal: principal.into(), accounts, budget }
+    /// The host of session `session` of `principal`, whose profile has
+    /// `bundle`: its caps decide `accounts` and the volume methods, its
+    /// limits bound the principal's VMs and volumes across its sessions.
+    pub fn new(svc: ServiceRef, session: &str, principal: &str, bundle: &Bundle) -> Self {
+        let budget = PrincipalBudget {
+            vms: bundle.principal_vms(),
+            memory_mib: bundle.max_principal_memory_mib.unwrap_or(u64::MAX),
+        };
+        Self { svc, session: session.into(), principal: principal.into(), bundle: bundle.clone(), budget }
+    }
+
+    fn volumes(&self) -> capnp::Result<Rc<BrokerService>> {
+        if !self.bundle.has_cap("volumes") {
+            return Err(CvError::not_found("this session's bundle does not hold the volumes capability").into());
+        }
+        self.svc()
     }
 
     fn svc(&self) -> capnp::Result<Rc<BrokerService>> {
@@ -174,13 +186,83 @@ impl session_host::Server for SessionHostServer {
         _: session_host::AccountsParams,
         mut results: session_host::AccountsResults,
     ) -> capnp::Result<()> {
-        if !self.accounts {
+        if !self.bundle.has_cap("accounts") {
             return Err(CvError::not_found("this session's bundle does not hold the accounts capability").into());
         }
         let server =
             AccountsServer { svc: self.svc.clone(), session: self.session.clone(), principal: self.principal.clone() };
         results.get().set_accounts(capnp_rpc::new_client(server));
         Ok(())
+    }
+
+    async fn create_volume(
+        self: CapRc<Self>,
+        params: session_host::CreateVolumeParams,
+        mut results: session_host::CreateVolumeResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let name = text(p.get_name())?;
+        let svc = self.volumes()?;
+        let facts = svc.volume_create(&self.principal, &self.session, &self.bundle, &name, p.get_size_mib()).await?;
+        facts.write_to(&self.session, results.get().init_info());
+        Ok(())
+    }
+
+    async fn list_volumes(
+        self: CapRc<Self>,
+        _: session_host::ListVolumesParams,
+        mut results: session_host::ListVolumesResults,
+    ) -> capnp::Result<()> {
+        let list = self.volumes()?.volume_list(&self.principal, None)?;
+        let mut b = results.get().init_volumes(list.len() as u32);
+        for (i, v) in list.iter().enumerate() {
+            v.write_to(&self.session, b.reborrow().get(i as u32));
+        }
+        Ok(())
+    }
+
+    async fn remove_volume(
+        self: CapRc<Self>,
+        params: session_host::RemoveVolumeParams,
+        _: session_host::RemoveVolumeResults,
+    ) -> capnp::Result<()> {
+        let name = text(params.get()?.get_name())?;
+        Ok(self.volumes()?.volume_remove(&self.principal, &self.session, &name)?)
+    }
+
+    async fn attach_volume(
+        self: CapRc<Self>,
+        params: session_host::AttachVolumeParams,
+        mut results: session_host::AttachVolumeResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let (name, vm) = (text(p.get_name())?, text(p.get_vm())?);
+        let svc = self.volumes()?;
+        let (file, lease) = svc.volume_attach(&self.principal, &self.session, &vm, &name, p.get_read_only())?;
+        let mut r = results.get();
+        r.set_path(capvisor_rpc::error::path_text(&file)?);
+        let hold = VolumeHoldServer { svc: self.svc.clone(), file, lease };
+        r.set_hold(capnp_rpc::new_client::<capvisor_rpc::schema::internal_capnp::vm_hold::Client, _>(hold));
+        Ok(())
+    }
+}
+
+/// A volume lease (`VmHold` from `attachVolume`): ends when dropped, which
+/// happens when the worker drops its reference (the VM stopped or was
+/// removed) or its connection ends.
+pub struct VolumeHoldServer {
+    svc: ServiceRef,
+    file: std::path::PathBuf,
+    lease: u64,
+}
+
+impl capvisor_rpc::schema::internal_capnp::vm_hold::Server for VolumeHoldServer {}
+
+impl Drop for VolumeHoldServer {
+    fn drop(&mut self) {
+        if let Some(svc) = self.svc.upgrade() {
+            svc.volume_release(&self.file, self.lease);
+        }
     }
 }
 

@@ -113,6 +113,8 @@ pub struct BrokerService {
     attempts: RefCell<std::collections::HashSet<String>>,
     /// Running VMs and their guest memory, per principal and on the host.
     vm_budget: RefCell<VmBudget>,
+    /// Every principal's persistent volumes and their leases.
+    volumes: crate::volumes::VolumeStore,
     /// Client sockets passed by the gateway for login calls, by `conn` id.
     login_sockets: RefCell<HashMap<String, LoginSocket>>,
     /// Wakes login calls waiting for their socket.
@@ -163,6 +165,11 @@ pub fn socket_peer(fd: &OwnedFd) -> String {
     PeerCred::of_socket(fd).map(|p| p.to_string()).unwrap_or_default()
 }
 
+/// Owner (uid and gid) of a new volume's root directory: the `debian`
+/// image's unprivileged `agent` user, so it can write there; root can
+/// anyway.
+pub const VOLUME_ROOT_OWNER: u32 = 1000;
+
 impl BrokerService {
     /// Opens the credential store (new hashes with `params`) and the audit
     /// log in `cfg.state_dir`, and creates `state_dir/sessions` (0700).
@@ -177,6 +184,8 @@ impl BrokerService {
             std::fs::set_permissions(&sessions_dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let store = CredentialStore::open(&cfg.accounts_path(), cfg.manifest.profiles.keys().cloned(), params)?;
+        let volumes = crate::volumes::VolumeStore::open(&cfg.state_dir)
+            .with_context(|| format!("creating {}", cfg.state_dir.join("volumes").display()))?;
         let audit =
             AuditLog::open(&cfg.audit_path()).with_context(|| format!("opening {}", cfg.audit_path().display()))?;
         let store = Arc::new(store);
@@ -198,6 +207,7 @@ impl BrokerService {
             source_turns: RefCell::new(std::collections::HashMap::new()),
             attempts: RefCell::new(std::collections::HashSet::new()),
             vm_budget: RefCell::new(VmBudget::default()),
+            volumes,
             login_sockets: RefCell::new(HashMap::new()),
             login_socket_arrived: tokio::sync::Notify::new(),
             shutting_down: Cell::new(false),
@@ -532,16 +542,19 @@ impl BrokerService {
             run_dir: self.cfg.state_dir.join("sessions").join(&id),
             auto_engine: self.cfg.manifest.vms.auto_engine(),
             confinement: self.cfg.manifest.confinement.requirements(),
+            volume_dir: match bundle.has_cap("volumes") {
+                true => Some(self.volumes.principal_dir(&principal.to_string()).map_err(|e| {
+                    tracing::error!("cannot make the volume directory of {principal}: {e}");
+                    CvError::unavailable("could not prepare the principal's volume directory")
+                })?),
+                false => None,
+            },
         };
         let host: session_host::Client = capnp_rpc::new_client(crate::server::SessionHostServer::new(
             Rc::downgrade(self),
             &id,
             &principal.to_string(),
-            bundle.has_cap("accounts"),
-            crate::server::PrincipalBudget {
-                vms: bundle.principal_vms(),
-                memory_mib: bundle.max_principal_memory_mib.unwrap_or(u64::MAX),
-            },
+            &bundle,
         ));
         let Launched { worker, attach, ended, child } = self.launcher.launch(&ctx, host).map_err(|e| {
             tracing::error!(session = %id, "cannot start the session's worker: {e:#}");
@@ -844,6 +857,98 @@ impl BrokerService {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    // ---- volumes --------------------------------------------------------
+
+    /// `Volumes.create` by `actor` (session `sid`, bundle `bundle`):
+    /// reserves the name and room, then formats the file off the RPC
+    /// thread (mkfs.ext4). Audits `volume.create`.
+    ///
+    /// Errors: as [`crate::volumes::VolumeStore::begin_create`] and
+    /// [`capvisor_rpc::disk::create_ext4`].
+    pub async fn volume_create(
+        &self,
+        actor: &str,
+        sid: &str,
+        bundle: &Bundle,
+        name: &str,
+        size_mib: u64,
+    ) -> CvResult<crate::volumes::VolumeFacts> {
+        let res = async {
+            let file = self.volumes.begin_create(actor, bundle, name, size_mib)?;
+            let label = format!("cv-{name}");
+            let f = file.clone();
+            let made = tokio::task::spawn_blocking(move || {
+                capvisor_rpc::disk::create_ext4(&f, size_mib, &label, (VOLUME_ROOT_OWNER, VOLUME_ROOT_OWNER))
+            })
+            .await
+            .unwrap_or_else(|e| Err(CvError::internal(format!("volume format task: {e}"))));
+            self.volumes.finish_create(&file);
+            made?;
+            self.volumes.get(actor, name)
+        }
+        .await;
+        self.audit(
+            AuditRecord::new("volume.create", "Volumes", "create", outcome(&res))
+                .principal(actor)
+                .session(sid)
+                .detail(format!("{name} {size_mib} MiB")),
+        );
+        res
+    }
+
+    /// `Volumes.list` (or one volume's `info` with `name`): `actor`'s volumes.
+    ///
+    /// Errors: with `name`, `notFound` / `invalidArgument`.
+    pub fn volume_list(&self, actor: &str, name: Option<&str>) -> CvResult<Vec<crate::volumes::VolumeFacts>> {
+        match name {
+            Some(n) => Ok(vec![self.volumes.get(actor, n)?]),
+            None => Ok(self.volumes.list(actor)),
+        }
+    }
+
+    /// `Volumes.remove` by `actor`: deletes the volume's file. Audits
+    /// `volume.remove`.
+    ///
+    /// Errors: `notFound`, `inUse` while a running VM holds it.
+    pub fn volume_remove(&self, actor: &str, sid: &str, name: &str) -> CvResult<()> {
+        let res = self.volumes.remove(actor, name);
+        self.audit(
+            AuditRecord::new("volume.remove", "Volumes", "remove", outcome(&res))
+                .principal(actor)
+                .session(sid)
+                .detail(name),
+        );
+        res
+    }
+
+    /// Leases `actor`'s volume `name` to VM `vm` of session `sid`. Audits
+    /// `volume.attach`.
+    ///
+    /// Errors: `notFound`, `inUse`.
+    pub fn volume_attach(
+        &self,
+        actor: &str,
+        sid: &str,
+        vm: &str,
+        name: &str,
+        read_only: bool,
+    ) -> CvResult<(std::path::PathBuf, u64)> {
+        let res = self.volumes.attach(actor, sid, vm, name, read_only);
+        let mode = if read_only { "ro" } else { "rw" };
+        self.audit(
+            AuditRecord::new("volume.attach", "Volumes", "attach", outcome(&res))
+                .principal(actor)
+                .session(sid)
+                .detail(format!("{name} to VM {vm} {mode}")),
+        );
+        res
+    }
+
+    /// Ends a lease made by [`BrokerService::volume_attach`].
+    pub fn volume_release(&self, file: &std::path::Path, lease: u64) {
+        self.volumes.release(file, lease)
     }
 
     // ---- accounts -------------------------------------------------------

@@ -86,6 +86,42 @@ enum Cmd {
     /// Manage password accounts (cap `accounts`, owner profile only).
     #[command(subcommand)]
     Account(AccountCmd),
+    /// Persistent volumes (cap `volumes`): ext4 disks that outlive VMs,
+    /// logouts and restarts; attach with `vm create --volume NAME:/path`.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create an empty volume (ext4) of this principal.
+    Create {
+        /// Name: 1-32 of [a-z0-9-]
+        name: String,
+        /// Size: MiB, or with a unit (512M, 10G); writes past it fail with ENOSPC in the guest
+        #[arg(long, value_parser = parse_size_mib)]
+        size: u64,
+    },
+    /// List this principal's volumes (size, host disk used, which running VMs hold them).
+    List,
+    /// Delete a volume and its data (refused while a running VM holds it).
+    Rm { name: String },
+}
+
+/// Parses a volume size: a number of MiB, or one with a unit `M`/`MiB`,
+/// `G`/`GiB` or `T`/`TiB` (binary units).
+fn parse_size_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}: want e.g. 512M or 10G"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mib" | "mb" => 1,
+        "g" | "gib" | "gb" => 1024,
+        "t" | "tib" | "tb" => 1024 * 1024,
+        _ => return Err(format!("bad size unit in {s:?}: use M, G or T")),
+    };
+    n.checked_mul(mult).filter(|v| *v > 0).ok_or_else(|| format!("bad size {s:?}"))
 }
 
 #[derive(Args, Clone)]
@@ -102,6 +138,10 @@ struct SpecArgs {
     /// Engine: auto (kvm where /dev/kvm is hardware-backed, else qemu), qemu or kvm
     #[arg(long, default_value = "auto", value_parser = capvisor_rpc::names::parse_engine)]
     engine: capvisor_rpc::schema::capvisor_capnp::Engine,
+    /// Attach a volume: NAME:/guest/path[:ro] (repeatable, at most 4). Read-write is
+    /// exclusive: refused while another running VM holds the volume
+    #[arg(long = "volume", value_name = "NAME:/PATH[:ro]")]
+    volumes: Vec<capvisor_client::ops::VolumeMount>,
 }
 
 #[derive(Args, Clone)]
@@ -330,6 +370,7 @@ fn spec_of(name: Option<String>, s: &SpecArgs) -> VmSpec {
         memory_mib: s.memory_mib.unwrap_or(0),
         vcpus: s.vcpus,
         engine: s.engine,
+        volumes: s.volumes.clone(),
     }
 }
 
@@ -418,6 +459,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             Ok(0)
         }
         Cmd::Vm(v) => vm_cmd(v, socket).await,
+        Cmd::Volume(v) => volume_cmd(v, socket).await,
         Cmd::Run { spec, exec, cmd } => {
             let (s, _) = session(socket).await?;
             let f = ops::vms(&s);
@@ -454,6 +496,49 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
                     eprintln!("account {name} removed");
                 }
             }
+            Ok(0)
+        }
+    }
+}
+
+async fn volume_cmd(cmd: VolumeCmd, socket: &Path) -> ClientResult<i32> {
+    let (s, _) = session(socket).await?;
+    let v = ops::volumes(&s);
+    match cmd {
+        VolumeCmd::Create { name, size } => {
+            eprintln!("capvisor: formatting {name} ({size} MiB) ...");
+            let i = ops::create_volume(&v, &name, size).await?;
+            eprintln!("capvisor: volume {} created ({} MiB)", i.name, i.size_mib);
+            println!("{}", i.name);
+            Ok(0)
+        }
+        VolumeCmd::List => {
+            println!("{:<20} {:>10} {:>10}  ATTACHED TO", "NAME", "SIZE_MIB", "USED_MIB");
+            for i in ops::list_volumes(&v).await? {
+                let att: Vec<String> = i
+                    .attached_to
+                    .iter()
+                    .map(|(vm, this, ro)| {
+                        format!(
+                            "{vm} ({}{})",
+                            if *ro { "ro" } else { "rw" },
+                            if *this { "" } else { ", another session" }
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{:<20} {:>10} {:>10}  {}",
+                    i.name,
+                    i.size_mib,
+                    i.used_bytes.div_ceil(1 << 20),
+                    if att.is_empty() { "-".to_string() } else { att.join(", ") }
+                );
+            }
+            Ok(0)
+        }
+        VolumeCmd::Rm { name } => {
+            ops::remove_volume(&v, &name).await?;
+            eprintln!("capvisor: volume {name} removed (its data is deleted)");
             Ok(0)
         }
     }
@@ -510,6 +595,9 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
                 shown(&i.kernel_release),
                 i.boot_ms
             );
+            for m in &i.volumes {
+                println!("volume   {} on {} ({})", m.volume, m.guest_path, if m.read_only { "ro" } else { "rw" });
+            }
             if !i.detail.is_empty() {
                 println!("detail   {}", shown(&i.detail));
             }

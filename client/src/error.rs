@@ -74,6 +74,8 @@ impl ClientError {
     /// 21 not logged in.
     pub fn exit_code(&self) -> i32 {
         match self {
+            // inUse came after the transport codes 20 and 21.
+            ClientError::Domain(e) if e.code == ErrorCode::InUse => 22,
             ClientError::Domain(e) => 10 + e.code as i32,
             ClientError::Disconnected(_) => 20,
             ClientError::NotLoggedIn => 21,

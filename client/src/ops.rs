@@ -14,7 +14,9 @@ use capnp::capability::FromClientHook;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
 use capvisor_rpc::principal::Principal;
-use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, session, vm, vm_factory, Engine, VmState};
+use capvisor_rpc::schema::capvisor_capnp::{
+    accounts, cap_set, session, vm, vm_factory, volume, volume_info, volumes, Engine, VmState,
+};
 use capvisor_rpc::schema::common_capnp::{byte_sink, exit_status, files, process, FileKind};
 use capvisor_rpc::sink::CollectSink;
 use tokio::io::AsyncRead;
@@ -123,11 +125,51 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// Which engine runs it.
     pub engine: Engine,
+    /// Volumes to attach (at most 4), mounted by guest-init before the VM answers.
+    pub volumes: Vec<VolumeMount>,
 }
 
 impl Default for VmSpec {
     fn default() -> Self {
-        Self { name: String::new(), image: String::new(), memory_mib: 0, vcpus: 0, engine: Engine::Auto }
+        Self {
+            name: String::new(),
+            image: String::new(),
+            memory_mib: 0,
+            vcpus: 0,
+            engine: Engine::Auto,
+            volumes: Vec::new(),
+        }
+    }
+}
+
+/// A volume to attach to a new VM (schema `VolumeMount`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMount {
+    /// The volume's name (`Volumes.create`).
+    pub volume: String,
+    /// Absolute mount point in the guest.
+    pub guest_path: String,
+    /// Read-only (shared) instead of read-write (exclusive).
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for VolumeMount {
+    type Err = String;
+
+    /// Parses the CLI form `NAME:/guest/path[:ro|:rw]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("--volume wants NAME:/guest/path[:ro], got {s:?}");
+        let (volume, rest) = s.split_once(':').ok_or_else(usage)?;
+        let (guest_path, read_only) = match rest.rsplit_once(':') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            Some(_) => return Err(usage()),
+            None => (rest, false),
+        };
+        if volume.is_empty() || !guest_path.starts_with('/') {
+            return Err(usage());
+        }
+        Ok(Self { volume: volume.into(), guest_path: guest_path.into(), read_only })
     }
 }
 
@@ -152,6 +194,8 @@ pub struct VmInfo {
     pub boot_ms: u64,
     /// Why it stopped or crashed; empty while it runs.
     pub detail: String,
+    /// Volumes attached at create.
+    pub volumes: Vec<VolumeMount>,
 }
 
 fn read_info(i: capvisor_rpc::schema::capvisor_capnp::vm_info::Reader<'_>) -> ClientResult<VmInfo> {
@@ -165,6 +209,17 @@ fn read_info(i: capvisor_rpc::schema::capvisor_capnp::vm_info::Reader<'_>) -> Cl
         kernel_release: text(i.get_kernel_release())?,
         boot_ms: i.get_boot_ms(),
         detail: text(i.get_detail())?,
+        volumes: i
+            .get_volumes()?
+            .iter()
+            .map(|m| {
+                Ok(VolumeMount {
+                    volume: text(m.get_volume())?,
+                    guest_path: text(m.get_guest_path())?,
+                    read_only: m.get_read_only(),
+                })
+            })
+            .collect::<ClientResult<_>>()?,
     })
 }
 
@@ -181,6 +236,13 @@ pub fn create_vm(f: &vm_factory::Client, spec: &VmSpec) -> vm::Client {
         s.set_memory_mib(spec.memory_mib);
         s.set_vcpus(spec.vcpus);
         s.set_engine(spec.engine);
+        let mut l = s.init_volumes(spec.volumes.len() as u32);
+        for (i, m) in spec.volumes.iter().enumerate() {
+            let mut e = l.reborrow().get(i as u32);
+            e.set_volume(m.volume.as_str());
+            e.set_guest_path(m.guest_path.as_str());
+            e.set_read_only(m.read_only);
+        }
     }
     req.send().pipeline.get_vm()
 }
@@ -438,6 +500,76 @@ pub async fn list_accounts(a: &accounts::Client) -> ClientResult<Vec<(String, St
 pub async fn remove_account(a: &accounts::Client, name: &str) -> ClientResult<()> {
     let mut req = a.remove_request();
     req.get().set_account(name);
+    req.send().promise.await?;
+    Ok(())
+}
+
+/// The CapSet's `volumes` cap, pipelined.
+pub fn volumes(s: &session::Client) -> volumes::Client {
+    get_cap(&cap_set(s), "volumes")
+}
+
+/// A volume's facts (schema `VolumeInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// File system size, MiB.
+    pub size_mib: u64,
+    /// Host disk its file occupies, bytes.
+    pub used_bytes: u64,
+    /// Creation time, Unix epoch ms.
+    pub created_at_ms: i64,
+    /// Running VMs holding it: (VM name, in this session, read-only).
+    pub attached_to: Vec<(String, bool, bool)>,
+}
+
+fn read_volume(v: volume_info::Reader<'_>) -> ClientResult<VolumeInfo> {
+    Ok(VolumeInfo {
+        name: text(v.get_name())?,
+        size_mib: v.get_size_mib(),
+        used_bytes: v.get_used_bytes(),
+        created_at_ms: v.get_created_at_ms(),
+        attached_to: v
+            .get_attached_to()?
+            .iter()
+            .map(|a| Ok((text(a.get_vm())?, a.get_this_session(), a.get_read_only())))
+            .collect::<ClientResult<_>>()?,
+    })
+}
+
+/// `Volumes.create`: a new empty ext4 volume of `size_mib` MiB.
+pub async fn create_volume(v: &volumes::Client, name: &str, size_mib: u64) -> ClientResult<VolumeInfo> {
+    let mut req = v.create_request();
+    req.get().set_name(name);
+    req.get().set_size_mib(size_mib);
+    let vol = req.send().pipeline.get_volume();
+    volume_info_of(&vol).await
+}
+
+/// `Volume.info`.
+pub async fn volume_info_of(v: &volume::Client) -> ClientResult<VolumeInfo> {
+    let resp = v.info_request().send().promise.await?;
+    read_volume(resp.get()?.get_info()?)
+}
+
+/// `Volumes.get`, pipelined.
+pub fn get_volume(v: &volumes::Client, name: &str) -> volume::Client {
+    let mut req = v.get_request();
+    req.get().set_volume_name(name);
+    req.send().pipeline.get_volume()
+}
+
+/// `Volumes.list`.
+pub async fn list_volumes(v: &volumes::Client) -> ClientResult<Vec<VolumeInfo>> {
+    let resp = v.list_request().send().promise.await?;
+    resp.get()?.get_volumes()?.iter().map(read_volume).collect()
+}
+
+/// `Volumes.remove`: deletes the volume and its data.
+pub async fn remove_volume(v: &volumes::Client, name: &str) -> ClientResult<()> {
+    let mut req = v.remove_request();
+    req.get().set_volume_name(name);
     req.send().promise.await?;
     Ok(())
 }

@@ -142,6 +142,14 @@ pub fn root_and_hostname() -> bool {
             crate::boottime_ms() - t0
         ));
     }
+    if let Err(e) = crate::rootfs::mount_volumes(&plan) {
+        log(format!("volume mount failed: {e}; powering off"));
+        power_off(false);
+        std::process::exit(1);
+    }
+    if !plan.volumes.is_empty() {
+        log(format!("mounted {} volume(s)", plan.volumes.len()));
+    }
     set_hostname_to(plan.hostname.as_deref().unwrap_or(HOSTNAME));
     switched
 }

@@ -37,6 +37,41 @@ pub struct RootPlan {
     /// `capvisor.hostname=`: the hostname (the VM name); `None`: keep
     /// [`crate::init::HOSTNAME`].
     pub hostname: Option<String>,
+    /// `capvisor.vol=<device>:<rw|ro>:<path>`, one word per volume, in
+    /// order: persistent volumes (ext4, formatted by the host) to mount
+    /// once the root is in place ([`mount_volumes`]).
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// One volume to mount (a `capvisor.vol=` word).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMount {
+    /// Its block device (`/dev/vdc`).
+    pub device: PathBuf,
+    /// Mounted read-only (the device is read-only too).
+    pub read_only: bool,
+    /// Absolute mount point in the guest (made if missing).
+    pub path: PathBuf,
+}
+
+impl VolumeMount {
+    /// Parses `<device>:<rw|ro>:<path>`; `None` when malformed (both paths
+    /// absolute, no `..` component in the mount point).
+    pub fn parse(v: &str) -> Option<VolumeMount> {
+        let mut it = v.splitn(3, ':');
+        let (dev, mode, path) = (it.next()?, it.next()?, it.next()?);
+        let read_only = match mode {
+            "ro" => true,
+            "rw" => false,
+            _ => return None,
+        };
+        let path = Path::new(path);
+        let ok = dev.starts_with("/dev/")
+            && path.is_absolute()
+            && path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
+            && path != Path::new("/");
+        ok.then(|| VolumeMount { device: dev.into(), read_only, path: path.to_path_buf() })
+    }
 }
 
 impl RootPlan {
@@ -54,6 +89,7 @@ impl RootPlan {
             match k {
                 "capvisor.root" => plan.root = Some(PathBuf::from(v)),
                 "capvisor.upper" => plan.upper = Some(PathBuf::from(v)),
+                "capvisor.vol" => plan.volumes.extend(VolumeMount::parse(v)),
                 "capvisor.hostname" => {
                     let mut end = v.len().min(64);
                     while !v.is_char_boundary(end) {
@@ -139,6 +175,38 @@ pub fn switch_root(plan: &RootPlan) -> Result<(), String> {
         mkdir(target)?;
         mount(Some("tmpfs"), target, Some("tmpfs"), nosuid_nodev, Some(data))
             .map_err(|e| format!("mount tmpfs on {target}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Mounts each of `plan.volumes` (ext4; read-write ones `nosuid,nodev`,
+/// read-only ones also `MS_RDONLY` with `noload`, so a journal left dirty
+/// by a crashed VM is not replayed onto a read-only device), making the
+/// mount point first. Call after [`switch_root`] (the mount points are in
+/// the final root).
+///
+/// Errors: the first volume that cannot be mounted, naming it and the
+/// errno; the caller logs it and powers off (a VM without the volume it
+/// was created with must not look healthy).
+pub fn mount_volumes(plan: &RootPlan) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    for v in &plan.volumes {
+        wait_for(&v.device)?;
+        let target = v.path.to_string_lossy().into_owned();
+        mkdir(&target)?;
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        let mut data = None;
+        if v.read_only {
+            flags |= MsFlags::MS_RDONLY;
+            data = Some("noload");
+        }
+        mount(Some(v.device.as_path()), target.as_str(), Some("ext4"), flags, data).map_err(|e| {
+            format!(
+                "mount volume {} on {target} (ext4, {}): {e}",
+                v.device.display(),
+                if v.read_only { "read-only" } else { "read-write" }
+            )
+        })?;
     }
     Ok(())
 }
@@ -231,6 +299,23 @@ mod tests {
         assert_eq!(p.root.as_deref(), Some(Path::new("/dev/vda")));
         assert_eq!(p.upper.as_deref(), Some(Path::new("/dev/vdb")));
         assert_eq!(p.hostname.as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn cmdline_volumes_in_order_malformed_ones_dropped() {
+        let p = RootPlan::from_cmdline(
+            "capvisor.vol=/dev/vdc:rw:/work capvisor.vol=/dev/vdd:ro:/srv/data capvisor.vol=/dev/vde:xx:/a \
+             capvisor.vol=/dev/vdf:rw:/a/../etc capvisor.vol=/dev/vdg:rw:/ capvisor.vol=vdh:rw:/b \
+             capvisor.vol=/dev/vdi:rw:rel capvisor.vol=/dev/vdj:rw",
+        );
+        assert_eq!(
+            p.volumes,
+            vec![
+                VolumeMount { device: "/dev/vdc".into(), read_only: false, path: "/work".into() },
+                VolumeMount { device: "/dev/vdd".into(), read_only: true, path: "/srv/data".into() },
+            ]
+        );
+        assert!(p.root.is_none());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub const DEFAULT_TOML: &str = include_str!("../default.toml");
 pub const KNOWN_CAPS: &[(&str, &str)] = &[
     ("vms", "VmFactory: create, list, reach and remove this session's VMs"),
     ("accounts", "Accounts: add, list and remove password accounts"),
+    ("volumes", "Volumes: create, list and remove this principal's persistent volumes, attached to VMs at create"),
 ];
 
 /// Kernel sources an image may name (`[images.NAME] kernel`), with what each one is.
@@ -412,6 +413,27 @@ pub struct Bundle {
     /// together, MiB; absent: no bound beyond the per-session ones.
     #[serde(default)]
     pub max_principal_memory_mib: Option<u64>,
+    /// Most volumes one principal of this bundle may keep (with the
+    /// `volumes` cap; default [`DEFAULT_MAX_VOLUMES`]); one more is `quota`.
+    #[serde(default = "default_max_volumes")]
+    pub max_volumes: u32,
+    /// Most MiB all of one principal's volumes may total (default
+    /// [`DEFAULT_MAX_VOLUME_TOTAL_MIB`]); a create beyond is `quota`.
+    #[serde(default = "default_max_volume_total_mib")]
+    pub max_volume_total_mib: u64,
+}
+
+/// The default of [`Bundle::max_volumes`].
+pub const DEFAULT_MAX_VOLUMES: u32 = 8;
+/// The default of [`Bundle::max_volume_total_mib`] (16 GiB).
+pub const DEFAULT_MAX_VOLUME_TOTAL_MIB: u64 = 16 * 1024;
+
+fn default_max_volumes() -> u32 {
+    DEFAULT_MAX_VOLUMES
+}
+
+fn default_max_volume_total_mib() -> u64 {
+    DEFAULT_MAX_VOLUME_TOTAL_MIB
 }
 
 impl Bundle {
@@ -627,6 +649,8 @@ impl Bundle {
         b.set_default_memory_mib(self.default_memory_mib);
         b.set_max_vcpus(self.max_vcpus);
         b.set_max_sessions(self.max_sessions);
+        b.set_max_volumes(self.max_volumes);
+        b.set_max_volume_total_mib(self.max_volume_total_mib);
         let mut images = b.init_images(self.images.len() as u32);
         for (i, n) in self.images.iter().enumerate() {
             images.set(i as u32, n.as_str());
@@ -647,6 +671,8 @@ impl Bundle {
             max_sessions: r.get_max_sessions(),
             max_principal_vms: None,
             max_principal_memory_mib: None,
+            max_volumes: r.get_max_volumes(),
+            max_volume_total_mib: r.get_max_volume_total_mib(),
             images: list(r.get_images()?)?,
         })
     }
@@ -675,6 +701,10 @@ pub struct SessionContext {
     pub auto_engine: Engine,
     /// Which confinement layers every VM must get; manifest `[confinement]`.
     pub confinement: capvisor_rpc::vmconfig::Confinement,
+    /// This principal's volume files (made by the broker; the worker's
+    /// Landlock domain keeps read-write access to it, QEMU gets only the
+    /// files it attaches); `None` when the bundle has no `volumes` cap.
+    pub volume_dir: Option<PathBuf>,
 }
 
 impl SessionContext {
@@ -691,6 +721,9 @@ impl SessionContext {
         b.set_run_dir(path_text(&self.run_dir)?);
         b.set_auto_engine(self.auto_engine);
         self.confinement.write_to(b.reborrow().init_confinement())?;
+        if let Some(d) = &self.volume_dir {
+            b.set_volume_dir(path_text(d)?);
+        }
         Ok(())
     }
 
@@ -708,6 +741,7 @@ impl SessionContext {
             run_dir: text(r.get_run_dir())?.into(),
             auto_engine: r.get_auto_engine()?,
             confinement: capvisor_rpc::vmconfig::Confinement::read_from(r.get_confinement()?)?,
+            volume_dir: Some(text(r.get_volume_dir())?).filter(|d| !d.is_empty()).map(PathBuf::from),
         })
     }
 
@@ -736,7 +770,7 @@ mod tests {
     fn rejects_bad_references() {
         let bad = DEFAULT_TOML.replace("bundle = \"user\"", "bundle = \"nope\"");
         assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("nope"));
-        let bad = DEFAULT_TOML.replace("caps = [\"vms\"]", "caps = [\"vms\", \"root\"]");
+        let bad = DEFAULT_TOML.replace("caps = [\"vms\", \"volumes\"]", "caps = [\"vms\", \"root\"]");
         assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("root"));
         let bad = DEFAULT_TOML.replace("[gateway]", "[gateway]\nbogus = 1");
         assert!(Manifest::parse(&bad).is_err());
@@ -769,6 +803,7 @@ mod tests {
                 cgroup_root: "/mnt/cg".into(),
                 ..Default::default()
             },
+            volume_dir: Some("/state/volumes/p-1".into()),
         };
         let msg = ctx.to_message().unwrap();
         assert_eq!(SessionContext::read_from(msg.get_root_as_reader().unwrap()).unwrap(), ctx);

@@ -68,6 +68,10 @@ impl CvError {
     pub fn not_running(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::NotRunning, message)
     }
+    /// `inUse`: held by someone else (a volume attached read-write).
+    pub fn in_use(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InUse, message)
+    }
 
     /// The stable lower-camel name of the code, as in the schema
     /// (e.g. `"staleSession"`); used on the wire, in audit events and CLI output.
@@ -126,11 +130,12 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::Unavailable => "unavailable",
         ErrorCode::Internal => "internal",
         ErrorCode::NotRunning => "notRunning",
+        ErrorCode::InUse => "inUse",
     }
 }
 
 /// Every code, in schema order (for tests and tables).
-pub const ALL_CODES: [ErrorCode; 10] = [
+pub const ALL_CODES: [ErrorCode; 11] = [
     ErrorCode::Denied,
     ErrorCode::NotFound,
     ErrorCode::WrongInterface,
@@ -141,6 +146,7 @@ pub const ALL_CODES: [ErrorCode; 10] = [
     ErrorCode::Unavailable,
     ErrorCode::Internal,
     ErrorCode::NotRunning,
+    ErrorCode::InUse,
 ];
 
 /// The code named `name` (the inverse of [`code_name`]).

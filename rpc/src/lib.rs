@@ -20,6 +20,7 @@
 
 pub mod attach;
 pub mod conn;
+pub mod disk;
 pub mod error;
 pub mod exec;
 pub mod fdpass;

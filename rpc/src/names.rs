@@ -36,6 +36,17 @@ pub fn vm_state_name(s: VmState) -> &'static str {
     }
 }
 
+/// Whether `name` is a valid name for a VM or a volume: 1-32 bytes of
+/// `[a-z0-9-]`, starting with a letter or digit (so it is a safe file name
+/// component and a safe kernel command line word).
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
 /// The name of a revoke reason, for logs and audit details (`"logout"`,
 /// `"expired"`, `"shutdown"`, `"broker gone"`, `"revoked"`).
 pub fn revoke_reason_name(r: RevokeReason) -> &'static str {

@@ -85,6 +85,15 @@ struct VmSpec {
   memoryMib @2 :UInt32;   # 0: the bundle's default
   vcpus @3 :UInt32;       # 0: 1
   engine @4 :Engine;
+  # Volumes of this principal to attach, each as one more virtio-blk disk
+  # that guest-init mounts at `guestPath` before the VM answers (at most 4).
+  volumes @5 :List(VolumeMount);
+}
+
+struct VolumeMount {
+  volume @0 :Text;      # a volume name, as Volumes.create made it
+  guestPath @1 :Text;   # absolute, [A-Za-z0-9._/-], no "..", at most 128 bytes, not "/"
+  readOnly @2 :Bool;    # false: exclusive (inUse while another running VM holds it)
 }
 
 struct VmInfo {
@@ -97,6 +106,7 @@ struct VmInfo {
   kernelRelease @6 :Text;
   bootMs @7 :UInt64;      # create call to guest-init answering, milliseconds
   detail @8 :Text;        # why it stopped or crashed (empty while it runs)
+  volumes @9 :List(VolumeMount);  # as attached at create
 }
 
 interface VmFactory {
@@ -141,4 +151,35 @@ interface Accounts {
   add @0 (account :Text, profile :Text, password :Text);
   list @1 () -> (accounts :List(AccountInfo));
   remove @2 (account :Text);
+}
+
+struct VolumeAttachment {
+  vm @0 :Text;          # the VM's name (in the session that attached it)
+  thisSession @1 :Bool; # whether that VM belongs to the asking session
+  readOnly @2 :Bool;
+}
+
+struct VolumeInfo {
+  name @0 :Text;
+  sizeMib @1 :UInt64;      # the file system's size: writes past it fail with ENOSPC
+  usedBytes @2 :UInt64;    # host disk the volume's file occupies (allocated blocks), bytes
+  createdAtMs @3 :Int64;   # Unix epoch milliseconds
+  attachedTo @4 :List(VolumeAttachment);  # running VMs holding it
+}
+
+interface Volumes {
+  # This principal's persistent volumes: ext4 file systems in files under
+  # the broker's state directory, one per volume, kept across VM removal,
+  # logout and restarts, never visible to another principal. The bundle
+  # bounds their count and total size (quota).
+  create @0 (name :Text, sizeMib :UInt64) -> (volume :Volume);
+  list @1 () -> (volumes :List(VolumeInfo));
+  get @2 (volumeName :Text) -> (volume :Volume);
+  # Deletes the volume and its data. inUse while a running VM holds it.
+  remove @3 (volumeName :Text);
+}
+
+interface Volume {
+  # One volume of the principal, by name. Attach it with VmSpec.volumes.
+  info @0 () -> (info :VolumeInfo);
 }

@@ -29,6 +29,7 @@ enum ErrorCode {
   unavailable @7;     # a backend failed (the VM did not boot, qemu missing)
   internal @8;        # a bug or unexpected failure on our side
   notRunning @9;      # the VM is stopped
+  inUse @10;          # held by someone else: a volume attached read-write to a running VM
 }
 
 interface ByteSink {

@@ -59,6 +59,17 @@ interface SessionHost {
   # the worker's end) gives it back. Fails with quota when a budget would
   # be exceeded.
   reserveVm @3 (memoryMib :UInt32) -> (hold :VmHold);
+  # The principal's volumes (Cv.Volumes semantics; the broker keeps them
+  # and checks the bundle's [bundles.B] max_volumes and
+  # max_volume_total_mib). notFound unless the bundle holds "volumes".
+  createVolume @4 (name :Text, sizeMib :UInt64) -> (info :Cv.VolumeInfo);
+  listVolumes @5 () -> (volumes :List(Cv.VolumeInfo));
+  removeVolume @6 (name :Text) -> ();
+  # Leases volume `name` for VM `vm` of this session: `path` is its file
+  # (inside SessionContext.volumeDir). Read-write leases are exclusive,
+  # read-only ones shared; a conflict is inUse. Dropping `hold` (or the
+  # worker's end) ends the lease.
+  attachVolume @7 (name :Text, readOnly :Bool, vm :Text) -> (path :Text, hold :VmHold);
 }
 
 interface VmHold {
@@ -162,6 +173,8 @@ struct Bundle {
   maxVcpus @4 :UInt32;          # per VM
   images @5 :List(Text);        # image names the session may boot
   maxSessions @6 :UInt32;       # live sessions one principal may hold
+  maxVolumes @7 :UInt32;        # volumes one principal may keep ("volumes" cap)
+  maxVolumeTotalMib @8 :UInt64; # their total size, MiB
 }
 
 struct SessionContext {
@@ -176,6 +189,7 @@ struct SessionContext {
   runDir @6 :Text;              # directory for this session's VM run dirs
   autoEngine @7 :Cv.Engine;     # what engine `auto` means: auto = detect (manifest [vms] auto_engine)
   confinement @8 :Confinement;  # manifest [confinement]
+  volumeDir @9 :Text;           # this principal's volume files (empty: the bundle has no volumes)
 }
 
 struct BrokerConfig {

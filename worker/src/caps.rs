@@ -6,7 +6,7 @@ use crate::wrap::{AccountsWrapper, Scope};
 use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
-use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, session, vm_factory};
+use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, session, vm_factory, volumes};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::internal_capnp::{worker, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
@@ -53,6 +53,7 @@ pub fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
     match name {
         "vms" => Some((vm_factory::Client::TYPE_ID, "VmFactory")),
         "accounts" => Some((accounts::Client::TYPE_ID, "Accounts")),
+        "volumes" => Some((volumes::Client::TYPE_ID, "Volumes")),
         _ => None,
     }
 }
@@ -83,6 +84,9 @@ impl CapSetImpl {
                 let inner = self.st.host.accounts_request().send().pipeline.get_accounts();
                 let scope = Scope::session(&self.st);
                 capnp_rpc::new_client::<accounts::Client, _>(AccountsWrapper { scope, inner }).client
+            }
+            "volumes" => {
+                capnp_rpc::new_client::<volumes::Client, _>(crate::volumes::VolumesImpl { st: self.st.clone() }).client
             }
             _ => unreachable!("cap_interface covers every name"),
         })

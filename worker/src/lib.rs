@@ -23,4 +23,5 @@ pub mod launch;
 pub mod serve;
 pub mod state;
 pub mod vms;
+pub mod volumes;
 pub mod wrap;

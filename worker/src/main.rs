@@ -34,13 +34,18 @@ fn confine(ctx: &SessionContext) -> anyhow::Result<()> {
         .values()
         .flat_map(|i| [i.kernel.as_path(), i.initramfs.as_path()].into_iter().chain(i.rootfs.as_deref()))
         .collect();
-    let policy = capvisor_confine::service::service_policy(
+    let mut policy = capvisor_confine::service::service_policy(
         &ctx.run_dir,
         &capvisor_rpc::paths::bin_dir(),
         &images,
         "qemu-system-x86_64",
         &ctx.confinement.cgroup_root,
     )?;
+    // The principal's volume files (the broker made the directory): their
+    // VMs' QEMU opens them read-write under this domain.
+    if let Some(dir) = &ctx.volume_dir {
+        policy.read_write.push(dir.canonicalize().with_context(|| format!("volume directory {}", dir.display()))?);
+    }
     match capvisor_confine::service::confine_self(&policy) {
         Ok(status) => tracing::info!("confined: landlock {status}"),
         Err(e) if ctx.confinement.landlock => {

@@ -13,7 +13,7 @@ use crate::wrap::{FilesWrapper, ProcessWrapper, Scope, SinkWrapper};
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::conn::{self, CallGauge, GUEST, GUEST_CALLS};
 use capvisor_rpc::error::text;
-use capvisor_rpc::names::revoke_reason_name;
+use capvisor_rpc::names::{revoke_reason_name, valid_name};
 use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_info, vm_spec, Engine, VmState};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::guest_capnp::guest;
@@ -63,9 +63,15 @@ pub struct VmEntry {
     pub running: RefCell<Option<Running>>,
     /// Set by `remove`: every cap designating this VM answers notFound.
     pub removed: Cell<bool>,
-    /// The broker's reservation of room for this VM (principal and host
-    /// budgets) while it runs; dropped when it stops.
-    pub hold: RefCell<Option<capvisor_rpc::schema::internal_capnp::vm_hold::Client>>,
+    /// The broker's reservations while the VM runs, dropped when it stops
+    /// or is removed: room in the principal's and the host's VM budgets,
+    /// then one lease per attached volume.
+    pub holds: RefCell<Vec<capvisor_rpc::schema::internal_capnp::vm_hold::Client>>,
+    /// The volumes asked for at create, in disk order after the image's.
+    pub mounts: Vec<VolumeMount>,
+    /// The host files of the attached volumes (leased by the broker), in
+    /// the order of `mounts`.
+    pub volume_files: RefCell<Vec<PathBuf>>,
     /// Woken when the VM stops or crashes ([`VmEntry::set_ended`]): calls
     /// forwarded into the guest then end with `notRunning` instead of
     /// waiting on a connection that is gone (`crate::wrap::Scope::forward`).
@@ -153,6 +159,13 @@ impl VmEntry {
         b.set_kernel_release(self.kernel_release.borrow().as_str());
         b.set_boot_ms(self.boot_ms.get());
         b.set_detail(self.detail.borrow().as_str());
+        let mut l = b.init_volumes(self.mounts.len() as u32);
+        for (i, m) in self.mounts.iter().enumerate() {
+            let mut e = l.reborrow().get(i as u32);
+            e.set_volume(m.volume.as_str());
+            e.set_guest_path(m.guest_path.as_str());
+            e.set_read_only(m.read_only);
+        }
     }
 
     /// The last `max` bytes of the guest console log, lossily decoded.
@@ -161,12 +174,45 @@ impl VmEntry {
     }
 }
 
-fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 32
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+/// Most volumes one VM may attach (`VmSpec.volumes`).
+pub const MAX_VM_VOLUMES: usize = 4;
+
+/// Longest guest mount path of a volume, bytes.
+pub const MAX_GUEST_PATH: usize = 128;
+
+/// One volume to attach to a VM (schema `VolumeMount`), validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMount {
+    /// The principal's volume name.
+    pub volume: String,
+    /// Where guest-init mounts it (see [`check_guest_path`]).
+    pub guest_path: String,
+    /// Attached read-only (shared) rather than read-write (exclusive).
+    pub read_only: bool,
+}
+
+/// Checks a volume's guest mount path: absolute, at most
+/// [`MAX_GUEST_PATH`] bytes of `[A-Za-z0-9._/-]`, not `/`, no empty, `.`
+/// or `..` component, not below the guest's own mounts (`/proc`, `/sys`,
+/// `/dev`, `/run`). It becomes one word of the kernel command line.
+///
+/// Errors: `invalidArgument` naming the rule.
+pub fn check_guest_path(p: &str) -> CvResult<()> {
+    let bad = |why: &str| Err(CvError::invalid(format!("bad guest path {p:?} for a volume: {why}")));
+    if !p.starts_with('/') || p.len() > MAX_GUEST_PATH {
+        return bad(&format!("it must be absolute and at most {MAX_GUEST_PATH} bytes"));
+    }
+    if !p.bytes().all(|c| c.is_ascii_alphanumeric() || b"._/-".contains(&c)) {
+        return bad("use only [A-Za-z0-9._/-]");
+    }
+    let parts: Vec<&str> = p[1..].split('/').collect();
+    if parts.iter().any(|c| c.is_empty() || *c == "." || *c == "..") {
+        return bad("no empty, \".\" or \"..\" component, no trailing slash, not \"/\"");
+    }
+    if ["proc", "sys", "dev", "run"].contains(&parts[0]) {
+        return bad("not below /proc, /sys, /dev or /run");
+    }
+    Ok(())
 }
 
 /// Validated creation request.
@@ -176,6 +222,7 @@ struct CreateSpec {
     memory_mib: u32,
     vcpus: u32,
     engine: Engine,
+    volumes: Vec<VolumeMount>,
 }
 
 fn check_spec(st: &SessionState, spec: vm_spec::Reader<'_>) -> CvResult<CreateSpec> {
@@ -222,6 +269,29 @@ fn check_spec(st: &SessionState, spec: vm_spec::Reader<'_>) -> CvResult<CreateSp
         return Err(CvError::quota(format!("{vcpus} vCPUs exceed this session's limit of {}", bundle.max_vcpus)));
     }
     let engine = spec.get_engine().map_err(|e| CvError::invalid(format!("unknown engine (enumerant {})", e.0)))?;
+    let list = spec.get_volumes().map_err(|e| CvError::invalid(format!("malformed volumes: {e}")))?;
+    if !list.is_empty() && !bundle.has_cap("volumes") {
+        return Err(CvError::denied("this session's bundle does not hold the volumes capability"));
+    }
+    if list.len() as usize > MAX_VM_VOLUMES {
+        return Err(CvError::invalid(format!("a VM may attach at most {MAX_VM_VOLUMES} volumes")));
+    }
+    let mut volumes: Vec<VolumeMount> = Vec::new();
+    for m in list.iter() {
+        let m = VolumeMount {
+            volume: text(m.get_volume())?,
+            guest_path: text(m.get_guest_path())?,
+            read_only: m.get_read_only(),
+        };
+        check_guest_path(&m.guest_path)?;
+        if volumes.iter().any(|o| o.volume == m.volume || o.guest_path == m.guest_path) {
+            return Err(CvError::invalid(format!(
+                "volume {:?} or guest path {:?} is given twice",
+                m.volume, m.guest_path
+            )));
+        }
+        volumes.push(m);
+    }
     let vms = st.vms.borrow();
     if vms.contains_key(&name) {
         return Err(CvError::new(ErrorCode::AlreadyExists, format!("a VM named {name:?} exists")));
@@ -233,7 +303,7 @@ fn check_spec(st: &SessionState, spec: vm_spec::Reader<'_>) -> CvResult<CreateSp
             vms.len()
         )));
     }
-    Ok(CreateSpec { name, image, memory_mib, vcpus, engine })
+    Ok(CreateSpec { name, image, memory_mib, vcpus, engine, volumes })
 }
 
 /// The worker's end of a VM's agent link (see [`agent_link`]).
@@ -287,27 +357,8 @@ pub const WRITABLE_LAYER: &str = "writable.ext4";
 fn root_disks(mut cfg: VmConfig, rootfs: &std::path::Path, writable_mib: u64) -> CvResult<VmConfig> {
     let layer = cfg.run_dir.join(WRITABLE_LAYER);
     if !layer.exists() {
-        let tmp = cfg.run_dir.join(format!("{WRITABLE_LAYER}.new"));
-        let f = std::fs::File::create(&tmp)
-            .map_err(|e| CvError::internal(format!("cannot create the writable layer {}: {e}", tmp.display())))?;
-        f.set_len(writable_mib.max(1) * 1024 * 1024)
-            .map_err(|e| CvError::internal(format!("cannot size the writable layer: {e}")))?;
-        drop(f);
-        let out = std::process::Command::new("mkfs.ext4")
-            .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
-            .args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-L", "capvisor-rw"])
-            .arg(&tmp)
-            .output()
-            .map_err(|e| CvError::internal(format!("cannot run mkfs.ext4 (package e2fsprogs): {e}")))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(CvError::internal(format!(
-                "mkfs.ext4 of the writable layer failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        std::fs::rename(&tmp, &layer).map_err(|e| CvError::internal(format!("writable layer: {e}")))?;
+        capvisor_rpc::disk::create_ext4(&layer, writable_mib.max(1), "capvisor-rw", (0, 0))
+            .map_err(|e| CvError::internal(format!("the writable layer: {}", e.message)))?;
     }
     cfg.disks = vec![
         capvisor_rpc::vmconfig::Disk { path: rootfs.to_path_buf(), read_only: true },
@@ -315,6 +366,22 @@ fn root_disks(mut cfg: VmConfig, rootfs: &std::path::Path, writable_mib: u64) ->
     ];
     cfg.extra_cmdline = format!("capvisor.root=/dev/vda capvisor.upper=/dev/vdb capvisor.hostname={}", cfg.name);
     Ok(cfg)
+}
+
+/// Attaches leased volumes after the image's disks, each as the next
+/// virtio-blk device, and tells guest-init where to mount each with one
+/// kernel command line word `capvisor.vol=<device>:<rw|ro>:<guest path>`
+/// (guest-init's `rootfs` module; the path was checked by
+/// [`check_guest_path`], so it is one word).
+fn volume_disks(mut cfg: VmConfig, mounts: &[VolumeMount], files: &[PathBuf]) -> VmConfig {
+    for (m, f) in mounts.iter().zip(files) {
+        let dev = format!("vd{}", (b'a' + cfg.disks.len() as u8) as char);
+        cfg.disks.push(capvisor_rpc::vmconfig::Disk { path: f.clone(), read_only: m.read_only });
+        let mode = if m.read_only { "ro" } else { "rw" };
+        cfg.extra_cmdline = format!("{} capvisor.vol=/dev/{dev}:{mode}:{}", cfg.extra_cmdline, m.guest_path);
+    }
+    cfg.extra_cmdline = cfg.extra_cmdline.trim().to_string();
+    cfg
 }
 
 /// Boots the VM of `entry` on `engine` (`Qemu` or `Kvm`): spawns its vmm
@@ -338,6 +405,7 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
         Some(rootfs) => root_disks(cfg, rootfs, image.writable_mib)?,
         None => cfg,
     };
+    let cfg = volume_disks(cfg, &entry.mounts, &entry.volume_files.borrow());
     // Confinement (docs/vmm-confinement.md): decided here, fail closed on
     // a required layer, audited either way.
     let confined = crate::launch::confine_vm(
@@ -418,7 +486,7 @@ pub async fn stop_vm(entry: &VmEntry) {
         let _ = tokio::time::timeout(Duration::from_secs(5), req.send().promise).await;
     }
     run.finish().await;
-    entry.hold.borrow_mut().take();
+    entry.holds.borrow_mut().clear();
     if entry.state.get() != VmState::Crashed {
         *entry.detail.borrow_mut() = "stopped on request".into();
         entry.set_ended(VmState::Stopped);
@@ -469,7 +537,9 @@ impl VmFactoryImpl {
             detail: RefCell::new(String::new()),
             running: RefCell::new(None),
             removed: Cell::new(false),
-            hold: RefCell::new(None),
+            holds: RefCell::new(Vec::new()),
+            mounts: spec.volumes,
+            volume_files: RefCell::new(Vec::new()),
             ended: tokio::sync::Notify::new(),
         });
         st.vms.borrow_mut().insert(spec.name.clone(), entry.clone());
@@ -496,7 +566,34 @@ impl VmFactoryImpl {
                 return Err(e);
             }
         };
-        *entry.hold.borrow_mut() = Some(hold);
+        entry.holds.borrow_mut().push(hold);
+        // Each volume is leased from the broker before anything starts: a
+        // read-write one held elsewhere fails the create with inUse.
+        for m in &entry.mounts {
+            let mut req = st.host.attach_volume_request();
+            req.get().set_name(m.volume.as_str());
+            req.get().set_read_only(m.read_only);
+            req.get().set_vm(entry.name.as_str());
+            let leased = st
+                .guard(async {
+                    let resp = req.send().promise.await.map_err(|e| crate::wrap::relay(e, false))?;
+                    let r = resp.get().map_err(|e| CvError::internal(e.to_string()))?;
+                    let path = text(r.get_path()).map_err(|e| CvError::internal(e.to_string()))?;
+                    let hold = r.get_hold().map_err(|e| CvError::internal(e.to_string()))?;
+                    Ok((PathBuf::from(path), hold))
+                })
+                .await;
+            match leased {
+                Ok((path, hold)) => {
+                    entry.holds.borrow_mut().push(hold);
+                    entry.volume_files.borrow_mut().push(path);
+                }
+                Err(e) => {
+                    guard.failed = true;
+                    return Err(e);
+                }
+            }
+        }
         let engine = capvisor_rpc::host::resolve_engine(spec.engine, st.ctx.auto_engine);
         let booted = if spec.engine == Engine::Auto && engine == Engine::Kvm {
             // `auto` meaning kvm tries our kvm engine first and falls back
@@ -561,7 +658,7 @@ impl Drop for Unborn {
     fn drop(&mut self) {
         let Some(entry) = self.entry.take() else { return };
         entry.removed.set(true);
-        entry.hold.borrow_mut().take();
+        entry.holds.borrow_mut().clear();
         let mut vms = self.st.vms.borrow_mut();
         if vms.get(&entry.name).is_some_and(|e| Rc::ptr_eq(e, &entry)) {
             vms.remove(&entry.name);
@@ -613,7 +710,7 @@ fn watch_exit(
         if entry.state.get() == VmState::Running {
             *entry.detail.borrow_mut() = capvisor_rpc::error::printable(&detail, false).into_owned();
             entry.set_ended(if state == VmState::Crashed { VmState::Crashed } else { VmState::Stopped });
-            entry.hold.borrow_mut().take();
+            entry.holds.borrow_mut().clear();
             tracing::info!(vm = %entry.name, "VM ended: {detail}");
             // Drop the handles; stop_vm reaps the vmm when asked.
             if let Some(mut run) = entry.running.borrow_mut().take() {

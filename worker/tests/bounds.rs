@@ -206,6 +206,7 @@ impl Env {
                 landlock: false,
                 ..Default::default()
             },
+            volume_dir: None,
         };
         let guests = Rc::new(Guests::default());
         let host: session_host::Client = capnp_rpc::new_client(FakeHost);

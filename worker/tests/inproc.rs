@@ -196,6 +196,7 @@ impl Env {
                 landlock: false,
                 ..Default::default()
             },
+            volume_dir: None,
         };
         let seen = Shared::default();
         let host: session_host::Client = capnp_rpc::new_client(FakeHost(seen.clone()));

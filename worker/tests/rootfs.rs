@@ -151,6 +151,7 @@ fn a_vm_boots_into_its_root_image_with_a_bounded_writable_layer() {
             landlock: false,
             ..Default::default()
         },
+        volume_dir: None,
     };
     conn::run_local(async move {
         tokio::time::timeout(Duration::from_secs(300), async move {

@@ -25,6 +25,8 @@ pub struct Server {
     /// The state directory, `dir/state` (`CAPVISOR_STATE_DIR`).
     pub state: PathBuf,
     child: Option<Child>,
+    /// Extra environment for serve.
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -42,33 +44,63 @@ impl Server {
         let dir = tempfile::Builder::new().prefix("capvisor-test.").tempdir().unwrap();
         let socket = dir.path().join("run/gateway.sock");
         let state = dir.path().join("state");
+        if let Some(m) = manifest {
+            std::fs::write(dir.path().join("manifest.toml"), m).unwrap();
+        }
+        let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Server { dir, socket, state, child: None, envs };
+        s.launch();
+        s
+    }
+
+    /// Spawns `capvisor serve` on this server's directories (and its
+    /// `manifest.toml`, if any) and waits for its socket.
+    fn launch(&mut self) {
         let mut cmd = Command::new(bin_dir().join("capvisor"));
         cmd.arg("serve");
-        if let Some(m) = manifest {
-            let p = dir.path().join("manifest.toml");
-            std::fs::write(&p, m).unwrap();
-            cmd.arg("--manifest").arg(p);
+        let manifest = self.dir.path().join("manifest.toml");
+        if manifest.exists() {
+            cmd.arg("--manifest").arg(manifest);
         }
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        cmd.env("CAPVISOR_SOCKET", &socket)
-            .env("CAPVISOR_STATE_DIR", &state)
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("serve.log")).unwrap();
+        cmd.env("CAPVISOR_SOCKET", &self.socket)
+            .env("CAPVISOR_STATE_DIR", &self.state)
             .env("CAPVISOR_BIN_DIR", bin_dir())
             .env("CAPVISOR_GUEST_INIT", bin_dir().join("capvisor-guest-init"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        cmd.envs(envs.iter().copied());
-        let child = cmd.spawn().unwrap();
-        let mut s = Server { dir, socket, state, child: Some(child) };
+        cmd.envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.child = Some(cmd.spawn().unwrap());
         let t0 = Instant::now();
-        while !s.socket.exists() {
-            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("capvisor serve exited ({st}):\n{}", s.log());
+        while !self.socket.exists() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("capvisor serve exited ({st}):\n{}", self.log());
             }
-            assert!(t0.elapsed() < Duration::from_secs(900), "serve did not come up:\n{}", s.log());
+            assert!(t0.elapsed() < Duration::from_secs(900), "serve did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(100));
         }
-        s
+    }
+
+    /// Stops serve with SIGTERM (asserting a clean exit within 60 s) and
+    /// starts it again on the same state dir, socket and manifest: what a
+    /// host reboot keeps.
+    pub fn restart(&mut self) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) takes plain integers; the child is not reaped
+        // yet, so its pid is still ours.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "serve did not end within 60 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "serve exited with {status}:\n{}", self.log());
+        self.launch();
     }
 
     /// serve's stdout and stderr so far (those of its children included);
