@@ -190,6 +190,10 @@ enum VmCmd {
         /// Program to run
         #[arg(long, default_value = "/bin/sh")]
         program: String,
+        /// Run as this user of the guest (name or numeric uid; default root);
+        /// the shell starts in that user's home
+        #[arg(short, long, default_value = "")]
+        user: String,
     },
     /// Copy a file between host and guest: `vm cp ./f NAME:/path` or `vm cp NAME:/path ./f`.
     Cp { src: String, dst: String },
@@ -607,9 +611,9 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
             let vm = ops::get_vm(&f, &name);
             exec_streaming(&vm, &exec, cmd).await
         }
-        VmCmd::Shell { name, program } => {
+        VmCmd::Shell { name, program, user } => {
             let vm = ops::get_vm(&f, &name);
-            shell(&vm, program).await
+            shell(&vm, program, &user).await
         }
         VmCmd::Cp { src, dst } => copy(&f, &src, &dst).await,
         VmCmd::Stop { name } => {
@@ -690,7 +694,11 @@ impl Drop for RawMode {
     }
 }
 
-async fn shell(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, program: String) -> ClientResult<i32> {
+async fn shell(
+    vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client,
+    program: String,
+    user: &str,
+) -> ClientResult<i32> {
     let (resize_tx, resizes) = tokio::sync::mpsc::unbounded_channel();
     tokio::task::spawn_local(async move {
         let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else {
@@ -703,9 +711,20 @@ async fn shell(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, program: S
         }
     });
     let _raw = RawMode::enable();
-    let exit =
-        stream::pty_session(vm, vec![program], "/root", term_size(), tokio::io::stdout(), tokio::io::stdin(), resizes)
-            .await?;
+    // Root starts in /root (the base image's passwd may not say so);
+    // another user in its home from the guest's passwd.
+    let cwd = if user.is_empty() { "/root" } else { "" };
+    let exit = stream::pty_session_as(
+        vm,
+        user,
+        vec![program],
+        cwd,
+        term_size(),
+        tokio::io::stdout(),
+        tokio::io::stdin(),
+        resizes,
+    )
+    .await?;
     Ok(exit.shell_code())
 }
 

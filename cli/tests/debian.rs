@@ -44,6 +44,14 @@ fn a_debian_vm_runs_python_bash_node_and_git_as_agent() {
         0,
     );
     assert_eq!(stdout(&o), "1000\n/home/agent\nfirst\n");
+    // An interactive shell as the agent starts in its home.
+    let o = s.cli_in_pty(
+        "owner",
+        &["vm", "shell", "--user", "agent", "--program", "/bin/bash", "deb"],
+        b"echo \"$(id -un):$PWD\"; exit 3\n",
+    );
+    assert_eq!(o.status.code(), Some(3), "vm shell --user: {}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("agent:/home/agent"), "vm shell --user output: {}", stdout(&o));
     // The agent cannot write what belongs to root.
     let o = s.cli("owner", &["vm", "exec", "--user", "agent", "deb", "--", "touch", "/etc/x"], None);
     assert_ne!(o.status.code(), Some(0));

@@ -146,21 +146,7 @@ fn vm_lifecycle_isolation_quota_and_logout() {
     });
 
     // `vm shell` on a real terminal (util-linux `script` gives the CLI a pty).
-    let shell = format!("{} vm shell a", bin_dir().join("capvisor").display());
-    let mut child = std::process::Command::new("script")
-        .args(["-qec", &shell, "/dev/null"])
-        .env("CAPVISOR_SOCKET", &s.socket)
-        .env("CAPVISOR_CONFIG_DIR", s.config_dir("owner"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("util-linux script");
-    {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(b"echo shell-$((40+2)); exit 6\n").unwrap();
-    }
-    let o = child.wait_with_output().unwrap();
+    let o = s.cli_in_pty("owner", &["vm", "shell", "a"], b"echo shell-$((40+2)); exit 6\n");
     assert_eq!(o.status.code(), Some(6), "vm shell: {}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("shell-42"), "vm shell output: {}", stdout(&o));
 

@@ -77,13 +77,42 @@ pub async fn pty_session<O, I>(
     size: (u16, u16),
     output: O,
     input: I,
+    resizes: tokio::sync::mpsc::UnboundedReceiver<(u16, u16)>,
+) -> ClientResult<Exit>
+where
+    O: AsyncWrite + Unpin + 'static,
+    I: AsyncRead + Unpin + 'static,
+{
+    pty_session_as(vm, "", argv, cwd, size, output, input, resizes).await
+}
+
+/// [`pty_session`] as guest user `user` (a login name or numeric uid, see
+/// `ExecSpec.user`; empty: root). An empty `cwd` starts in that user's home.
+///
+/// Errors: as [`exec_streaming`]; an unknown user is `notFound`.
+#[allow(clippy::too_many_arguments)]
+pub async fn pty_session_as<O, I>(
+    vm: &vm::Client,
+    user: &str,
+    argv: Vec<String>,
+    cwd: &str,
+    size: (u16, u16),
+    output: O,
+    input: I,
     mut resizes: tokio::sync::mpsc::UnboundedReceiver<(u16, u16)>,
 ) -> ClientResult<Exit>
 where
     O: AsyncWrite + Unpin + 'static,
     I: AsyncRead + Unpin + 'static,
 {
-    let req = ExecRequest { argv, cwd: cwd.into(), keep_stdin_open: true, pty: Some(size), ..Default::default() };
+    let req = ExecRequest {
+        argv,
+        cwd: cwd.into(),
+        keep_stdin_open: true,
+        pty: Some(size),
+        user: user.into(),
+        ..Default::default()
+    };
     let (out, out_done) = WriterSink::client(output);
     // A pty sends nothing to stderr; keep what might come, bounded.
     let (err, _err_done) = capvisor_rpc::sink::CollectSink::client(1 << 20);

@@ -135,6 +135,27 @@ impl Server {
         child.wait_with_output().unwrap()
     }
 
+    /// Runs the CLI as client `who` on a real terminal (util-linux
+    /// `script` gives it a pty), typing `input`; the pty's output is stdout.
+    pub fn cli_in_pty(&self, who: &str, args: &[&str], input: &[u8]) -> Output {
+        let mut line = bin_dir().join("capvisor").display().to_string();
+        for a in args {
+            line.push(' ');
+            line.push_str(a);
+        }
+        let mut child = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("CAPVISOR_SOCKET", &self.socket)
+            .env("CAPVISOR_CONFIG_DIR", self.config_dir(who))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("util-linux script");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     /// Like `cli` but asserts exit code `code` and returns stdout.
     pub fn cli_ok(&self, who: &str, args: &[&str], stdin: Option<&[u8]>, code: i32) -> Output {
         let out = self.cli(who, args, stdin);
