@@ -130,7 +130,7 @@ pub fn ensure_image(
     }
     let img = complete(&dir).with_context(|| format!("image {} is incomplete after building", dir.display()))?;
     touch(&dir);
-    prune(&images, &dir);
+    prune(&images, &dir, "base", KEEP_IMAGES);
     progress(&format!(
         "image base ({kernel_source} kernel) ready: {} (took {:.1} s)",
         dir.display(),
@@ -173,19 +173,24 @@ pub const KEEP_IMAGES: usize = 4;
 /// Images used (or builds started) this recently are never pruned.
 const PRUNE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// How many root images (`debian-*`, hundreds of MiB each) a build keeps.
+pub const KEEP_ROOT_IMAGES: usize = 2;
+
 /// Marks `dir` as used now (its mtime), for [`prune`].
-fn touch(dir: &Path) {
+pub(crate) fn touch(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.set_modified(std::time::SystemTime::now());
     }
 }
 
-/// Removes old images after a build: of the `base-*` directories other
-/// than `keep`, all but the [`KEEP_IMAGES`] - 1 most recently used go if
-/// unused for an hour, and so do abandoned `.build-*` / `.unpack-*`
-/// directories. A VM already running from a removed image is unaffected
-/// (QEMU read its files at start). Errors are ignored.
-fn prune(images: &Path, keep: &Path) {
+/// Removes old images after a build or a cache hit: of the directories
+/// named `<family>-<16 hex digits>` other than `keep`, all but the
+/// `keep_n` - 1 most recently used go if unused for an hour, and so do
+/// abandoned `.build-*` / `.unpack-*` directories. A VM already running
+/// from a removed base image is unaffected (QEMU read its files at start);
+/// a root image in use stays open by its QEMU, so its blocks are freed
+/// only when that VM ends. Errors are ignored.
+pub(crate) fn prune(images: &Path, keep: &Path, family: &str, keep_n: usize) {
     let now = std::time::SystemTime::now();
     let age = |p: &Path| {
         std::fs::metadata(p)
@@ -202,14 +207,18 @@ fn prune(images: &Path, keep: &Path) {
         if p == keep {
             continue;
         }
-        if name.starts_with("base-") {
+        let in_family = name
+            .strip_prefix(family)
+            .and_then(|k| k.strip_prefix('-'))
+            .is_some_and(|k| k.len() == 16 && k.bytes().all(|c| c.is_ascii_hexdigit()));
+        if in_family {
             bases.push((age(&p), p));
         } else if (name.starts_with(".build-") || name.starts_with(".unpack-")) && age(&p) > PRUNE_GRACE {
             let _ = std::fs::remove_dir_all(&p);
         }
     }
     bases.sort();
-    for (a, p) in bases.into_iter().skip(KEEP_IMAGES.saturating_sub(1)) {
+    for (a, p) in bases.into_iter().skip(keep_n.saturating_sub(1)) {
         if a > PRUNE_GRACE {
             let _ = std::fs::remove_dir_all(&p);
         }
@@ -475,16 +484,25 @@ mod tests {
             }
             p
         };
-        let keep = mk("base-keep", true);
-        let stale: Vec<_> = (0..5).map(|i| mk(&format!("base-old{i}"), true)).collect();
-        let fresh = mk("base-fresh", false);
+        let key = |i: usize| format!("{i:016x}");
+        let keep = mk(&format!("base-{}", key(99)), true);
+        let stale: Vec<_> = (0..5).map(|i| mk(&format!("base-{}", key(i)), true)).collect();
+        let fresh = mk(&format!("base-{}", key(50)), false);
         let abandoned = mk(".build-base-x", true);
-        prune(d.path(), &keep);
+        // Other families and names that only look alike are not touched.
+        let roots: Vec<_> = (0..3).map(|i| mk(&format!("debian-{}", key(i)), true)).collect();
+        let alike = mk(&format!("base-x-{}", key(1)), true);
+        prune(d.path(), &keep, "base", KEEP_IMAGES);
         assert!(keep.exists() && fresh.exists());
         assert!(!abandoned.exists());
         // KEEP_IMAGES - 1 others survive: the fresh one and the newest stale ones.
         let left = stale.iter().filter(|p| p.exists()).count();
         assert_eq!(left, KEEP_IMAGES - 2);
+        assert!(roots.iter().all(|p| p.exists()) && alike.exists());
+        // Root images keep KEEP_ROOT_IMAGES: the one in use and the newest other.
+        prune(d.path(), &roots[0], "debian", KEEP_ROOT_IMAGES);
+        assert_eq!(roots.iter().filter(|p| p.exists()).count(), KEEP_ROOT_IMAGES);
+        assert!(roots[0].exists());
     }
 
     #[test]

@@ -230,6 +230,8 @@ pub fn ensure_rootfs(cache_dir: &Path, spec: &RootfsSpec, progress: &mut dyn FnM
     let images = cache_dir.join("images");
     let dir = images.join(format!("debian-{}", &key[..16]));
     if let Some(p) = complete(&dir) {
+        crate::touch(&dir);
+        crate::prune(&images, &dir, "debian", crate::KEEP_ROOT_IMAGES);
         progress(&format!("debian image: cached at {} ({} packages)", p.display(), resolved.len()));
         return Ok(p);
     }
@@ -264,6 +266,8 @@ pub fn ensure_rootfs(cache_dir: &Path, spec: &RootfsSpec, progress: &mut dyn FnM
         Err(_) => {}
     }
     let p = complete(&dir).with_context(|| format!("root image {} is incomplete after building", dir.display()))?;
+    crate::touch(&dir);
+    crate::prune(&images, &dir, "debian", crate::KEEP_ROOT_IMAGES);
     let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
     progress(&format!(
         "debian image: ready: {} ({:.0} MiB, took {:.0} s)",
