@@ -10,21 +10,17 @@
 //! - `CLIENT_CALLS` calls in progress on one client connection: one more is
 //!   `unavailable` at once, and the connection works on.
 
+mod common;
+
 use capnp::capability::Rc as CapRc;
 use capvisor_client::ops;
-use capvisor_manifest::{BuiltImage, Manifest, SessionContext};
 use capvisor_rpc::conn::{self, CLIENT_CALLS, GUEST_CALLS};
-use capvisor_rpc::principal::Principal;
-use capvisor_rpc::schema::capvisor_capnp::{session, vm, AuthMethod, Engine, VmState};
+use capvisor_rpc::schema::capvisor_capnp::{session, vm, VmState};
 use capvisor_rpc::schema::common_capnp::{byte_sink, process, ErrorCode};
 use capvisor_rpc::schema::guest_capnp::guest;
-use capvisor_rpc::schema::internal_capnp::{machine, session_host, vm_hold};
-use capvisor_rpc::vmconfig::VmConfig;
-use capvisor_rpc::{CvError, CvResult};
-use capvisor_worker::launch::{LaunchedVm, VmLauncher};
-use capvisor_worker::state::SessionState;
+use capvisor_rpc::CvError;
+use common::{run, Worker};
 use std::cell::Cell;
-use std::future::Future;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -119,108 +115,38 @@ impl guest::Server for FakeGuest {
     }
 }
 
-struct FakeHost;
-struct FakeHold;
-impl vm_hold::Server for FakeHold {}
-impl session_host::Server for FakeHost {
-    async fn reserve_vm(
-        self: CapRc<Self>,
-        _: session_host::ReserveVmParams,
-        mut r: session_host::ReserveVmResults,
-    ) -> capnp::Result<()> {
-        r.get().set_hold(capnp_rpc::new_client::<vm_hold::Client, _>(FakeHold));
-        Ok(())
-    }
-    async fn audit(
-        self: CapRc<Self>,
-        _: session_host::AuditParams,
-        _: session_host::AuditResults,
-    ) -> capnp::Result<()> {
-        Ok(())
-    }
-}
-
-/// A `Machine` that runs until stopped.
-struct FakeMachine(tokio::sync::watch::Sender<VmState>);
-impl machine::Server for FakeMachine {
-    async fn stop(self: CapRc<Self>, _: machine::StopParams, mut r: machine::StopResults) -> capnp::Result<()> {
-        self.0.send_replace(VmState::Stopped);
-        r.get().init_status().set_state(VmState::Stopped);
-        Ok(())
-    }
-    async fn wait_exit(
-        self: CapRc<Self>,
-        _: machine::WaitExitParams,
-        mut r: machine::WaitExitResults,
-    ) -> capnp::Result<()> {
-        let mut rx = self.0.subscribe();
-        let _ = rx.wait_for(|s| *s == VmState::Stopped).await;
-        r.get().init_status().set_state(VmState::Stopped);
-        Ok(())
-    }
-}
-
-struct Launcher(Rc<Guests>);
-impl VmLauncher for Launcher {
-    fn launch(&self, _: &VmConfig) -> CvResult<LaunchedVm> {
-        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
-        let g: guest::Client = capnp_rpc::new_client(FakeGuest(self.0.clone()));
-        let system =
-            conn::rpc_system(theirs, capnp_rpc::rpc_twoparty_capnp::Side::Server, Some(g.client), conn::INTERNAL);
-        tokio::task::spawn_local(system);
-        let machine = capnp_rpc::new_client(FakeMachine(tokio::sync::watch::channel(VmState::Running).0));
-        Ok(LaunchedVm { machine, machine_conn: None, agent: ours, child: None })
-    }
-}
-
+/// A worker whose VMs' guests are [`FakeGuest`]s sharing one [`Guests`].
 struct Env {
-    st: Rc<SessionState>,
+    w: Worker,
     guests: Rc<Guests>,
-    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Worker;
+    fn deref(&self) -> &Worker {
+        &self.w
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let b = Manifest::default_manifest().bundle_for("owner").unwrap().clone();
-        let image = BuiltImage {
-            kernel: "/k".into(),
-            initramfs: "/i".into(),
-            kernel_release: "6.1-test".into(),
-            rootfs: None,
-            writable_mib: 0,
-        };
-        let ctx = SessionContext {
-            session_id: "bounds".into(),
-            principal: Principal::new(AuthMethod::Local, "tester"),
-            profile: "owner".into(),
-            bundle: b,
-            expires_at_ms: capvisor_worker::state::now_ms() + 3_600_000,
-            images: [("base".to_string(), image)].into(),
-            run_dir: dir.path().to_path_buf(),
-            auto_engine: Engine::Qemu,
-            // In-process: no session cgroup; every layer optional.
-            confinement: capvisor_rpc::vmconfig::Confinement {
-                cgroup: false,
-                netns: false,
-                landlock: false,
-                ..Default::default()
-            },
-            volume_dir: None,
-        };
         let guests = Rc::new(Guests::default());
-        let host: session_host::Client = capnp_rpc::new_client(FakeHost);
-        let st = SessionState::new(ctx, host, Box::new(Launcher(guests.clone())));
-        Env { st, guests, _dir: dir }
-    }
-
-    /// A client attached the way the broker hands one over.
-    async fn attach(&self) -> session::Client {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        capvisor_worker::serve::attach_client(self.st.clone(), theirs.into());
-        let mut ours = capvisor_rpc::spawn::into_tokio(ours.into()).unwrap();
-        capvisor_rpc::attach::read_reply(&mut ours).await.unwrap().unwrap();
-        conn::connect::<session::Client>(ours, None, conn::UNTRUSTED).0
+        let g = guests.clone();
+        let w = Worker::new(
+            "bounds",
+            |_| {},
+            move |theirs| {
+                let g: guest::Client = capnp_rpc::new_client(FakeGuest(g.clone()));
+                let system = conn::rpc_system(
+                    theirs,
+                    capnp_rpc::rpc_twoparty_capnp::Side::Server,
+                    Some(g.client),
+                    conn::INTERNAL,
+                );
+                tokio::task::spawn_local(system);
+            },
+        );
+        Env { w, guests }
     }
 
     async fn vm(&self, s: &session::Client, name: &str) -> vm::Client {
@@ -232,10 +158,6 @@ impl Env {
     fn agent_calls(&self, name: &str) -> Rc<conn::CallGauge> {
         self.st.vms.borrow()[name].running.borrow().as_ref().expect("running").agent_calls.clone()
     }
-}
-
-fn run<F: Future<Output = ()>>(f: F) {
-    conn::run_local(async move { tokio::time::timeout(Duration::from_secs(60), f).await.expect("test timed out") })
 }
 
 async fn until(mut cond: impl FnMut() -> bool) {

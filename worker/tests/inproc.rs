@@ -5,224 +5,15 @@
 //! pipelining with typed errors, identity after remove, quotas, revocation
 //! and the forwarding of sinks.
 
+mod common;
+
 use capnp::capability::{FromClientHook, Rc as CapRc};
 use capvisor_client::{ops, ClientError};
-use capvisor_guest_init::{boottime_ms, serve_stream, GuestServer, ShutdownMode};
-use capvisor_manifest::{BuiltImage, Manifest, SessionContext};
-use capvisor_rpc::principal::Principal;
-use capvisor_rpc::schema::capvisor_capnp::{session, vm_factory, AuthMethod, Engine, VmState};
+use capvisor_rpc::schema::capvisor_capnp::{vm_factory, Engine, VmState};
 use capvisor_rpc::schema::common_capnp::{byte_sink, ErrorCode};
-use capvisor_rpc::schema::internal_capnp::{audit_outcome, machine, session_host};
 use capvisor_rpc::sink::CollectSink;
-use capvisor_rpc::vmconfig::VmConfig;
-use capvisor_rpc::{conn, CvResult};
-use capvisor_worker::launch::{LaunchedVm, VmLauncher};
-use capvisor_worker::state::SessionState;
-use std::cell::RefCell;
-use std::future::Future;
-use std::rc::Rc;
+use common::{run, Worker};
 use std::time::Duration;
-
-/// What the fake broker and fake machines saw.
-#[derive(Default)]
-struct Seen {
-    launched: Vec<VmConfig>,
-    audit: Vec<(String, String)>,
-    logouts: usize,
-    machines_stopped: usize,
-    /// Launch VMs whose guest never answers (their agent ends are kept here).
-    hang: bool,
-    hung: Vec<tokio::net::UnixStream>,
-    /// One switch per launched machine: `true` makes its vmm "die" (its
-    /// `waitExit` fails the way a lost connection does).
-    kill_switches: Vec<tokio::sync::watch::Sender<bool>>,
-    /// VM reservations held now, and the most the fake broker grants.
-    holds: usize,
-    max_holds: Option<usize>,
-}
-
-type Shared = Rc<RefCell<Seen>>;
-
-/// `SessionHost` that records audit events and logouts, and grants VM
-/// reservations up to `max_holds`.
-struct FakeHost(Shared);
-
-/// A reservation of the fake broker: counted while it lives.
-struct FakeHold(Shared);
-
-impl capvisor_rpc::schema::internal_capnp::vm_hold::Server for FakeHold {}
-
-impl Drop for FakeHold {
-    fn drop(&mut self) {
-        self.0.borrow_mut().holds -= 1;
-    }
-}
-
-impl session_host::Server for FakeHost {
-    async fn logout(
-        self: CapRc<Self>,
-        _: session_host::LogoutParams,
-        _: session_host::LogoutResults,
-    ) -> capnp::Result<()> {
-        self.0.borrow_mut().logouts += 1;
-        Ok(())
-    }
-    async fn audit(
-        self: CapRc<Self>,
-        p: session_host::AuditParams,
-        _: session_host::AuditResults,
-    ) -> capnp::Result<()> {
-        let ev = p.get()?.get_event()?;
-        let outcome = match ev.get_outcome()?.which()? {
-            audit_outcome::Ok(()) => "ok".to_string(),
-            audit_outcome::Error(c) => capvisor_rpc::error::code_name(c?).to_string(),
-        };
-        self.0.borrow_mut().audit.push((ev.get_action()?.to_string().unwrap(), outcome));
-        Ok(())
-    }
-    async fn reserve_vm(
-        self: CapRc<Self>,
-        _: session_host::ReserveVmParams,
-        mut r: session_host::ReserveVmResults,
-    ) -> capnp::Result<()> {
-        let mut seen = self.0.borrow_mut();
-        if seen.max_holds.is_some_and(|m| seen.holds >= m) {
-            return Err(capvisor_rpc::CvError::quota("the principal's VM budget is used up").into());
-        }
-        seen.holds += 1;
-        drop(seen);
-        r.get().set_hold(capnp_rpc::new_client::<capvisor_rpc::schema::internal_capnp::vm_hold::Client, _>(FakeHold(
-            self.0.clone(),
-        )));
-        Ok(())
-    }
-}
-
-/// `Machine` that runs until stopped.
-struct FakeMachine {
-    engine: Engine,
-    state: tokio::sync::watch::Sender<VmState>,
-    dead: tokio::sync::watch::Receiver<bool>,
-    seen: Shared,
-}
-
-impl FakeMachine {
-    fn write(&self, mut b: capvisor_rpc::schema::internal_capnp::machine_status::Builder<'_>) {
-        b.set_state(*self.state.borrow());
-        b.set_engine(self.engine);
-    }
-}
-
-impl machine::Server for FakeMachine {
-    async fn status(self: CapRc<Self>, _: machine::StatusParams, mut r: machine::StatusResults) -> capnp::Result<()> {
-        self.write(r.get().init_status());
-        Ok(())
-    }
-    async fn stop(self: CapRc<Self>, _: machine::StopParams, mut r: machine::StopResults) -> capnp::Result<()> {
-        self.state.send_replace(VmState::Stopped);
-        self.seen.borrow_mut().machines_stopped += 1;
-        self.write(r.get().init_status());
-        Ok(())
-    }
-    async fn wait_exit(
-        self: CapRc<Self>,
-        _: machine::WaitExitParams,
-        mut r: machine::WaitExitResults,
-    ) -> capnp::Result<()> {
-        let mut rx = self.state.subscribe();
-        let mut dead = self.dead.clone();
-        tokio::select! {
-            _ = rx.wait_for(|s| matches!(s, VmState::Stopped | VmState::Crashed)) => {}
-            _ = dead.wait_for(|d| *d) => return Err(capnp::Error::disconnected("Peer disconnected.".into())),
-        }
-        self.write(r.get().init_status());
-        Ok(())
-    }
-}
-
-/// Launches "VMs" that are guest-init's `Guest` server on a socketpair.
-struct FakeLauncher(Shared);
-
-impl VmLauncher for FakeLauncher {
-    fn launch(&self, cfg: &VmConfig) -> CvResult<LaunchedVm> {
-        self.0.borrow_mut().launched.push(cfg.clone());
-        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
-        if self.0.borrow().hang {
-            self.0.borrow_mut().hung.push(theirs);
-        } else {
-            let guest = GuestServer::new(boottime_ms(), ShutdownMode::EndServing).into_client();
-            tokio::task::spawn_local(serve_stream(theirs, guest));
-        }
-        let (state, _) = tokio::sync::watch::channel(VmState::Running);
-        let (kill, dead) = tokio::sync::watch::channel(false);
-        self.0.borrow_mut().kill_switches.push(kill);
-        let machine = capnp_rpc::new_client(FakeMachine { engine: cfg.engine, state, dead, seen: self.0.clone() });
-        Ok(LaunchedVm { machine, machine_conn: None, agent: ours, child: None })
-    }
-}
-
-struct Env {
-    st: Rc<SessionState>,
-    seen: Shared,
-    _dir: tempfile::TempDir,
-}
-
-impl Env {
-    /// A worker for an owner session whose bundle is edited by `bundle`.
-    fn new(bundle: impl FnOnce(&mut capvisor_manifest::Bundle)) -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = Manifest::default_manifest().bundle_for("owner").unwrap().clone();
-        bundle(&mut b);
-        let image = BuiltImage {
-            kernel: "/k".into(),
-            initramfs: "/i".into(),
-            kernel_release: "6.1-test".into(),
-            rootfs: None,
-            writable_mib: 0,
-        };
-        let ctx = SessionContext {
-            session_id: "inproc".into(),
-            principal: Principal::new(AuthMethod::Local, "tester"),
-            profile: "owner".into(),
-            bundle: b,
-            expires_at_ms: capvisor_worker::state::now_ms() + 3_600_000,
-            images: [("base".to_string(), image)].into(),
-            run_dir: dir.path().to_path_buf(),
-            auto_engine: Engine::Qemu,
-            // In-process: no session cgroup; every layer optional (absences are audited).
-            confinement: capvisor_rpc::vmconfig::Confinement {
-                cgroup: false,
-                netns: false,
-                landlock: false,
-                ..Default::default()
-            },
-            volume_dir: None,
-        };
-        let seen = Shared::default();
-        let host: session_host::Client = capnp_rpc::new_client(FakeHost(seen.clone()));
-        let st = SessionState::new(ctx, host, Box::new(FakeLauncher(seen.clone())));
-        Env { st, seen, _dir: dir }
-    }
-
-    /// A client attached the way the broker hands one over: a socket the
-    /// worker answers with the attach reply and then serves `Session` on.
-    async fn attach(&self) -> session::Client {
-        self.attach_with_conn().await.0
-    }
-
-    /// [`Env::attach`], with the client's RPC system (abort it to hang up).
-    async fn attach_with_conn(&self) -> (session::Client, tokio::task::JoinHandle<Result<(), capnp::Error>>) {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        capvisor_worker::serve::attach_client(self.st.clone(), theirs.into());
-        let mut ours = capvisor_rpc::spawn::into_tokio(ours.into()).unwrap();
-        capvisor_rpc::attach::read_reply(&mut ours).await.unwrap().unwrap();
-        conn::connect::<session::Client>(ours, None, conn::UNTRUSTED)
-    }
-}
-
-fn run<F: Future<Output = ()>>(f: F) {
-    conn::run_local(async move { tokio::time::timeout(Duration::from_secs(60), f).await.expect("test timed out") })
-}
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
     match r {
@@ -244,7 +35,7 @@ async fn echo(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, word: &str)
 #[test]
 fn a_whole_chain_is_pipelined_and_execs_in_the_guest() {
     run(async {
-        let env = Env::new(|_| {});
+        let env = Worker::with_guest_init("inproc", |_| {});
         let s = env.attach().await;
         // create -> exec -> wait as one pipelined chain from the session.
         let vm = ops::create_vm(&ops::vms(&s), &spec("a"));
@@ -265,7 +56,7 @@ fn a_whole_chain_is_pipelined_and_execs_in_the_guest() {
 #[test]
 fn a_failed_pipelined_call_reports_the_first_failures_code() {
     run(async {
-        let env = Env::new(|_| {});
+        let env = Worker::with_guest_init("inproc", |_| {});
         let s = env.attach().await;
         // VmFactory.get of an unknown name, then exec on its result, then wait.
         let vm = ops::get_vm(&ops::vms(&s), "nope");
@@ -289,7 +80,7 @@ fn a_failed_pipelined_call_reports_the_first_failures_code() {
 #[test]
 fn a_held_vm_never_reaches_a_newer_vm_of_the_same_name() {
     run(async {
-        let env = Env::new(|_| {});
+        let env = Worker::with_guest_init("inproc", |_| {});
         let s = env.attach().await;
         let f = ops::vms(&s);
         let old = ops::create_vm(&f, &spec("same"));
@@ -322,7 +113,7 @@ fn a_held_vm_never_reaches_a_newer_vm_of_the_same_name() {
 #[test]
 fn bundle_limits_are_typed_and_launch_nothing() {
     run(async {
-        let env = Env::new(|b| {
+        let env = Worker::with_guest_init("inproc", |b| {
             b.max_vms = 1;
             b.max_memory_mib = 512;
             b.max_vcpus = 2;
@@ -349,7 +140,7 @@ fn bundle_limits_are_typed_and_launch_nothing() {
 #[test]
 fn logout_breaks_every_cap_and_pending_call_and_stops_the_vms() {
     run(async {
-        let env = Env::new(|_| {});
+        let env = Worker::with_guest_init("inproc", |_| {});
         let s = env.attach().await;
         let other = env.attach().await;
         let f = ops::vms(&s);
@@ -397,7 +188,7 @@ impl byte_sink::Server for Tap {
 fn sinks_are_forwarded_through_the_membrane_and_cut_when_the_scope_ends() {
     run(async {
         use capvisor_worker::wrap::{Scope, SinkWrapper};
-        let env = Env::new(|_| {});
+        let env = Worker::with_guest_init("inproc", |_| {});
         let s = env.attach().await;
         // Through a real exec: the client's sink receives the guest's output.
         let vm = ops::create_vm(&ops::vms(&s), &spec("sink"));
@@ -439,7 +230,7 @@ fn sinks_are_forwarded_through_the_membrane_and_cut_when_the_scope_ends() {
 #[test]
 fn a_create_cancelled_mid_boot_leaves_no_vm_behind() {
     run(async {
-        let env = Env::new(|b| b.max_vms = 1);
+        let env = Worker::with_guest_init("inproc", |b| b.max_vms = 1);
         env.seen.borrow_mut().hang = true;
         let (s, conn) = env.attach_with_conn().await;
         let vm = ops::create_vm(&ops::vms(&s), &spec("slow"));
@@ -470,7 +261,7 @@ fn a_create_cancelled_mid_boot_leaves_no_vm_behind() {
 #[test]
 fn a_vm_whose_vmm_dies_is_crashed_with_the_reason() {
     run(async {
-        let env = Env::new(|_| {});
+        let env = Worker::with_guest_init("inproc", |_| {});
         let s = env.attach().await;
         let f = ops::vms(&s);
         let vm = ops::create_vm(&f, &spec("k"));
@@ -513,7 +304,7 @@ fn the_client_librarys_composed_operations_work_end_to_end() {
     use capvisor_client::stream;
     use tokio::io::AsyncReadExt;
     run(async {
-        let env = Env::new(|_| {});
+        let env = Worker::with_guest_init("inproc", |_| {});
         let s = env.attach().await;
         let vm = ops::create_vm(&ops::vms(&s), &spec("lib"));
         // exec with stdin from a reader and output into writers.
@@ -564,7 +355,7 @@ fn the_client_librarys_composed_operations_work_end_to_end() {
 #[test]
 fn running_vms_hold_a_broker_reservation_and_a_refusal_starts_nothing() {
     run(async {
-        let env = Env::new(|_| {});
+        let env = Worker::with_guest_init("inproc", |_| {});
         env.seen.borrow_mut().max_holds = Some(1);
         let s = env.attach().await;
         let f = ops::vms(&s);

@@ -9,12 +9,10 @@
 //! time to the first exec result (root image vs base) and the host disk
 //! used by the writable layer right after boot.
 
-use capnp::capability::Rc as CapRc;
+mod common;
+
 use capvisor_client::ops;
-use capvisor_manifest::{BuiltImage, Manifest, SessionContext};
-use capvisor_rpc::conn;
-use capvisor_rpc::principal::Principal;
-use capvisor_rpc::schema::capvisor_capnp::{session, AuthMethod, Engine};
+use capvisor_manifest::BuiltImage;
 use capvisor_rpc::schema::internal_capnp::session_host;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,30 +77,6 @@ fn make_rootfs(dir: &Path) -> PathBuf {
     img
 }
 
-struct Host;
-
-struct Hold;
-
-impl capvisor_rpc::schema::internal_capnp::vm_hold::Server for Hold {}
-
-impl session_host::Server for Host {
-    async fn audit(
-        self: CapRc<Self>,
-        _: session_host::AuditParams,
-        _: session_host::AuditResults,
-    ) -> capnp::Result<()> {
-        Ok(())
-    }
-    async fn reserve_vm(
-        self: CapRc<Self>,
-        _: session_host::ReserveVmParams,
-        mut r: session_host::ReserveVmResults,
-    ) -> capnp::Result<()> {
-        r.get().set_hold(capnp_rpc::new_client::<capvisor_rpc::schema::internal_capnp::vm_hold::Client, _>(Hold));
-        Ok(())
-    }
-}
-
 async fn sh(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, script: &str) -> (i32, String, String) {
     let out = ops::exec_collect(vm, &["sh", "-c", script], b"", 1 << 16).await.unwrap();
     let code = match out.exit {
@@ -134,104 +108,75 @@ fn a_vm_boots_into_its_root_image_with_a_bounded_writable_layer() {
     let rooted = BuiltImage { rootfs: Some(rootfs), writable_mib: 24, ..base.clone() };
     let run_dir = dir.path().join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
-    let mut b = Manifest::default_manifest().bundle_for("owner").unwrap().clone();
-    b.images.push("rooted".into());
-    let ctx = SessionContext {
-        session_id: "rootfs".into(),
-        principal: Principal::new(AuthMethod::Local, "tester"),
-        profile: "owner".into(),
-        bundle: b,
-        expires_at_ms: capvisor_worker::state::now_ms() + 3_600_000,
-        images: [("base".to_string(), base), ("rooted".to_string(), rooted)].into(),
-        run_dir: run_dir.clone(),
-        auto_engine: Engine::Qemu,
-        confinement: capvisor_rpc::vmconfig::Confinement {
-            cgroup: false,
-            netns: false,
-            landlock: false,
-            ..Default::default()
-        },
-        volume_dir: None,
-    };
-    conn::run_local(async move {
-        tokio::time::timeout(Duration::from_secs(300), async move {
-            let host: session_host::Client = capnp_rpc::new_client(Host);
-            let st = capvisor_worker::state::SessionState::new(
-                ctx,
-                host,
-                Box::new(capvisor_worker::launch::ProcessVmLauncher),
-            );
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-            capvisor_worker::serve::attach_client(st.clone(), theirs.into());
-            let mut ours = capvisor_rpc::spawn::into_tokio(ours.into()).unwrap();
-            capvisor_rpc::attach::read_reply(&mut ours).await.unwrap().unwrap();
-            let (s, _conn) = conn::connect::<session::Client>(ours, None, conn::UNTRUSTED);
-            let f = ops::vms(&s);
+    let bundle = common::owner_bundle(|b| b.images.push("rooted".into()));
+    let images = [("base".to_string(), base), ("rooted".to_string(), rooted)].into();
+    let ctx = common::context("rootfs", bundle, images, run_dir.clone());
+    common::run_within(Duration::from_secs(300), async move {
+        let host: session_host::Client = capnp_rpc::new_client(common::FakeHost(common::Shared::default()));
+        let st =
+            capvisor_worker::state::SessionState::new(ctx, host, Box::new(capvisor_worker::launch::ProcessVmLauncher));
+        let s = common::attach(&st).await;
+        let f = ops::vms(&s);
 
-            // Base VM: boots as before, hostname unchanged.
-            let t = Instant::now();
-            let plain = ops::create_vm(&f, &ops::VmSpec { name: "plain".into(), ..Default::default() });
-            let (c, out, _) = sh(&plain, "hostname").await;
-            let base_ms = t.elapsed().as_millis();
-            assert_eq!((c, out.trim()), (0, "capvisor"));
+        // Base VM: boots as before, hostname unchanged.
+        let t = Instant::now();
+        let plain = ops::create_vm(&f, &ops::VmSpec { name: "plain".into(), ..Default::default() });
+        let (c, out, _) = sh(&plain, "hostname").await;
+        let base_ms = t.elapsed().as_millis();
+        assert_eq!((c, out.trim()), (0, "capvisor"));
 
-            // Root image VM.
-            let t = Instant::now();
-            let vm = ops::create_vm(
-                &f,
-                &ops::VmSpec { name: "rooted-1".into(), image: "rooted".into(), ..Default::default() },
-            );
-            let (c, out, err) = sh(&vm, "hostname; echo persisted > /root/note; cat /proc/mounts").await;
-            let root_ms = t.elapsed().as_millis();
-            assert_eq!(c, 0, "{err}");
-            let mut lines = out.lines();
-            assert_eq!(lines.next(), Some("rooted-1"), "hostname is the VM name");
-            assert!(out.lines().any(|l| l.starts_with("overlay / overlay")), "root is the overlay: {out}");
-            let layer = run_dir.join("rooted-1").join(capvisor_worker::vms::WRITABLE_LAYER);
-            let du = Command::new("du").args(["-k"]).arg(&layer).output().unwrap();
-            println!(
-                "figures: first exec result after create: base {base_ms} ms, root image {root_ms} ms; writable layer \
+        // Root image VM.
+        let t = Instant::now();
+        let vm =
+            ops::create_vm(&f, &ops::VmSpec { name: "rooted-1".into(), image: "rooted".into(), ..Default::default() });
+        let (c, out, err) = sh(&vm, "hostname; echo persisted > /root/note; cat /proc/mounts").await;
+        let root_ms = t.elapsed().as_millis();
+        assert_eq!(c, 0, "{err}");
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("rooted-1"), "hostname is the VM name");
+        assert!(out.lines().any(|l| l.starts_with("overlay / overlay")), "root is the overlay: {out}");
+        let layer = run_dir.join("rooted-1").join(capvisor_worker::vms::WRITABLE_LAYER);
+        let du = Command::new("du").args(["-k"]).arg(&layer).output().unwrap();
+        println!(
+            "figures: first exec result after create: base {base_ms} ms, root image {root_ms} ms; writable layer \
                  ({} MiB apparent) uses {} KiB on the host after boot",
-                24,
-                String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap_or("?")
-            );
-            // The busybox root is what execs see (the initramfs has no /etc/group).
-            let (_, out, _) = sh(&vm, "cat /root/note; cat /etc/group | head -1").await;
-            assert_eq!(out, "persisted\nroot:x:0:\n", "a file in /root survives to a second exec");
+            24,
+            String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap_or("?")
+        );
+        // The busybox root is what execs see (the initramfs has no /etc/group).
+        let (_, out, _) = sh(&vm, "cat /root/note; cat /etc/group | head -1").await;
+        assert_eq!(out, "persisted\nroot:x:0:\n", "a file in /root survives to a second exec");
 
-            // As the unprivileged user: uid, groups, HOME and cwd from the guest's passwd/group.
-            let req = ops::ExecRequest {
-                argv: vec!["sh".into(), "-c".into(), "id -u; id -G; echo $HOME $USER; pwd; touch /root/x".into()],
-                user: "agent".into(),
-                ..Default::default()
-            };
-            let out = exec_req(&vm, &req).await.unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout), "1000\n1000 100\n/home/agent agent\n/home/agent\n");
-            assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "agent cannot write /root");
-            let req = ops::ExecRequest { argv: vec!["id".into()], user: "mallory".into(), ..Default::default() };
-            match exec_req(&vm, &req).await {
-                Err(capvisor_client::ClientError::Domain(e)) => {
-                    assert_eq!(e.code, capvisor_rpc::schema::common_capnp::ErrorCode::InvalidArgument);
-                    assert!(e.message.contains("no user mallory in the guest"), "{}", e.message);
-                }
-                other => panic!("expected invalidArgument, got {other:?}"),
+        // As the unprivileged user: uid, groups, HOME and cwd from the guest's passwd/group.
+        let req = ops::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "id -u; id -G; echo $HOME $USER; pwd; touch /root/x".into()],
+            user: "agent".into(),
+            ..Default::default()
+        };
+        let out = exec_req(&vm, &req).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "1000\n1000 100\n/home/agent agent\n/home/agent\n");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "agent cannot write /root");
+        let req = ops::ExecRequest { argv: vec!["id".into()], user: "mallory".into(), ..Default::default() };
+        match exec_req(&vm, &req).await {
+            Err(capvisor_client::ClientError::Domain(e)) => {
+                assert_eq!(e.code, capvisor_rpc::schema::common_capnp::ErrorCode::InvalidArgument);
+                assert!(e.message.contains("no user mallory in the guest"), "{}", e.message);
             }
+            other => panic!("expected invalidArgument, got {other:?}"),
+        }
 
-            // ENOSPC at the writable layer's size, inside the guest only.
-            let (c, _, err) = sh(&vm, "dd if=/dev/zero of=/big bs=1M count=64").await;
-            assert_ne!(c, 0);
-            assert!(err.contains("No space left on device"), "{err}");
-            let apparent = std::fs::metadata(&layer).unwrap().len();
-            assert_eq!(apparent, 24 << 20, "the layer never grows past its size");
-            let (c, _, _) = sh(&vm, "rm /big && echo ok").await;
-            assert_eq!(c, 0);
+        // ENOSPC at the writable layer's size, inside the guest only.
+        let (c, _, err) = sh(&vm, "dd if=/dev/zero of=/big bs=1M count=64").await;
+        assert_ne!(c, 0);
+        assert!(err.contains("No space left on device"), "{err}");
+        let apparent = std::fs::metadata(&layer).unwrap().len();
+        assert_eq!(apparent, 24 << 20, "the layer never grows past its size");
+        let (c, _, _) = sh(&vm, "rm /big && echo ok").await;
+        assert_eq!(c, 0);
 
-            // Removal deletes the writable layer.
-            ops::remove_vm(&f, "rooted-1").await.unwrap();
-            assert!(!layer.exists(), "{} kept after remove", layer.display());
-            ops::remove_vm(&f, "plain").await.unwrap();
-        })
-        .await
-        .expect("test timed out")
+        // Removal deletes the writable layer.
+        ops::remove_vm(&f, "rooted-1").await.unwrap();
+        assert!(!layer.exists(), "{} kept after remove", layer.display());
+        ops::remove_vm(&f, "plain").await.unwrap();
     });
 }
