@@ -10,6 +10,10 @@
 //! `--delay-ms D` (10): round trips counted through a relay adding D per
 //! direction (module `rtt`). `--cli-only --bin-dir DIR [--guest-init PATH]`
 //! measures only `capvisor vm exec` with DIR's server and CLI.
+//! `--image-boots N` (default 5; 0 skips) cold boots of each of `base` and
+//! `debian`, the debian writable layer's host disk, and image build times;
+//! `--cold-image` adds one cold build of the debian image (minutes; module
+//! `images`).
 
 use capvisor_client::{connect, ops};
 use capvisor_rpc::host::host_kvm_usable;
@@ -20,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "capvisor-bench/images.rs"]
+mod images;
 #[path = "common/procs.rs"]
 mod procs;
 #[path = "capvisor-bench/rtt.rs"]
@@ -89,9 +95,10 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Boots the image with plain qemu: exactly the command line the vmm uses
 /// (`capvisor_vmm::qemu::args`: same machine, accel, kernel, initramfs,
-/// command line, devices; agent and QMP on socketpairs nobody talks on),
-/// started directly, without capvisor around it. Returns the time until
-/// guest-init's first line reaches the console log. Must run inside a
+/// command line, devices; agent and QMP on socketpairs nobody talks on,
+/// the serial console on a socketpair read here), started directly,
+/// without capvisor around it. Returns the time until guest-init's first
+/// line reaches the console. Must run inside a
 /// `LocalSet` (the cold boots run in the same loop, alternating with these,
 /// so drift in host load hits both series alike).
 async fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration {
@@ -113,25 +120,34 @@ async fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration
     let args = capvisor_vmm::qemu::args(&cfg, host_kvm_usable(), capvisor_vmm::qemu::host_tsc_khz());
     let (agent, _agent_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
     let (qmp, _qmp_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
-    let console = run_dir.join("console.log");
+    let (console_ours, console) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
+    let mut console_ours = capvisor_rpc::spawn::into_tokio(console_ours).expect("console socket");
     {
         let mut cmd = tokio::process::Command::new(capvisor_vmm::qemu::qemu_binary());
         cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let fds = [
             capvisor_rpc::spawn::Inherit { fd: agent, target: capvisor_vmm::qemu::AGENT_FD },
             capvisor_rpc::spawn::Inherit { fd: qmp, target: capvisor_vmm::qemu::QMP_FD },
+            capvisor_rpc::spawn::Inherit { fd: console, target: capvisor_vmm::qemu::CONSOLE_FD },
         ];
         capvisor_rpc::spawn::prepare(&mut cmd, &fds);
         let t0 = Instant::now();
         let mut child = cmd.spawn().expect("spawn qemu");
         drop(fds);
+        let mut text = Vec::new();
         let took = loop {
-            let text = std::fs::read(&console).unwrap_or_default();
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            let left = Duration::from_secs(120).saturating_sub(t0.elapsed());
+            let n = tokio::time::timeout(left, console_ours.read(&mut buf))
+                .await
+                .expect("bare qemu: guest-init never printed on the console")
+                .expect("bare qemu: console read");
+            assert!(n > 0, "bare qemu: the console closed before guest-init printed");
+            text.extend_from_slice(&buf[..n]);
             if String::from_utf8_lossy(&text).contains("guest-init") {
                 break t0.elapsed();
             }
-            assert!(t0.elapsed() < Duration::from_secs(120), "bare qemu: guest-init never printed on the console");
-            tokio::time::sleep(Duration::from_millis(2)).await;
         };
         let _ = child.kill().await;
         took
@@ -352,8 +368,21 @@ fn main() {
         rtt::cli_figures(&bin_dir.join("capvisor"), &socket, &relay, work.path(), arg("--cli-runs", 50), delay)
             .expect("CLI figures");
     drop(relay);
+    let image_boots = arg("--image-boots", 5);
+    let mut image_figs = if image_boots > 0 {
+        capvisor_rpc::conn::run_local(images::boot_figures(&socket, &work.path().join("state"), image_boots))
+            .expect("image figures")
+    } else {
+        images::BootFigures::default()
+    };
 
     rtt::stop_serve(&mut serve);
+    let mut build_figs = if image_boots > 0 {
+        let cold = std::env::args().any(|a| a == "--cold-image");
+        images::build_figures(&capvisor_rpc::paths::cache_dir(), &guest_init, cold).expect("image build figures")
+    } else {
+        images::BuildFigures::default()
+    };
 
     let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     let (mut kvm_first, mut kvm_rss, mut kvm_own) =
@@ -432,6 +461,9 @@ fn main() {
     println!("{:<58} {:>10.2}x", "ratio whole chain / raw (p50)", ping_p50.as_secs_f64() / raw_p50.as_secs_f64());
     rtt::print_chain(&mut chains);
     rtt::print_cli(&mut cli, "CLI");
+    if image_boots > 0 {
+        images::print(&mut image_figs, &mut build_figs);
+    }
     for (name, kib) in &rss {
         println!("{:<58} {:>8.1} MiB", format!("engine {engine}: RSS of {name} (running VM)"), *kib as f64 / 1024.0);
     }
