@@ -235,6 +235,7 @@ pub fn context(
             landlock: false,
             ..Default::default()
         },
+        volume_dir: None,
     }
 }
 
