@@ -183,3 +183,50 @@ interface Volume {
   # One volume of the principal, by name. Attach it with VmSpec.volumes.
   info @0 () -> (info :VolumeInfo);
 }
+
+enum NetAction {
+  allow @0;
+  deny @1;
+  ask @2;     # held until an Approvals decision (later); today: deny
+}
+
+struct NetRule {
+  # One egress rule. A request matches when every non-empty field does;
+  # the first matching rule decides, no match is deny.
+  host @0 :Text;        # glob over the DNS name or dotted IPv4: "*" any, "*.example.org" any subdomain, exact otherwise
+  port @1 :UInt16;      # 0: any
+  scheme @2 :Text;      # "": any; "tcp" (no TLS / HTTP seen), "https" (TLS, judged by SNI), "http"
+  method @3 :Text;      # "": any (HTTP only)
+  pathPrefix @4 :Text;  # "": any (HTTP only)
+  action @5 :NetAction;
+  noMitm @6 :Bool;      # TLS to this host is never intercepted (only SNI is seen)
+}
+
+interface NetPolicy {
+  # The session's egress rules, shared by its VMs; a set applies to
+  # connections opened from then on (no VM restart).
+  get @0 () -> (rules :List(NetRule));
+  set @1 (rules :List(NetRule));
+}
+
+struct NetFlow {
+  timeMs @0 :Int64;       # Unix epoch ms, when the connection was asked for
+  vm @1 :Text;
+  host @2 :Text;          # as the guest named it
+  address @3 :Text;       # the upstream address the proxy used ("" if none)
+  port @4 :UInt16;
+  method @5 :Text;        # HTTP only
+  path @6 :Text;          # HTTP only
+  status @7 :UInt16;      # HTTP only (0: none)
+  bytesUp @8 :UInt64;     # guest -> upstream
+  bytesDown @9 :UInt64;   # upstream -> guest
+  rule @10 :Int32;        # index of the deciding rule; -1: no rule matched (default deny)
+  action @11 :NetAction;
+  detail @12 :Text;       # why denied / failed, never a secret
+}
+
+interface NetLog {
+  # Recent flows of this session's VMs, newest last, bounded in memory.
+  # `vm` "" = all VMs; `sinceMs` 0 = all kept; `limit` 0 = all kept.
+  recent @0 (vm :Text, sinceMs :Int64, limit :UInt32) -> (flows :List(NetFlow));
+}

@@ -21,3 +21,29 @@ interface Guest {
   shutdown @3 (reboot :Bool) -> ();
   ping @4 () -> ();
 }
+
+interface Egress {
+  # The session's egress proxy (capvisor-proxy), served to one VM on that
+  # VM's second virtio-serial port "capvisor.egress" (the proxy's bootstrap
+  # there; guest-init is its only client, and the proxy knows which VM the
+  # port belongs to: nothing here names a VM). Every TCP connection a guest
+  # process opens to a non-loopback address, and every DNS query, arrive
+  # here through guest-init (docs/decisions.md, "Egress"). The guest is
+  # untrusted: `host` is only what it claims to want; the proxy resolves it
+  # itself and judges the result.
+
+  # DNS: whether any rule could allow `name` (a lower-case DNS name without
+  # the final dot). false: guest-init answers NXDOMAIN. true: guest-init
+  # answers an address of its own (198.18.0.0/15) that it maps back to
+  # `name` at connect.
+  resolve @0 (name :Text) -> (allowed :Bool);
+
+  # Opens a connection to `host` (a DNS name the guest resolved through
+  # `resolve`, or a dotted IPv4 literal the guest connected to) port
+  # `port`. Bytes from upstream go to `down` (done = upstream closed its
+  # write side); the guest writes into `up` (done = half-close). Fails with
+  # denied (policy, a private or loopback address, the name does not
+  # resolve) or unavailable (upstream unreachable); the guest then resets
+  # its connection.
+  connect @1 (host :Text, port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
+}

@@ -143,6 +143,10 @@ struct VmConfig {
   skipNetns @9 :Bool;       # QEMU runs in the host's network namespace
   skipLandlock @10 :Bool;   # QEMU runs without the Landlock ruleset
   cgroup @11 :List(Text);   # the VM's cgroup directories (the vmm is in them; QEMU inherits); empty: none
+  # The guest's egress channel: a second virtio-serial port "capvisor.egress"
+  # on the socket the vmm inherited as --egress-fd (the session's proxy
+  # holds the other end). false: no such port; the guest has no network.
+  egress @12 :Bool;
 }
 
 struct Confinement {
@@ -199,4 +203,27 @@ struct BrokerConfig {
   stateDir @2 :Text;            # accounts, audit log, session run dirs (exists, 0700)
   ownerUids @3 :List(UInt32);   # uids that get the owner profile by loginLocal
   workerBin @4 :Text;           # the capvisor-worker binary
+}
+
+interface Proxy {
+  # A session's egress proxy process (capvisor-proxy), bootstrap on its RPC
+  # socket toward the worker that spawned it. The worker passes each VM's
+  # host end of its "capvisor.egress" port on the proxy's fd channel
+  # (capvisor_rpc::fdpass) tagged "vm:<name>"; the proxy serves Egress on it
+  # bound to that VM, until it closes.
+  policy @0 () -> (policy :Cv.NetPolicy);
+  log @1 () -> (log :Cv.NetLog);
+}
+
+struct ProxyConfig {
+  # The proxy's spawn configuration (config memfd). Holds no secret.
+  sessionId @0 :Text;
+  rules @1 :List(Cv.NetRule);          # initial rules (manifest [net] rules)
+  resolve @2 :List(ResolveOverride);   # names answered without DNS (tests, local services)
+  logCapacity @3 :UInt32;              # NetLog entries kept
+}
+
+struct ResolveOverride {
+  name @0 :Text;               # exact DNS name, lower case
+  addresses @1 :List(Text);    # IPv4 / IPv6 literals
 }
