@@ -66,6 +66,12 @@ pub struct QemuPolicy {
     pub read_write: Vec<PathBuf>,
     /// Read, write and ioctl: device nodes (`/dev/kvm`).
     pub devices: Vec<PathBuf>,
+    /// Leave outgoing TCP (`connect`) unrestricted; binding a TCP port stays
+    /// refused. Landlock network rules are per port (ABI 4), so "any port"
+    /// means not handling `LANDLOCK_ACCESS_NET_CONNECT_TCP` at all. Set for
+    /// the session's egress proxy, and so for the broker and workers above
+    /// it (a child's domain can only narrow its parent's). Default: off.
+    pub connect_tcp: bool,
 }
 
 /// `program` as an absolute, symlink-free path: searched in `PATH` when it
@@ -188,7 +194,7 @@ impl QemuPolicy {
             .set_compatibility(CompatLevel::BestEffort)
             .handle_access(AccessFs::from_all(target()))
             .map_err(ll)?
-            .handle_access(AccessNet::from_all(target()))
+            .handle_access(if self.connect_tcp { AccessNet::BindTcp.into() } else { AccessNet::from_all(target()) })
             .map_err(ll)?
             .scope(Scope::from_all(target()))
             .map_err(ll)?

@@ -10,8 +10,10 @@
 //! directory is the broker's state directory, or a worker's session run
 //! directory, so a worker cannot touch the credential store, the audit log
 //! or another session's files); everything else is denied, including every
-//! TCP bind and connect and signals or abstract Unix sockets outside the
-//! domain:
+//! TCP bind and signals or abstract Unix sockets outside the domain. TCP
+//! connect stays open ([`QemuPolicy::connect_tcp`]): the session's egress
+//! proxy, a worker's child, must reach upstream servers, and a child's
+//! domain cannot widen its parent's:
 //!
 //! | list | paths | why |
 //! |---|---|---|
@@ -22,8 +24,8 @@
 //!
 //! So a compromised broker or worker cannot write the operator's home,
 //! `/etc` or any other file outside the state directory, cannot read
-//! `/etc/shadow`, SSH keys or other users' files, and cannot open a TCP
-//! connection.
+//! `/etc/shadow`, SSH keys or other users' files, and cannot listen on a
+//! TCP port.
 
 use crate::landlock::{resolve_program, QemuPolicy};
 use crate::{ConfineError, Layer};
@@ -99,6 +101,11 @@ pub fn service_policy(
     }
     p.read_write.push(canon(rw_dir)?);
     push(&mut p.read_write, cgroup_root);
+    // Each session's egress proxy (capvisor-proxy, started by its worker)
+    // connects to upstream servers; Landlock domains only narrow, so the
+    // worker and the broker above it leave TCP connect open (bind stays
+    // refused). Neither opens a TCP socket itself.
+    p.connect_tcp = true;
     for d in ["/dev/null", "/dev/kvm"] {
         push(&mut p.devices, Path::new(d));
     }
@@ -248,13 +255,31 @@ mod tests {
         // The shell that plays the broker here.
         let bash = resolve_program("bash").unwrap();
         policy.exec.push(bash.clone());
+        // TCP connect stays open (the session's egress proxy below needs
+        // it); binding a TCP port does not (checked with python3 if present).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Debian's python3 (a PATH lookup may find a pyenv shim script).
+        let python = resolve_program("/usr/bin/python3").ok();
+        if let Some(py) = &python {
+            policy.exec.push(py.clone());
+        }
+        let bind = match &python {
+            Some(py) => format!(
+                "{} -c 'import os, socket\ntry: socket.socket().bind((\"127.0.0.1\", 0)); print(\"bound\")\n\
+                 except OSError as e: print(\"bind:\", os.strerror(e.errno))' 2>&1\n",
+                py.display()
+            ),
+            None => "echo 'PermissionError: [Errno 13] Permission denied (python3 missing)'\n".into(),
+        };
         let script = format!(
             "echo ok > {s}/accounts.json && read -r l < {s}/accounts.json && echo \"$l\"\n\
              read -r l < {k} && echo \"$l\"\n\
              read -r l < /etc/passwd && echo passwd-readable\n\
              {b}/capvisor-worker && echo worker-ran\n\
+             (exec 3<>/dev/tcp/127.0.0.1/{port}) && echo tcp-connect-ok\n\
              (echo x > {e}/new) 2>&1\n(exec 5<{e}/secret) 2>&1\n(exec 5</etc/shadow) 2>&1\n\
-             ({e}/other) 2>&1\ntrue",
+             ({e}/other) 2>&1\n{bind}true",
             s = state.display(),
             k = kernel.display(),
             b = bin.display(),
@@ -271,10 +296,13 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(&lines[..4], ["ok", "kernel", "passwd-readable", "worker-ran"], "{text}");
-        assert_eq!(lines.len(), 8, "{text}");
-        for l in &lines[4..] {
+        assert_eq!(&lines[..5], ["ok", "kernel", "passwd-readable", "worker-ran", "tcp-connect-ok"], "{text}");
+        assert_eq!(lines.len(), 10, "{text}");
+        for l in &lines[5..] {
             assert!(l.ends_with("Permission denied"), "expected EACCES: {text}");
+        }
+        if python.is_some() {
+            assert_eq!(lines[9], "bind: Permission denied", "TCP bind must be refused: {text}");
         }
         assert!(!elsewhere.join("new").exists());
         assert!(service_policy(
