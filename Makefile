@@ -15,7 +15,7 @@ help:
 	@echo "make lint    cargo fmt --check, clippy (all targets, warnings denied) and rustdoc (warnings denied)"
 	@echo "make test    make lint, then build and run the whole test suite (boots real guests under QEMU), then the pycapnp interop test"
 	@echo "make interop a pycapnp (C++ Cap'n Proto) client against a real server: login, pipelined create+exec, errors, logout"
-	@echo "make bench   print boot, exec and data-path figures"
+	@echo "make bench   print boot, exec, data-path and image figures (BENCH_ARGS=--cold-image adds a cold debian image build, minutes)"
 	@echo "make soak    reliability suite (docs/soak.md): 200 sessions under a hostile flood, 20 VMs, kill -9 of each process kind; bounded, loopback only"
 
 deps:
@@ -61,8 +61,10 @@ interop:
 	$(CARGO) build --workspace
 	scripts/interop/run.sh
 
+# Extra options, e.g. make bench BENCH_ARGS="--cold-image --image-boots 5".
+BENCH_ARGS ?=
 bench: build
-	CAPVISOR_GUEST_INIT=$(STATIC_INIT) target/release/capvisor-bench
+	CAPVISOR_GUEST_INIT=$(STATIC_INIT) target/release/capvisor-bench $(BENCH_ARGS)
 
 soak: build
 	CAPVISOR_GUEST_INIT=$(STATIC_INIT) target/release/capvisor-soak
