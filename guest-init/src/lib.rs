@@ -22,7 +22,12 @@
 //!   user lookup in the guest's passwd/group.
 //! - [`init`]: PID 1 set-up (mounts, modules, hostname, loopback) and agent
 //!   port discovery.
+//! - [`egress`]: steering every guest TCP connection and DNS query into
+//!   guest-init (sk_lookup BPF) and relaying them to the host's `Egress`;
+//!   [`dns`]: the DNS responder and its fake-address table.
 
+pub mod dns;
+pub mod egress;
 pub mod exec;
 pub mod fdio;
 pub mod files;

@@ -4,7 +4,9 @@
 //!   kernel passes unknown boot parameters to init): mounts the basic file
 //!   systems, loads the modules listed in `/lib/modules/capvisor/order`,
 //!   switches into a root image when the kernel command line names one
-//!   (`capvisor.root=`, see `rootfs`), sets the hostname, brings up `lo`, finds the virtio-serial port named
+//!   (`capvisor.root=`, see `rootfs`), sets the hostname, brings up `lo`,
+//!   steers egress into itself when asked (`capvisor.egress=1`, see
+//!   `egress`), finds the virtio-serial port named
 //!   `capvisor.agent` and serves `Guest` on it as the bootstrap capability
 //!   (`Side::Server`), reopening the port and serving again whenever a
 //!   connection ends. It reaps every orphan, never exits (a PID 1 exit
@@ -151,6 +153,9 @@ fn pid1_main() -> ! {
         t1 - t0,
         boottime_ms() - t1
     ));
+    // Egress steering (capvisor.egress=1 only): before the agent is served,
+    // so the first exec already has the network the session allows.
+    capvisor_guest_init::egress::boot();
     loop {
         let r = std::panic::catch_unwind(|| capvisor_rpc::conn::run_local(serve_agent_forever()));
         match r {
