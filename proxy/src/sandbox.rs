@@ -43,6 +43,9 @@ pub const LIBRARY_DIRS: &[&str] = &["/lib", "/lib64", "/usr/lib", "/usr/lib64", 
 pub fn confine() -> anyhow::Result<String> {
     let threads = capvisor_confine::service::thread_count();
     anyhow::ensure!(threads == 1, "the proxy must confine itself while single-threaded ({threads} threads)");
+    // The seccomp filter first: its own single-thread check reads /proc,
+    // which the Landlock domain then hides.
+    let seccomp = capvisor_confine::service::deny_dangerous_syscalls()?;
     let read = AccessFs::ReadFile | AccessFs::ReadDir;
     let file_only = AccessFs::from_file(TARGET_ABI);
     let mut rules = Vec::new();
@@ -65,9 +68,8 @@ pub fn confine() -> anyhow::Result<String> {
         RulesetStatus::PartiallyEnforced => "partially enforced (older kernel ABI)".to_string(),
         RulesetStatus::NotEnforced => format!("NOT enforced ({:?})", status.landlock),
     };
-    let seccomp = capvisor_confine::service::deny_dangerous_syscalls()?;
     Ok(format!(
-        "landlock {landlock} (ABI {}); seccomp deny list ({seccomp} BPF instructions)",
+        "landlock ABI {} {landlock}; seccomp deny list ({seccomp} BPF instructions)",
         capvisor_confine::landlock::abi()
     ))
 }
