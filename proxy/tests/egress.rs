@@ -366,3 +366,44 @@ fn run_serves_proxy_and_the_vms_it_is_handed() {
         proxy_task.await.unwrap().unwrap();
     });
 }
+
+/// An `ask` rule denies today (approvals are a later slice) and is logged
+/// with action `ask`; the host is judged lower-case without a final dot.
+#[test]
+fn ask_denies_until_approvals_exist() {
+    conn::run_local(async {
+        let (up, port) = listener().await;
+        let (state, eg) = proxy(vec![Rule::host("api.test", Action::Ask)], capvisor_proxy::LIMITS);
+        let e = connect(&eg, "API.Test.", port).await.up.err().expect("ask must deny");
+        assert_eq!(code(&e), ErrorCode::Denied);
+        let f = flows(&state).pop().unwrap();
+        assert_eq!((f.host.as_str(), f.rule, f.action, f.address.as_str()), ("api.test", 0, Action::Ask, ""));
+        assert!(f.detail.contains("approval"), "{f:?}");
+        drop(up);
+    });
+}
+
+/// A guest message over the guest reader limit (1 MiB: here a 2 MiB host
+/// name) ends that VM's egress port, and its open flow with it; nothing
+/// is logged for the oversized call.
+#[test]
+fn an_oversized_guest_message_closes_the_vm_port_and_its_flows() {
+    conn::run_local(async {
+        let (up, port) = listener().await;
+        let state = ProxyState::new(config(vec![Rule::host("api.test", Action::Allow)])).unwrap();
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let vm_task = capvisor_proxy::serve_vm(&state, "vm1", a).unwrap();
+        let (eg, _conn) = guest(b);
+        let open = connect(&eg, "api.test", port).await;
+        let _up = open.up.unwrap();
+        let (mut s, _) = up.accept().await.unwrap();
+        let big = "a".repeat(2 << 20);
+        let e = connect(&eg, &big, port).await.up.err().expect("an oversized call must fail");
+        assert!(capvisor_rpc::CvError::from_rpc(&e).is_none(), "a transport failure, not a decision: {e}");
+        vm_task.await.unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(s.read(&mut buf).await, Ok(0) | Err(_)), "the VM's flow must be closed");
+        assert!(eventually(|| state.open() == 0).await);
+        assert_eq!(flows(&state).len(), 1, "only the first connect was decided");
+    });
+}
