@@ -549,6 +549,7 @@ impl BrokerService {
                 })?),
                 false => None,
             },
+            net: self.cfg.manifest.net.clone(),
         };
         let host: session_host::Client = capnp_rpc::new_client(crate::server::SessionHostServer::new(
             Rc::downgrade(self),

@@ -18,7 +18,7 @@
 //! | list | paths | why |
 //! |---|---|---|
 //! | exec | capvisor's binary directory, QEMU and the shared-library directories ([`crate::landlock::QemuPolicy::for_qemu`]), `/bin/true`, `mkfs.ext4` ([`MKFS`]) | workers, vmms and QEMU are started from there; the network-namespace probe; formatting a VM's writable layer |
-//! | read | firmware and the loader cache (same), the images' directories, `/proc` (read-write when not root: an unprivileged network namespace writes its id maps there), `/sys`, `/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf` | VM images; peer credentials and groups; cgroup and CPU facts; user names |
+//! | read | firmware and the loader cache (same), the images' directories, `/proc` (read-write when not root: an unprivileged network namespace writes its id maps there), `/sys`, [`ETC_READ`] (`/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf`, the resolver's files) | VM images; peer credentials and groups; cgroup and CPU facts; user names; the session proxy's name lookups |
 //! | read-write | the broker's state directory (credential store, audit log, session run directories) or the worker's session run directory; the cgroup file systems (`[confinement] cgroup_root`, default `/sys/fs/cgroup`) | what the service and its children write |
 //! | devices | `/dev/null`, `/dev/kvm` where present | child stdio; the kvm engine and KVM-accelerated QEMU |
 //!
@@ -32,8 +32,20 @@ use crate::{ConfineError, Layer};
 use std::path::{Path, PathBuf};
 
 /// Files under `/etc` the services read (user and group names, the name
-/// service switch that tells libc where they are).
-pub const ETC_READ: &[&str] = &["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"];
+/// service switch that tells libc where they are, the resolver's
+/// configuration).
+pub const ETC_READ: &[&str] = &[
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    // The resolver's files (resolv.conf(5), hosts(5), host.conf(5),
+    // gai.conf(5)): the session's egress proxy, a worker's child under its
+    // domain, resolves upstream names with getaddrinfo(3).
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+];
 
 /// Threads of the calling process (entries of `/proc/self/task`; 0 when
 /// unreadable). Both layers here apply to the calling thread and the ones

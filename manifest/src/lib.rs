@@ -55,6 +55,9 @@ pub struct Manifest {
     /// Which confinement layers every VM must get.
     #[serde(default)]
     pub confinement: ConfinementConfig,
+    /// Guest network egress through each session's proxy.
+    #[serde(default)]
+    pub net: NetConfig,
     /// Guest images by name.
     pub images: BTreeMap<String, ImageConfig>,
     /// Profiles by name; a principal gets exactly one.
@@ -279,6 +282,160 @@ impl ConfinementConfig {
             self.cgroup_root.display()
         );
         Ok(())
+    }
+}
+
+/// `[net]`: guest network egress (docs/decisions.md, "Egress"). Every VM
+/// gets the virtio-serial port `capvisor.egress` to its session's egress
+/// proxy (`capvisor-proxy`) when `egress` is on; the proxy decides each
+/// connection by `rules` (first match wins; no match is deny).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Give guests network egress through the proxy. Off: guests have no
+    /// network at all.
+    #[serde(default)]
+    pub egress: bool,
+    /// The rules every session starts with (a session holding `netpolicy`
+    /// may replace its own).
+    #[serde(default)]
+    pub rules: Vec<NetRuleConfig>,
+    /// Names the proxy answers without DNS: name -> IP literals (local
+    /// services; the tests map `*.test` names to 127.0.0.1). A rule must
+    /// still name such a host explicitly to reach a private address.
+    #[serde(default)]
+    pub resolve: BTreeMap<String, Vec<String>>,
+    /// NetLog entries each proxy keeps (default [`DEFAULT_NET_LOG`]).
+    #[serde(default)]
+    pub log_capacity: Option<u32>,
+}
+
+/// The default of [`NetConfig::log_capacity`].
+pub const DEFAULT_NET_LOG: u32 = 4096;
+
+/// One `[[net.rules]]` entry (schema `NetRule`; the fields mean what the
+/// schema says).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetRuleConfig {
+    /// Host glob: `*`, `*.example.org`, or exact.
+    pub host: String,
+    /// Port; 0 or absent: any.
+    #[serde(default)]
+    pub port: u16,
+    /// `""` (any), `"tcp"`, `"http"` or `"https"`.
+    #[serde(default)]
+    pub scheme: String,
+    /// HTTP method; `""`: any.
+    #[serde(default)]
+    pub method: String,
+    /// HTTP path prefix; `""`: any.
+    #[serde(default)]
+    pub path_prefix: String,
+    /// `"allow"`, `"deny"` or `"ask"`.
+    pub action: String,
+    /// Never intercept TLS to this host.
+    #[serde(default)]
+    pub no_mitm: bool,
+}
+
+impl NetConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        for (i, r) in self.rules.iter().enumerate() {
+            anyhow::ensure!(!r.host.is_empty(), "net.rules[{i}].host must not be empty (\"*\" means any)");
+            anyhow::ensure!(
+                ["allow", "deny", "ask"].contains(&r.action.as_str()),
+                "net.rules[{i}].action must be allow, deny or ask (got {:?})",
+                r.action
+            );
+            anyhow::ensure!(
+                ["", "tcp", "http", "https"].contains(&r.scheme.as_str()),
+                "net.rules[{i}].scheme must be tcp, http or https (got {:?})",
+                r.scheme
+            );
+        }
+        for (name, addrs) in &self.resolve {
+            anyhow::ensure!(
+                !name.is_empty() && *name == name.to_ascii_lowercase(),
+                "net.resolve: names are lower case ({name:?})"
+            );
+            for a in addrs {
+                anyhow::ensure!(
+                    a.parse::<std::net::IpAddr>().is_ok(),
+                    "net.resolve.{name}: {a:?} is not an IP address"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The proxy's configuration for session `session_id` (schema `ProxyConfig`).
+    pub fn write_proxy_config(
+        &self,
+        session_id: &str,
+        mut b: capvisor_rpc::schema::internal_capnp::proxy_config::Builder<'_>,
+    ) {
+        use capvisor_rpc::schema::capvisor_capnp::NetAction;
+        b.set_session_id(session_id);
+        let mut rules = b.reborrow().init_rules(self.rules.len() as u32);
+        for (i, r) in self.rules.iter().enumerate() {
+            let mut o = rules.reborrow().get(i as u32);
+            o.set_host(r.host.as_str());
+            o.set_port(r.port);
+            o.set_scheme(r.scheme.as_str());
+            o.set_method(r.method.as_str());
+            o.set_path_prefix(r.path_prefix.as_str());
+            o.set_action(match r.action.as_str() {
+                "allow" => NetAction::Allow,
+                "ask" => NetAction::Ask,
+                _ => NetAction::Deny,
+            });
+            o.set_no_mitm(r.no_mitm);
+        }
+        let mut res = b.reborrow().init_resolve(self.resolve.len() as u32);
+        for (i, (name, addrs)) in self.resolve.iter().enumerate() {
+            let mut o = res.reborrow().get(i as u32);
+            o.set_name(name.as_str());
+            let mut l = o.init_addresses(addrs.len() as u32);
+            for (j, a) in addrs.iter().enumerate() {
+                l.set(j as u32, a.as_str());
+            }
+        }
+        b.set_log_capacity(self.log_capacity.unwrap_or(DEFAULT_NET_LOG));
+    }
+
+    /// Reads what [`NetConfig::write_proxy_config`] wrote (`egress` is
+    /// carried beside it, in `SessionContext.egress`).
+    ///
+    /// Errors: a malformed or non-UTF-8 field, an unknown action.
+    pub fn read_proxy_config(
+        egress: bool,
+        r: capvisor_rpc::schema::internal_capnp::proxy_config::Reader<'_>,
+    ) -> capnp::Result<Self> {
+        use capvisor_rpc::schema::capvisor_capnp::NetAction;
+        let mut rules = Vec::new();
+        for o in r.get_rules()?.iter() {
+            rules.push(NetRuleConfig {
+                host: text(o.get_host())?,
+                port: o.get_port(),
+                scheme: text(o.get_scheme())?,
+                method: text(o.get_method())?,
+                path_prefix: text(o.get_path_prefix())?,
+                action: match o.get_action()? {
+                    NetAction::Allow => "allow",
+                    NetAction::Deny => "deny",
+                    NetAction::Ask => "ask",
+                }
+                .into(),
+                no_mitm: o.get_no_mitm(),
+            });
+        }
+        let mut resolve = BTreeMap::new();
+        for o in r.get_resolve()?.iter() {
+            let addrs = o.get_addresses()?.iter().map(text).collect::<capnp::Result<Vec<_>>>()?;
+            resolve.insert(text(o.get_name())?, addrs);
+        }
+        Ok(Self { egress, rules, resolve, log_capacity: Some(r.get_log_capacity()) })
     }
 }
 
@@ -542,6 +699,7 @@ impl Manifest {
             anyhow::ensure!(bundle.max_sessions >= 1, "bundles.{b}: max_sessions must be at least 1");
         }
         self.confinement.validate()?;
+        self.net.validate()?;
         anyhow::ensure!(
             self.sessions.reserved_for_owner < self.sessions.max_total,
             "sessions.reserved_for_owner must be below sessions.max_total"
@@ -705,6 +863,9 @@ pub struct SessionContext {
     /// Landlock domain keeps read-write access to it, QEMU gets only the
     /// files it attaches); `None` when the bundle has no `volumes` cap.
     pub volume_dir: Option<PathBuf>,
+    /// Manifest `[net]`: whether VMs get egress, and the session proxy's
+    /// rules, resolver overrides and log size.
+    pub net: NetConfig,
 }
 
 impl SessionContext {
@@ -724,6 +885,8 @@ impl SessionContext {
         if let Some(d) = &self.volume_dir {
             b.set_volume_dir(path_text(d)?);
         }
+        b.set_egress(self.net.egress);
+        self.net.write_proxy_config(&self.session_id, b.init_net());
         Ok(())
     }
 
@@ -742,6 +905,7 @@ impl SessionContext {
             auto_engine: r.get_auto_engine()?,
             confinement: capvisor_rpc::vmconfig::Confinement::read_from(r.get_confinement()?)?,
             volume_dir: Some(text(r.get_volume_dir())?).filter(|d| !d.is_empty()).map(PathBuf::from),
+            net: NetConfig::read_proxy_config(r.get_egress(), r.get_net()?)?,
         })
     }
 
@@ -804,6 +968,20 @@ mod tests {
                 ..Default::default()
             },
             volume_dir: Some("/state/volumes/p-1".into()),
+            net: NetConfig {
+                egress: true,
+                rules: vec![NetRuleConfig {
+                    host: "*.test".into(),
+                    port: 443,
+                    scheme: "https".into(),
+                    method: "GET".into(),
+                    path_prefix: "/v1".into(),
+                    action: "ask".into(),
+                    no_mitm: true,
+                }],
+                resolve: [("api.test".to_string(), vec!["127.0.0.1".to_string(), "::1".to_string()])].into(),
+                log_capacity: Some(17),
+            },
         };
         let msg = ctx.to_message().unwrap();
         assert_eq!(SessionContext::read_from(msg.get_root_as_reader().unwrap()).unwrap(), ctx);
@@ -825,6 +1003,28 @@ mod tests {
         assert!(Manifest::parse(&rel).unwrap_err().to_string().contains("confinement.cgroup_root"));
         let unknown = format!("[confinement]\nrequire = []\n{DEFAULT_TOML}");
         assert!(Manifest::parse(&unknown).unwrap_err().to_string().contains("require"));
+    }
+
+    #[test]
+    fn net_table_is_validated_at_load() {
+        let ok = format!(
+            "{DEFAULT_TOML}\n[[net.rules]]\nhost = \"api.test\"\nport = 443\naction = \"allow\"\n[net.resolve]\n\"api.test\" = [\"127.0.0.1\"]\n"
+        )
+        .replace("egress = false", "egress = true");
+        let m = Manifest::parse(&ok).unwrap();
+        assert!(m.net.egress);
+        assert_eq!(m.net.rules[0].port, 443);
+        assert_eq!(m.net.resolve["api.test"], vec!["127.0.0.1".to_string()]);
+        for (bad, key) in [
+            ("[[net.rules]]\nhost = \"x\"\naction = \"permit\"\n", "net.rules[0].action"),
+            ("[[net.rules]]\nhost = \"x\"\nscheme = \"ftp\"\naction = \"allow\"\n", "net.rules[0].scheme"),
+            ("[[net.rules]]\nhost = \"\"\naction = \"allow\"\n", "net.rules[0].host"),
+            ("[net.resolve]\n\"a.test\" = [\"not-an-ip\"]\n", "net.resolve.a.test"),
+            ("[net.resolve]\n\"A.test\" = [\"127.0.0.1\"]\n", "lower case"),
+        ] {
+            let e = Manifest::parse(&format!("{DEFAULT_TOML}\n{bad}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct VmConfig {
     /// How the vmm confines the QEMU it starts (engine `qemu`; the `kvm`
     /// engine confines itself). Default: every layer.
     pub confine: QemuConfinement,
+    /// Give the guest the virtio-serial port `capvisor.egress` on the
+    /// socket the vmm inherits as `--egress-fd` (the session's egress
+    /// proxy holds the other end). false: no network at all.
+    pub egress: bool,
 }
 
 /// The confinement layers the vmm applies to QEMU (docs/vmm-confinement.md),
@@ -145,6 +149,7 @@ impl VmConfig {
         }
         b.set_skip_netns(!self.confine.netns);
         b.set_skip_landlock(!self.confine.landlock);
+        b.set_egress(self.egress);
         let mut cg = b.init_cgroup(self.confine.cgroup.len() as u32);
         for (i, d) in self.confine.cgroup.iter().enumerate() {
             cg.set(i as u32, path_text(d)?);
@@ -175,6 +180,7 @@ impl VmConfig {
             extra_cmdline: crate::error::text(r.get_extra_cmdline())?,
             disks,
             confine: QemuConfinement { netns: !r.get_skip_netns(), landlock: !r.get_skip_landlock(), cgroup },
+            egress: r.get_egress(),
         })
     }
 
@@ -219,6 +225,7 @@ mod tests {
             extra_cmdline: "quiet".into(),
             disks: vec![Disk { path: "/d".into(), read_only: true }],
             confine: QemuConfinement { netns: false, landlock: true, cgroup: vec!["/sys/fs/cgroup/x/vm-1".into()] },
+            egress: true,
         }
     }
 

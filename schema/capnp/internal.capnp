@@ -194,6 +194,8 @@ struct SessionContext {
   autoEngine @7 :Cv.Engine;     # what engine `auto` means: auto = detect (manifest [vms] auto_engine)
   confinement @8 :Confinement;  # manifest [confinement]
   volumeDir @9 :Text;           # this principal's volume files (empty: the bundle has no volumes)
+  egress @10 :Bool;             # manifest [net] egress: VMs get the capvisor.egress port and a proxy
+  net @11 :ProxyConfig;         # the session proxy's configuration (manifest [net])
 }
 
 struct BrokerConfig {

@@ -462,6 +462,25 @@ impl Engine for Failed {
     }
 }
 
+/// The guest's channels to the host, each an already-connected stream
+/// socket whose bytes are one virtio-serial port of the guest.
+pub struct GuestChannels {
+    /// Port `capvisor.agent`: guest-init serves `Guest` on it (the worker
+    /// holds the other end).
+    pub agent: OwnedFd,
+    /// Port `capvisor.egress` (with `VmConfig.egress`): guest-init is the
+    /// client of the session proxy's `Egress` on it (the proxy holds the
+    /// other end).
+    pub egress: Option<OwnedFd>,
+}
+
+impl From<OwnedFd> for GuestChannels {
+    /// Only the agent channel: a guest without network.
+    fn from(agent: OwnedFd) -> Self {
+        Self { agent, egress: None }
+    }
+}
+
 /// Starts the VM described by `cfg` on the engine it asks for (`auto`:
 /// [`capvisor_rpc::host::resolve_engine`]), with `agent` as the guest's
 /// agent channel: validates the config, checks the kernel and initramfs
@@ -472,8 +491,8 @@ impl Engine for Failed {
 /// QEMU, /dev/kvm unusable) is a [`Failed`] engine with the reason.
 ///
 /// Must be called inside a `LocalSet`.
-pub fn start(cfg: anyhow::Result<VmConfig>, agent: OwnedFd) -> Rc<dyn Engine> {
-    match try_start(cfg, agent) {
+pub fn start(cfg: anyhow::Result<VmConfig>, channels: impl Into<GuestChannels>) -> Rc<dyn Engine> {
+    match try_start(cfg, channels.into()) {
         Ok(engine) => engine,
         Err(e) => {
             tracing::error!("VM did not start: {e:#}");
@@ -482,10 +501,16 @@ pub fn start(cfg: anyhow::Result<VmConfig>, agent: OwnedFd) -> Rc<dyn Engine> {
     }
 }
 
-fn try_start(cfg: anyhow::Result<VmConfig>, agent: OwnedFd) -> anyhow::Result<Rc<dyn Engine>> {
+fn try_start(cfg: anyhow::Result<VmConfig>, channels: GuestChannels) -> anyhow::Result<Rc<dyn Engine>> {
     use anyhow::Context;
     let cfg = cfg?;
     cfg.validate()?;
+    anyhow::ensure!(
+        cfg.egress == channels.egress.is_some(),
+        "the config {} an egress port but the vmm {} an egress socket",
+        if cfg.egress { "asks for" } else { "has no" },
+        if channels.egress.is_some() { "got" } else { "got no" }
+    );
     for (what, p) in [("kernel", &cfg.kernel), ("initramfs", &cfg.initramfs)] {
         let m = std::fs::metadata(p).with_context(|| format!("{what} {}", p.display()))?;
         anyhow::ensure!(m.is_file(), "{what} {} is not a regular file", p.display());
@@ -493,8 +518,8 @@ fn try_start(cfg: anyhow::Result<VmConfig>, agent: OwnedFd) -> anyhow::Result<Rc
     std::fs::create_dir_all(&cfg.run_dir).with_context(|| format!("creating run dir {}", cfg.run_dir.display()))?;
     let console = ConsoleLog::create(&cfg.run_dir)?;
     Ok(match capvisor_rpc::host::resolve_engine(cfg.engine, EngineKind::Auto) {
-        EngineKind::Kvm => crate::kvm_engine::KvmEngine::start(&cfg, agent, console)?,
-        _ => crate::qemu::QemuEngine::start(&cfg, agent, console)?,
+        EngineKind::Kvm => crate::kvm_engine::KvmEngine::start(&cfg, channels, console)?,
+        _ => crate::qemu::QemuEngine::start(&cfg, channels, console)?,
     })
 }
 
@@ -544,7 +569,18 @@ mod tests {
                 extra_cmdline: String::new(),
                 disks: vec![],
                 confine: Default::default(),
+                egress: false,
             };
+            // An egress port asked for without its socket (or the other
+            // way round) is refused before anything starts.
+            let (a2, _p2) = capvisor_rpc::spawn::stream_pair().unwrap();
+            let st = start(Ok(VmConfig { egress: true, ..cfg.clone() }), a2).status();
+            assert_eq!(st.state, VmState::Crashed);
+            assert!(st.detail.contains("egress"), "{}", st.detail);
+            let (a3, _p3) = capvisor_rpc::spawn::stream_pair().unwrap();
+            let (e3, _q3) = capvisor_rpc::spawn::stream_pair().unwrap();
+            let st = start(Ok(cfg.clone()), GuestChannels { agent: a3, egress: Some(e3) }).status();
+            assert!(st.detail.contains("egress"), "{}", st.detail);
             let st = start(Ok(cfg), agent).status();
             assert_eq!(st.state, VmState::Crashed);
             assert!(st.detail.contains("missing-kernel"), "{}", st.detail);

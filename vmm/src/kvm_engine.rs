@@ -34,7 +34,6 @@ use capvisor_rpc::vmconfig::VmConfig;
 use capvisor_rpc::CvError;
 use capvisor_schema::capvisor_capnp::VmState;
 use futures::future::LocalBoxFuture;
-use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -55,8 +54,12 @@ impl KvmEngine {
     /// Errors: those of building and confining the VM (see the module
     /// docs): /dev/kvm unusable, kernel or initramfs unreadable, a disk
     /// failing to open, confinement failing. Must be called inside a `LocalSet`.
-    pub fn start(cfg: &VmConfig, agent: OwnedFd, console: ConsoleLog) -> anyhow::Result<Rc<Self>> {
-        let started = run_machine(cfg, agent, &console)?;
+    pub fn start(
+        cfg: &VmConfig,
+        channels: impl Into<crate::engine::GuestChannels>,
+        console: ConsoleLog,
+    ) -> anyhow::Result<Rc<Self>> {
+        let started = run_machine(cfg, channels.into(), &console)?;
         tracing::info!(confinement = %started.handle.confinement, "kvm engine started VM {}", cfg.name);
         let mut status = Status::new(VmState::Running, std::process::id(), EngineKind::Kvm);
         status.boot = started.handle.boot_times();
@@ -222,14 +225,20 @@ pub fn kernel_cmdline_for(cfg: &VmConfig, nested_pvm: bool) -> String {
 /// Errors: /dev/kvm missing or unusable, kernel/initramfs unreadable, a
 /// device failing to build, confinement failing (the VM is never started
 /// unconfined).
-fn run_machine(cfg: &VmConfig, agent: OwnedFd, console_log: &ConsoleLog) -> anyhow::Result<Started> {
+fn run_machine(
+    cfg: &VmConfig,
+    channels: crate::engine::GuestChannels,
+    console_log: &ConsoleLog,
+) -> anyhow::Result<Started> {
     anyhow::ensure!(cfg.vcpus <= capvisor_kvm::vm::MAX_VCPUS as u32, "at most {} vCPUs", capvisor_kvm::vm::MAX_VCPUS);
     // COM1 writes from the vCPU threads into the bounded console log
     // (positioned writes on this descriptor only: fine after confinement).
     let serial = console_log.ring().with_context(|| format!("opening {}", console_log.path().display()))?;
-    let (console, backend) =
-        VirtioConsole::new(vec![ConsolePort::console(None), ConsolePort::named("capvisor.agent", agent)])
-            .context("building the virtio-console")?;
+    let mut ports = vec![ConsolePort::console(None), ConsolePort::named("capvisor.agent", channels.agent)];
+    if let Some(egress) = channels.egress {
+        ports.push(ConsolePort::named("capvisor.egress", egress));
+    }
+    let (console, backend) = VirtioConsole::new(ports).context("building the virtio-console")?;
     let mut builder = VmBuilder::new(BootSource::Linux {
         kernel: cfg.kernel.clone(),
         initramfs: Some(cfg.initramfs.clone()),
@@ -333,6 +342,7 @@ mod tests {
             extra_cmdline: "x=1".into(),
             disks: vec![],
             confine: Default::default(),
+            egress: false,
         };
         let c = kernel_cmdline(&cfg);
         assert!(c.contains("reboot=k") && !c.contains("reboot=t") && c.ends_with("x=1"), "{c}");

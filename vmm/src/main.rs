@@ -1,6 +1,6 @@
 //! `capvisor-vmm`: one process per VM (docs/processes.md).
 //!
-//! `capvisor-vmm --rpc-fd 3 --agent-fd 4 --config-fd 5`, with the schema
+//! `capvisor-vmm --rpc-fd 3 --agent-fd 4 --config-fd 5 [--egress-fd 6]`, with the schema
 //! `VmConfig` (internal.capnp) in the memfd at fd 5:
 //! - starts the VM at once on its engine (`capvisor_vmm::engine::start`:
 //!   QEMU with the agent socket handed to it, or engine kvm in this process);
@@ -38,6 +38,11 @@ struct Args {
     /// Inherited memfd holding the schema `VmConfig` message.
     #[arg(long, default_value_t = 5)]
     config_fd: RawFd,
+    /// Inherited stream socket behind the guest's virtio-serial port
+    /// `capvisor.egress` (with `VmConfig.egress`; the session's egress
+    /// proxy keeps the peer end).
+    #[arg(long)]
+    egress_fd: Option<RawFd>,
 }
 
 fn main() {
@@ -66,10 +71,20 @@ fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.rpc_fd != args.agent_fd, "--rpc-fd and --agent-fd must differ");
     let rpc = take_fd(args.rpc_fd, "rpc")?;
     let agent = take_fd(args.agent_fd, "agent")?;
+    let egress = match args.egress_fd {
+        Some(fd) => {
+            anyhow::ensure!(
+                ![args.rpc_fd, args.agent_fd, args.config_fd].contains(&fd),
+                "--egress-fd must differ from the other descriptors"
+            );
+            Some(take_fd(fd, "egress")?)
+        }
+        None => None,
+    };
     let cfg = read_config(args.config_fd);
     conn::run_local(async move {
         let stream = capvisor_rpc::spawn::into_tokio(rpc)?;
-        let vm = engine::start(cfg, agent);
+        let vm = engine::start(cfg, engine::GuestChannels { agent, egress });
         let client = MachineServer::client(vm.clone());
         let (_peer, mut conn_done) = conn::serve::<capnp::capability::Client>(stream, client.client, conn::INTERNAL);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -165,6 +165,7 @@ fn vm_config(img: &capvisor_manifest::BuiltImage, run_dir: &Path, extra: &str) -
         extra_cmdline: extra.into(),
         disks: vec![],
         confine: Default::default(),
+        egress: false,
     }
 }
 
@@ -393,6 +394,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
                 extra_cmdline: String::new(),
                 disks: vec![],
                 confine: Default::default(),
+                egress: false,
             };
             let t = Instant::now();
             let mut vmm = spawn_vmm(&cfg);
@@ -423,6 +425,7 @@ fn bad_kernel_is_a_clear_crash_not_a_hang() {
             extra_cmdline: String::new(),
             disks: vec![],
             confine: Default::default(),
+            egress: false,
         };
         let vmm = spawn_vmm(&cfg);
         let st = status(&vmm.machine).await;

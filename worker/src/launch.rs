@@ -3,7 +3,9 @@
 //! fake `Machine` and guest-init's real `Guest` server (no VM, no vmm).
 //!
 //! [`ProcessVmLauncher`] spawns `capvisor-vmm --rpc-fd 3 --agent-fd 4
-//! --config-fd 5` with a socketpair for `Machine`, a socketpair for the
+//! --config-fd 5 [--egress-fd 6]` with a socketpair for `Machine`, a
+//! socketpair for the guest's egress port (with `VmConfig.egress`; the
+//! worker passes its end to the session proxy), a socketpair for the
 //! guest's agent channel (the vmm hands its end to the VM; the worker
 //! keeps the other and talks to guest-init on it directly), and a memfd
 //! holding the schema `VmConfig` (docs/processes.md), moved into the VM's
@@ -146,6 +148,9 @@ pub struct LaunchedVm {
     pub agent: tokio::net::UnixStream,
     /// The vmm process, if it is one.
     pub child: Option<tokio::process::Child>,
+    /// With `cfg.egress`: the host end of the guest's `capvisor.egress`
+    /// port, for the session's egress proxy.
+    pub egress: Option<std::os::fd::OwnedFd>,
 }
 
 /// Starts VMs for a worker.
@@ -169,6 +174,7 @@ impl VmLauncher for ProcessVmLauncher {
         let config = spawn::config_fd(&msg).map_err(internal)?;
         let (rpc_here, rpc_there) = spawn::stream_pair().map_err(internal)?;
         let (agent_here, agent_there) = spawn::stream_pair().map_err(internal)?;
+        let egress = if cfg.egress { Some(spawn::stream_pair().map_err(internal)?) } else { None };
         let log = std::fs::File::create(cfg.run_dir.join("vmm.log")).map_err(internal)?;
         let mut cmd = tokio::process::Command::new(paths::binary("capvisor-vmm"));
         cmd.args(["--rpc-fd", "3", "--agent-fd", "4", "--config-fd", "5"])
@@ -190,11 +196,19 @@ impl VmLauncher for ProcessVmLauncher {
         };
         let netns = cfg.confine.netns.then(capvisor_confine::netns::NetnsPlan::new);
         capvisor_confine::ChildConfinement { cgroup: placement, netns, landlock: None }.install(cmd.as_std_mut());
-        let fds = [
+        let mut fds = vec![
             Inherit { fd: rpc_there, target: 3 },
             Inherit { fd: agent_there, target: 4 },
             Inherit { fd: config, target: 5 },
         ];
+        let egress_here = match egress {
+            Some((here, there)) => {
+                cmd.args(["--egress-fd", "6"]);
+                fds.push(Inherit { fd: there, target: 6 });
+                Some(here)
+            }
+            None => None,
+        };
         spawn::prepare(&mut cmd, &fds);
         let child = cmd.spawn().map_err(internal).inspect_err(|_| remove_now(&cfg.confine))?;
         drop(fds);
@@ -206,6 +220,7 @@ impl VmLauncher for ProcessVmLauncher {
             machine_conn: Some(conn),
             agent: spawn::into_tokio(agent_here).map_err(internal)?,
             child: Some(child),
+            egress: egress_here,
         })
     }
 }

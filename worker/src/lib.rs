@@ -20,6 +20,7 @@
 
 pub mod caps;
 pub mod launch;
+pub mod proxy;
 pub mod serve;
 pub mod state;
 pub mod vms;

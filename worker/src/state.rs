@@ -32,6 +32,9 @@ pub struct SessionState {
     /// Fires when the last client leaves (checked by the linger loop).
     pub clients_changed: tokio::sync::Notify,
     next_vm: Cell<u32>,
+    /// The session's egress proxy once started (`crate::proxy::ensure`);
+    /// dropped (the process ends) when the session is revoked.
+    pub proxy: RefCell<Option<Rc<crate::proxy::SessionProxy>>>,
 }
 
 impl SessionState {
@@ -49,6 +52,7 @@ impl SessionState {
             clients: Cell::new(0),
             clients_changed: tokio::sync::Notify::new(),
             next_vm: Cell::new(1),
+            proxy: RefCell::new(None),
         })
     }
 

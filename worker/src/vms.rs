@@ -400,12 +400,23 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
         extra_cmdline: String::new(),
         disks: vec![],
         confine: Default::default(),
+        egress: st.ctx.net.egress,
     };
     let cfg = match &image.rootfs {
         Some(rootfs) => root_disks(cfg, rootfs, image.writable_mib)?,
         None => cfg,
     };
-    let cfg = volume_disks(cfg, &entry.mounts, &entry.volume_files.borrow());
+    let mut cfg = volume_disks(cfg, &entry.mounts, &entry.volume_files.borrow());
+    // Egress (manifest [net] egress): the session's proxy is running before
+    // the guest can ask anything of it; guest-init sets up its side when it
+    // sees this word and the capvisor.egress port.
+    let proxy = match cfg.egress {
+        true => {
+            cfg.extra_cmdline = format!("{} capvisor.egress=1", cfg.extra_cmdline).trim().to_string();
+            Some(crate::proxy::ensure(st)?)
+        }
+        false => None,
+    };
     // Confinement (docs/vmm-confinement.md): decided here, fail closed on
     // a required layer, audited either way.
     let confined = crate::launch::confine_vm(
@@ -419,7 +430,10 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
     tracing::info!(vm = %entry.name, "confinement: {}", confined.report);
     st.audit("vm.confine", "vms", "create", Ok(()), &format!("{}: {}", entry.name, confined.report));
     let cfg = VmConfig { confine: confined.qemu, ..cfg };
-    let launched = st.launcher.launch(&cfg)?;
+    let mut launched = st.launcher.launch(&cfg)?;
+    if let (Some(proxy), Some(fd)) = (&proxy, launched.egress.take()) {
+        proxy.add_vm(&entry.name, fd).await?;
+    }
     let machine = launched.machine;
     let mut child = launched.child;
     let AgentLink { guest, conn: gconn, calls: agent_calls, failed: agent_failed } = agent_link(launched.agent);
@@ -509,6 +523,8 @@ pub async fn revoke_session(st: &Rc<SessionState>, reason: RevokeReason) {
     }
     let entries: Vec<Rc<VmEntry>> = st.vms.borrow().values().cloned().collect();
     futures::future::join_all(entries.iter().map(|e| stop_vm(e))).await;
+    // The egress proxy ends with its connection.
+    st.proxy.borrow_mut().take();
     st.mark_revocation_done();
 }
 

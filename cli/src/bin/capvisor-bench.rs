@@ -116,6 +116,7 @@ async fn bare_qemu_boot(kernel: &Path, initramfs: &Path, dir: &Path) -> Duration
         extra_cmdline: String::new(),
         disks: vec![],
         confine: Default::default(),
+        egress: false,
     };
     let args = capvisor_vmm::qemu::args(&cfg, host_kvm_usable(), capvisor_vmm::qemu::host_tsc_khz());
     let (agent, _agent_peer) = capvisor_rpc::spawn::stream_pair().expect("socketpair");
@@ -201,6 +202,7 @@ fn kvm_engine_figures(
             extra_cmdline: String::new(),
             disks: vec![],
             confine: Default::default(),
+            egress: false,
         };
         capvisor_rpc::conn::run_local(async {
             let (rpc_ours, rpc_theirs) = capvisor_rpc::spawn::stream_pair().unwrap();

@@ -55,8 +55,12 @@ impl QemuEngine {
     ///
     /// Errors: QEMU cannot be spawned (not installed), or the QMP
     /// socketpair cannot be made. Must be called inside a `LocalSet`.
-    pub fn start(cfg: &VmConfig, agent: OwnedFd, console: ConsoleLog) -> anyhow::Result<Rc<Self>> {
-        Self::spawn(&super::qemu_binary(), cfg, agent, console, capvisor_rpc::host::host_kvm_usable())
+    pub fn start(
+        cfg: &VmConfig,
+        channels: impl Into<crate::engine::GuestChannels>,
+        console: ConsoleLog,
+    ) -> anyhow::Result<Rc<Self>> {
+        Self::spawn(&super::qemu_binary(), cfg, channels, console, capvisor_rpc::host::host_kvm_usable())
     }
 
     /// [`QemuEngine::start`] with the program and the accelerator chosen
@@ -64,11 +68,12 @@ impl QemuEngine {
     pub(crate) fn spawn(
         program: &str,
         cfg: &VmConfig,
-        agent: OwnedFd,
+        channels: impl Into<crate::engine::GuestChannels>,
         console: ConsoleLog,
         kvm: bool,
     ) -> anyhow::Result<Rc<Self>> {
         use anyhow::Context;
+        let crate::engine::GuestChannels { agent, egress } = channels.into();
         let (qmp_ours, qmp_theirs) = spawn::stream_pair()?;
         let (confinement, report) = confinement(program, cfg, kvm)?;
         let mut cmd = tokio::process::Command::new(program);
@@ -80,11 +85,14 @@ impl QemuEngine {
         // which `prepare` may renumber over.
         confinement.install(cmd.as_std_mut());
         let (console_ours, console_theirs) = spawn::stream_pair()?;
-        let fds = [
+        let mut fds = vec![
             Inherit { fd: agent, target: super::AGENT_FD },
             Inherit { fd: qmp_theirs, target: super::QMP_FD },
             Inherit { fd: console_theirs, target: super::CONSOLE_FD },
         ];
+        if let Some(fd) = egress {
+            fds.push(Inherit { fd, target: super::EGRESS_FD });
+        }
         spawn::prepare(&mut cmd, &fds);
         let spawned = cmd.spawn();
         // Our copies of the handed-over descriptors close here, so the
@@ -472,6 +480,7 @@ mod tests {
             // The stand-in is a shell script: its interpreter is outside the
             // QEMU Landlock policy (the boot test covers Landlock on QEMU).
             confine: capvisor_rpc::vmconfig::QemuConfinement { netns: true, landlock: false, cgroup: vec![] },
+            egress: false,
         }
     }
 

@@ -50,6 +50,9 @@ pub const AGENT_FD: i32 = 3;
 pub const QMP_FD: i32 = 4;
 /// Descriptor number of the serial console socket inside QEMU.
 pub const CONSOLE_FD: i32 = 5;
+/// Descriptor number of the egress socket inside QEMU (`VmConfig.egress`):
+/// behind the virtio-serial port `capvisor.egress`, like the agent's.
+pub const EGRESS_FD: i32 = 6;
 /// Environment variable overriding the QEMU binary (default `qemu-system-x86_64` in `PATH`).
 pub const QEMU_ENV: &str = "CAPVISOR_QEMU";
 
@@ -154,6 +157,14 @@ pub fn args(cfg: &VmConfig, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
         "-device".into(),
         "virtserialport,chardev=ag,name=capvisor.agent".into(),
     ]);
+    if cfg.egress {
+        a.extend([
+            "-chardev".into(),
+            format!("socket,id=eg,fd={EGRESS_FD}"),
+            "-device".into(),
+            "virtserialport,chardev=eg,name=capvisor.egress".into(),
+        ]);
+    }
     for (i, d) in cfg.disks.iter().enumerate() {
         // QEMU option values escape a comma by doubling it.
         let file = path_arg(&d.path).replace(',', ",,");
@@ -188,6 +199,7 @@ mod tests {
             extra_cmdline: " loglevel=4 ".into(),
             disks: vec![],
             confine: Default::default(),
+            egress: false,
         }
     }
 
@@ -201,6 +213,9 @@ mod tests {
         assert!(a.starts_with("-name guest=t -M microvm"), "{a}");
         assert!(a.contains("socket,id=ag,fd=3"), "{a}");
         assert!(a.contains("virtserialport,chardev=ag,name=capvisor.agent"), "{a}");
+        assert!(!a.contains("capvisor.egress"), "no egress port unless asked: {a}");
+        let e = args(&VmConfig { egress: true, ..cfg() }, false, None).join(" ");
+        assert!(e.contains("-chardev socket,id=eg,fd=6 -device virtserialport,chardev=eg,name=capvisor.egress"), "{e}");
         let v = args(&cfg(), false, Some(2599998));
         let append = &v[v.iter().position(|x| x == "-append").unwrap() + 1];
         assert_eq!(append, "console=ttyS0 reboot=t panic=-1 quiet rdinit=/init tsc_early_khz=2599998 loglevel=4");

@@ -187,7 +187,7 @@ impl VmLauncher for FakeLauncher {
         let (kill, dead) = tokio::sync::watch::channel(false);
         self.seen.borrow_mut().kill_switches.push(kill);
         let machine = capnp_rpc::new_client(FakeMachine { engine: cfg.engine, state, dead, seen: self.seen.clone() });
-        Ok(LaunchedVm { machine, machine_conn: None, agent: ours, child: None })
+        Ok(LaunchedVm { machine, machine_conn: None, agent: ours, child: None, egress: None })
     }
 }
 
@@ -236,6 +236,7 @@ pub fn context(
             ..Default::default()
         },
         volume_dir: None,
+        net: Default::default(),
     }
 }
 
