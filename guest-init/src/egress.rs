@@ -841,8 +841,27 @@ pub async fn keep_connected(relay: Rc<Relay>, port: PathBuf) {
     }
 }
 
+/// Sets `kernel.unprivileged_bpf_disabled` to 1 (bpf(2) for
+/// `CAP_BPF`/`CAP_SYS_ADMIN` only, until reboot; Documentation/admin-guide/
+/// sysctl/kernel.rst): the minimal kernel has `CONFIG_BPF_SYSCALL` for
+/// the steering, and guest programs need no BPF of their own. A kernel
+/// without BPF has no such file: nothing to do. Called by [`boot`] on
+/// every boot.
+pub fn restrict_unprivileged_bpf() {
+    let path = "/proc/sys/kernel/unprivileged_bpf_disabled";
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "0" => {
+            if let Err(e) = std::fs::write(path, "1") {
+                log(format!("{path}: {e}"));
+            }
+        }
+        _ => {}
+    }
+}
+
 /// PID 1's egress set-up, called after the root switch and volume mounts,
-/// with `lo` up, before serving the agent. Does nothing (one read of
+/// with `lo` up, before serving the agent. After
+/// [`restrict_unprivileged_bpf`], does nothing (one read of
 /// `/proc/cmdline`) unless the command line has [`CMDLINE_WORD`]. Then:
 /// waits up to [`PORT_TIMEOUT`] for the port [`EGRESS_PORT_NAME`], sets up
 /// [`Steering`], writes `/etc/resolv.conf` ([`RESOLV_CONF`]) and starts a
@@ -852,6 +871,7 @@ pub async fn keep_connected(relay: Rc<Relay>, port: PathBuf) {
 /// no network` and returns: fail closed (without steering no address but
 /// loopback is reachable; with steering and no host, connections reset).
 pub fn boot() {
+    restrict_unprivileged_bpf();
     if !enabled(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default()) {
         return;
     }
