@@ -90,6 +90,43 @@ enum Cmd {
     /// logouts and restarts; attach with `vm create --volume NAME:/path`.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Guest network egress through the session's proxy (caps `netpolicy`, `netlog`).
+    #[command(subcommand)]
+    Net(NetCmd),
+}
+
+#[derive(Subcommand)]
+enum NetCmd {
+    /// Show this session's egress rules (first match wins; no match is deny), or change them.
+    /// Changes apply to connections opened from then on, without restarting VMs.
+    Rules {
+        /// Replace the rules with those of a TOML file of `[[rules]]` tables
+        /// (keys as in the manifest's `[[net.rules]]`: host, port, scheme, method,
+        /// path_prefix, action, no_mitm)
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["allow", "deny"])]
+        set: Option<PathBuf>,
+        #[arg(long, value_name = "HOST[:PORT]", help = "Put an allow rule for HOST[:PORT] first (repeatable)")]
+        allow: Vec<String>,
+        #[arg(long, value_name = "HOST[:PORT]", help = "Put a deny rule for HOST[:PORT] first (repeatable)")]
+        deny: Vec<String>,
+    },
+    /// Recent guest network flows (decision, rule, bytes), oldest first.
+    Log {
+        /// Only this VM's flows
+        #[arg(long)]
+        vm: Option<String>,
+        /// Keep printing new flows as they come (Ctrl-C ends)
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+/// `capvisor net rules --set FILE`: a TOML file of `[[rules]]`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    rules: Vec<capvisor_manifest::NetRuleConfig>,
 }
 
 #[derive(Subcommand)]
@@ -138,9 +175,12 @@ struct SpecArgs {
     /// Engine: auto (kvm where /dev/kvm is hardware-backed, else qemu), qemu or kvm
     #[arg(long, default_value = "auto", value_parser = capvisor_rpc::names::parse_engine)]
     engine: capvisor_rpc::schema::capvisor_capnp::Engine,
-    /// Attach a volume: NAME:/guest/path[:ro] (repeatable, at most 4). Read-write is
-    /// exclusive: refused while another running VM holds the volume
-    #[arg(long = "volume", value_name = "NAME:/PATH[:ro]")]
+    #[arg(
+        long = "volume",
+        value_name = "NAME:/PATH[:ro]",
+        help = "Attach a volume: NAME:/guest/path[:ro] (repeatable, at most 4). Read-write is exclusive: \
+                refused while another running VM holds the volume"
+    )]
     volumes: Vec<capvisor_client::ops::VolumeMount>,
 }
 
@@ -220,6 +260,8 @@ enum AccountCmd {
     /// Remove a password account.
     Rm { name: String },
 }
+
+use capvisor_rpc::schema::capvisor_capnp::NetAction;
 
 fn main() {
     let cli = Cli::parse();
@@ -464,6 +506,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         }
         Cmd::Vm(v) => vm_cmd(v, socket).await,
         Cmd::Volume(v) => volume_cmd(v, socket).await,
+        Cmd::Net(n) => net_cmd(n, socket).await,
         Cmd::Run { spec, exec, cmd } => {
             let (s, _) = session(socket).await?;
             let f = ops::vms(&s);
@@ -501,6 +544,124 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
                 }
             }
             Ok(0)
+        }
+    }
+}
+
+fn print_rules(rules: &[ops::NetRule]) {
+    println!("{:>3}  {:<6} {:<28} {:>5} {:<6} {:<7} PATH", "#", "ACTION", "HOST", "PORT", "SCHEME", "METHOD");
+    for (i, r) in rules.iter().enumerate() {
+        let port = if r.port == 0 { "*".to_string() } else { r.port.to_string() };
+        let or_any = |s: &str| if s.is_empty() { "*".to_string() } else { s.to_string() };
+        println!(
+            "{:>3}  {:<6} {:<28} {:>5} {:<6} {:<7} {}{}",
+            i,
+            ops::action_name(r.action),
+            r.host,
+            port,
+            or_any(&r.scheme),
+            or_any(&r.method),
+            or_any(&r.path_prefix),
+            if r.no_mitm { "  (no MITM)" } else { "" }
+        );
+    }
+    if rules.is_empty() {
+        println!("  (no rules: every connection is denied)");
+    }
+}
+
+fn print_flow(f: &ops::NetFlow) {
+    let rule = if f.rule < 0 { "-".to_string() } else { f.rule.to_string() };
+    println!(
+        "{:<13} {:<12} {:<6} {:>4} {:<28} {:>5} {:>9} {:>9}  {}",
+        f.time_ms,
+        shown(&f.vm),
+        ops::action_name(f.action),
+        rule,
+        shown(&f.host),
+        f.port,
+        f.bytes_up,
+        f.bytes_down,
+        shown(&f.detail)
+    );
+}
+
+async fn net_cmd(cmd: NetCmd, socket: &Path) -> ClientResult<i32> {
+    let (s, _) = session(socket).await?;
+    match cmd {
+        NetCmd::Rules { set, allow, deny } => {
+            let p = ops::net_policy(&s);
+            if let Some(file) = set {
+                let text = std::fs::read_to_string(&file)?;
+                let parsed: RulesFile =
+                    toml::from_str(&text).map_err(|e| ClientError::Usage(format!("{}: {e}", file.display())))?;
+                let rules: Vec<ops::NetRule> = parsed
+                    .rules
+                    .iter()
+                    .map(|r| {
+                        let action = match r.action.as_str() {
+                            "allow" => NetAction::Allow,
+                            "deny" => NetAction::Deny,
+                            "ask" => NetAction::Ask,
+                            other => {
+                                return Err(ClientError::Usage(format!(
+                                    "{}: action must be allow, deny or ask (got {other:?})",
+                                    file.display()
+                                )))
+                            }
+                        };
+                        Ok(ops::NetRule {
+                            host: r.host.clone(),
+                            port: r.port,
+                            scheme: r.scheme.clone(),
+                            method: r.method.clone(),
+                            path_prefix: r.path_prefix.clone(),
+                            action,
+                            no_mitm: r.no_mitm,
+                        })
+                    })
+                    .collect::<ClientResult<_>>()?;
+                ops::set_rules(&p, &rules).await?;
+                eprintln!("capvisor: {} rules set", rules.len());
+            } else if !allow.is_empty() || !deny.is_empty() {
+                let mut added = Vec::new();
+                for (specs, action) in [(&allow, NetAction::Allow), (&deny, NetAction::Deny)] {
+                    for spec in specs {
+                        added.push(ops::NetRule::parse_spec(spec, action).map_err(ClientError::Usage)?);
+                    }
+                }
+                let mut rules = ops::get_rules(&p).await?;
+                let n = added.len();
+                rules.splice(0..0, added);
+                ops::set_rules(&p, &rules).await?;
+                eprintln!("capvisor: {n} rule(s) put first");
+            }
+            print_rules(&ops::get_rules(&p).await?);
+            Ok(0)
+        }
+        NetCmd::Log { vm, follow } => {
+            let l = ops::net_log(&s);
+            let vm = vm.unwrap_or_default();
+            println!(
+                "{:<13} {:<12} {:<6} {:>4} {:<28} {:>5} {:>9} {:>9}  DETAIL",
+                "TIME_MS", "VM", "ACTION", "RULE", "HOST", "PORT", "UP", "DOWN"
+            );
+            let mut since = 0i64;
+            let mut seen = std::collections::HashSet::new();
+            loop {
+                for f in ops::recent_flows(&l, &vm, since, 0).await? {
+                    // A flow is printed once; its byte counts are final
+                    // when it has ended (a later poll may show more).
+                    if seen.insert((f.time_ms, f.vm.clone(), f.host.clone(), f.port)) {
+                        print_flow(&f);
+                    }
+                    since = since.max(f.time_ms);
+                }
+                if !follow {
+                    return Ok(0);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
         }
     }
 }

@@ -15,7 +15,8 @@ use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
 use capvisor_rpc::principal::Principal;
 use capvisor_rpc::schema::capvisor_capnp::{
-    accounts, cap_set, session, vm, vm_factory, volume, volume_info, volumes, Engine, VmState,
+    accounts, cap_set, net_log, net_policy, session, vm, vm_factory, volume, volume_info, volumes, Engine, NetAction,
+    VmState,
 };
 use capvisor_rpc::schema::common_capnp::{byte_sink, exit_status, files, process, FileKind};
 use capvisor_rpc::sink::CollectSink;
@@ -572,4 +573,166 @@ pub async fn remove_volume(v: &volumes::Client, name: &str) -> ClientResult<()> 
     req.get().set_volume_name(name);
     req.send().promise.await?;
     Ok(())
+}
+
+/// One egress rule (schema `NetRule`; the schema says what each field means).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetRule {
+    /// Host glob: `*`, `*.example.org`, or exact.
+    pub host: String,
+    /// Port; 0: any.
+    pub port: u16,
+    /// `""`, `"tcp"`, `"http"` or `"https"`.
+    pub scheme: String,
+    /// HTTP method; `""`: any.
+    pub method: String,
+    /// HTTP path prefix; `""`: any.
+    pub path_prefix: String,
+    /// What a match decides.
+    pub action: NetAction,
+    /// Never intercept TLS to this host.
+    pub no_mitm: bool,
+}
+
+impl NetRule {
+    /// A rule deciding `action` for `HOST[:PORT]` (the CLI's `--allow` /
+    /// `--deny` form; no port: any).
+    ///
+    /// Errors: an empty host or a bad port.
+    pub fn parse_spec(spec: &str, action: NetAction) -> Result<Self, String> {
+        let (host, port) = match spec.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port in {spec:?}"))?),
+            None => (spec, 0),
+        };
+        if host.is_empty() {
+            return Err(format!("no host in {spec:?} (\"*\" means any)"));
+        }
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+            scheme: String::new(),
+            method: String::new(),
+            path_prefix: String::new(),
+            action,
+            no_mitm: false,
+        })
+    }
+}
+
+/// The CapSet's `netpolicy` cap, pipelined.
+pub fn net_policy(s: &session::Client) -> net_policy::Client {
+    get_cap(&cap_set(s), "netpolicy")
+}
+
+/// The CapSet's `netlog` cap, pipelined.
+pub fn net_log(s: &session::Client) -> net_log::Client {
+    get_cap(&cap_set(s), "netlog")
+}
+
+/// `NetPolicy.get`.
+pub async fn get_rules(p: &net_policy::Client) -> ClientResult<Vec<NetRule>> {
+    let resp = p.get_request().send().promise.await?;
+    resp.get()?
+        .get_rules()?
+        .iter()
+        .map(|r| {
+            Ok(NetRule {
+                host: text(r.get_host())?,
+                port: r.get_port(),
+                scheme: text(r.get_scheme())?,
+                method: text(r.get_method())?,
+                path_prefix: text(r.get_path_prefix())?,
+                action: r.get_action()?,
+                no_mitm: r.get_no_mitm(),
+            })
+        })
+        .collect()
+}
+
+/// `NetPolicy.set`: replaces the session's rules (new connections use them).
+pub async fn set_rules(p: &net_policy::Client, rules: &[NetRule]) -> ClientResult<()> {
+    let mut req = p.set_request();
+    let mut l = req.get().init_rules(rules.len() as u32);
+    for (i, r) in rules.iter().enumerate() {
+        let mut o = l.reborrow().get(i as u32);
+        o.set_host(r.host.as_str());
+        o.set_port(r.port);
+        o.set_scheme(r.scheme.as_str());
+        o.set_method(r.method.as_str());
+        o.set_path_prefix(r.path_prefix.as_str());
+        o.set_action(r.action);
+        o.set_no_mitm(r.no_mitm);
+    }
+    req.send().promise.await?;
+    Ok(())
+}
+
+/// One guest network flow (schema `NetFlow`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetFlow {
+    /// When it was asked for, Unix epoch ms.
+    pub time_ms: i64,
+    /// The VM.
+    pub vm: String,
+    /// The host as the guest named it.
+    pub host: String,
+    /// The upstream address used ("" if none).
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// HTTP method, path and status (empty / 0 when not HTTP).
+    pub method: String,
+    /// HTTP path.
+    pub path: String,
+    /// HTTP status.
+    pub status: u16,
+    /// Bytes guest -> upstream and upstream -> guest.
+    pub bytes_up: u64,
+    /// Bytes upstream -> guest.
+    pub bytes_down: u64,
+    /// The deciding rule's index; -1: none matched.
+    pub rule: i32,
+    /// The decision.
+    pub action: NetAction,
+    /// Why denied or failed.
+    pub detail: String,
+}
+
+/// `NetLog.recent`: flows of VM `vm` ("" all) since `since_ms` (0 all), at most `limit` (0 all).
+pub async fn recent_flows(l: &net_log::Client, vm: &str, since_ms: i64, limit: u32) -> ClientResult<Vec<NetFlow>> {
+    let mut req = l.recent_request();
+    req.get().set_vm(vm);
+    req.get().set_since_ms(since_ms);
+    req.get().set_limit(limit);
+    let resp = req.send().promise.await?;
+    resp.get()?
+        .get_flows()?
+        .iter()
+        .map(|f| {
+            Ok(NetFlow {
+                time_ms: f.get_time_ms(),
+                vm: text(f.get_vm())?,
+                host: text(f.get_host())?,
+                address: text(f.get_address())?,
+                port: f.get_port(),
+                method: text(f.get_method())?,
+                path: text(f.get_path())?,
+                status: f.get_status(),
+                bytes_up: f.get_bytes_up(),
+                bytes_down: f.get_bytes_down(),
+                rule: f.get_rule(),
+                action: f.get_action()?,
+                detail: text(f.get_detail())?,
+            })
+        })
+        .collect()
+}
+
+/// The schema name of a net action (`"allow"`, `"deny"`, `"ask"`).
+pub fn action_name(a: NetAction) -> &'static str {
+    match a {
+        NetAction::Allow => "allow",
+        NetAction::Deny => "deny",
+        NetAction::Ask => "ask",
+    }
 }

@@ -21,6 +21,8 @@ pub const KNOWN_CAPS: &[(&str, &str)] = &[
     ("vms", "VmFactory: create, list, reach and remove this session's VMs"),
     ("accounts", "Accounts: add, list and remove password accounts"),
     ("volumes", "Volumes: create, list and remove this principal's persistent volumes, attached to VMs at create"),
+    ("netpolicy", "NetPolicy: read and replace this session's egress rules (manifest [net])"),
+    ("netlog", "NetLog: recent guest network flows of this session's VMs"),
 ];
 
 /// Kernel sources an image may name (`[images.NAME] kernel`), with what each one is.
@@ -934,7 +936,7 @@ mod tests {
     fn rejects_bad_references() {
         let bad = DEFAULT_TOML.replace("bundle = \"user\"", "bundle = \"nope\"");
         assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("nope"));
-        let bad = DEFAULT_TOML.replace("caps = [\"vms\", \"volumes\"]", "caps = [\"vms\", \"root\"]");
+        let bad = DEFAULT_TOML.replace("caps = [\"vms\", \"volumes\", \"netlog\"]", "caps = [\"vms\", \"root\"]");
         assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("root"));
         let bad = DEFAULT_TOML.replace("[gateway]", "[gateway]\nbogus = 1");
         assert!(Manifest::parse(&bad).is_err());

@@ -6,7 +6,7 @@ use crate::wrap::{AccountsWrapper, Scope};
 use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
-use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, session, vm_factory, volumes};
+use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, net_log, net_policy, session, vm_factory, volumes};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::internal_capnp::{worker, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
@@ -54,6 +54,8 @@ pub fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
         "vms" => Some((vm_factory::Client::TYPE_ID, "VmFactory")),
         "accounts" => Some((accounts::Client::TYPE_ID, "Accounts")),
         "volumes" => Some((volumes::Client::TYPE_ID, "Volumes")),
+        "netpolicy" => Some((net_policy::Client::TYPE_ID, "NetPolicy")),
+        "netlog" => Some((net_log::Client::TYPE_ID, "NetLog")),
         _ => None,
     }
 }
@@ -87,6 +89,18 @@ impl CapSetImpl {
             }
             "volumes" => {
                 capnp_rpc::new_client::<volumes::Client, _>(crate::volumes::VolumesImpl { st: self.st.clone() }).client
+            }
+            "netpolicy" => {
+                let proxy = crate::proxy::ensure(&self.st)?;
+                let inner = proxy.proxy.policy_request().send().pipeline.get_policy();
+                let scope = Scope::session(&self.st);
+                capnp_rpc::new_client::<net_policy::Client, _>(crate::wrap::NetPolicyWrapper { scope, inner }).client
+            }
+            "netlog" => {
+                let proxy = crate::proxy::ensure(&self.st)?;
+                let inner = proxy.proxy.log_request().send().pipeline.get_log();
+                let scope = Scope::session(&self.st);
+                capnp_rpc::new_client::<net_log::Client, _>(crate::wrap::NetLogWrapper { scope, inner }).client
             }
             _ => unreachable!("cap_interface covers every name"),
         })

@@ -1,6 +1,6 @@
 //! The membrane: revocable wrappers around every capability the worker
 //! forwards (guest `Process`, `Files`, `ByteSink`s in both directions, the
-//! broker's `Accounts`).
+//! broker's `Accounts`, the session proxy's `NetPolicy` and `NetLog`).
 //!
 //! Each wrapper holds a [`Scope`]: the session and, for VM-reached caps, the
 //! one VM it designates. Before every forwarded call the scope is checked
@@ -12,7 +12,7 @@
 use crate::state::SessionState;
 use crate::vms::VmEntry;
 use capnp::capability::Rc as CapRc;
-use capvisor_rpc::schema::capvisor_capnp::accounts;
+use capvisor_rpc::schema::capvisor_capnp::{accounts, net_log, net_policy};
 use capvisor_rpc::schema::common_capnp::{byte_sink, exit_status, files, process};
 use capvisor_rpc::{CvError, CvResult};
 use std::future::Future;
@@ -268,5 +268,103 @@ impl accounts::Server for AccountsWrapper {
         let mut req = self.inner.remove_request();
         req.get().set_account(params.get()?.get_account()?);
         self.scope.forward(async { req.send().promise.await.map(drop) }).await
+    }
+}
+
+/// Copies one `NetRule`, field by field.
+fn copy_rule(
+    from: capvisor_rpc::schema::capvisor_capnp::net_rule::Reader<'_>,
+    mut to: capvisor_rpc::schema::capvisor_capnp::net_rule::Builder<'_>,
+) -> capnp::Result<()> {
+    to.set_host(from.get_host()?);
+    to.set_port(from.get_port());
+    to.set_scheme(from.get_scheme()?);
+    to.set_method(from.get_method()?);
+    to.set_path_prefix(from.get_path_prefix()?);
+    to.set_action(from.get_action()?);
+    to.set_no_mitm(from.get_no_mitm());
+    Ok(())
+}
+
+/// The session proxy's `NetPolicy`, revocable with the session.
+pub struct NetPolicyWrapper {
+    /// The session whose revocation cuts this cap (no VM).
+    pub scope: Scope,
+    /// The proxy's policy cap.
+    pub inner: net_policy::Client,
+}
+
+impl net_policy::Server for NetPolicyWrapper {
+    async fn get(
+        self: CapRc<Self>,
+        _: net_policy::GetParams,
+        mut results: net_policy::GetResults,
+    ) -> capnp::Result<()> {
+        let req = self.inner.get_request();
+        let resp = self.scope.forward(req.send().promise).await?;
+        let rules = resp.get()?.get_rules()?;
+        let mut out = results.get().init_rules(rules.len());
+        for (i, r) in rules.iter().enumerate() {
+            copy_rule(r, out.reborrow().get(i as u32))?;
+        }
+        Ok(())
+    }
+
+    async fn set(self: CapRc<Self>, params: net_policy::SetParams, _: net_policy::SetResults) -> capnp::Result<()> {
+        let rules = params.get()?.get_rules()?;
+        let mut req = self.inner.set_request();
+        {
+            let mut out = req.get().init_rules(rules.len());
+            for (i, r) in rules.iter().enumerate() {
+                copy_rule(r, out.reborrow().get(i as u32))?;
+            }
+        }
+        let res = self.scope.forward(async { req.send().promise.await.map(drop) }).await;
+        let outcome = res.as_ref().map(|_| ()).map_err(|e| relay(e.clone(), false));
+        let detail = format!("{} rules", rules.len());
+        self.scope.st.audit("net.policy.set", "netpolicy", "set", outcome.as_ref().map(|_| ()), &detail);
+        res
+    }
+}
+
+/// The session proxy's `NetLog`, revocable with the session.
+pub struct NetLogWrapper {
+    /// The session whose revocation cuts this cap (no VM).
+    pub scope: Scope,
+    /// The proxy's log cap.
+    pub inner: net_log::Client,
+}
+
+impl net_log::Server for NetLogWrapper {
+    async fn recent(
+        self: CapRc<Self>,
+        params: net_log::RecentParams,
+        mut results: net_log::RecentResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let mut req = self.inner.recent_request();
+        req.get().set_vm(p.get_vm()?);
+        req.get().set_since_ms(p.get_since_ms());
+        req.get().set_limit(p.get_limit());
+        let resp = self.scope.forward(req.send().promise).await?;
+        let flows = resp.get()?.get_flows()?;
+        let mut out = results.get().init_flows(flows.len());
+        for (i, f) in flows.iter().enumerate() {
+            let mut o = out.reborrow().get(i as u32);
+            o.set_time_ms(f.get_time_ms());
+            o.set_vm(f.get_vm()?);
+            o.set_host(f.get_host()?);
+            o.set_address(f.get_address()?);
+            o.set_port(f.get_port());
+            o.set_method(f.get_method()?);
+            o.set_path(f.get_path()?);
+            o.set_status(f.get_status());
+            o.set_bytes_up(f.get_bytes_up());
+            o.set_bytes_down(f.get_bytes_down());
+            o.set_rule(f.get_rule());
+            o.set_action(f.get_action()?);
+            o.set_detail(f.get_detail()?);
+        }
+        Ok(())
     }
 }
