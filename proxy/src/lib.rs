@@ -151,10 +151,12 @@ impl ProxyState {
         self.open.get()
     }
 
-    /// Appends a decision to the NetLog and the process log; returns its
+    /// Appends a decision to the NetLog (and, at debug level, the process
+    /// log: the guest decides how many connections it opens, so an info line
+    /// each would let it grow `proxy.log` without bound); returns its
     /// sequence number.
     pub fn record(&self, flow: log::Flow) -> u64 {
-        tracing::info!(
+        tracing::debug!(
             vm = %flow.vm,
             host = %log::bounded(&flow.host),
             port = flow.port,
