@@ -237,6 +237,14 @@ enum VmCmd {
     },
     /// Copy a file between host and guest: `vm cp ./f NAME:/path` or `vm cp NAME:/path ./f`.
     Cp { src: String, dst: String },
+    /// Forward TCP connections from the host's loopback to a port in the guest, each
+    /// through `Vm.connect`: `vm port NAME HOSTPORT:GUESTPORT` (HOSTPORT 0: any free
+    /// port; the chosen one is printed). Runs until Ctrl-C.
+    Port {
+        name: String,
+        #[arg(value_name = "HOSTPORT:GUESTPORT")]
+        ports: String,
+    },
     /// Stop a VM (it stays listed until `vm rm`).
     Stop { name: String },
     /// Stop and forget a VM.
@@ -777,6 +785,7 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
             shell(&vm, program, &user).await
         }
         VmCmd::Cp { src, dst } => copy(&f, &src, &dst).await,
+        VmCmd::Port { name, ports } => forward_port(&ops::get_vm(&f, &name), &name, &ports).await,
         VmCmd::Stop { name } => {
             ops::stop_vm(&ops::get_vm(&f, &name)).await?;
             eprintln!("capvisor: {name} stopped");
@@ -887,6 +896,49 @@ async fn shell(
     )
     .await?;
     Ok(exit.shell_code())
+}
+
+/// `vm port`: listens on 127.0.0.1:HOSTPORT and joins each accepted
+/// connection to a `Vm.connect(GUESTPORT)` stream, both directions with
+/// half-close. Prints the bound port on stdout, then runs until Ctrl-C.
+async fn forward_port(
+    vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client,
+    name: &str,
+    ports: &str,
+) -> ClientResult<i32> {
+    let usage = || ClientError::Usage(format!("want HOSTPORT:GUESTPORT (e.g. 8080:80), got {ports:?}"));
+    let (h, g) = ports.split_once(':').ok_or_else(usage)?;
+    let (host_port, guest_port): (u16, u16) = (h.parse().map_err(|_| usage())?, g.parse().map_err(|_| usage())?);
+    // The VM must exist and run before we listen.
+    ops::vm_info(vm).await?;
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, host_port)).await?;
+    let bound = listener.local_addr()?.port();
+    eprintln!("capvisor: forwarding 127.0.0.1:{bound} -> {name}:{guest_port} (Ctrl-C stops)");
+    {
+        use std::io::Write;
+        println!("{bound}");
+        std::io::stdout().flush()?;
+    }
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        };
+        let vm = vm.clone();
+        tokio::task::spawn_local(async move {
+            let (rd, wr) = sock.into_split();
+            let (down, _done) = capvisor_rpc::sink::WriterSink::client(wr);
+            match ops::connect_port(&vm, guest_port, down).await {
+                Ok(up) => {
+                    let _ = capvisor_rpc::sink::pump(rd, &up).await;
+                }
+                Err(ClientError::Domain(d)) => {
+                    eprintln!("capvisor: connection from {peer}: {} [{}]", printable(&d.message, true), d.code_name())
+                }
+                Err(e) => eprintln!("capvisor: connection from {peer}: {}", printable(&e.to_string(), true)),
+            }
+        });
+    }
 }
 
 /// `NAME:/path` -> (NAME, /path); a plain local path -> None.

@@ -736,3 +736,15 @@ pub fn action_name(a: NetAction) -> &'static str {
         NetAction::Ask => "ask",
     }
 }
+
+/// `Vm.connect`: a byte stream to TCP `port` on the guest's loopback.
+/// Bytes from the guest go to `down`; returns the `up` sink to write into.
+///
+/// Errors: `unavailable` when nothing listens there; `notRunning`.
+pub async fn connect_port(v: &vm::Client, port: u16, down: byte_sink::Client) -> ClientResult<byte_sink::Client> {
+    let mut req = v.connect_request();
+    req.get().set_port(port);
+    req.get().set_down(down);
+    let resp = req.send().promise.await?;
+    Ok(resp.get()?.get_up()?)
+}

@@ -71,18 +71,23 @@ pub enum ShutdownMode {
 /// Delay between replying to `shutdown` and powering off.
 pub const POWER_OFF_DELAY: Duration = Duration::from_millis(100);
 
+/// Most connections `Guest.connect` keeps open at once (port forwarding);
+/// one more is `quota`.
+pub const MAX_FORWARDS: usize = 256;
+
 /// The `Guest` capability.
 pub struct GuestServer {
     ready_ms: u64,
     mode: ShutdownMode,
     shutdown_tx: watch::Sender<Option<bool>>,
+    forwards: std::rc::Rc<std::cell::Cell<usize>>,
 }
 
 impl GuestServer {
     /// A server that reports `ready_ms` (CLOCK_BOOTTIME ms when serving
     /// began) as `initReadyMs` and shuts down per `mode`.
     pub fn new(ready_ms: u64, mode: ShutdownMode) -> Self {
-        Self { ready_ms, mode, shutdown_tx: watch::channel(None).0 }
+        Self { ready_ms, mode, shutdown_tx: watch::channel(None).0, forwards: Default::default() }
     }
 
     /// A receiver that changes to `Some(reboot)` once `shutdown` was called.
@@ -140,6 +145,36 @@ impl guest::Server for GuestServer {
     }
 
     async fn ping(self: Rc<Self>, _: guest::PingParams, _: guest::PingResults) -> capnp::Result<()> {
+        Ok(())
+    }
+
+    /// Connects to 127.0.0.1:`port` in the guest: the program's bytes are
+    /// pumped into `down` (then `done`); `up` writes into the socket and
+    /// its `done` half-closes it (dropping the write half shuts it down).
+    /// At most [`MAX_FORWARDS`] at once.
+    async fn connect(
+        self: Rc<Self>,
+        params: guest::ConnectParams,
+        mut results: guest::ConnectResults,
+    ) -> capnp::Result<()> {
+        use capvisor_rpc::CvError;
+        let p = params.get()?;
+        let port = p.get_port();
+        let down = p.get_down()?;
+        if self.forwards.get() >= MAX_FORWARDS {
+            return Err(CvError::quota(format!("at most {MAX_FORWARDS} forwarded connections at once")).into());
+        }
+        let stream = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))
+            .await
+            .map_err(|e| CvError::unavailable(format!("nothing answers on the guest's 127.0.0.1:{port}: {e}")))?;
+        let (rd, wr) = stream.into_split();
+        let forwards = self.forwards.clone();
+        forwards.set(forwards.get() + 1);
+        tokio::task::spawn_local(async move {
+            let _ = capvisor_rpc::sink::pump(rd, &down).await;
+            forwards.set(forwards.get() - 1);
+        });
+        results.get().set_up(capvisor_rpc::sink::WriterSink::client(wr).0);
         Ok(())
     }
 }

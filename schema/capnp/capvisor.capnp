@@ -139,6 +139,11 @@ interface Vm {
   stop @3 ();
   # A no-op round trip to guest-init (measures the data path).
   ping @4 ();
+  # A byte stream to TCP port `port` on the guest's loopback (127.0.0.1),
+  # e.g. a server the guest runs: bytes from the guest program go to `down`
+  # (done = it closed its write side); write into `up` (done = half-close).
+  # Fails with unavailable when nothing listens there.
+  connect @5 (port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
 }
 
 struct AccountInfo {

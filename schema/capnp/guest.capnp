@@ -20,6 +20,8 @@ interface Guest {
   # before the guest is gone, or the connection may end first.
   shutdown @3 (reboot :Bool) -> ();
   ping @4 () -> ();
+  # Connects to 127.0.0.1:`port` in the guest (Cv.Vm.connect).
+  connect @5 (port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
 }
 
 interface Egress {

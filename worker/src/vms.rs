@@ -876,6 +876,33 @@ impl vm::Server for VmImpl {
         Ok(())
     }
 
+    async fn connect(
+        self: CapRc<Self>,
+        params: vm::ConnectParams,
+        mut results: vm::ConnectResults,
+    ) -> capnp::Result<()> {
+        self.check()?;
+        let guest = self.entry.guest()?;
+        let scope = self.scope();
+        let p = params.get()?;
+        let port = p.get_port();
+        let mut req = guest.connect_request();
+        req.get().set_port(port);
+        req.get().set_down(SinkWrapper::wrap(&scope, p.get_down()?));
+        let res = scope.forward(req.send().promise).await;
+        let outcome = res.as_ref().map(|_| ()).map_err(|e| crate::wrap::relay(e.clone(), true));
+        self.st.audit(
+            "vm.connect",
+            "vms",
+            "connect",
+            outcome.as_ref().map(|_| ()),
+            &format!("{}:{port}", self.entry.name),
+        );
+        let up = res?.get()?.get_up()?;
+        results.get().set_up(SinkWrapper::wrap(&scope, up));
+        Ok(())
+    }
+
     async fn files(self: CapRc<Self>, _: vm::FilesParams, mut results: vm::FilesResults) -> capnp::Result<()> {
         self.check()?;
         let inner = self.entry.guest()?.files_request().send().pipeline.get_files();
