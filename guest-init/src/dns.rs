@@ -3,12 +3,14 @@
 //!
 //! Wire format per RFC 1035 §4.1 (header, question, resource records) and
 //! §4.1.4 (compression pointers). guest-init answers every query itself
-//! (docs/decisions.md, "Egress"): an `A` question for a name the host's
-//! `Egress.resolve` allows gets an address from [`FAKE_NET`] that
-//! [`FakeAddrs`] maps back to the name when the guest connects to it; a
-//! name that is not allowed gets `NXDOMAIN`; every other question type
-//! (`AAAA` included: the guest has no IPv6 route) gets `NOERROR` with no
-//! answers. Nothing here panics on any input (tested with random bytes).
+//! (docs/decisions.md, "Egress"). Every class-IN question asks the host's
+//! `Egress.resolve` ([`needs_resolve`]); [`verdict`] then answers: a name
+//! that is not allowed gets `NXDOMAIN` whatever the type (so `A` and
+//! `AAAA` agree, as resolvers expect); an allowed name gets, for `A`, an
+//! address from [`FAKE_NET`] that [`FakeAddrs`] maps back to the name when
+//! the guest connects to it, and for every other type (`AAAA` included:
+//! the guest has no IPv6 route) `NOERROR` with no answers. Nothing here
+//! panics on any input (tested with random bytes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -172,10 +174,21 @@ pub enum Answer {
     ServFail,
 }
 
-/// Whether a query needs the host's verdict: an `A` question of class IN
-/// for a non-empty name.
+/// Whether a query needs the host's verdict: a question of class IN for
+/// a non-empty name (any type). Others get [`Answer::NoData`] at once.
 pub fn needs_resolve(q: &Query) -> bool {
-    q.qtype == TYPE_A && q.qclass == CLASS_IN && !q.name.is_empty()
+    q.qclass == CLASS_IN && !q.name.is_empty()
+}
+
+/// The answer to `q` once the host said whether its name is `allowed`:
+/// `NXDOMAIN` when not; else `A` with `addr()` (called only then) for an
+/// `A` question, no records for any other type.
+pub fn verdict(q: &Query, allowed: bool, addr: impl FnOnce() -> Ipv4Addr) -> Answer {
+    match (allowed, q.qtype) {
+        (false, _) => Answer::NxDomain,
+        (true, TYPE_A) => Answer::A(addr()),
+        (true, _) => Answer::NoData,
+    }
 }
 
 /// The response datagram for `q`: header (QR, AA, RA set; RD copied;
@@ -351,7 +364,9 @@ mod tests {
         let r = respond(&q, Answer::NxDomain);
         assert_eq!((rcode(&r), &r[6..8]), (3, &[0u8, 0][..]));
         let Parsed::Query(q) = parse(&query(2, "api.test", TYPE_AAAA, false)) else { panic!() };
-        assert!(!needs_resolve(&q), "AAAA is answered without asking the host");
+        assert!(needs_resolve(&q), "AAAA asks the host too, so A and AAAA agree");
+        assert_eq!(verdict(&q, false, || unreachable!()), Answer::NxDomain);
+        assert_eq!(verdict(&q, true, || unreachable!()), Answer::NoData, "no address used up for AAAA");
         let r = respond(&q, Answer::NoData);
         assert_eq!((rcode(&r), &r[4..8]), (0, &[0u8, 1, 0, 0][..]));
         // A label with a byte the host protocol does not carry: NXDOMAIN, no host call.

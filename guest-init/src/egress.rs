@@ -30,7 +30,7 @@
 //! flow control). A refused connect, an unknown fake address, a lost
 //! port or more than [`MAX_RELAYED`] connections reset the guest's
 //! connection (`SO_LINGER {1, 0}`, socket(7)), so its program fails fast.
-//! DNS: [`crate::dns`] answers; an `A` question asks `Egress.resolve`.
+//! DNS: [`crate::dns`] answers; every question asks `Egress.resolve`.
 //!
 //! Everything here also runs on a Linux host as root in a fresh network
 //! namespace, which is how `tests/egress.rs` tests it.
@@ -505,8 +505,9 @@ impl Relay {
         self.active.get()
     }
 
-    /// Serves the steered sockets of `steering` until an unrecoverable
-    /// socket error (returned). Must run inside a `LocalSet`.
+    /// Serves the steered sockets of `steering` for ever (socket errors are
+    /// logged and waited out). Errors: only when the sockets cannot be
+    /// registered with the tokio reactor. Must run inside a `LocalSet`.
     pub async fn run(self: Rc<Self>, steering: Steering) -> io::Result<()> {
         let Steering { listener, dns, _map, _prog, _link } = steering;
         let listener = TcpListener::from_std(listener)?;
@@ -588,8 +589,18 @@ impl Relay {
     async fn serve_dns(self: Rc<Self>, sock: Rc<UdpSocket>) -> io::Result<()> {
         let mut buf = vec![0u8; 4096];
         loop {
-            let (n, from, to) =
-                sock.async_io(tokio::io::Interest::READABLE, || recv_with_dst(sock.as_raw_fd(), &mut buf)).await?;
+            let (n, from, to) = match sock
+                .async_io(tokio::io::Interest::READABLE, || recv_with_dst(sock.as_raw_fd(), &mut buf))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not expected on an unconnected socket; do not spin.
+                    log(format!("egress: dns receive: {e}"));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let query = match dns::parse(&buf[..n]) {
                 Parsed::Drop => continue,
                 Parsed::Refuse(reply) => {
@@ -616,8 +627,7 @@ impl Relay {
                 req.get().set_name(query.name.as_str());
                 let answer = match tokio::time::timeout(RESOLVE_TIMEOUT, req.send().promise).await {
                     Ok(Ok(r)) => match r.get().map(|r| r.get_allowed()) {
-                        Ok(true) => Answer::A(me.fake.borrow_mut().assign(&query.name)),
-                        Ok(false) => Answer::NxDomain,
+                        Ok(allowed) => dns::verdict(&query, allowed, || me.fake.borrow_mut().assign(&query.name)),
                         Err(_) => Answer::ServFail,
                     },
                     _ => Answer::ServFail,

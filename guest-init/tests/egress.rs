@@ -239,10 +239,11 @@ fn dns_answers_fake_addresses_for_allowed_names_and_connects_by_name() {
         assert_eq!(echo_round(s, b"hello").await, b"hello");
         assert_eq!(env.seen.borrow().connects, vec![("api.test".to_string(), 80)]);
 
-        // Not allowed: NXDOMAIN. AAAA: no answers, and the host is not asked.
+        // Not allowed: NXDOMAIN, for AAAA too. Allowed AAAA: no answers.
         assert_eq!(ask(SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 53), "evil.test", 1).await, (3, vec![]));
+        assert_eq!(ask(SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 53), "evil.test", 28).await, (3, vec![]));
         assert_eq!(ask(SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 53), "api.test", 28).await, (0, vec![]));
-        assert_eq!(env.seen.borrow().resolves, vec!["api.test", "api.test", "evil.test"]);
+        assert_eq!(env.seen.borrow().resolves, vec!["api.test", "api.test", "evil.test", "evil.test", "api.test"]);
 
         // A fake address never handed out is reset and not relayed.
         let mut s = TcpStream::connect("198.19.200.1:80").await.unwrap();
@@ -308,4 +309,166 @@ fn connections_beyond_the_bound_are_reset() {
         let s = TcpStream::connect("192.0.2.7:22").await.unwrap();
         assert_eq!(echo_round(s, b"again").await, b"again");
     });
+}
+
+/// One newc (SVR4 cpio) entry, as `vm_boot.rs` builds them.
+fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
+    let namez = format!("{name}\0");
+    let fields = [ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0, namez.len() as u32, 0];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(namez.as_bytes());
+    while out.len() & 3 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() & 3 != 0 {
+        out.push(0);
+    }
+}
+
+/// Runs `sh -c script` in the guest: (exit code, stdout + stderr).
+async fn sh(g: &capvisor_schema::guest_capnp::guest::Client, script: &str) -> (i32, String) {
+    use capvisor_rpc::sink::CollectSink;
+    use capvisor_schema::common_capnp::exit_status;
+    let (o, orx) = CollectSink::client(1 << 20);
+    let (e, erx) = CollectSink::client(1 << 20);
+    let mut q = g.exec_request();
+    {
+        let mut p = q.get();
+        p.set_stdout(o);
+        p.set_stderr(e);
+        let mut a = p.init_spec().init_argv(3);
+        a.set(0, "sh");
+        a.set(1, "-c");
+        a.set(2, script);
+    }
+    let p = q.send().promise.await.unwrap().get().unwrap().get_process().unwrap();
+    let w = p.wait_request().send().promise.await.unwrap();
+    let code = match w.get().unwrap().get_status().unwrap().which().unwrap() {
+        exit_status::Code(c) => c,
+        exit_status::Signal(s) => 128 + s,
+    };
+    let mut out = orx.await.unwrap();
+    out.extend(erx.await.unwrap());
+    (code, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A real guest (QEMU microvm, TCG) booted with `capvisor.egress=1` and the
+/// `capvisor.egress` port, whose host end serves [`FakeEgress`]: busybox
+/// programs in the guest reach it, and only it. Ignored by default; run
+/// like `vm_boot.rs` (CV_KERNEL must have `CONFIG_BPF_SYSCALL`):
+/// ```text
+/// CV_KERNEL=.../vmlinux CV_INITRAMFS=.../initramfs.cpio CV_GUEST_INIT=<static guest-init> \
+///     cargo test -p capvisor-guest-init --test egress -- --ignored --nocapture
+/// ```
+#[test]
+#[ignore = "boots a VM under QEMU; needs CV_KERNEL, CV_INITRAMFS, CV_GUEST_INIT"]
+fn vm_busybox_programs_go_through_egress() {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::process::CommandExt;
+    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("set {n}"));
+    let (kernel, base, init) = (var("CV_KERNEL"), var("CV_INITRAMFS"), var("CV_GUEST_INIT"));
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initramfs.cpio");
+    let mut img = std::fs::read(&base).unwrap();
+    while img.len() & 3 != 0 {
+        img.push(0);
+    }
+    newc_entry(&mut img, "init", 0o100755, &std::fs::read(&init).unwrap(), 900_001);
+    newc_entry(&mut img, "TRAILER!!!", 0, b"", 0);
+    std::fs::File::create(&initrd).unwrap().write_all(&img).unwrap();
+    let console = dir.path().join("console.log");
+
+    let (agent, agent_q) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (eg, eg_q) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (fa, fe) = (agent_q.into_raw_fd(), eg_q.into_raw_fd());
+    // As vm_boot.rs: TCG gives the guest no timer to calibrate the TSC against.
+    let tsc = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("cpu MHz")).map(|l| l.to_string()))
+        .and_then(|l| l.split(':').nth(1).and_then(|v| v.trim().parse::<f64>().ok()))
+        .map(|m| format!(" tsc_early_khz={}", (m * 1000.0).round() as u64))
+        .unwrap_or_default();
+    let mut cmd = std::process::Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "microvm,x-option-roms=off,rtc=off", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "256", "-smp", "2"])
+        .args(["-kernel", &kernel, "-initrd", initrd.to_str().unwrap()])
+        .args(["-append", &format!("console=ttyS0 reboot=t panic=-1 rdinit=/init capvisor.egress=1{tsc}")])
+        .args(["-serial", &format!("file:{}", console.display())])
+        .args(["-device", "virtio-serial-device"])
+        .args(["-chardev", "socket,id=ag,fd=3", "-device", "virtserialport,chardev=ag,name=capvisor.agent"])
+        .args(["-chardev", "socket,id=eg,fd=4", "-device", "virtserialport,chardev=eg,name=capvisor.egress"]);
+    // SAFETY: dup2 is async-signal-safe; the descriptors are open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fa, 3) < 0 || libc::dup2(fe, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut qemu = cmd.spawn().expect("qemu-system-x86_64");
+    // SAFETY: both came from into_raw_fd above; the child has its copies.
+    unsafe {
+        libc::close(fa);
+        libc::close(fe);
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        conn::run_local(async {
+            agent.set_nonblocking(true).unwrap();
+            eg.set_nonblocking(true).unwrap();
+            let seen = Rc::new(RefCell::new(Seen::default()));
+            let fake: egress::Client = capnp_rpc::new_client(FakeEgress { seen: seen.clone() });
+            let eg = tokio::net::UnixStream::from_std(eg).unwrap();
+            let (_none, _h1): (egress::Client, _) = conn::serve(eg, fake.client, INTERNAL);
+            let agent = tokio::net::UnixStream::from_std(agent).unwrap();
+            let (g, _h2): (capvisor_schema::guest_capnp::guest::Client, _) = conn::connect(agent, None, INTERNAL);
+            tokio::time::timeout(Duration::from_secs(90), g.hello_request().send().promise)
+                .await
+                .expect("hello within 90 s")
+                .unwrap();
+            let (c, out) = sh(&g, "cat /etc/resolv.conf").await;
+            assert_eq!((c, out.as_str()), (0, "nameserver 127.0.0.53\n"));
+            let (c, out) = sh(&g, "printf hello | nc -w 3 93.184.216.34 443").await;
+            assert_eq!((c, out.as_str()), (0, "hello"), "an address, relayed and echoed");
+            let (c, out) = sh(&g, "nslookup api.test").await;
+            assert!(c == 0 && out.contains("198.18.0.1"), "{c}: {out}");
+            let (c, out) = sh(&g, "printf by-name | nc -w 3 api.test 80").await;
+            assert_eq!((c, out.as_str()), (0, "by-name"));
+            let (c, out) = sh(&g, "nslookup evil.test").await;
+            assert!(c != 0 && out.contains("NXDOMAIN"), "{c}: {out}");
+            // Denied by the host: reset at once, nothing echoed (busybox nc
+            // takes the reset for an end of input and exits 0).
+            let t = std::time::Instant::now();
+            let (_, out) = sh(&g, "printf x | nc -w 3 10.9.9.9 443; echo rc=$?").await;
+            assert!(!out.contains('x') && out.contains("rc="), "{out:?}");
+            assert!(t.elapsed() < Duration::from_secs(2), "a denied connection fails fast: {:?}", t.elapsed());
+            assert_eq!(
+                seen.borrow().connects,
+                vec![("93.184.216.34".to_string(), 443), ("api.test".to_string(), 80), ("10.9.9.9".to_string(), 443)]
+            );
+            let mut q = g.shutdown_request();
+            q.get().set_reboot(false);
+            let _ = tokio::time::timeout(Duration::from_secs(5), q.send().promise).await;
+        })
+    }));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while qemu.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    eprintln!("--- console ---\n{}", log.lines().filter(|l| l.contains("guest-init")).collect::<Vec<_>>().join("\n"));
+    if let Err(p) = result {
+        eprintln!("full console:\n{log}");
+        std::panic::resume_unwind(p);
+    }
 }
