@@ -1,0 +1,138 @@
+//! Guest network egress end to end (issue 9, first slice): real guests
+//! under QEMU with `[net] egress = true`; guest-init steers every TCP
+//! connection and DNS query to the session's `capvisor-proxy`, which
+//! decides by the rules and relays to an upstream the test runs on
+//! loopback. Test names (`*.test`) resolve to 127.0.0.1 through the
+//! manifest's `[net.resolve]`; nothing here leaves 127.0.0.0/8.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+/// A loopback HTTP/1.0 upstream: answers `hello <path>` and records each
+/// request line. Stops with the test process.
+fn upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let seen = s2.clone();
+            std::thread::spawn(move || {
+                let mut c = c;
+                c.set_read_timeout(Some(std::time::Duration::from_secs(20))).ok();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let line = text.lines().next().unwrap_or("").to_string();
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                seen.lock().unwrap().push(line);
+                let body = format!("hello {path}\n");
+                let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn manifest(port: u16) -> String {
+    let base = capvisor_manifest::DEFAULT_TOML.replace("egress = false", "egress = true");
+    assert!(base.contains("egress = true"), "the default manifest has [net] egress");
+    format!(
+        "{base}\n[[net.rules]]\nhost = \"api.test\"\nport = {port}\naction = \"allow\"\n\
+         [[net.rules]]\nhost = \"*\"\naction = \"allow\"\n\
+         [net.resolve]\n\"api.test\" = [\"127.0.0.1\"]\n\"other.test\" = [\"127.0.0.1\"]\n"
+    )
+}
+
+#[test]
+fn guest_connections_go_through_the_proxy_and_its_rules() {
+    let (port, seen) = upstream();
+    let s = Server::start(Some(&manifest(port)));
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "n"], None, 0);
+    let url = format!("http://api.test:{port}/hello");
+    let o = s.cli_ok("owner", &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", &url], None, 0);
+    assert_eq!(stdout(&o), "hello /hello\n");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["GET /hello HTTP/1.1"]);
+
+    // The catch-all `*` rule does not reach a loopback address: only a
+    // rule naming the host does. The name resolves (some rule allows it),
+    // the connection is refused by the proxy, and nothing reaches upstream.
+    let other = format!("http://other.test:{port}/no");
+    let o = s.cli("owner", &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", &other], None);
+    assert_ne!(o.status.code(), Some(0), "{}", stdout(&o));
+    // Link-local metadata, by literal address.
+    let o = s.cli(
+        "owner",
+        &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", "http://169.254.169.254/"],
+        None,
+    );
+    assert_ne!(o.status.code(), Some(0));
+    assert_eq!(seen.lock().unwrap().len(), 1, "denied connections never reach upstream");
+
+    // A rule change applies to the next connection, without a VM restart.
+    s.cli_ok("owner", &["net", "rules", "--allow", &format!("other.test:{port}")], None, 0);
+    let o = s.cli_ok("owner", &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", &other], None, 0);
+    assert_eq!(stdout(&o), "hello /no\n");
+    let o = s.cli_ok("owner", &["net", "rules"], None, 0);
+    assert!(stdout(&o).lines().nth(1).unwrap_or("").contains("other.test"), "{}", stdout(&o));
+
+    // The guest's own loopback stays the guest's: not relayed.
+    let o = s.cli(
+        "owner",
+        &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", &format!("http://127.0.0.1:{port}/")],
+        None,
+    );
+    assert_ne!(o.status.code(), Some(0));
+    assert_eq!(seen.lock().unwrap().len(), 2);
+
+    // NetLog: the allowed flows with their bytes, the denied ones with why.
+    let o = s.cli_ok("owner", &["net", "log", "--vm", "n"], None, 0);
+    let log = stdout(&o);
+    let rows: Vec<&str> = log.lines().skip(1).collect();
+    assert!(rows.iter().any(|r| r.contains("allow") && r.contains("api.test")), "{log}");
+    assert!(rows.iter().any(|r| r.contains("deny") && r.contains("169.254.169.254")), "{log}");
+    assert!(rows.iter().any(|r| r.contains("deny") && r.contains("other.test")), "{log}");
+    s.cli_ok("owner", &["vm", "rm", "n"], None, 0);
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}
+
+/// Programs that ignore proxy settings and a raw socket from Python go
+/// through the proxy too (the `debian` image).
+#[test]
+fn curl_noproxy_and_a_raw_python_socket_are_relayed() {
+    let (port, seen) = upstream();
+    let s = Server::start(Some(&manifest(port)));
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--image", "debian", "--name", "d"], None, 0);
+    let o = s.cli_ok(
+        "owner",
+        &["vm", "exec", "d", "--", "curl", "-sS", "--noproxy", "*", &format!("http://api.test:{port}/curl")],
+        None,
+        0,
+    );
+    assert_eq!(stdout(&o), "hello /curl\n");
+    let py = format!(
+        "import socket\ns = socket.create_connection(('api.test', {port}), timeout=20)\n\
+         s.sendall(b'GET /py HTTP/1.0\\r\\n\\r\\n')\nprint(s.recv(4096).split(b'\\r\\n\\r\\n')[1].decode(), end='')"
+    );
+    let o = s.cli_ok("owner", &["vm", "exec", "--user", "agent", "d", "--", "python3", "-c", &py], None, 0);
+    assert_eq!(stdout(&o), "hello /py\n");
+    let o =
+        s.cli("owner", &["vm", "exec", "d", "--", "curl", "-sS", "--max-time", "10", "http://unknown.invalid/"], None);
+    assert_ne!(o.status.code(), Some(0));
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    s.cli_ok("owner", &["vm", "rm", "d"], None, 0);
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}
