@@ -205,6 +205,11 @@ fn tcp_to_an_address_is_relayed_with_its_literal_and_echoes() {
         assert_eq!(s.peer_addr().unwrap().to_string(), "93.184.216.34:443");
         assert_eq!(echo_round(s, b"GET / HTTP/1.0\r\n\r\n").await, b"GET / HTTP/1.0\r\n\r\n");
         assert_eq!(env.seen.borrow().connects, vec![("93.184.216.34".to_string(), 443)]);
+        // A dual-stack IPv6 socket to an IPv4-mapped address takes the IPv4
+        // path: steered and relayed the same way.
+        let s = TcpStream::connect("[::ffff:93.184.216.34]:80").await.unwrap();
+        assert_eq!(echo_round(s, b"mapped").await, b"mapped");
+        assert_eq!(env.seen.borrow().connects[1], ("93.184.216.34".to_string(), 80));
 
         // A megabyte both ways: many CHUNK-sized writes under flow control.
         let data: Vec<u8> = (0..1_048_576u32).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -219,7 +224,7 @@ fn tcp_to_an_address_is_relayed_with_its_literal_and_echoes() {
         tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got)).await.unwrap().unwrap();
         writer.await.unwrap();
         assert!(got == data, "{} bytes came back, {} sent, or they differ", got.len(), data.len());
-        assert_eq!(env.seen.borrow().connects[1], ("192.0.2.1".to_string(), 8080));
+        assert_eq!(env.seen.borrow().connects[2], ("192.0.2.1".to_string(), 8080));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(env.relay.active(), 0, "finished relays are gone");
     });
