@@ -27,7 +27,6 @@ fn vm_port_forwards_host_loopback_connections_to_a_guest_server() {
         None,
         0,
     );
-    // Nothing listens on 8001: a connect through the cap fails, typed.
     let mut fwd = Command::new(bin_dir().join("capvisor"))
         .args(["vm", "port", "w", "0:8000"])
         .env("CAPVISOR_SOCKET", &s.socket)
@@ -36,6 +35,16 @@ fn vm_port_forwards_host_loopback_connections_to_a_guest_server() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // A failed assertion below must not leave the forwarder running.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) takes plain integers; the child is not
+            // reaped while this guard is armed (it is forgotten first).
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let reap = Reap(fwd.id());
     let mut line = String::new();
     std::io::BufReader::new(fwd.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("vm port printed {line:?}"));
@@ -87,6 +96,7 @@ fn vm_port_forwards_host_loopback_connections_to_a_guest_server() {
     assert!(audit.contains("vm.connect"), "audit has vm.connect");
     // SAFETY: kill(2) takes plain integers; the child is not reaped yet.
     unsafe { libc::kill(fwd.id() as i32, libc::SIGINT) };
+    std::mem::forget(reap);
     let o = fwd.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("nothing answers") && err.contains("[unavailable]"), "the failed connect is reported: {err}");
