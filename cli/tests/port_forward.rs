@@ -45,6 +45,20 @@ fn vm_port_forwards_host_loopback_connections_to_a_guest_server() {
         }
     }
     let reap = Reap(fwd.id());
+    // The forwarder's stderr, read as it comes.
+    let err_text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        let (err_text, mut pipe) = (err_text.clone(), fwd.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                err_text.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
     let mut line = String::new();
     std::io::BufReader::new(fwd.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("vm port printed {line:?}"));
@@ -94,12 +108,21 @@ fn vm_port_forwards_host_loopback_connections_to_a_guest_server() {
     // Audited.
     let audit = std::fs::read_to_string(s.state.join("audit.jsonl")).unwrap();
     assert!(audit.contains("vm.connect"), "audit has vm.connect");
+    // The failed connect is reported (the host side may see its socket
+    // closed a moment before the forwarder prints why).
+    let t0 = std::time::Instant::now();
+    let reported = || {
+        let e = err_text.lock().unwrap();
+        e.contains("nothing answers") && e.contains("[unavailable]")
+    };
+    while !reported() && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(reported(), "the failed connect is reported: {}", err_text.lock().unwrap());
     // SAFETY: kill(2) takes plain integers; the child is not reaped yet.
     unsafe { libc::kill(fwd.id() as i32, libc::SIGINT) };
     std::mem::forget(reap);
-    let o = fwd.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("nothing answers") && err.contains("[unavailable]"), "the failed connect is reported: {err}");
+    assert!(fwd.wait().unwrap().success(), "vm port ends cleanly on Ctrl-C");
     s.cli_ok("owner", &["vm", "rm", "w"], None, 0);
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
