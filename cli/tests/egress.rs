@@ -71,11 +71,7 @@ fn guest_connections_go_through_the_proxy_and_its_rules() {
     let o = s.cli("owner", &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", &other], None);
     assert_ne!(o.status.code(), Some(0), "{}", stdout(&o));
     // Link-local metadata, by literal address.
-    let o = s.cli(
-        "owner",
-        &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", "http://169.254.169.254/"],
-        None,
-    );
+    let o = s.cli("owner", &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", "http://169.254.169.254/"], None);
     assert_ne!(o.status.code(), Some(0));
     assert_eq!(seen.lock().unwrap().len(), 1, "denied connections never reach upstream");
 
@@ -87,11 +83,8 @@ fn guest_connections_go_through_the_proxy_and_its_rules() {
     assert!(stdout(&o).lines().nth(1).unwrap_or("").contains("other.test"), "{}", stdout(&o));
 
     // The guest's own loopback stays the guest's: not relayed.
-    let o = s.cli(
-        "owner",
-        &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", &format!("http://127.0.0.1:{port}/")],
-        None,
-    );
+    let o =
+        s.cli("owner", &["vm", "exec", "n", "--", "wget", "-q", "-O", "-", &format!("http://127.0.0.1:{port}/")], None);
     assert_ne!(o.status.code(), Some(0));
     assert_eq!(seen.lock().unwrap().len(), 2);
 
