@@ -9,6 +9,8 @@
 //! - [`resolve`]: resolution (overrides, system resolver) and the
 //!   non-public address check;
 //! - [`relay`]: the `Egress` server, TCP relay with flow control;
+//! - [`peek`]: what a connection's first bytes show (TLS SNI, HTTP
+//!   request line), for rules on scheme, method and path;
 //! - [`log`]: the bounded NetLog ring and its server;
 //! - [`sandbox`]: the process's own Landlock domain.
 //!
@@ -16,11 +18,13 @@
 //! [`ProxyState`], [`serve_vm`] and [`ProxyServer`] in-process.
 //!
 //! Shaped for the later slices: a decision is made on a
-//! [`policy::Request`] that already has scheme, method and path (filled
-//! by an HTTP/TLS layer that would sit between [`relay`]'s `up` sink and
-//! the upstream socket), and `ask` has its own [`policy::Action`].
+//! [`policy::Request`] with scheme, method and path (today filled from
+//! the first bytes by [`peek`]; later by an HTTP/TLS interception layer
+//! between [`relay`]'s `up` sink and the upstream socket), and `ask` has
+//! its own [`policy::Action`].
 
 pub mod log;
+pub mod peek;
 pub mod policy;
 pub mod relay;
 pub mod resolve;
@@ -121,6 +125,8 @@ pub struct ProxyState {
     pub resolver: resolve::Resolver,
     /// Connection bounds.
     pub limits: Limits,
+    /// Bounds of the wait for a connection's first bytes.
+    pub peek: peek::PeekLimits,
     open: Cell<usize>,
 }
 
@@ -136,12 +142,21 @@ impl ProxyState {
     ///
     /// Errors: as [`ProxyState::new`].
     pub fn with_limits(cfg: Config, limits: Limits) -> anyhow::Result<Rc<Self>> {
+        Self::with_bounds(cfg, limits, peek::PEEK)
+    }
+
+    /// [`ProxyState::with_limits`] with other peek bounds (tests: a short
+    /// wait).
+    ///
+    /// Errors: as [`ProxyState::new`].
+    pub fn with_bounds(cfg: Config, limits: Limits, peek: peek::PeekLimits) -> anyhow::Result<Rc<Self>> {
         let policy = policy::Policy::new(cfg.rules).map_err(|e| anyhow::anyhow!("rules: {}", e.message))?;
         Ok(Rc::new(Self {
             policy: Rc::new(RefCell::new(policy)),
             log: Rc::new(RefCell::new(log::FlowLog::new(cfg.log_capacity))),
             resolver: resolve::Resolver::new(cfg.resolve)?,
             limits,
+            peek,
             open: Cell::new(0),
         }))
     }

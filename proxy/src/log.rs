@@ -19,7 +19,7 @@ pub const DEFAULT_CAPACITY: usize = 4096;
 /// Most entries kept, whatever the configuration asks: with every text
 /// field at its bound a full `recent` answer stays below 16 MiB.
 pub const MAX_CAPACITY: usize = 16384;
-/// Longest `host` / `detail` kept in an entry, bytes (longer ones are cut
+/// Longest `host` / `method` / `path` / `detail` kept in an entry, bytes (longer ones are cut
 /// at a character boundary).
 pub const MAX_TEXT: usize = 256;
 
@@ -36,9 +36,12 @@ pub struct Flow {
     pub address: String,
     /// Upstream TCP port.
     pub port: u16,
-    /// HTTP method ("" for a bare connection).
+    /// HTTP method of a peeked HTTP request ("" otherwise; at most
+    /// [`MAX_TEXT`] bytes).
     pub method: String,
-    /// HTTP path ("" for a bare connection).
+    /// HTTP path of a peeked HTTP request as judged
+    /// (`crate::peek::judged_path`; "" otherwise; at most [`MAX_TEXT`]
+    /// bytes).
     pub path: String,
     /// HTTP status (0: none).
     pub status: u16,
@@ -135,6 +138,8 @@ impl FlowLog {
     /// sequence number for [`FlowLog::update`].
     pub fn push(&mut self, mut flow: Flow) -> u64 {
         flow.host = bounded(&flow.host);
+        flow.method = bounded(&flow.method);
+        flow.path = bounded(&flow.path);
         flow.detail = bounded(&flow.detail);
         if self.entries.len() == self.capacity {
             self.entries.pop_front();

@@ -11,11 +11,14 @@
 //!   apex itself; anything else exact), `port` 0 is any port, `scheme` ""
 //!   is any, `method` and `pathPrefix` "" are any.
 //! - The first matching rule decides; no match is deny.
-//! - A bare TCP connection (this slice: the proxy does not peek into the
-//!   stream yet) is a request of scheme `tcp` with no method and no path,
-//!   so a rule naming scheme `http`/`https`, a method or a path prefix does
-//!   not match it. Those rules take effect once the HTTP/TLS layer sees
-//!   requests; [`Request`] already carries the fields it will fill in.
+//! - A connection is judged at `connect` on `(host, port)` alone when no
+//!   rule that could match it depends on scheme, method or path
+//!   ([`Policy::needs_peek`]); otherwise the proxy first reads the guest's
+//!   first bytes (`crate::peek`) and judges the request they show: a TLS
+//!   ClientHello is scheme `https`, an HTTP/1.x request line scheme `http`
+//!   with its method and path, anything else scheme `tcp` with no method
+//!   and no path (so a rule naming a method or a path prefix does not
+//!   match it).
 //! - `ask` is held for an approval in a later slice; today it denies.
 //! - DNS ([`Policy::may_resolve`]): a name resolves for the guest when some
 //!   `allow` or `ask` rule's host glob matches it (ports and schemes are
@@ -164,6 +167,13 @@ impl Rule {
     /// when it names one host.
     pub fn is_wildcard(&self) -> bool {
         self.host.starts_with('*')
+    }
+
+    /// Whether this rule looks past `(host, port)`: it names a scheme
+    /// (even `tcp`: a TLS or HTTP stream does not match it), a method or a
+    /// path prefix.
+    pub fn depends_on_content(&self) -> bool {
+        !self.scheme.is_empty() || !self.method.is_empty() || !self.path_prefix.is_empty()
     }
 
     /// Whether this rule matches `req` (see the module docs).
@@ -370,6 +380,18 @@ impl Policy {
         }
     }
 
+    /// Whether judging a connection to `host`:`port` needs the guest's
+    /// first bytes: the first rule whose host glob and port match depends
+    /// on scheme, method or path ([`Rule::depends_on_content`]). False:
+    /// [`Policy::decide`] on [`Request::connection`] is the final answer
+    /// (that rule decides whatever the stream holds, or no rule matches).
+    pub fn needs_peek(&self, host: &str, port: u16) -> bool {
+        self.rules
+            .iter()
+            .find(|r| host_matches(&r.host, host) && (r.port == 0 || r.port == port))
+            .is_some_and(Rule::depends_on_content)
+    }
+
     /// Whether the guest's DNS query for `name` is answered: some `allow`
     /// or `ask` rule's host glob matches it.
     pub fn may_resolve(&self, name: &str) -> bool {
@@ -485,6 +507,30 @@ mod tests {
             ..Request::connection("api.test", 80)
         };
         assert_eq!(p.decide(&req).rule, Some(1));
+    }
+
+    #[test]
+    fn peeking_is_needed_only_before_the_first_content_blind_match() {
+        let http = |host: &str, port: u16| Rule {
+            scheme: "http".into(),
+            method: "GET".into(),
+            ..rule(host, Action::Allow).on_port(port)
+        };
+        let tcp = |host: &str| Rule { scheme: "tcp".into(), ..rule(host, Action::Deny) };
+        let p = Policy::new(vec![
+            rule("fast.test", Action::Allow),
+            http("*.test", 80),
+            rule("*", Action::Deny).on_port(22),
+            tcp("raw.test"),
+        ])
+        .unwrap();
+        assert!(!p.needs_peek("fast.test", 80), "rule 0 decides before the http rule");
+        assert!(p.needs_peek("web.test", 80));
+        assert!(!p.needs_peek("web.test", 81), "the http rule is for port 80 only");
+        assert!(!p.needs_peek("web.test", 22));
+        assert!(p.needs_peek("raw.test", 9), "a tcp scheme rule does not match a TLS stream");
+        assert!(!p.needs_peek("other.example", 9), "no rule: default deny at once");
+        assert!(!Policy::default().needs_peek("a.test", 1));
     }
 
     #[test]

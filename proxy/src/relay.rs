@@ -5,19 +5,36 @@
 //! 1. a slot: at most [`crate::Limits::per_vm`] connections of this VM and
 //!    [`crate::Limits::total`] of the proxy are open or opening, else
 //!    `quota`;
-//! 2. the policy decides `(host, port)` as a bare TCP connection
-//!    ([`crate::policy::Request::connection`]); deny and ask (no approvals
-//!    yet) fail with `denied`;
+//! 2. the request is judged by the policy. When the first rule whose host
+//!    and port match does not look at content
+//!    ([`crate::policy::Policy::needs_peek`] false), `(host, port)` is
+//!    judged at once as a bare TCP connection
+//!    ([`crate::policy::Request::connection`]) and deny and ask (no
+//!    approvals yet) fail the call with `denied`. Otherwise `connect`
+//!    returns `up` at once and the decision waits for the guest's first
+//!    bytes (see "Peeking" below);
 //! 3. the proxy resolves `host` itself ([`crate::resolve::Resolver`]) and
 //!    keeps the addresses the decision may reach
 //!    ([`crate::resolve::allowed_addresses`]); none: `denied`;
 //! 4. it connects to those addresses in order, all within
 //!    [`CONNECT_TIMEOUT`]; none answers: `unavailable`;
-//! 5. it returns `up`, a `ByteSink` whose writes go upstream (`done` shuts
-//!    the upstream write side: a half-close), and pumps upstream bytes into
+//! 5. `up` is a `ByteSink` whose writes go upstream (`done` shuts the
+//!    upstream write side: a half-close); upstream bytes are pumped into
 //!    `down` in chunks of at most [`capvisor_rpc::CHUNK`], each write
 //!    awaited (the guest's flow control reaches the upstream socket);
 //!    upstream EOF becomes `down.done()`.
+//!
+//! Peeking: the guest's writes to `up` are held (each returns once its
+//! bytes are buffered) until [`crate::peek::classify`] can tell what they
+//! are, [`crate::peek::PeekLimits::bytes`] are held (a write past that
+//! waits), the guest half-closes, or [`crate::peek::PeekLimits::wait`]
+//! passes; then the request (scheme, method, path) is judged and steps 3-4
+//! run. Denied or failed: the next write to `up` (or `done`) fails with
+//! that typed error and `down` is released without `done`, so guest-init
+//! resets the guest's socket; upstream never sees a byte. Allowed: the
+//! held bytes go upstream first, then the flow is relayed as above. A
+//! guest that resets (releases `up`) before the decision leaves no NetLog
+//! entry: nothing was decided.
 //!
 //! Resets: the guest releasing `up` without `done` aborts the flow (the
 //! upstream socket is closed); an upstream read error, or `down` failing,
@@ -25,11 +42,13 @@
 //! without `done` and resets its connection. When the VM's Egress
 //! connection ends, every flow of that VM is closed.
 //!
-//! Every decision becomes one NetLog entry (`crate::log`) and one
+//! Every decision becomes one NetLog entry (`crate::log`; peeked ones with
+//! the HTTP method and path, or the TLS SNI in `detail`) and one debug
 //! `tracing` line; a connected flow's byte counts are written to its entry
 //! when the flow ends.
 
 use crate::log::Flow;
+use crate::peek::Seen;
 use crate::policy::{Action, Request};
 use crate::ProxyState;
 use capnp::capability::Rc as CapRc;
@@ -43,6 +62,8 @@ use std::rc::Rc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 /// How long connecting upstream may take, over all addresses tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -157,90 +178,243 @@ impl EgressServer {
 
     /// Steps 1-5 of the module docs; returns the `up` sink.
     async fn open(&self, host: &str, port: u16, down: byte_sink::Client) -> CvResult<byte_sink::Client> {
-        let time_ms = now_ms();
         let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-        let entry = |address: String, rule: i32, action: Action, detail: String| Flow {
-            time_ms,
+        let base = Flow {
+            time_ms: now_ms(),
             vm: self.vm.name.clone(),
             host: host.clone(),
-            address,
+            address: String::new(),
             port,
             method: String::new(),
             path: String::new(),
             status: 0,
             bytes_up: 0,
             bytes_down: 0,
-            rule,
-            action,
-            detail,
+            rule: -1,
+            action: Action::Deny,
+            detail: String::new(),
         };
         let slot = match Slot::take(&self.state, &self.vm) {
             Ok(s) => s,
             Err(e) => {
-                self.state.record(entry(String::new(), -1, Action::Deny, e.message.clone()));
+                self.state.record(Flow { detail: e.message.clone(), ..base });
                 return Err(e);
             }
         };
         if port == 0 {
             let detail = "port 0".to_string();
-            self.state.record(entry(String::new(), -1, Action::Deny, detail.clone()));
+            self.state.record(Flow { detail: detail.clone(), ..base });
             return Err(CvError::denied(format!("egress to {host}:0 denied: {detail}")));
         }
-        let decision = self.state.policy.borrow().decide(&Request::connection(&host, port));
-        let rule = decision.rule_index();
-        match decision.action {
-            Action::Allow => {}
-            Action::Deny => {
-                let detail = match decision.rule {
-                    Some(i) => format!("denied by rule {i}"),
-                    None => "no rule allows it".to_string(),
-                };
-                self.state.record(entry(String::new(), rule, Action::Deny, detail.clone()));
-                return Err(CvError::denied(format!("egress to {host}:{port} {detail}")));
-            }
-            Action::Ask => {
-                let detail = format!("rule {rule} asks for approval; approvals are not available yet");
-                self.state.record(entry(String::new(), rule, Action::Ask, detail.clone()));
-                return Err(CvError::denied(format!("egress to {host}:{port} denied: {detail}")));
-            }
-        }
-        let addrs = match self.state.resolver.resolve(&host, port).await {
-            Ok(a) => a,
-            Err(detail) => {
-                self.state.record(entry(String::new(), rule, Action::Deny, detail.clone()));
-                return Err(CvError::denied(format!("egress to {host}:{port} denied: {detail}")));
-            }
-        };
-        let addrs = match crate::resolve::allowed_addresses(&addrs, decision.explicit) {
-            Ok(a) => a,
-            Err((ip, detail)) => {
-                self.state.record(entry(ip.to_string(), rule, Action::Deny, detail.clone()));
-                return Err(CvError::denied(format!("egress to {host}:{port} denied: {detail}")));
-            }
-        };
-        let (stream, ip) = match connect_any(&addrs, port).await {
-            Ok(s) => s,
-            Err((ip, detail)) => {
-                self.state.record(entry(ip.to_string(), rule, Action::Allow, detail.clone()));
-                return Err(CvError::unavailable(format!("egress to {host}:{port}: {detail}")));
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let seq = self.state.record(entry(ip.to_string(), rule, Action::Allow, String::new()));
         let id = self.vm.next_id.get();
         self.vm.next_id.set(id + 1);
+        if self.state.policy.borrow().needs_peek(&host, port) {
+            let up = Rc::new(Up::new(Phase::Peeking { buf: Vec::new(), eof: false }, self.state.peek.bytes));
+            let forget = Forget { vm: self.vm.clone(), id, armed: true };
+            let task =
+                tokio::task::spawn_local(peek_then_connect(self.state.clone(), up.clone(), base, slot, down, forget));
+            self.vm.pumps.borrow_mut().insert(id, task.abort_handle());
+            *up.task.borrow_mut() = Some(task.abort_handle());
+            return Ok(capnp_rpc::new_client(UpSink(up)));
+        }
+        let what = format!("{host}:{port}");
+        let (stream, entry) = judge_and_connect(&self.state, &base, &Request::connection(&host, port), &what).await?;
+        let seq = self.state.record(entry);
         let conn = Rc::new(Conn { slot, id, seq, up: Cell::new(0), down: Cell::new(0) });
         let (rd, wr) = stream.into_split();
-        let pump = tokio::task::spawn_local(pump_down(rd, down, conn.clone()));
-        self.vm.pumps.borrow_mut().insert(id, pump.abort_handle());
-        let up = UpSink {
-            writer: tokio::sync::Mutex::new(Some(wr)),
-            conn,
-            done: Cell::new(false),
-            pump: pump.abort_handle(),
-        };
-        Ok(capnp_rpc::new_client(up))
+        let mut up = Up::new(Phase::Open, 0);
+        *up.writer.get_mut() = Some(wr);
+        let up = Rc::new(up);
+        start_pump(&self.vm, &up, rd, down, conn);
+        Ok(capnp_rpc::new_client(UpSink(up)))
     }
+}
+
+/// Judges `req` and, if allowed, resolves its host and connects
+/// (steps 2-4 of the module docs). Every refusal or failure is recorded
+/// in the NetLog (`base` with the rule, action and reason; `base.detail`,
+/// if any, follows the reason) and returned typed (`denied`,
+/// `unavailable`), its message naming `what`. Ok: the upstream stream and
+/// its NetLog entry, not yet recorded.
+async fn judge_and_connect(
+    state: &ProxyState,
+    base: &Flow,
+    req: &Request<'_>,
+    what: &str,
+) -> CvResult<(TcpStream, Flow)> {
+    let entry = |address: String, rule: i32, action: Action, detail: String| {
+        let detail = match (detail.is_empty(), base.detail.is_empty()) {
+            (_, true) => detail,
+            (true, false) => base.detail.clone(),
+            (false, false) => format!("{detail}; {}", base.detail),
+        };
+        Flow { address, rule, action, detail, ..base.clone() }
+    };
+    let (host, port) = (req.host, req.port);
+    let decision = state.policy.borrow().decide(req);
+    let rule = decision.rule_index();
+    match decision.action {
+        Action::Allow => {}
+        Action::Deny => {
+            let detail = match decision.rule {
+                Some(i) => format!("denied by rule {i}"),
+                None => "no rule allows it".to_string(),
+            };
+            state.record(entry(String::new(), rule, Action::Deny, detail.clone()));
+            return Err(CvError::denied(format!("egress to {what} {detail}")));
+        }
+        Action::Ask => {
+            let detail = format!("rule {rule} asks for approval; approvals are not available yet");
+            state.record(entry(String::new(), rule, Action::Ask, detail.clone()));
+            return Err(CvError::denied(format!("egress to {what} denied: {detail}")));
+        }
+    }
+    let addrs = match state.resolver.resolve(host, port).await {
+        Ok(a) => a,
+        Err(detail) => {
+            state.record(entry(String::new(), rule, Action::Deny, detail.clone()));
+            return Err(CvError::denied(format!("egress to {what} denied: {detail}")));
+        }
+    };
+    let addrs = match crate::resolve::allowed_addresses(&addrs, decision.explicit) {
+        Ok(a) => a,
+        Err((ip, detail)) => {
+            state.record(entry(ip.to_string(), rule, Action::Deny, detail.clone()));
+            return Err(CvError::denied(format!("egress to {what} denied: {detail}")));
+        }
+    };
+    let (stream, ip) = match connect_any(&addrs, port).await {
+        Ok(s) => s,
+        Err((ip, detail)) => {
+            state.record(entry(ip.to_string(), rule, Action::Allow, detail.clone()));
+            return Err(CvError::unavailable(format!("egress to {what}: {detail}")));
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok((stream, entry(ip.to_string(), rule, Action::Allow, String::new())))
+}
+
+/// Starts the upstream -> guest pump of a connected flow and opens `up`
+/// to writes.
+fn start_pump(vm: &Rc<VmFlows>, up: &Rc<Up>, rd: OwnedReadHalf, down: byte_sink::Client, conn: Rc<Conn>) {
+    let id = conn.id;
+    *up.conn.borrow_mut() = Some(conn.clone());
+    let pump = tokio::task::spawn_local(pump_down(rd, down, conn));
+    vm.pumps.borrow_mut().insert(id, pump.abort_handle());
+    *up.task.borrow_mut() = Some(pump.abort_handle());
+    *up.phase.borrow_mut() = Phase::Open;
+    up.changed.notify_waiters();
+}
+
+/// Removes a peeking flow's task from its VM's table when the task ends
+/// before the flow connects (a connected flow's [`Conn`] does it then).
+struct Forget {
+    vm: Rc<VmFlows>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        if self.armed {
+            self.vm.pumps.borrow_mut().remove(&self.id);
+        }
+    }
+}
+
+/// The notes a peeked request adds to its NetLog `detail`: the SNI (and
+/// whether it differs from the host connected to), and whether the bytes
+/// were cut by a bound.
+fn peek_notes(seen: &Seen, host: &str) -> String {
+    let mut notes = Vec::new();
+    if let Some(sni) = &seen.sni {
+        if sni == host {
+            notes.push(format!("sni {sni}"));
+        } else {
+            notes.push(format!("sni {sni} differs from the host connected to"));
+        }
+    }
+    if seen.partial {
+        notes.push("first bytes cut by the peek bound".to_string());
+    }
+    notes.join("; ")
+}
+
+/// The peek of one flow (module docs, "Peeking"): waits for the guest's
+/// first bytes within the bounds, judges the request they show, connects,
+/// sends the held bytes and starts the pump; or fails `up` and releases
+/// `down`.
+async fn peek_then_connect(
+    state: Rc<ProxyState>,
+    up: Rc<Up>,
+    mut base: Flow,
+    slot: Slot,
+    down: byte_sink::Client,
+    mut forget: Forget,
+) {
+    let deadline = tokio::time::Instant::now() + state.peek.wait;
+    let seen = loop {
+        let changed = up.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let got = match &*up.phase.borrow() {
+            Phase::Peeking { buf, eof } => crate::peek::classify(buf, *eof || buf.len() >= up.cap),
+            _ => return,
+        };
+        if let Some(seen) = got {
+            break seen;
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let Phase::Peeking { buf, .. } = &*up.phase.borrow() else { return };
+            break crate::peek::classify(buf, true).unwrap_or_else(Seen::tcp);
+        }
+    };
+    let (buf, eof) = match std::mem::replace(&mut *up.phase.borrow_mut(), Phase::Deciding) {
+        Phase::Peeking { buf, eof } => (buf, eof),
+        _ => return,
+    };
+    base.method = seen.method.clone().unwrap_or_default();
+    base.path = seen.path.clone().unwrap_or_default();
+    base.detail = peek_notes(&seen, &base.host);
+    let req = Request {
+        host: &base.host,
+        port: base.port,
+        scheme: seen.scheme,
+        method: seen.method.as_deref(),
+        path: seen.path.as_deref(),
+    };
+    let what = match (&seen.method, &seen.path) {
+        (Some(m), Some(p)) => {
+            format!("{}:{} ({} {m} {})", base.host, base.port, seen.scheme.name(), crate::log::bounded(p))
+        }
+        _ => format!("{}:{} ({})", base.host, base.port, seen.scheme.name()),
+    };
+    let (stream, entry) = match judge_and_connect(&state, &base, &req, &what).await {
+        Ok(x) => x,
+        Err(e) => {
+            up.fail(e);
+            drop(down);
+            return;
+        }
+    };
+    let seq = state.record(entry);
+    forget.armed = false;
+    let conn = Rc::new(Conn { slot, id: forget.id, seq, up: Cell::new(0), down: Cell::new(0) });
+    let (rd, mut wr) = stream.into_split();
+    if let Err(e) = wr.write_all(&buf).await {
+        up.fail(CvError::unavailable(format!("upstream write failed: {e}")));
+        return;
+    }
+    conn.up.set(buf.len() as u64);
+    if eof {
+        if let Err(e) = wr.shutdown().await {
+            up.fail(CvError::unavailable(format!("upstream shutdown failed: {e}")));
+            return;
+        }
+    } else {
+        *up.writer.lock().await = Some(wr);
+    }
+    start_pump(&forget.vm, &up, rd, down, conn);
 }
 
 impl egress::Server for EgressServer {
@@ -314,28 +488,131 @@ async fn pump_down(mut rd: OwnedReadHalf, down: byte_sink::Client, conn: Rc<Conn
     let _ = down.done_request().send().promise.await;
 }
 
-/// Guest -> upstream: the `up` sink of one flow.
-struct UpSink {
-    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
-    conn: Rc<Conn>,
-    done: Cell<bool>,
-    pump: tokio::task::AbortHandle,
+/// Where a flow's `up` side is.
+enum Phase {
+    /// Holding the guest's first bytes; `eof`: the guest half-closed.
+    Peeking { buf: Vec<u8>, eof: bool },
+    /// Judging and connecting.
+    Deciding,
+    /// Writes go upstream.
+    Open,
+    /// Denied or failed: every later write and `done` get this error.
+    Failed(CvError),
 }
+
+/// The guest -> upstream side of one flow, shared by its `up` sink and
+/// its peek task.
+struct Up {
+    phase: RefCell<Phase>,
+    /// Signalled when bytes are held, the guest half-closes, or `phase`
+    /// leaves `Peeking`/`Deciding`.
+    changed: Notify,
+    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    /// Keeps writes (and `done`) in arrival order across awaits.
+    order: tokio::sync::Mutex<()>,
+    conn: RefCell<Option<Rc<Conn>>>,
+    /// The peek task, then the pump.
+    task: RefCell<Option<tokio::task::AbortHandle>>,
+    done: Cell<bool>,
+    /// Bytes held at most while peeking.
+    cap: usize,
+}
+
+impl Up {
+    fn new(phase: Phase, cap: usize) -> Self {
+        Self {
+            phase: RefCell::new(phase),
+            changed: Notify::new(),
+            writer: tokio::sync::Mutex::new(None),
+            order: tokio::sync::Mutex::new(()),
+            conn: RefCell::new(None),
+            task: RefCell::new(None),
+            done: Cell::new(false),
+            cap,
+        }
+    }
+
+    fn fail(&self, e: CvError) {
+        *self.phase.borrow_mut() = Phase::Failed(e);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `phase` is `Open` (true) or, while peeking, lets `peek`
+    /// act on the held bytes (`Some(r)`: return `r`). Errors: `Failed`.
+    async fn until_open(
+        &self,
+        mut peek: impl FnMut(&mut Vec<u8>, &mut bool) -> Option<capnp::Result<()>>,
+    ) -> capnp::Result<bool> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match &mut *self.phase.borrow_mut() {
+                Phase::Peeking { buf, eof } => {
+                    if let Some(r) = peek(buf, eof) {
+                        return r.map(|()| false);
+                    }
+                }
+                Phase::Deciding => {}
+                Phase::Open => return Ok(true),
+                Phase::Failed(e) => return Err(e.clone().into()),
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Guest -> upstream: the `up` sink of one flow.
+struct UpSink(Rc<Up>);
 
 impl byte_sink::Server for UpSink {
     async fn write(self: CapRc<Self>, params: byte_sink::WriteParams) -> capnp::Result<()> {
-        let data = params.get()?.get_data()?;
-        let mut w = self.writer.lock().await;
+        let mut data = params.get()?.get_data()?;
+        let up = &self.0;
+        let _order = up.order.lock().await;
+        let cap = up.cap;
+        let open = up
+            .until_open(|buf, eof| {
+                if *eof {
+                    return Some(Err(capnp::Error::failed("write after done".into())));
+                }
+                let n = data.len().min(cap.saturating_sub(buf.len()));
+                if n > 0 {
+                    buf.extend_from_slice(&data[..n]);
+                    data = &data[n..];
+                    up.changed.notify_waiters();
+                }
+                data.is_empty().then_some(Ok(()))
+            })
+            .await?;
+        if !open {
+            return Ok(());
+        }
+        let conn = up.conn.borrow().clone();
+        let mut w = up.writer.lock().await;
         let w = w.as_mut().ok_or_else(|| capnp::Error::failed("write after done".into()))?;
         w.write_all(data).await.map_err(|e| CvError::unavailable(format!("upstream write failed: {e}")))?;
-        self.conn.up.set(self.conn.up.get() + data.len() as u64);
+        if let Some(c) = conn {
+            c.up.set(c.up.get() + data.len() as u64);
+        }
         Ok(())
     }
 
     async fn done(self: CapRc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> capnp::Result<()> {
-        self.done.set(true);
-        if let Some(mut w) = self.writer.lock().await.take() {
-            w.shutdown().await.map_err(|e| CvError::unavailable(format!("upstream shutdown failed: {e}")))?;
+        let up = &self.0;
+        let _order = up.order.lock().await;
+        let open = up
+            .until_open(|_, eof| {
+                *eof = true;
+                up.changed.notify_waiters();
+                Some(Ok(()))
+            })
+            .await?;
+        up.done.set(true);
+        if open {
+            if let Some(mut w) = up.writer.lock().await.take() {
+                w.shutdown().await.map_err(|e| CvError::unavailable(format!("upstream shutdown failed: {e}")))?;
+            }
         }
         Ok(())
     }
@@ -343,9 +620,12 @@ impl byte_sink::Server for UpSink {
 
 impl Drop for UpSink {
     fn drop(&mut self) {
-        if !self.done.get() {
-            // Released without a half-close: the guest reset its connection.
-            self.pump.abort();
+        if !self.0.done.get() {
+            // Released without a half-close: the guest reset its
+            // connection (while peeking: the decision is dropped too).
+            if let Some(t) = self.0.task.borrow_mut().take() {
+                t.abort();
+            }
         }
     }
 }
