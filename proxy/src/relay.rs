@@ -29,9 +29,12 @@
 //! are, [`crate::peek::PeekLimits::bytes`] are held (a write past that
 //! waits), the guest half-closes, or [`crate::peek::PeekLimits::wait`]
 //! passes; then the request (scheme, method, path) is judged and steps 3-4
-//! run. Denied or failed: the next write to `up` (or `done`) fails with
-//! that typed error and `down` is released without `done`, so guest-init
-//! resets the guest's socket; upstream never sees a byte. Allowed: the
+//! run (`done` while peeking ends the wait and answers with the
+//! decision). Denied or failed: the next write to `up` and `done` fail
+//! with that typed error (`ByteSink.write` is a streaming call: its
+//! caller sees a failure on its following call) and `down` is released
+//! without `done`, so guest-init resets the guest's socket; upstream
+//! never sees a byte. Allowed: the
 //! held bytes go upstream first, then the flow is relayed as above. A
 //! guest that resets (releases `up`) before the decision leaves no NetLog
 //! entry: nothing was decided.
@@ -603,9 +606,13 @@ impl byte_sink::Server for UpSink {
         let _order = up.order.lock().await;
         let open = up
             .until_open(|_, eof| {
-                *eof = true;
-                up.changed.notify_waiters();
-                Some(Ok(()))
+                // Half-closed while peeking: the decision comes now; wait
+                // for it (its error is this call's).
+                if !*eof {
+                    *eof = true;
+                    up.changed.notify_waiters();
+                }
+                None
             })
             .await?;
         up.done.set(true);
