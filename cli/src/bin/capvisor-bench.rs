@@ -13,7 +13,9 @@
 //! `--image-boots N` (default 5; 0 skips) cold boots of each of `base` and
 //! `debian`, the debian writable layer's host disk, and image build times;
 //! `--cold-image` adds one cold build of the debian image (minutes; module
-//! `images`).
+//! `images`). `--egress-mib M` (default 256; 0 skips) and
+//! `--egress-requests N` (100): guest traffic through the egress proxy
+//! beside the host's direct traffic (module `egress`).
 
 use capvisor_client::{connect, ops};
 use capvisor_rpc::host::host_kvm_usable;
@@ -24,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "capvisor-bench/egress.rs"]
+mod egress;
 #[path = "capvisor-bench/images.rs"]
 mod images;
 #[path = "common/procs.rs"]
@@ -386,6 +390,14 @@ fn main() {
         images::BuildFigures::default()
     };
 
+    let egress_mib = arg("--egress-mib", 256) as u64;
+    let mut egress_figs = if egress_mib > 0 {
+        egress::figures(&bin_dir, &guest_init, work.path(), egress_mib, arg("--egress-requests", 100))
+            .expect("egress figures")
+    } else {
+        egress::EgressFigures::default()
+    };
+
     let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     let (mut kvm_first, mut kvm_rss, mut kvm_own) =
         if kvm_usable { kvm_engine_figures(&image, work.path(), boots) } else { (vec![], vec![], vec![]) };
@@ -465,6 +477,9 @@ fn main() {
     rtt::print_cli(&mut cli, "CLI");
     if image_boots > 0 {
         images::print(&mut image_figs, &mut build_figs);
+    }
+    if egress_mib > 0 {
+        egress::print(&mut egress_figs);
     }
     for (name, kib) in &rss {
         println!("{:<58} {:>8.1} MiB", format!("engine {engine}: RSS of {name} (running VM)"), *kib as f64 / 1024.0);
