@@ -93,6 +93,21 @@ enum Cmd {
     /// Guest network egress through the session's proxy (caps `netpolicy`, `netlog`).
     #[command(subcommand)]
     Net(NetCmd),
+    /// List the guest connections this session's `ask` egress rules hold for a decision
+    /// (cap `approvals`); the guest waits until `capvisor approve` or the timeout (deny).
+    Approvals,
+    /// Decide a held connection: allow it once (default), `--always` (also put an
+    /// allow rule for its host and port first), or `--deny`.
+    Approve {
+        /// The id `capvisor approvals` shows
+        id: u64,
+        /// Allow, and allow this host and port from now on
+        #[arg(long, conflicts_with = "deny")]
+        always: bool,
+        /// Deny instead
+        #[arg(long)]
+        deny: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -269,7 +284,7 @@ enum AccountCmd {
     Rm { name: String },
 }
 
-use capvisor_rpc::schema::capvisor_capnp::NetAction;
+use capvisor_rpc::schema::capvisor_capnp::{ApprovalDecision, NetAction};
 
 fn main() {
     let cli = Cli::parse();
@@ -515,6 +530,52 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         Cmd::Vm(v) => vm_cmd(v, socket).await,
         Cmd::Volume(v) => volume_cmd(v, socket).await,
         Cmd::Net(n) => net_cmd(n, socket).await,
+        Cmd::Approvals => {
+            let (s, _) = session(socket).await?;
+            let list = ops::pending_approvals(&ops::approvals(&s)).await?;
+            println!(
+                "{:>6} {:<12} {:<28} {:>5} {:<6} {:<7} {:>8}  PATH",
+                "ID", "VM", "HOST", "PORT", "SCHEME", "METHOD", "EXPIRES"
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            for a in list {
+                println!(
+                    "{:>6} {:<12} {:<28} {:>5} {:<6} {:<7} {:>7}s  {}",
+                    a.id,
+                    shown(&a.vm),
+                    shown(&a.host),
+                    a.port,
+                    shown(&a.scheme),
+                    shown(&a.method),
+                    (a.expires_at_ms - now).max(0) / 1000,
+                    shown(&a.path)
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Approve { id, always, deny } => {
+            let (s, _) = session(socket).await?;
+            let decision = if deny {
+                ApprovalDecision::Deny
+            } else if always {
+                ApprovalDecision::AllowAlways
+            } else {
+                ApprovalDecision::AllowOnce
+            };
+            ops::decide(&ops::approvals(&s), id, decision).await?;
+            eprintln!(
+                "capvisor: connection {id} {}",
+                match decision {
+                    ApprovalDecision::Deny => "denied",
+                    ApprovalDecision::AllowAlways => "allowed, and its host and port from now on",
+                    ApprovalDecision::AllowOnce => "allowed once",
+                }
+            );
+            Ok(0)
+        }
         Cmd::Run { spec, exec, cmd } => {
             let (s, _) = session(socket).await?;
             let f = ops::vms(&s);

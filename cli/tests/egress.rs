@@ -129,3 +129,55 @@ fn curl_noproxy_and_a_raw_python_socket_are_relayed() {
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
 }
+
+/// An `ask` rule holds the guest's connection until `capvisor approve`
+/// (a real guest waiting in `wget`), or `approve --deny` refuses it.
+#[test]
+fn ask_waits_for_capvisor_approve() {
+    let (port, seen) = upstream();
+    let base = capvisor_manifest::DEFAULT_TOML.replace("egress = false", "egress = true");
+    let manifest = format!(
+        "{base}\n[[net.rules]]\nhost = \"api.test\"\nport = {port}\naction = \"ask\"\n\
+         [net.resolve]\n\"api.test\" = [\"127.0.0.1\"]\n"
+    );
+    let s = std::sync::Arc::new(Server::start(Some(&manifest)));
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "a"], None, 0);
+    let url = format!("http://api.test:{port}/held");
+    let pending_id = |s: &Server| -> Option<String> {
+        let o = s.cli_ok("owner", &["approvals"], None, 0);
+        let text = stdout(&o);
+        let row = text.lines().skip(1).find(|l| l.contains("api.test"))?;
+        row.split_whitespace().next().map(str::to_string)
+    };
+    for (decision, expect_ok) in [(None, true), (Some("--deny"), false)] {
+        let (s2, url2) = (s.clone(), url.clone());
+        let held = std::thread::spawn(move || {
+            s2.cli("owner", &["vm", "exec", "a", "--", "wget", "-q", "-O", "-", &url2], None)
+        });
+        let t0 = std::time::Instant::now();
+        let id = loop {
+            if let Some(id) = pending_id(&s) {
+                break id;
+            }
+            assert!(t0.elapsed() < std::time::Duration::from_secs(30), "no held connection appeared");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        assert!(!held.is_finished(), "the guest waits for the decision");
+        let mut args = vec!["approve", id.as_str()];
+        args.extend(decision);
+        s.cli_ok("owner", &args, None, 0);
+        let o = held.join().unwrap();
+        assert_eq!(o.status.code() == Some(0), expect_ok, "{}", stderr(&o));
+        if expect_ok {
+            assert_eq!(stdout(&o), "hello /held\n");
+        }
+        assert!(pending_id(&s).is_none());
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1, "only the approved connection reached upstream");
+    let o = s.cli_ok("owner", &["net", "log"], None, 0);
+    assert!(stdout(&o).contains("approved once") && stdout(&o).contains("denied by an approver"), "{}", stdout(&o));
+    s.cli_ok("owner", &["vm", "rm", "a"], None, 0);
+    s.cli_ok("owner", &["logout"], None, 0);
+    std::sync::Arc::try_unwrap(s).ok().expect("no other holder").stop();
+}

@@ -15,8 +15,8 @@ use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
 use capvisor_rpc::principal::Principal;
 use capvisor_rpc::schema::capvisor_capnp::{
-    accounts, cap_set, net_log, net_policy, session, vm, vm_factory, volume, volume_info, volumes, Engine, NetAction,
-    VmState,
+    accounts, approvals, cap_set, net_log, net_policy, session, vm, vm_factory, volume, volume_info, volumes,
+    ApprovalDecision, Engine, NetAction, VmState,
 };
 use capvisor_rpc::schema::common_capnp::{byte_sink, exit_status, files, process, FileKind};
 use capvisor_rpc::sink::CollectSink;
@@ -747,4 +747,68 @@ pub async fn connect_port(v: &vm::Client, port: u16, down: byte_sink::Client) ->
     req.get().set_down(down);
     let resp = req.send().promise.await?;
     Ok(resp.get()?.get_up()?)
+}
+
+/// The CapSet's `approvals` cap, pipelined.
+pub fn approvals(s: &session::Client) -> approvals::Client {
+    get_cap(&cap_set(s), "approvals")
+}
+
+/// A connection held by an `ask` rule (schema `Approval`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Approval {
+    /// Its id, for [`decide`].
+    pub id: u64,
+    /// When it was held, Unix epoch ms.
+    pub time_ms: i64,
+    /// The VM.
+    pub vm: String,
+    /// The host as the guest named it.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Scheme, method and path when known ("" otherwise).
+    pub scheme: String,
+    /// HTTP method.
+    pub method: String,
+    /// HTTP path.
+    pub path: String,
+    /// The ask rule's index.
+    pub rule: i32,
+    /// Denied if not decided by then, Unix epoch ms.
+    pub expires_at_ms: i64,
+}
+
+/// `Approvals.pending`: held connections, oldest first.
+pub async fn pending_approvals(a: &approvals::Client) -> ClientResult<Vec<Approval>> {
+    let resp = a.pending_request().send().promise.await?;
+    resp.get()?
+        .get_approvals()?
+        .iter()
+        .map(|p| {
+            Ok(Approval {
+                id: p.get_id(),
+                time_ms: p.get_time_ms(),
+                vm: text(p.get_vm())?,
+                host: text(p.get_host())?,
+                port: p.get_port(),
+                scheme: text(p.get_scheme())?,
+                method: text(p.get_method())?,
+                path: text(p.get_path())?,
+                rule: p.get_rule(),
+                expires_at_ms: p.get_expires_at_ms(),
+            })
+        })
+        .collect()
+}
+
+/// `Approvals.decide`.
+///
+/// Errors: `notFound` when `id` no longer waits.
+pub async fn decide(a: &approvals::Client, id: u64, decision: ApprovalDecision) -> ClientResult<()> {
+    let mut req = a.decide_request();
+    req.get().set_id(id);
+    req.get().set_decision(decision);
+    req.send().promise.await?;
+    Ok(())
 }

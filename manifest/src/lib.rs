@@ -23,6 +23,7 @@ pub const KNOWN_CAPS: &[(&str, &str)] = &[
     ("volumes", "Volumes: create, list and remove this principal's persistent volumes, attached to VMs at create"),
     ("netpolicy", "NetPolicy: read and replace this session's egress rules (manifest [net])"),
     ("netlog", "NetLog: recent guest network flows of this session's VMs"),
+    ("approvals", "Approvals: decide the guest connections this session's `ask` egress rules hold"),
 ];
 
 /// Kernel sources an image may name (`[images.NAME] kernel`), with what each one is.
@@ -310,6 +311,10 @@ pub struct NetConfig {
     /// NetLog entries each proxy keeps (default [`DEFAULT_NET_LOG`]).
     #[serde(default)]
     pub log_capacity: Option<u32>,
+    /// Seconds a connection held by an `ask` rule waits for a decision
+    /// through `Approvals` before it is denied (default 60).
+    #[serde(default)]
+    pub ask_timeout_secs: Option<u32>,
 }
 
 /// The default of [`NetConfig::log_capacity`].
@@ -404,6 +409,7 @@ impl NetConfig {
             }
         }
         b.set_log_capacity(self.log_capacity.unwrap_or(DEFAULT_NET_LOG));
+        b.set_ask_timeout_secs(self.ask_timeout_secs.unwrap_or(0));
     }
 
     /// Reads what [`NetConfig::write_proxy_config`] wrote (`egress` is
@@ -437,7 +443,13 @@ impl NetConfig {
             let addrs = o.get_addresses()?.iter().map(text).collect::<capnp::Result<Vec<_>>>()?;
             resolve.insert(text(o.get_name())?, addrs);
         }
-        Ok(Self { egress, rules, resolve, log_capacity: Some(r.get_log_capacity()) })
+        Ok(Self {
+            egress,
+            rules,
+            resolve,
+            log_capacity: Some(r.get_log_capacity()),
+            ask_timeout_secs: Some(r.get_ask_timeout_secs()).filter(|s| *s != 0),
+        })
     }
 }
 
@@ -983,6 +995,7 @@ mod tests {
                 }],
                 resolve: [("api.test".to_string(), vec!["127.0.0.1".to_string(), "::1".to_string()])].into(),
                 log_capacity: Some(17),
+                ask_timeout_secs: Some(5),
             },
         };
         let msg = ctx.to_message().unwrap();

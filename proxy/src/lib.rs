@@ -12,6 +12,8 @@
 //! - [`peek`]: what a connection's first bytes show (TLS SNI, HTTP
 //!   request line), for rules on scheme, method and path;
 //! - [`log`]: the bounded NetLog ring and its server;
+//! - [`approvals`]: connections `ask` rules hold for a decision, and the
+//!   `Approvals` server;
 //! - [`sandbox`]: the process's own Landlock domain.
 //!
 //! The binary (`src/main.rs`) is a thin shell over [`run`]; tests drive
@@ -23,6 +25,7 @@
 //! between [`relay`]'s `up` sink and the upstream socket), and `ask` has
 //! its own [`policy::Action`].
 
+pub mod approvals;
 pub mod log;
 pub mod peek;
 pub mod policy;
@@ -34,7 +37,7 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use capvisor_rpc::conn::{self, GUEST, GUEST_CALLS, INTERNAL};
 use capvisor_rpc::fdpass::FdChannel;
 use capvisor_rpc::{CvError, CvResult};
-use capvisor_schema::capvisor_capnp::{net_log, net_policy};
+use capvisor_schema::capvisor_capnp::{approvals as approvals_cap, net_log, net_policy};
 use capvisor_schema::internal_capnp::{proxy, proxy_config};
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
@@ -127,6 +130,8 @@ pub struct ProxyState {
     pub limits: Limits,
     /// Bounds of the wait for a connection's first bytes.
     pub peek: peek::PeekLimits,
+    /// Connections `ask` rules hold for a decision.
+    pub approvals: Rc<approvals::Approvals>,
     open: Cell<usize>,
 }
 
@@ -157,6 +162,7 @@ impl ProxyState {
             resolver: resolve::Resolver::new(cfg.resolve)?,
             limits,
             peek,
+            approvals: approvals::Approvals::new(approvals::DEFAULT_ASK_TIMEOUT),
             open: Cell::new(0),
         }))
     }
@@ -217,6 +223,7 @@ pub fn serve_vm(
 pub struct ProxyServer {
     policy: net_policy::Client,
     log: net_log::Client,
+    approvals: approvals_cap::Client,
 }
 
 impl ProxyServer {
@@ -226,11 +233,22 @@ impl ProxyServer {
         capnp_rpc::new_client(Self {
             policy: policy::NetPolicyServer::client(state.policy.clone()),
             log: log::NetLogServer::client(state.log.clone()),
+            approvals: approvals::ApprovalsServer::client(state.approvals.clone(), state.policy.clone()),
         })
     }
 }
 
 impl proxy::Server for ProxyServer {
+    /// The session's `Approvals`.
+    async fn approvals(
+        self: capnp::capability::Rc<Self>,
+        _: proxy::ApprovalsParams,
+        mut results: proxy::ApprovalsResults,
+    ) -> capnp::Result<()> {
+        results.get().set_approvals(self.approvals.clone());
+        Ok(())
+    }
+
     /// The session's `NetPolicy`.
     async fn policy(
         self: capnp::capability::Rc<Self>,

@@ -61,6 +61,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let vms = take_fd(args.vm_fd, "vm")?;
     let msg = capvisor_rpc::spawn::read_config(args.config_fd)?;
     let cfg = capvisor_proxy::Config::read_from(msg.get_root()?)?;
+    let ask_timeout =
+        msg.get_root::<capvisor_schema::internal_capnp::proxy_config::Reader<'_>>()?.get_ask_timeout_secs();
     drop(msg);
     let session = cfg.session_id.clone();
     match capvisor_proxy::sandbox::confine() {
@@ -68,6 +70,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(session = %session, "NOT confined: {e:#}"),
     }
     let state = capvisor_proxy::ProxyState::new(cfg)?;
+    if ask_timeout > 0 {
+        state.approvals.set_timeout(std::time::Duration::from_secs(ask_timeout.into()));
+    }
     conn::run_local(async move {
         let rpc = capvisor_rpc::spawn::into_tokio(rpc)?;
         let vms = FdChannel::new(vms)?;

@@ -255,6 +255,8 @@ async fn judge_and_connect(
     };
     let (host, port) = (req.host, req.port);
     let decision = state.policy.borrow().decide(req);
+    // For an `ask` rule: how the approval went (kept in the flow's entry).
+    let mut approval = String::new();
     let rule = decision.rule_index();
     match decision.action {
         Action::Allow => {}
@@ -267,9 +269,23 @@ async fn judge_and_connect(
             return Err(CvError::denied(format!("egress to {what} {detail}")));
         }
         Action::Ask => {
-            let detail = format!("rule {rule} asks for approval; approvals are not available yet");
-            state.record(entry(String::new(), rule, Action::Ask, detail.clone()));
-            return Err(CvError::denied(format!("egress to {what} denied: {detail}")));
+            // Held (the guest's connection waits) until an approver decides
+            // through `Approvals`, or the timeout denies.
+            let ask = crate::approvals::Ask {
+                vm: base.vm.clone(),
+                host: host.to_string(),
+                port,
+                scheme: base_scheme(req),
+                method: req.method.unwrap_or("").to_string(),
+                path: req.path.unwrap_or("").to_string(),
+                rule,
+            };
+            let outcome = state.approvals.ask(ask).await;
+            approval = outcome.describe(state.approvals.timeout());
+            if !outcome.allowed() {
+                state.record(entry(String::new(), rule, Action::Ask, approval.clone()));
+                return Err(CvError::denied(format!("egress to {what} denied: {approval}")));
+            }
         }
     }
     let addrs = match state.resolver.resolve(host, port).await {
@@ -294,7 +310,18 @@ async fn judge_and_connect(
         }
     };
     let _ = stream.set_nodelay(true);
-    Ok((stream, entry(ip.to_string(), rule, Action::Allow, String::new())))
+    let action = if approval.is_empty() { Action::Allow } else { Action::Ask };
+    Ok((stream, entry(ip.to_string(), rule, action, approval)))
+}
+
+/// The scheme an `ask` shows its approver: what a peek saw, "" when the
+/// connection was judged before any bytes.
+fn base_scheme(req: &Request<'_>) -> String {
+    if req.method.is_some() || req.scheme != crate::policy::Scheme::Tcp {
+        req.scheme.name().to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// Starts the upstream -> guest pump of a connected flow and opens `up`

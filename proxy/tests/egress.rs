@@ -367,19 +367,99 @@ fn run_serves_proxy_and_the_vms_it_is_handed() {
     });
 }
 
-/// An `ask` rule denies today (approvals are a later slice) and is logged
-/// with action `ask`; the host is judged lower-case without a final dot.
+/// An `ask` rule holds the connection until a decision through
+/// `Approvals`: allow once relays it (logged as `ask`, "approved once"),
+/// deny and the timeout refuse it (nothing reaches upstream), and allow
+/// always adds an allow rule so the next connection is not held. The host
+/// is judged lower-case without a final dot.
 #[test]
-fn ask_denies_until_approvals_exist() {
+fn ask_holds_the_connection_until_an_approver_decides() {
+    use capvisor_schema::capvisor_capnp::{approvals, ApprovalDecision};
     conn::run_local(async {
         let (up, port) = listener().await;
         let (state, eg) = proxy(vec![Rule::host("api.test", Action::Ask)], capvisor_proxy::LIMITS);
-        let e = connect(&eg, "API.Test.", port).await.up.err().expect("ask must deny");
-        assert_eq!(code(&e), ErrorCode::Denied);
+        let ap: approvals::Client =
+            capvisor_proxy::approvals::ApprovalsServer::client(state.approvals.clone(), state.policy.clone());
+        let pending = |ap: approvals::Client| async move {
+            let r = ap.pending_request().send().promise.await.unwrap();
+            r.get()
+                .unwrap()
+                .get_approvals()
+                .unwrap()
+                .iter()
+                .map(|a| (a.get_id(), a.get_host().unwrap().to_string().unwrap(), a.get_port()))
+                .collect::<Vec<_>>()
+        };
+        let decide = |ap: approvals::Client, id: u64, d: ApprovalDecision| async move {
+            let mut req = ap.decide_request();
+            req.get().set_id(id);
+            req.get().set_decision(d);
+            req.send().promise.await.map(drop)
+        };
+        // Held, then allowed once.
+        let eg2 = eg.clone();
+        let held = tokio::task::spawn_local(async move { connect(&eg2, "API.Test.", port).await });
+        let mut list = Vec::new();
+        for _ in 0..200 {
+            list = pending(ap.clone()).await;
+            if !list.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(list.len(), 1);
+        assert_eq!((list[0].1.as_str(), list[0].2), ("api.test", port));
+        assert!(!held.is_finished(), "the guest's connection waits");
+        decide(ap.clone(), list[0].0, ApprovalDecision::AllowOnce).await.unwrap();
+        let flow = held.await.unwrap();
+        let _up = flow.up.expect("approved once: relayed");
+        let (_s, _) = up.accept().await.unwrap();
         let f = flows(&state).pop().unwrap();
-        assert_eq!((f.host.as_str(), f.rule, f.action, f.address.as_str()), ("api.test", 0, Action::Ask, ""));
-        assert!(f.detail.contains("approval"), "{f:?}");
-        drop(up);
+        assert_eq!((f.host.as_str(), f.rule, f.action), ("api.test", 0, Action::Ask));
+        assert!(f.detail.contains("approved once"), "{f:?}");
+        // A decided id is gone.
+        assert!(decide(ap.clone(), list[0].0, ApprovalDecision::Deny).await.is_err());
+
+        // Denied.
+        let eg2 = eg.clone();
+        let held = tokio::task::spawn_local(async move { connect(&eg2, "api.test", port).await });
+        let mut list = Vec::new();
+        for _ in 0..200 {
+            list = pending(ap.clone()).await;
+            if !list.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        decide(ap.clone(), list[0].0, ApprovalDecision::Deny).await.unwrap();
+        assert_eq!(code(&held.await.unwrap().up.err().expect("denied")), ErrorCode::Denied);
+        assert!(flows(&state).pop().unwrap().detail.contains("denied by an approver"));
+
+        // Timed out.
+        state.approvals.set_timeout(std::time::Duration::from_millis(300));
+        let e = connect(&eg, "api.test", port).await.up.err().expect("timeout denies");
+        assert_eq!(code(&e), ErrorCode::Denied);
+        assert!(flows(&state).pop().unwrap().detail.contains("not decided within"));
+        assert!(pending(ap.clone()).await.is_empty());
+
+        // Allowed always: a rule is added and the next connection is not held.
+        state.approvals.set_timeout(std::time::Duration::from_secs(30));
+        let eg2 = eg.clone();
+        let held = tokio::task::spawn_local(async move { connect(&eg2, "api.test", port).await });
+        let mut list = Vec::new();
+        for _ in 0..200 {
+            list = pending(ap.clone()).await;
+            if !list.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        decide(ap.clone(), list[0].0, ApprovalDecision::AllowAlways).await.unwrap();
+        let _up2 = held.await.unwrap().up.expect("approved always");
+        let (_s2, _) = up.accept().await.unwrap();
+        assert_eq!(state.policy.borrow().rules()[0].action, Action::Allow);
+        let _up3 = connect(&eg, "api.test", port).await.up.expect("allowed by the added rule, not held");
+        assert_eq!(flows(&state).pop().unwrap().action, Action::Allow);
     });
 }
 

@@ -192,7 +192,7 @@ interface Volume {
 enum NetAction {
   allow @0;
   deny @1;
-  ask @2;     # held until an Approvals decision (later); today: deny
+  ask @2;     # held until a decision through the session's Approvals (timeout: deny)
 }
 
 struct NetRule {
@@ -234,4 +234,32 @@ interface NetLog {
   # Recent flows of this session's VMs, newest last, bounded in memory.
   # `vm` "" = all VMs; `sinceMs` 0 = all kept; `limit` 0 = all kept.
   recent @0 (vm :Text, sinceMs :Int64, limit :UInt32) -> (flows :List(NetFlow));
+}
+
+struct Approval {
+  # A connection held by an `ask` rule, waiting for a decision.
+  id @0 :UInt64;          # unique for the proxy's life
+  timeMs @1 :Int64;       # Unix epoch ms, when it was held
+  vm @2 :Text;
+  host @3 :Text;          # as the guest named it
+  port @4 :UInt16;
+  scheme @5 :Text;        # "" when not known
+  method @6 :Text;
+  path @7 :Text;
+  rule @8 :Int32;         # the ask rule's index
+  expiresAtMs @9 :Int64;  # denied if not decided by then
+}
+
+enum ApprovalDecision {
+  allowOnce @0;     # this connection only
+  allowAlways @1;   # this connection, and an allow rule for exactly this host and port put first
+  deny @2;
+}
+
+interface Approvals {
+  # Connections this session's `ask` rules hold, oldest first. The guest's
+  # connection waits (it is not failed) until a decision or the timeout.
+  pending @0 () -> (approvals :List(Approval));
+  # notFound when `id` is not pending (already decided, or timed out).
+  decide @1 (id :UInt64, decision :ApprovalDecision);
 }

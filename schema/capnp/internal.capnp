@@ -215,6 +215,7 @@ interface Proxy {
   # bound to that VM, until it closes.
   policy @0 () -> (policy :Cv.NetPolicy);
   log @1 () -> (log :Cv.NetLog);
+  approvals @2 () -> (approvals :Cv.Approvals);
 }
 
 struct ProxyConfig {
@@ -223,6 +224,7 @@ struct ProxyConfig {
   rules @1 :List(Cv.NetRule);          # initial rules (manifest [net] rules)
   resolve @2 :List(ResolveOverride);   # names answered without DNS (tests, local services)
   logCapacity @3 :UInt32;              # NetLog entries kept
+  askTimeoutSecs @4 :UInt32;           # how long an `ask` waits for a decision (0: the default, 60 s)
 }
 
 struct ResolveOverride {

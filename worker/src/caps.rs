@@ -6,7 +6,9 @@ use crate::wrap::{AccountsWrapper, Scope};
 use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
-use capvisor_rpc::schema::capvisor_capnp::{accounts, cap_set, net_log, net_policy, session, vm_factory, volumes};
+use capvisor_rpc::schema::capvisor_capnp::{
+    accounts, approvals, cap_set, net_log, net_policy, session, vm_factory, volumes,
+};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::internal_capnp::{worker, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
@@ -56,6 +58,7 @@ pub fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
         "volumes" => Some((volumes::Client::TYPE_ID, "Volumes")),
         "netpolicy" => Some((net_policy::Client::TYPE_ID, "NetPolicy")),
         "netlog" => Some((net_log::Client::TYPE_ID, "NetLog")),
+        "approvals" => Some((approvals::Client::TYPE_ID, "Approvals")),
         _ => None,
     }
 }
@@ -101,6 +104,12 @@ impl CapSetImpl {
                 let inner = proxy.proxy.log_request().send().pipeline.get_log();
                 let scope = Scope::session(&self.st);
                 capnp_rpc::new_client::<net_log::Client, _>(crate::wrap::NetLogWrapper { scope, inner }).client
+            }
+            "approvals" => {
+                let proxy = crate::proxy::ensure(&self.st)?;
+                let inner = proxy.proxy.approvals_request().send().pipeline.get_approvals();
+                let scope = Scope::session(&self.st);
+                capnp_rpc::new_client::<approvals::Client, _>(crate::wrap::ApprovalsWrapper { scope, inner }).client
             }
             _ => unreachable!("cap_interface covers every name"),
         })

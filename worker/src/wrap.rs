@@ -1,6 +1,7 @@
 //! The membrane: revocable wrappers around every capability the worker
 //! forwards (guest `Process`, `Files`, `ByteSink`s in both directions, the
-//! broker's `Accounts`, the session proxy's `NetPolicy` and `NetLog`).
+//! broker's `Accounts`, the session proxy's `NetPolicy`, `NetLog` and
+//! `Approvals`).
 //!
 //! Each wrapper holds a [`Scope`]: the session and, for VM-reached caps, the
 //! one VM it designates. Before every forwarded call the scope is checked
@@ -12,7 +13,7 @@
 use crate::state::SessionState;
 use crate::vms::VmEntry;
 use capnp::capability::Rc as CapRc;
-use capvisor_rpc::schema::capvisor_capnp::{accounts, net_log, net_policy};
+use capvisor_rpc::schema::capvisor_capnp::{accounts, approvals, net_log, net_policy};
 use capvisor_rpc::schema::common_capnp::{byte_sink, exit_status, files, process};
 use capvisor_rpc::{CvError, CvResult};
 use std::future::Future;
@@ -366,5 +367,58 @@ impl net_log::Server for NetLogWrapper {
             o.set_detail(f.get_detail()?);
         }
         Ok(())
+    }
+}
+
+/// The session proxy's `Approvals`, revocable with the session; decisions
+/// are audited (`net.approve`).
+pub struct ApprovalsWrapper {
+    /// The session whose revocation cuts this cap (no VM).
+    pub scope: Scope,
+    /// The proxy's approvals cap.
+    pub inner: approvals::Client,
+}
+
+impl approvals::Server for ApprovalsWrapper {
+    async fn pending(
+        self: CapRc<Self>,
+        _: approvals::PendingParams,
+        mut results: approvals::PendingResults,
+    ) -> capnp::Result<()> {
+        let req = self.inner.pending_request();
+        let resp = self.scope.forward(req.send().promise).await?;
+        let list = resp.get()?.get_approvals()?;
+        let mut out = results.get().init_approvals(list.len());
+        for (i, a) in list.iter().enumerate() {
+            let mut o = out.reborrow().get(i as u32);
+            o.set_id(a.get_id());
+            o.set_time_ms(a.get_time_ms());
+            o.set_vm(a.get_vm()?);
+            o.set_host(a.get_host()?);
+            o.set_port(a.get_port());
+            o.set_scheme(a.get_scheme()?);
+            o.set_method(a.get_method()?);
+            o.set_path(a.get_path()?);
+            o.set_rule(a.get_rule());
+            o.set_expires_at_ms(a.get_expires_at_ms());
+        }
+        Ok(())
+    }
+
+    async fn decide(
+        self: CapRc<Self>,
+        params: approvals::DecideParams,
+        _: approvals::DecideResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let (id, decision) = (p.get_id(), p.get_decision()?);
+        let mut req = self.inner.decide_request();
+        req.get().set_id(id);
+        req.get().set_decision(decision);
+        let res = self.scope.forward(async { req.send().promise.await.map(drop) }).await;
+        let outcome = res.as_ref().map(|_| ()).map_err(|e| relay(e.clone(), false));
+        let detail = format!("{id} {decision:?}");
+        self.scope.st.audit("net.approve", "approvals", "decide", outcome.as_ref().map(|_| ()), &detail);
+        res
     }
 }
