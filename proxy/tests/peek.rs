@@ -391,3 +391,29 @@ fn a_reset_while_peeking_frees_the_slot_and_content_blind_rules_decide_at_connec
         drop(up);
     });
 }
+
+/// When the VM's egress port closes while a flow waits for its first
+/// bytes, the wait ends: the slot is freed, nothing is dialled, and
+/// nothing is logged.
+#[test]
+fn a_closed_vm_port_ends_a_peek() {
+    conn::run_local(async {
+        let (up, port) = listener().await;
+        // A wait longer than the test: only the port closing can end it.
+        let peek = PeekLimits { bytes: PEEK.bytes, wait: Duration::from_secs(600) };
+        let rules = vec![rule("api.test", port, "http", "", "", Action::Allow)];
+        let state = ProxyState::with_bounds(config(rules), capvisor_proxy::LIMITS, peek).unwrap();
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let vm_task = capvisor_proxy::serve_vm(&state, "vm1", a).unwrap();
+        let (eg, guest_conn) = guest(b);
+        let f = connect(&eg, "api.test", port).await;
+        let _keep = f.up.unwrap();
+        assert_eq!(state.open(), 1);
+        guest_conn.abort();
+        drop(eg);
+        vm_task.await.unwrap();
+        assert!(eventually(|| state.open() == 0).await, "the peeking flow kept its slot");
+        assert!(tokio::time::timeout(Duration::from_millis(200), up.accept()).await.is_err());
+        assert!(flows(&state).is_empty());
+    });
+}
