@@ -19,7 +19,8 @@
 //!   with its method and path, anything else scheme `tcp` with no method
 //!   and no path (so a rule naming a method or a path prefix does not
 //!   match it).
-//! - `ask` is held for an approval in a later slice; today it denies.
+//! - `ask` holds the connection until an approver decides
+//!   (`crate::approvals`) or the approval times out (deny).
 //! - DNS ([`Policy::may_resolve`]): a name resolves for the guest when some
 //!   `allow` or `ask` rule's host glob matches it (ports and schemes are
 //!   judged at connect).
@@ -46,7 +47,8 @@ pub enum Action {
     Allow,
     /// Refused with `denied`.
     Deny,
-    /// Held for an approval (later slice); denied today.
+    /// Held until an approver decides (`crate::approvals`); a timeout
+    /// denies.
     Ask,
 }
 

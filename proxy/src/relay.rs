@@ -9,8 +9,8 @@
 //!    and port match does not look at content
 //!    ([`crate::policy::Policy::needs_peek`] false), `(host, port)` is
 //!    judged at once as a bare TCP connection
-//!    ([`crate::policy::Request::connection`]) and deny and ask (no
-//!    approvals yet) fail the call with `denied`. Otherwise `connect`
+//!    ([`crate::policy::Request::connection`]): deny fails the call with
+//!    `denied`, ask waits for an approver (`crate::approvals`). Otherwise `connect`
 //!    returns `up` at once and the decision waits for the guest's first
 //!    bytes (see "Peeking" below);
 //! 3. the proxy resolves `host` itself ([`crate::resolve::Resolver`]) and
