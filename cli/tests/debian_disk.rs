@@ -12,8 +12,7 @@
 mod common;
 use common::*;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 /// The writable layer this file's first test gives each debian VM, MiB.
 const LAYER_MIB: u64 = 64;
@@ -119,33 +118,6 @@ fn the_writable_layer_is_the_vms_disk_quota_and_goes_with_the_vm() {
     assert!(!other_layer.exists(), "{} kept after vm rm", other_layer.display());
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
-}
-
-/// Writes a pure-Python wheel `capsum-1.0-py3-none-any.whl` into `dir`
-/// (PEP 427: the package, METADATA, WHEEL and a RECORD with sha256 digests)
-/// with the host's python3, and returns its path.
-fn make_wheel(dir: &Path) -> PathBuf {
-    let whl = dir.join("capsum-1.0-py3-none-any.whl");
-    let script = r#"
-import base64, hashlib, sys, zipfile
-files = {
-    "capsum/__init__.py": "def squares(n):\n    return sum(i * i for i in range(n + 1))\n",
-    "capsum-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: capsum\nVersion: 1.0\n",
-    "capsum-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: capvisor-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-}
-record = []
-with zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED) as z:
-    for name, text in files.items():
-        data = text.encode()
-        z.writestr(name, data)
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
-    record.append("capsum-1.0.dist-info/RECORD,,")
-    z.writestr("capsum-1.0.dist-info/RECORD", "\n".join(record) + "\n")
-"#;
-    let out = Command::new("python3").arg("-c").arg(script).arg(&whl).output().expect("python3 on the host");
-    assert!(out.status.success(), "making the wheel: {}", String::from_utf8_lossy(&out.stderr));
-    whl
 }
 
 #[test]

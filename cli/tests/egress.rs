@@ -181,3 +181,62 @@ fn ask_waits_for_capvisor_approve() {
     s.cli_ok("owner", &["logout"], None, 0);
     std::sync::Arc::try_unwrap(s).ok().expect("no other holder").stop();
 }
+
+/// `pip install` in a `debian` guest from a package index the test serves
+/// on loopback (PEP 503 simple index over plain HTTP: TLS interception is
+/// a later slice), reached only through an egress rule.
+#[test]
+fn pip_installs_from_a_loopback_index_through_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let whl = make_wheel(dir.path());
+    let simple = dir.path().join("simple/capsum");
+    std::fs::create_dir_all(&simple).unwrap();
+    let name = whl.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::rename(&whl, simple.join(&name)).unwrap();
+    std::fs::write(simple.join("index.html"), format!("<html><body><a href=\"{name}\">{name}</a></body></html>\n"))
+        .unwrap();
+    // python3 -m http.server on an ephemeral port; it prints the port.
+    let mut index = std::process::Command::new("python3")
+        .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 on the host");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(index.stdout.take().unwrap()), &mut line).unwrap();
+    let _index = Kill(index);
+    let port: u16 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "port")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("http.server said {line:?}"));
+    let base = capvisor_manifest::DEFAULT_TOML.replace("egress = false", "egress = true");
+    let manifest = format!(
+        "{base}\n[[net.rules]]\nhost = \"pypi.test\"\nport = {port}\naction = \"allow\"\n\
+         [net.resolve]\n\"pypi.test\" = [\"127.0.0.1\"]\n"
+    );
+    let s = Server::start(Some(&manifest));
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--image", "debian", "--name", "p"], None, 0);
+    let script = format!(
+        "python3 -m venv ~/v && ~/v/bin/pip install -q --disable-pip-version-check --index-url \
+         http://pypi.test:{port}/simple/ --trusted-host pypi.test capsum && cd / && \
+         ~/v/bin/python -c 'import capsum; print(capsum.squares(10))'"
+    );
+    let o = s.cli_ok("owner", &["vm", "exec", "--user", "agent", "p", "--", "bash", "-c", &script], None, 0);
+    assert_eq!(stdout(&o), "385\n", "{}", stderr(&o));
+    let o = s.cli_ok("owner", &["net", "log", "--vm", "p"], None, 0);
+    assert!(stdout(&o).lines().any(|l| l.contains("allow") && l.contains("pypi.test")), "{}", stdout(&o));
+    s.cli_ok("owner", &["vm", "rm", "p"], None, 0);
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}
