@@ -24,7 +24,7 @@ $CAPVISOR_CONFIG_DIR/session.json (default ~/.config/capvisor) until `capvisor l
 Exit codes: the guest command's own code for `vm exec` and `run` (128+N if killed by signal N); \
 1 other failure, 2 usage, 10 denied, 11 not found, 12 wrong interface, 13 quota, 14 stale session, \
 15 invalid argument, 16 already exists, 17 unavailable, 18 internal, 19 not running, 20 disconnected, \
-21 not logged in."
+21 not logged in, 22 in use (a volume another running VM holds)."
 )]
 struct Cli {
     /// Gateway socket [default: $XDG_RUNTIME_DIR/capvisor/gateway.sock or /tmp/capvisor-UID/gateway.sock]
