@@ -240,3 +240,41 @@ fn pip_installs_from_a_loopback_index_through_the_proxy() {
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
 }
+
+/// A server-sent-events stream arrives event by event through the relay:
+/// the upstream sends one event, waits 3 s, then a second; the guest sees
+/// the first long before the second (nothing buffers the body).
+#[test]
+fn a_server_sent_event_stream_arrives_incrementally() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = l.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: one\n\n");
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            let _ = c.write_all(b"data: two\n\n");
+        }
+    });
+    let base = capvisor_manifest::DEFAULT_TOML.replace("egress = false", "egress = true");
+    let manifest = format!(
+        "{base}\n[[net.rules]]\nhost = \"sse.test\"\nport = {port}\naction = \"allow\"\n\
+         [net.resolve]\n\"sse.test\" = [\"127.0.0.1\"]\n"
+    );
+    let s = Server::start(Some(&manifest));
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--image", "debian", "--name", "e"], None, 0);
+    let script = format!(
+        "import socket, time\ns = socket.create_connection(('sse.test', {port}), timeout=30)\n\
+         s.sendall(b'GET /events HTTP/1.0\\r\\n\\r\\n')\nf = s.makefile('rb')\nseen = {{}}\n\
+         for line in f:\n    if line.startswith(b'data: '):\n        seen[line[6:].strip().decode()] = time.monotonic()\n\
+         print(f\"{{seen['two'] - seen['one']:.1f}}\")\n"
+    );
+    let o = s.cli_ok("owner", &["vm", "exec", "e", "--", "python3", "-c", &script], None, 0);
+    let gap: f64 = stdout(&o).trim().parse().unwrap_or_else(|_| panic!("guest printed {:?}", stdout(&o)));
+    assert!(gap >= 2.0, "the first event must arrive before the second is sent ({gap} s apart)");
+    s.cli_ok("owner", &["vm", "rm", "e"], None, 0);
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}
