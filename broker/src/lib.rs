@@ -44,10 +44,7 @@ use capvisor_rpc::fdpass::FdChannel;
 use capvisor_rpc::schema::internal_capnp::broker;
 use std::os::fd::RawFd;
 
-/// Now, Unix epoch milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use capvisor_rpc::now_ms;
 
 /// The broker process's main loop (see the crate docs). Must run inside
 /// [`conn::run_local`].

@@ -89,13 +89,6 @@ pub struct Approvals {
     pending: RefCell<BTreeMap<u64, Pending>>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 impl Approvals {
     /// Held connections wait at most `timeout`.
     pub fn new(timeout: Duration) -> Rc<Self> {
@@ -121,7 +114,7 @@ impl Approvals {
         let id = self.next.get();
         self.next.set(id + 1);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let time_ms = now_ms();
+        let time_ms = capvisor_rpc::now_ms();
         let timeout = self.timeout.get();
         let expires_ms = time_ms.saturating_add(timeout.as_millis() as i64);
         self.pending.borrow_mut().insert(id, Pending { ask, time_ms, expires_ms, tx });

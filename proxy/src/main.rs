@@ -12,7 +12,7 @@
 use capvisor_rpc::conn;
 use capvisor_rpc::fdpass::FdChannel;
 use clap::Parser;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 #[derive(Parser)]
 #[command(
@@ -41,24 +41,14 @@ fn main() {
     }
 }
 
-fn take_fd(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
-    anyhow::ensure!(fd > 2, "--{what}-fd must be above 2");
-    // SAFETY: F_GETFD only checks the descriptor is open.
-    anyhow::ensure!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "--{what}-fd {fd} is not an open descriptor");
-    // SAFETY: plain fcntl on an open descriptor we own.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    // SAFETY: the worker handed this descriptor to us alone (docs/processes.md).
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn run(args: Args) -> anyhow::Result<()> {
     let fds = [args.rpc_fd, args.vm_fd, args.config_fd];
     anyhow::ensure!(
         fds[0] != fds[1] && fds[0] != fds[2] && fds[1] != fds[2],
         "--rpc-fd, --vm-fd and --config-fd must differ"
     );
-    let rpc = take_fd(args.rpc_fd, "rpc")?;
-    let vms = take_fd(args.vm_fd, "vm")?;
+    let rpc = capvisor_rpc::spawn::take_inherited(args.rpc_fd, "rpc")?;
+    let vms = capvisor_rpc::spawn::take_inherited(args.vm_fd, "vm")?;
     let msg = capvisor_rpc::spawn::read_config(args.config_fd)?;
     let cfg = capvisor_proxy::Config::read_from(msg.get_root()?)?;
     let ask_timeout =

@@ -183,7 +183,7 @@ impl EgressServer {
     async fn open(&self, host: &str, port: u16, down: byte_sink::Client) -> CvResult<byte_sink::Client> {
         let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
         let base = Flow {
-            time_ms: now_ms(),
+            time_ms: capvisor_rpc::now_ms(),
             vm: self.vm.name.clone(),
             host: host.clone(),
             address: String::new(),
@@ -662,11 +662,4 @@ impl Drop for UpSink {
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

@@ -19,7 +19,6 @@ use common::*;
 use std::net::IpAddr;
 use std::rc::Rc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 fn config(rules: Vec<Rule>) -> Config {
     let lo: IpAddr = "127.0.0.1".parse().unwrap();
@@ -38,16 +37,6 @@ fn proxy(rules: Vec<Rule>, limits: Limits) -> (Rc<ProxyState>, capvisor_schema::
     capvisor_proxy::serve_vm(&state, "vm1", a).unwrap();
     let (eg, _conn) = guest(b);
     (state, eg)
-}
-
-fn flows(state: &ProxyState) -> Vec<NetFlow> {
-    state.log.borrow().recent("", 0, 0)
-}
-
-async fn listener() -> (TcpListener, u16) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    (l, port)
 }
 
 async fn set_rules(policy: &net_policy::Client, rules: &[Rule]) -> Result<(), capnp::Error> {
@@ -390,6 +379,17 @@ fn ask_holds_the_connection_until_an_approver_decides() {
                 .map(|a| (a.get_id(), a.get_host().unwrap().to_string().unwrap(), a.get_port()))
                 .collect::<Vec<_>>()
         };
+        // What waits, once something does (up to 2 s).
+        let held_list = |ap: approvals::Client| async move {
+            for _ in 0..200 {
+                let list = pending(ap.clone()).await;
+                if !list.is_empty() {
+                    return list;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Vec::new()
+        };
         let decide = |ap: approvals::Client, id: u64, d: ApprovalDecision| async move {
             let mut req = ap.decide_request();
             req.get().set_id(id);
@@ -399,14 +399,7 @@ fn ask_holds_the_connection_until_an_approver_decides() {
         // Held, then allowed once.
         let eg2 = eg.clone();
         let held = tokio::task::spawn_local(async move { connect(&eg2, "API.Test.", port).await });
-        let mut list = Vec::new();
-        for _ in 0..200 {
-            list = pending(ap.clone()).await;
-            if !list.is_empty() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let list = held_list(ap.clone()).await;
         assert_eq!(list.len(), 1);
         assert_eq!((list[0].1.as_str(), list[0].2), ("api.test", port));
         assert!(!held.is_finished(), "the guest's connection waits");
@@ -423,14 +416,7 @@ fn ask_holds_the_connection_until_an_approver_decides() {
         // Denied.
         let eg2 = eg.clone();
         let held = tokio::task::spawn_local(async move { connect(&eg2, "api.test", port).await });
-        let mut list = Vec::new();
-        for _ in 0..200 {
-            list = pending(ap.clone()).await;
-            if !list.is_empty() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let list = held_list(ap.clone()).await;
         decide(ap.clone(), list[0].0, ApprovalDecision::Deny).await.unwrap();
         assert_eq!(code(&held.await.unwrap().up.err().expect("denied")), ErrorCode::Denied);
         assert!(flows(&state).pop().unwrap().detail.contains("denied by an approver"));
@@ -446,14 +432,7 @@ fn ask_holds_the_connection_until_an_approver_decides() {
         state.approvals.set_timeout(std::time::Duration::from_secs(30));
         let eg2 = eg.clone();
         let held = tokio::task::spawn_local(async move { connect(&eg2, "api.test", port).await });
-        let mut list = Vec::new();
-        for _ in 0..200 {
-            list = pending(ap.clone()).await;
-            if !list.is_empty() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let list = held_list(ap.clone()).await;
         decide(ap.clone(), list[0].0, ApprovalDecision::AllowAlways).await.unwrap();
         let _up2 = held.await.unwrap().up.expect("approved always");
         let (_s2, _) = up.accept().await.unwrap();

@@ -8,7 +8,6 @@
 
 mod common;
 
-use capvisor_proxy::log::Flow as NetFlow;
 use capvisor_proxy::peek::{PeekLimits, PEEK};
 use capvisor_proxy::policy::{Action, NetPolicyServer, Rule};
 use capvisor_proxy::{Config, ProxyState};
@@ -40,16 +39,6 @@ fn proxy_with(rules: Vec<Rule>, peek: PeekLimits) -> (Rc<ProxyState>, egress::Cl
 
 fn proxy(rules: Vec<Rule>) -> (Rc<ProxyState>, egress::Client) {
     proxy_with(rules, PEEK)
-}
-
-fn flows(state: &ProxyState) -> Vec<NetFlow> {
-    state.log.borrow().recent("", 0, 0)
-}
-
-async fn listener() -> (TcpListener, u16) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    (l, port)
 }
 
 /// `host` rule with `scheme`, `method`, `pathPrefix`.

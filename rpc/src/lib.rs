@@ -56,6 +56,15 @@ pub fn init_logging(name: &'static str) {
     tracing::debug!(process = name, "logging initialised");
 }
 
+/// Now, milliseconds since the Unix epoch (0 before it; `i64::MAX` past
+/// what an `i64` holds).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// The last `max` bytes of the file at `path` (empty if it cannot be read);
 /// reads only those bytes, however large the file is.
 pub fn read_tail(path: &std::path::Path, max: u64) -> Vec<u8> {

@@ -142,6 +142,25 @@ pub fn read_config(fd: RawFd) -> anyhow::Result<capnp::message::Reader<capnp::se
     Ok(capnp::serialize::read_message(&mut bytes.as_slice(), opts)?)
 }
 
+/// Takes ownership of descriptor `fd` that this process's parent handed it
+/// at spawn (a `--<what>-fd N` flag, docs/processes.md), marking it
+/// close-on-exec so it never leaks into a child of ours (QEMU, a probe).
+/// Call once per descriptor: the returned `OwnedFd` closes it on drop.
+///
+/// Errors: `fd` is stdin/stdout/stderr (0-2), or not an open descriptor;
+/// the message names the flag (`--<what>-fd`).
+pub fn take_inherited(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    anyhow::ensure!(fd > 2, "--{what}-fd must be above 2");
+    // SAFETY: F_GETFD only checks the descriptor is open.
+    anyhow::ensure!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "--{what}-fd {fd} is not an open descriptor");
+    // SAFETY: plain fcntl on an open descriptor.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the parent handed this descriptor to this process alone, and
+    // the caller takes it once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

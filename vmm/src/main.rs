@@ -19,7 +19,7 @@ use capvisor_vmm::engine::{self, Engine};
 use capvisor_vmm::machine::MachineServer;
 use capvisor_vmm::VmConfig;
 use clap::Parser;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 /// How long the vmm stays after the VM ended, for the worker to read the status.
@@ -56,28 +56,17 @@ fn main() {
     }
 }
 
-fn take_fd(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
-    anyhow::ensure!(fd > 2, "--{what}-fd must be above 2");
-    // SAFETY: F_GETFD only checks the descriptor is open.
-    anyhow::ensure!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "--{what}-fd {fd} is not an open descriptor");
-    // Keep it out of QEMU and any other child.
-    // SAFETY: plain fcntl on an open descriptor we own.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    // SAFETY: the parent handed this descriptor to us alone (docs/processes.md).
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.rpc_fd != args.agent_fd, "--rpc-fd and --agent-fd must differ");
-    let rpc = take_fd(args.rpc_fd, "rpc")?;
-    let agent = take_fd(args.agent_fd, "agent")?;
+    let rpc = capvisor_rpc::spawn::take_inherited(args.rpc_fd, "rpc")?;
+    let agent = capvisor_rpc::spawn::take_inherited(args.agent_fd, "agent")?;
     let egress = match args.egress_fd {
         Some(fd) => {
             anyhow::ensure!(
                 ![args.rpc_fd, args.agent_fd, args.config_fd].contains(&fd),
                 "--egress-fd must differ from the other descriptors"
             );
-            Some(take_fd(fd, "egress")?)
+            Some(capvisor_rpc::spawn::take_inherited(fd, "egress")?)
         }
         None => None,
     };

@@ -77,3 +77,15 @@ pub async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Every NetLog entry of `state`, oldest first.
+pub fn flows(state: &capvisor_proxy::ProxyState) -> Vec<capvisor_proxy::log::Flow> {
+    state.log.borrow().recent("", 0, 0)
+}
+
+/// A loopback upstream listener on an ephemeral port, and the port.
+pub async fn listener() -> (tokio::net::TcpListener, u16) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
