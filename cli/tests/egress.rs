@@ -278,3 +278,26 @@ fn a_server_sent_event_stream_arrives_incrementally() {
     s.cli_ok("owner", &["logout"], None, 0);
     s.stop();
 }
+
+/// The net caps follow the bundle: a `user` principal holds `netlog` but
+/// not `netpolicy` or `approvals` (typed `notFound`, its rules untouched);
+/// deciding a connection that does not wait is `notFound`.
+#[test]
+fn net_caps_are_denied_where_the_bundle_does_not_grant_them() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["account", "add", "bob", "--profile", "user", "--password-stdin"], Some(b"bob-pass-1\n"), 0);
+    s.cli_ok("bob", &["login", "--user", "bob", "--password-stdin"], Some(b"bob-pass-1\n"), 0);
+    for args in [&["net", "rules"][..], &["net", "rules", "--allow", "*"], &["approvals"], &["approve", "1"]] {
+        let o = s.cli_ok("bob", args, None, 11);
+        assert!(stderr(&o).contains("no capability named"), "{args:?}: {}", stderr(&o));
+    }
+    s.cli_ok("bob", &["net", "log"], None, 0);
+    let o = s.cli_ok("owner", &["net", "rules"], None, 0);
+    assert!(stdout(&o).contains("no rules"), "the owner's session still has no rules: {}", stdout(&o));
+    let o = s.cli_ok("owner", &["approve", "999"], None, 11);
+    assert!(stderr(&o).contains("no connection 999 waits"), "{}", stderr(&o));
+    s.cli_ok("bob", &["logout"], None, 0);
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.stop();
+}
