@@ -189,6 +189,30 @@ interface Volume {
   info @0 () -> (info :VolumeInfo);
 }
 
+struct SecretInfo {
+  # What Secrets.list shows of one secret: never its value.
+  name @0 :Text;             # [A-Za-z0-9_-]{1,64}
+  hosts @1 :List(Text);      # host globs (NetRule.host syntax) the value may be sent to
+  createdAtMs @2 :Int64;     # Unix epoch milliseconds
+}
+
+interface Secrets {
+  # This principal's secrets for the egress proxy (issue 9): a value is
+  # stored encrypted at rest by the broker and never enters a guest, a log,
+  # an error, the NetLog or the audit log. A guest sees only the
+  # placeholder "capvisor-secret:NAME" (ExecSpec.secretEnv puts it in an
+  # environment variable); the proxy replaces it in the headers of an
+  # intercepted HTTPS request whose host matches one of `hosts`, and
+  # leaves it (and flags the flow in the NetLog) for any other host.
+  # put: replaces a secret of the same name. invalidArgument: a bad name,
+  # an empty value or one over 8 KiB, a bad host glob, no hosts. quota: 64
+  # secrets per principal.
+  put @0 (name :Text, value :Data, hosts :List(Text));
+  list @1 () -> (secrets :List(SecretInfo));
+  # notFound when there is no such secret.
+  remove @2 (name :Text);
+}
+
 enum NetAction {
   allow @0;
   deny @1;

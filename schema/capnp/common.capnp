@@ -61,6 +61,12 @@ struct ExecSpec {
     size @6 :PtySize;       # a pseudo-terminal: output (both streams) goes to stdout
   }
   user @7 :Text;            # name or numeric uid to run as (guest /etc/passwd); empty: root
+  # Secrets as environment variables: each entry's `name` is the variable,
+  # its `value` the name of one of the principal's secrets (Cv.Secrets).
+  # The worker checks the secret exists (notFound) and sets the variable to
+  # the placeholder "capvisor-secret:<secret>"; the guest never gets this
+  # field nor the value.
+  secretEnv @8 :List(EnvVar);
 }
 
 struct ExitStatus {

@@ -48,4 +48,9 @@ interface Egress {
   # resolve) or unavailable (upstream unreachable); the guest then resets
   # its connection.
   connect @1 (host :Text, port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
+
+  # The CA certificate (PEM) the proxy signs intercepted TLS with, for
+  # guest-init to add to the guest's trust store at boot; "" when this
+  # session does not intercept TLS.
+  trust @2 () -> (caCertPem :Text);
 }

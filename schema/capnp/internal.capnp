@@ -70,6 +70,24 @@ interface SessionHost {
   # read-only ones shared; a conflict is inUse. Dropping `hold` (or the
   # worker's end) ends the lease.
   attachVolume @7 (name :Text, readOnly :Bool, vm :Text) -> (path :Text, hold :VmHold);
+  # The principal's secrets (Cv.Secrets semantics; the broker keeps them
+  # encrypted at rest). notFound unless the bundle holds "secrets".
+  putSecret @8 (name :Text, value :Data, hosts :List(Text)) -> ();
+  listSecrets @9 () -> (secrets :List(Cv.SecretInfo));
+  removeSecret @10 (name :Text) -> ();
+  # The value of secret `name` if `host` matches one of its host globs
+  # (`matched`), else no value; `found` false when there is no such secret.
+  # Needs no "secrets" in the bundle: the session's proxy asks through the
+  # worker's SecretSource for the placeholders its guests send.
+  revealSecret @11 (name :Text, host :Text) -> (found :Bool, matched :Bool, value :Data);
+}
+
+interface SecretSource {
+  # The worker's face to its session's proxy for secrets: the proxy asks
+  # only for names it found as placeholders in an intercepted request's
+  # headers, with that request's host. Same answer as
+  # SessionHost.revealSecret.
+  reveal @0 (name :Text, host :Text) -> (found :Bool, matched :Bool, value :Data);
 }
 
 interface VmHold {
@@ -183,7 +201,7 @@ struct Bundle {
 
 struct SessionContext {
   # The immutable context of one session, from the broker to its worker.
-  # Holds no secret.
+  # Holds no secret but the egress CA key in `net` (for the proxy).
   sessionId @0 :Text;           # random hex; not a credential
   principal @1 :Cv.Principal;
   profile @2 :Text;
@@ -216,15 +234,26 @@ interface Proxy {
   policy @0 () -> (policy :Cv.NetPolicy);
   log @1 () -> (log :Cv.NetLog);
   approvals @2 () -> (approvals :Cv.Approvals);
+  # Gives the proxy the session's SecretSource (the worker calls it once,
+  # right after spawn). Until then placeholders go out unreplaced.
+  setSecretSource @3 (source :SecretSource) -> ();
 }
 
 struct ProxyConfig {
-  # The proxy's spawn configuration (config memfd). Holds no secret.
+  # The proxy's spawn configuration (config memfd).
   sessionId @0 :Text;
   rules @1 :List(Cv.NetRule);          # initial rules (manifest [net] rules)
   resolve @2 :List(ResolveOverride);   # names answered without DNS (tests, local services)
   logCapacity @3 :UInt32;              # NetLog entries kept
   askTimeoutSecs @4 :UInt32;           # how long an `ask` waits for a decision (0: the default, 60 s)
+  # TLS interception (issue 9): the install's egress CA (broker
+  # state/egress-ca), PEM. Empty: TLS is relayed, never intercepted. The
+  # key is the one secret this message holds: the memfd is the proxy's.
+  caCertPem @5 :Text;
+  caKeyPem @6 :Text;
+  # Extra roots upstream TLS is verified against besides the system's
+  # (manifest [net] ca_certs), PEM, concatenated.
+  extraRootsPem @7 :Text;
 }
 
 struct ResolveOverride {
