@@ -28,13 +28,12 @@
 use capvisor_rpc::{CvError, CvResult};
 use capvisor_schema::capvisor_capnp::{net_policy, net_rule, NetAction};
 use std::cell::RefCell;
-use std::net::Ipv4Addr;
 use std::rc::Rc;
 
 /// Rules one policy may hold (`NetPolicy.set`, `ProxyConfig.rules`).
 pub const MAX_RULES: usize = 1024;
 /// Longest DNS name (RFC 1035 2.3.4: 255 octets on the wire, 253 as text).
-pub const MAX_HOST: usize = 253;
+pub use capvisor_rpc::hostglob::MAX_HOST;
 /// Longest `pathPrefix` of a rule, bytes.
 pub const MAX_PATH_PREFIX: usize = 1024;
 /// Longest `method` of a rule, bytes.
@@ -278,53 +277,9 @@ pub fn read_rules(list: capnp::struct_list::Reader<'_, net_rule::Owned>) -> CvRe
     list.iter().enumerate().map(|(i, r)| Rule::read(r, i)).collect()
 }
 
-/// Whether `name` is a DNS name this proxy accepts: 1..=253 bytes of
-/// dot-separated labels of 1..=63 `[A-Za-z0-9_-]`, no label starting or
-/// ending with `-`, and a last label that is not all digits (so it can
-/// never be read as an IPv4 literal; RFC 1123 2.1, RFC 3696 2).
-pub fn valid_dns_name(name: &str) -> bool {
-    if name.is_empty() || name.len() > MAX_HOST {
-        return false;
-    }
-    let labels: Vec<&str> = name.split('.').collect();
-    let label_ok = |l: &&str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    labels.iter().all(label_ok) && !labels.last().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// A dotted-quad IPv4 literal (`a.b.c.d`, decimal, no leading zeros), as
-/// `Ipv4Addr`'s parser reads it.
-pub fn ipv4_literal(s: &str) -> Option<Ipv4Addr> {
-    s.parse().ok()
-}
-
-fn valid_glob(glob: &str) -> bool {
-    glob == "*"
-        || glob.strip_prefix("*.").is_some_and(valid_dns_name)
-        || valid_dns_name(glob)
-        || ipv4_literal(glob).is_some()
-}
-
-/// Whether host glob `glob` matches `host`, ignoring ASCII case: `*`
-/// matches any host, `*.example.org` any name ending in `.example.org`
-/// (not `example.org` itself), anything else only the equal host.
-pub fn host_matches(glob: &str, host: &str) -> bool {
-    if glob == "*" {
-        return true;
-    }
-    if let Some(suffix) = glob.strip_prefix("*.") {
-        let (h, s) = (host.as_bytes(), suffix.as_bytes());
-        return h.len() > s.len() + 1
-            && h[h.len() - s.len() - 1] == b'.'
-            && h[h.len() - s.len()..].eq_ignore_ascii_case(s);
-    }
-    glob.eq_ignore_ascii_case(host)
-}
+// Host globs have one home, shared with the broker's secret hosts.
+use capvisor_rpc::hostglob::valid_glob;
+pub use capvisor_rpc::hostglob::{host_matches, ipv4_literal, valid_dns_name};
 
 /// The outcome of judging one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -451,6 +406,7 @@ impl net_policy::Server for NetPolicyServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn rule(host: &str, action: Action) -> Rule {
         Rule::host(host, action)

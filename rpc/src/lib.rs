@@ -9,6 +9,8 @@
 //!   in Cap'n Proto exceptions.
 //! - [`sink`]: `ByteSink` servers and a pump from any `AsyncRead` into a sink.
 //! - [`host`]: host facts (hardware KVM usable?) and engine resolution.
+//! - [`hostglob`]: host globs (`NetRule.host`): validation and matching.
+//! - [`secrets`]: the secret placeholder and the `Secrets` bounds.
 //! - [`names`]: schema names of `Engine` and `VmState`.
 //! - [`principal`]: [`principal::Principal`], who a session belongs to.
 //! - [`vmconfig`]: [`vmconfig::VmConfig`], what a worker asks its vmm to run.
@@ -25,9 +27,11 @@ pub mod error;
 pub mod exec;
 pub mod fdpass;
 pub mod host;
+pub mod hostglob;
 pub mod names;
 pub mod paths;
 pub mod principal;
+pub mod secrets;
 pub mod sink;
 pub mod spawn;
 pub mod vmconfig;
