@@ -20,11 +20,13 @@
 //! - [`throttle`]: delays for failed password logins.
 //! - [`audit`]: the JSONL audit log.
 //! - [`launch`]: spawning workers.
+//! - [`volumes`]: persistent volumes; [`secrets`]: the encrypted secret store.
 //! - [`service`]: the session logic; [`server`]: the capnp servers.
 
 pub mod audit;
 pub mod config;
 pub mod launch;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -106,7 +106,8 @@ pub struct PrincipalBudget {
 
 impl SessionHostServer {
     /// The host of session `session` of `principal`, whose profile has
-    /// `bundle`: its caps decide `accounts` and the volume methods, its
+    /// `bundle`: its caps decide `accounts`, the volume and the secret
+    /// methods (`revealSecret` excepted), its
     /// limits bound the principal's VMs and volumes across its sessions.
     pub fn new(svc: ServiceRef, session: &str, principal: &str, bundle: &Bundle) -> Self {
         let budget = PrincipalBudget {
@@ -119,6 +120,13 @@ impl SessionHostServer {
     fn volumes(&self) -> capnp::Result<Rc<BrokerService>> {
         if !self.bundle.has_cap("volumes") {
             return Err(CvError::not_found("this session's bundle does not hold the volumes capability").into());
+        }
+        self.svc()
+    }
+
+    fn secrets(&self) -> capnp::Result<Rc<BrokerService>> {
+        if !self.bundle.has_cap("secrets") {
+            return Err(CvError::not_found("this session's bundle does not hold the secrets capability").into());
         }
         self.svc()
     }
@@ -243,6 +251,71 @@ impl session_host::Server for SessionHostServer {
         r.set_path(capvisor_rpc::error::path_text(&file)?);
         let hold = VolumeHoldServer { svc: self.svc.clone(), file, lease };
         r.set_hold(capnp_rpc::new_client::<capvisor_rpc::schema::internal_capnp::vm_hold::Client, _>(hold));
+        Ok(())
+    }
+
+    async fn put_secret(
+        self: CapRc<Self>,
+        params: session_host::PutSecretParams,
+        _: session_host::PutSecretResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let svc = self.secrets()?;
+        let name = text(p.get_name())?;
+        let mut hosts = Vec::new();
+        for h in p.get_hosts()?.iter() {
+            match h?.to_str() {
+                Ok(h) => hosts.push(h.to_string()),
+                Err(_) => return Err(CvError::invalid("host globs must be UTF-8 text").into()),
+            }
+        }
+        Ok(svc.secret_put(&self.principal, &self.session, &name, p.get_value()?, &hosts)?)
+    }
+
+    async fn list_secrets(
+        self: CapRc<Self>,
+        _: session_host::ListSecretsParams,
+        mut results: session_host::ListSecretsResults,
+    ) -> capnp::Result<()> {
+        let list = self.secrets()?.secret_list(&self.principal)?;
+        let mut b = results.get().init_secrets(list.len() as u32);
+        for (i, s) in list.iter().enumerate() {
+            let mut e = b.reborrow().get(i as u32);
+            e.set_name(s.name.as_str());
+            e.set_created_at_ms(s.created_at_ms);
+            let mut h = e.init_hosts(s.hosts.len() as u32);
+            for (k, host) in s.hosts.iter().enumerate() {
+                h.set(k as u32, host.as_str());
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_secret(
+        self: CapRc<Self>,
+        params: session_host::RemoveSecretParams,
+        _: session_host::RemoveSecretResults,
+    ) -> capnp::Result<()> {
+        let name = text(params.get()?.get_name())?;
+        Ok(self.secrets()?.secret_remove(&self.principal, &self.session, &name)?)
+    }
+
+    async fn reveal_secret(
+        self: CapRc<Self>,
+        params: session_host::RevealSecretParams,
+        mut results: session_host::RevealSecretResults,
+    ) -> capnp::Result<()> {
+        // No bundle check: the session's proxy asks for the placeholders
+        // its guests send; a principal without "secrets" has none to find.
+        let p = params.get()?;
+        let (name, host) = (text(p.get_name())?, text(p.get_host())?);
+        let r = self.svc()?.secret_reveal(&self.principal, &self.session, &name, &host)?;
+        let mut out = results.get();
+        out.set_found(r.found);
+        out.set_matched(r.matched);
+        if let Some(v) = &r.value {
+            out.set_value(v);
+        }
         Ok(())
     }
 }

@@ -115,6 +115,8 @@ pub struct BrokerService {
     vm_budget: RefCell<VmBudget>,
     /// Every principal's persistent volumes and their leases.
     volumes: crate::volumes::VolumeStore,
+    /// Every principal's secrets, sealed at rest.
+    secrets: crate::secrets::SecretStore,
     /// Client sockets passed by the gateway for login calls, by `conn` id.
     login_sockets: RefCell<HashMap<String, LoginSocket>>,
     /// Wakes login calls waiting for their socket.
@@ -186,6 +188,8 @@ impl BrokerService {
         let store = CredentialStore::open(&cfg.accounts_path(), cfg.manifest.profiles.keys().cloned(), params)?;
         let volumes = crate::volumes::VolumeStore::open(&cfg.state_dir)
             .with_context(|| format!("creating {}", cfg.state_dir.join("volumes").display()))?;
+        let secrets = crate::secrets::SecretStore::open(&cfg.state_dir)
+            .with_context(|| format!("opening the secret store in {}", cfg.state_dir.display()))?;
         let audit =
             AuditLog::open(&cfg.audit_path()).with_context(|| format!("opening {}", cfg.audit_path().display()))?;
         let store = Arc::new(store);
@@ -208,6 +212,7 @@ impl BrokerService {
             attempts: RefCell::new(std::collections::HashSet::new()),
             vm_budget: RefCell::new(VmBudget::default()),
             volumes,
+            secrets,
             login_sockets: RefCell::new(HashMap::new()),
             login_socket_arrived: tokio::sync::Notify::new(),
             shutting_down: Cell::new(false),
@@ -950,6 +955,67 @@ impl BrokerService {
     /// Ends a lease made by [`BrokerService::volume_attach`].
     pub fn volume_release(&self, file: &std::path::Path, lease: u64) {
         self.volumes.release(file, lease)
+    }
+
+    // ---- secrets --------------------------------------------------------
+
+    /// `Secrets.put` by `actor` (session `sid`). Audits `secret.put` with
+    /// the name and hosts, never the value.
+    ///
+    /// Errors: as [`crate::secrets::SecretStore::put`].
+    pub fn secret_put(&self, actor: &str, sid: &str, name: &str, value: &[u8], hosts: &[String]) -> CvResult<()> {
+        let res = self.secrets.put(actor, name, value, hosts);
+        self.audit(
+            AuditRecord::new("secret.put", "Secrets", "put", outcome(&res))
+                .principal(actor)
+                .session(sid)
+                .detail(format!("{name} hosts={}", hosts.join(","))),
+        );
+        res
+    }
+
+    /// `Secrets.list`: `actor`'s secrets without values.
+    ///
+    /// Errors: `internal` when the store is damaged.
+    pub fn secret_list(&self, actor: &str) -> CvResult<Vec<crate::secrets::SecretFacts>> {
+        self.secrets.list(actor)
+    }
+
+    /// `Secrets.remove` by `actor`. Audits `secret.remove`.
+    ///
+    /// Errors: `notFound`, `invalidArgument`, `internal`.
+    pub fn secret_remove(&self, actor: &str, sid: &str, name: &str) -> CvResult<()> {
+        let res = self.secrets.remove(actor, name);
+        self.audit(
+            AuditRecord::new("secret.remove", "Secrets", "remove", outcome(&res))
+                .principal(actor)
+                .session(sid)
+                .detail(name),
+        );
+        res
+    }
+
+    /// `SessionHost.revealSecret` for session `sid`'s proxy. A found secret
+    /// asked for a host none of its globs matches is audited
+    /// (`secret.reveal`, `denied`, naming the host); a missing one
+    /// `notFound`; a released value `ok` (repeats coalesce in the log).
+    ///
+    /// Errors: `internal` when the store is damaged.
+    pub fn secret_reveal(&self, actor: &str, sid: &str, name: &str, host: &str) -> CvResult<crate::secrets::Reveal> {
+        let res = self.secrets.reveal(actor, name, host);
+        let out = match &res {
+            Ok(r) if r.matched => "ok",
+            Ok(r) if r.found => "denied",
+            Ok(_) => "notFound",
+            Err(e) => e.code_name(),
+        };
+        self.audit(
+            AuditRecord::new("secret.reveal", "SecretSource", "reveal", out)
+                .principal(actor)
+                .session(sid)
+                .detail(format!("{name} for host {host}")),
+        );
+        res
     }
 
     // ---- accounts -------------------------------------------------------

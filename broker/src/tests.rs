@@ -913,3 +913,66 @@ fn one_source_guesses_one_account_at_a_time_others_are_not_held_up() {
         assert_eq!(h.svc.sources_in_progress(), 0);
     });
 }
+
+#[test]
+fn secrets_follow_the_bundle_and_never_reach_the_audit_log() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        h.svc.store().add("bob", "user", "password-bob").unwrap();
+        let owner = h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
+        let user = h.svc.login_password("bob", "password-bob", "p").await.unwrap();
+        const VALUE: &str = "tok-9f8e7d6c5b4a-SECRET";
+        let typed = |e: capnp::Error| CvError::from_rpc(&e).expect("a typed error");
+        let put = |id: &str, name: &str| {
+            let mut req = h.host(id).put_secret_request();
+            req.get().set_name(name);
+            req.get().set_value(VALUE.as_bytes());
+            let mut hs = req.get().init_hosts(2);
+            hs.set(0, "api.test");
+            hs.set(1, "*.svc.test");
+            async move { req.send().promise.await.map(drop).map_err(typed) }
+        };
+        let reveal = |id: &str, name: &str, host: &str| {
+            let mut req = h.host(id).reveal_secret_request();
+            req.get().set_name(name);
+            req.get().set_host(host);
+            async move {
+                let r = req.send().promise.await.map_err(typed)?;
+                let r = r.get().unwrap();
+                Ok::<_, CvError>((r.get_found(), r.get_matched(), r.get_value().unwrap().to_vec()))
+            }
+        };
+        // A user bundle holds no "secrets": put, list and remove are notFound.
+        assert_eq!(put(&user.session_id, "api").await.unwrap_err().code, ErrorCode::NotFound);
+        let list = h.host(&user.session_id).list_secrets_request().send().promise.await.map(drop).map_err(typed);
+        assert_eq!(list.unwrap_err().code, ErrorCode::NotFound);
+        // The owner's put is listed without its value.
+        put(&owner.session_id, "api").await.unwrap();
+        let resp = h.host(&owner.session_id).list_secrets_request().send().promise.await.unwrap();
+        let list = resp.get().unwrap().get_secrets().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list.get(0).get_name().unwrap().to_str().unwrap(), "api");
+        let hosts: Vec<String> =
+            list.get(0).get_hosts().unwrap().iter().map(|x| x.unwrap().to_string().unwrap()).collect();
+        assert_eq!(hosts, ["api.test", "*.svc.test"]);
+        // Reveal needs no bundle cap but only sees the session's own principal.
+        assert_eq!(reveal(&owner.session_id, "api", "x.svc.test").await.unwrap(), (true, true, VALUE.into()));
+        assert_eq!(reveal(&owner.session_id, "api", "evil.test").await.unwrap(), (true, false, vec![]));
+        assert_eq!(reveal(&user.session_id, "api", "api.test").await.unwrap(), (false, false, vec![]));
+        let mut rm = h.host(&owner.session_id).remove_secret_request();
+        rm.get().set_name("api");
+        rm.send().promise.await.unwrap();
+        let mut rm = h.host(&owner.session_id).remove_secret_request();
+        rm.get().set_name("api");
+        assert_eq!(rm.send().promise.await.map(drop).map_err(typed).unwrap_err().code, ErrorCode::NotFound);
+        let lines = h.audit_lines();
+        let put_line = lines.iter().find(|l| l["action"] == "secret.put" && l["outcome"] == "ok").expect("put audited");
+        assert_eq!(put_line["detail"], "api hosts=api.test,*.svc.test");
+        assert!(lines.iter().any(|l| l["action"] == "secret.remove" && l["outcome"] == "ok"));
+        assert!(lines.iter().any(|l| l["action"] == "secret.remove" && l["outcome"] == "notFound"));
+        assert!(lines.iter().any(|l| l["action"] == "secret.reveal"
+            && l["outcome"] == "denied"
+            && l["detail"] == "api for host evil.test"));
+        assert!(!h.audit_text().contains(VALUE), "the value reached the audit log");
+    });
+}

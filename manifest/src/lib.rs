@@ -24,6 +24,11 @@ pub const KNOWN_CAPS: &[(&str, &str)] = &[
     ("netpolicy", "NetPolicy: read and replace this session's egress rules (manifest [net])"),
     ("netlog", "NetLog: recent guest network flows of this session's VMs"),
     ("approvals", "Approvals: decide the guest connections this session's `ask` egress rules hold"),
+    (
+        "secrets",
+        "Secrets: put, list and remove this principal's secrets; guests see only placeholders the egress proxy \
+         replaces for the secret's hosts",
+    ),
 ];
 
 /// Kernel sources an image may name (`[images.NAME] kernel`), with what each one is.
