@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls_upstream;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
