@@ -81,9 +81,40 @@ fn echo_records_method_path_headers_and_body() {
     assert_eq!(rec[1]["headers"]["host"], format!("other.test:{}", up.port));
     assert_eq!(rec[1]["body"], "p");
 
+    // A chunked request body is de-chunked, and two requests in one curl
+    // run share one connection (HTTP/1.1 keep-alive): curl makes one
+    // connect for the first and none for the second.
+    let o = run(curl(
+        &up,
+        &ca.ca_pem,
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "chunked body",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{num_connects}\\n",
+            &up.url("/echo/c1"),
+            "-o",
+            "/dev/null",
+            &up.url("/echo/c2"),
+        ],
+    ));
+    assert!(o.status.success(), "curl: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "200 1\n200 0\n", "the second request reused the connection");
+    let rec = up.recorded();
+    assert_eq!(rec.len(), 5);
+    assert_eq!(rec[3]["path"], "/echo/c1");
+    assert_eq!(rec[3]["headers"]["transfer-encoding"], "chunked");
+    assert_eq!(rec[3]["body"], "chunked body");
+    assert_eq!(rec[4]["path"], "/echo/c2");
+    assert_eq!(rec[4]["body"], "chunked body", "curl repeats the data for each URL");
+
     let o = run(curl(&up, &ca.ca_pem, &["-o", "/dev/null", "-w", "%{http_code}", &up.url("/nothing")]));
     assert_eq!(text(&o.stdout), "404");
-    assert_eq!(up.recorded().len(), 3, "a 404 is not recorded");
+    assert_eq!(up.recorded().len(), 5, "a 404 is not recorded");
 }
 
 /// A certificate from another CA is refused (curl exit 60, "peer
@@ -315,4 +346,57 @@ fn git_clone_and_push_over_https() {
     let o = git_https(&up, &ca, d.path(), &["clone", "-q", &url, "w2"]);
     assert!(o.status.success(), "second clone: {}", text(&o.stderr));
     assert!(std::fs::read(d.path().join("w2/big.bin")).unwrap() == big, "big.bin came back intact");
+
+    // A fetch whose negotiation is over 1 KiB (40 local commits the
+    // upstream lacks, one "have" line each) is sent gzip-encoded, and
+    // git http-backend, given HTTP_CONTENT_ENCODING, still answers it.
+    let w2 = d.path().join("w2");
+    for i in 0..40 {
+        git(&w2, &["commit", "-q", "--allow-empty", "-m", &format!("local {i}")], None);
+    }
+    git(&w, &["commit", "-q", "--allow-empty", "-m", "second push"], None);
+    let o = git_https(&up, &ca, &w, &["push", "-q", "origin", "main"]);
+    assert!(o.status.success(), "second push: {}", text(&o.stderr));
+    let o = git_https(&up, &ca, &w2, &["fetch", "-q", "origin"]);
+    assert!(o.status.success(), "fetch: {}\n{}", text(&o.stderr), up.log_text());
+    assert_eq!(git(&w2, &["log", "-1", "--format=%s", "origin/main"], None), "second push");
+    assert!(
+        up.log_text().contains("git-upload-pack body chunked=False encoding=gzip"),
+        "the negotiation was gzip-encoded: {}",
+        up.log_text()
+    );
+}
+
+/// The upstream exits by itself when its parent dies: a shell starts it in
+/// the background and exits; the orphaned upstream is gone within 5 s.
+#[test]
+fn upstream_exits_when_its_parent_dies() {
+    let dir = tempfile::Builder::new().prefix("capvisor-tls-upstream.").tempdir().unwrap();
+    let ca = TestCa::new(&dir.path().join("ca"));
+    std::fs::create_dir_all(dir.path().join("git")).unwrap();
+    let o = Command::new("/bin/sh")
+        .args(["-c", "/usr/bin/python3 \"$0\" --cert \"$1\" --key \"$2\" --record \"$3\" --git-root \"$4\" >\"$5\" 2>&1 & echo $!; \
+             i=0; until grep -q PORT \"$5\" || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done"])
+        .arg(common::tls_upstream::script())
+        .args([&ca.leaf_pem, &ca.leaf_key])
+        .args([dir.path().join("r.jsonl"), dir.path().join("git"), dir.path().join("out")])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let pid: u32 = text(&o.stdout).trim().parse().unwrap();
+    let out = std::fs::read_to_string(dir.path().join("out")).unwrap();
+    assert!(out.starts_with("PORT "), "it was serving when its parent died: {out}");
+    let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // a zombie (state Z) waiting for its new parent to reap it has exited
+        Ok(stat) => stat.rsplit(')').next().unwrap().trim_start().chars().next() != Some('Z'),
+        Err(_) => false,
+    };
+    let t = Instant::now();
+    while alive() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if alive() {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        panic!("the orphaned upstream {pid} still runs 5 s after its parent died");
+    }
 }

@@ -330,7 +330,6 @@ class Handler(BaseHTTPRequestHandler):
             "CONTENT_TYPE": self.headers.get("Content-Type", ""),
         }
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        self.log_message("git http-backend %s body chunked=%s", env["PATH_INFO"], chunked)
         if not chunked and self.headers.get("Content-Length"):
             env["CONTENT_LENGTH"] = self.headers["Content-Length"]
         # RFC 3875 4.1.18: every other request header as HTTP_*; this
@@ -340,6 +339,12 @@ class Handler(BaseHTTPRequestHandler):
             if name.lower() in ("content-type", "content-length", "authorization"):
                 continue
             env[k] = env[k] + ", " + value if k in env else value
+        self.log_message(
+            "git http-backend %s body chunked=%s encoding=%s",
+            env["PATH_INFO"],
+            chunked,
+            self.headers.get("Content-Encoding", "identity"),
+        )
         backend = os.path.join(
             subprocess.check_output(["git", "--exec-path"], text=True).strip(), "git-http-backend"
         )
@@ -440,8 +445,9 @@ class Server(ThreadingHTTPServer):
         sys.stderr.flush()
 
 
-def watch_parent():
-    parent = os.getppid()
+def watch_parent(parent):
+    """Exits the process once `parent` is no longer its parent (it died
+    and the process was reparented)."""
     while True:
         time.sleep(0.5)
         if os.getppid() != parent:
@@ -449,6 +455,7 @@ def watch_parent():
 
 
 def main():
+    parent = os.getppid()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
@@ -456,7 +463,7 @@ def main():
     ap.add_argument("--git-root", required=True)
     ap.add_argument("--port", type=int, default=0)
     a = ap.parse_args()
-    threading.Thread(target=watch_parent, daemon=True).start()
+    threading.Thread(target=watch_parent, args=(parent,), daemon=True).start()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(a.cert, a.key)
     ctx.set_alpn_protocols(["http/1.1"])
