@@ -65,7 +65,8 @@ pub use capvisor_rpc::now_ms;
 /// credential store, descriptors that are not the expected sockets.
 pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let cfg = BrokerConfig::from_fd(config_fd)?;
+    let mut cfg = BrokerConfig::from_fd(config_fd)?;
+    prepare_interception(&mut cfg)?;
     let launcher = launch::ProcessLauncher { worker_bin: cfg.worker_bin.clone() };
     // From here on the broker, its workers, their vmms and QEMU stay
     // inside this Landlock domain (before any thread exists).
@@ -104,6 +105,24 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     svc.shutdown().await;
     svc.audit_log().flush_all();
     tracing::info!("broker stopped");
+    Ok(())
+}
+
+/// TLS interception (manifest `[net] egress` and `intercept_tls`): loads
+/// or makes the install's egress CA in `state_dir/egress-ca`
+/// (`capvisor_proxy::ca::load_or_create`; key 0600) and reads the
+/// manifest's `[net] ca_certs`, before the broker confines itself; every
+/// session's proxy gets them in `SessionContext.net`.
+///
+/// Errors: the CA cannot be made or loaded, a `ca_certs` file is unreadable.
+pub fn prepare_interception(cfg: &mut BrokerConfig) -> anyhow::Result<()> {
+    if !cfg.manifest.net.intercepts() {
+        return Ok(());
+    }
+    let dir = cfg.state_dir.join("egress-ca");
+    let ca = capvisor_proxy::ca::load_or_create(&dir).with_context(|| format!("the egress CA in {}", dir.display()))?;
+    cfg.manifest.net.prepare_interception((ca.cert, ca.key))?;
+    tracing::info!("egress: intercepting TLS with the CA in {}", dir.display());
     Ok(())
 }
 

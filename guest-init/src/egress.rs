@@ -53,6 +53,10 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 
+/// How long [`boot`] waits for the egress CA (`Egress.trust`) to be
+/// installed before serving the agent.
+pub const TRUST_WAIT: Duration = Duration::from_secs(5);
+
 /// The virtio-serial port the host's `Egress` is served on.
 pub const EGRESS_PORT_NAME: &str = "capvisor.egress";
 
@@ -823,9 +827,10 @@ impl byte_sink::Server for DownSink {
 /// the connection ends drops the upstream (new connections are reset) and
 /// opens the port again (5 ms, doubling to 1 s, between attempts that did
 /// not last a second). Never returns.
-pub async fn keep_connected(relay: Rc<Relay>, port: PathBuf) {
+pub async fn keep_connected(relay: Rc<Relay>, port: PathBuf, trusted: Option<std::sync::mpsc::SyncSender<()>>) {
     use capnp_rpc::rpc_twoparty_capnp::Side;
     let mut backoff = Duration::from_millis(5);
+    let mut trusted = trusted;
     loop {
         let stream = match crate::init::open_port(&port).and_then(crate::fdio::FdStream::new) {
             Ok(s) => s,
@@ -837,8 +842,29 @@ pub async fn keep_connected(relay: Rc<Relay>, port: PathBuf) {
         };
         let mut system =
             capvisor_rpc::conn::rpc_system_rw(stream.clone(), stream, Side::Client, None, capvisor_rpc::conn::INTERNAL);
-        relay.set_upstream(Some(system.bootstrap(Side::Server)));
+        let egress: egress::Client = system.bootstrap(Side::Server);
+        relay.set_upstream(Some(egress.clone()));
         let started = tokio::time::Instant::now();
+        if let Some(tx) = trusted.take() {
+            // The CA intercepted TLS is signed with, into the trust store
+            // before the first exec (`boot` waits for this).
+            tokio::task::spawn_local(async move {
+                match egress.trust_request().send().promise.await {
+                    Ok(r) => match r.get().and_then(|r| r.get_ca_cert_pem()).map(|p| p.to_string()) {
+                        Ok(Ok(pem)) if pem.is_empty() => {}
+                        Ok(Ok(pem)) => match crate::trust::install(&pem) {
+                            Ok(()) => {
+                                log(format!("egress: the capvisor egress CA is trusted ({})", crate::trust::BUNDLE))
+                            }
+                            Err(e) => log(format!("egress: cannot install the egress CA: {e}")),
+                        },
+                        _ => log("egress: trust: bad answer"),
+                    },
+                    Err(e) => log(format!("egress: trust: {e}")),
+                }
+                let _ = tx.send(());
+            });
+        }
         let _ = system.await;
         relay.set_upstream(None);
         if started.elapsed() > Duration::from_secs(1) {
@@ -913,17 +939,25 @@ pub fn boot() {
     if let Err(e) = write_resolv_conf(Path::new("/etc/resolv.conf")) {
         log(format!("egress: /etc/resolv.conf: {e}; names will not resolve"));
     }
+    let (trusted_tx, trusted_rx) = std::sync::mpsc::sync_channel(1);
     let spawned = std::thread::Builder::new().name("egress".into()).spawn(move || {
         capvisor_rpc::conn::run_local(async move {
             let relay = Relay::new(RelayLimits::default());
-            tokio::task::spawn_local(keep_connected(relay.clone(), port));
+            tokio::task::spawn_local(keep_connected(relay.clone(), port, Some(trusted_tx)));
             if let Err(e) = relay.run(steering).await {
                 log(format!("egress: relay: {e}; the guest has no network"));
             }
         })
     });
     match spawned {
-        Ok(_) => log(format!("egress: steering every TCP connection and DNS query ({} ms)", crate::boottime_ms() - t0)),
+        Ok(_) => {
+            // The first exec should already trust the CA: wait (bounded)
+            // for `Egress.trust` to be answered and installed.
+            if trusted_rx.recv_timeout(TRUST_WAIT).is_err() {
+                log(format!("egress: no answer to trust within {TRUST_WAIT:?}; TLS may not verify until it comes"));
+            }
+            log(format!("egress: steering every TCP connection and DNS query ({} ms)", crate::boottime_ms() - t0))
+        }
         Err(e) => log(format!("egress: thread: {e}; the guest has no network")),
     }
 }

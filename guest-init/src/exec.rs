@@ -74,7 +74,7 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// The environment every child starts from, before `ExecSpec.env` is applied
 /// (see the module docs).
 pub fn default_env(pty: bool) -> Vec<(String, String)> {
-    vec![
+    let mut env = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), "/root".into()),
         ("USER".into(), "root".into()),
@@ -82,7 +82,9 @@ pub fn default_env(pty: bool) -> Vec<(String, String)> {
         ("SHELL".into(), "/bin/sh".into()),
         ("LANG".into(), "C.UTF-8".into()),
         ("TERM".into(), if pty { "xterm-256color" } else { "dumb" }.into()),
-    ]
+    ];
+    env.extend(crate::trust::env());
+    env
 }
 
 pub use capvisor_rpc::exec::ExecRequest;

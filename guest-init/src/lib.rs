@@ -35,6 +35,7 @@ pub mod init;
 pub mod pty;
 pub mod reaper;
 pub mod rootfs;
+pub mod trust;
 
 use capnp::capability::Rc;
 use capnp_rpc::rpc_twoparty_capnp::Side;

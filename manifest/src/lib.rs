@@ -297,7 +297,7 @@ impl ConfinementConfig {
 /// gets the virtio-serial port `capvisor.egress` to its session's egress
 /// proxy (`capvisor-proxy`) when `egress` is on; the proxy decides each
 /// connection by `rules` (first match wins; no match is deny).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Give guests network egress through the proxy. Off: guests have no
@@ -320,6 +320,63 @@ pub struct NetConfig {
     /// through `Approvals` before it is denied (default 60).
     #[serde(default)]
     pub ask_timeout_secs: Option<u32>,
+    /// Intercept guests' TLS (default true): the proxy terminates it with
+    /// a leaf the install's egress CA signs (the guest trusts that CA from
+    /// boot), judges and logs each HTTP request and inserts secrets. A
+    /// rule's `no_mitm` exempts one host. False: TLS is relayed untouched
+    /// and judged by SNI and port only.
+    #[serde(default = "yes")]
+    pub intercept_tls: bool,
+    /// PEM files of CAs the proxy trusts for upstream TLS besides the
+    /// system's roots (a private registry, the tests' local upstreams).
+    /// Read by the broker at start.
+    #[serde(default)]
+    pub ca_certs: Vec<String>,
+    /// The interception material the broker prepared at start (never in a
+    /// manifest file; carried to the worker in `SessionContext.net`).
+    #[serde(skip)]
+    pub interception: Option<Interception>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            egress: false,
+            rules: Vec::new(),
+            resolve: BTreeMap::new(),
+            log_capacity: None,
+            ask_timeout_secs: None,
+            intercept_tls: true,
+            ca_certs: Vec::new(),
+            interception: None,
+        }
+    }
+}
+
+/// The egress CA and extra upstream roots, PEM (schema `ProxyConfig`
+/// `caCertPem`, `caKeyPem`, `extraRootsPem`).
+#[derive(Clone, PartialEq, Default)]
+pub struct Interception {
+    /// The install's egress CA certificate.
+    pub ca_cert_pem: String,
+    /// Its private key (secret: never logged; `Debug` hides it).
+    pub ca_key_pem: String,
+    /// The manifest's `ca_certs`, concatenated.
+    pub extra_roots_pem: String,
+}
+
+impl std::fmt::Debug for Interception {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interception")
+            .field("ca_cert_pem", &self.ca_cert_pem.len())
+            .field("ca_key_pem", &"<redacted>")
+            .field("extra_roots_pem", &self.extra_roots_pem.len())
+            .finish()
+    }
 }
 
 /// The default of [`NetConfig::log_capacity`].
@@ -381,6 +438,36 @@ impl NetConfig {
         Ok(())
     }
 
+    /// Prepares TLS interception (when `egress` and `intercept_tls` are
+    /// on): `ca` is the install's egress CA (certificate, key), and every
+    /// `ca_certs` file is read now (the broker calls this before it
+    /// confines itself).
+    ///
+    /// Errors: a `ca_certs` file that cannot be read or holds no PEM
+    /// certificate.
+    pub fn prepare_interception(&mut self, ca: (String, String)) -> anyhow::Result<()> {
+        let mut extra = String::new();
+        for path in &self.ca_certs {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("[net] ca_certs: cannot read {path}: {e}"))?;
+            anyhow::ensure!(
+                pem.contains("-----BEGIN CERTIFICATE-----"),
+                "[net] ca_certs: {path} holds no PEM certificate"
+            );
+            extra.push_str(&pem);
+            if !pem.ends_with('\n') {
+                extra.push('\n');
+            }
+        }
+        self.interception = Some(Interception { ca_cert_pem: ca.0, ca_key_pem: ca.1, extra_roots_pem: extra });
+        Ok(())
+    }
+
+    /// Whether sessions intercept TLS: egress on and `intercept_tls`.
+    pub fn intercepts(&self) -> bool {
+        self.egress && self.intercept_tls
+    }
+
     /// The proxy's configuration for session `session_id` (schema `ProxyConfig`).
     pub fn write_proxy_config(
         &self,
@@ -415,6 +502,11 @@ impl NetConfig {
         }
         b.set_log_capacity(self.log_capacity.unwrap_or(DEFAULT_NET_LOG));
         b.set_ask_timeout_secs(self.ask_timeout_secs.unwrap_or(0));
+        if let Some(i) = &self.interception {
+            b.set_ca_cert_pem(i.ca_cert_pem.as_str());
+            b.set_ca_key_pem(i.ca_key_pem.as_str());
+            b.set_extra_roots_pem(i.extra_roots_pem.as_str());
+        }
     }
 
     /// Reads what [`NetConfig::write_proxy_config`] wrote (`egress` is
@@ -448,12 +540,24 @@ impl NetConfig {
             let addrs = o.get_addresses()?.iter().map(text).collect::<capnp::Result<Vec<_>>>()?;
             resolve.insert(text(o.get_name())?, addrs);
         }
+        let ca_cert_pem = text(r.get_ca_cert_pem())?;
         Ok(Self {
             egress,
             rules,
             resolve,
             log_capacity: Some(r.get_log_capacity()),
             ask_timeout_secs: Some(r.get_ask_timeout_secs()).filter(|s| *s != 0),
+            intercept_tls: !ca_cert_pem.is_empty(),
+            ca_certs: Vec::new(),
+            interception: (!ca_cert_pem.is_empty())
+                .then(|| -> capnp::Result<Interception> {
+                    Ok(Interception {
+                        ca_cert_pem,
+                        ca_key_pem: text(r.get_ca_key_pem())?,
+                        extra_roots_pem: text(r.get_extra_roots_pem())?,
+                    })
+                })
+                .transpose()?,
         })
     }
 }

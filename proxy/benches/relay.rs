@@ -72,6 +72,7 @@ fn start_proxy(port: u16, scheme: &'static str) -> std::os::unix::net::UnixStrea
                 rules: vec![Rule { scheme: scheme.into(), ..Rule::host("api.test", Action::Allow).on_port(port) }],
                 resolve: vec![("api.test".into(), vec!["127.0.0.1".parse().unwrap()])],
                 log_capacity: 0,
+                ..Config::default()
             };
             let state = ProxyState::new(cfg).unwrap();
             a.set_nonblocking(true).unwrap();

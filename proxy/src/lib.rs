@@ -26,7 +26,9 @@
 //! its own [`policy::Action`].
 
 pub mod approvals;
+pub mod ca;
 pub mod log;
+pub mod mitm;
 pub mod peek;
 pub mod policy;
 pub mod relay;
@@ -38,7 +40,7 @@ use capvisor_rpc::conn::{self, GUEST, GUEST_CALLS, INTERNAL};
 use capvisor_rpc::fdpass::FdChannel;
 use capvisor_rpc::{CvError, CvResult};
 use capvisor_schema::capvisor_capnp::{approvals as approvals_cap, net_log, net_policy};
-use capvisor_schema::internal_capnp::{proxy, proxy_config};
+use capvisor_schema::internal_capnp::{proxy, proxy_config, secret_source};
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -71,6 +73,13 @@ pub struct Config {
     pub resolve: Vec<(String, Vec<IpAddr>)>,
     /// NetLog entries kept (0: [`log::DEFAULT_CAPACITY`]).
     pub log_capacity: u32,
+    /// TLS interception: the install's CA (None: TLS is relayed).
+    pub ca: Option<ca::CaPem>,
+    /// Roots upstream TLS is verified against besides the system's, PEM.
+    pub extra_roots_pem: String,
+    /// Whether the system's roots are loaded too (the process: yes; tests
+    /// that trust only their own CA: no).
+    pub system_roots: bool,
 }
 
 impl Config {
@@ -90,11 +99,17 @@ impl Config {
             }
             resolve.push((name, addrs));
         }
+        let cert = r.get_ca_cert_pem()?.to_str()?.to_string();
+        let key = r.get_ca_key_pem()?.to_str()?.to_string();
+        anyhow::ensure!(cert.is_empty() == key.is_empty(), "caCertPem and caKeyPem come together");
         Ok(Self {
             session_id: r.get_session_id()?.to_str()?.to_string(),
             rules,
             resolve,
             log_capacity: r.get_log_capacity(),
+            ca: (!cert.is_empty()).then_some(ca::CaPem { cert, key }),
+            extra_roots_pem: r.get_extra_roots_pem()?.to_str()?.to_string(),
+            system_roots: true,
         })
     }
 
@@ -115,6 +130,11 @@ impl Config {
             }
         }
         b.set_log_capacity(self.log_capacity);
+        if let Some(ca) = &self.ca {
+            b.set_ca_cert_pem(&ca.cert);
+            b.set_ca_key_pem(&ca.key);
+        }
+        b.set_extra_roots_pem(&self.extra_roots_pem);
     }
 }
 
@@ -132,6 +152,10 @@ pub struct ProxyState {
     pub peek: peek::PeekLimits,
     /// Connections `ask` rules hold for a decision.
     pub approvals: Rc<approvals::Approvals>,
+    /// TLS interception (None: TLS is relayed untouched).
+    pub mitm: Option<mitm::Mitm>,
+    /// Where secrets for placeholders come from (`Proxy.setSecretSource`).
+    pub secrets: RefCell<Option<secret_source::Client>>,
     open: Cell<usize>,
 }
 
@@ -156,6 +180,13 @@ impl ProxyState {
     /// Errors: as [`ProxyState::new`].
     pub fn with_bounds(cfg: Config, limits: Limits, peek: peek::PeekLimits) -> anyhow::Result<Rc<Self>> {
         let policy = policy::Policy::new(cfg.rules).map_err(|e| anyhow::anyhow!("rules: {}", e.message))?;
+        let mitm = match &cfg.ca {
+            Some(pem) => Some(mitm::Mitm {
+                ca: ca::Authority::new(pem)?,
+                upstream: ca::Upstream::new(cfg.system_roots, &cfg.extra_roots_pem)?,
+            }),
+            None => None,
+        };
         Ok(Rc::new(Self {
             policy: Rc::new(RefCell::new(policy)),
             log: Rc::new(RefCell::new(log::FlowLog::new(cfg.log_capacity))),
@@ -163,8 +194,27 @@ impl ProxyState {
             limits,
             peek,
             approvals: approvals::Approvals::new(approvals::DEFAULT_ASK_TIMEOUT),
+            mitm,
+            secrets: RefCell::new(None),
             open: Cell::new(0),
         }))
+    }
+
+    /// Whether a connection to `host`:`port` may be intercepted (and so is
+    /// peeked for a TLS ClientHello): the proxy has a CA, the first rule
+    /// for the host and port does not say `noMitm`, and the connection is
+    /// not denied outright (some rule on method or path may allow a
+    /// request, or the policy does not deny `https` to it).
+    pub fn may_intercept(&self, host: &str, port: u16) -> bool {
+        if self.mitm.is_none() {
+            return false;
+        }
+        let p = self.policy.borrow();
+        if p.no_mitm(host, port) {
+            return false;
+        }
+        let tls = policy::Request { host, port, scheme: policy::Scheme::Https, method: None, path: None };
+        p.needs_peek(host, port) || p.decide(&tls).action != policy::Action::Deny
     }
 
     /// Egress connections open or being opened, all VMs.
@@ -221,6 +271,7 @@ pub fn serve_vm(
 
 /// The `Proxy` bootstrap the worker gets.
 pub struct ProxyServer {
+    state: Rc<ProxyState>,
     policy: net_policy::Client,
     log: net_log::Client,
     approvals: approvals_cap::Client,
@@ -231,6 +282,7 @@ impl ProxyServer {
     /// object each for the proxy's life).
     pub fn client(state: &Rc<ProxyState>) -> proxy::Client {
         capnp_rpc::new_client(Self {
+            state: state.clone(),
             policy: policy::NetPolicyServer::client(state.policy.clone()),
             log: log::NetLogServer::client(state.log.clone()),
             approvals: approvals::ApprovalsServer::client(state.approvals.clone(), state.policy.clone()),
@@ -239,6 +291,16 @@ impl ProxyServer {
 }
 
 impl proxy::Server for ProxyServer {
+    /// Keeps the session's `SecretSource` (replacing an earlier one).
+    async fn set_secret_source(
+        self: capnp::capability::Rc<Self>,
+        params: proxy::SetSecretSourceParams,
+        _: proxy::SetSecretSourceResults,
+    ) -> capnp::Result<()> {
+        *self.state.secrets.borrow_mut() = Some(params.get()?.get_source()?);
+        Ok(())
+    }
+
     /// The session's `Approvals`.
     async fn approvals(
         self: capnp::capability::Rc<Self>,

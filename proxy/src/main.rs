@@ -55,11 +55,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         msg.get_root::<capvisor_schema::internal_capnp::proxy_config::Reader<'_>>()?.get_ask_timeout_secs();
     drop(msg);
     let session = cfg.session_id.clone();
+    // Before confinement: the system's root certificates are read here.
+    let state = capvisor_proxy::ProxyState::new(cfg)?;
+    if let Some(m) = &state.mitm {
+        tracing::info!(session = %session, system_roots = m.upstream.roots.0, extra_roots = m.upstream.roots.1, "intercepting TLS");
+    }
     match capvisor_proxy::sandbox::confine() {
         Ok(status) => tracing::info!(session = %session, "confined: {status}"),
         Err(e) => tracing::warn!(session = %session, "NOT confined: {e:#}"),
     }
-    let state = capvisor_proxy::ProxyState::new(cfg)?;
     if ask_timeout > 0 {
         state.approvals.set_timeout(std::time::Duration::from_secs(ask_timeout.into()));
     }

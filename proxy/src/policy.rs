@@ -349,6 +349,15 @@ impl Policy {
             .is_some_and(Rule::depends_on_content)
     }
 
+    /// Whether TLS to `host`:`port` is relayed untouched: the first rule
+    /// whose host glob and port match says `noMitm`.
+    pub fn no_mitm(&self, host: &str, port: u16) -> bool {
+        self.rules
+            .iter()
+            .find(|r| host_matches(&r.host, host) && (r.port == 0 || r.port == port))
+            .is_some_and(|r| r.no_mitm)
+    }
+
     /// Whether the guest's DNS query for `name` is answered: some `allow`
     /// or `ask` rule's host glob matches it.
     pub fn may_resolve(&self, name: &str) -> bool {

@@ -63,10 +63,15 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+/// How long a connection is peeked only to find TLS to intercept (no rule
+/// on method or path applies): a client that has sent nothing by then is
+/// taken to speak a server-first protocol and relayed as `tcp`. A `noMitm`
+/// rule for the host skips the wait altogether.
+pub const INTERCEPT_PEEK_WAIT: Duration = Duration::from_secs(1);
 
 /// How long connecting upstream may take, over all addresses tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,7 +115,7 @@ impl VmFlows {
 }
 
 /// A reserved connection slot of one VM; released on drop.
-struct Slot {
+pub(crate) struct Slot {
     state: Rc<ProxyState>,
     vm: Rc<VmFlows>,
 }
@@ -147,10 +152,12 @@ impl Drop for Slot {
 
 /// A connected flow; when the last holder (pump, `up` sink) drops it, its
 /// byte counts go to its NetLog entry and its slot is released.
-struct Conn {
+pub(crate) struct Conn {
     slot: Slot,
     id: u64,
-    seq: u64,
+    /// Its NetLog entry; None for an intercepted flow (`crate::mitm` logs
+    /// each request instead).
+    seq: Option<u64>,
     up: Cell<u64>,
     down: Cell<u64>,
 }
@@ -158,10 +165,12 @@ struct Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         let (up, down) = (self.up.get(), self.down.get());
-        self.slot.state.log.borrow_mut().update(self.seq, |f| {
-            f.bytes_up = up;
-            f.bytes_down = down;
-        });
+        if let Some(seq) = self.seq {
+            self.slot.state.log.borrow_mut().update(seq, |f| {
+                f.bytes_up = up;
+                f.bytes_down = down;
+            });
+        }
         self.slot.vm.pumps.borrow_mut().remove(&self.id);
         tracing::debug!(vm = %self.slot.vm.name, flow = self.id, bytes_up = up, bytes_down = down, "egress flow ended");
     }
@@ -211,11 +220,23 @@ impl EgressServer {
         }
         let id = self.vm.next_id.get();
         self.vm.next_id.set(id + 1);
-        if self.state.policy.borrow().needs_peek(&host, port) {
+        let content = self.state.policy.borrow().needs_peek(&host, port);
+        if content || self.state.may_intercept(&host, port) {
+            // Peeking only to find TLS to intercept: a protocol where the
+            // server speaks first (SSH, SMTP) waits this long, not the
+            // full peek bound.
+            let wait = if content { self.state.peek.wait } else { self.state.peek.wait.min(INTERCEPT_PEEK_WAIT) };
             let up = Rc::new(Up::new(Phase::Peeking { buf: Vec::new(), eof: false }, self.state.peek.bytes));
             let forget = Forget { vm: self.vm.clone(), id, armed: true };
-            let task =
-                tokio::task::spawn_local(peek_then_connect(self.state.clone(), up.clone(), base, slot, down, forget));
+            let task = tokio::task::spawn_local(peek_then_connect(
+                self.state.clone(),
+                up.clone(),
+                base,
+                slot,
+                down,
+                forget,
+                wait,
+            ));
             self.vm.pumps.borrow_mut().insert(id, task.abort_handle());
             *up.task.borrow_mut() = Some(task.abort_handle());
             return Ok(capnp_rpc::new_client(UpSink(up)));
@@ -223,10 +244,10 @@ impl EgressServer {
         let what = format!("{host}:{port}");
         let (stream, entry) = judge_and_connect(&self.state, &base, &Request::connection(&host, port), &what).await?;
         let seq = self.state.record(entry);
-        let conn = Rc::new(Conn { slot, id, seq, up: Cell::new(0), down: Cell::new(0) });
+        let conn = Rc::new(Conn { slot, id, seq: Some(seq), up: Cell::new(0), down: Cell::new(0) });
         let (rd, wr) = stream.into_split();
         let mut up = Up::new(Phase::Open, 0);
-        *up.writer.get_mut() = Some(wr);
+        *up.writer.get_mut() = Some(Box::new(wr));
         let up = Rc::new(up);
         start_pump(&self.vm, &up, rd, down, conn);
         Ok(capnp_rpc::new_client(UpSink(up)))
@@ -245,14 +266,45 @@ async fn judge_and_connect(
     req: &Request<'_>,
     what: &str,
 ) -> CvResult<(TcpStream, Flow)> {
-    let entry = |address: String, rule: i32, action: Action, detail: String| {
-        let detail = match (detail.is_empty(), base.detail.is_empty()) {
-            (_, true) => detail,
-            (true, false) => base.detail.clone(),
-            (false, false) => format!("{detail}; {}", base.detail),
-        };
-        Flow { address, rule, action, detail, ..base.clone() }
+    let judged = judge(state, base, req, what, None).await?;
+    let (stream, ip) = connect_upstream(state, base, req.host, req.port, &judged, what).await?;
+    let action = if judged.approval.is_empty() { Action::Allow } else { Action::Ask };
+    Ok((stream, entry(base, ip.to_string(), judged.rule, action, judged.approval)))
+}
+
+/// `base` as a NetLog entry with this outcome; `detail` first, then
+/// `base.detail` (the peek's notes), if any.
+pub(crate) fn entry(base: &Flow, address: String, rule: i32, action: Action, detail: String) -> Flow {
+    let detail = match (detail.is_empty(), base.detail.is_empty()) {
+        (_, true) => detail,
+        (true, false) => base.detail.clone(),
+        (false, false) => format!("{detail}; {}", base.detail),
     };
+    Flow { address, rule, action, detail, ..base.clone() }
+}
+
+/// A request the policy let through.
+pub(crate) struct Judged {
+    /// The deciding rule's index (-1: none).
+    pub rule: i32,
+    /// The rule names the host exactly: non-public addresses allowed.
+    pub explicit: bool,
+    /// How an `ask` went ("" when no approval was needed).
+    pub approval: String,
+}
+
+/// Judges `req` (step 2 of the module docs). Denied (by a rule, by
+/// default, by an approver or the approval timeout): recorded in the
+/// NetLog and returned as `denied` naming `what`. An `ask` whose rule is
+/// `approved` (its connection was approved already) passes without asking
+/// again.
+pub(crate) async fn judge(
+    state: &ProxyState,
+    base: &Flow,
+    req: &Request<'_>,
+    what: &str,
+    approved: Option<i32>,
+) -> CvResult<Judged> {
     let (host, port) = (req.host, req.port);
     let decision = state.policy.borrow().decide(req);
     // For an `ask` rule: how the approval went (kept in the flow's entry).
@@ -265,9 +317,10 @@ async fn judge_and_connect(
                 Some(i) => format!("denied by rule {i}"),
                 None => "no rule allows it".to_string(),
             };
-            state.record(entry(String::new(), rule, Action::Deny, detail.clone()));
+            state.record(entry(base, String::new(), rule, Action::Deny, detail.clone()));
             return Err(CvError::denied(format!("egress to {what} {detail}")));
         }
+        Action::Ask if approved == Some(rule) => approval = "approved with its connection".to_string(),
         Action::Ask => {
             // Held (the guest's connection waits) until an approver decides
             // through `Approvals`, or the timeout denies.
@@ -283,35 +336,51 @@ async fn judge_and_connect(
             let outcome = state.approvals.ask(ask).await;
             approval = outcome.describe(state.approvals.timeout());
             if !outcome.allowed() {
-                state.record(entry(String::new(), rule, Action::Ask, approval.clone()));
+                state.record(entry(base, String::new(), rule, Action::Ask, approval.clone()));
                 return Err(CvError::denied(format!("egress to {what} denied: {approval}")));
             }
         }
     }
+    Ok(Judged { rule, explicit: decision.explicit, approval })
+}
+
+/// Resolves `host` and connects to `port` (steps 3-4 of the module docs)
+/// for a request `judged` allowed. Refused (the name does not resolve, a
+/// non-public address for a wildcard rule) or failed: recorded in the
+/// NetLog and returned (`denied`, `unavailable`) naming `what`.
+pub(crate) async fn connect_upstream(
+    state: &ProxyState,
+    base: &Flow,
+    host: &str,
+    port: u16,
+    judged: &Judged,
+    what: &str,
+) -> CvResult<(TcpStream, IpAddr)> {
+    let rule = judged.rule;
     let addrs = match state.resolver.resolve(host, port).await {
         Ok(a) => a,
         Err(detail) => {
-            state.record(entry(String::new(), rule, Action::Deny, detail.clone()));
+            state.record(entry(base, String::new(), rule, Action::Deny, detail.clone()));
             return Err(CvError::denied(format!("egress to {what} denied: {detail}")));
         }
     };
-    let addrs = match crate::resolve::allowed_addresses(&addrs, decision.explicit) {
+    let addrs = match crate::resolve::allowed_addresses(&addrs, judged.explicit) {
         Ok(a) => a,
         Err((ip, detail)) => {
-            state.record(entry(ip.to_string(), rule, Action::Deny, detail.clone()));
+            state.record(entry(base, ip.to_string(), rule, Action::Deny, detail.clone()));
             return Err(CvError::denied(format!("egress to {what} denied: {detail}")));
         }
     };
-    let (stream, ip) = match connect_any(&addrs, port).await {
-        Ok(s) => s,
-        Err((ip, detail)) => {
-            state.record(entry(ip.to_string(), rule, Action::Allow, detail.clone()));
-            return Err(CvError::unavailable(format!("egress to {what}: {detail}")));
+    match connect_any(&addrs, port).await {
+        Ok((stream, ip)) => {
+            let _ = stream.set_nodelay(true);
+            Ok((stream, ip))
         }
-    };
-    let _ = stream.set_nodelay(true);
-    let action = if approval.is_empty() { Action::Allow } else { Action::Ask };
-    Ok((stream, entry(ip.to_string(), rule, action, approval)))
+        Err((ip, detail)) => {
+            state.record(entry(base, ip.to_string(), rule, Action::Allow, detail.clone()));
+            Err(CvError::unavailable(format!("egress to {what}: {detail}")))
+        }
+    }
 }
 
 /// The scheme an `ask` shows its approver: what a peek saw, "" when the
@@ -326,7 +395,13 @@ fn base_scheme(req: &Request<'_>) -> String {
 
 /// Starts the upstream -> guest pump of a connected flow and opens `up`
 /// to writes.
-fn start_pump(vm: &Rc<VmFlows>, up: &Rc<Up>, rd: OwnedReadHalf, down: byte_sink::Client, conn: Rc<Conn>) {
+fn start_pump(
+    vm: &Rc<VmFlows>,
+    up: &Rc<Up>,
+    rd: impl AsyncRead + Unpin + 'static,
+    down: byte_sink::Client,
+    conn: Rc<Conn>,
+) {
     let id = conn.id;
     *up.conn.borrow_mut() = Some(conn.clone());
     let pump = tokio::task::spawn_local(pump_down(rd, down, conn));
@@ -381,8 +456,9 @@ async fn peek_then_connect(
     slot: Slot,
     down: byte_sink::Client,
     mut forget: Forget,
+    wait: Duration,
 ) {
-    let deadline = tokio::time::Instant::now() + state.peek.wait;
+    let deadline = tokio::time::Instant::now() + wait;
     let seen = loop {
         let changed = up.changed.notified();
         tokio::pin!(changed);
@@ -419,6 +495,47 @@ async fn peek_then_connect(
         }
         _ => format!("{}:{} ({})", base.host, base.port, seen.scheme.name()),
     };
+    if seen.scheme == crate::policy::Scheme::Https && state.may_intercept(&base.host, base.port) {
+        // TLS interception (`crate::mitm`): judged now on the SNI and port
+        // alone unless the host has rules on method or path (then every
+        // request is judged as it comes).
+        let approved = if state.policy.borrow().needs_peek(&base.host, base.port) {
+            None
+        } else {
+            match judge(&state, &base, &req, &what, None).await {
+                Ok(j) => Some(j.rule),
+                Err(e) => {
+                    up.fail(e);
+                    drop(down);
+                    return;
+                }
+            }
+        };
+        let server_name = seen.sni.clone().unwrap_or_else(|| base.host.clone());
+        let (guest_side, proxy_side) = tokio::io::duplex(crate::mitm::DUPLEX_BYTES);
+        let (rd, mut wr) = tokio::io::split(guest_side);
+        if let Err(e) = feed(&mut wr, &buf, eof).await {
+            up.fail(CvError::internal(format!("interception: {e}")));
+            return;
+        }
+        forget.armed = false;
+        let conn = Rc::new(Conn { slot, id: forget.id, seq: None, up: Cell::new(0), down: Cell::new(0) });
+        conn.up.set(buf.len() as u64);
+        let ix = crate::mitm::Intercept::new(state.clone(), base.clone(), server_name, approved);
+        let task = tokio::task::spawn_local(crate::mitm::serve(ix, proxy_side));
+        forget.vm.pumps.borrow_mut().insert(forget.id | MITM_TASK, task.abort_handle());
+        let vm = forget.vm.clone();
+        let id = forget.id;
+        tokio::task::spawn_local(async move {
+            let _ = task.await;
+            vm.pumps.borrow_mut().remove(&(id | MITM_TASK));
+        });
+        if !eof {
+            *up.writer.lock().await = Some(Box::new(wr));
+        }
+        start_pump(&forget.vm, &up, rd, down, conn);
+        return;
+    }
     let (stream, entry) = match judge_and_connect(&state, &base, &req, &what).await {
         Ok(x) => x,
         Err(e) => {
@@ -429,22 +546,31 @@ async fn peek_then_connect(
     };
     let seq = state.record(entry);
     forget.armed = false;
-    let conn = Rc::new(Conn { slot, id: forget.id, seq, up: Cell::new(0), down: Cell::new(0) });
+    let conn = Rc::new(Conn { slot, id: forget.id, seq: Some(seq), up: Cell::new(0), down: Cell::new(0) });
     let (rd, mut wr) = stream.into_split();
-    if let Err(e) = wr.write_all(&buf).await {
-        up.fail(CvError::unavailable(format!("upstream write failed: {e}")));
+    if let Err(e) = feed(&mut wr, &buf, eof).await {
+        up.fail(CvError::unavailable(format!("upstream {e}")));
         return;
     }
     conn.up.set(buf.len() as u64);
-    if eof {
-        if let Err(e) = wr.shutdown().await {
-            up.fail(CvError::unavailable(format!("upstream shutdown failed: {e}")));
-            return;
-        }
-    } else {
-        *up.writer.lock().await = Some(wr);
+    if !eof {
+        *up.writer.lock().await = Some(Box::new(wr));
     }
     start_pump(&forget.vm, &up, rd, down, conn);
+}
+
+/// The key bit that marks an interception task in [`VmFlows`]'s table
+/// (beside its flow's pump, under the same id).
+const MITM_TASK: u64 = 1 << 63;
+
+/// Writes the held first bytes, then shuts the write side when the guest
+/// had half-closed. Errors: "write failed: ..." / "shutdown failed: ...".
+async fn feed(wr: &mut (impl AsyncWrite + Unpin), buf: &[u8], eof: bool) -> Result<(), String> {
+    wr.write_all(buf).await.map_err(|e| format!("write failed: {e}"))?;
+    if eof {
+        wr.shutdown().await.map_err(|e| format!("shutdown failed: {e}"))?;
+    }
+    Ok(())
 }
 
 impl egress::Server for EgressServer {
@@ -459,7 +585,34 @@ impl egress::Server for EgressServer {
         let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
         let allowed = crate::policy::valid_dns_name(&name) && self.state.policy.borrow().may_resolve(&name);
         tracing::debug!(vm = %self.vm.name, name = %name, allowed, "egress resolve");
+        if !allowed {
+            // A refused name is a denied host: it shows in the NetLog (port
+            // 0: no connection was asked for yet).
+            self.state.record(Flow {
+                time_ms: capvisor_rpc::now_ms(),
+                vm: self.vm.name.clone(),
+                host: crate::log::bounded(&name),
+                address: String::new(),
+                port: 0,
+                method: String::new(),
+                path: String::new(),
+                status: 0,
+                bytes_up: 0,
+                bytes_down: 0,
+                rule: -1,
+                action: Action::Deny,
+                detail: "name refused at DNS: no allow or ask rule names it".to_string(),
+            });
+        }
         results.get().set_allowed(allowed);
+        Ok(())
+    }
+
+    /// The CA certificate intercepted TLS is signed with ("" when this
+    /// proxy does not intercept).
+    async fn trust(self: CapRc<Self>, _: egress::TrustParams, mut results: egress::TrustResults) -> capnp::Result<()> {
+        let pem = self.state.mitm.as_ref().map(|m| m.ca.cert_pem().to_string()).unwrap_or_default();
+        results.get().set_ca_cert_pem(pem);
         Ok(())
     }
 
@@ -496,7 +649,7 @@ async fn connect_any(addrs: &[IpAddr], port: u16) -> Result<(tokio::net::TcpStre
 }
 
 /// Upstream -> guest: reads into `down`, each write awaited; EOF -> `done`.
-async fn pump_down(mut rd: OwnedReadHalf, down: byte_sink::Client, conn: Rc<Conn>) {
+async fn pump_down(mut rd: impl AsyncRead + Unpin, down: byte_sink::Client, conn: Rc<Conn>) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = match rd.read(&mut buf).await {
@@ -537,7 +690,7 @@ struct Up {
     /// Signalled when bytes are held, the guest half-closes, or `phase`
     /// leaves `Peeking`/`Deciding`.
     changed: Notify,
-    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    writer: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Unpin>>>,
     /// Keeps writes (and `done`) in arrival order across awaits.
     order: tokio::sync::Mutex<()>,
     conn: RefCell<Option<Rc<Conn>>>,

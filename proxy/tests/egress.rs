@@ -27,6 +27,7 @@ fn config(rules: Vec<Rule>) -> Config {
         rules,
         resolve: vec![("api.test".into(), vec![lo]), ("other.test".into(), vec![lo])],
         log_capacity: 0,
+        ..Config::default()
     }
 }
 

@@ -26,7 +26,13 @@ use tokio::net::TcpListener;
 
 fn config(rules: Vec<Rule>) -> Config {
     let lo: IpAddr = "127.0.0.1".parse().unwrap();
-    Config { session_id: "test".into(), rules, resolve: vec![("api.test".into(), vec![lo])], log_capacity: 0 }
+    Config {
+        session_id: "test".into(),
+        rules,
+        resolve: vec![("api.test".into(), vec![lo])],
+        log_capacity: 0,
+        ..Config::default()
+    }
 }
 
 fn proxy_with(rules: Vec<Rule>, peek: PeekLimits) -> (Rc<ProxyState>, egress::Client) {

@@ -31,6 +31,7 @@ fn the_binary_relays_a_connection_and_exits_with_its_worker() {
             ],
             resolve: vec![("api.test".into(), vec!["127.0.0.1".parse().unwrap()])],
             log_capacity: 16,
+            ..Config::default()
         };
         let mut msg = capnp::message::Builder::new_default();
         cfg.write(msg.init_root::<proxy_config::Builder>());
