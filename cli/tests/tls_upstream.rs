@@ -388,7 +388,7 @@ fn upstream_exits_when_its_parent_dies() {
     assert!(out.starts_with("PORT "), "it was serving when its parent died: {out}");
     let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // a zombie (state Z) waiting for its new parent to reap it has exited
-        Ok(stat) => stat.rsplit(')').next().unwrap().trim_start().chars().next() != Some('Z'),
+        Ok(stat) => !stat.rsplit(')').next().unwrap().trim_start().starts_with('Z'),
         Err(_) => false,
     };
     let t = Instant::now();
