@@ -221,6 +221,26 @@ fn sse_arrives_incrementally() {
     assert!(t3 - t1 >= Duration::from_millis(800), "event 3 came {:?} after event 1", t3 - t1);
 }
 
+/// An HTTP/1.0 client gets the event stream unchunked, ended by the
+/// connection closing; an HTTP/1.1 client gets it chunked.
+#[test]
+fn sse_framing_follows_the_http_version() {
+    let (_d, ca, up) = setup();
+    let o = run(curl(&up, &ca.ca_pem, &["--http1.0", "-D", "-", &up.url("/sse?n=2&gap_ms=0")]));
+    assert!(o.status.success(), "curl: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("connection: close") && !head.contains("transfer-encoding"), "{head}");
+    assert_eq!(body, "data: event 1\n\ndata: event 2\n\n");
+
+    let o = run(curl(&up, &ca.ca_pem, &["--raw", "-D", "-", &up.url("/sse?n=1&gap_ms=0")]));
+    let out = text(&o.stdout);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+    assert_eq!(body, "f\r\ndata: event 1\n\n\r\n0\r\n\r\n", "raw chunked framing");
+}
+
 /// A small RFC 6455 client: checks Sec-WebSocket-Accept, sends masked text
 /// and binary messages with 7-, 16- and 64-bit lengths, a fragmented
 /// message, a ping and a close, and prints one line per check.

@@ -16,7 +16,8 @@ Endpoints:
                           answers 200 with the same JSON object.
   GET /big?bytes=N        N bytes of the pattern 0,1,..,255,0,1,.. with
                           Content-Length, written in 64 KiB chunks.
-  GET /sse?n=K&gap_ms=G   text/event-stream (chunked): K events
+  GET /sse?n=K&gap_ms=G   text/event-stream (chunked; for an HTTP/1.0
+                          client, ended by close): K events
                           ``data: event i\\n\\n`` (i = 1..K), each flushed,
                           G ms apart.
   GET /ws                 WebSocket (RFC 6455): echoes text and binary
@@ -146,6 +147,33 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def stream_start(self):
+        """Ends the headers of a body of unknown length: chunked for an
+        HTTP/1.1 client, else the body ends when the connection closes
+        (RFC 9112 section 6.3)."""
+        self.stream_chunked = self.request_version != "HTTP/1.0"
+        if self.stream_chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+
+    def stream_write(self, piece):
+        """Sends one piece of the body now (flushed)."""
+        if not piece:
+            return
+        if self.stream_chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        else:
+            self.wfile.write(piece)
+        self.wfile.flush()
+
+    def stream_end(self):
+        if self.stream_chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
     def drain_body(self):
         try:
             for _ in iter_body(self, ECHO_MAX_BODY):
@@ -211,16 +239,12 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.stream_start()
         for i in range(1, k + 1):
             if i > 1 and gap:
                 time.sleep(gap / 1000.0)
-            ev = ("data: event %d\n\n" % i).encode()
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
-            self.wfile.flush()
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+            self.stream_write(("data: event %d\n\n" % i).encode())
+        self.stream_end()
 
     # ---- /ws -----------------------------------------------------------
     def ws(self):
@@ -396,20 +420,17 @@ class Handler(BaseHTTPRequestHandler):
         has_length = any(n.lower() == "content-length" for n, _ in headers)
         for n, v in headers:
             self.send_header(n, v)
-        if not has_length:
-            self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        if has_length:
+            self.end_headers()
+            self.stream_chunked = False
+        else:
+            self.stream_start()
         while True:
             piece = proc.stdout.read1(CHUNK)
             if not piece:
                 break
-            if has_length:
-                self.wfile.write(piece)
-            else:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-        if not has_length:
-            self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+            self.stream_write(piece)
+        self.stream_end()
 
 
 class Server(ThreadingHTTPServer):
