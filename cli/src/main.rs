@@ -12,6 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+mod secret;
+
 #[derive(Parser)]
 #[command(
     name = "capvisor",
@@ -90,6 +92,10 @@ enum Cmd {
     /// logouts and restarts; attach with `vm create --volume NAME:/path`.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Secrets for the egress proxy (cap `secrets`): stored encrypted by the server; guests
+    /// see only the placeholder `capvisor-secret:NAME` (`--secret VAR=NAME` on `vm exec` / `run`).
+    #[command(subcommand, long_about = secret::ABOUT)]
+    Secret(secret::SecretCmd),
     /// Guest network egress through the session's proxy (caps `netpolicy`, `netlog`).
     #[command(subcommand)]
     Net(NetCmd),
@@ -207,6 +213,12 @@ struct ExecArgs {
     /// Environment variable NAME=VALUE (repeatable)
     #[arg(short, long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
+    /// Set VAR to the placeholder `capvisor-secret:NAME` of this principal's secret NAME
+    /// (repeatable; see `capvisor secret --help`): the value never enters the VM, the
+    /// egress proxy puts it into HTTPS request headers for the secret's hosts only.
+    /// Fails (not found) when there is no such secret.
+    #[arg(long = "secret", value_name = "VAR=NAME")]
+    secret: Vec<String>,
     /// Working directory in the guest (default: the user's home with
     /// --user, else /)
     #[arg(long, default_value = "")]
@@ -529,6 +541,10 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         }
         Cmd::Vm(v) => vm_cmd(v, socket).await,
         Cmd::Volume(v) => volume_cmd(v, socket).await,
+        Cmd::Secret(c) => {
+            let (s, _) = session(socket).await?;
+            secret::run(c, &s).await
+        }
         Cmd::Net(n) => net_cmd(n, socket).await,
         Cmd::Approvals => {
             let (s, _) = session(socket).await?;
@@ -878,6 +894,7 @@ async fn exec_streaming(
         keep_stdin_open: forward,
         pty: None,
         user: a.user.clone(),
+        secret_env: secret::parse_flags(&a.secret)?,
     };
     let stdin = forward.then(tokio::io::stdin);
     let exit = stream::exec_streaming(vm, &req, tokio::io::stdout(), tokio::io::stderr(), stdin).await?;

@@ -22,6 +22,18 @@ pub struct ExecRequest {
     /// User to run as: a login name or numeric uid, looked up in the
     /// guest's `/etc/passwd`; empty: root.
     pub user: String,
+    /// Secrets as environment variables (`ExecSpec.secretEnv`): pairs of
+    /// (variable, secret name). The worker resolves them into `env` as
+    /// placeholders ([`crate::secrets::placeholder`]) and clears this
+    /// before the spec reaches a guest.
+    pub secret_env: Vec<(String, String)>,
+}
+
+/// Whether `name` may name an environment variable: non-empty, without
+/// `=` or NUL (execve(2) takes `NAME=value` C strings; guest-init checks
+/// the same).
+pub fn valid_env_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('=') && !name.contains('\0')
 }
 
 impl ExecRequest {
@@ -34,6 +46,12 @@ impl ExecRequest {
         let mut env = s.reborrow().init_env(self.env.len() as u32);
         for (i, (k, v)) in self.env.iter().enumerate() {
             let mut e = env.reborrow().get(i as u32);
+            e.set_name(k.as_str());
+            e.set_value(v.as_str());
+        }
+        let mut senv = s.reborrow().init_secret_env(self.secret_env.len() as u32);
+        for (i, (k, v)) in self.secret_env.iter().enumerate() {
+            let mut e = senv.reborrow().get(i as u32);
             e.set_name(k.as_str());
             e.set_value(v.as_str());
         }
@@ -67,6 +85,12 @@ impl ExecRequest {
             match (e.get_name()?.to_str(), e.get_value()?.to_str()) {
                 (Ok(n), Ok(v)) => req.env.push((n.to_string(), v.to_string())),
                 _ => return Ok(Err(CvError::invalid("environment entries must be UTF-8"))),
+            }
+        }
+        for e in spec.get_secret_env()?.iter() {
+            match (e.get_name()?.to_str(), e.get_value()?.to_str()) {
+                (Ok(n), Ok(v)) => req.secret_env.push((n.to_string(), v.to_string())),
+                _ => return Ok(Err(CvError::invalid("secretEnv entries must be UTF-8"))),
             }
         }
         req.cwd = match spec.get_cwd()?.to_str() {
@@ -104,6 +128,7 @@ mod tests {
             keep_stdin_open: true,
             pty: Some((24, 80)),
             user: "agent".into(),
+            secret_env: vec![("TOKEN".into(), "api".into())],
         };
         let mut msg = capnp::message::Builder::new_default();
         r.write_to(msg.init_root::<exec_spec::Builder>());
@@ -116,5 +141,14 @@ mod tests {
             ExecRequest::read_from(msg.get_root_as_reader::<exec_spec::Reader>().unwrap()).unwrap().unwrap(),
             r2
         );
+    }
+
+    #[test]
+    fn env_names() {
+        assert!(valid_env_name("TOKEN"));
+        assert!(valid_env_name("lower_1"));
+        for bad in ["", "A=B", "A\0"] {
+            assert!(!valid_env_name(bad), "{bad:?}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
 use capvisor_rpc::schema::capvisor_capnp::{
-    accounts, approvals, cap_set, net_log, net_policy, session, vm_factory, volumes,
+    accounts, approvals, cap_set, net_log, net_policy, secrets, session, vm_factory, volumes,
 };
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::internal_capnp::{worker, RevokeReason};
@@ -59,6 +59,7 @@ pub fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
         "netpolicy" => Some((net_policy::Client::TYPE_ID, "NetPolicy")),
         "netlog" => Some((net_log::Client::TYPE_ID, "NetLog")),
         "approvals" => Some((approvals::Client::TYPE_ID, "Approvals")),
+        "secrets" => Some((secrets::Client::TYPE_ID, "Secrets")),
         _ => None,
     }
 }
@@ -110,6 +111,9 @@ impl CapSetImpl {
                 let inner = proxy.proxy.approvals_request().send().pipeline.get_approvals();
                 let scope = Scope::session(&self.st);
                 capnp_rpc::new_client::<approvals::Client, _>(crate::wrap::ApprovalsWrapper { scope, inner }).client
+            }
+            "secrets" => {
+                capnp_rpc::new_client::<secrets::Client, _>(crate::secrets::SecretsImpl { st: self.st.clone() }).client
             }
             _ => unreachable!("cap_interface covers every name"),
         })

@@ -15,12 +15,15 @@
 //! - [`vms`]: `VmFactory`, `Vm`, VM lifecycle (spawning `capvisor-vmm`).
 //! - [`wrap`]: the membrane: revocable wrappers around guest `Process`,
 //!   `Files`, `ByteSink`s, and the broker's `Accounts`.
+//! - [`volumes`], [`secrets`]: the principal's volumes and secrets, kept
+//!   by the broker.
 //! - [`launch`]: [`launch::VmLauncher`], starting a VM's vmm.
 //! - [`serve`]: the worker's main loop (broker connection, attached clients).
 
 pub mod caps;
 pub mod launch;
 pub mod proxy;
+pub mod secrets;
 pub mod serve;
 pub mod state;
 pub mod vms;

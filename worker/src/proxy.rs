@@ -95,6 +95,15 @@ pub fn ensure(st: &SessionState) -> CvResult<Rc<SessionProxy>> {
         }
     }
     let p = Rc::new(SessionProxy::spawn(st)?);
+    // The proxy asks this session's secrets through the worker (never the
+    // broker directly); until this call lands, placeholders go out as is.
+    let mut req = p.proxy.set_secret_source_request();
+    req.get().set_source(capnp_rpc::new_client(crate::secrets::SecretSourceImpl::new(st)));
+    tokio::task::spawn_local(async move {
+        if let Err(e) = req.send().promise.await {
+            tracing::error!("cannot give the egress proxy its secret source: {e}");
+        }
+    });
     *st.proxy.borrow_mut() = Some(p.clone());
     Ok(p)
 }

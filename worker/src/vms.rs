@@ -862,7 +862,10 @@ impl vm::Server for VmImpl {
         // Rebuilt field by field (rpc::exec::ExecRequest): a struct copied
         // whole would carry fields this worker does not know, capabilities
         // included, past the membrane.
-        let spec = capvisor_rpc::exec::ExecRequest::read_from(p.get_spec()?)??;
+        let mut spec = capvisor_rpc::exec::ExecRequest::read_from(p.get_spec()?)??;
+        // Secrets become placeholders here; secretEnv never reaches the guest.
+        let secret_env = crate::secrets::exec_env(&self.st, &std::mem::take(&mut spec.secret_env)).await?;
+        spec.env.extend(secret_env);
         let mut req = guest.exec_request();
         {
             let mut r = req.get();
