@@ -436,6 +436,9 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # listen() backlog: room for a burst of 100+ connections (the default 5
+    # would drop SYNs and stall clients for a retransmit second).
+    request_queue_size = 256
 
     def __init__(self, addr, ctx, record, git_root):
         self.ctx = ctx
