@@ -1105,6 +1105,13 @@ mod tests {
                 resolve: [("api.test".to_string(), vec!["127.0.0.1".to_string(), "::1".to_string()])].into(),
                 log_capacity: Some(17),
                 ask_timeout_secs: Some(5),
+                intercept_tls: true,
+                ca_certs: Vec::new(),
+                interception: Some(Interception {
+                    ca_cert_pem: "CERT".into(),
+                    ca_key_pem: "KEY".into(),
+                    extra_roots_pem: "ROOTS".into(),
+                }),
             },
         };
         let msg = ctx.to_message().unwrap();

@@ -89,3 +89,57 @@ pub async fn listener() -> (tokio::net::TcpListener, u16) {
     let port = l.local_addr().unwrap().port();
     (l, port)
 }
+
+/// A `ByteSink` writing into one half of an in-memory pipe (`done`:
+/// shutdown).
+struct PipeSink(std::rc::Rc<tokio::sync::Mutex<tokio::io::WriteHalf<tokio::io::DuplexStream>>>);
+
+impl byte_sink::Server for PipeSink {
+    async fn write(self: capnp::capability::Rc<Self>, params: byte_sink::WriteParams) -> capnp::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let data = params.get()?.get_data()?;
+        self.0.lock().await.write_all(data).await.map_err(|e| capnp::Error::failed(e.to_string()))
+    }
+
+    async fn done(
+        self: capnp::capability::Rc<Self>,
+        _: byte_sink::DoneParams,
+        _: byte_sink::DoneResults,
+    ) -> capnp::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.0.lock().await.shutdown().await;
+        Ok(())
+    }
+}
+
+/// `Egress.connect(host, port)` as a byte stream, the way a guest program
+/// sees its socket through guest-init: writes go to `up` (shutdown:
+/// `done`), `down`'s bytes are read. Errors: the connect failed.
+pub async fn stream(eg: &egress::Client, host: &str, port: u16) -> Result<tokio::io::DuplexStream, capnp::Error> {
+    use tokio::io::AsyncReadExt;
+    let (app, bridge) = tokio::io::duplex(256 * 1024);
+    let (mut br, bw) = tokio::io::split(bridge);
+    let down: byte_sink::Client = capnp_rpc::new_client(PipeSink(std::rc::Rc::new(tokio::sync::Mutex::new(bw))));
+    let mut req = eg.connect_request();
+    req.get().set_host(host);
+    req.get().set_port(port);
+    req.get().set_down(down);
+    let up = req.send().promise.await?.get()?.get_up()?;
+    tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match br.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let mut w = up.write_request();
+                    w.get().set_data(&buf[..n]);
+                    if w.send().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = up.done_request().send().promise.await;
+    });
+    Ok(app)
+}
