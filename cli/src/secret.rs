@@ -45,12 +45,34 @@ pub fn cap(s: &session::Client) -> secrets::Client {
 }
 
 /// The value on standard input: at most 8 KiB (+ one newline), one
-/// trailing `\n` (or `\r\n`) dropped.
+/// trailing `\n` (or `\r\n`) dropped. From a terminal: one line, typed
+/// without echo (termios(3) `ECHO` off until it is read).
 ///
 /// Errors: usage for an empty value.
 fn read_value() -> ClientResult<Vec<u8>> {
+    use std::io::IsTerminal;
+    let stdin = std::io::stdin();
     let mut v = Vec::new();
-    std::io::stdin().take(capvisor_rpc::secrets::MAX_VALUE as u64 + 3).read_to_end(&mut v)?;
+    if stdin.is_terminal() {
+        use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+        eprint!("secret value (not echoed): ");
+        let orig = tcgetattr(&stdin).ok();
+        if let Some(o) = &orig {
+            let mut quiet = o.clone();
+            quiet.local_flags.remove(LocalFlags::ECHO);
+            let _ = tcsetattr(&stdin, SetArg::TCSANOW, &quiet);
+        }
+        let mut line = String::new();
+        let res = stdin.read_line(&mut line);
+        if let Some(o) = &orig {
+            let _ = tcsetattr(&stdin, SetArg::TCSANOW, o);
+        }
+        eprintln!();
+        res?;
+        v = line.into_bytes();
+    } else {
+        stdin.take(capvisor_rpc::secrets::MAX_VALUE as u64 + 3).read_to_end(&mut v)?;
+    }
     if v.ends_with(b"\n") {
         v.pop();
         if v.ends_with(b"\r") {
