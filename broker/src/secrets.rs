@@ -16,7 +16,8 @@
 //! the value in the message).
 //!
 //! The key: 32 random bytes in `state_dir/secrets.key` (0600), created once
-//! with `O_EXCL` and never logged. Losing it loses every value (names and
+//! (written to a temporary file, then linked into place exclusively, so it
+//! is never torn nor replaced) and never logged. Losing it loses every value (names and
 //! hosts stay listable; reveal fails with `internal`).
 //!
 //! Bounds ([`capvisor_rpc::secrets`]): names `[A-Za-z0-9_-]{1,64}`; values
@@ -98,7 +99,8 @@ fn corrupt(what: &str) -> CvError {
 
 impl SecretStore {
     /// The store under `state_dir`: makes `secrets/` (0700) and the key
-    /// file (0600, `O_EXCL`) if missing, else reads the key.
+    /// file (0600, linked into place exclusively) if missing, else reads
+    /// the key.
     ///
     /// Errors: the directory or key cannot be made or read; a key file
     /// that is not exactly [`KEY_LEN`] bytes.
@@ -109,16 +111,32 @@ impl SecretStore {
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
         let rng = SystemRandom::new();
         let key_path = state_dir.join("secrets.key");
-        let bytes = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path) {
-            Ok(mut f) => {
+        let bytes = match std::fs::read(&key_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Written whole to a private temporary file, then linked
+                // into place with link(2), which like O_EXCL fails when the
+                // name exists: a crash never leaves a torn key, and a key
+                // once there is never replaced.
                 let mut k = [0u8; KEY_LEN];
                 rng.fill(&mut k).map_err(|_| std::io::Error::other("no random bytes for the secrets key"))?;
+                let tmp = state_dir.join(format!("secrets.key.{}.tmp", std::process::id()));
+                let _ = std::fs::remove_file(&tmp);
+                let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
                 f.write_all(&k)?;
                 f.sync_all()?;
-                std::fs::File::open(state_dir)?.sync_all()?;
-                k.to_vec()
+                drop(f);
+                let linked = std::fs::hard_link(&tmp, &key_path);
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => {
+                        std::fs::File::open(state_dir)?.sync_all()?;
+                        k.to_vec()
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read(&key_path)?,
+                    Err(e) => return Err(e),
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read(&key_path)?,
             Err(e) => return Err(e),
         };
         if bytes.len() != KEY_LEN {
@@ -388,6 +406,16 @@ mod tests {
             }
         }
         assert!(!file.with_extension("json.tmp").exists());
+        let names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.ends_with(".tmp")), "a temporary file was left: {names:?}");
+        // Opening again keeps the key (the sealed value still opens).
+        let key = std::fs::read(d.path().join("secrets.key")).unwrap();
+        let s = SecretStore::open(d.path()).unwrap();
+        assert_eq!(std::fs::read(d.path().join("secrets.key")).unwrap(), key);
+        assert!(s.reveal("local:alice", "api", "api.test").unwrap().matched);
     }
 
     #[test]
