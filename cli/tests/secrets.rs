@@ -41,6 +41,8 @@ fn files_holding(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
 fn secrets_reach_guests_only_as_placeholders_and_persist_sealed() {
     let mut s = Server::start(None);
     s.cli_ok("owner", &["login"], None, 0);
+    let caps = stdout(&s.cli_ok("owner", &["caps"], None, 0));
+    assert!(caps.lines().any(|l| l.starts_with("secrets") && l.contains("Secrets")), "{caps}");
     let mut stdin = VALUE.to_vec();
     stdin.push(b'\n');
     let o = s.cli_ok(
@@ -86,6 +88,8 @@ fn secrets_reach_guests_only_as_placeholders_and_persist_sealed() {
     // A user-profile principal holds no secrets cap and cannot use the owner's.
     s.cli_ok("owner", &["account", "add", "bob", "--profile", "user", "--password-stdin"], Some(b"bob-pass-1\n"), 0);
     s.cli_ok("bob", &["login", "--user", "bob", "--password-stdin"], Some(b"bob-pass-1\n"), 0);
+    let caps = stdout(&s.cli_ok("bob", &["caps"], None, 0));
+    assert!(!caps.contains("secrets"), "{caps}");
     let o = s.cli_ok("bob", &["secret", "list"], None, 11);
     assert!(stderr(&o).contains("no capability named \"secrets\""), "{}", stderr(&o));
     s.cli_ok("bob", &["secret", "put", "api", "--host", "*"], Some(b"bob-value\n"), 11);
