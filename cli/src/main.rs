@@ -657,14 +657,18 @@ fn print_rules(rules: &[ops::NetRule]) {
 
 fn print_flow(f: &ops::NetFlow) {
     let rule = if f.rule < 0 { "-".to_string() } else { f.rule.to_string() };
+    let request = if f.method.is_empty() { "-".to_string() } else { format!("{} {}", f.method, f.path) };
+    let status = if f.status == 0 { "-".to_string() } else { f.status.to_string() };
     println!(
-        "{:<13} {:<12} {:<6} {:>4} {:<28} {:>5} {:>9} {:>9}  {}",
+        "{:<13} {:<12} {:<6} {:>4} {:<28} {:>5} {:<32} {:>6} {:>9} {:>9}  {}",
         f.time_ms,
         shown(&f.vm),
         ops::action_name(f.action),
         rule,
         shown(&f.host),
         f.port,
+        shown(&request),
+        status,
         f.bytes_up,
         f.bytes_down,
         shown(&f.detail)
@@ -728,8 +732,8 @@ async fn net_cmd(cmd: NetCmd, socket: &Path) -> ClientResult<i32> {
             let l = ops::net_log(&s);
             let vm = vm.unwrap_or_default();
             println!(
-                "{:<13} {:<12} {:<6} {:>4} {:<28} {:>5} {:>9} {:>9}  DETAIL",
-                "TIME_MS", "VM", "ACTION", "RULE", "HOST", "PORT", "UP", "DOWN"
+                "{:<13} {:<12} {:<6} {:>4} {:<28} {:>5} {:<32} {:>6} {:>9} {:>9}  DETAIL",
+                "TIME_MS", "VM", "ACTION", "RULE", "HOST", "PORT", "REQUEST", "STATUS", "UP", "DOWN"
             );
             let mut since = 0i64;
             let mut seen = std::collections::HashSet::new();

@@ -150,8 +150,39 @@ pub fn root_and_hostname() -> bool {
     if !plan.volumes.is_empty() {
         log(format!("mounted {} volume(s)", plan.volumes.len()));
     }
-    set_hostname_to(plan.hostname.as_deref().unwrap_or(HOSTNAME));
+    let name = plan.hostname.as_deref().unwrap_or(HOSTNAME);
+    set_hostname_to(name);
+    if let Err(e) = hosts_entry(Path::new("/etc/hosts"), name) {
+        log(format!("/etc/hosts: {e}"));
+    }
     switched
+}
+
+/// Makes the guest's own name resolve locally, as Debian's installer does
+/// (`127.0.1.1 NAME` in `hosts`, appended when no line names it yet), so
+/// programs that look up their hostname (git, sudo) never ask DNS, and so
+/// never the egress proxy.
+///
+/// Errors: `hosts` cannot be read or written (a missing file is created).
+pub fn hosts_entry(hosts: &Path, name: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let have = match std::fs::read_to_string(hosts) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    let named = have
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .any(|l| l.split_whitespace().skip(1).any(|n| n == name));
+    if named {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(hosts)?;
+    if !have.is_empty() && !have.ends_with('\n') {
+        f.write_all(b"\n")?;
+    }
+    writeln!(f, "127.0.1.1\t{name}")
 }
 
 /// Brings the loopback interface `lo` up (SIOCSIFFLAGS | IFF_UP); the
@@ -308,4 +339,25 @@ pub fn power_off(reboot: bool) {
     let mode = if reboot { RebootMode::RB_AUTOBOOT } else { RebootMode::RB_POWER_OFF };
     let Err(e) = sys_reboot(mode);
     log(format!("reboot(2): {e}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hostname_is_added_to_hosts_once() {
+        let d = tempfile::tempdir().unwrap();
+        let hosts = d.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1\tlocalhost\n# 127.0.1.1 web\n").unwrap();
+        hosts_entry(&hosts, "web").unwrap();
+        hosts_entry(&hosts, "web").unwrap();
+        let t = std::fs::read_to_string(&hosts).unwrap();
+        assert_eq!(t, "127.0.0.1\tlocalhost\n# 127.0.1.1 web\n127.0.1.1\tweb\n", "a comment does not count");
+        hosts_entry(&hosts, "localhost").unwrap();
+        assert_eq!(std::fs::read_to_string(&hosts).unwrap(), t, "an existing name is left alone");
+        let fresh = d.path().join("none");
+        hosts_entry(&fresh, "a").unwrap();
+        assert_eq!(std::fs::read_to_string(&fresh).unwrap(), "127.0.1.1\ta\n");
+    }
 }

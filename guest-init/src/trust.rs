@@ -11,7 +11,10 @@
 //! Programs with bundles of their own are pointed at these by
 //! [`env`] (added to every child's default environment once installed):
 //! `NODE_EXTRA_CA_CERTS` (Node.js), `REQUESTS_CA_BUNDLE` (Python requests
-//! and its certifi), `PIP_CERT` (pip's vendored certifi).
+//! and its certifi), `PIP_CERT` (pip's vendored certifi), `GIT_SSL_CAINFO`
+//! (Debian's git uses libcurl-gnutls, whose system trust needs p11-kit
+//! modules a minimal image lacks: "CAfile: none") and `SSL_CERT_FILE`
+//! (OpenSSL's override, for programs that change their default paths).
 
 use std::io::Write;
 use std::path::Path;
@@ -72,6 +75,8 @@ pub fn env() -> Vec<(String, String)> {
         ("NODE_EXTRA_CA_CERTS".into(), CA_FILE.into()),
         ("REQUESTS_CA_BUNDLE".into(), BUNDLE.into()),
         ("PIP_CERT".into(), BUNDLE.into()),
+        ("GIT_SSL_CAINFO".into(), BUNDLE.into()),
+        ("SSL_CERT_FILE".into(), BUNDLE.into()),
     ]
 }
 

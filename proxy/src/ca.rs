@@ -131,6 +131,10 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<CaPem> {
 /// The loaded CA: signs leaves for the names guests ask for.
 pub struct Authority {
     pem: String,
+    /// The CA certificate as stored (what guests trust, byte for byte).
+    der: CertificateDer<'static>,
+    /// The CA re-made from its parameters to sign with (its own bytes
+    /// differ from `der`: a new signature; never sent).
     issuer: rcgen::Certificate,
     issuer_key: rcgen::KeyPair,
     /// One key for every leaf this proxy makes.
@@ -157,6 +161,7 @@ impl Authority {
         let issuer = params.self_signed(&key).context("loading the CA")?;
         Ok(Self {
             pem: pem.cert.clone(),
+            der: der.clone().into_owned(),
             issuer,
             issuer_key: key,
             leaf_key: rcgen::KeyPair::generate().context("generating the leaf key")?,
@@ -169,16 +174,8 @@ impl Authority {
         &self.pem
     }
 
-    /// A TLS server configuration presenting a leaf for `name` (a DNS name
-    /// or an IP literal: the SAN type follows, RFC 5280 4.2.1.6), offering
-    /// ALPN `h2` and `http/1.1` (the guest's preference decides which).
-    /// Cached per name.
-    ///
-    /// Errors: signing failed, or `name` cannot be a SAN.
-    pub fn server_config(&self, name: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        if let Some(c) = self.leaves.borrow().get(name) {
-            return Ok(c.clone());
-        }
+    /// A leaf for `name` signed by the CA with this proxy's leaf key.
+    fn leaf(&self, name: &str) -> anyhow::Result<rcgen::Certificate> {
         let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).context("leaf name")?;
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(rcgen::DnType::CommonName, name);
@@ -189,8 +186,24 @@ impl Authority {
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::days(1);
         p.not_after = now + time::Duration::days(LEAF_DAYS);
-        let leaf = p.signed_by(&self.leaf_key, &self.issuer, &self.issuer_key).context("signing a leaf")?;
-        let chain = vec![leaf.der().clone(), self.issuer.der().clone()];
+        p.signed_by(&self.leaf_key, &self.issuer, &self.issuer_key).context("signing a leaf")
+    }
+
+    /// A TLS server configuration presenting a leaf for `name` (a DNS name
+    /// or an IP literal: the SAN type follows, RFC 5280 4.2.1.6), offering
+    /// ALPN `h2` and `http/1.1` (the guest's preference decides which).
+    /// Cached per name.
+    ///
+    /// Errors: signing failed, or `name` cannot be a SAN.
+    pub fn server_config(&self, name: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        if let Some(c) = self.leaves.borrow().get(name) {
+            return Ok(c.clone());
+        }
+        let leaf = self.leaf(name)?;
+        // The chain ends in the stored CA certificate, not the re-made
+        // one: GnuTLS (Debian's git, via libcurl-gnutls) refuses a chain
+        // whose self-signed end differs from the trusted anchor it names.
+        let chain = vec![leaf.der().clone(), self.der.clone()];
         let key =
             PrivateKeyDer::try_from(self.leaf_key.serialize_der()).map_err(|e| anyhow::anyhow!("leaf key: {e}"))?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
@@ -365,6 +378,42 @@ mod tests {
             }
         }
         assert!(failed, "a client trusting another CA refuses the leaf");
+    }
+
+    /// The chain a guest gets ends in the CA certificate exactly as stored
+    /// (and trusted), not in the re-made one the leaves are signed with:
+    /// GnuTLS refuses a chain whose self-signed end is not byte for byte
+    /// the anchor (Debian's git failed with "certificate verification
+    /// failed" before this).
+    #[test]
+    fn the_chain_ends_in_the_stored_ca_certificate() {
+        let pem = generate().unwrap();
+        let ca = Authority::new(&pem).unwrap();
+        let roots = Upstream::new(false, &pem.cert).unwrap();
+        let sn = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+        let mut client = rustls::ClientConnection::new(roots.plain.clone(), sn).unwrap();
+        let mut srv = rustls::ServerConnection::new(ca.server_config("api.test").unwrap()).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            srv.read_tls(&mut buf.as_slice()).unwrap();
+            srv.process_new_packets().unwrap();
+            buf.clear();
+            while srv.wants_write() {
+                srv.write_tls(&mut buf).unwrap();
+            }
+            client.read_tls(&mut buf.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() {
+                break;
+            }
+        }
+        let chain = client.peer_certificates().unwrap();
+        let stored = CertificateDer::from_pem_slice(pem.cert.as_bytes()).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1].as_ref(), stored.as_ref(), "the trusted CA certificate, byte for byte");
     }
 
     #[test]

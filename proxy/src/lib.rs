@@ -59,6 +59,16 @@ pub struct Limits {
 /// total bound besides kernel socket buffers).
 pub const LIMITS: Limits = Limits { per_vm: 256, total: 1024 };
 
+/// Ports of protocols where the server speaks first (FTP, SSH, SMTP and
+/// submission, POP3, IMAP, MySQL, VNC): never peeked for TLS to
+/// intercept, since their clients send nothing until the server's banner
+/// (a peek would hold them for the whole peek wait). Other server-first
+/// services wait [`peek::PEEK_WAIT`] once per connection unless a
+/// `noMitm` rule names them. A guest's TLS was measured to start up to
+/// seconds after `connect` under TCG (GnuTLS loading the CA bundle), so a
+/// shorter wait would let TLS through unintercepted.
+pub const SERVER_FIRST_PORTS: &[u16] = &[21, 22, 25, 110, 143, 587, 3306, 5900];
+
 /// The tag prefix of a VM socket on the fd channel: `vm:<name>`.
 pub const VM_TAG: &str = "vm:";
 
@@ -201,12 +211,13 @@ impl ProxyState {
     }
 
     /// Whether a connection to `host`:`port` may be intercepted (and so is
-    /// peeked for a TLS ClientHello): the proxy has a CA, the first rule
-    /// for the host and port does not say `noMitm`, and the connection is
+    /// peeked for a TLS ClientHello): the proxy has a CA, the port is not
+    /// one of [`SERVER_FIRST_PORTS`], the first rule for the host and port
+    /// does not say `noMitm`, and the connection is
     /// not denied outright (some rule on method or path may allow a
     /// request, or the policy does not deny `https` to it).
     pub fn may_intercept(&self, host: &str, port: u16) -> bool {
-        if self.mitm.is_none() {
+        if self.mitm.is_none() || SERVER_FIRST_PORTS.contains(&port) {
             return false;
         }
         let p = self.policy.borrow();

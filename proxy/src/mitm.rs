@@ -74,10 +74,10 @@ pub const DUPLEX_BYTES: usize = 256 * 1024;
 pub const MAX_UPSTREAM: usize = 8;
 /// How long the guest's TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// The placeholder prefix a guest sends for a secret (`Secrets` cap).
-pub const SECRET_PREFIX: &str = "capvisor-secret:";
 /// Longest secret name (schema `SecretInfo.name`).
-pub const MAX_SECRET_NAME: usize = 64;
+pub use capvisor_rpc::secrets::MAX_NAME as MAX_SECRET_NAME;
+/// The placeholder prefix a guest sends for a secret (`Secrets` cap).
+pub use capvisor_rpc::secrets::PLACEHOLDER_PREFIX as SECRET_PREFIX;
 
 /// What an intercepting proxy holds: the CA and the upstream roots.
 pub struct Mitm {

@@ -67,12 +67,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-/// How long a connection is peeked only to find TLS to intercept (no rule
-/// on method or path applies): a client that has sent nothing by then is
-/// taken to speak a server-first protocol and relayed as `tcp`. A `noMitm`
-/// rule for the host skips the wait altogether.
-pub const INTERCEPT_PEEK_WAIT: Duration = Duration::from_secs(1);
-
 /// How long connecting upstream may take, over all addresses tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -222,10 +216,7 @@ impl EgressServer {
         self.vm.next_id.set(id + 1);
         let content = self.state.policy.borrow().needs_peek(&host, port);
         if content || self.state.may_intercept(&host, port) {
-            // Peeking only to find TLS to intercept: a protocol where the
-            // server speaks first (SSH, SMTP) waits this long, not the
-            // full peek bound.
-            let wait = if content { self.state.peek.wait } else { self.state.peek.wait.min(INTERCEPT_PEEK_WAIT) };
+            let wait = self.state.peek.wait;
             let up = Rc::new(Up::new(Phase::Peeking { buf: Vec::new(), eof: false }, self.state.peek.bytes));
             let forget = Forget { vm: self.vm.clone(), id, armed: true };
             let task = tokio::task::spawn_local(peek_then_connect(
