@@ -131,6 +131,14 @@ fn https_from_a_debian_guest_goes_through_the_interception() {
     }
     let get = log.lines().find(|l| l.contains("GET /echo/curl")).expect("the GET");
     assert!(get.split_whitespace().any(|w| w == "200"), "status 200: {get}");
+    // The proxy loaded the system's roots too (it starts under the
+    // worker's Landlock domain, which must let it read the trust store).
+    let mut plog = String::new();
+    for e in std::fs::read_dir(s.state.join("sessions")).unwrap().flatten() {
+        plog += &std::fs::read_to_string(e.path().join("proxy.log")).unwrap_or_default();
+    }
+    assert!(plog.contains("intercepting TLS"), "{plog}");
+    assert!(!plog.contains("Permission denied"), "the proxy could not read the system roots: {plog}");
     // The value is nowhere in the state dir but the sealed store.
     let leaked =
         std::process::Command::new("grep").args(["-rl", "TOPSECRET", s.state.to_str().unwrap()]).output().unwrap();

@@ -18,7 +18,7 @@
 //! | list | paths | why |
 //! |---|---|---|
 //! | exec | capvisor's binary directory, QEMU and the shared-library directories ([`crate::landlock::QemuPolicy::for_qemu`]), `/bin/true`, `mkfs.ext4` ([`MKFS`]) | workers, vmms and QEMU are started from there; the network-namespace probe; formatting a VM's writable layer |
-//! | read | firmware and the loader cache (same), the images' directories, `/proc` (read-write when not root: an unprivileged network namespace writes its id maps there), `/sys`, [`ETC_READ`] (`/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf`, the resolver's files) | VM images; peer credentials and groups; cgroup and CPU facts; user names; the session proxy's name lookups |
+//! | read | firmware and the loader cache (same), the images' directories, `/proc` (read-write when not root: an unprivileged network namespace writes its id maps there), `/sys`, [`ETC_READ`] (`/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf`, the resolver's files), [`TRUST_READ`] (the system's root certificates) | VM images; peer credentials and groups; cgroup and CPU facts; user names; the session proxy's name lookups and upstream TLS roots |
 //! | read-write | the broker's state directory (credential store, audit log, session run directories) or the worker's session run directory; the cgroup file systems (`[confinement] cgroup_root`, default `/sys/fs/cgroup`) | what the service and its children write |
 //! | devices | `/dev/null`, `/dev/kvm` where present | child stdio; the kvm engine and KVM-accelerated QEMU |
 //!
@@ -45,6 +45,19 @@ pub const ETC_READ: &[&str] = &[
     "/etc/hosts",
     "/etc/host.conf",
     "/etc/gai.conf",
+];
+
+/// The system's trust store (those that exist are readable): the session's
+/// egress proxy, a worker's child under its domain, loads the roots it
+/// verifies upstream TLS with (`rustls-native-certs`: Debian's
+/// `/etc/ssl/certs`, whose entries link into `/usr/share/ca-certificates`
+/// and `/usr/local/share/ca-certificates`; Fedora's `/etc/pki`).
+pub const TRUST_READ: &[&str] = &[
+    "/etc/ssl/certs",
+    "/usr/share/ca-certificates",
+    "/usr/local/share/ca-certificates",
+    "/etc/pki/tls/certs",
+    "/etc/pki/ca-trust",
 ];
 
 /// Threads of the calling process (entries of `/proc/self/task`; 0 when
@@ -98,7 +111,7 @@ pub fn service_policy(
             push(&mut p.read_only, dir);
         }
     }
-    for r in ["/sys"].iter().chain(ETC_READ) {
+    for r in ["/sys"].iter().chain(ETC_READ).chain(TRUST_READ) {
         push(&mut p.read_only, Path::new(r));
     }
     // Unprivileged, a fresh network namespace needs a user namespace whose

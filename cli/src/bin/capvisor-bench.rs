@@ -15,7 +15,8 @@
 //! `--cold-image` adds one cold build of the debian image (minutes; module
 //! `images`). `--egress-mib M` (default 256; 0 skips) and
 //! `--egress-requests N` (100): guest traffic through the egress proxy
-//! beside the host's direct traffic (module `egress`).
+//! beside the host's direct traffic (module `egress`); `--egress-only`
+//! runs just that section.
 
 use capvisor_client::{connect, ops};
 use capvisor_rpc::host::host_kvm_usable;
@@ -260,6 +261,18 @@ fn kvm_engine_figures(
 fn main() {
     if std::env::args().any(|a| a == "--cli-only") {
         std::process::exit(rtt::cli_only_main());
+    }
+    if std::env::args().any(|a| a == "--egress-only") {
+        let bin_dir = capvisor_rpc::paths::bin_dir();
+        let work = tempfile::Builder::new().prefix("capvisor-bench.").tempdir().expect("tempdir");
+        let guest_init = std::env::var_os("CAPVISOR_GUEST_INIT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin_dir.join("capvisor-guest-init"));
+        let mib = arg("--egress-mib", 256) as u64;
+        let mut figs = egress::figures(&bin_dir, &guest_init, work.path(), mib, arg("--egress-requests", 100))
+            .expect("egress figures");
+        egress::print(&mut figs);
+        return;
     }
     let boots = arg("--boots", 9);
     let execs = arg("--execs", 200);
