@@ -16,6 +16,9 @@
 //! them at shutdown ([`AuditLog::flush_all`]). At most [`COALESCE_KEYS`]
 //! distinct records are tracked; beyond that records are written as they
 //! come.
+//!
+//! The JSONL is the append-only record; [`crate::audit_db`] keeps a
+//! queryable SQLite index of the same lines ([`AuditLog::with_index`]).
 
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -66,6 +69,23 @@ pub struct AuditRecord {
     /// On a coalesced line: the time of the first repeat, Unix epoch ms.
     #[serde(default, skip_serializing_if = "is_zero_i64")]
     pub since_ms: i64,
+    /// The VM the event concerns (its name in the session), or `""`.
+    /// Absent on lines without one (and on lines older than the field).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vm: String,
+    /// The delegation chain the call came through, outermost grant first
+    /// (issue 10; empty until grants exist). Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<GrantRef>,
+}
+
+/// One grant of a delegation chain, as the audit log names it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct GrantRef {
+    /// The grant's id.
+    pub id: String,
+    /// What its creator called it.
+    pub label: String,
 }
 
 fn is_zero_i64(n: &i64) -> bool {
@@ -104,6 +124,11 @@ impl AuditRecord {
         self.peer = p.into();
         self
     }
+    /// Sets the VM name.
+    pub fn vm(mut self, v: &str) -> Self {
+        self.vm = v.into();
+        self
+    }
 
     fn clamp(&mut self) {
         for f in [
@@ -115,6 +140,7 @@ impl AuditRecord {
             &mut self.outcome,
             &mut self.detail,
             &mut self.peer,
+            &mut self.vm,
         ] {
             if f.chars().count() > MAX_FIELD {
                 *f = f.chars().take(MAX_FIELD).collect::<String>() + "...";
@@ -144,6 +170,8 @@ pub struct AuditLog {
     lost: std::sync::atomic::AtomicU64,
     /// Whether the last write failed.
     failing: std::sync::atomic::AtomicBool,
+    /// The SQLite index every written line is copied to, if any.
+    index: Option<crate::audit_db::AuditIndex>,
 }
 
 impl AuditLog {
@@ -166,7 +194,26 @@ impl AuditLog {
             runs: Default::default(),
             lost: Default::default(),
             failing: Default::default(),
+            index: None,
         })
+    }
+
+    /// Adds the SQLite index at `db` ([`crate::audit_db::AuditIndex::open`]:
+    /// created or rebuilt from this log's file as needed): every line
+    /// written from now on is indexed too. An index that cannot be opened
+    /// is logged (error) and left out: the JSONL goes on alone and
+    /// queries fail with `unavailable`.
+    pub fn with_index(mut self, db: &Path) -> Self {
+        match crate::audit_db::AuditIndex::open(db, &self.path) {
+            Ok(ix) => self.index = Some(ix),
+            Err(e) => tracing::error!("no audit index at {}: {e:#}", db.display()),
+        }
+        self
+    }
+
+    /// The SQLite index, if one is open.
+    pub fn index(&self) -> Option<&crate::audit_db::AuditIndex> {
+        self.index.as_ref()
     }
 
     /// The file's path.
@@ -248,7 +295,12 @@ impl AuditLog {
         line.push(b'\n');
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         match f.write_all(&line) {
-            Ok(()) => self.failing.store(false, Ordering::Relaxed),
+            Ok(()) => {
+                self.failing.store(false, Ordering::Relaxed);
+                if let Some(ix) = &self.index {
+                    ix.insert(rec);
+                }
+            }
             Err(e) => {
                 let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
                 self.failing.store(true, Ordering::Relaxed);

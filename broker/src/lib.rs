@@ -18,12 +18,13 @@
 //! - [`store`]: the credential store (Argon2id, atomic file writes).
 //! - [`token`]: session ids, resume tokens, the hashed token index.
 //! - [`throttle`]: delays for failed password logins.
-//! - [`audit`]: the JSONL audit log.
+//! - [`audit`]: the JSONL audit log; [`audit_db`]: its SQLite index.
 //! - [`launch`]: spawning workers.
 //! - [`volumes`]: persistent volumes; [`secrets`]: the encrypted secret store.
 //! - [`service`]: the session logic; [`server`]: the capnp servers.
 
 pub mod audit;
+pub mod audit_db;
 pub mod config;
 pub mod launch;
 pub mod secrets;

@@ -159,7 +159,8 @@ impl session_host::Server for SessionHostServer {
         let mut rec = AuditRecord::new(&text(ev.get_action())?, &text(ev.get_cap())?, &text(ev.get_method())?, outcome)
             .principal(&self.principal)
             .session(&self.session)
-            .detail(text(ev.get_detail())?);
+            .detail(text(ev.get_detail())?)
+            .vm(&text(ev.get_vm())?);
         if rec.action.is_empty() {
             rec.action = "worker".into();
         }
@@ -317,6 +318,89 @@ impl session_host::Server for SessionHostServer {
             out.set_value(v);
         }
         Ok(())
+    }
+
+    async fn query_audit(
+        self: CapRc<Self>,
+        params: session_host::QueryAuditParams,
+        mut results: session_host::QueryAuditResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let q = crate::audit_db::AuditQuery {
+            since_ms: p.get_since_ms(),
+            until_ms: p.get_until_ms(),
+            vm: text(p.get_vm())?,
+            grant: text(p.get_grant())?,
+            principal: text(p.get_principal())?,
+            action: text(p.get_action())?,
+            limit: p.get_limit(),
+        };
+        let svc = self.svc()?;
+        let res = match (self.bundle.has_cap("audit"), svc.audit_log().index()) {
+            (false, _) => Err(CvError::not_found("this session's bundle does not hold the audit capability")),
+            (true, None) => Err(CvError::unavailable("the audit index is not available (see the broker log)")),
+            (true, Some(ix)) => ix.query(q.clone()).await.map_err(|e| CvError::unavailable(e.to_string())),
+        };
+        let outcome = match &res {
+            Ok(_) => "ok",
+            Err(e) => e.code_name(),
+        };
+        let detail = match &res {
+            Ok(list) => format!("{}; {} entries", describe_query(&q), list.len()),
+            Err(e) => format!("{}; {}", describe_query(&q), e.message),
+        };
+        svc.audit(
+            AuditRecord::new("audit.query", "Audit", "query", outcome)
+                .principal(&self.principal)
+                .session(&self.session)
+                .detail(detail),
+        );
+        let list = res?;
+        let mut b = results.get().init_entries(list.len() as u32);
+        for (i, rec) in list.iter().enumerate() {
+            write_entry(rec, b.reborrow().get(i as u32));
+        }
+        Ok(())
+    }
+}
+
+/// The filters of `q` for an audit line, e.g. `vm=x limit=1000`.
+fn describe_query(q: &crate::audit_db::AuditQuery) -> String {
+    let mut parts = Vec::new();
+    if q.since_ms != 0 {
+        parts.push(format!("since={}", q.since_ms));
+    }
+    if q.until_ms != 0 {
+        parts.push(format!("until={}", q.until_ms));
+    }
+    for (k, v) in [("vm", &q.vm), ("grant", &q.grant), ("principal", &q.principal), ("action", &q.action)] {
+        if !v.is_empty() {
+            parts.push(format!("{k}={v:?}"));
+        }
+    }
+    parts.push(format!("limit={}", q.effective_limit()));
+    parts.join(" ")
+}
+
+/// Fills a schema `AuditEntry` from `rec`.
+fn write_entry(rec: &AuditRecord, mut e: capvisor_rpc::schema::capvisor_capnp::audit_entry::Builder<'_>) {
+    e.set_time_ms(rec.ts_ms);
+    e.set_since_ms(rec.since_ms);
+    e.set_repeated(rec.repeated);
+    e.set_principal(rec.principal.as_str());
+    e.set_session(rec.session.as_str());
+    e.set_action(rec.action.as_str());
+    e.set_cap(rec.cap.as_str());
+    e.set_method(rec.method.as_str());
+    e.set_outcome(rec.outcome.as_str());
+    e.set_detail(rec.detail.as_str());
+    e.set_peer(rec.peer.as_str());
+    e.set_vm(rec.vm.as_str());
+    let mut g = e.init_grants(rec.grants.len() as u32);
+    for (i, grant) in rec.grants.iter().enumerate() {
+        let mut b = g.reborrow().get(i as u32);
+        b.set_id(grant.id.as_str());
+        b.set_label(grant.label.as_str());
     }
 }
 

@@ -190,8 +190,9 @@ impl BrokerService {
             .with_context(|| format!("creating {}", cfg.state_dir.join("volumes").display()))?;
         let secrets = crate::secrets::SecretStore::open(&cfg.state_dir)
             .with_context(|| format!("opening the secret store in {}", cfg.state_dir.display()))?;
-        let audit =
-            AuditLog::open(&cfg.audit_path()).with_context(|| format!("opening {}", cfg.audit_path().display()))?;
+        let audit = AuditLog::open(&cfg.audit_path())
+            .with_context(|| format!("opening {}", cfg.audit_path().display()))?
+            .with_index(&cfg.state_dir.join("audit.sqlite"));
         let store = Arc::new(store);
         {
             let store = store.clone();

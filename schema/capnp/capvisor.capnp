@@ -287,3 +287,42 @@ interface Approvals {
   # notFound when `id` is not pending (already decided, or timed out).
   decide @1 (id :UInt64, decision :ApprovalDecision);
 }
+
+struct GrantRef {
+  # One grant of a delegation chain (issue 10): its id and what its
+  # creator called it.
+  id @0 :Text;
+  label @1 :Text;
+}
+
+struct AuditEntry {
+  # One line of the audit log (broker state/audit.jsonl). A coalesced line
+  # stands for `max(repeated, 1)` equal events from `sinceMs` to `timeMs`.
+  timeMs @0 :Int64;        # Unix epoch ms (of the last event of a coalesced line)
+  sinceMs @1 :Int64;       # coalesced line: the first event's time; 0 otherwise
+  repeated @2 :UInt64;     # coalesced line: how many events it stands for; 0 otherwise
+  principal @3 :Text;      # "<method>:<name>", or "" when unknown
+  session @4 :Text;        # session id (hex) or ""
+  action @5 :Text;         # e.g. "login", "vm.create", "vm.exec", "audit.query"
+  cap @6 :Text;            # interface or cap name, e.g. "VmFactory"
+  method @7 :Text;
+  outcome @8 :Text;        # "ok" or an ErrorCode name ("denied", ...)
+  detail @9 :Text;         # for people; never a secret
+  peer @10 :Text;          # what the gateway saw of the peer, or ""
+  vm @11 :Text;            # the VM's name in its session, or ""
+  grants @12 :List(GrantRef);  # delegation chain, outermost grant first; empty when none
+}
+
+interface Audit {
+  # The install's audit log, queryable (CapSet entry "audit", owner bundle
+  # only). The holder is the operator: it sees every principal's records,
+  # not only its own. Filters combine (AND); 0 or "" = no filter:
+  # `sinceMs`/`untilMs` bound `timeMs` (inclusive, Unix epoch ms), `vm` is
+  # a VM name, `grant` a grant id anywhere in the chain, `principal` and
+  # `action` match exactly. The newest `limit` matching entries come back,
+  # oldest first (newest last); `limit` 0 = 1000, more than 10000 is cut
+  # to 10000 (docs/bounds.md). Each query is itself audited
+  # ("audit.query"); repeats of it are coalesced like any record.
+  query @0 (sinceMs :Int64, untilMs :Int64, vm :Text, grant :Text, principal :Text,
+            action :Text, limit :UInt32) -> (entries :List(AuditEntry));
+}

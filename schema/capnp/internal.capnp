@@ -37,6 +37,7 @@ struct AuditEvent {
   method @2 :Text;
   outcome @3 :AuditOutcome;
   detail @4 :Text;     # never a secret
+  vm @5 :Text;         # the VM the event concerns (its name in the session), "" when none
 }
 
 enum RevokeReason {
@@ -80,6 +81,11 @@ interface SessionHost {
   # Needs no "secrets" in the bundle: the session's proxy asks through the
   # worker's SecretSource for the placeholders its guests send.
   revealSecret @11 (name :Text, host :Text) -> (found :Bool, matched :Bool, value :Data);
+  # Cv.Audit.query for this session (same parameters and answer). notFound
+  # unless the bundle holds "audit"; the query itself is audited
+  # ("audit.query").
+  queryAudit @12 (sinceMs :Int64, untilMs :Int64, vm :Text, grant :Text, principal :Text,
+                  action :Text, limit :UInt32) -> (entries :List(Cv.AuditEntry));
 }
 
 interface SecretSource {
