@@ -143,3 +143,4 @@ pub async fn stream(eg: &egress::Client, host: &str, port: u16) -> Result<tokio:
     });
     Ok(app)
 }
+pub mod tls;
