@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+mod schema;
 mod secret;
 
 #[derive(Parser)]
@@ -72,6 +73,10 @@ enum Cmd {
     Caps,
     /// List the guest images this session may boot (name, kind, kernel, root image size).
     Images,
+    /// Show the interfaces, methods, parameter and result types and docs of this session's
+    /// caps (`schema CAP` for one in full, `--all` for the whole embedded schema, `--json`).
+    #[command(long_about = schema::ABOUT)]
+    Schema(schema::SchemaArgs),
     /// Create, list, use and remove VMs (cap `vms`).
     #[command(subcommand)]
     Vm(VmCmd),
@@ -522,6 +527,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             }
             Ok(0)
         }
+        Cmd::Schema(args) => schema::run(args, socket).await,
         Cmd::Images => {
             let (s, _) = session(socket).await?;
             let images = ops::list_images(&ops::vms(&s)).await?;
