@@ -107,18 +107,10 @@ fn https_upstream(dir: &Path) -> anyhow::Result<(std::process::Child, u16, std::
 /// for an `ssl.SSLContext`).
 fn small_https_script(host: &str, port: u16, n: usize, ctx: &str) -> String {
     format!(
-        "import http.client, ssl, time
-ctx = {ctx}
-ts = []
-for _ in range({n}):
-    t = time.perf_counter()
-             c = http.client.HTTPSConnection('{host}', {port}, timeout=30, context=ctx)
-    c.request('GET', '/small')
-             r = c.getresponse(); r.read(); assert r.status == 404, r.status
-    c.close()
-             ts.append(int((time.perf_counter() - t) * 1e6))
-print(' '.join(map(str, ts)))
-"
+        "import http.client, ssl, time\nctx = {ctx}\nts = []\nfor _ in range({n}):\n    t = time.perf_counter()\n    \
+         c = http.client.HTTPSConnection('{host}', {port}, timeout=30, context=ctx)\n    c.request('GET', '/small')\n    \
+         r = c.getresponse(); r.read(); assert r.status == 404, r.status\n    c.close()\n    \
+         ts.append(int((time.perf_counter() - t) * 1e6))\nprint(' '.join(map(str, ts)))\n"
     )
 }
 
