@@ -87,6 +87,18 @@ fn schema_lists_every_method_of_every_capset_entry() {
         methods += shown.len();
     }
     assert!(methods >= 20, "{methods} methods over {} caps", caps.len());
+    // --json: the same caps, each with its interface's methods and their params schema.
+    let v: serde_json::Value =
+        serde_json::from_slice(&s.cli_ok("owner", &["schema", "--json"], None, 0).stdout).unwrap();
+    let entries = v["caps"].as_array().unwrap();
+    assert_eq!(entries.len(), caps.len());
+    for (e, (name, _, id)) in entries.iter().zip(&caps) {
+        assert_eq!(e["name"], name.as_str());
+        assert_eq!(e["interfaceId"], format!("{id:#018x}"));
+        let ms = e["interface"]["methods"].as_array().unwrap();
+        assert_eq!(ms.len(), schema().interface(*id).unwrap().methods.len(), "{name}");
+        assert!(ms.iter().all(|m| m["paramsSchema"]["type"] == "object"), "{name}");
+    }
 
     // One cap in full, with the interfaces its results return.
     let vms = stdout(&s.cli_ok("owner", &["schema", "vms"], None, 0));
