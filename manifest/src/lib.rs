@@ -29,6 +29,11 @@ pub const KNOWN_CAPS: &[(&str, &str)] = &[
         "Secrets: put, list and remove this principal's secrets; guests see only placeholders the egress proxy \
          replaces for the secret's hosts",
     ),
+    (
+        "audit",
+        "Audit: query the install's audit log by time, VM, grant, principal and action (the holder sees every \
+         principal's records)",
+    ),
 ];
 
 /// Kernel sources an image may name (`[images.NAME] kernel`), with what each one is.

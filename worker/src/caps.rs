@@ -7,7 +7,7 @@ use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
 use capvisor_rpc::schema::capvisor_capnp::{
-    accounts, approvals, cap_set, net_log, net_policy, secrets, session, vm_factory, volumes,
+    accounts, approvals, audit, cap_set, net_log, net_policy, secrets, session, vm_factory, volumes,
 };
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::internal_capnp::{worker, RevokeReason};
@@ -60,6 +60,7 @@ pub fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
         "netlog" => Some((net_log::Client::TYPE_ID, "NetLog")),
         "approvals" => Some((approvals::Client::TYPE_ID, "Approvals")),
         "secrets" => Some((secrets::Client::TYPE_ID, "Secrets")),
+        "audit" => Some((audit::Client::TYPE_ID, "Audit")),
         _ => None,
     }
 }
@@ -114,6 +115,9 @@ impl CapSetImpl {
             }
             "secrets" => {
                 capnp_rpc::new_client::<secrets::Client, _>(crate::secrets::SecretsImpl { st: self.st.clone() }).client
+            }
+            "audit" => {
+                capnp_rpc::new_client::<audit::Client, _>(crate::audit::AuditImpl { st: self.st.clone() }).client
             }
             _ => unreachable!("cap_interface covers every name"),
         })

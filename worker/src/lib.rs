@@ -17,9 +17,11 @@
 //!   `Files`, `ByteSink`s, and the broker's `Accounts`.
 //! - [`volumes`], [`secrets`]: the principal's volumes and secrets, kept
 //!   by the broker.
+//! - [`audit`]: `Audit`, the install's audit log (kept by the broker).
 //! - [`launch`]: [`launch::VmLauncher`], starting a VM's vmm.
 //! - [`serve`]: the worker's main loop (broker connection, attached clients).
 
+pub mod audit;
 pub mod caps;
 pub mod launch;
 pub mod proxy;

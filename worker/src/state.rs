@@ -130,10 +130,27 @@ impl SessionState {
 
     /// Sends an audit event to the broker (which adds principal, session
     /// and time). Fire-and-forget: a failed audit write is logged there.
+    /// For an event about one VM use [`Self::audit_vm`].
     pub fn audit(&self, action: &str, cap: &str, method: &str, outcome: Result<(), &CvError>, detail: &str) {
+        self.audit_vm("", action, cap, method, outcome, detail)
+    }
+
+    /// [`Self::audit`] for an event about VM `vm` (its name in this
+    /// session; `""` for none): the record's `vm` field, which
+    /// `Audit.query` filters on.
+    pub fn audit_vm(
+        &self,
+        vm: &str,
+        action: &str,
+        cap: &str,
+        method: &str,
+        outcome: Result<(), &CvError>,
+        detail: &str,
+    ) {
         let mut req = self.host.audit_request();
         {
             let mut ev = req.get().init_event();
+            ev.set_vm(vm);
             ev.set_action(action);
             ev.set_cap(cap);
             ev.set_method(method);

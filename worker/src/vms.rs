@@ -426,9 +426,9 @@ async fn boot(st: &SessionState, entry: &VmEntry, engine: Engine, timeout: Durat
         entry.vcpus,
         engine != Engine::Kvm,
     )
-    .inspect_err(|e| st.audit("vm.confine", "vms", "create", Err(e), &e.message))?;
+    .inspect_err(|e| st.audit_vm(&entry.name, "vm.confine", "vms", "create", Err(e), &e.message))?;
     tracing::info!(vm = %entry.name, "confinement: {}", confined.report);
-    st.audit("vm.confine", "vms", "create", Ok(()), &format!("{}: {}", entry.name, confined.report));
+    st.audit_vm(&entry.name, "vm.confine", "vms", "create", Ok(()), &format!("{}: {}", entry.name, confined.report));
     let cfg = VmConfig { confine: confined.qemu, ..cfg };
     let mut launched = st.launcher.launch(&cfg)?;
     if let (Some(proxy), Some(fd)) = (&proxy, launched.egress.take()) {
@@ -618,7 +618,7 @@ impl VmFactoryImpl {
                 Err(e) if e.code != ErrorCode::StaleSession => {
                     let first = e.message.lines().next().unwrap_or("").to_string();
                     tracing::warn!(vm = %entry.name, "engine kvm did not boot ({first}); falling back to qemu");
-                    st.audit("vm.create", "vms", "engine-fallback", Err(&e), &first);
+                    st.audit_vm(&entry.name, "vm.create", "vms", "engine-fallback", Err(&e), &first);
                     let _ = std::fs::rename(entry.run_dir.join("console.log"), entry.run_dir.join("console.kvm.log"));
                     st.guard(boot(st, &entry, Engine::Qemu, BOOT_TIMEOUT)).await
                 }
@@ -685,7 +685,7 @@ impl Drop for Unborn {
         }
         if !self.failed {
             tracing::info!(vm = %entry.name, "create cancelled mid-boot; VM forgotten");
-            self.st.audit("vm.create.cancelled", "vms", "create", Ok(()), &entry.name);
+            self.st.audit_vm(&entry.name, "vm.create.cancelled", "vms", "create", Ok(()), &entry.name);
         }
     }
 }
@@ -752,7 +752,11 @@ impl vm_factory::Server for VmFactoryImpl {
         let p = params.get()?;
         let res = self.do_create(p.get_spec()?).await;
         let detail = res.as_ref().err().map(first_line).unwrap_or_default();
-        self.st.audit("vm.create", "vms", "create", res.as_ref().map(|_| ()), &detail);
+        let vm_name = match &res {
+            Ok(e) => e.name.clone(),
+            Err(_) => p.get_spec()?.get_name()?.to_str().unwrap_or("").to_string(),
+        };
+        self.st.audit_vm(&vm_name, "vm.create", "vms", "create", res.as_ref().map(|_| ()), &detail);
         results.get().set_vm(self.vm_cap(res?));
         Ok(())
     }
@@ -803,7 +807,7 @@ impl vm_factory::Server for VmFactoryImpl {
             }
             Err(e) => Err(e),
         };
-        self.st.audit("vm.remove", "vms", "remove", res.as_ref().map(|_| ()), &name);
+        self.st.audit_vm(&name, "vm.remove", "vms", "remove", res.as_ref().map(|_| ()), &name);
         Ok(res?)
     }
 
@@ -873,8 +877,12 @@ impl vm::Server for VmImpl {
             r.set_stdout(SinkWrapper::wrap(&scope, p.get_stdout()?));
             r.set_stderr(SinkWrapper::wrap(&scope, p.get_stderr()?));
         }
-        let resp = scope.forward(req.send().promise).await?;
-        let inner = resp.get()?.get_process()?;
+        let resp = scope.forward(req.send().promise).await;
+        // The program only: arguments and environment may hold secrets.
+        let program = spec.argv.first().map(String::as_str).unwrap_or("");
+        let outcome = resp.as_ref().map(|_| ()).map_err(|e| crate::wrap::relay(e.clone(), true));
+        self.st.audit_vm(&self.entry.name, "vm.exec", "vms", "exec", outcome.as_ref().map(|_| ()), program);
+        let inner = resp?.get()?.get_process()?;
         results.get().set_process(capnp_rpc::new_client(ProcessWrapper { scope, inner }));
         Ok(())
     }
@@ -894,7 +902,8 @@ impl vm::Server for VmImpl {
         req.get().set_down(SinkWrapper::wrap(&scope, p.get_down()?));
         let res = scope.forward(req.send().promise).await;
         let outcome = res.as_ref().map(|_| ()).map_err(|e| crate::wrap::relay(e.clone(), true));
-        self.st.audit(
+        self.st.audit_vm(
+            &self.entry.name,
             "vm.connect",
             "vms",
             "connect",
@@ -918,7 +927,7 @@ impl vm::Server for VmImpl {
         if res.is_ok() {
             stop_vm(&self.entry).await;
         }
-        self.st.audit("vm.stop", "vms", "stop", res.as_ref().map(|_| ()), &self.entry.name);
+        self.st.audit_vm(&self.entry.name, "vm.stop", "vms", "stop", res.as_ref().map(|_| ()), &self.entry.name);
         Ok(res?)
     }
 
