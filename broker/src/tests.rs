@@ -976,3 +976,53 @@ fn secrets_follow_the_bundle_and_never_reach_the_audit_log() {
         assert!(!h.audit_text().contains(VALUE), "the value reached the audit log");
     });
 }
+
+#[test]
+fn query_audit_needs_the_audit_cap_sees_every_principal_and_is_audited() {
+    conn::run_local(async {
+        let h = harness(|_| {});
+        h.svc.store().add("bob", "user", "password-bob").unwrap();
+        let owner = h.svc.login_local(&local_peer(nix::unistd::getuid().as_raw(), 1)).await.unwrap();
+        let user = h.svc.login_password("bob", "password-bob", "p").await.unwrap();
+        // Bob's worker reports an event about VM "x".
+        let mut req = h.host(&user.session_id).audit_request();
+        let mut ev = req.get().init_event();
+        ev.set_action("vm.create");
+        ev.set_cap("vms");
+        ev.set_method("create");
+        ev.set_vm("x");
+        ev.reborrow().init_outcome().set_ok(());
+        req.send().promise.await.unwrap();
+        let query = |session: &str, vm: &str, action: &str| {
+            let mut req = h.host(session).query_audit_request();
+            req.get().set_vm(vm);
+            req.get().set_action(action);
+            async move {
+                let resp = req.send().promise.await.map_err(|e| CvError::from_rpc(&e).expect("a typed error"))?;
+                let list = resp.get().unwrap().get_entries().unwrap();
+                Ok::<_, CvError>(
+                    list.iter()
+                        .map(|e| {
+                            let t = |r: capnp::Result<capnp::text::Reader<'_>>| r.unwrap().to_string().unwrap();
+                            (t(e.get_principal()), t(e.get_action()), t(e.get_vm()))
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            }
+        };
+        // A user bundle has no "audit": notFound, and nothing of the log.
+        assert_eq!(err(query(&user.session_id, "", "").await).code, ErrorCode::NotFound);
+        // The owner sees bob's record, with its VM.
+        let got = query(&owner.session_id, "x", "").await.unwrap();
+        assert_eq!(got, vec![("password:bob".to_string(), "vm.create".to_string(), "x".to_string())]);
+        assert_eq!(query(&owner.session_id, "y", "").await.unwrap(), vec![]);
+        // Both queries were audited, the refused one too.
+        let q = query(&owner.session_id, "", "audit.query").await.unwrap();
+        let principals: Vec<&str> = q.iter().map(|(p, _, _)| p.as_str()).collect();
+        assert!(principals.contains(&"password:bob"), "{q:?}");
+        assert!(principals.contains(&owner.principal.to_string().as_str()), "{q:?}");
+        let lines = h.audit_lines();
+        assert!(lines.iter().any(|l| l["action"] == "audit.query" && l["outcome"] == "notFound"));
+        assert!(lines.iter().any(|l| l["action"] == "vm.create" && l["vm"] == "x"));
+    });
+}
