@@ -105,6 +105,9 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     }
     svc.shutdown().await;
     svc.audit_log().flush_all();
+    if let Some(ix) = svc.audit_log().index() {
+        ix.sync();
+    }
     tracing::info!("broker stopped");
     Ok(())
 }

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+mod audit;
 mod schema;
 mod secret;
 
@@ -77,6 +78,10 @@ enum Cmd {
     /// caps (`schema CAP` for one in full, `--all` for the whole embedded schema, `--json`).
     #[command(long_about = schema::ABOUT)]
     Schema(schema::SchemaArgs),
+    /// Query the audit log by time, VM, grant, principal and action (cap `audit`, owner
+    /// profile: it shows every principal's records).
+    #[command(long_about = audit::ABOUT)]
+    Audit(audit::AuditArgs),
     /// Create, list, use and remove VMs (cap `vms`).
     #[command(subcommand)]
     Vm(VmCmd),
@@ -544,6 +549,10 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
                 );
             }
             Ok(0)
+        }
+        Cmd::Audit(a) => {
+            let (s, _) = session(socket).await?;
+            audit::run(a, &s).await
         }
         Cmd::Vm(v) => vm_cmd(v, socket).await,
         Cmd::Volume(v) => volume_cmd(v, socket).await,
