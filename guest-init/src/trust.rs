@@ -9,7 +9,7 @@
 //!   `ssl`), which is created when the image has none.
 //!
 //! Programs with bundles of their own are pointed at these by
-//! [`env`] (added to every child's default environment once installed):
+//! [`env()`] (added to every child's default environment once installed):
 //! `NODE_EXTRA_CA_CERTS` (Node.js), `REQUESTS_CA_BUNDLE` (Python requests
 //! and its certifi), `PIP_CERT` (pip's vendored certifi), `GIT_SSL_CAINFO`
 //! (Debian's git uses libcurl-gnutls, whose system trust needs p11-kit
@@ -56,7 +56,7 @@ pub fn install_under(root: &Path, pem: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// [`install_under`] `/`; from then on [`env`] adds the variables.
+/// [`install_under`] `/`; from then on [`env()`] adds the variables.
 ///
 /// Errors: as [`install_under`].
 pub fn install(pem: &str) -> std::io::Result<()> {

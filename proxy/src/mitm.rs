@@ -20,14 +20,14 @@
 //!    decide (the HTTP/2 preface, an HTTP/1.x request line, else not HTTP).
 //!    TLS that carries no HTTP is judged as scheme `https` by SNI and port
 //!    alone and relayed over a verified upstream TLS connection.
-//! 3. Each request ([`handle`]): judged on (host, port, `https`, method,
+//! 3. Each request (`handle`): judged on (host, port, `https`, method,
 //!    path as [`crate::peek::judged_path`] gives it); denied: `403` with a
 //!    one-line reason, `ask`: held for an approver (a connection approved
 //!    as a whole is not asked again); secrets replaced; then sent upstream.
 //!    One NetLog entry per request: method, path, status, bytes both ways
 //!    (bodies counted as they stream), the deciding rule.
 //! 4. Upstream: resolved and checked like relayed flows
-//!    ([`crate::relay::connect_upstream`]), TLS verified against the
+//!    (`crate::relay::connect_upstream`), TLS verified against the
 //!    system roots and the manifest's (`crate::ca::Upstream`) for the same
 //!    server name the guest asked for, ALPN `h2`+`http/1.1` for an HTTP/2
 //!    guest and `http/1.1` for an HTTP/1.1 one; hyper translates between
@@ -283,7 +283,7 @@ impl Drop for Tally {
 }
 
 /// A body passed through frame by frame, its data bytes counted into a
-/// [`Tally`] (`up`: guest -> upstream).
+/// `Tally` (`up`: guest -> upstream).
 pub struct Counted {
     inner: Option<Incoming>,
     tally: Rc<Tally>,
