@@ -45,6 +45,10 @@ pub const BATCH: usize = 512;
 pub const QUERY_DEFAULT_LIMIT: u32 = 1000;
 /// Most entries one query returns (a larger `limit` is cut to this).
 pub const QUERY_MAX_LIMIT: u32 = 10_000;
+/// Most bytes of entries one query returns (about, as capnp encodes them):
+/// the newest entries that fit are returned. Half the 16 MiB a client
+/// reads in one message (`capvisor_rpc::conn::UNTRUSTED`).
+pub const QUERY_MAX_BYTES: usize = 8 << 20;
 /// A rebuild logs its progress every this many lines.
 const PROGRESS_EVERY: u64 = 100_000;
 
@@ -65,7 +69,7 @@ pub struct AuditQuery {
     /// Only lines of this action (`vm.create`, ...).
     pub action: String,
     /// Most entries (the newest ones); 0 = [`QUERY_DEFAULT_LIMIT`], at most
-    /// [`QUERY_MAX_LIMIT`].
+    /// [`QUERY_MAX_LIMIT`], and no more than fit in [`QUERY_MAX_BYTES`].
     pub limit: u32,
 }
 
@@ -376,6 +380,16 @@ fn insert_batch(conn: &mut Connection, batch: &[Box<AuditRecord>]) -> rusqlite::
     t.commit()
 }
 
+/// About how many bytes `rec` takes in a capnp `AuditEntry`: its text
+/// (each padded to a word, with its NUL) and 16 words of struct, pointers
+/// and list headers.
+fn entry_bytes(rec: &AuditRecord) -> usize {
+    let text = |s: &str| (s.len() + 8) & !7;
+    let fields = [&rec.principal, &rec.session, &rec.action, &rec.cap, &rec.method, &rec.outcome, &rec.detail];
+    let grants: usize = rec.grants.iter().map(|g| text(&g.id) + text(&g.label) + 16).sum();
+    fields.iter().map(|f| text(f)).sum::<usize>() + text(&rec.peer) + text(&rec.vm) + grants + 128
+}
+
 fn run_query(conn: &Connection, q: &AuditQuery) -> rusqlite::Result<Vec<AuditRecord>> {
     let mut sql = String::from(
         "SELECT ts_ms, since_ms, repeated, principal, session, action, cap, method, outcome, detail, peer, vm, grants
@@ -425,7 +439,17 @@ fn run_query(conn: &Connection, q: &AuditQuery) -> rusqlite::Result<Vec<AuditRec
             grants: serde_json::from_str::<Vec<GrantRef>>(&grants).unwrap_or_default(),
         })
     })?;
-    let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    // Newest first: stop before the answer outgrows what a client reads.
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for r in rows {
+        let r = r?;
+        bytes += entry_bytes(&r);
+        if bytes > QUERY_MAX_BYTES {
+            break;
+        }
+        out.push(r);
+    }
     out.reverse();
     Ok(out)
 }
@@ -573,6 +597,46 @@ mod tests {
         let got = query(&log, AuditQuery::default());
         assert_eq!(got.len(), QUERY_DEFAULT_LIMIT as usize);
         assert_eq!(got.last().unwrap().ts_ms, QUERY_DEFAULT_LIMIT as i64 + 5);
+    }
+
+    #[test]
+    fn a_large_answer_is_cut_to_the_newest_entries_that_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let big = "d".repeat(crate::audit::MAX_FIELD);
+        let n = QUERY_MAX_BYTES / 1024 + 100; // each entry > 1 KiB
+        for i in 0..n as i64 {
+            log.write(AuditRecord {
+                principal: big.clone(),
+                session: big.clone(),
+                detail: big.clone(),
+                ..rec(1 + i, "vm.exec", "", "x")
+            });
+        }
+        let got = query(&log, AuditQuery { limit: QUERY_MAX_LIMIT, ..Default::default() });
+        assert!(got.len() < n && !got.is_empty(), "{} of {n}", got.len());
+        assert!(got.iter().map(entry_bytes).sum::<usize>() <= QUERY_MAX_BYTES);
+        assert_eq!(got.last().unwrap().ts_ms, n as i64, "the newest are kept");
+    }
+
+    #[test]
+    fn a_failed_index_write_loses_no_jsonl_line_and_the_next_start_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            fill(&log);
+            log.index().unwrap().sync();
+            // The index's table vanishes under it: the next inserts fail.
+            let c = Connection::open(dir.path().join("audit.sqlite")).unwrap();
+            c.execute_batch("DROP TABLE audit_grant; DROP TABLE audit;").unwrap();
+            log.write(rec(7_000, "vm.remove", "local:alice", "x"));
+            log.index().unwrap().sync();
+            assert!(log.healthy(), "an index failure does not fail the log");
+        }
+        let lines = jsonl(&dir.path().join("audit.jsonl"));
+        assert_eq!(lines.len(), 7);
+        let got = query(&open(dir.path()), all());
+        assert_eq!(got, lines);
     }
 
     #[test]
