@@ -47,6 +47,11 @@ fn https_from_a_debian_guest_goes_through_the_interception() {
     let out =
         exec(&["curl", "-sS", "--fail", "--noproxy", "*", "-X", "POST", "-d", "hello-body", &up.url("/echo/post")]);
     assert!(out.contains("hello-body"), "{out}");
+    // HTTP/2 from the guest (the upstream speaks HTTP/1.1: the proxy
+    // translates).
+    let out =
+        exec(&["curl", "-sS", "--fail", "--http2", "-o", "/dev/null", "-w", "%{http_version}", &up.url("/echo/h2")]);
+    assert_eq!(out, "2", "the guest spoke HTTP/2 to the proxy");
     // The leaf the guest saw was signed by the capvisor egress CA.
     let out = exec(&[
         "sh",
