@@ -16,7 +16,7 @@
 //!   session, action, cap, method, outcome, detail, peer, vm, grants)`:
 //!   one row per JSONL line, in file order; `grants` is the delegation
 //!   chain as a JSON array of `{"id","label"}`, outermost first (`"[]"`
-//!   when none). Indexed on `ts_ms` and `vm`.
+//!   when none). Indexed on `ts_ms` and on `(vm, ts_ms)`.
 //! - `audit_grant(audit_id, grant_id)`: one row per grant of a line,
 //!   indexed on `grant_id` (queries by grant).
 //! - `meta(key, value)`: `version` (the schema version) and `lines` (how
@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 /// Version of the index's tables; another version in `meta` means rebuild.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Records the writer thread's queue holds; beyond that a record is not
 /// indexed (the JSONL has it; the next start rebuilds).
 pub const QUEUE: usize = 4096;
@@ -301,7 +301,7 @@ CREATE TABLE audit (
   grants TEXT NOT NULL
 );
 CREATE INDEX audit_ts ON audit(ts_ms);
-CREATE INDEX audit_vm ON audit(vm);
+CREATE INDEX audit_vm ON audit(vm, ts_ms);
 CREATE TABLE audit_grant (audit_id INTEGER NOT NULL, grant_id TEXT NOT NULL);
 CREATE INDEX audit_grant_id ON audit_grant(grant_id);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
