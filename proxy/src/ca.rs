@@ -287,6 +287,35 @@ impl Upstream {
 mod tests {
     use super::*;
 
+    /// Runs a TLS handshake in memory; Err: the client refused.
+    fn handshake(
+        client: &mut rustls::ClientConnection,
+        srv: &mut rustls::ServerConnection,
+    ) -> Result<(), rustls::Error> {
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                srv.read_tls(&mut buf.as_slice()).unwrap();
+                srv.process_new_packets().unwrap();
+            }
+            buf.clear();
+            while srv.wants_write() {
+                srv.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                client.read_tls(&mut buf.as_slice()).unwrap();
+                client.process_new_packets()?;
+            }
+            if !client.is_handshaking() && !srv.is_handshaking() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_ca_is_made_once_with_a_private_key_file() {
         use std::os::unix::fs::PermissionsExt;
@@ -329,28 +358,7 @@ mod tests {
             let sn = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
             let mut client = rustls::ClientConnection::new(roots.http11.clone(), sn).unwrap();
             let mut srv = rustls::ServerConnection::new(server).unwrap();
-            let mut buf = Vec::new();
-            for _ in 0..10 {
-                buf.clear();
-                while client.wants_write() {
-                    client.write_tls(&mut buf).unwrap();
-                }
-                if !buf.is_empty() {
-                    srv.read_tls(&mut buf.as_slice()).unwrap();
-                    srv.process_new_packets().unwrap();
-                }
-                buf.clear();
-                while srv.wants_write() {
-                    srv.write_tls(&mut buf).unwrap();
-                }
-                if !buf.is_empty() {
-                    client.read_tls(&mut buf.as_slice()).unwrap();
-                    client.process_new_packets().unwrap();
-                }
-                if !client.is_handshaking() && !srv.is_handshaking() {
-                    break;
-                }
-            }
+            handshake(&mut client, &mut srv).unwrap();
             assert!(!client.is_handshaking(), "{name}: handshake completed");
             assert_eq!(client.alpn_protocol(), Some(ALPN_HTTP11));
         }
@@ -359,24 +367,7 @@ mod tests {
         let sn = rustls::pki_types::ServerName::try_from("api.test").unwrap();
         let mut client = rustls::ClientConnection::new(other.plain.clone(), sn).unwrap();
         let mut srv = rustls::ServerConnection::new(ca.server_config("api.test").unwrap()).unwrap();
-        let mut failed = false;
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut buf).unwrap();
-            }
-            srv.read_tls(&mut buf.as_slice()).unwrap();
-            srv.process_new_packets().unwrap();
-            buf.clear();
-            while srv.wants_write() {
-                srv.write_tls(&mut buf).unwrap();
-            }
-            client.read_tls(&mut buf.as_slice()).unwrap();
-            if client.process_new_packets().is_err() {
-                failed = true;
-                break;
-            }
-        }
+        let failed = handshake(&mut client, &mut srv).is_err();
         assert!(failed, "a client trusting another CA refuses the leaf");
     }
 
@@ -393,23 +384,7 @@ mod tests {
         let sn = rustls::pki_types::ServerName::try_from("api.test").unwrap();
         let mut client = rustls::ClientConnection::new(roots.plain.clone(), sn).unwrap();
         let mut srv = rustls::ServerConnection::new(ca.server_config("api.test").unwrap()).unwrap();
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut buf).unwrap();
-            }
-            srv.read_tls(&mut buf.as_slice()).unwrap();
-            srv.process_new_packets().unwrap();
-            buf.clear();
-            while srv.wants_write() {
-                srv.write_tls(&mut buf).unwrap();
-            }
-            client.read_tls(&mut buf.as_slice()).unwrap();
-            client.process_new_packets().unwrap();
-            if !client.is_handshaking() {
-                break;
-            }
-        }
+        handshake(&mut client, &mut srv).unwrap();
         let chain = client.peer_certificates().unwrap();
         let stored = CertificateDer::from_pem_slice(pem.cert.as_bytes()).unwrap();
         assert_eq!(chain.len(), 2);

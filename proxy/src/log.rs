@@ -58,6 +58,28 @@ pub struct Flow {
     pub detail: String,
 }
 
+impl Flow {
+    /// A flow of VM `vm` to `host`:`port` asked for now, not yet decided
+    /// (no rule, `deny`, nothing else filled in).
+    pub fn asked(vm: &str, host: &str, port: u16) -> Self {
+        Flow {
+            time_ms: capvisor_rpc::now_ms(),
+            vm: vm.to_string(),
+            host: host.to_string(),
+            address: String::new(),
+            port,
+            method: String::new(),
+            path: String::new(),
+            status: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            rule: -1,
+            action: Action::Deny,
+            detail: String::new(),
+        }
+    }
+}
+
 /// `s` cut to at most [`MAX_TEXT`] bytes at a character boundary.
 pub fn bounded(s: &str) -> String {
     let mut end = s.len().min(MAX_TEXT);
@@ -213,21 +235,7 @@ mod tests {
     use super::*;
 
     fn flow(vm: &str, t: i64) -> Flow {
-        Flow {
-            time_ms: t,
-            vm: vm.into(),
-            host: "h.test".into(),
-            address: String::new(),
-            port: 80,
-            method: String::new(),
-            path: String::new(),
-            status: 0,
-            bytes_up: 0,
-            bytes_down: 0,
-            rule: -1,
-            action: Action::Deny,
-            detail: String::new(),
-        }
+        Flow { time_ms: t, ..Flow::asked(vm, "h.test", 80) }
     }
 
     #[test]

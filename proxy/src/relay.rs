@@ -185,21 +185,7 @@ impl EgressServer {
     /// Steps 1-5 of the module docs; returns the `up` sink.
     async fn open(&self, host: &str, port: u16, down: byte_sink::Client) -> CvResult<byte_sink::Client> {
         let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-        let base = Flow {
-            time_ms: capvisor_rpc::now_ms(),
-            vm: self.vm.name.clone(),
-            host: host.clone(),
-            address: String::new(),
-            port,
-            method: String::new(),
-            path: String::new(),
-            status: 0,
-            bytes_up: 0,
-            bytes_down: 0,
-            rule: -1,
-            action: Action::Deny,
-            detail: String::new(),
-        };
+        let base = Flow::asked(&self.vm.name, &host, port);
         let slot = match Slot::take(&self.state, &self.vm) {
             Ok(s) => s,
             Err(e) => {
@@ -580,19 +566,8 @@ impl egress::Server for EgressServer {
             // A refused name is a denied host: it shows in the NetLog (port
             // 0: no connection was asked for yet).
             self.state.record(Flow {
-                time_ms: capvisor_rpc::now_ms(),
-                vm: self.vm.name.clone(),
-                host: crate::log::bounded(&name),
-                address: String::new(),
-                port: 0,
-                method: String::new(),
-                path: String::new(),
-                status: 0,
-                bytes_up: 0,
-                bytes_down: 0,
-                rule: -1,
-                action: Action::Deny,
                 detail: "name refused at DNS: no allow or ask rule names it".to_string(),
+                ..Flow::asked(&self.vm.name, &crate::log::bounded(&name), 0)
             });
         }
         results.get().set_allowed(allowed);
