@@ -29,8 +29,8 @@ interface Gateway {
   # Bootstrap capability of the gateway socket. Every login returns the
   # session (pipelinable) and the facts of the login.
   authMethods @0 () -> (methods :List(AuthMethod));
-  # Authenticates by the connecting process's Unix credentials (SO_PEERCRED).
   loginLocal @1 () -> (session :Session, info :LoginInfo);
+  # Authenticates by the connecting process's Unix credentials (SO_PEERCRED).
   loginPassword @2 (user :Text, password :Text) -> (session :Session, info :LoginInfo);
   resume @3 (token :Text) -> (session :Session, info :LoginInfo);
 }
@@ -45,9 +45,9 @@ struct SessionInfo {
 interface Session {
   info @0 () -> (info :SessionInfo);
   capSet @1 () -> (capSet :CapSet);
+  logout @2 ();
   # Ends the session: every cap of it fails with staleSession, its resume
   # token stops working, its VMs are stopped.
-  logout @2 ();
 }
 
 struct CapEntry {
@@ -59,10 +59,10 @@ struct CapEntry {
 
 interface CapSet {
   list @0 () -> (entries :List(CapEntry));
+  get @1 (capName :Text, interfaceId :UInt64) -> (cap :Capability);
   # Returns the cap named `capName` only if its interface id is
   # `interfaceId`; otherwise notFound or wrongInterface. (Parameters are
   # never called plain `name`: pycapnp reserves that keyword.)
-  get @1 (capName :Text, interfaceId :UInt64) -> (cap :Capability);
 }
 
 enum Engine {
@@ -85,9 +85,9 @@ struct VmSpec {
   memoryMib @2 :UInt32;   # 0: the bundle's default
   vcpus @3 :UInt32;       # 0: 1
   engine @4 :Engine;
+  volumes @5 :List(VolumeMount);
   # Volumes of this principal to attach, each as one more virtio-blk disk
   # that guest-init mounts at `guestPath` before the VM answers (at most 4).
-  volumes @5 :List(VolumeMount);
 }
 
 struct VolumeMount {
@@ -110,16 +110,17 @@ struct VmInfo {
 }
 
 interface VmFactory {
-  # Boots a VM and returns once guest-init answers.
+  # Creates, lists, reaches and removes this session's VMs (CapSet entry "vms").
   create @0 (spec :VmSpec) -> (vm :Vm);
+  # Boots a VM and returns once guest-init answers.
   list @1 () -> (vms :List(VmInfo));
   get @2 (vmName :Text) -> (vm :Vm);
+  remove @3 (vmName :Text);
   # Stops the VM if running and forgets it. Every `Vm` (and `Process`,
   # `Files`) reached for it answers notFound from then on, also if a new VM
   # later takes the same name.
-  remove @3 (vmName :Text);
-  # The images this session may boot (its bundle's list, as built).
   images @4 () -> (images :List(ImageInfo));
+  # The images this session may boot (its bundle's list, as built).
 }
 
 struct ImageInfo {
@@ -137,13 +138,13 @@ interface Vm {
       -> (process :Common.Process);
   files @2 () -> (files :Common.Files);
   stop @3 ();
-  # A no-op round trip to guest-init (measures the data path).
   ping @4 ();
+  # A no-op round trip to guest-init (measures the data path).
+  connect @5 (port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
   # A byte stream to TCP port `port` on the guest's loopback (127.0.0.1),
   # e.g. a server the guest runs: bytes from the guest program go to `down`
   # (done = it closed its write side); write into `up` (done = half-close).
   # Fails with unavailable when nothing listens there.
-  connect @5 (port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
 }
 
 struct AccountInfo {
@@ -180,8 +181,8 @@ interface Volumes {
   create @0 (name :Text, sizeMib :UInt64) -> (volume :Volume);
   list @1 () -> (volumes :List(VolumeInfo));
   get @2 (volumeName :Text) -> (volume :Volume);
-  # Deletes the volume and its data. inUse while a running VM holds it.
   remove @3 (volumeName :Text);
+  # Deletes the volume and its data. inUse while a running VM holds it.
 }
 
 interface Volume {
@@ -204,13 +205,13 @@ interface Secrets {
   # environment variable); the proxy replaces it in the headers of an
   # intercepted HTTPS request whose host matches one of `hosts`, and
   # leaves it (and flags the flow in the NetLog) for any other host.
+  put @0 (name :Text, value :Data, hosts :List(Text));
   # put: replaces a secret of the same name. invalidArgument: a bad name,
   # an empty value or one over 8 KiB, a bad host glob, no hosts. quota: 64
   # secrets per principal.
-  put @0 (name :Text, value :Data, hosts :List(Text));
   list @1 () -> (secrets :List(SecretInfo));
-  # notFound when there is no such secret.
   remove @2 (name :Text);
+  # notFound when there is no such secret.
 }
 
 enum NetAction {
@@ -284,8 +285,8 @@ interface Approvals {
   # Connections this session's `ask` rules hold, oldest first. The guest's
   # connection waits (it is not failed) until a decision or the timeout.
   pending @0 () -> (approvals :List(Approval));
-  # notFound when `id` is not pending (already decided, or timed out).
   decide @1 (id :UInt64, decision :ApprovalDecision);
+  # notFound when `id` is not pending (already decided, or timed out).
 }
 
 struct GrantRef {

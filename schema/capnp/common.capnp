@@ -36,8 +36,8 @@ interface ByteSink {
   # A flow-controlled byte stream (stdout, stderr, file bodies).
   # Writers keep each chunk at or below 64 KiB (capvisor_rpc::CHUNK).
   write @0 (data :Data) -> stream;
-  # End of stream. Returns once the receiver has consumed everything written.
   done @1 ();
+  # End of stream. Returns once the receiver has consumed everything written.
 }
 
 struct EnvVar {
@@ -61,12 +61,12 @@ struct ExecSpec {
     size @6 :PtySize;       # a pseudo-terminal: output (both streams) goes to stdout
   }
   user @7 :Text;            # name or numeric uid to run as (guest /etc/passwd); empty: root
+  secretEnv @8 :List(EnvVar);
   # Secrets as environment variables: each entry's `name` is the variable,
   # its `value` the name of one of the principal's secrets (Cv.Secrets).
   # The worker checks the secret exists (notFound) and sets the variable to
   # the placeholder "capvisor-secret:<secret>"; the guest never gets this
   # field nor the value.
-  secretEnv @8 :List(EnvVar);
 }
 
 struct ExitStatus {
@@ -81,8 +81,8 @@ interface Process {
   # ByteSinks given to exec.
   write @0 (data :Data) -> stream;          # more stdin (keepStdinOpen) or pty input
   closeStdin @1 ();
-  # Returns after the process exited and both output sinks got `done`.
   wait @2 () -> (status :ExitStatus);
+  # Returns after the process exited and both output sinks got `done`.
   kill @3 (signal :Int32);
   resize @4 (size :PtySize);                # pty only
 }
@@ -103,11 +103,11 @@ struct DirEntry {
 
 interface Files {
   # A guest's file system. Paths are absolute guest paths.
-  # Streams the file into `sink` (then `done`); returns the byte count.
   read @0 (path :Text, sink :ByteSink) -> (size :UInt64);
+  # Streams the file into `sink` (then `done`); returns the byte count.
+  write @1 (path :Text, mode :UInt32) -> (sink :ByteSink);
   # Creates or truncates `path` with permission bits `mode`; the caller
   # writes the body into the returned sink and calls done, which returns
   # once the file is written and closed.
-  write @1 (path :Text, mode :UInt32) -> (sink :ByteSink);
   list @2 (path :Text) -> (entries :List(DirEntry));
 }

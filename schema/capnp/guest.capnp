@@ -16,12 +16,12 @@ interface Guest {
   exec @1 (spec :Common.ExecSpec, stdout :Common.ByteSink, stderr :Common.ByteSink)
       -> (process :Common.Process);
   files @2 () -> (files :Common.Files);
+  shutdown @3 (reboot :Bool) -> ();
   # Syncs file systems and powers off (or reboots) the guest. May return
   # before the guest is gone, or the connection may end first.
-  shutdown @3 (reboot :Bool) -> ();
   ping @4 () -> ();
-  # Connects to 127.0.0.1:`port` in the guest (Cv.Vm.connect).
   connect @5 (port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
+  # Connects to 127.0.0.1:`port` in the guest (Cv.Vm.connect).
 }
 
 interface Egress {
@@ -34,12 +34,13 @@ interface Egress {
   # untrusted: `host` is only what it claims to want; the proxy resolves it
   # itself and judges the result.
 
+  resolve @0 (name :Text) -> (allowed :Bool);
   # DNS: whether any rule could allow `name` (a lower-case DNS name without
   # the final dot). false: guest-init answers NXDOMAIN. true: guest-init
   # answers an address of its own (198.18.0.0/15) that it maps back to
   # `name` at connect.
-  resolve @0 (name :Text) -> (allowed :Bool);
 
+  connect @1 (host :Text, port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
   # Opens a connection to `host` (a DNS name the guest resolved through
   # `resolve`, or a dotted IPv4 literal the guest connected to) port
   # `port`. Bytes from upstream go to `down` (done = upstream closed its
@@ -47,10 +48,9 @@ interface Egress {
   # denied (policy, a private or loopback address, the name does not
   # resolve) or unavailable (upstream unreachable); the guest then resets
   # its connection.
-  connect @1 (host :Text, port :UInt16, down :Common.ByteSink) -> (up :Common.ByteSink);
 
+  trust @2 () -> (caCertPem :Text);
   # The CA certificate (PEM) the proxy signs intercepted TLS with, for
   # guest-init to add to the guest's trust store at boot; "" when this
   # session does not intercept TLS.
-  trust @2 () -> (caCertPem :Text);
 }

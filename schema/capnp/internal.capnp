@@ -52,40 +52,40 @@ interface SessionHost {
   # The broker's face to one worker: what that session may ask of the broker.
   logout @0 () -> ();
   audit @1 (event :AuditEvent) -> ();
-  # Fails with notFound unless the session's bundle holds "accounts".
   accounts @2 () -> (accounts :Cv.Accounts);
+  # Fails with notFound unless the session's bundle holds "accounts".
+  reserveVm @3 (memoryMib :UInt32) -> (hold :VmHold);
   # Reserves room for one running VM of `memoryMib` against the budgets
   # that span sessions: the principal's and the host's (manifest [vms] and
   # [bundles.B]). Holding the returned cap keeps the room; dropping it (or
   # the worker's end) gives it back. Fails with quota when a budget would
   # be exceeded.
-  reserveVm @3 (memoryMib :UInt32) -> (hold :VmHold);
+  createVolume @4 (name :Text, sizeMib :UInt64) -> (info :Cv.VolumeInfo);
   # The principal's volumes (Cv.Volumes semantics; the broker keeps them
   # and checks the bundle's [bundles.B] max_volumes and
   # max_volume_total_mib). notFound unless the bundle holds "volumes".
-  createVolume @4 (name :Text, sizeMib :UInt64) -> (info :Cv.VolumeInfo);
   listVolumes @5 () -> (volumes :List(Cv.VolumeInfo));
   removeVolume @6 (name :Text) -> ();
+  attachVolume @7 (name :Text, readOnly :Bool, vm :Text) -> (path :Text, hold :VmHold);
   # Leases volume `name` for VM `vm` of this session: `path` is its file
   # (inside SessionContext.volumeDir). Read-write leases are exclusive,
   # read-only ones shared; a conflict is inUse. Dropping `hold` (or the
   # worker's end) ends the lease.
-  attachVolume @7 (name :Text, readOnly :Bool, vm :Text) -> (path :Text, hold :VmHold);
+  putSecret @8 (name :Text, value :Data, hosts :List(Text)) -> ();
   # The principal's secrets (Cv.Secrets semantics; the broker keeps them
   # encrypted at rest). notFound unless the bundle holds "secrets".
-  putSecret @8 (name :Text, value :Data, hosts :List(Text)) -> ();
   listSecrets @9 () -> (secrets :List(Cv.SecretInfo));
   removeSecret @10 (name :Text) -> ();
+  revealSecret @11 (name :Text, host :Text) -> (found :Bool, matched :Bool, value :Data);
   # The value of secret `name` if `host` matches one of its host globs
   # (`matched`), else no value; `found` false when there is no such secret.
   # Needs no "secrets" in the bundle: the session's proxy asks through the
   # worker's SecretSource for the placeholders its guests send.
-  revealSecret @11 (name :Text, host :Text) -> (found :Bool, matched :Bool, value :Data);
+  queryAudit @12 (sinceMs :Int64, untilMs :Int64, vm :Text, grant :Text, principal :Text,
+                  action :Text, limit :UInt32) -> (entries :List(Cv.AuditEntry));
   # Cv.Audit.query for this session (same parameters and answer). notFound
   # unless the bundle holds "audit"; the query itself is audited
   # ("audit.query").
-  queryAudit @12 (sinceMs :Int64, untilMs :Int64, vm :Text, grant :Text, principal :Text,
-                  action :Text, limit :UInt32) -> (entries :List(Cv.AuditEntry));
 }
 
 interface SecretSource {
@@ -105,9 +105,9 @@ interface Worker {
   # A worker's bootstrap cap toward the broker (the broker offers its
   # SessionHost as its own bootstrap on the same connection).
   session @0 () -> (session :Cv.Session);
+  revoke @1 (reason :RevokeReason) -> ();
   # Revokes the session: caps fail with staleSession, VMs stop, the
   # worker exits once its clients are gone.
-  revoke @1 (reason :RevokeReason) -> ();
 }
 
 struct BootTimes {
@@ -132,15 +132,15 @@ interface Machine {
   # Served by a vmm process (one per VM). The VM boots when the vmm starts;
   # the agent channel is a socket the worker handed the vmm at spawn.
   status @0 () -> (status :MachineStatus);
-  # Graceful (ACPI power button / guest shutdown) for up to `graceMs`, then forced.
   stop @1 (graceMs :UInt32) -> (status :MachineStatus);
+  # Graceful (ACPI power button / guest shutdown) for up to `graceMs`, then forced.
   pause @2 ();
   resume @3 ();
+  consoleTail @4 (maxBytes :UInt32) -> (bytes :Data);
   # The last `maxBytes` bytes of the guest console (serial) log, as written
   # by the guest (not necessarily UTF-8).
-  consoleTail @4 (maxBytes :UInt32) -> (bytes :Data);
-  # Resolves when the machine leaves starting/running/paused.
   waitExit @5 () -> (status :MachineStatus);
+  # Resolves when the machine leaves starting/running/paused.
 }
 
 struct Disk {
@@ -160,17 +160,17 @@ struct VmConfig {
   engine @6 :Cv.Engine;
   extraCmdline @7 :Text;   # appended to the kernel command line
   disks @8 :List(Disk);    # /dev/vda, /dev/vdb, ... in order; at most 8
+  skipNetns @9 :Bool;       # QEMU runs in the host's network namespace
   # How the vmm confines the QEMU it starts (docs/vmm-confinement.md). The
   # worker decided from the manifest's [confinement] and what the host
   # offers; the defaults (false) mean "apply", so a message without them
   # fails closed. A layer to apply that cannot be applied stops the VM.
-  skipNetns @9 :Bool;       # QEMU runs in the host's network namespace
   skipLandlock @10 :Bool;   # QEMU runs without the Landlock ruleset
   cgroup @11 :List(Text);   # the VM's cgroup directories (the vmm is in them; QEMU inherits); empty: none
+  egress @12 :Bool;
   # The guest's egress channel: a second virtio-serial port "capvisor.egress"
   # on the socket the vmm inherited as --egress-fd (the session's proxy
   # holds the other end). false: no such port; the guest has no network.
-  egress @12 :Bool;
 }
 
 struct Confinement {
@@ -240,9 +240,9 @@ interface Proxy {
   policy @0 () -> (policy :Cv.NetPolicy);
   log @1 () -> (log :Cv.NetLog);
   approvals @2 () -> (approvals :Cv.Approvals);
+  setSecretSource @3 (source :SecretSource) -> ();
   # Gives the proxy the session's SecretSource (the worker calls it once,
   # right after spawn). Until then placeholders go out unreplaced.
-  setSecretSource @3 (source :SecretSource) -> ();
 }
 
 struct ProxyConfig {
@@ -252,14 +252,14 @@ struct ProxyConfig {
   resolve @2 :List(ResolveOverride);   # names answered without DNS (tests, local services)
   logCapacity @3 :UInt32;              # NetLog entries kept
   askTimeoutSecs @4 :UInt32;           # how long an `ask` waits for a decision (0: the default, 60 s)
+  caCertPem @5 :Text;
   # TLS interception (issue 9): the install's egress CA (broker
   # state/egress-ca), PEM. Empty: TLS is relayed, never intercepted. The
   # key is the one secret this message holds: the memfd is the proxy's.
-  caCertPem @5 :Text;
   caKeyPem @6 :Text;
+  extraRootsPem @7 :Text;
   # Extra roots upstream TLS is verified against besides the system's
   # (manifest [net] ca_certs), PEM, concatenated.
-  extraRootsPem @7 :Text;
 }
 
 struct ResolveOverride {

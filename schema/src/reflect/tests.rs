@@ -337,3 +337,96 @@ fn deep_nesting_is_bounded() {
     assert_eq!(depth, MAX_STRUCT_DEPTH + 1);
     assert!(cur["description"].as_str().unwrap().contains("not expanded"));
 }
+
+/// The doc of method `m` of interface `iface`.
+fn method_doc(iface: &str, m: &str) -> String {
+    let i = schema().interface_by_name(iface).unwrap_or_else(|| panic!("no interface {iface}"));
+    i.method(m).unwrap_or_else(|| panic!("no method {iface}.{m}")).doc.clone()
+}
+
+/// The doc of field `f` of struct `st`.
+fn field_doc(st: &str, f: &str) -> String {
+    let s = schema().struct_by_name(st).unwrap_or_else(|| panic!("no struct {st}"));
+    s.fields.iter().find(|x| x.name == f).unwrap_or_else(|| panic!("no field {st}.{f}")).doc.clone()
+}
+
+#[test]
+fn docs_sit_on_the_declaration_they_follow() {
+    // capnp attaches a comment to the declaration it follows; comments
+    // written above a method used to land one method early or on the
+    // interface. Each check names the member that used to get it wrong.
+    let s = schema();
+    let starts = |got: String, want: &str, what: &str| {
+        assert!(got.starts_with(want), "{what}: {got:?} does not start with {want:?}");
+    };
+    let vf = s.interface_by_name("VmFactory").unwrap();
+    assert!(vf.doc.contains("this session's VMs") && !vf.doc.contains("Boots"), "VmFactory: {:?}", vf.doc);
+    starts(method_doc("VmFactory", "create"), "Boots a VM and returns once guest-init answers.", "create");
+    assert_eq!(method_doc("VmFactory", "get"), "", "get had remove's text");
+    starts(method_doc("VmFactory", "remove"), "Stops the VM if running and forgets it.", "remove");
+    starts(method_doc("VmFactory", "images"), "The images this session may boot", "images");
+    assert_eq!(method_doc("VmFactory", "list"), "");
+
+    assert_eq!(s.interface_by_name("Vm").unwrap().doc, "One VM for the capability's whole life.");
+    assert_eq!(method_doc("Vm", "stop"), "", "stop had ping's text");
+    starts(method_doc("Vm", "ping"), "A no-op round trip to guest-init", "ping");
+    starts(method_doc("Vm", "connect"), "A byte stream to TCP port `port`", "connect");
+    assert!(method_doc("Vm", "connect").contains("Fails with unavailable when nothing listens there."));
+
+    assert_eq!(method_doc("CapSet", "list"), "", "list had get's text");
+    starts(method_doc("CapSet", "get"), "Returns the cap named `capName`", "CapSet.get");
+
+    let sec = s.interface_by_name("Secrets").unwrap();
+    starts(sec.doc.clone(), "This principal's secrets for the egress proxy", "Secrets");
+    assert!(!sec.doc.contains("put:") && sec.doc.contains("for any other host."), "Secrets: {:?}", sec.doc);
+    starts(method_doc("Secrets", "put"), "put: replaces a secret of the same name.", "put");
+    assert!(method_doc("Secrets", "put").contains("quota: 64"));
+    assert_eq!(method_doc("Secrets", "list"), "", "list had remove's text");
+    assert_eq!(method_doc("Secrets", "remove"), "notFound when there is no such secret.");
+
+    assert_eq!(method_doc("Approvals", "pending"), "", "pending had decide's text");
+    starts(method_doc("Approvals", "decide"), "notFound when `id` is not pending", "decide");
+
+    assert_eq!(s.interface_by_name("Files").unwrap().doc, "A guest's file system. Paths are absolute guest paths.");
+    starts(method_doc("Files", "read"), "Streams the file into `sink`", "Files.read");
+    starts(method_doc("Files", "write"), "Creates or truncates `path`", "Files.write");
+    assert_eq!(method_doc("Process", "closeStdin"), "", "closeStdin had wait's text");
+    starts(method_doc("Process", "wait"), "Returns after the process exited", "wait");
+    assert_eq!(method_doc("ByteSink", "write"), "", "write had done's text");
+    starts(method_doc("ByteSink", "done"), "End of stream.", "done");
+
+    // Fields: a trailing comment alone, the next field's block after it.
+    assert_eq!(field_doc("ExecSpec", "user"), "name or numeric uid to run as (guest /etc/passwd); empty: root");
+    starts(field_doc("ExecSpec", "secretEnv"), "Secrets as environment variables", "secretEnv");
+    assert_eq!(field_doc("VmSpec", "engine"), "", "engine had volumes' text");
+    starts(field_doc("VmSpec", "volumes"), "Volumes of this principal to attach", "volumes");
+
+    // The other files follow the same rule.
+    assert_eq!(method_doc("Guest", "files"), "", "files had shutdown's text");
+    starts(method_doc("Guest", "shutdown"), "Syncs file systems", "shutdown");
+    starts(method_doc("Egress", "resolve"), "DNS: whether any rule could allow", "resolve");
+    starts(method_doc("Machine", "stop"), "Graceful (ACPI power button", "Machine.stop");
+    assert_eq!(method_doc("SessionHost", "audit"), "", "audit had accounts' text");
+    starts(method_doc("SessionHost", "queryAudit"), "Cv.Audit.query for this session", "queryAudit");
+    starts(field_doc("ProxyConfig", "extraRootsPem"), "Extra roots upstream TLS", "extraRootsPem");
+    assert_eq!(field_doc("ProxyConfig", "caKeyPem"), "");
+}
+
+#[test]
+fn no_two_methods_of_an_interface_share_a_doc() {
+    // A comment moved one declaration off shows up as a method with its
+    // neighbour's text; two methods with the same non-empty doc is the
+    // cheapest sign of that (or of a copy-pasted doc).
+    let mut checked = 0;
+    for i in schema().interfaces() {
+        let mut seen: HashMap<&str, &str> = HashMap::new();
+        for m in i.methods.iter().filter(|m| !m.doc.is_empty()) {
+            if let Some(other) = seen.insert(m.doc.as_str(), m.name.as_str()) {
+                panic!("{}.{} and {}.{} share the doc {:?}", i.name, other, i.name, m.name, m.doc);
+            }
+            assert_ne!(m.doc, i.doc, "{}.{} repeats its interface's doc", i.name, m.name);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} documented methods");
+}
