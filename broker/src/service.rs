@@ -948,6 +948,7 @@ impl BrokerService {
             AuditRecord::new("volume.attach", "Volumes", "attach", outcome(&res))
                 .principal(actor)
                 .session(sid)
+                .vm(vm)
                 .detail(format!("{name} to VM {vm} {mode}")),
         );
         res

@@ -25,7 +25,8 @@ fn audit_queries_by_vm_and_time_owner_only_and_survive_a_deleted_index() {
     s.cli_ok("owner", &["login"], None, 0);
     let caps = stdout(&s.cli_ok("owner", &["caps"], None, 0));
     assert!(caps.lines().any(|l| l.starts_with("audit") && l.contains("Audit")), "{caps}");
-    s.cli_ok("owner", &["vm", "create", "--name", "x"], None, 0);
+    s.cli_ok("owner", &["volume", "create", "data", "--size", "16"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "x", "--volume", "data:/data"], None, 0);
     s.cli_ok("owner", &["vm", "create", "--name", "y"], None, 0);
     s.cli_ok("owner", &["vm", "exec", "x", "--", "true"], None, 0);
     s.cli_ok("owner", &["vm", "exec", "y", "--", "true"], None, 0);
@@ -33,6 +34,8 @@ fn audit_queries_by_vm_and_time_owner_only_and_survive_a_deleted_index() {
     let x = query(&s, "owner", &["--vm", "x"]);
     let xa = actions(&x);
     assert!(xa.contains(&"vm.create") && xa.contains(&"vm.exec"), "{x:?}");
+    // The broker's own record of the volume lease names the VM too.
+    assert!(xa.contains(&"volume.attach"), "{x:?}");
     assert!(x.iter().all(|r| r["vm"] == "x"), "only x's records: {x:?}");
     let exec = x.iter().find(|r| r["action"] == "vm.exec").unwrap();
     assert_eq!((exec["outcome"].as_str(), exec["detail"].as_str()), (Some("ok"), Some("true")));
