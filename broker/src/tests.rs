@@ -1024,5 +1024,19 @@ fn query_audit_needs_the_audit_cap_sees_every_principal_and_is_audited() {
         let lines = h.audit_lines();
         assert!(lines.iter().any(|l| l["action"] == "audit.query" && l["outcome"] == "notFound"));
         assert!(lines.iter().any(|l| l["action"] == "vm.create" && l["vm"] == "x"));
+        // Querying for the queries does not amplify: 20 equal queries are
+        // one line and one counted line.
+        for _ in 0..20 {
+            query(&owner.session_id, "", "audit.query").await.unwrap();
+        }
+        h.svc.audit_log().flush_all();
+        let text = h.audit_text();
+        let mine: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("\"audit.query\"") && l.contains("action=\\\"audit.query\\\""))
+            .collect();
+        // The earlier one, this run's first and one counted line.
+        assert_eq!(mine.len(), 3, "{mine:?}");
+        assert!(mine.iter().any(|l| l.contains("\"repeated\":19")), "{mine:?}");
     });
 }
