@@ -106,8 +106,8 @@ pub struct PrincipalBudget {
 
 impl SessionHostServer {
     /// The host of session `session` of `principal`, whose profile has
-    /// `bundle`: its caps decide `accounts`, the volume and the secret
-    /// methods (`revealSecret` excepted), its
+    /// `bundle`: its caps decide `accounts`, `queryAudit`, the volume and
+    /// the secret methods (`revealSecret` excepted), its
     /// limits bound the principal's VMs and volumes across its sessions.
     pub fn new(svc: ServiceRef, session: &str, principal: &str, bundle: &Bundle) -> Self {
         let budget = PrincipalBudget {
