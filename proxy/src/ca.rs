@@ -245,8 +245,8 @@ impl Upstream {
     /// Debian `/etc/ssl/certs`; unreadable ones are skipped and counted in
     /// the log), then every certificate in `extra_pem`.
     ///
-    /// Errors: `extra_pem` holds something that is not a certificate, or
-    /// no root at all was loaded.
+    /// Errors: `extra_pem` holds something that is not a certificate. No
+    /// root at all is logged, not an error (see the code).
     pub fn new(system: bool, extra_pem: &str) -> anyhow::Result<Self> {
         let mut store = rustls::RootCertStore::empty();
         let mut sys = 0;
@@ -264,7 +264,14 @@ impl Upstream {
             store.add(c).context("[net] ca_certs: not a usable CA certificate")?;
             extra += 1;
         }
-        anyhow::ensure!(!store.is_empty(), "no root certificate to verify upstream TLS with");
+        if store.is_empty() {
+            // Egress still works (plain TCP, HTTP, `noMitm` TLS); every
+            // intercepted upstream then fails verification with a 502 that
+            // says so. Refusing to start would take all of that away.
+            tracing::warn!(
+                "no root certificate to verify upstream TLS with (install ca-certificates, or add [net] ca_certs)"
+            );
+        }
         let store = Arc::new(store);
         let make = |alpn: &[&[u8]]| -> anyhow::Result<Arc<rustls::ClientConfig>> {
             let mut c = rustls::ClientConfig::builder_with_provider(provider())
@@ -393,7 +400,7 @@ mod tests {
 
     #[test]
     fn extra_roots_must_be_certificates() {
-        assert!(Upstream::new(false, "").is_err(), "no roots at all");
+        assert_eq!(Upstream::new(false, "").unwrap().roots, (0, 0), "no roots: a warning, not an error");
         let e = Upstream::new(false, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").err().unwrap();
         assert!(e.to_string().contains("ca_certs"), "{e}");
     }
