@@ -205,10 +205,31 @@ impl AuditIndex {
 
     /// Blocks until every record queued so far is written (tests, shutdown).
     pub fn sync(&self) {
-        let Some(tx) = &self.tx else { return };
+        self.sync_timeout(std::time::Duration::MAX);
+    }
+
+    /// [`Self::sync`] for at most about `wait`; returns whether the queue
+    /// drained in time (at shutdown: a stuck disk must not hold the
+    /// broker; what is left is rebuilt from the JSONL at the next start).
+    pub fn sync_timeout(&self, wait: std::time::Duration) -> bool {
+        let Some(tx) = &self.tx else { return false };
         let (stx, srx) = mpsc::sync_channel(1);
-        if tx.send(Msg::Sync(stx)).is_ok() {
-            let _ = srx.recv();
+        let deadline = std::time::Instant::now().checked_add(wait);
+        let mut msg = Msg::Sync(stx);
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(m)) => msg = m,
+                Err(mpsc::TrySendError::Disconnected(_)) => return false,
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        match deadline {
+            None => srx.recv().is_ok(),
+            Some(d) => srx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())).is_ok(),
         }
     }
 }

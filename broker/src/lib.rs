@@ -106,7 +106,9 @@ pub async fn run(gateways_fd: RawFd, config_fd: RawFd) -> anyhow::Result<()> {
     svc.shutdown().await;
     svc.audit_log().flush_all();
     if let Some(ix) = svc.audit_log().index() {
-        ix.sync();
+        if !ix.sync_timeout(std::time::Duration::from_secs(5)) {
+            tracing::warn!("the audit index did not catch up within 5 s; the next start rebuilds it");
+        }
     }
     tracing::info!("broker stopped");
     Ok(())
