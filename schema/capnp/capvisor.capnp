@@ -317,13 +317,14 @@ struct AuditEntry {
 interface Audit {
   # The install's audit log, queryable (CapSet entry "audit", owner bundle
   # only). The holder is the operator: it sees every principal's records,
-  # not only its own. Filters combine (AND); 0 or "" = no filter:
-  # `sinceMs`/`untilMs` bound `timeMs` (inclusive, Unix epoch ms), `vm` is
-  # a VM name, `grant` a grant id anywhere in the chain, `principal` and
-  # `action` match exactly. The newest `limit` matching entries come back,
-  # oldest first (newest last); `limit` 0 = 1000, more than 10000 is cut
-  # to 10000 (docs/bounds.md). Each query is itself audited
-  # ("audit.query"); repeats of it are coalesced like any record.
+  # not only its own. Each query is itself audited ("audit.query"); repeats
+  # of it are coalesced like any record.
   query @0 (sinceMs :Int64, untilMs :Int64, vm :Text, grant :Text, principal :Text,
             action :Text, limit :UInt32) -> (entries :List(AuditEntry));
+  # The newest `limit` entries matching every filter, oldest first (newest
+  # last). 0 or "" = no filter: `sinceMs`/`untilMs` bound `timeMs`
+  # (inclusive, Unix epoch ms), `vm` is a VM name, `grant` a grant id
+  # anywhere in the chain, `principal` and `action` match exactly. `limit`
+  # 0 = 1000, more than 10000 is cut to 10000, and an answer stops at about
+  # 8 MiB of entries (docs/bounds.md).
 }
