@@ -196,29 +196,8 @@ pub fn figures(
             .replace("egress = false", &format!("egress = true\nca_certs = [\"{}\"]", ca_pem.display()))
     );
     std::fs::write(dir.join("manifest.toml"), manifest)?;
-    let socket = dir.join("run/gateway.sock");
-    let mut serve = Command::new(bin_dir.join("capvisor"))
-        .arg("serve")
-        .arg("--manifest")
-        .arg(dir.join("manifest.toml"))
-        .env("CAPVISOR_SOCKET", &socket)
-        .env("CAPVISOR_STATE_DIR", dir.join("state"))
-        .env("CAPVISOR_GUEST_INIT", guest_init)
-        .env("CAPVISOR_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("spawn capvisor serve")?;
-    let _stop_on_panic = super::rtt::StopOnPanic(serve.id());
-    let t0 = Instant::now();
-    while !socket.exists() {
-        ensure!(serve.try_wait()?.is_none(), "capvisor serve exited early");
-        ensure!(t0.elapsed() < Duration::from_secs(900), "capvisor serve did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let serve_pid = serve.id();
     let mut figs = EgressFigures { mib, ..Default::default() };
-
-    // Host direct, first (it does not need the VMs).
+    // Host direct, first: it needs no VM, and a failure here leaves no serve behind.
     let t = Instant::now();
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
     write!(c, "GET /big/{mib} HTTP/1.0\r\n\r\n")?;
@@ -254,6 +233,30 @@ pub fn figures(
     figs.https_small_host =
         String::from_utf8_lossy(&host.stdout).split_whitespace().filter_map(|w| w.parse().ok()).collect();
 
+    let socket = dir.join("run/gateway.sock");
+    let mut serve = Command::new(bin_dir.join("capvisor"))
+        .arg("serve")
+        .arg("--manifest")
+        .arg(dir.join("manifest.toml"))
+        .env("CAPVISOR_SOCKET", &socket)
+        .env("CAPVISOR_STATE_DIR", dir.join("state"))
+        .env("CAPVISOR_GUEST_INIT", guest_init)
+        .env("CAPVISOR_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawn capvisor serve")?;
+    let _stop_on_panic = super::rtt::StopOnPanic(serve.id());
+    let t0 = Instant::now();
+    while !socket.exists() {
+        ensure!(serve.try_wait()?.is_none(), "capvisor serve exited early");
+        if t0.elapsed() > Duration::from_secs(900) {
+            super::rtt::stop_serve(&mut serve);
+            anyhow::bail!("capvisor serve did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let serve_pid = serve.id();
+    // Every error from here on is returned after `stop_serve` below.
     let res = capvisor_rpc::conn::run_local(async {
         let login = connect::login_local(&socket).await?;
         let session = connect::attach(&socket, &login.token).await?;
