@@ -145,6 +145,45 @@ interface Vm {
   # e.g. a server the guest runs: bytes from the guest program go to `down`
   # (done = it closed its write side); write into `up` (done = half-close).
   # Fails with unavailable when nothing listens there.
+  narrow @6 (narrowing :VmNarrowing) -> (vm :Vm);
+  # A new Vm cap for the same VM that allows only what `narrowing` allows
+  # (attenuation: a wrapper object, never a flag on this one). Narrowing a
+  # narrowed cap intersects: the result never allows more than the cap it
+  # came from. A call it does not allow fails with denied; past its expiry
+  # or call budget every call fails with denied. It dies with the session.
+}
+
+enum FilesAccess {
+  none @0;       # Vm.files is denied
+  readOnly @1;   # read and list anywhere; write denied
+  readWrite @2;  # read and list anywhere; write only under writePrefixes
+}
+
+struct VmNarrowing {
+  # What a narrowed Vm (Vm.narrow) still allows; everything else is denied.
+  execAllow @0 :List(Text);
+  # Programs exec may run: argv[0] exactly as given (a name looked up in
+  # the guest's PATH, or an absolute path). Empty: no exec.
+  execUser @1 :Text;
+  # "": as the caller's spec says; else every exec runs as this user and a
+  # spec naming another one is denied.
+  execCwd @2 :Text;
+  # "": as the caller's spec says; else every exec starts here and a spec
+  # naming another directory is denied.
+  allowPty @3 :Bool;
+  # Whether exec may ask for a pseudo-terminal.
+  files @4 :FilesAccess;
+  writePrefixes @5 :List(Text);
+  # With files = readWrite: absolute paths under which write is allowed
+  # (component-wise, after removing "." and refusing ".."); empty: anywhere.
+  allowStop @6 :Bool;
+  ports @7 :List(UInt16);
+  # Guest ports connect may reach; empty: none.
+  expiresAtMs @8 :Int64;
+  # Unix epoch ms after which every call is denied; 0: no expiry of its own.
+  callBudget @9 :UInt64;
+  # Calls this cap (and the caps narrowed from it) may make in all; 0: no
+  # budget of its own.
 }
 
 struct AccountInfo {

@@ -24,6 +24,7 @@
 pub mod audit;
 pub mod caps;
 pub mod launch;
+pub mod narrow;
 pub mod proxy;
 pub mod secrets;
 pub mod serve;

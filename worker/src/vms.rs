@@ -936,6 +936,18 @@ impl vm::Server for VmImpl {
         let g = self.entry.guest()?;
         self.scope().forward(async { g.ping_request().send().promise.await.map(drop) }).await
     }
+
+    /// A narrowed `Vm` over this one (`crate::narrow`). Errors:
+    /// `invalidArgument` for a malformed narrowing; `staleSession`.
+    async fn narrow(self: CapRc<Self>, params: vm::NarrowParams, mut results: vm::NarrowResults) -> capnp::Result<()> {
+        self.check()?;
+        let r = params.get()?.get_narrowing()?;
+        let n = crate::narrow::Narrowing::read(r)?;
+        let inner: vm::Client = capnp_rpc::new_client(VmImpl { st: self.st.clone(), entry: self.entry.clone() });
+        let vm = crate::narrow::narrowed(&self.st, &self.entry.name, inner, n, r.get_call_budget(), None);
+        results.get().set_vm(vm);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -376,3 +376,82 @@ fn running_vms_hold_a_broker_reservation_and_a_refusal_starts_nothing() {
         assert_eq!(echo(&two, "room").await.unwrap(), "room\n");
     });
 }
+
+/// `Vm.narrow` with the given settings (tests build the request by hand;
+/// the CLI's share command is a later slice).
+fn narrow(
+    vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client,
+    exec: &[&str],
+    files: capvisor_rpc::schema::capvisor_capnp::FilesAccess,
+    prefixes: &[&str],
+    budget: u64,
+    expires_at_ms: i64,
+) -> capvisor_rpc::schema::capvisor_capnp::vm::Client {
+    let mut req = vm.narrow_request();
+    {
+        let mut n = req.get().init_narrowing();
+        let mut l = n.reborrow().init_exec_allow(exec.len() as u32);
+        for (i, e) in exec.iter().enumerate() {
+            l.set(i as u32, *e);
+        }
+        n.set_files(files);
+        let mut l = n.reborrow().init_write_prefixes(prefixes.len() as u32);
+        for (i, p) in prefixes.iter().enumerate() {
+            l.set(i as u32, *p);
+        }
+        n.set_call_budget(budget);
+        n.set_expires_at_ms(expires_at_ms);
+    }
+    req.send().pipeline.get_vm()
+}
+
+/// A narrowed `Vm` through the real worker and guest-init: only the
+/// allowed program runs, files are read-only, stop and connect are
+/// denied, narrowing it again cannot widen it, its budget and expiry end
+/// it, each denial is typed and audited, and the session's own cap is
+/// untouched; logout kills the narrowed cap too.
+#[test]
+fn a_narrowed_vm_allows_only_what_it_says() {
+    use capvisor_rpc::schema::capvisor_capnp::FilesAccess;
+    run(async {
+        let env = Worker::with_guest_init("inproc", |_| {});
+        let s = env.attach().await;
+        let vm = ops::create_vm(&ops::vms(&s), &spec("n"));
+        let agent = narrow(&vm, &["echo"], FilesAccess::ReadOnly, &[], 0, 0);
+        assert_eq!(echo(&agent, "allowed").await.unwrap(), "allowed\n");
+        assert_eq!(code(ops::exec_collect(&agent, &["cat"], b"", 1 << 10).await), ErrorCode::Denied);
+        assert_eq!(code(ops::exec_collect(&agent, &["/bin/echo", "x"], b"", 1 << 10).await), ErrorCode::Denied);
+        assert_eq!(code(ops::stop_vm(&agent).await), ErrorCode::Denied);
+        let files = ops::files(&agent);
+        ops::list_dir(&files, "/").await.unwrap();
+        let w = ops::write_file(&files, "/tmp/capvisor-narrow-test", 0o644, &b"no"[..]).await;
+        assert_eq!(code(w), ErrorCode::Denied);
+        assert!(!std::path::Path::new("/tmp/capvisor-narrow-test").exists(), "nothing was written");
+        let (down, _) = CollectSink::client(1 << 10);
+        assert_eq!(code(ops::connect_port(&agent, 22, down).await.map(drop)), ErrorCode::Denied);
+        // Narrowing again with more programs and file access: still only echo, read-only.
+        let wider = narrow(&agent, &["echo", "cat"], FilesAccess::ReadWrite, &["/"], 0, 0);
+        assert_eq!(code(ops::exec_collect(&wider, &["cat"], b"", 1 << 10).await), ErrorCode::Denied);
+        let w = ops::write_file(&ops::files(&wider), "/tmp/capvisor-narrow-test", 0o644, &b"no"[..]).await;
+        assert_eq!(code(w), ErrorCode::Denied);
+        assert_eq!(echo(&wider, "still").await.unwrap(), "still\n");
+        // A budget of 2 calls, then denied; an expiry in the past denies at once.
+        let two = narrow(&vm, &["echo"], FilesAccess::None, &[], 2, 0);
+        ops::ping(&two).await.unwrap();
+        ops::ping(&two).await.unwrap();
+        assert_eq!(code(ops::ping(&two).await), ErrorCode::Denied);
+        let old = narrow(&vm, &["echo"], FilesAccess::None, &[], 0, 1);
+        assert_eq!(code(ops::ping(&old).await), ErrorCode::Denied);
+        // The session's own cap is untouched.
+        let out = ops::exec_collect(&vm, &["cat"], b"own", 1 << 10).await.unwrap();
+        assert_eq!(out.stdout, b"own");
+        {
+            let seen = env.seen.borrow();
+            assert!(seen.audit.contains(&("vm.narrow".into(), "ok".into())));
+            assert!(seen.audit.iter().any(|(a, o)| a == "vm.narrowed.denied" && o == "denied"));
+        }
+        // Logout cuts the narrowed caps with the session.
+        ops::logout(&s).await.unwrap();
+        assert_eq!(code(ops::ping(&agent).await), ErrorCode::StaleSession);
+    });
+}
