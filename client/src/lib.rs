@@ -14,9 +14,12 @@
 //!   an interactive pty session, copies between host and guest files.
 //! - [`ops`]: typed helpers over `CapSet`, `VmFactory`, `Vm`, `Process`,
 //!   `Files`, `Accounts`.
+//! - [`dynamic`]: any method of any cap by name, params and results as
+//!   JSON, through the embedded schema (`capvisor call`, the MCP server).
 
 pub mod config;
 pub mod connect;
+pub mod dynamic;
 pub mod error;
 pub mod ops;
 pub mod stream;

@@ -16,6 +16,9 @@
 //! [`schema()`] parses the request once per process into owned values
 //! ([`Schema`]); lookups are by 64-bit type id or by name (`"VmFactory"`,
 //! `"capvisor.capnp:VmFactory"`, `"VmFactory.create$Params"`).
+//! [`Schema::struct_layout`] gives where a struct's fields sit in a message
+//! (section sizes, slot offsets, the union's discriminant), for code that
+//! reads and writes structs by type id (`capvisor call`).
 #![warn(clippy::all, missing_docs)]
 
 use capnp::schema_capnp::{field, node, type_};
@@ -236,6 +239,50 @@ pub struct EnumInfo {
     pub values: Vec<(String, String)>,
 }
 
+/// Where a struct's fields sit in a message (schema.capnp `Node.struct`
+/// and `Field.slot`): what code that reads or writes a struct by its
+/// type id needs (`capvisor_client::dynamic`). Groups share their parent's
+/// sections, so a group's layout has the parent's sizes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StructLayout {
+    /// Size of the data section, 64-bit words.
+    pub data_words: u16,
+    /// Number of pointers in the pointer section.
+    pub pointers: u16,
+    /// Number of members of the struct's unnamed union (0: no union).
+    pub discriminant_count: u16,
+    /// Where the union's discriminant sits in the data section, in
+    /// multiples of 16 bits (meaningful when `discriminant_count > 0`).
+    pub discriminant_offset: u32,
+    /// One entry per field, in the order of [`StructInfo::fields`].
+    pub fields: Vec<FieldSlot>,
+}
+
+/// Where one field sits: a slot, or a group (whose fields have slots of
+/// their own in the same struct).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FieldSlot {
+    /// A value in the struct's data or pointer section.
+    Slot {
+        /// For a data field: the offset in multiples of the field's own
+        /// size (bits for Bool, bytes for Int8, ...); for a pointer field
+        /// (Text, Data, List, struct, interface, AnyPointer): the pointer
+        /// index. Void fields have offset 0 and take no space.
+        offset: u32,
+        /// For a data field: the raw bits of its default value, as wide as
+        /// the field (Bool 0/1, enums their ordinal, floats their IEEE
+        /// bits); on the wire the field is stored XOR this value. 0 for
+        /// pointer fields.
+        default_bits: u64,
+        /// Whether the schema gives the field an explicit default (`= ...`).
+        /// Pointer defaults are not in [`default_bits`](FieldSlot::Slot::default_bits).
+        explicit_default: bool,
+    },
+    /// A group or named union: its fields are in the group's own
+    /// [`StructLayout`] (same sections as the parent).
+    Group,
+}
+
 /// The parsed schema: every struct, enum and interface node of the
 /// request. Built by [`Schema::parse`]; [`schema()`] holds the embedded one.
 #[derive(Debug, Default)]
@@ -243,6 +290,7 @@ pub struct Schema {
     structs: HashMap<u64, StructInfo>,
     enums: HashMap<u64, EnumInfo>,
     interfaces: BTreeMap<u64, Interface>,
+    layouts: HashMap<u64, StructLayout>,
     names: HashMap<String, u64>,
     /// Interface ids in (file, declaration) order of the request.
     interface_order: Vec<u64>,
@@ -377,10 +425,19 @@ impl Schema {
             if let node::Struct(st) = n.which()? {
                 let (name, file) = short(id)?;
                 let mut fields = Vec::new();
+                let mut slots = Vec::new();
                 for (i, f) in st.get_fields()?.iter().enumerate() {
                     let ty = match f.which()? {
-                        field::Slot(slot) => conv(slot.get_type()?, &s)?,
+                        field::Slot(slot) => {
+                            slots.push(FieldSlot::Slot {
+                                offset: slot.get_offset(),
+                                default_bits: default_bits(slot.get_default_value()?)?,
+                                explicit_default: slot.get_had_explicit_default(),
+                            });
+                            conv(slot.get_type()?, &s)?
+                        }
                         field::Group(g) => {
+                            slots.push(FieldSlot::Group);
                             let gid = g.get_type_id();
                             TypeInfo::Struct { id: gid, name: short(gid)?.0 }
                         }
@@ -395,6 +452,16 @@ impl Schema {
                         discriminant: in_union.then_some(d),
                     });
                 }
+                s.layouts.insert(
+                    id,
+                    StructLayout {
+                        data_words: st.get_data_word_count(),
+                        pointers: st.get_pointer_count(),
+                        discriminant_count: st.get_discriminant_count(),
+                        discriminant_offset: st.get_discriminant_offset(),
+                        fields: slots,
+                    },
+                );
                 s.structs
                     .insert(id, StructInfo { id, name, file, doc: doc_of(id), fields, is_group: st.get_is_group() });
             }
@@ -459,6 +526,13 @@ impl Schema {
     /// The struct (or group, or `$Params`/`$Results`) with type id `id`.
     pub fn struct_info(&self, id: u64) -> Option<&StructInfo> {
         self.structs.get(&id)
+    }
+
+    /// The wire layout of struct (or group) `id`: section sizes, the
+    /// union's discriminant and each field's slot, in the order of
+    /// [`StructInfo::fields`].
+    pub fn struct_layout(&self, id: u64) -> Option<&StructLayout> {
+        self.layouts.get(&id)
     }
 
     /// The enum with type id `id`.
@@ -697,6 +771,27 @@ fn convert_type(
             };
             TypeInfo::AnyPointer { pointer }
         }
+    })
+}
+
+/// The raw bits of a data field's default value (see [`FieldSlot::Slot`]);
+/// 0 for pointer types and Void.
+fn default_bits(v: capnp::schema_capnp::value::Reader<'_>) -> Result<u64, ReflectError> {
+    use capnp::schema_capnp::value;
+    Ok(match v.which()? {
+        value::Bool(b) => u64::from(b),
+        value::Int8(x) => u64::from(x as u8),
+        value::Int16(x) => u64::from(x as u16),
+        value::Int32(x) => u64::from(x as u32),
+        value::Int64(x) => x as u64,
+        value::Uint8(x) => u64::from(x),
+        value::Uint16(x) => u64::from(x),
+        value::Uint32(x) => u64::from(x),
+        value::Uint64(x) => x,
+        value::Float32(x) => u64::from(x.to_bits()),
+        value::Float64(x) => x.to_bits(),
+        value::Enum(x) => u64::from(x),
+        _ => 0,
     })
 }
 

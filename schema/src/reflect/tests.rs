@@ -430,3 +430,69 @@ fn no_two_methods_of_an_interface_share_a_doc() {
     }
     assert!(checked >= 30, "only {checked} documented methods");
 }
+
+#[test]
+fn layouts_match_the_generated_code() {
+    use crate::capvisor_capnp::{vm_info, vm_spec};
+    use crate::common_capnp::{dir_entry, exit_status};
+    use capnp::traits::HasStructSize;
+    let s = schema();
+    let size = |id: u64| {
+        let l = s.struct_layout(id).unwrap();
+        (l.data_words, l.pointers)
+    };
+    let want = |z: capnp::private::layout::StructSize| (z.data, z.pointers);
+    assert_eq!(size(vm_spec::Builder::TYPE_ID), want(vm_spec::Builder::STRUCT_SIZE));
+    assert_eq!(size(vm_info::Builder::TYPE_ID), want(vm_info::Builder::STRUCT_SIZE));
+    assert_eq!(size(exec_spec::Builder::TYPE_ID), want(exec_spec::Builder::STRUCT_SIZE));
+    assert_eq!(size(dir_entry::Builder::TYPE_ID), want(dir_entry::Builder::STRUCT_SIZE));
+    // Every field has a slot or is a group, in the field order.
+    for id in [vm_spec::Builder::TYPE_ID, exec_spec::Builder::TYPE_ID, vm_info::Builder::TYPE_ID] {
+        assert_eq!(s.struct_layout(id).unwrap().fields.len(), s.struct_info(id).unwrap().fields.len());
+    }
+    // ExecSpec: argv is pointer 0, keepStdinOpen bit 0 of the data section,
+    // `pty` a group with a union whose discriminant sits in the data section.
+    let es = s.struct_info(exec_spec::Builder::TYPE_ID).unwrap();
+    let el = s.struct_layout(es.id).unwrap();
+    let at = |n: &str| el.fields[es.fields.iter().position(|f| f.name == n).unwrap()];
+    assert!(matches!(at("argv"), FieldSlot::Slot { offset: 0, default_bits: 0, explicit_default: false }));
+    assert!(matches!(at("keepStdinOpen"), FieldSlot::Slot { offset: 0, .. }));
+    assert_eq!(at("pty"), FieldSlot::Group);
+    let TypeInfo::Struct { id: pty, .. } = es.fields.iter().find(|f| f.name == "pty").unwrap().ty else { panic!() };
+    let pl = s.struct_layout(pty).unwrap();
+    assert_eq!(pl.discriminant_count, 2);
+    assert_eq!((pl.data_words, pl.pointers), (el.data_words, el.pointers), "a group shares its parent's sections");
+    assert!(u32::from(el.data_words) * 4 > pl.discriminant_offset);
+    // ExitStatus: an unnamed union of two Int32s.
+    let ex = s.struct_layout(exit_status::Builder::TYPE_ID).unwrap();
+    assert_eq!(ex.discriminant_count, 2);
+}
+
+#[test]
+fn data_defaults_come_as_raw_bits() {
+    use capnp::schema_capnp::value;
+    let mut m = capnp::message::Builder::new_default();
+    let mut v = m.init_root::<value::Builder<'_>>();
+    v.set_int16(-2);
+    assert_eq!(default_bits(v.reborrow_as_reader()).unwrap(), 0xfffe);
+    v.set_float32(1.5);
+    assert_eq!(default_bits(v.reborrow_as_reader()).unwrap(), u64::from(1.5f32.to_bits()));
+    v.set_bool(true);
+    assert_eq!(default_bits(v.reborrow_as_reader()).unwrap(), 1);
+    v.set_enum(3);
+    assert_eq!(default_bits(v.reborrow_as_reader()).unwrap(), 3);
+    v.set_text("x");
+    assert_eq!(default_bits(v.reborrow_as_reader()).unwrap(), 0);
+    // capvisor's schema gives no field an explicit default today; the
+    // dynamic codec handles data defaults and documents pointer defaults.
+    let s = schema();
+    for i in s.interfaces() {
+        for m in &i.methods {
+            for st in [&m.params, &m.results] {
+                for f in s.struct_layout(st.id).unwrap().fields.iter() {
+                    assert!(!matches!(f, FieldSlot::Slot { explicit_default: true, .. }), "{}", st.name);
+                }
+            }
+        }
+    }
+}
