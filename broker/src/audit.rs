@@ -124,6 +124,12 @@ impl AuditRecord {
         self.peer = p.into();
         self
     }
+    /// Sets the delegation chain: `(id, label)`, outermost grant first.
+    pub fn grants(mut self, chain: &[(String, String)]) -> Self {
+        self.grants = chain.iter().map(|(id, label)| GrantRef { id: id.clone(), label: label.clone() }).collect();
+        self
+    }
+
     /// Sets the VM name.
     pub fn vm(mut self, v: &str) -> Self {
         self.vm = v.into();

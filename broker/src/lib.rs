@@ -26,6 +26,7 @@
 pub mod audit;
 pub mod audit_db;
 pub mod config;
+pub mod grants;
 pub mod launch;
 pub mod secrets;
 pub mod server;

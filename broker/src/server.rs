@@ -29,6 +29,16 @@ macro_rules! write_grant {
     }};
 }
 
+/// Reads a delegation chain (at most 64 grants; longer is refused).
+fn read_chain(
+    list: capnp::struct_list::Reader<'_, capvisor_rpc::schema::capvisor_capnp::grant_ref::Owned>,
+) -> capnp::Result<Vec<(String, String)>> {
+    if list.len() > 64 {
+        return Err(CvError::invalid("a delegation chain of more than 64 grants").into());
+    }
+    list.iter().map(|g| Ok((text(g.get_id())?, text(g.get_label())?))).collect()
+}
+
 /// `Broker`, the gateway's bootstrap cap.
 pub struct BrokerServer {
     svc: Rc<BrokerService>,
@@ -81,6 +91,19 @@ impl broker::Server for BrokerServer {
         let token = p.get_token()?.to_str().unwrap_or("").to_string();
         let (peer, _sock) = self.svc.login_socket(&text(p.get_conn())?, "resume").await?;
         let grant = self.svc.resume(&token, &peer.to_string()).await?;
+        write_grant!(results, grant);
+        Ok(())
+    }
+
+    async fn redeem(
+        self: CapRc<Self>,
+        params: broker::RedeemParams,
+        mut results: broker::RedeemResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let token = p.get_token()?.to_str().unwrap_or("").to_string();
+        let (peer, _sock) = self.svc.login_socket(&text(p.get_conn())?, "redeem").await?;
+        let grant = self.svc.redeem(&token, &peer.to_string()).await?;
         write_grant!(results, grant);
         Ok(())
     }
@@ -164,7 +187,43 @@ impl session_host::Server for SessionHostServer {
         if rec.action.is_empty() {
             rec.action = "worker".into();
         }
+        let chain = read_chain(ev.get_grants()?)?;
+        if let Some((id, _)) = chain.last() {
+            // A call through a grant: the actor is the grant's holder.
+            rec = rec.principal(&format!("grant:{id}")).grants(&chain);
+        }
         self.svc()?.audit(rec);
+        Ok(())
+    }
+
+    async fn add_grant(
+        self: CapRc<Self>,
+        params: session_host::AddGrantParams,
+        mut results: session_host::AddGrantResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let id = text(p.get_grant_id())?;
+        let rec = crate::grants::GrantRecord {
+            session_id: self.session.clone(),
+            grantor: self.principal.clone(),
+            label: text(p.get_label())?,
+            to: text(p.get_to())?,
+            expires_at_ms: p.get_expires_at_ms(),
+            chain: read_chain(p.get_chain()?)?,
+        };
+        let token = self.svc()?.add_grant(&self.session, &id, rec, &text(p.get_what())?)?;
+        results.get().set_token(token.as_str());
+        Ok(())
+    }
+
+    async fn end_grants(
+        self: CapRc<Self>,
+        params: session_host::EndGrantsParams,
+        _: session_host::EndGrantsResults,
+    ) -> capnp::Result<()> {
+        let p = params.get()?;
+        let ids = p.get_grant_ids()?.iter().map(text).collect::<capnp::Result<Vec<_>>>()?;
+        self.svc()?.end_grants(&self.session, &ids, &text(p.get_reason())?);
         Ok(())
     }
 

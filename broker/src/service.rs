@@ -117,6 +117,8 @@ pub struct BrokerService {
     volumes: crate::volumes::VolumeStore,
     /// Every principal's secrets, sealed at rest.
     secrets: crate::secrets::SecretStore,
+    /// Live grants: share tokens and delegate sessions' resume tokens.
+    grants: RefCell<crate::grants::GrantRegistry>,
     /// Client sockets passed by the gateway for login calls, by `conn` id.
     login_sockets: RefCell<HashMap<String, LoginSocket>>,
     /// Wakes login calls waiting for their socket.
@@ -214,6 +216,7 @@ impl BrokerService {
             vm_budget: RefCell::new(VmBudget::default()),
             volumes,
             secrets,
+            grants: RefCell::new(Default::default()),
             login_sockets: RefCell::new(HashMap::new()),
             login_socket_arrived: tokio::sync::Notify::new(),
             shutting_down: Cell::new(false),
@@ -467,6 +470,10 @@ impl BrokerService {
     pub async fn resume(self: &Rc<Self>, token: &str, peer: &str) -> CvResult<Grant> {
         let rec = |outcome: &str| AuditRecord::new("resume", "Gateway", "resume", outcome).peer(peer);
         let Some(s) = self.session_for_token(token) else {
+            let found = self.grants.borrow().by_delegate_token(token, crate::now_ms());
+            if let Some(found) = found {
+                return self.delegate_session(found, token.to_string(), "resume", peer).await;
+            }
             self.audit(rec("staleSession").detail("no live session for this token"));
             return Err(CvError::stale());
         };
@@ -487,6 +494,132 @@ impl BrokerService {
                     rec(e.code_name()).principal(&s.principal.to_string()).session(&s.id).detail(e.message.clone()),
                 );
                 Err(e)
+            }
+        }
+    }
+
+    // ---- grants ---------------------------------------------------------
+
+    /// `Broker.redeem`: a share token into a delegate session on the
+    /// grantor's worker (`Worker.delegate`), with a resume token of its own
+    /// (expiring with the grant). Audited (`grant.redeem`, with the chain).
+    ///
+    /// Errors: `staleSession` for every kind of bad token (unknown,
+    /// expired, revoked, grantor gone; see the module docs); `quota` when
+    /// too many delegate sessions are live.
+    pub async fn redeem(self: &Rc<Self>, token: &str, peer: &str) -> CvResult<Grant> {
+        let found = self.grants.borrow().by_share_token(token, crate::now_ms());
+        let Some(found) = found else {
+            self.audit(
+                AuditRecord::new("grant.redeem", "Gateway", "redeem", "staleSession")
+                    .peer(peer)
+                    .detail("no live grant for this token"),
+            );
+            return Err(CvError::stale());
+        };
+        let minted = self.grants.borrow_mut().redeem(&found.0).map_err(CvError::quota)?;
+        self.delegate_session(found, minted, "redeem", peer).await
+    }
+
+    /// The delegate `Session` of grant `found` from its worker, handed out
+    /// with resume token `token` (`how`: "redeem" or "resume", audited).
+    async fn delegate_session(
+        self: &Rc<Self>,
+        found: crate::grants::Found,
+        token: String,
+        how: &str,
+        peer: &str,
+    ) -> CvResult<Grant> {
+        let (id, g) = found;
+        let principal = Principal::new(AuthMethod::Grant, id.clone());
+        let rec = |outcome: &str| {
+            AuditRecord::new(&format!("grant.{how}"), "Gateway", how, outcome)
+                .peer(peer)
+                .principal(&principal.to_string())
+                .session(&g.session_id)
+                .grants(&g.chain)
+        };
+        let live = self.sessions.borrow().get(&g.session_id).cloned();
+        let Some(s) = live else {
+            self.audit(rec("staleSession").detail("the grantor session ended"));
+            return Err(CvError::stale());
+        };
+        let mut req = s.worker.delegate_request();
+        req.get().set_grant_id(id.as_str());
+        let res = match tokio::time::timeout(WORKER_TIMEOUT, req.send().promise).await {
+            Ok(Ok(r)) => {
+                r.get().and_then(|r| r.get_session()).map_err(|e| CvError::relay(e, |e| CvError::unavailable(e.extra)))
+            }
+            Ok(Err(e)) => Err(CvError::relay(e, |e| CvError::unavailable(format!("worker: {}", e.extra)))),
+            Err(_) => Err(CvError::unavailable("the grantor's worker did not answer")),
+        };
+        match res {
+            Ok(session) => {
+                self.audit(rec("ok").detail(g.label.clone()));
+                Ok(Grant {
+                    session_id: id,
+                    session,
+                    token,
+                    principal,
+                    profile: "delegate".into(),
+                    expires_at_ms: g.expires_at_ms,
+                })
+            }
+            Err(e) => {
+                self.audit(rec(e.code_name()).detail(e.message.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// `SessionHost.addGrant` of session `sid`: registers the grant and
+    /// returns its token. Audited (`grant.create`).
+    ///
+    /// Errors: `quota` past [`crate::grants::MAX_GRANTS_PER_SESSION`];
+    /// `invalidArgument` for a duplicate id; `staleSession` when the
+    /// session is gone.
+    pub fn add_grant(&self, sid: &str, id: &str, rec: crate::grants::GrantRecord, what: &str) -> CvResult<String> {
+        if !self.sessions.borrow().contains_key(sid) {
+            return Err(CvError::stale());
+        }
+        let audit = AuditRecord::new("grant.create", "Shares", "share", "ok")
+            .principal(&rec.grantor)
+            .session(sid)
+            .grants(&rec.chain)
+            .detail(format!(
+                "{:?}{}: {what}",
+                rec.label,
+                if rec.to.is_empty() { String::new() } else { format!(" to {}", rec.to) }
+            ));
+        let res = self.grants.borrow_mut().add(id, rec);
+        match res {
+            Ok(token) => {
+                self.audit(audit);
+                Ok(token)
+            }
+            Err(e) => {
+                let err = if e.contains("too many") { CvError::quota(e) } else { CvError::invalid(e) };
+                self.audit(AuditRecord { outcome: err.code_name().into(), ..audit });
+                Err(err)
+            }
+        }
+    }
+
+    /// `SessionHost.endGrants` of session `sid`: the grants' tokens and
+    /// delegate sessions stop attaching. Audited (`grant.revoke`, or
+    /// `grant.expire` when `reason` is "expired").
+    pub fn end_grants(&self, sid: &str, ids: &[String], reason: &str) {
+        let action = if reason == "expired" { "grant.expire" } else { "grant.revoke" };
+        for id in ids {
+            let rec = self.grants.borrow_mut().end(id);
+            if let Some(g) = rec.filter(|g| g.session_id == sid) {
+                self.audit(
+                    AuditRecord::new(action, "Shares", "revoke", "ok")
+                        .principal(&g.grantor)
+                        .session(sid)
+                        .grants(&g.chain)
+                        .detail(reason),
+                );
             }
         }
     }
@@ -766,6 +899,7 @@ impl BrokerService {
     /// Drops session `id` and its token (worker gone). Audits `session.end`.
     fn forget_session(&self, id: &str, why: &str) {
         self.tokens.borrow_mut().remove(id);
+        self.grants.borrow_mut().end_session(id);
         let s = self.sessions.borrow_mut().remove(id);
         if let Some(s) = s {
             if let Some(t) = s.expiry.borrow_mut().take() {
@@ -823,13 +957,21 @@ impl BrokerService {
     pub async fn attach(self: &Rc<Self>, tag: Vec<u8>, fd: OwnedFd) {
         let peer = socket_peer(&fd);
         let rec = |outcome: &str| AuditRecord::new("attach", "Gateway", "attach", outcome).peer(&peer);
-        let s = std::str::from_utf8(&tag).ok().and_then(|t| self.session_for_token(t));
+        let token = std::str::from_utf8(&tag).unwrap_or("");
+        let mut worker_tag = b"attach".to_vec();
+        let mut s = self.session_for_token(token);
+        if s.is_none() {
+            if let Some((id, g)) = self.grants.borrow().by_delegate_token(token, crate::now_ms()) {
+                s = self.sessions.borrow().get(&g.session_id).cloned();
+                worker_tag = format!("grant:{id}").into_bytes();
+            }
+        }
         let Some(s) = s else {
             self.audit(rec("staleSession").detail("no live session for this token"));
             reply_err(fd, CvError::stale()).await;
             return;
         };
-        match s.attach.send(b"attach", &fd).await {
+        match s.attach.send(&worker_tag, &fd).await {
             Ok(()) => self.audit(rec("ok").principal(&s.principal.to_string()).session(&s.id)),
             Err(e) => {
                 tracing::warn!(session = %s.id, "cannot hand the client to its worker: {e}");

@@ -111,6 +111,23 @@ pub async fn login_password(socket: &Path, user: &str, password: &str) -> Client
     read_login(r.get_session()?, r.get_info()?, c)
 }
 
+/// Redeems a share token (`Gateway.redeem`) into a delegate session: its
+/// principal is `grant:<id>`, its profile `delegate`, and its CapSet holds
+/// exactly the shared caps. Save `resume_token` and [`attach`] with it,
+/// like any login.
+///
+/// Errors: `Domain(staleSession)` for a token that is unknown, expired,
+/// revoked, or whose grantor session ended (one answer for all);
+/// `Disconnected` if the server closed the connection.
+pub async fn redeem(socket: &Path, token: &str) -> ClientResult<LoginInfo> {
+    let (gw, c) = gateway_conn(socket).await?;
+    let mut req = gw.redeem_request();
+    req.get().set_token(token);
+    let resp = req.send().promise.await?;
+    let r = resp.get()?;
+    read_login(r.get_session()?, r.get_info()?, c)
+}
+
 /// Attaches to the session of `token`: the gateway hands this connection
 /// to the session's worker, whose `Session` becomes our bootstrap cap.
 ///

@@ -509,6 +509,28 @@ impl gateway::Server for GatewayServer {
         self.logged_in.set(true);
         Ok(())
     }
+
+    /// A share token into a delegate session (the broker decides; every bad
+    /// token is `staleSession`). Not an auth method the manifest lists: a
+    /// token is a capability, valid whatever `--auth` offers.
+    async fn redeem(
+        self: CapRc<Self>,
+        params: gateway::RedeemParams,
+        mut results: gateway::RedeemResults,
+    ) -> capnp::Result<()> {
+        let token = params.get()?.get_token()?;
+        if token.as_bytes().len() > capvisor_rpc::attach::MAX_TOKEN {
+            return Err(CvError::stale().into());
+        }
+        let conn = self.hand_over().await?;
+        let mut req = self.broker.redeem_request();
+        req.get().set_token(token);
+        req.get().set_conn(conn.as_str());
+        let resp = req.send().promise.await?;
+        copy_login!(resp.get()?, results.get())?;
+        self.logged_in.set(true);
+        Ok(())
+    }
 }
 
 /// Parses `--auth` values: each must be in [`KNOWN_METHODS`].

@@ -29,6 +29,7 @@ pub const KNOWN_CAPS: &[(&str, &str)] = &[
         "Secrets: put, list and remove this principal's secrets; guests see only placeholders the egress proxy \
          replaces for the secret's hosts",
     ),
+    ("shares", "Shares: hand narrowed caps to someone else as grants (a token, or a principal), list and revoke them"),
     (
         "audit",
         "Audit: query the install's audit log by time, VM, grant, principal and action (the holder sees every \
@@ -1062,7 +1063,8 @@ mod tests {
     fn rejects_bad_references() {
         let bad = DEFAULT_TOML.replace("bundle = \"user\"", "bundle = \"nope\"");
         assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("nope"));
-        let bad = DEFAULT_TOML.replace("caps = [\"vms\", \"volumes\", \"netlog\"]", "caps = [\"vms\", \"root\"]");
+        let bad =
+            DEFAULT_TOML.replace("caps = [\"vms\", \"volumes\", \"netlog\", \"shares\"]", "caps = [\"vms\", \"root\"]");
         assert!(Manifest::parse(&bad).unwrap_err().to_string().contains("root"));
         let bad = DEFAULT_TOML.replace("[gateway]", "[gateway]\nbogus = 1");
         assert!(Manifest::parse(&bad).is_err());

@@ -41,7 +41,8 @@ impl fmt::Display for Principal {
     }
 }
 
-/// Every auth method, in schema order.
+/// Every login method, in schema order (`grant` is not one: a delegate
+/// session comes from `Gateway.redeem`, never from a manifest `auth` list).
 pub const ALL_METHODS: [AuthMethod; 2] = [AuthMethod::Local, AuthMethod::Password];
 
 /// The manifest and display name of an auth method (`"local"`, `"password"`).
@@ -49,6 +50,7 @@ pub fn method_name(m: AuthMethod) -> &'static str {
     match m {
         AuthMethod::Local => "local",
         AuthMethod::Password => "password",
+        AuthMethod::Grant => "grant",
     }
 }
 

@@ -9,6 +9,7 @@ enum AuthMethod {
   # How a principal proved who it is. Only append.
   local @0;      # Unix peer credentials on the gateway socket (SO_PEERCRED)
   password @1;   # a password account in the broker's credential store
+  grant @2;      # a share token redeemed with Gateway.redeem; the name is the grant id
 }
 
 struct Principal {
@@ -33,6 +34,13 @@ interface Gateway {
   # Authenticates by the connecting process's Unix credentials (SO_PEERCRED).
   loginPassword @2 (user :Text, password :Text) -> (session :Session, info :LoginInfo);
   resume @3 (token :Text) -> (session :Session, info :LoginInfo);
+  redeem @4 (token :Text) -> (session :Session, info :LoginInfo);
+  # Redeems a share token (a sturdy ref `Shares.share` printed once) into a
+  # delegate session on the grantor's worker: principal grant:<id>, profile
+  # "delegate", a CapSet holding exactly the shared caps under their names.
+  # The LoginInfo's resumeToken attaches to it like any session's. A token
+  # that is unknown, expired, revoked, or whose grantor session ended gets
+  # staleSession (the same answer in every case).
 }
 
 struct SessionInfo {
@@ -55,6 +63,7 @@ struct CapEntry {
   interfaceId @1 :UInt64;
   interfaceName @2 :Text;
   description @3 :Text;
+  kept @4 :Bool;     # kept by CapSet.keep (not from the bundle or a grant)
 }
 
 interface CapSet {
@@ -63,6 +72,16 @@ interface CapSet {
   # Returns the cap named `capName` only if its interface id is
   # `interfaceId`; otherwise notFound or wrongInterface. (Parameters are
   # never called plain `name`: pycapnp reserves that keyword.)
+  keep @2 (capName :Text, interfaceId :UInt64, cap :Capability);
+  # Keeps `cap` in this session under `capName` (session-local names:
+  # `capvisor call ... --as NAME`), so a later connection of the same
+  # session reaches it with `get` (typed as `interfaceId`, as the keeper
+  # said). Replaces a kept cap of that name. invalidArgument: a name not
+  # [a-z][a-z0-9_-]{0,31}; alreadyExists: the name of a bundle or grant
+  # cap; quota: more than 256 kept caps. Kept caps die with the session
+  # (for a delegate session, with its grant).
+  drop @3 (capName :Text);
+  # Forgets a kept cap. notFound when none is kept under that name.
 }
 
 enum Engine {
@@ -326,6 +345,59 @@ interface Approvals {
   pending @0 () -> (approvals :List(Approval));
   decide @1 (id :UInt64, decision :ApprovalDecision);
   # notFound when `id` is not pending (already decided, or timed out).
+}
+
+struct ShareSpec {
+  # What Shares.share hands out.
+  caps @0 :List(SharedCap);
+  # The caps the recipient's CapSet will hold, 1 to 16. Each must be a
+  # narrowed cap this worker serves (today: a Vm from Vm.narrow), so a
+  # share never carries more than its narrowing allows.
+  label @1 :Text;       # shown in `shares` and the audit chain; at most 128 bytes
+  ttlMs @2 :Int64;      # lifetime, milliseconds, 1 s to the grantor session's end
+  to @3 :Text;
+  # "": a token (printed once); else a principal ("local:alice" or
+  # "password:bob") whose CapSet holds the caps from its next login on.
+  reshare @4 :Bool;     # the recipient may share onward (narrower, shorter)
+}
+
+struct SharedCap {
+  name @0 :Text;        # the entry name in the recipient's CapSet, [a-z][a-z0-9_-]{0,31}
+  cap @1 :Capability;
+}
+
+struct GrantInfo {
+  # One grant as `Shares.list` shows it (never its token).
+  id @0 :Text;             # "g" + 16 hex digits; not a credential
+  label @1 :Text;
+  caps @2 :List(CapEntry); # what the recipient's CapSet holds
+  what @3 :Text;           # the narrowing, for people
+  to @4 :Text;             # "" for a token, else the principal
+  parent @5 :Text;         # the grant this one was made through; "" from the session itself
+  createdAtMs @6 :Int64;   # Unix epoch milliseconds
+  expiresAtMs @7 :Int64;
+  lastUsedMs @8 :Int64;    # last call through it; 0 never
+  calls @9 :UInt64;        # calls through it so far
+  redeemed @10 :UInt32;    # times its token was redeemed
+  revoked @11 :Bool;       # revoked, expired or under a revoked grant
+}
+
+interface Shares {
+  # Delegation (issue 10): hand narrowed caps to someone else as a grant,
+  # list this session's grants, and revoke them (CapSet entry "shares";
+  # a delegate session holds it only when its grant allows resharing).
+  share @0 (spec :ShareSpec) -> (grant :GrantInfo, token :Text);
+  # Makes a grant and returns its token once (empty for `to` a principal).
+  # The grant is served by this worker: revoking it, its expiry, or the end
+  # of the grantor session fails every cap derived from it, calls in flight
+  # included, with staleSession. invalidArgument: a cap that is not a
+  # narrowed cap of this session, a bad name, label or ttl; denied: a cap
+  # of a grant this session cannot share; quota: more than 256 live grants.
+  list @1 () -> (grants :List(GrantInfo));
+  # This session's grants and the ones made through them, newest first.
+  revoke @2 (grantId :Text);
+  # Revokes the grant and every grant made through it. notFound: not a
+  # grant of this session (or made through one).
 }
 
 struct GrantRef {

@@ -22,6 +22,9 @@ interface Broker {
   loginLocal @0 (conn :Text) -> (session :Cv.Session, info :Cv.LoginInfo);
   loginPassword @1 (user :Text, password :Text, conn :Text) -> (session :Cv.Session, info :Cv.LoginInfo);
   resume @2 (token :Text, conn :Text) -> (session :Cv.Session, info :Cv.LoginInfo);
+  redeem @3 (token :Text, conn :Text) -> (session :Cv.Session, info :Cv.LoginInfo);
+  # Cv.Gateway.redeem: a share token into a delegate session on the
+  # grantor's worker (Worker.delegate).
 }
 
 struct AuditOutcome {
@@ -38,6 +41,10 @@ struct AuditEvent {
   outcome @3 :AuditOutcome;
   detail @4 :Text;     # never a secret
   vm @5 :Text;         # the VM the event concerns (its name in the session), "" when none
+  grants @6 :List(Cv.GrantRef);
+  # The delegation chain the call came through, outermost grant first;
+  # empty for the session's own calls. The record's principal is then
+  # grant:<innermost id>.
 }
 
 enum RevokeReason {
@@ -86,6 +93,17 @@ interface SessionHost {
   # Cv.Audit.query for this session (same parameters and answer). notFound
   # unless the bundle holds "audit"; the query itself is audited
   # ("audit.query").
+  addGrant @13 (grantId :Text, label :Text, expiresAtMs :Int64, to :Text,
+                chain :List(Cv.GrantRef), what :Text) -> (token :Text);
+  # Registers a grant the worker made (Cv.Shares.share): the broker mints
+  # its token (returned once; "" for `to` a principal) and keeps only its
+  # hash, until expiry, `endGrants` or the session's end. `chain` is the
+  # grant's own chain (outermost first, ending in it). Audited
+  # ("grant.create"). quota: too many live grants for this session.
+  endGrants @14 (grantIds :List(Text), reason :Text) -> ();
+  # The worker revoked or expired these grants: their tokens and every
+  # delegate session redeemed from them stop attaching. Audited
+  # ("grant.revoke" / "grant.expire").
 }
 
 interface SecretSource {
@@ -108,6 +126,11 @@ interface Worker {
   revoke @1 (reason :RevokeReason) -> ();
   # Revokes the session: caps fail with staleSession, VMs stop, the
   # worker exits once its clients are gone.
+  delegate @2 (grantId :Text) -> (session :Cv.Session);
+  # The delegate Session of grant `grantId` (Cv.Gateway.redeem): its
+  # CapSet holds the grant's caps. staleSession when the grant is revoked,
+  # expired or unknown. A client attaching for it comes on the attach
+  # channel tagged "grant:<grantId>".
 }
 
 struct BootTimes {

@@ -1,17 +1,21 @@
 //! `Session`, `CapSet` and the broker-facing `Worker`.
 
+use crate::grants::{GrantNode, SharesImpl};
 use crate::state::SessionState;
 use crate::vms::{revoke_session, VmFactoryImpl};
 use crate::wrap::{AccountsWrapper, Scope};
 use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
+use capvisor_rpc::principal::Principal;
 use capvisor_rpc::schema::capvisor_capnp::{
-    accounts, approvals, audit, cap_set, net_log, net_policy, secrets, session, vm_factory, volumes,
+    accounts, approvals, audit, cap_set, net_log, net_policy, secrets, session, shares, vm_factory, volumes, AuthMethod,
 };
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use capvisor_rpc::schema::internal_capnp::{worker, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 /// `Session`: the root of what one login holds.
@@ -19,17 +23,41 @@ pub struct SessionImpl {
     /// The session this cap belongs to: its context, VMs and revocation
     /// flag (every call checks it first).
     pub st: Rc<SessionState>,
+    /// For a delegate session (`Gateway.redeem`): the grant it holds.
+    pub grant: Option<Rc<GrantNode>>,
 }
+
+impl SessionImpl {
+    fn check(&self) -> CvResult<()> {
+        self.st.check()?;
+        match &self.grant {
+            Some(g) => g.check(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The profile name of a delegate session.
+pub const DELEGATE_PROFILE: &str = "delegate";
 
 impl session::Server for SessionImpl {
     async fn info(self: CapRc<Self>, _: session::InfoParams, mut results: session::InfoResults) -> capnp::Result<()> {
-        self.st.check()?;
+        self.check()?;
         let ctx = &self.st.ctx;
         let mut i = results.get().init_info();
         i.set_session_id(ctx.session_id.as_str());
-        ctx.principal.write_to(i.reborrow().init_principal());
-        i.set_profile(ctx.profile.as_str());
-        i.set_expires_at_ms(ctx.expires_at_ms);
+        match &self.grant {
+            None => {
+                ctx.principal.write_to(i.reborrow().init_principal());
+                i.set_profile(ctx.profile.as_str());
+                i.set_expires_at_ms(ctx.expires_at_ms);
+            }
+            Some(g) => {
+                Principal::new(AuthMethod::Grant, g.id.as_str()).write_to(i.reborrow().init_principal());
+                i.set_profile(DELEGATE_PROFILE);
+                i.set_expires_at_ms(g.expires_at_ms);
+            }
+        }
         Ok(())
     }
 
@@ -38,15 +66,44 @@ impl session::Server for SessionImpl {
         _: session::CapSetParams,
         mut results: session::CapSetResults,
     ) -> capnp::Result<()> {
-        self.st.check()?;
-        results.get().set_cap_set(capnp_rpc::new_client(CapSetImpl { st: self.st.clone() }));
+        self.check()?;
+        results.get().set_cap_set(capnp_rpc::new_client(CapSetImpl { st: self.st.clone(), grant: self.grant.clone() }));
         Ok(())
     }
 
+    /// Ends the session. For a delegate session nothing of the grantor's
+    /// ends: the client forgets its resume token, which stays valid until
+    /// the grant ends (revoke it with `Shares.revoke`).
     async fn logout(self: CapRc<Self>, _: session::LogoutParams, _: session::LogoutResults) -> capnp::Result<()> {
-        self.st.check()?;
-        revoke_session(&self.st, RevokeReason::Logout).await;
+        self.check()?;
+        if self.grant.is_none() {
+            revoke_session(&self.st, RevokeReason::Logout).await;
+        }
         Ok(())
+    }
+}
+
+/// Most caps one CapSet keeps by name (`CapSet.keep`).
+pub const MAX_KEPT: usize = 256;
+
+/// Caps kept by name (`CapSet.keep`): name -> (interface id the keeper
+/// claimed, cap).
+#[derive(Default)]
+pub struct Kept(RefCell<BTreeMap<String, (u64, capnp::capability::Client)>>);
+
+impl Kept {
+    /// The cap kept under `name`, with its claimed interface id.
+    pub fn get(&self, name: &str) -> Option<(u64, capnp::capability::Client)> {
+        self.0.borrow().get(name).cloned()
+    }
+
+    /// Forgets every kept cap (the session or grant ended).
+    pub fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
+
+    fn names(&self) -> Vec<(String, u64)> {
+        self.0.borrow().iter().map(|(n, (i, _))| (n.clone(), *i)).collect()
     }
 }
 
@@ -61,6 +118,7 @@ pub fn cap_interface(name: &str) -> Option<(u64, &'static str)> {
         "approvals" => Some((approvals::Client::TYPE_ID, "Approvals")),
         "secrets" => Some((secrets::Client::TYPE_ID, "Secrets")),
         "audit" => Some((audit::Client::TYPE_ID, "Audit")),
+        "shares" => Some((shares::Client::TYPE_ID, "Shares")),
         _ => None,
     }
 }
@@ -70,11 +128,86 @@ pub struct CapSetImpl {
     /// The session this cap belongs to: its context, VMs and revocation
     /// flag (every call checks it first).
     pub st: Rc<SessionState>,
+    /// For a delegate session: the grant whose caps it holds (and nothing
+    /// of the bundle).
+    pub grant: Option<Rc<GrantNode>>,
 }
 
 impl CapSetImpl {
-    fn lookup(&self, name: &str, interface_id: u64) -> CvResult<capnp::capability::Client> {
+    fn check(&self) -> CvResult<()> {
         self.st.check()?;
+        match &self.grant {
+            Some(g) => g.check(),
+            None => Ok(()),
+        }
+    }
+
+    fn kept(&self) -> &Kept {
+        match &self.grant {
+            Some(g) => &g.kept,
+            None => &self.st.kept,
+        }
+    }
+
+    /// The fixed entries: the bundle's caps, or a grant's (plus "shares"
+    /// when it may reshare): (name, interface id, interface name, description).
+    fn fixed(&self) -> Vec<(String, u64, &'static str, String)> {
+        let desc = |n: &str| capvisor_manifest::KNOWN_CAPS.iter().find(|(k, _)| *k == n).map(|(_, d)| *d).unwrap_or("");
+        match &self.grant {
+            None => self
+                .st
+                .ctx
+                .bundle
+                .caps
+                .iter()
+                .filter_map(|n| cap_interface(n).map(|(iid, iname)| (n.clone(), iid, iname, desc(n).to_string())))
+                .collect(),
+            Some(g) => {
+                let mut v: Vec<_> = g
+                    .caps
+                    .borrow()
+                    .iter()
+                    .map(|c| (c.name.clone(), c.interface_id, c.interface_name, format!("shared: {}", c.what)))
+                    .collect();
+                if g.reshare && !v.iter().any(|e| e.0 == "shares") {
+                    v.push(("shares".into(), shares::Client::TYPE_ID, "Shares", desc("shares").to_string()));
+                }
+                v
+            }
+        }
+    }
+
+    fn lookup(&self, name: &str, interface_id: u64) -> CvResult<capnp::capability::Client> {
+        self.check()?;
+        let typed = |iid: u64, iname: &str| -> CvResult<()> {
+            if iid != interface_id {
+                return Err(CvError::new(
+                    ErrorCode::WrongInterface,
+                    format!(
+                        "capability {name:?} is a {iname} (interface {iid:#018x}), not interface {interface_id:#018x}"
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(g) = &self.grant {
+            if let Some(c) = g.caps.borrow().iter().find(|c| c.name == name) {
+                typed(c.interface_id, c.interface_name)?;
+                return Ok(c.client.clone());
+            }
+            if name == "shares" && g.reshare {
+                typed(shares::Client::TYPE_ID, "Shares")?;
+                let sh = SharesImpl { st: self.st.clone(), grant: Some(g.clone()) };
+                return Ok(capnp_rpc::new_client::<shares::Client, _>(sh).client);
+            }
+        }
+        if let Some((iid, cap)) = self.kept().get(name) {
+            typed(iid, "kept capability")?;
+            return Ok(cap);
+        }
+        if self.grant.is_some() {
+            return Err(CvError::not_found(format!("this session holds no capability named {name:?}")));
+        }
         let bundle = &self.st.ctx.bundle;
         let Some((iid, iname)) = bundle.has_cap(name).then(|| cap_interface(name)).flatten() else {
             return Err(CvError::not_found(format!("this session holds no capability named {name:?}")));
@@ -119,6 +252,9 @@ impl CapSetImpl {
             "audit" => {
                 capnp_rpc::new_client::<audit::Client, _>(crate::audit::AuditImpl { st: self.st.clone() }).client
             }
+            "shares" => {
+                capnp_rpc::new_client::<shares::Client, _>(SharesImpl { st: self.st.clone(), grant: None }).client
+            }
             _ => unreachable!("cap_interface covers every name"),
         })
     }
@@ -126,17 +262,26 @@ impl CapSetImpl {
 
 impl cap_set::Server for CapSetImpl {
     async fn list(self: CapRc<Self>, _: cap_set::ListParams, mut results: cap_set::ListResults) -> capnp::Result<()> {
-        self.st.check()?;
-        let bundle = &self.st.ctx.bundle;
-        let known: Vec<_> = bundle.caps.iter().filter_map(|n| cap_interface(n).map(|c| (n, c))).collect();
-        let mut list = results.get().init_entries(known.len() as u32);
-        for (i, (name, (iid, iname))) in known.into_iter().enumerate() {
+        self.check()?;
+        let fixed = self.fixed();
+        let kept = self.kept().names();
+        let mut list = results.get().init_entries((fixed.len() + kept.len()) as u32);
+        for (i, (name, iid, iname, desc)) in fixed.into_iter().enumerate() {
             let mut e = list.reborrow().get(i as u32);
             e.set_name(name.as_str());
             e.set_interface_id(iid);
             e.set_interface_name(iname);
-            let desc = capvisor_manifest::KNOWN_CAPS.iter().find(|(k, _)| k == name).map(|(_, d)| *d).unwrap_or("");
-            e.set_description(desc);
+            e.set_description(desc.as_str());
+        }
+        let base = list.len() - kept.len() as u32;
+        for (i, (name, iid)) in kept.into_iter().enumerate() {
+            let mut e = list.reborrow().get(base + i as u32);
+            e.set_name(name.as_str());
+            e.set_interface_id(iid);
+            let iname = capvisor_schema::reflect::schema().interface(iid).map(|i| i.name.as_str()).unwrap_or("");
+            e.set_interface_name(iname);
+            e.set_description("kept with CapSet.keep");
+            e.set_kept(true);
         }
         Ok(())
     }
@@ -145,13 +290,56 @@ impl cap_set::Server for CapSetImpl {
         let p = params.get()?;
         let name = text(p.get_cap_name())?;
         let res = self.lookup(&name, p.get_interface_id());
+        let chain = self.grant.as_ref().map(|g| g.chain()).unwrap_or_default();
         match &res {
-            Ok(_) => self.st.audit("capset.get", &name, "get", Ok(()), ""),
-            Err(e) => self.st.audit("capset.get", &name, "get", Err(e), &e.message),
+            Ok(_) => self.st.audit_chain("", &chain, "capset.get", &name, "get", Ok(()), ""),
+            Err(e) => self.st.audit_chain("", &chain, "capset.get", &name, "get", Err(e), &e.message),
         }
         results.get().init_cap().set_as_capability(res?.hook);
         Ok(())
     }
+
+    async fn keep(self: CapRc<Self>, params: cap_set::KeepParams, _: cap_set::KeepResults) -> capnp::Result<()> {
+        self.check()?;
+        let p = params.get()?;
+        let name = text(p.get_cap_name())?;
+        if !crate::grants::valid_cap_name(&name) {
+            return Err(CvError::invalid(format!("{name:?}: a kept name is [a-z][a-z0-9_-]{{0,31}}")).into());
+        }
+        if self.fixed().iter().any(|e| e.0 == name) {
+            return Err(
+                CvError::new(ErrorCode::AlreadyExists, format!("{name:?} names a capability of this session")).into()
+            );
+        }
+        let cap: capnp::capability::Client = p.get_cap().get_as_capability()?;
+        let mut map = self.kept().0.borrow_mut();
+        if map.len() >= MAX_KEPT && !map.contains_key(&name) {
+            return Err(CvError::quota(format!("at most {MAX_KEPT} kept capabilities")).into());
+        }
+        map.insert(name, (p.get_interface_id(), cap));
+        Ok(())
+    }
+
+    async fn drop(self: CapRc<Self>, params: cap_set::DropParams, _: cap_set::DropResults) -> capnp::Result<()> {
+        self.check()?;
+        let name = text(params.get()?.get_cap_name())?;
+        match self.kept().0.borrow_mut().remove(&name) {
+            Some(_) => Ok(()),
+            None => Err(CvError::not_found(format!("no capability kept under {name:?}")).into()),
+        }
+    }
+}
+
+/// The live grant `id` of this session, counted as redeemed once more.
+///
+/// Errors: `staleSession` when the session, or the grant, ended or never
+/// existed (the same answer in every case).
+pub fn delegate_grant(st: &Rc<SessionState>, id: &str) -> CvResult<Rc<GrantNode>> {
+    st.check()?;
+    let g = st.grants.borrow().get(id).cloned().ok_or_else(CvError::stale)?;
+    g.check()?;
+    g.redeemed.set(g.redeemed.get() + 1);
+    Ok(g)
 }
 
 /// `Worker`: the broker's handle on this worker.
@@ -167,7 +355,18 @@ impl worker::Server for WorkerImpl {
         _: worker::SessionParams,
         mut results: worker::SessionResults,
     ) -> capnp::Result<()> {
-        results.get().set_session(capnp_rpc::new_client(SessionImpl { st: self.st.clone() }));
+        results.get().set_session(capnp_rpc::new_client(SessionImpl { st: self.st.clone(), grant: None }));
+        Ok(())
+    }
+
+    async fn delegate(
+        self: CapRc<Self>,
+        params: worker::DelegateParams,
+        mut results: worker::DelegateResults,
+    ) -> capnp::Result<()> {
+        let id = text(params.get()?.get_grant_id())?;
+        let g = delegate_grant(&self.st, &id)?;
+        results.get().set_session(capnp_rpc::new_client(SessionImpl { st: self.st.clone(), grant: Some(g) }));
         Ok(())
     }
 

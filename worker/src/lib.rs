@@ -11,7 +11,8 @@
 //! in flight are cut off too ([`state::SessionState::guard`]).
 //!
 //! - [`state`]: session state, revocation, audit.
-//! - [`caps`]: `Session`, `CapSet`, `Worker`.
+//! - [`caps`]: `Session`, `CapSet` (kept caps), `Worker`.
+//! - [`grants`]: `Shares`: grants of narrowed caps, their tree and revocation.
 //! - [`vms`]: `VmFactory`, `Vm`, VM lifecycle (spawning `capvisor-vmm`).
 //! - [`wrap`]: the membrane: revocable wrappers around guest `Process`,
 //!   `Files`, `ByteSink`s, and the broker's `Accounts`.
@@ -23,6 +24,7 @@
 
 pub mod audit;
 pub mod caps;
+pub mod grants;
 pub mod launch;
 pub mod narrow;
 pub mod proxy;

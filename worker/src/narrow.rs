@@ -32,7 +32,9 @@
 //! guest-init resolves paths beneath the prefix (openat2
 //! `RESOLVE_BENEATH`).
 
+use crate::grants::GrantNode;
 use crate::state::SessionState;
+use crate::vms::VmEntry;
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::exec::ExecRequest;
 use capvisor_rpc::schema::capvisor_capnp::{vm, vm_narrowing, FilesAccess};
@@ -281,14 +283,20 @@ impl Budget {
 /// What a narrowed `Vm` and the caps it returns share.
 struct Limits {
     st: Rc<SessionState>,
-    vm: String,
+    entry: Rc<VmEntry>,
     n: Narrowing,
     budget: Option<Rc<Budget>>,
+    /// The grant this cap is bound to (`crate::grants`), if shared.
+    grant: Option<Rc<GrantNode>>,
 }
 
 impl Limits {
     /// Expiry, then the budget. Errors: `denied` (audited).
     fn call(&self, method: &str) -> CvResult<()> {
+        if let Some(g) = &self.grant {
+            g.check()?;
+            g.touch();
+        }
         if self.n.expires_at_ms != 0 && capvisor_rpc::now_ms() > self.n.expires_at_ms {
             return Err(self.deny(method, CvError::denied("this cap has expired")));
         }
@@ -296,7 +304,8 @@ impl Limits {
     }
 
     fn deny(&self, method: &str, e: CvError) -> CvError {
-        self.st.audit_vm(&self.vm, "vm.narrowed.denied", "Vm", method, Err(&e), &e.message);
+        let chain = self.grant.as_ref().map(|g| g.chain()).unwrap_or_default();
+        self.st.audit_chain(&self.entry.name, &chain, "vm.narrowed.denied", "Vm", method, Err(&e), &e.message);
         e
     }
 }
@@ -307,29 +316,86 @@ pub struct NarrowVm {
     limits: Rc<Limits>,
 }
 
-/// Makes a narrowed `Vm` over `inner` (the session's own `Vm` of VM
-/// `vm_name`) with `n`; `budget` 0: none of its own. Audited (`vm.narrow`).
+impl NarrowVm {
+    /// The grant this cap is bound to, if it was shared.
+    pub fn grant(&self) -> Option<Rc<GrantNode>> {
+        self.limits.grant.clone()
+    }
+
+    /// Its narrowing, for people (`Shares.list`, the audit log).
+    pub fn describe(&self) -> String {
+        describe(&self.limits.entry.name, &self.limits.n)
+    }
+
+    /// The same narrowing over the same VM, bound to `grant` (for a share):
+    /// its calls count against this cap's budget too, and it (with every
+    /// `Process`, `Files` and stream reached through it) dies with the
+    /// grant.
+    pub fn rebind(&self, grant: &Rc<GrantNode>) -> vm::Client {
+        let l = &self.limits;
+        let budget = l.budget.clone();
+        make(&l.st, &l.entry, l.n.clone(), budget, Some(grant.clone()))
+    }
+}
+
+/// A narrowing in one line, e.g. `vm box: exec [python3], files readOnly`.
+fn describe(vm: &str, n: &Narrowing) -> String {
+    let mut out = format!("vm {vm}: exec {:?}", n.exec_allow);
+    if let Some(u) = &n.exec_user {
+        out += &format!(" as {u:?}");
+    }
+    if let Some(c) = &n.exec_cwd {
+        out += &format!(" in {c:?}");
+    }
+    if n.allow_pty {
+        out += ", pty";
+    }
+    out += &format!(", files {:?}", n.files);
+    if n.files == Access::ReadWrite && !n.write_prefixes.is_empty() {
+        out += &format!(" under {:?}", n.write_prefixes);
+    }
+    if n.allow_stop {
+        out += ", stop";
+    }
+    if !n.ports.is_empty() {
+        out += &format!(", ports {:?}", n.ports);
+    }
+    if n.expires_at_ms != 0 {
+        out += &format!(", expires {}", n.expires_at_ms);
+    }
+    out
+}
+
+/// Makes a narrowed `Vm` of VM `entry` with `n`; `budget` 0: none of its
+/// own, else a budget chained under `parent`; `grant`: the grant it is
+/// bound to (that of the cap it was narrowed from). Audited (`vm.narrow`).
 pub fn narrowed(
     st: &Rc<SessionState>,
-    vm_name: &str,
-    inner: vm::Client,
+    entry: &Rc<VmEntry>,
     n: Narrowing,
     budget: u64,
     parent: Option<Rc<Budget>>,
+    grant: Option<Rc<GrantNode>>,
 ) -> vm::Client {
     let budget = if budget == 0 { parent } else { Some(Rc::new(Budget { left: Cell::new(budget), parent })) };
-    st.audit_vm(
-        vm_name,
-        "vm.narrow",
-        "Vm",
-        "narrow",
-        Ok(()),
-        &format!(
-            "exec {:?}, files {:?}, stop {}, ports {:?}, expires {}",
-            n.exec_allow, n.files, n.allow_stop, n.ports, n.expires_at_ms
-        ),
-    );
-    capnp_rpc::new_client(NarrowVm { inner, limits: Rc::new(Limits { st: st.clone(), vm: vm_name.into(), n, budget }) })
+    let chain = grant.as_ref().map(|g| g.chain()).unwrap_or_default();
+    st.audit_chain(&entry.name, &chain, "vm.narrow", "Vm", "narrow", Ok(()), &describe(&entry.name, &n));
+    make(st, entry, n, budget, grant)
+}
+
+fn make(
+    st: &Rc<SessionState>,
+    entry: &Rc<VmEntry>,
+    n: Narrowing,
+    budget: Option<Rc<Budget>>,
+    grant: Option<Rc<GrantNode>>,
+) -> vm::Client {
+    let inner: vm::Client =
+        capnp_rpc::new_client(crate::vms::VmImpl { st: st.clone(), entry: entry.clone(), grant: grant.clone() });
+    let limits = Rc::new(Limits { st: st.clone(), entry: entry.clone(), n, budget, grant });
+    let mut set = st.narrow_vms.borrow_mut();
+    set.gc();
+    set.new_client(NarrowVm { inner, limits })
 }
 
 impl vm::Server for NarrowVm {
@@ -409,14 +475,8 @@ impl vm::Server for NarrowVm {
         let r = params.get()?.get_narrowing()?;
         let next = Narrowing::read(r)?;
         let n = self.limits.n.then(&next).map_err(|e| self.limits.deny("narrow", e))?;
-        let vm = narrowed(
-            &self.limits.st,
-            &self.limits.vm,
-            self.inner.clone(),
-            n,
-            r.get_call_budget(),
-            self.limits.budget.clone(),
-        );
+        let l = &self.limits;
+        let vm = narrowed(&l.st, &l.entry, n, r.get_call_budget(), l.budget.clone(), l.grant.clone());
         results.get().set_vm(vm);
         Ok(())
     }

@@ -48,7 +48,13 @@ pub async fn run(broker: tokio::net::UnixStream, attach: FdChannel, ctx: Session
     loop {
         tokio::select! {
             r = attach.recv() => match r {
-                Ok((_tag, fd)) => attach_client(st.clone(), fd),
+                Ok((tag, fd)) => match tag.strip_prefix(GRANT_TAG.as_bytes()) {
+                    None => attach_client(st.clone(), None, fd),
+                    Some(id) => {
+                        let g = crate::caps::delegate_grant(&st, &String::from_utf8_lossy(id));
+                        attach_client(st.clone(), Some(g), fd)
+                    }
+                },
                 Err(e) => {
                     tracing::info!("attach channel closed ({e}); ending session");
                     revoke_session(&st, RevokeReason::BrokerGone).await;
@@ -79,22 +85,35 @@ pub async fn run(broker: tokio::net::UnixStream, attach: FdChannel, ctx: Session
     Ok(())
 }
 
-/// Serves `Session` on a client socket the broker handed us.
-pub fn attach_client(st: Rc<SessionState>, fd: std::os::fd::OwnedFd) {
+/// The attach-channel tag prefix of a client attaching to a delegate
+/// session: `grant:<grant id>` (the broker checked its token).
+pub const GRANT_TAG: &str = "grant:";
+
+/// Serves `Session` on a client socket the broker handed us: the session's
+/// own (`grant` `None`), or the delegate session of a grant (`Some`; an
+/// ended grant gets the `staleSession` reply).
+pub fn attach_client(
+    st: Rc<SessionState>,
+    grant: Option<capvisor_rpc::CvResult<Rc<crate::grants::GrantNode>>>,
+    fd: std::os::fd::OwnedFd,
+) {
     tokio::task::spawn_local(async move {
         let mut stream = match capvisor_rpc::spawn::into_tokio(fd) {
             Ok(s) => s,
             Err(e) => return tracing::warn!("bad attached socket: {e}"),
         };
-        if st.check().is_err() {
-            let _ = capvisor_rpc::attach::write_err(&mut stream, &capvisor_rpc::CvError::stale()).await;
-            return;
-        }
+        let grant = match grant.transpose() {
+            Ok(g) if st.check().is_ok() => g,
+            _ => {
+                let _ = capvisor_rpc::attach::write_err(&mut stream, &capvisor_rpc::CvError::stale()).await;
+                return;
+            }
+        };
         if capvisor_rpc::attach::write_ok(&mut stream).await.is_err() {
             return;
         }
         st.clients.set(st.clients.get() + 1);
-        let sess: session::Client = capnp_rpc::new_client(SessionImpl { st: st.clone() });
+        let sess: session::Client = capnp_rpc::new_client(SessionImpl { st: st.clone(), grant });
         // The client is untrusted: bounded messages, and at most
         // CLIENT_CALLS calls in progress (one more gets `unavailable`).
         let (_peer, done, _calls) =

@@ -4,6 +4,7 @@
 use crate::launch::VmLauncher;
 use crate::vms::VmEntry;
 use capvisor_manifest::SessionContext;
+use capvisor_rpc::schema::capvisor_capnp::vm;
 use capvisor_rpc::schema::internal_capnp::{session_host, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
@@ -35,6 +36,14 @@ pub struct SessionState {
     /// The session's egress proxy once started (`crate::proxy::ensure`);
     /// dropped (the process ends) when the session is revoked.
     pub proxy: RefCell<Option<Rc<crate::proxy::SessionProxy>>>,
+    /// This session's grants by id, the ones made through them included
+    /// (`crate::grants`).
+    pub grants: RefCell<BTreeMap<String, Rc<crate::grants::GrantNode>>>,
+    /// Every narrowed `Vm` this session serves, so `Shares.share` can
+    /// recognise one passed back to it (weak: dropping the cap frees it).
+    pub narrow_vms: RefCell<capnp_rpc::CapabilityServerSet<crate::narrow::NarrowVm, vm::Client>>,
+    /// Caps kept by name (`CapSet.keep`) for the session's own CapSet.
+    pub kept: crate::caps::Kept,
 }
 
 impl SessionState {
@@ -53,6 +62,9 @@ impl SessionState {
             clients_changed: tokio::sync::Notify::new(),
             next_vm: Cell::new(1),
             proxy: RefCell::new(None),
+            grants: RefCell::new(BTreeMap::new()),
+            narrow_vms: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
+            kept: Default::default(),
         })
     }
 
@@ -147,9 +159,32 @@ impl SessionState {
         outcome: Result<(), &CvError>,
         detail: &str,
     ) {
+        self.audit_chain(vm, &[], action, cap, method, outcome, detail)
+    }
+
+    /// [`Self::audit_vm`] for a call that came through grants: `chain` is
+    /// their `(id, label)`, outermost first (`crate::grants::GrantNode::chain`);
+    /// the broker then records the principal as `grant:<innermost id>`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn audit_chain(
+        &self,
+        vm: &str,
+        chain: &[(String, String)],
+        action: &str,
+        cap: &str,
+        method: &str,
+        outcome: Result<(), &CvError>,
+        detail: &str,
+    ) {
         let mut req = self.host.audit_request();
         {
             let mut ev = req.get().init_event();
+            let mut list = ev.reborrow().init_grants(chain.len() as u32);
+            for (i, (id, label)) in chain.iter().enumerate() {
+                let mut g = list.reborrow().get(i as u32);
+                g.set_id(id.as_str());
+                g.set_label(label.as_str());
+            }
             ev.set_vm(vm);
             ev.set_action(action);
             ev.set_cap(cap);

@@ -655,7 +655,7 @@ impl VmFactoryImpl {
     }
 
     fn vm_cap(&self, entry: Rc<VmEntry>) -> vm::Client {
-        capnp_rpc::new_client(VmImpl { st: self.st.clone(), entry })
+        capnp_rpc::new_client(VmImpl { st: self.st.clone(), entry, grant: None })
     }
 }
 
@@ -839,11 +839,20 @@ pub struct VmImpl {
     pub st: Rc<SessionState>,
     /// The VM this cap designates.
     pub entry: Rc<VmEntry>,
+    /// The grant it serves, when it is the inside of a shared narrowed
+    /// `Vm` (`crate::narrow`): its calls and everything reached through
+    /// it are bound to the grant and audited with its chain.
+    pub grant: Option<Rc<crate::grants::GrantNode>>,
 }
 
 impl VmImpl {
     fn scope(&self) -> Scope {
-        Scope::vm(&self.st, &self.entry)
+        Scope::vm(&self.st, &self.entry).with_grant(self.grant.clone())
+    }
+
+    fn audit(&self, action: &str, method: &str, outcome: Result<(), &CvError>, detail: &str) {
+        let chain = self.scope().chain();
+        self.st.audit_chain(&self.entry.name, &chain, action, "vms", method, outcome, detail);
     }
 
     fn check(&self) -> CvResult<()> {
@@ -881,8 +890,11 @@ impl vm::Server for VmImpl {
         // The program only: arguments and environment may hold secrets.
         let program = spec.argv.first().map(String::as_str).unwrap_or("");
         let outcome = resp.as_ref().map(|_| ()).map_err(|e| crate::wrap::relay(e.clone(), true));
-        self.st.audit_vm(&self.entry.name, "vm.exec", "vms", "exec", outcome.as_ref().map(|_| ()), program);
+        self.audit("vm.exec", "exec", outcome.as_ref().map(|_| ()), program);
         let inner = resp?.get()?.get_process()?;
+        if let Some(g) = &self.grant {
+            g.track_process(inner.clone());
+        }
         results.get().set_process(capnp_rpc::new_client(ProcessWrapper { scope, inner }));
         Ok(())
     }
@@ -902,14 +914,7 @@ impl vm::Server for VmImpl {
         req.get().set_down(SinkWrapper::wrap(&scope, p.get_down()?));
         let res = scope.forward(req.send().promise).await;
         let outcome = res.as_ref().map(|_| ()).map_err(|e| crate::wrap::relay(e.clone(), true));
-        self.st.audit_vm(
-            &self.entry.name,
-            "vm.connect",
-            "vms",
-            "connect",
-            outcome.as_ref().map(|_| ()),
-            &format!("{}:{port}", self.entry.name),
-        );
+        self.audit("vm.connect", "connect", outcome.as_ref().map(|_| ()), &format!("{}:{port}", self.entry.name));
         let up = res?.get()?.get_up()?;
         results.get().set_up(SinkWrapper::wrap(&scope, up));
         Ok(())
@@ -927,7 +932,7 @@ impl vm::Server for VmImpl {
         if res.is_ok() {
             stop_vm(&self.entry).await;
         }
-        self.st.audit_vm(&self.entry.name, "vm.stop", "vms", "stop", res.as_ref().map(|_| ()), &self.entry.name);
+        self.audit("vm.stop", "stop", res.as_ref().map(|_| ()), &self.entry.name);
         Ok(res?)
     }
 
@@ -943,8 +948,7 @@ impl vm::Server for VmImpl {
         self.check()?;
         let r = params.get()?.get_narrowing()?;
         let n = crate::narrow::Narrowing::read(r)?;
-        let inner: vm::Client = capnp_rpc::new_client(VmImpl { st: self.st.clone(), entry: self.entry.clone() });
-        let vm = crate::narrow::narrowed(&self.st, &self.entry.name, inner, n, r.get_call_budget(), None);
+        let vm = crate::narrow::narrowed(&self.st, &self.entry, n, r.get_call_budget(), None, self.grant.clone());
         results.get().set_vm(vm);
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! nothing the worker does not know (an unknown pointer field, a
 //! capability) passes from one side to the other unwrapped.
 
+use crate::grants::GrantNode;
 use crate::state::SessionState;
 use crate::vms::VmEntry;
 use capnp::capability::Rc as CapRc;
@@ -27,23 +28,41 @@ pub struct Scope {
     pub st: Rc<SessionState>,
     /// The VM, for caps reached through a `Vm`.
     pub vm: Option<Rc<VmEntry>>,
+    /// The grant, for caps reached through a shared cap
+    /// (`crate::grants`): its revocation or expiry cuts them too.
+    pub grant: Option<Rc<GrantNode>>,
 }
 
 impl Scope {
     /// A scope for session-wide caps.
     pub fn session(st: &Rc<SessionState>) -> Self {
-        Self { st: st.clone(), vm: None }
+        Self { st: st.clone(), vm: None, grant: None }
     }
 
     /// A scope for caps reached through VM `vm`.
     pub fn vm(st: &Rc<SessionState>, vm: &Rc<VmEntry>) -> Self {
-        Self { st: st.clone(), vm: Some(vm.clone()) }
+        Self { st: st.clone(), vm: Some(vm.clone()), grant: None }
     }
 
-    /// `staleSession` once the session is revoked; `notFound` once the VM
-    /// was removed.
+    /// This scope, further bound to `grant` (if any).
+    pub fn with_grant(mut self, grant: Option<Rc<GrantNode>>) -> Self {
+        self.grant = grant;
+        self
+    }
+
+    /// The delegation chain of this scope's grant, outermost first
+    /// (empty for the session's own caps).
+    pub fn chain(&self) -> Vec<(String, String)> {
+        self.grant.as_ref().map(|g| g.chain()).unwrap_or_default()
+    }
+
+    /// `staleSession` once the session is revoked or the grant ended;
+    /// `notFound` once the VM was removed.
     pub fn check(&self) -> CvResult<()> {
         self.st.check()?;
+        if let Some(g) = &self.grant {
+            g.check()?;
+        }
         match &self.vm {
             Some(vm) => vm.check_present(),
             None => Ok(()),
@@ -68,12 +87,19 @@ impl Scope {
                 None => std::future::pending().await,
             }
         };
+        let grant_ended = async {
+            match &self.grant {
+                Some(g) => g.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
         let r = self
             .st
             .guard(async {
                 tokio::select! {
                     r = fut => r.map_err(|e| relay(e, vm)),
                     e = ended => Err(e),
+                    _ = grant_ended => Err(CvError::stale()),
                 }
             })
             .await;

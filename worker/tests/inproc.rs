@@ -455,3 +455,134 @@ fn a_narrowed_vm_allows_only_what_it_says() {
         assert_eq!(code(ops::ping(&agent).await), ErrorCode::StaleSession);
     });
 }
+
+/// Shares `cap` as `name` through `shares` (ttl 60 s); returns (grant id, token).
+async fn share(
+    shares: &capvisor_rpc::schema::capvisor_capnp::shares::Client,
+    name: &str,
+    cap: &capvisor_rpc::schema::capvisor_capnp::vm::Client,
+    label: &str,
+    reshare: bool,
+) -> Result<(String, String), ClientError> {
+    let mut req = shares.share_request();
+    {
+        let mut spec = req.get().init_spec();
+        let mut c = spec.reborrow().init_caps(1).get(0);
+        c.set_name(name);
+        c.init_cap().set_as_capability(cap.client.hook.add_ref());
+        spec.set_label(label);
+        spec.set_ttl_ms(60_000);
+        spec.set_reshare(reshare);
+    }
+    let resp = req.send().promise.await?;
+    let r = resp.get()?;
+    Ok((r.get_grant()?.get_id()?.to_string().unwrap(), r.get_token()?.to_string().unwrap()))
+}
+
+#[test]
+fn a_grant_holds_its_narrowing_and_dies_with_everything_made_through_it() {
+    use capvisor_rpc::schema::capvisor_capnp::{shares, vm, FilesAccess};
+    run(async {
+        let env = Worker::with_guest_init("inproc", |b| b.caps.push("shares".into()));
+        let s = env.attach().await;
+        let own = ops::create_vm(&ops::vms(&s), &spec("n"));
+        let my_shares: shares::Client = ops::get_cap(&ops::cap_set(&s), "shares");
+        // Only a narrowed cap of this session can be shared.
+        assert_eq!(code(share(&my_shares, "box", &own, "wide", false).await), ErrorCode::InvalidArgument);
+        let narrowed = narrow(&own, &["echo", "cat"], FilesAccess::ReadOnly, &[], 0, 0);
+        let (outer, token) = share(&my_shares, "box", &narrowed, "agent", true).await.unwrap();
+        assert_eq!(token, format!("token-{outer}"), "the broker's token is handed back once");
+
+        // The holder's session: exactly the shared VM (and shares, since it may reshare).
+        let holder = common::attach_delegate(&env.st, &outer).await.unwrap();
+        let info = ops::session_info(&holder).await.unwrap();
+        assert_eq!((info.principal.to_string(), info.profile.as_str()), (format!("grant:{outer}"), "delegate"));
+        let names: Vec<String> =
+            ops::list_caps(&ops::cap_set(&holder)).await.unwrap().into_iter().map(|c| c.name).collect();
+        assert_eq!(names, ["box", "shares"]);
+        assert_eq!(
+            code(ops::list_vms(&ops::vms(&holder)).await),
+            ErrorCode::NotFound,
+            "no factory in a delegate session"
+        );
+        let boxed: vm::Client = ops::get_cap(&ops::cap_set(&holder), "box");
+        assert_eq!(echo(&boxed, "held").await.unwrap(), "held\n");
+        assert_eq!(code(ops::exec_collect(&boxed, &["sh", "-c", "id"], b"", 1 << 10).await), ErrorCode::Denied);
+        assert_eq!(code(ops::stop_vm(&boxed).await), ErrorCode::Denied);
+
+        // The holder shares onward, narrower: only echo.
+        let their_shares: shares::Client = ops::get_cap(&ops::cap_set(&holder), "shares");
+        let narrower = narrow(&boxed, &["echo"], FilesAccess::None, &[], 0, 0);
+        let (inner, _) = share(&their_shares, "box", &narrower, "sub-agent", false).await.unwrap();
+        // The holder cannot share the grantor's own VM, which it never held.
+        let sub = common::attach_delegate(&env.st, &inner).await.unwrap();
+        let sub_names: Vec<String> =
+            ops::list_caps(&ops::cap_set(&sub)).await.unwrap().into_iter().map(|c| c.name).collect();
+        assert_eq!(sub_names, ["box"], "no resharing unless allowed");
+        let sub_box: vm::Client = ops::get_cap(&ops::cap_set(&sub), "box");
+        assert_eq!(echo(&sub_box, "sub").await.unwrap(), "sub\n");
+        assert_eq!(code(ops::exec_collect(&sub_box, &["cat"], b"", 1 << 10).await), ErrorCode::Denied);
+        // The holder sees only what was made through its grant.
+        let listed = their_shares.list_request().send().promise.await.unwrap();
+        let ids: Vec<String> = listed
+            .get()
+            .unwrap()
+            .get_grants()
+            .unwrap()
+            .iter()
+            .map(|g| g.get_id().unwrap().to_string().unwrap())
+            .collect();
+        assert_eq!(ids, std::slice::from_ref(&inner));
+        let mut req = their_shares.revoke_request();
+        req.get().set_grant_id(outer.as_str());
+        assert_eq!(code(req.send().promise.await.map(drop).map_err(ClientError::from)), ErrorCode::NotFound);
+
+        // A long exec in flight through the grant: `cat` with stdin open.
+        let (o, _) = CollectSink::client(1 << 10);
+        let (e, _) = CollectSink::client(1 << 10);
+        let req = ops::ExecRequest { argv: vec!["cat".into()], keep_stdin_open: true, ..Default::default() };
+        let running = ops::exec(&boxed, &req, o, e);
+        ops::write_stdin(&running, b"x").await.unwrap();
+        let waiting = tokio::task::spawn_local({
+            let running = running.clone();
+            async move { ops::wait(&running).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // Revoke the outer grant: the call in flight, the holder, and the sub-share all end.
+        let t0 = std::time::Instant::now();
+        let mut req = my_shares.revoke_request();
+        req.get().set_grant_id(outer.as_str());
+        req.send().promise.await.unwrap();
+        assert_eq!(code(waiting.await.unwrap()), ErrorCode::StaleSession);
+        let took = t0.elapsed();
+        assert_eq!(code(echo(&boxed, "x").await), ErrorCode::StaleSession);
+        assert_eq!(code(echo(&sub_box, "x").await), ErrorCode::StaleSession);
+        assert_eq!(code(ops::session_info(&holder).await), ErrorCode::StaleSession);
+        assert!(common::attach_delegate(&env.st, &inner).await.is_err(), "an ended grant does not attach");
+        eprintln!("revoke to the failed call in flight: {took:?}");
+        // The grantor keeps working, narrowed caps of its own included.
+        assert_eq!(echo(&own, "mine").await.unwrap(), "mine\n");
+        assert_eq!(echo(&narrowed, "still").await.unwrap(), "still\n");
+        {
+            let seen = env.seen.borrow();
+            let mut ended: Vec<&str> = seen.grants_ended.iter().map(|(id, _)| id.as_str()).collect();
+            ended.sort();
+            let mut want = vec![outer.as_str(), inner.as_str()];
+            want.sort();
+            assert_eq!(ended, want, "the broker is told of both");
+            assert_eq!(seen.grants_added[1].2, [outer.clone(), inner.clone()], "the sub-share's chain");
+            // Calls through the grants are audited with their chains.
+            assert!(seen.audit_chains.iter().any(|(a, o, c)| a == "vm.exec" && o == "ok" && *c == [outer.clone()]));
+            assert!(seen
+                .audit_chains
+                .iter()
+                .any(|(a, o, c)| a == "vm.narrowed.denied" && o == "denied" && *c == [outer.clone(), inner.clone()]));
+        }
+        // The grantor's list shows both, ended.
+        let listed = my_shares.list_request().send().promise.await.unwrap();
+        let grants = listed.get().unwrap().get_grants().unwrap();
+        assert_eq!(grants.len(), 2);
+        assert!(grants.iter().all(|g| g.get_revoked()));
+    });
+}

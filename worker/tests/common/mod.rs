@@ -45,6 +45,12 @@ pub struct Seen {
     pub holds: usize,
     /// The most reservations the fake broker grants; `None`: no bound.
     pub max_holds: Option<usize>,
+    /// Grants registered (`addGrant`): (id, label, chain ids).
+    pub grants_added: Vec<(String, String, Vec<String>)>,
+    /// Grants ended (`endGrants`): (id, reason).
+    pub grants_ended: Vec<(String, String)>,
+    /// Audit events that came through grants: (action, outcome, chain ids).
+    pub audit_chains: Vec<(String, String, Vec<String>)>,
 }
 
 /// [`Seen`], shared between the test and its fakes.
@@ -85,7 +91,37 @@ impl session_host::Server for FakeHost {
             audit_outcome::Ok(()) => "ok".to_string(),
             audit_outcome::Error(c) => capvisor_rpc::error::code_name(c?).to_string(),
         };
-        self.0.borrow_mut().audit.push((ev.get_action()?.to_string().unwrap(), outcome));
+        let action = ev.get_action()?.to_string().unwrap();
+        let chain: Vec<String> = ev.get_grants()?.iter().map(|g| g.get_id().unwrap().to_string().unwrap()).collect();
+        let mut seen = self.0.borrow_mut();
+        if !chain.is_empty() {
+            seen.audit_chains.push((action.clone(), outcome.clone(), chain));
+        }
+        seen.audit.push((action, outcome));
+        Ok(())
+    }
+    async fn add_grant(
+        self: CapRc<Self>,
+        p: session_host::AddGrantParams,
+        mut r: session_host::AddGrantResults,
+    ) -> capnp::Result<()> {
+        let p = p.get()?;
+        let id = p.get_grant_id()?.to_string().unwrap();
+        let chain = p.get_chain()?.iter().map(|g| g.get_id().unwrap().to_string().unwrap()).collect();
+        self.0.borrow_mut().grants_added.push((id.clone(), p.get_label()?.to_string().unwrap(), chain));
+        r.get().set_token(format!("token-{id}").as_str());
+        Ok(())
+    }
+    async fn end_grants(
+        self: CapRc<Self>,
+        p: session_host::EndGrantsParams,
+        _: session_host::EndGrantsResults,
+    ) -> capnp::Result<()> {
+        let p = p.get()?;
+        let reason = p.get_reason()?.to_string().unwrap();
+        for id in p.get_grant_ids()?.iter() {
+            self.0.borrow_mut().grants_ended.push((id?.to_string().unwrap(), reason.clone()));
+        }
         Ok(())
     }
     async fn reserve_vm(
@@ -247,10 +283,23 @@ pub async fn attach_with_conn(
     st: &Rc<SessionState>,
 ) -> (session::Client, tokio::task::JoinHandle<Result<(), capnp::Error>>) {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    capvisor_worker::serve::attach_client(st.clone(), theirs.into());
+    capvisor_worker::serve::attach_client(st.clone(), None, theirs.into());
     let mut ours = capvisor_rpc::spawn::into_tokio(ours.into()).unwrap();
     capvisor_rpc::attach::read_reply(&mut ours).await.unwrap().unwrap();
     conn::connect::<session::Client>(ours, None, conn::UNTRUSTED)
+}
+
+/// A client of the delegate session of grant `grant_id` of `st`, attached
+/// the way the broker hands one over after `Gateway.redeem` (tag
+/// `grant:<id>`). Errors: the attach reply's (staleSession for an ended
+/// grant).
+pub async fn attach_delegate(st: &Rc<SessionState>, grant_id: &str) -> Result<session::Client, capvisor_rpc::CvError> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let g = capvisor_worker::caps::delegate_grant(st, grant_id);
+    capvisor_worker::serve::attach_client(st.clone(), Some(g), theirs.into());
+    let mut ours = capvisor_rpc::spawn::into_tokio(ours.into()).unwrap();
+    capvisor_rpc::attach::read_reply(&mut ours).await.unwrap()?;
+    Ok(conn::connect::<session::Client>(ours, None, conn::UNTRUSTED).0)
 }
 
 /// [`attach_with_conn`] without the RPC system's handle.
