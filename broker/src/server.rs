@@ -227,6 +227,23 @@ impl session_host::Server for SessionHostServer {
         Ok(())
     }
 
+    async fn received_grants(
+        self: CapRc<Self>,
+        _: session_host::ReceivedGrantsParams,
+        mut results: session_host::ReceivedGrantsResults,
+    ) -> capnp::Result<()> {
+        let got = self.svc()?.received_grants(&self.principal, &self.session).await;
+        let mut list = results.get().init_grants(got.len() as u32);
+        for (i, (rec, g)) in got.into_iter().enumerate() {
+            let mut e = list.reborrow().get(i as u32);
+            e.set_grant_id(g.session_id.as_str());
+            e.set_label(rec.label.as_str());
+            e.set_from(rec.grantor.as_str());
+            e.set_session(g.session);
+        }
+        Ok(())
+    }
+
     async fn reserve_vm(
         self: CapRc<Self>,
         params: session_host::ReserveVmParams,

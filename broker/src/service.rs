@@ -572,6 +572,25 @@ impl BrokerService {
         }
     }
 
+    /// `SessionHost.receivedGrants` of session `sid` of `principal`: the
+    /// live grants made to `principal`, each with its delegate session
+    /// (a grant whose worker does not answer is left out, and audited).
+    pub async fn received_grants(
+        self: &Rc<Self>,
+        principal: &str,
+        sid: &str,
+    ) -> Vec<(crate::grants::GrantRecord, Grant)> {
+        let found = self.grants.borrow().for_principal(principal, crate::now_ms());
+        let mut out = Vec::new();
+        for f in found {
+            let rec = f.1.clone();
+            if let Ok(g) = self.delegate_session(f, String::new(), "receive", &format!("session:{sid}")).await {
+                out.push((rec, g));
+            }
+        }
+        out
+    }
+
     /// `SessionHost.addGrant` of session `sid`: registers the grant and
     /// returns its token. Audited (`grant.create`).
     ///
@@ -915,12 +934,14 @@ impl BrokerService {
         }
     }
 
-    /// Revokes session `id`: its token stops working now, and the worker is
+    /// Revokes session `id`: its token (and its grants' tokens) stop working
+    /// now, and the worker is
     /// told `Worker.revoke(reason)` (it answers every cap with
     /// `staleSession`, stops its VMs and exits). Audits `session.revoke`
     /// (or `session.expire`) with `detail`.
     pub fn revoke_session(self: &Rc<Self>, id: &str, reason: RevokeReason, detail: &str) {
         self.tokens.borrow_mut().remove(id);
+        self.grants.borrow_mut().end_session(id);
         let Some(s) = self.sessions.borrow().get(id).cloned() else { return };
         let action = if reason == RevokeReason::Expired { "session.expire" } else { "session.revoke" };
         self.audit(
@@ -940,9 +961,12 @@ impl BrokerService {
         });
     }
 
-    /// `SessionHost.logout` of session `id`: its token stops working.
+    /// `SessionHost.logout` of session `id`: its token and its grants'
+    /// tokens stop working.
     pub fn logout(&self, id: &str, principal: &str) {
         let had = self.tokens.borrow_mut().remove(id);
+        // Its grants end with it (their worker is going).
+        self.grants.borrow_mut().end_session(id);
         let detail = if had { "token deleted" } else { "token already gone" };
         self.audit(
             AuditRecord::new("logout", "Session", "logout", "ok").principal(principal).session(id).detail(detail),

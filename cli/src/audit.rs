@@ -65,7 +65,7 @@ fn parse_time_at(s: &str, now_ms: i64) -> Result<i64, String> {
 }
 
 /// `<n><unit>` with unit ms, s, m, h, d or w, in ms.
-fn parse_duration_ms(t: &str) -> Option<i64> {
+pub fn parse_duration_ms(t: &str) -> Option<i64> {
     let split = t.find(|c: char| !c.is_ascii_digit())?;
     let (num, unit) = t.split_at(split);
     let n: i64 = num.parse().ok()?;

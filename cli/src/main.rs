@@ -13,8 +13,11 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 mod audit;
+mod call;
+mod mcp;
 mod schema;
 mod secret;
+mod share;
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +68,10 @@ enum Cmd {
         /// Read the password from the first line of standard input
         #[arg(long, requires = "user")]
         password_stdin: bool,
+        /// Redeem a share token (`capvisor share`) read from the first line of standard input:
+        /// the session holds exactly the shared capabilities (profile `delegate`)
+        #[arg(long, conflicts_with = "user")]
+        token_stdin: bool,
     },
     /// End the session: its caps stop working, its VMs stop, its token is forgotten.
     Logout,
@@ -78,10 +85,36 @@ enum Cmd {
     /// caps (`schema CAP` for one in full, `--all` for the whole embedded schema, `--json`).
     #[command(long_about = schema::ABOUT)]
     Schema(schema::SchemaArgs),
+    /// Call any method of any cap of this session by name, parameters and results as JSON
+    /// (`call vms.list`, `call vms.create spec='{"name":"x"}' --as x`, `call x.info`).
+    #[command(long_about = call::ABOUT)]
+    Call(call::CallArgs),
     /// Query the audit log by time, VM, grant, principal and action (cap `audit`, owner
     /// profile: it shows every principal's records).
     #[command(long_about = audit::ABOUT)]
     Audit(audit::AuditArgs),
+    /// Serve MCP (Model Context Protocol) for an AI agent over stdio, or streamable HTTP on
+    /// loopback: one tool per method of this session's caps, plus vm_create, vm_exec,
+    /// file_read and file_write.
+    #[command(long_about = mcp::ABOUT)]
+    Mcp(mcp::McpArgs),
+    /// Share a narrowed VM as a grant: a token printed once (or --to a principal), ended by
+    /// `revoke`, its --ttl or this session's end (cap `shares`).
+    #[command(long_about = share::ABOUT)]
+    Share(share::ShareArgs),
+    /// List this session's grants (and the ones made through them): id, label, state, expiry,
+    /// last use, calls.
+    Shares {
+        /// One JSON object per line instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a grant (an id from `shares`) and every grant made through it: each of their
+    /// caps fails with staleSession from then on, calls in flight included.
+    Revoke {
+        /// The grant id (g + 16 hex digits)
+        id: String,
+    },
     /// Create, list, use and remove VMs (cap `vms`).
     #[command(subcommand)]
     Vm(VmCmd),
@@ -468,8 +501,9 @@ fn spec_of(name: Option<String>, s: &SpecArgs) -> VmSpec {
 async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
     match cmd {
         Cmd::Serve { .. } => unreachable!("handled in main"),
-        Cmd::Login { user, .. } => {
+        Cmd::Login { user, token_stdin, .. } => {
             let info = match user {
+                _ if token_stdin => connect::redeem(socket, &share::read_token()?).await?,
                 Some(u) => {
                     let pw = read_password()?;
                     connect::login_password(socket, &u, &pw).await?
@@ -533,6 +567,8 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             Ok(0)
         }
         Cmd::Schema(args) => schema::run(args, socket).await,
+        Cmd::Call(args) => call::run(args, socket).await,
+        Cmd::Mcp(args) => mcp::run(args, socket).await,
         Cmd::Images => {
             let (s, _) = session(socket).await?;
             let images = ops::list_images(&ops::vms(&s)).await?;
@@ -553,6 +589,18 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         Cmd::Audit(a) => {
             let (s, _) = session(socket).await?;
             audit::run(a, &s).await
+        }
+        Cmd::Share(a) => {
+            let (s, saved) = session(socket).await?;
+            share::share(&s, saved.profile == DELEGATE, a).await
+        }
+        Cmd::Shares { json } => {
+            let (s, _) = session(socket).await?;
+            share::list(&s, json).await
+        }
+        Cmd::Revoke { id } => {
+            let (s, _) = session(socket).await?;
+            share::revoke(&s, &id).await
         }
         Cmd::Vm(v) => vm_cmd(v, socket).await,
         Cmd::Volume(v) => volume_cmd(v, socket).await,
@@ -813,9 +861,15 @@ async fn volume_cmd(cmd: VolumeCmd, socket: &Path) -> ClientResult<i32> {
     }
 }
 
+/// The profile of a session redeemed from a share token.
+const DELEGATE: &str = "delegate";
+
 async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
-    let (s, _) = session(socket).await?;
+    let (s, saved) = session(socket).await?;
     let f = ops::vms(&s);
+    // A delegate session holds shared VMs as CapSet entries, not a factory.
+    let delegate = saved.profile == DELEGATE;
+    let get = |name: &str| share::vm_of(&s, delegate, name);
     match cmd {
         VmCmd::Create { name, spec } => {
             eprintln!("capvisor: booting ...");
@@ -852,7 +906,7 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
             Ok(0)
         }
         VmCmd::Info { name } => {
-            let i = ops::vm_info(&ops::get_vm(&f, &name)).await?;
+            let i = ops::vm_info(&get(&name)).await?;
             println!(
                 "name     {}\nstate    {}\nimage    {}\nmemory   {} MiB\nvcpus    {}\nengine   {}\nkernel   {}\nboot     {} ms",
                 i.name,
@@ -873,17 +927,17 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
             Ok(0)
         }
         VmCmd::Exec { name, exec, cmd } => {
-            let vm = ops::get_vm(&f, &name);
+            let vm = get(&name);
             exec_streaming(&vm, &exec, cmd).await
         }
         VmCmd::Shell { name, program, user } => {
-            let vm = ops::get_vm(&f, &name);
+            let vm = get(&name);
             shell(&vm, program, &user).await
         }
-        VmCmd::Cp { src, dst } => copy(&f, &src, &dst).await,
-        VmCmd::Port { name, ports } => forward_port(&ops::get_vm(&f, &name), &name, &ports).await,
+        VmCmd::Cp { src, dst } => copy(&get, &src, &dst).await,
+        VmCmd::Port { name, ports } => forward_port(&get(&name), &name, &ports).await,
         VmCmd::Stop { name } => {
-            ops::stop_vm(&ops::get_vm(&f, &name)).await?;
+            ops::stop_vm(&get(&name)).await?;
             eprintln!("capvisor: {name} stopped");
             Ok(0)
         }
@@ -1044,7 +1098,11 @@ fn guest_path(s: &str) -> Option<(&str, &str)> {
     (!name.is_empty() && !name.contains('/') && path.starts_with('/')).then_some((name, path))
 }
 
-async fn copy(f: &capvisor_rpc::schema::capvisor_capnp::vm_factory::Client, src: &str, dst: &str) -> ClientResult<i32> {
+async fn copy(
+    get: &dyn Fn(&str) -> capvisor_rpc::schema::capvisor_capnp::vm::Client,
+    src: &str,
+    dst: &str,
+) -> ClientResult<i32> {
     match (guest_path(src), guest_path(dst)) {
         (None, Some((name, path))) => {
             let path = if path.ends_with('/') {
@@ -1052,12 +1110,12 @@ async fn copy(f: &capvisor_rpc::schema::capvisor_capnp::vm_factory::Client, src:
             } else {
                 path.to_string()
             };
-            let n = stream::copy_to_guest(&ops::files(&ops::get_vm(f, name)), Path::new(src), &path).await?;
+            let n = stream::copy_to_guest(&ops::files(&get(name)), Path::new(src), &path).await?;
             eprintln!("capvisor: {n} bytes -> {name}:{path}");
             Ok(0)
         }
         (Some((name, path)), None) => {
-            let n = stream::copy_from_guest(&ops::files(&ops::get_vm(f, name)), path, Path::new(dst)).await?;
+            let n = stream::copy_from_guest(&ops::files(&get(name)), path, Path::new(dst)).await?;
             eprintln!("capvisor: {name}:{path} -> {dst} ({n} bytes)");
             Ok(0)
         }

@@ -104,6 +104,19 @@ interface SessionHost {
   # The worker revoked or expired these grants: their tokens and every
   # delegate session redeemed from them stop attaching. Audited
   # ("grant.revoke" / "grant.expire").
+  receivedGrants @15 () -> (grants :List(ReceivedGrant));
+  # The live grants made to this session's principal (Cv.ShareSpec.to),
+  # each with its delegate session on the grantor's worker
+  # (Worker.delegate), oldest first. Each is audited like a redemption
+  # ("grant.receive").
+}
+
+struct ReceivedGrant {
+  # A grant made to a principal, as its sessions see it.
+  grantId @0 :Text;
+  label @1 :Text;
+  from @2 :Text;            # the grantor principal, e.g. "local:root"
+  session @3 :Cv.Session;   # the grant's delegate session
 }
 
 interface SecretSource {

@@ -3,6 +3,7 @@
 use crate::grants::{GrantNode, SharesImpl};
 use crate::state::SessionState;
 use crate::vms::{revoke_session, VmFactoryImpl};
+use crate::wrap::relay;
 use crate::wrap::{AccountsWrapper, Scope};
 use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
@@ -81,6 +82,17 @@ impl session::Server for SessionImpl {
         }
         Ok(())
     }
+}
+
+/// One cap of a grant made to this session's principal
+/// ([`CapSetImpl`]'s `received`).
+struct Received {
+    shown: String,
+    orig: String,
+    interface_id: u64,
+    interface_name: String,
+    description: String,
+    cap_set: cap_set::Client,
 }
 
 /// Most caps one CapSet keeps by name (`CapSet.keep`).
@@ -177,6 +189,47 @@ impl CapSetImpl {
         }
     }
 
+    /// The caps of grants made to this session's principal (`--to`), as
+    /// they appear in its CapSet: a name taken by the bundle, a kept cap
+    /// or an earlier grant becomes `NAME-<grant id>`. Only a session's own
+    /// CapSet has them (a delegate session holds its grant only).
+    async fn received(&self) -> capnp::Result<Vec<Received>> {
+        if self.grant.is_some() {
+            return Ok(Vec::new());
+        }
+        let resp = self.st.host.received_grants_request().send().promise.await;
+        let resp = resp.map_err(|e| capnp::Error::from(relay(e, false)))?;
+        let mut taken: Vec<String> = self.fixed().into_iter().map(|e| e.0).collect();
+        taken.extend(self.kept().names().into_iter().map(|e| e.0));
+        let mut out = Vec::new();
+        for g in resp.get()?.get_grants()?.iter() {
+            let id = text(g.get_grant_id())?;
+            let (label, from) = (text(g.get_label())?, text(g.get_from())?);
+            let Ok(session) = g.get_session() else { continue };
+            let cs = session.cap_set_request().send().pipeline.get_cap_set();
+            let Ok(list) = cs.list_request().send().promise.await else { continue };
+            let Ok(entries) = list.get().and_then(|l| l.get_entries()) else { continue };
+            for e in entries.iter() {
+                let orig = text(e.get_name())?;
+                let shown = if taken.contains(&orig) { format!("{orig}-{id}") } else { orig.clone() };
+                taken.push(shown.clone());
+                let iname = capvisor_schema::reflect::schema()
+                    .interface(e.get_interface_id())
+                    .map(|i| i.name.clone())
+                    .unwrap_or_default();
+                out.push(Received {
+                    shown,
+                    orig,
+                    interface_id: e.get_interface_id(),
+                    interface_name: iname,
+                    description: format!("from {from} (grant {id} {label:?}): {}", text(e.get_description())?),
+                    cap_set: cs.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     fn lookup(&self, name: &str, interface_id: u64) -> CvResult<capnp::capability::Client> {
         self.check()?;
         let typed = |iid: u64, iname: &str| -> CvResult<()> {
@@ -265,7 +318,13 @@ impl cap_set::Server for CapSetImpl {
         self.check()?;
         let fixed = self.fixed();
         let kept = self.kept().names();
-        let mut list = results.get().init_entries((fixed.len() + kept.len()) as u32);
+        // Grants made to this principal: listed when the broker answers (a
+        // failure there must not hide the session's own caps).
+        let received = self.received().await.unwrap_or_else(|e| {
+            tracing::warn!("grants made to this principal not listed: {e}");
+            Vec::new()
+        });
+        let mut list = results.get().init_entries((fixed.len() + kept.len() + received.len()) as u32);
         for (i, (name, iid, iname, desc)) in fixed.into_iter().enumerate() {
             let mut e = list.reborrow().get(i as u32);
             e.set_name(name.as_str());
@@ -273,7 +332,15 @@ impl cap_set::Server for CapSetImpl {
             e.set_interface_name(iname);
             e.set_description(desc.as_str());
         }
-        let base = list.len() - kept.len() as u32;
+        let mut base = list.len() - (kept.len() + received.len()) as u32;
+        for r in &received {
+            let mut e = list.reborrow().get(base);
+            e.set_name(r.shown.as_str());
+            e.set_interface_id(r.interface_id);
+            e.set_interface_name(r.interface_name.as_str());
+            e.set_description(r.description.as_str());
+            base += 1;
+        }
         for (i, (name, iid)) in kept.into_iter().enumerate() {
             let mut e = list.reborrow().get(base + i as u32);
             e.set_name(name.as_str());
@@ -289,7 +356,18 @@ impl cap_set::Server for CapSetImpl {
     async fn get(self: CapRc<Self>, params: cap_set::GetParams, mut results: cap_set::GetResults) -> capnp::Result<()> {
         let p = params.get()?;
         let name = text(p.get_cap_name())?;
-        let res = self.lookup(&name, p.get_interface_id());
+        let iid = p.get_interface_id();
+        let mut res = self.lookup(&name, iid);
+        if matches!(&res, Err(e) if e.code == ErrorCode::NotFound) && self.grant.is_none() {
+            // A grant made to this principal (`--to`), served by the
+            // grantor's worker: ask its delegate CapSet.
+            if let Some(r) = self.received().await?.into_iter().find(|r| r.shown == name) {
+                let mut req = r.cap_set.get_request();
+                req.get().set_cap_name(r.orig.as_str());
+                req.get().set_interface_id(iid);
+                res = Ok(capnp::capability::Client::new(req.send().pipeline.get_cap().as_cap()));
+            }
+        }
         let chain = self.grant.as_ref().map(|g| g.chain()).unwrap_or_default();
         match &res {
             Ok(_) => self.st.audit_chain("", &chain, "capset.get", &name, "get", Ok(()), ""),

@@ -112,6 +112,13 @@ impl session_host::Server for FakeHost {
         r.get().set_token(format!("token-{id}").as_str());
         Ok(())
     }
+    async fn received_grants(
+        self: CapRc<Self>,
+        _: session_host::ReceivedGrantsParams,
+        _: session_host::ReceivedGrantsResults,
+    ) -> capnp::Result<()> {
+        Ok(())
+    }
     async fn end_grants(
         self: CapRc<Self>,
         p: session_host::EndGrantsParams,

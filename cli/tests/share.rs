@@ -1,0 +1,188 @@
+//! Delegation end to end (issue 10): `capvisor share` / `login
+//! --token-stdin` / `shares` / `revoke` through a real `capvisor serve`
+//! and a real `debian` guest under QEMU. A share narrowed to python3 with
+//! read-only files runs python3 and nothing else, in another config dir;
+//! a sub-share dies with its parent; revoking cuts a holder streaming
+//! output, while the grantor and another holder keep working; the token
+//! stops redeeming; expiry and a call budget end shares on their own; the
+//! audit log carries the chain.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Exit codes of the CLI (cli/src/main.rs).
+const DENIED: i32 = 10;
+const NOT_FOUND: i32 = 11;
+const STALE: i32 = 14;
+
+/// `who` shares with `args` and returns (grant id, token).
+fn share(s: &Server, who: &str, args: &[&str]) -> (String, String) {
+    let mut all = vec!["share"];
+    all.extend_from_slice(args);
+    let o = s.cli_ok(who, &all, None, 0);
+    let token = stdout(&o).trim().to_string();
+    let err = stderr(&o);
+    let id = err.split_whitespace().skip_while(|w| *w != "grant").nth(1).unwrap_or_else(|| panic!("{err}"));
+    (id.to_string(), token)
+}
+
+/// `who`'s grants as `shares --json` prints them.
+fn grants(s: &Server, who: &str) -> Vec<serde_json::Value> {
+    let o = s.cli_ok(who, &["shares", "--json"], None, 0);
+    stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn code(s: &Server, who: &str, args: &[&str]) -> i32 {
+    s.cli(who, args, None).status.code().unwrap()
+}
+
+#[test]
+fn a_share_allows_exactly_its_narrowing_until_revoked_and_is_audited_by_chain() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--image", "debian", "--name", "box"], None, 0);
+    s.cli_ok("owner", &["vm", "exec", "box", "--", "sh", "-c", "mkdir -p /work && echo hello > /work/x"], None, 0);
+
+    // Narrowed to python3 with read-only files, shareable onward.
+    let (outer, token) = share(
+        &s,
+        "owner",
+        &["box", "--exec", "python3", "--files", "ro", "--ttl", "10m", "--label", "agent", "--reshare"],
+    );
+    assert!(outer.starts_with('g') && token.len() == 43, "{outer} {token}");
+    s.cli_ok("agent", &["login", "--token-stdin"], Some(format!("{token}\n").as_bytes()), 0);
+    let who = stdout(&s.cli_ok("agent", &["whoami"], None, 0));
+    assert!(who.contains(&format!("grant:{outer}")) && who.contains("delegate"), "{who}");
+    let caps = stdout(&s.cli_ok("agent", &["caps"], None, 0));
+    let names: Vec<&str> = caps.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, ["box", "shares"], "{caps}");
+
+    let o = s.cli_ok("agent", &["vm", "exec", "box", "--", "python3", "-c", "print(6*7)"], None, 0);
+    assert_eq!(stdout(&o), "42\n");
+    let o = s.cli_ok("agent", &["vm", "exec", "box", "--", "sh", "-c", "id"], None, DENIED);
+    assert!(stderr(&o).contains("may not run \"sh\""), "{}", stderr(&o));
+    let local = s.dir.path().join("evil");
+    std::fs::write(&local, b"overwritten").unwrap();
+    s.cli_ok("agent", &["vm", "cp", local.to_str().unwrap(), "box:/work/x"], None, DENIED);
+    let back = s.dir.path().join("x.copy");
+    s.cli_ok("agent", &["vm", "cp", "box:/work/x", back.to_str().unwrap()], None, 0);
+    assert_eq!(std::fs::read(&back).unwrap(), b"hello\n", "reading works, and the write never happened");
+    s.cli_ok("agent", &["vm", "stop", "box"], None, DENIED);
+    s.cli_ok("agent", &["vm", "rm", "box"], None, NOT_FOUND);
+    s.cli_ok("agent", &["vm", "list"], None, NOT_FOUND);
+    let listed = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));
+    assert!(listed.lines().any(|l| l.starts_with("box") && l.contains("running")), "{listed}");
+
+    // The holder shares onward: it cannot widen (sh stays denied, the ttl
+    // is cut to the parent's).
+    let (inner, sub_token) = share(
+        &s,
+        "agent",
+        &["box", "--exec", "python3", "--exec", "sh", "--files", "rw", "--ttl", "30d", "--label", "sub"],
+    );
+    s.cli_ok("sub", &["login", "--token-stdin"], Some(sub_token.as_bytes()), 0);
+    s.cli_ok("sub", &["vm", "exec", "box", "--", "python3", "-c", "print(1)"], None, 0);
+    s.cli_ok("sub", &["vm", "exec", "box", "--", "sh", "-c", "true"], None, DENIED);
+    s.cli_ok("sub", &["vm", "cp", local.to_str().unwrap(), "box:/work/x"], None, DENIED);
+    s.cli_ok("sub", &["shares"], None, NOT_FOUND);
+    let theirs = grants(&s, "agent");
+    assert_eq!(theirs.len(), 1, "the holder sees only its own: {theirs:?}");
+    let mine = grants(&s, "owner");
+    let exp = |id: &str| mine.iter().find(|g| g["id"] == id).unwrap()["expiresAtMs"].as_i64().unwrap();
+    assert!(exp(&inner) <= exp(&outer), "a sub-share never outlives its parent: {mine:?}");
+    assert_eq!(mine.iter().find(|g| g["id"] == inner.as_str()).unwrap()["parent"], outer.as_str());
+
+    // Another holder of the same VM, through another grant.
+    let (_other, other_token) = share(&s, "owner", &["box", "--exec", "python3", "--ttl", "10m", "--label", "other"]);
+    s.cli_ok("other", &["login", "--token-stdin"], Some(other_token.as_bytes()), 0);
+
+    // A grant to a named principal: no token; it appears in bob's CapSet.
+    s.cli_ok(
+        "owner",
+        &["account", "add", "bob", "--profile", "user", "--password-stdin"],
+        Some(b"correct horse battery\n"),
+        0,
+    );
+    let (for_bob, none) = share(&s, "owner", &["box", "--exec", "python3", "--ttl", "10m", "--to", "password:bob"]);
+    assert_eq!(none, "", "no token for a principal grant");
+    s.cli_ok("bob", &["login", "--user", "bob", "--password-stdin"], Some(b"correct horse battery\n"), 0);
+    let caps = stdout(&s.cli_ok("bob", &["caps"], None, 0));
+    assert!(caps.lines().any(|l| l.starts_with("box ") && l.contains(&for_bob)), "{caps}");
+    let o = s.cli_ok("bob", &["vm", "exec", "cap:box", "--", "python3", "-c", "print(5)"], None, 0);
+    assert_eq!(stdout(&o), "5\n");
+    s.cli_ok("bob", &["vm", "exec", "cap:box", "--", "sh", "-c", "true"], None, DENIED);
+    s.cli_ok("owner", &["revoke", &for_bob], None, 0);
+    s.cli_ok("bob", &["vm", "exec", "cap:box", "--", "python3", "-c", "print(5)"], None, NOT_FOUND);
+
+    // The holder streams output from a long exec; revoke while it runs.
+    let mut holder = Command::new(bin_dir().join("capvisor"))
+        .args(["vm", "exec", "box", "--", "python3", "-u", "-c"])
+        .arg("import time\nwhile True:\n    print('tick')\n    time.sleep(0.05)")
+        .env("CAPVISOR_SOCKET", &s.socket)
+        .env("CAPVISOR_CONFIG_DIR", s.config_dir("agent"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "tick", "the holder streams");
+    let t0 = Instant::now();
+    s.cli_ok("owner", &["revoke", &outer], None, 0);
+    let revoked_at = t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = holder.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the holder never saw the revocation");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!("revoke returned after {revoked_at:?}; the holder exited {:?} after", t0.elapsed());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut holder.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(STALE), "{err}");
+    s.cli_ok("agent", &["vm", "exec", "box", "--", "python3", "-c", "print(1)"], None, STALE);
+    s.cli_ok("sub", &["vm", "exec", "box", "--", "python3", "-c", "print(1)"], None, STALE);
+    // The grantor and the other holder keep working.
+    s.cli_ok("other", &["vm", "exec", "box", "--", "python3", "-c", "print(2)"], None, 0);
+    let o = s.cli_ok("owner", &["vm", "exec", "box", "--", "sh", "-c", "pgrep -c -f 'while [T]rue' || true"], None, 0);
+    assert_eq!(stdout(&o).trim(), "0", "the holder's process was killed with its grant");
+    // The token no longer redeems.
+    s.cli_ok("again", &["login", "--token-stdin"], Some(token.as_bytes()), STALE);
+    s.cli_ok("again", &["login", "--token-stdin"], Some(b"not-a-token\n"), STALE);
+    let mine = grants(&s, "owner");
+    let state = |id: &str| mine.iter().find(|g| g["id"] == id).unwrap()["state"].as_str().unwrap().to_string();
+    assert_eq!((state(&outer), state(&inner)), ("ended".into(), "ended".into()));
+
+    // Expiry ends a share on its own; so does a call budget.
+    let (_, short) = share(&s, "owner", &["box", "--exec", "python3", "--ttl", "3s", "--label", "short"]);
+    s.cli_ok("short", &["login", "--token-stdin"], Some(short.as_bytes()), 0);
+    s.cli_ok("short", &["vm", "exec", "box", "--", "python3", "-c", "pass"], None, 0);
+    std::thread::sleep(Duration::from_millis(3500));
+    s.cli_ok("short", &["vm", "exec", "box", "--", "python3", "-c", "pass"], None, STALE);
+    let (_, counted) = share(&s, "owner", &["box", "--exec", "python3", "--ttl", "10m", "--budget", "3"]);
+    s.cli_ok("counted", &["login", "--token-stdin"], Some(counted.as_bytes()), 0);
+    let codes: Vec<i32> =
+        (0..5).map(|_| code(&s, "counted", &["vm", "exec", "box", "--", "python3", "-c", "pass"])).collect();
+    assert_eq!(codes, [0, 0, 0, DENIED, DENIED], "three calls, then the budget is spent");
+
+    // Audit by chain: the holder's exec names its grant, the sub-holder's both.
+    let o = s.cli_ok("owner", &["audit", "--json", "--grant", &outer, "--action", "vm.exec"], None, 0);
+    let rows: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let chain = |r: &serde_json::Value| -> Vec<String> {
+        r["grants"]
+            .as_array()
+            .map(|a| a.iter().map(|g| g["id"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    assert!(rows.iter().any(|r| chain(r) == [outer.clone()] && r["principal"] == format!("grant:{outer}")), "{rows:?}");
+    assert!(rows.iter().any(|r| chain(r) == [outer.clone(), inner.clone()] && r["outcome"] == "ok"), "{rows:?}");
+    assert!(rows.iter().all(|r| chain(r).contains(&outer)), "{rows:?}");
+    let o = s.cli_ok("owner", &["audit", "--json", "--action", "grant.revoke"], None, 0);
+    assert!(stdout(&o).contains(&inner), "the sub-share's end is recorded: {}", stdout(&o));
+    s.cli_ok("owner", &["logout"], None, 0);
+    s.cli_ok("other", &["vm", "exec", "box", "--", "python3", "-c", "pass"], None, STALE);
+}
