@@ -7,8 +7,10 @@ The Rust test makes the assertions; this script only reports.
 
 Scenario "narrowed" (a session redeemed from a share token): tools/list, and
 vm_exec of `echo` and of `sh`, file_read, file_write and NAME_stop, each
-reported as it came back. Scenario "full" (the default), both transports: initialize, tools/list, vm_exec in VM NAME (with a progress token),
-file_write + file_read, a vm_exec with 200000 bytes of output, vm_create of
+reported as it came back. Scenario "full" (the default), both transports: initialize, vm_create of VM
+NAME (with --create), tools/list, vm_exec in VM NAME (with a progress token),
+file_write + file_read (from an offset, and a 4-byte window), a vm_exec
+past its timeout, a vm_exec with 200000 bytes of output, vm_create of
 an image the session may not boot (a denial), the cap tools vms_list and
 vms_remove (of a VM that does not exist), vm_exec in a VM that does not
 exist (a tool error), and an unknown tool (a protocol error). The server's environment
@@ -77,6 +79,19 @@ async def main(args):
     async with connect(args) as session:
         init = await session.initialize()
         report["server"] = init.server_info.name if hasattr(init, "server_info") else None
+        if args.create:
+            boot = []
+
+            async def on_boot(value, total, message):
+                boot.append(message)
+
+            r = await session.call_tool("vm_create", {"name": args.vm}, progress_callback=on_boot)
+            report["create"] = {
+                "isError": r.is_error,
+                "text": text_of(r),
+                "structured": r.structured_content,
+                "progress": boot,
+            }
         tools = await session.list_tools()
         report["tools"] = [t.name for t in tools.tools]
         report["schemas"] = {t.name: t.input_schema for t in tools.tools} if args.schemas else {}
@@ -100,6 +115,14 @@ async def main(args):
         report["write"] = {"isError": r.is_error, "text": text_of(r)}
         r = await session.call_tool("file_read", {"vm": args.vm, "path": "/tmp/mcp-py.txt", "offset": 5})
         report["read"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
+
+        r = await session.call_tool("file_read", {"vm": args.vm, "path": "/tmp/mcp-py.txt", "max_bytes": 4})
+        report["read_window"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
+
+        r = await session.call_tool(
+            "vm_exec", {"vm": args.vm, "argv": ["sh", "-c", "echo started; sleep 30"], "timeout_secs": 1}
+        )
+        report["timeout"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
 
         r = await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["sh", "-c", "yes capvisor | head -c 200000"]})
         report["big"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
@@ -131,6 +154,7 @@ if __name__ == "__main__":
     p.add_argument("--bearer")
     p.add_argument("--schemas", action="store_true", help="report each tool's input schema")
     p.add_argument("--scenario", choices=["full", "narrowed"], default="full")
+    p.add_argument("--create", action="store_true", help="full: first boot VM NAME with vm_create")
     argv = sys.argv[1:]
     server = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)

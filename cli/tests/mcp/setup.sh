@@ -50,7 +50,7 @@ if ! npm_ok; then
   mkdir -p "$tmp"
   cp "$here/package.json" "$here/package-lock.json" "$tmp/"
   # The lock file pins every package: `npm ci` installs exactly it.
-  (cd "$tmp" && npm ci --no-audit --no-fund --loglevel=error)
+  (cd "$tmp" && npm ci --no-audit --no-fund --loglevel=error) >&2
   touch "$tmp/.complete"
   rm -rf "$npmdir"
   mv "$tmp" "$npmdir"
