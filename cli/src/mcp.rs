@@ -29,28 +29,30 @@ use tokio::sync::{mpsc, oneshot};
 /// `--help` text of `capvisor mcp`.
 pub const ABOUT: &str = "Serve the Model Context Protocol (MCP) for an AI agent: its tools are the \
 capabilities this capvisor session holds, and nothing more.\n\n\
-Tools:\n\
-  <cap>_<method>   one per method of each cap in the session's CapSet (e.g. vms_list, box_info); \
-input schema from the Cap'n Proto schema, description from its doc comments\n\
-  vm_create        boot a VM (when the session holds a VmFactory)\n\
-  vm_exec          run a command in a VM: stdout, stderr, exit code (progress notifications carry \
-the output as it arrives when the client sends a progress token)\n\
-  file_read        read a guest file, from an offset, up to a byte count\n\
-  file_write       create or replace a guest file\n\
+Tools:\n  \
+<cap>_<method>   one per method of each cap in the session's CapSet (e.g. vms_list, box_info); \
+input schema from the Cap'n Proto schema, description from its doc comments\n  \
+vm_create        boot a VM (when the session holds a VmFactory)\n  \
+vm_exec          run a command in a VM: stdout, stderr, exit code (progress notifications carry \
+the output as it arrives when the client sends a progress token)\n  \
+file_read        read a guest file, from an offset, up to a byte count\n  \
+file_write       create or replace a guest file\n\n\
 vm_exec, file_read and file_write take a VM by name: a Vm cap of the CapSet (by its entry name), \
 or a VM of the session's VmFactory. Outputs over --max-output bytes are cut with a marker saying \
 how to read the rest. A capvisor denial is a tool error (isError) whose text starts with the typed \
 code: \"[denied] ...\", \"[notFound] ...\".\n\n\
-Transports:\n\
-  capvisor mcp                              stdio (what MCP clients launch); logs go to stderr\n\
-  capvisor mcp --http 127.0.0.1:8765        streamable HTTP at http://127.0.0.1:8765/mcp; loopback \
+Transports:\n  \
+capvisor mcp                              stdio (what MCP clients launch); logs go to stderr\n  \
+capvisor mcp --http 127.0.0.1:8765        streamable HTTP at http://127.0.0.1:8765/mcp; loopback \
 addresses only; every request needs `Authorization: Bearer TOKEN`, a token generated at start and \
 printed once to stderr (or read from --bearer-file); port 0 picks a free port (printed)\n\n\
 Login: the saved session of `capvisor login` (CAPVISOR_CONFIG_DIR), or a share token of \
 `capvisor share` (--token-file, or --token-stdin: the first line of stdin, then the MCP stream): \
 the tools are then exactly those of the shared caps (a shared VM \"box\" gives vm_exec, file_read, \
 file_write for \"box\" and box_<method>), and what the share does not allow is a [denied] tool error.\n\n\
-Client configuration (e.g. Claude Desktop, MCP Inspector): command `capvisor`, args [\"mcp\"].";
+Client configuration (Claude Desktop and others): {\"mcpServers\": {\"capvisor\": {\"command\": \
+\"capvisor\", \"args\": [\"mcp\"]}}}; MCP Inspector: `npx @modelcontextprotocol/inspector --cli capvisor mcp \
+--method tools/list`.";
 
 /// Default bound of each output stream and file read, bytes.
 pub const DEFAULT_MAX_OUTPUT: u64 = 64 * 1024;
