@@ -140,6 +140,27 @@ interface VmFactory {
   # later takes the same name.
   images @4 () -> (images :List(ImageInfo));
   # The images this session may boot (its bundle's list, as built).
+  narrow @5 (narrowing :VmFactoryNarrowing) -> (vms :VmFactory);
+  # A new VmFactory that allows only what `narrowing` allows (attenuation,
+  # like Vm.narrow): it sees, reaches and removes only the VMs created
+  # through it, every Vm it hands out is narrowed by
+  # `narrowing.vmNarrowing`, and its VMs belong to this session (they count
+  # against its quota and die with it). Narrowing it again intersects.
+}
+
+struct VmFactoryNarrowing {
+  # What a narrowed VmFactory (VmFactory.narrow) still allows.
+  maxVms @0 :UInt32;
+  # VMs it may hold at once (created through it and not removed); 0: it
+  # creates none.
+  images @1 :List(Text);     # images it may boot (empty: none)
+  maxMemoryMib @2 :UInt32;   # per VM (0: the session's bound)
+  maxVcpus @3 :UInt32;       # per VM (0: the session's bound)
+  vmNarrowing @4 :VmNarrowing;
+  # Every Vm it creates or gets is narrowed by this (its expiry and call
+  # budget fields are ignored here: the factory's own bound them).
+  expiresAtMs @5 :Int64;     # Unix epoch ms; 0: no expiry of its own
+  callBudget @6 :UInt64;     # calls through it and its VMs in all; 0: no budget of its own
 }
 
 struct ImageInfo {
@@ -203,6 +224,10 @@ struct VmNarrowing {
   callBudget @9 :UInt64;
   # Calls this cap (and the caps narrowed from it) may make in all; 0: no
   # budget of its own.
+  execAny @10 :Bool;
+  # Any program may run (execAllow is then not consulted); narrowing again
+  # keeps it only if the new narrowing asks for it too, else the new list
+  # applies.
 }
 
 struct AccountInfo {
@@ -351,8 +376,9 @@ struct ShareSpec {
   # What Shares.share hands out.
   caps @0 :List(SharedCap);
   # The caps the recipient's CapSet will hold, 1 to 16. Each must be a
-  # narrowed cap this worker serves (today: a Vm from Vm.narrow), so a
-  # share never carries more than its narrowing allows.
+  # narrowed cap this worker serves (a Vm from Vm.narrow, a VmFactory from
+  # VmFactory.narrow), so a share never carries more than its narrowing
+  # allows.
   label @1 :Text;       # shown in `shares` and the audit chain; at most 128 bytes
   ttlMs @2 :Int64;      # lifetime, milliseconds, 1 s to the grantor session's end
   to @3 :Text;

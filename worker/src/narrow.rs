@@ -51,6 +51,8 @@ pub const MAX_LIST: usize = 64;
 pub struct Narrowing {
     /// Allowed `argv[0]` values, exactly.
     pub exec_allow: Vec<String>,
+    /// Any program may run (`exec_allow` not consulted).
+    pub exec_any: bool,
     /// Fixed exec user, if any.
     pub exec_user: Option<String>,
     /// Fixed exec working directory, if any.
@@ -150,6 +152,7 @@ impl Narrowing {
         }
         Ok(Self {
             exec_allow,
+            exec_any: r.get_exec_any(),
             exec_user: (!user.is_empty()).then_some(user),
             exec_cwd: (!cwd.is_empty()).then_some(cwd),
             allow_pty: r.get_allow_pty(),
@@ -200,7 +203,11 @@ impl Narrowing {
             (s, n) => s.min(n),
         };
         Ok(Narrowing {
-            exec_allow: next.exec_allow.iter().filter(|p| self.exec_allow.contains(p)).cloned().collect(),
+            exec_allow: match (self.exec_any, next.exec_any) {
+                (true, _) => next.exec_allow.clone(),
+                (false, _) => next.exec_allow.iter().filter(|p| self.exec_allow.contains(p)).cloned().collect(),
+            },
+            exec_any: self.exec_any && next.exec_any,
             exec_user: fixed(&self.exec_user, &next.exec_user, "execUser")?,
             exec_cwd: fixed(&self.exec_cwd, &next.exec_cwd, "execCwd")?,
             allow_pty: self.allow_pty && next.allow_pty,
@@ -216,7 +223,7 @@ impl Narrowing {
     /// naming what is not allowed.
     pub fn check_exec(&self, spec: &mut ExecRequest) -> CvResult<()> {
         let prog = spec.argv.first().map(String::as_str).unwrap_or("");
-        if !self.exec_allow.iter().any(|p| p == prog) {
+        if !self.exec_any && !self.exec_allow.iter().any(|p| p == prog) {
             return Err(CvError::denied(format!("this cap may not run {prog:?}")));
         }
         if spec.pty.is_some() && !self.allow_pty {
@@ -340,7 +347,10 @@ impl NarrowVm {
 
 /// A narrowing in one line, e.g. `vm box: exec [python3], files readOnly`.
 fn describe(vm: &str, n: &Narrowing) -> String {
-    let mut out = format!("vm {vm}: exec {:?}", n.exec_allow);
+    let mut out = match n.exec_any {
+        true => format!("vm {vm}: exec any program"),
+        false => format!("vm {vm}: exec {:?}", n.exec_allow),
+    };
     if let Some(u) = &n.exec_user {
         out += &format!(" as {u:?}");
     }
@@ -534,6 +544,7 @@ mod tests {
     fn n() -> Narrowing {
         Narrowing {
             exec_allow: vec!["python3".into(), "/bin/ls".into()],
+            exec_any: false,
             exec_user: Some("agent".into()),
             exec_cwd: None,
             allow_pty: false,
@@ -543,6 +554,24 @@ mod tests {
             ports: vec![8000],
             expires_at_ms: 5000,
         }
+    }
+
+    #[test]
+    fn exec_any_narrows_to_a_list_and_never_back() {
+        let run = |n: &Narrowing, prog: &str| {
+            let mut spec = ExecRequest { argv: vec![prog.into()], ..Default::default() };
+            n.check_exec(&mut spec).map(|_| ())
+        };
+        let any = Narrowing { exec_any: true, exec_allow: vec![], ..n() };
+        assert!(run(&any, "sh").is_ok() && run(&any, "/usr/bin/anything").is_ok());
+        let listed = any.then(&Narrowing { exec_any: false, exec_allow: vec!["python3".into()], ..n() }).unwrap();
+        assert!(!listed.exec_any && listed.exec_allow == ["python3"]);
+        assert!(run(&listed, "python3").is_ok() && run(&listed, "sh").is_err());
+        let back = listed.then(&Narrowing { exec_any: true, exec_allow: vec!["sh".into()], ..n() }).unwrap();
+        assert!(!back.exec_any && back.exec_allow.is_empty(), "a list never widens back to any: {back:?}");
+        assert!(run(&back, "sh").is_err() && run(&back, "python3").is_err());
+        let still = any.then(&Narrowing { exec_any: true, ..n() }).unwrap();
+        assert!(still.exec_any, "any stays any only when both ask");
     }
 
     #[test]
@@ -593,6 +622,7 @@ mod tests {
         let x = n();
         let wide = Narrowing {
             exec_allow: vec!["python3".into(), "sh".into()],
+            exec_any: false,
             exec_user: None,
             exec_cwd: Some("/".into()),
             allow_pty: true,
