@@ -574,12 +574,17 @@ type ProgressTap = (mpsc::UnboundedSender<Progress>, &'static str, Rc<RefCell<u6
 
 /// A `ByteSink` that keeps the bytes from offset `skip` up to `keep` of
 /// them and counts the rest (never failing a write, so the writer is not
-/// cut off), optionally reporting each chunk as progress.
+/// cut off), optionally reporting what is written as progress: the text
+/// of the first `keep` bytes, then a byte count at most once a second.
 struct Window {
     skip: u64,
     keep: usize,
     kept: RefCell<Kept>,
     progress: Option<ProgressTap>,
+    /// Output bytes sent as progress text so far.
+    streamed: std::cell::Cell<usize>,
+    /// When the last byte count went out (once the text budget is spent).
+    last_count: std::cell::Cell<Option<std::time::Instant>>,
     done: RefCell<Option<oneshot::Sender<Kept>>>,
 }
 
@@ -597,6 +602,8 @@ impl Window {
             keep,
             kept: RefCell::default(),
             progress: progress.map(|p| (p, label, ticks)),
+            streamed: Default::default(),
+            last_count: Default::default(),
             done: RefCell::new(Some(tx)),
         };
         (capnp_rpc::new_client(w), rx)
@@ -618,14 +625,29 @@ impl byte_sink::Server for Window {
             k.bytes.extend_from_slice(&data[a..b]);
         }
         if let Some((tx, label, ticks)) = &self.progress {
-            let mut t = ticks.borrow_mut();
-            *t += 1;
-            let cut = &data[..data.len().min(PROGRESS_TEXT_MAX)];
-            let mut message = format!("{label}: {}", String::from_utf8_lossy(cut));
-            if cut.len() < data.len() {
-                message.push_str(&format!(" [... {} more bytes]", data.len() - cut.len()));
+            // Output text rides along up to `keep` bytes per stream (what the
+            // result shows too); past that, a byte count at most once a second.
+            let streamed = self.streamed.get();
+            let now = std::time::Instant::now();
+            let message = if streamed < self.keep {
+                let cut = &data[..data.len().min(PROGRESS_TEXT_MAX).min(self.keep - streamed)];
+                self.streamed.set(streamed + cut.len());
+                let mut m = format!("{label}: {}", String::from_utf8_lossy(cut));
+                if cut.len() < data.len() {
+                    m.push_str(&format!(" [... {} more bytes]", data.len() - cut.len()));
+                }
+                Some(m)
+            } else if self.last_count.get().is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                self.last_count.set(Some(now));
+                Some(format!("{label}: {} bytes so far", k.total))
+            } else {
+                None
+            };
+            if let Some(message) = message {
+                let mut t = ticks.borrow_mut();
+                *t += 1;
+                let _ = tx.send(Progress { progress: *t as f64, message });
             }
-            let _ = tx.send(Progress { progress: *t as f64, message });
         }
         Ok(())
     }
@@ -669,6 +691,33 @@ mod tests {
         assert!(k.bytes.is_empty());
         let k = window(0, 10, &[b"abc"]);
         assert!(!k.truncated());
+    }
+
+    #[test]
+    fn progress_carries_output_up_to_the_bound_then_counts() {
+        let (msgs, kept) = capvisor_rpc::conn::run_local(async {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let (c, done) = Window::client(0, 4, Some(tx), "stdout", Rc::default());
+            for ch in [&b"abcdef"[..], b"gh", b"ij"] {
+                let mut r = c.write_request();
+                r.get().set_data(ch);
+                r.send().await.unwrap();
+            }
+            c.done_request().send().promise.await.unwrap();
+            let kept = done.await.unwrap();
+            drop(c);
+            let mut msgs = Vec::new();
+            while let Ok(p) = rx.try_recv() {
+                msgs.push((p.progress, p.message));
+            }
+            (msgs, kept)
+        });
+        assert_eq!(kept.total, 10);
+        // The text of the first 4 bytes, then one count (the next is within a second).
+        assert_eq!(
+            msgs,
+            [(1.0, "stdout: abcd [... 2 more bytes]".to_string()), (2.0, "stdout: 8 bytes so far".to_string())]
+        );
     }
 
     #[test]
