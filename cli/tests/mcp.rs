@@ -152,10 +152,25 @@ fn check_python(r: &Value, who: &str) {
 /// token, logged in with it (`--token-stdin`): the process, its URL and
 /// the bearer token it printed.
 fn start_http(s: &Server, share_token: Option<&str>) -> (std::process::Child, String, String) {
+    start_http_with(s, share_token, None)
+}
+
+/// [`start_http`], with `--bearer-file` when given one (the token is then
+/// not printed, and the one returned is the file's).
+fn start_http_with(
+    s: &Server,
+    share_token: Option<&str>,
+    bearer_file: Option<&Path>,
+) -> (std::process::Child, String, String) {
     let mut cmd = Command::new(bin_dir().join("capvisor"));
     cmd.args(["mcp", "--http", "127.0.0.1:0"]);
     if share_token.is_some() {
         cmd.arg("--token-stdin");
+    }
+    let mut bearer = None;
+    if let Some(f) = bearer_file {
+        cmd.arg("--bearer-file").arg(f);
+        bearer = Some(std::fs::read_to_string(f).unwrap().trim().to_string());
     }
     let mut child = cmd
         .env("CAPVISOR_SOCKET", &s.socket)
@@ -171,15 +186,18 @@ fn start_http(s: &Server, share_token: Option<&str>) -> (std::process::Child, St
     }
     drop(stdin);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut url, mut bearer) = (None, None);
+    let mut url = None;
+    let mut seen = Vec::new();
     while url.is_none() || bearer.is_none() {
-        let l = lines.next().expect("capvisor mcp --http ended early").unwrap();
+        let l = lines.next().unwrap_or_else(|| panic!("capvisor mcp --http ended early: {seen:?}")).unwrap();
         if let Some(u) = l.split("serving MCP (streamable HTTP) at ").nth(1) {
             url = Some(u.trim().to_string());
         }
         if let Some(b) = l.split("bearer token (shown once): ").nth(1) {
+            assert!(bearer_file.is_none(), "a --bearer-file token is never printed: {l}");
             bearer = Some(b.trim().to_string());
         }
+        seen.push(l);
     }
     // Keep draining stderr so the server never blocks on it.
     std::thread::spawn(move || for _ in lines {});
@@ -296,6 +314,14 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
         .output()
         .unwrap();
     assert!(!o.status.success(), "no bearer must not connect: {}", stdout(&o));
+    let _ = child.kill();
+    let _ = child.wait();
+    // --bearer-file: that token, and no other, is accepted.
+    let f = s.dir.path().join("bearer");
+    std::fs::write(&f, "0123456789abcdef-from-a-file\n").unwrap();
+    let (mut child, url, bearer) = start_http_with(&s, None, Some(&f));
+    assert_eq!(post_initialize(&url, Some(&format!("Bearer {bearer}"))), 200);
+    assert_eq!(post_initialize(&url, Some("Bearer 0123456789abcdef")), 401);
     let _ = child.kill();
     let _ = child.wait();
 
