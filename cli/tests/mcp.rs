@@ -245,6 +245,49 @@ fn post_initialize(url: &str, auth: Option<&str>) -> u16 {
     std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
 }
 
+/// Speaks MCP over stdio by hand (newline-delimited JSON-RPC): `capvisor
+/// ARGS` for `owner`, with `first_line` written before the stream when
+/// given; initialize, then tools/list. Returns the tool names.
+fn raw_stdio_tools(s: &Server, args: &[&str], first_line: Option<&str>) -> Vec<String> {
+    let mut child = Command::new(bin_dir().join("capvisor"))
+        .args(args)
+        .env("CAPVISOR_SOCKET", &s.socket)
+        .env("CAPVISOR_CONFIG_DIR", s.config_dir("owner"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(l) = first_line {
+        writeln!(input, "{l}").unwrap();
+    }
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#;
+    writeln!(input, "{init}").unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut answer = |id: u64| -> Value {
+        loop {
+            let l = out.next().expect("capvisor mcp closed stdout").unwrap();
+            let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON-RPC on stdout: {e}: {l}"));
+            if v["id"] == id {
+                return v;
+            }
+        }
+    };
+    assert_eq!(answer(1)["result"]["serverInfo"]["name"], "capvisor");
+    writeln!(input, r#"{{"jsonrpc":"2.0","method":"notifications/initialized"}}"#).unwrap();
+    writeln!(input, r#"{{"jsonrpc":"2.0","id":2,"method":"tools/list"}}"#).unwrap();
+    let v = answer(2);
+    drop(input);
+    let _ = child.wait();
+    v["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
     let Some((venv, npm)) = clients() else { return };
@@ -338,6 +381,9 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
         .args(["stdio", "--scenario", "narrowed", "--vm", "box", "--", &capvisor(), "mcp", "--token-file"])
         .arg(&file);
     check_narrowed(&run_client(&s, c, "python stdio client, share token"), "stdio share");
+    // --token-stdin on stdio: the token line, then the MCP stream on the same stdin.
+    let tools = raw_stdio_tools(&s, &["mcp", "--token-stdin"], Some(&token));
+    assert!(tools.contains(&"box_exec".to_string()) && !tools.contains(&"vm_create".to_string()), "{tools:?}");
     let (mut child, url, bearer) = start_http(&s, Some(&token));
     let mut c = Command::new(&py);
     c.arg(script("client.py")).args([
