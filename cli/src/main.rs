@@ -13,6 +13,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 mod audit;
+mod call;
 mod mcp;
 mod schema;
 mod secret;
@@ -84,6 +85,10 @@ enum Cmd {
     /// caps (`schema CAP` for one in full, `--all` for the whole embedded schema, `--json`).
     #[command(long_about = schema::ABOUT)]
     Schema(schema::SchemaArgs),
+    /// Call any method of any cap of this session by name, parameters and results as JSON
+    /// (`call vms.list`, `call vms.create spec='{"name":"x"}' --as x`, `call x.info`).
+    #[command(long_about = call::ABOUT)]
+    Call(call::CallArgs),
     /// Query the audit log by time, VM, grant, principal and action (cap `audit`, owner
     /// profile: it shows every principal's records).
     #[command(long_about = audit::ABOUT)]
@@ -562,6 +567,7 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
             Ok(0)
         }
         Cmd::Schema(args) => schema::run(args, socket).await,
+        Cmd::Call(args) => call::run(args, socket).await,
         Cmd::Mcp(args) => mcp::run(args, socket).await,
         Cmd::Images => {
             let (s, _) = session(socket).await?;

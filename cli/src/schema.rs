@@ -186,8 +186,9 @@ fn signature(m: &Method) -> String {
     format!("{}({}) -> {}", m.name, field_list(&m.params), results)
 }
 
-/// One line per method, after a header line per interface.
-fn summary(cap: Option<&str>, i: &Interface) -> String {
+/// One line per method, after a header line per interface (also what
+/// `capvisor call --list` prints).
+pub(crate) fn summary(cap: Option<&str>, i: &Interface) -> String {
     let mut out = String::new();
     let head = match cap {
         Some(c) => format!("{c}: {} ({})", i.name, i.file),
