@@ -16,7 +16,11 @@
 //! `images`). `--egress-mib M` (default 256; 0 skips) and
 //! `--egress-requests N` (100): guest traffic through the egress proxy
 //! beside the host's direct traffic (module `egress`); `--egress-only`
-//! runs just that section.
+//! runs just that section. `--revokes N` (default 50), `--redeems N` (200)
+//! and `--narrow-calls N` (2000; 0 skips a part, all three 0 the section):
+//! delegation figures with their own serve, revoke -> a holder's call
+//! failing, share tokens redeemed per second, one narrowing layer's added
+//! latency (module `grants`); `--grants-only` runs just that section.
 
 use capvisor_client::{connect, ops};
 use capvisor_rpc::host::host_kvm_usable;
@@ -29,6 +33,8 @@ use std::time::{Duration, Instant};
 
 #[path = "capvisor-bench/egress.rs"]
 mod egress;
+#[path = "capvisor-bench/grants.rs"]
+mod grants;
 #[path = "capvisor-bench/images.rs"]
 mod images;
 #[path = "common/procs.rs"]
@@ -258,6 +264,16 @@ fn kvm_engine_figures(
     (first, rss, own)
 }
 
+/// The delegation section (module `grants`) with `--revokes`, `--redeems`
+/// and `--narrow-calls`; skipped (no serve started) when all three are 0.
+fn grants_figures(bin_dir: &Path, guest_init: &Path, work: &Path) -> grants::GrantFigures {
+    let (revokes, redeems, calls) = (arg("--revokes", 50), arg("--redeems", 200), arg("--narrow-calls", 2000));
+    if revokes + redeems + calls == 0 {
+        return grants::GrantFigures::default();
+    }
+    grants::figures(bin_dir, guest_init, work, revokes, redeems, calls).expect("delegation figures")
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--cli-only") {
         std::process::exit(rtt::cli_only_main());
@@ -272,6 +288,18 @@ fn main() {
         let mut figs = egress::figures(&bin_dir, &guest_init, work.path(), mib, arg("--egress-requests", 100))
             .expect("egress figures");
         egress::print(&mut figs);
+        return;
+    }
+    if std::env::args().any(|a| a == "--grants-only") {
+        let bin_dir = capvisor_rpc::paths::bin_dir();
+        let work = tempfile::Builder::new().prefix("capvisor-bench.").tempdir().expect("tempdir");
+        let guest_init = std::env::var_os("CAPVISOR_GUEST_INIT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin_dir.join("capvisor-guest-init"));
+        let mut figs = grants_figures(&bin_dir, &guest_init, work.path());
+        println!();
+        println!("{:<58} {:>12}", "figure", "value");
+        grants::print(&mut figs);
         return;
     }
     let boots = arg("--boots", 9);
@@ -411,6 +439,8 @@ fn main() {
         egress::EgressFigures::default()
     };
 
+    let mut grant_figs = grants_figures(&bin_dir, &guest_init, work.path());
+
     let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     let (mut kvm_first, mut kvm_rss, mut kvm_own) =
         if kvm_usable { kvm_engine_figures(&image, work.path(), boots) } else { (vec![], vec![], vec![]) };
@@ -494,6 +524,7 @@ fn main() {
     if egress_mib > 0 {
         egress::print(&mut egress_figs);
     }
+    grants::print(&mut grant_figs);
     for (name, kib) in &rss {
         println!("{:<58} {:>8.1} MiB", format!("engine {engine}: RSS of {name} (running VM)"), *kib as f64 / 1024.0);
     }
