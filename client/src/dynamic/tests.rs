@@ -80,6 +80,7 @@ interface Echo {
   fail @1 (all :All, choice :Choice) -> (all :All, choice :Choice);
   pump @2 (text :Text, out :Common.ByteSink) -> (n :UInt32);
   get @3 (interfaceId :UInt64) -> (cap :Capability);
+  push @4 (data :Data) -> stream;
 }
 
 interface Sub extends(Echo) {
@@ -155,6 +156,7 @@ impl capnp::capability::Server for EchoDispatch {
                         r.set_data_field::<u32>(0, text.len() as u32);
                         Ok(())
                     }
+                    4 => Ok(()),
                     _ => {
                         let r = PtrB::of(results.get())?.init_struct(StructSize { data: 0, pointers: 1 });
                         any_pointer::Builder::new(r.get_pointer_field(0)).set_as_capability(echo_hook());
@@ -379,7 +381,10 @@ fn methods_resolve_through_superclasses_and_unknown_ones_are_not_found() {
     assert_eq!((id, m.ordinal), (iface("Sub"), 0));
     let e = find_method_in(s, iface("Sub"), "nope").err().unwrap();
     assert_eq!(code(&e), Some(ErrorCode::NotFound));
-    assert!(e.to_string().contains("Sub has no method \"nope\"; its methods: more, echo, fail, pump, get"), "{e}");
+    assert!(
+        e.to_string().contains("Sub has no method \"nope\"; its methods: more, echo, fail, pump, get, push"),
+        "{e}"
+    );
     let e = find_method(0x1234, "x").err().unwrap();
     assert_eq!(code(&e), Some(ErrorCode::Unavailable));
     // Every method of every embedded interface resolves by name.
@@ -396,6 +401,16 @@ fn calls_through_a_sub_interface_reach_the_server() {
         let sub = Held::new(iface("Sub"), echo().client);
         let r = call_test(&sub, "echo", json!({"all": {"t": "via Sub"}})).await.unwrap();
         assert_eq!(r.json["all"]["t"], "via Sub");
+    });
+}
+
+#[test]
+fn streaming_methods_answer_an_empty_object() {
+    run_local(async {
+        let (_, m) = find_method_in(test_schema(), iface("Echo"), "push").unwrap();
+        assert!(m.streaming);
+        let r = call_test(&echo(), "push", json!({"data": {"utf8": "chunk"}})).await.unwrap();
+        assert_eq!(r.json, json!({}));
     });
 }
 
