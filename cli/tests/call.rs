@@ -70,6 +70,8 @@ fn call_by_name_with_kept_caps_across_processes() {
     assert!(err.contains("no cap named \"nosuch\"") && err.contains("[notFound]"), "{err}");
     let (_, err) = call(&s, &["vms.get", "vmName=nosuch", "--as", "g"], 11);
     assert!(err.contains("[notFound]"), "{err}");
+    let caps = stdout(&s.cli_ok("owner", &["caps"], None, 0));
+    assert!(!caps.lines().any(|l| l.starts_with("g ")), "a failed call keeps nothing:\n{caps}");
     let (_, err) = call(&s, &["vms.nosuch"], 11);
     assert!(err.contains("VmFactory has no method \"nosuch\""), "{err}");
     assert!(err.contains("create(spec: VmSpec) -> (vm: Vm)"), "the methods are listed:\n{err}");
