@@ -105,9 +105,15 @@ interface Files {
   # A guest's file system. Paths are absolute guest paths.
   read @0 (path :Text, sink :ByteSink) -> (size :UInt64);
   # Streams the file into `sink` (then `done`); returns the byte count.
-  write @1 (path :Text, mode :UInt32) -> (sink :ByteSink);
+  write @1 (path :Text, mode :UInt32, beneath :Text) -> (sink :ByteSink);
   # Creates or truncates `path` with permission bits `mode`; the caller
   # writes the body into the returned sink and calls done, which returns
-  # once the file is written and closed.
+  # once the file is written and closed. `beneath` "" places no limit;
+  # otherwise it is an absolute directory `path` must lie under (as a
+  # string, else invalidArgument) and the guest resolves `path` from it
+  # with openat2(2) RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS, so no symlink
+  # or ".." in the guest leads outside it (denied); `beneath` itself is
+  # opened refusing symlinks. A narrowed `Vm`'s `Files` sets it to the
+  # write prefix that allowed the path.
   list @2 (path :Text) -> (entries :List(DirEntry));
 }

@@ -270,7 +270,19 @@ pub struct Budget {
 }
 
 impl Budget {
-    fn take(chain: &Option<Rc<Budget>>) -> CvResult<()> {
+    /// A budget of `calls` chained under `parent` (`calls` 0: none of its
+    /// own, so `parent` alone).
+    pub fn chain(calls: u64, parent: Option<Rc<Budget>>) -> Option<Rc<Budget>> {
+        if calls == 0 {
+            parent
+        } else {
+            Some(Rc::new(Budget { left: Cell::new(calls), parent }))
+        }
+    }
+
+    /// Takes one call from every budget of `chain`, or none when one is
+    /// spent. Errors: `denied` when one is spent.
+    pub fn take(chain: &Option<Rc<Budget>>) -> CvResult<()> {
         let mut at = chain.clone();
         while let Some(b) = at {
             if b.left.get() == 0 {
@@ -347,9 +359,14 @@ impl NarrowVm {
 
 /// A narrowing in one line, e.g. `vm box: exec [python3], files readOnly`.
 fn describe(vm: &str, n: &Narrowing) -> String {
+    format!("vm {vm}: {}", describe_narrowing(n))
+}
+
+/// A narrowing in one line without the VM, e.g. `exec [python3], files readOnly`.
+pub fn describe_narrowing(n: &Narrowing) -> String {
     let mut out = match n.exec_any {
-        true => format!("vm {vm}: exec any program"),
-        false => format!("vm {vm}: exec {:?}", n.exec_allow),
+        true => "exec any program".to_string(),
+        false => format!("exec {:?}", n.exec_allow),
     };
     if let Some(u) = &n.exec_user {
         out += &format!(" as {u:?}");
@@ -387,7 +404,7 @@ pub fn narrowed(
     parent: Option<Rc<Budget>>,
     grant: Option<Rc<GrantNode>>,
 ) -> vm::Client {
-    let budget = if budget == 0 { parent } else { Some(Rc::new(Budget { left: Cell::new(budget), parent })) };
+    let budget = Budget::chain(budget, parent);
     let chain = grant.as_ref().map(|g| g.chain()).unwrap_or_default();
     st.audit_chain(&entry.name, &chain, "vm.narrow", "Vm", "narrow", Ok(()), &describe(&entry.name, &n));
     make(st, entry, n, budget, grant)
@@ -519,9 +536,22 @@ impl files::Server for NarrowFiles {
         let p = params.get()?;
         let path = p.get_path()?.to_str().map_err(|_| CvError::invalid("path: not UTF-8"))?;
         self.limits.n.check_write(path).map_err(|e| self.limits.deny("files.write", e))?;
+        // guest-init resolves the path beneath the longest prefix that
+        // allowed it (openat2 RESOLVE_BENEATH), so a symlink made in the
+        // guest cannot lead the write elsewhere; a `beneath` the caller
+        // gives is kept when it lies under that prefix (it only narrows).
+        let given = p.get_beneath()?.to_str().map_err(|_| CvError::invalid("beneath: not UTF-8"))?;
+        let norm = normalise(path).unwrap_or_default();
+        let matched = self.limits.n.write_prefixes.iter().filter(|q| under(&norm, q)).max_by_key(|q| q.len());
+        let beneath = match (matched, normalise(given)) {
+            (None, _) => given.to_string(),
+            (Some(q), Some(g)) if under(&g, q) => g,
+            (Some(q), _) => q.clone(),
+        };
         let mut req = self.inner.write_request();
         req.get().set_path(path);
         req.get().set_mode(p.get_mode());
+        req.get().set_beneath(beneath.as_str());
         let resp = req.send().promise.await?;
         results.get().set_sink(resp.get()?.get_sink()?);
         Ok(())

@@ -202,6 +202,7 @@ impl files::Server for FilesWrapper {
         let mut req = self.inner.write_request();
         req.get().set_path(p.get_path()?);
         req.get().set_mode(p.get_mode());
+        req.get().set_beneath(p.get_beneath()?);
         let resp = self.scope.forward(req.send().promise).await?;
         let inner = resp.get()?.get_sink()?;
         results.get().set_sink(SinkWrapper::wrap(&self.scope, inner));

@@ -586,3 +586,46 @@ fn a_grant_holds_its_narrowing_and_dies_with_everything_made_through_it() {
         assert!(grants.iter().all(|g| g.get_revoked()));
     });
 }
+
+/// A narrowed `Vm` allowed to exec `ln` and write under `<tmp>/work`
+/// makes `<tmp>/work/out` a symlink to `<tmp>/secret`: the worker's string
+/// check passes `<tmp>/work/out/x`, and guest-init, resolving it beneath
+/// the prefix (openat2 RESOLVE_BENEATH), refuses it with `denied`; nothing
+/// reaches `<tmp>/secret`. Plain writes under the prefix still work, and
+/// the session's own (unnarrowed) `Files` is not confined.
+#[test]
+fn a_narrowed_write_cannot_follow_a_symlink_out_of_its_prefix() {
+    use capvisor_rpc::schema::capvisor_capnp::FilesAccess;
+    run(async {
+        let env = Worker::with_guest_init("inproc", |_| {});
+        let s = env.attach().await;
+        let vm = ops::create_vm(&ops::vms(&s), &spec("b"));
+        let tmp = tempfile::tempdir().unwrap();
+        let (work, secret) = (tmp.path().join("work"), tmp.path().join("secret"));
+        std::fs::create_dir(&work).unwrap();
+        std::fs::create_dir(&secret).unwrap();
+        let (work_s, secret_s) = (work.to_str().unwrap(), secret.to_str().unwrap());
+        let agent = narrow(&vm, &["ln"], FilesAccess::ReadWrite, &[tmp.path().to_str().unwrap(), work_s], 0, 0);
+        let files = ops::files(&agent);
+        let ok = format!("{work_s}/ok");
+        assert_eq!(ops::write_file(&files, &ok, 0o644, &b"fine"[..]).await.unwrap(), 4);
+        assert_eq!(std::fs::read(&ok).unwrap(), b"fine");
+        let out = format!("{work_s}/out");
+        let made = ops::exec_collect(&agent, &["ln", "-s", secret_s, &out], b"", 1 << 10).await.unwrap();
+        assert_eq!(made.exit, ops::Exit::Code(0), "{}", String::from_utf8_lossy(&made.stderr));
+        assert!(std::fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
+        let escaped = format!("{out}/x");
+        let w = ops::write_file(&files, &escaped, 0o644, &b"owned"[..]).await;
+        match w {
+            Err(ClientError::Domain(e)) => {
+                assert_eq!(e.code, ErrorCode::Denied, "{e:?}");
+                assert!(e.message.contains(&format!("resolves outside {work_s}")), "the longest prefix: {e:?}");
+            }
+            other => panic!("expected denied, got {other:?}"),
+        }
+        assert_eq!(std::fs::read_dir(&secret).unwrap().count(), 0, "nothing written outside the prefix");
+        // The session's own Files passes no `beneath`: the same path goes through.
+        ops::write_file(&ops::files(&vm), &escaped, 0o644, &b"own"[..]).await.unwrap();
+        assert_eq!(std::fs::read(secret.join("x")).unwrap(), b"own");
+    });
+}
