@@ -592,7 +592,8 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
         }
         Cmd::Share(a) => {
             let (s, saved) = session(socket).await?;
-            share::share(&s, saved.profile == DELEGATE, a).await
+            let held = share::held_vms(&s, saved.profile == DELEGATE).await?;
+            share::share(&s, &held, a).await
         }
         Cmd::Shares { json } => {
             let (s, _) = session(socket).await?;
@@ -868,8 +869,8 @@ async fn vm_cmd(cmd: VmCmd, socket: &Path) -> ClientResult<i32> {
     let (s, saved) = session(socket).await?;
     let f = ops::vms(&s);
     // A delegate session holds shared VMs as CapSet entries, not a factory.
-    let delegate = saved.profile == DELEGATE;
-    let get = |name: &str| share::vm_of(&s, delegate, name);
+    let held = share::held_vms(&s, saved.profile == DELEGATE).await?;
+    let get = |name: &str| share::vm_of(&s, &held, name);
     match cmd {
         VmCmd::Create { name, spec } => {
             eprintln!("capvisor: booting ...");

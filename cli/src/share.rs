@@ -2,9 +2,10 @@
 //! delegation by grants (cap `shares`, schema `Shares`; docs/decisions.md
 //! "Delegation").
 
+use capnp::traits::HasTypeId;
 use capvisor_client::ops;
 use capvisor_client::{ClientError, ClientResult};
-use capvisor_rpc::schema::capvisor_capnp::{session, shares, vm, FilesAccess};
+use capvisor_rpc::schema::capvisor_capnp::{session, shares, vm, vm_narrowing, FilesAccess};
 use clap::{Args, ValueEnum};
 
 /// What `share --help` says.
@@ -38,18 +39,39 @@ pub enum FilesArg {
 #[derive(Args)]
 pub struct ShareArgs {
     /// The VM to share: one of this session's VMs (or, in a delegate session given --reshare,
-    /// the name of a shared VM it holds)
-    vm: String,
+    /// the name of a shared VM it holds). Without it, give --factory.
+    #[arg(required_unless_present = "factory", conflicts_with = "factory")]
+    vm: Option<String>,
+    /// Share a VM factory instead of one VM: the holder creates up to --max-vms VMs of the
+    /// --image images (they belong to this session and count against its quota), sees only
+    /// those, and every VM it gets is narrowed by the exec/files/... options
+    #[arg(long)]
+    factory: bool,
+    /// With --factory: VMs the holder may hold at once
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "factory")]
+    max_vms: u32,
+    /// With --factory: an image the holder may boot (repeatable) [default: base]
+    #[arg(long = "image", value_name = "NAME", requires = "factory")]
+    images: Vec<String>,
+    /// With --factory: most memory per VM, MiB [default: the session's bound]
+    #[arg(long, value_name = "MIB", requires = "factory")]
+    memory: Option<u32>,
+    /// With --factory: most vCPUs per VM [default: the session's bound]
+    #[arg(long, value_name = "N", requires = "factory")]
+    vcpus: Option<u32>,
+    /// Any program may run (instead of --exec lists)
+    #[arg(long, conflicts_with = "exec")]
+    exec_any: bool,
     /// How long the grant lives: 30s, 10m, 2h, 7d (never past this session's end)
     #[arg(long, value_name = "DURATION")]
     ttl: String,
     /// A label shown in `shares` and the audit log (at most 128 bytes)
     #[arg(long, default_value = "")]
     label: String,
-    /// The name the holder's CapSet gives the VM [default: the VM's name]
+    /// The name the holder's CapSet gives the VM [default: the VM's name, or "vms" for --factory]
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// A program the holder may run: argv[0] exactly, a name looked up in the guest's PATH
+    /// A program the holder may run: `argv[0]` exactly, a name looked up in the guest's PATH
     /// or an absolute path (repeatable; none: no exec)
     #[arg(long = "exec", value_name = "PROGRAM")]
     exec: Vec<String>,
@@ -93,15 +115,53 @@ fn parse_ttl(t: &str) -> ClientResult<i64> {
         .ok_or_else(|| ClientError::Usage(format!("--ttl {t:?}: want a duration such as 30s, 10m, 2h or 7d")))
 }
 
+/// The names of the CapSet entries of interface `Vm` of a delegate session
+/// (empty for any other session: its VMs come from `vms`).
+pub async fn held_vms(s: &session::Client, delegate: bool) -> ClientResult<Vec<String>> {
+    if !delegate {
+        return Ok(Vec::new());
+    }
+    let caps = ops::list_caps(&ops::cap_set(s)).await?;
+    Ok(caps.into_iter().filter(|c| c.interface_id == vm::Client::TYPE_ID).map(|c| c.name).collect())
+}
+
 /// The VM named `name` as this session reaches it: `cap:NAME` is the
 /// CapSet entry NAME (a VM shared with this principal by `share --to`); a
-/// plain name is a CapSet entry in a delegate session (it has no `vms`),
-/// else `vms.get(name)`.
-pub fn vm_of(s: &session::Client, delegate: bool, name: &str) -> vm::Client {
+/// name in `held` (a delegate session's shared VMs, [`held_vms`]) is that
+/// CapSet entry; any other name is `vms.get(name)` (the session's own
+/// factory, or a shared narrowed one).
+pub fn vm_of(s: &session::Client, held: &[String], name: &str) -> vm::Client {
     match name.strip_prefix("cap:") {
         Some(entry) => ops::get_cap::<vm::Client>(&ops::cap_set(s), entry),
-        None if delegate => ops::get_cap::<vm::Client>(&ops::cap_set(s), name),
+        None if held.iter().any(|h| h == name) => ops::get_cap::<vm::Client>(&ops::cap_set(s), name),
         None => ops::get_vm(&ops::vms(s), name),
+    }
+}
+
+/// Writes the exec, files, stop and port options into a `VmNarrowing`
+/// (the budget is the caller's: it belongs to the shared cap as a whole).
+fn vm_narrowing_of(a: &ShareArgs, mut n: vm_narrowing::Builder<'_>) {
+    let mut l = n.reborrow().init_exec_allow(a.exec.len() as u32);
+    for (i, p) in a.exec.iter().enumerate() {
+        l.set(i as u32, p.as_str());
+    }
+    n.set_exec_any(a.exec_any);
+    n.set_exec_user(a.user.as_deref().unwrap_or(""));
+    n.set_exec_cwd(a.cwd.as_deref().unwrap_or(""));
+    n.set_allow_pty(a.pty);
+    n.set_files(match a.files {
+        FilesArg::None => FilesAccess::None,
+        FilesArg::Ro => FilesAccess::ReadOnly,
+        FilesArg::Rw => FilesAccess::ReadWrite,
+    });
+    let mut l = n.reborrow().init_write_prefixes(a.write_prefixes.len() as u32);
+    for (i, p) in a.write_prefixes.iter().enumerate() {
+        l.set(i as u32, p.as_str());
+    }
+    n.set_allow_stop(a.stop);
+    let mut l = n.reborrow().init_ports(a.ports.len() as u32);
+    for (i, p) in a.ports.iter().enumerate() {
+        l.set(i as u32, *p);
     }
 }
 
@@ -115,44 +175,44 @@ fn shares_cap(s: &session::Client) -> shares::Client {
 
 /// `capvisor share`: prints the token on stdout (nothing with --to) and
 /// the grant on stderr.
-pub async fn share(s: &session::Client, delegate: bool, a: ShareArgs) -> ClientResult<i32> {
+pub async fn share(s: &session::Client, held: &[String], a: ShareArgs) -> ClientResult<i32> {
     let ttl_ms = parse_ttl(&a.ttl)?;
-    let vm = vm_of(s, delegate, &a.vm);
-    let mut nreq = vm.narrow_request();
-    {
-        let mut n = nreq.get().init_narrowing();
-        let mut l = n.reborrow().init_exec_allow(a.exec.len() as u32);
-        for (i, p) in a.exec.iter().enumerate() {
-            l.set(i as u32, p.as_str());
+    // The narrowed cap goes into share() pipelined, before narrow() answers.
+    let (name, narrowed) = match &a.vm {
+        Some(vm_name) => {
+            let mut req = vm_of(s, held, vm_name).narrow_request();
+            {
+                let mut n = req.get().init_narrowing();
+                n.set_call_budget(a.budget);
+                vm_narrowing_of(&a, n);
+            }
+            (a.name.clone().unwrap_or_else(|| vm_name.clone()), req.send().pipeline.get_vm().client)
         }
-        n.set_exec_user(a.user.as_deref().unwrap_or(""));
-        n.set_exec_cwd(a.cwd.as_deref().unwrap_or(""));
-        n.set_allow_pty(a.pty);
-        n.set_files(match a.files {
-            FilesArg::None => FilesAccess::None,
-            FilesArg::Ro => FilesAccess::ReadOnly,
-            FilesArg::Rw => FilesAccess::ReadWrite,
-        });
-        let mut l = n.reborrow().init_write_prefixes(a.write_prefixes.len() as u32);
-        for (i, p) in a.write_prefixes.iter().enumerate() {
-            l.set(i as u32, p.as_str());
+        None => {
+            let mut req = ops::vms(s).narrow_request();
+            {
+                let mut n = req.get().init_narrowing();
+                n.set_max_vms(a.max_vms);
+                let images = if a.images.is_empty() { vec!["base".to_string()] } else { a.images.clone() };
+                let mut l = n.reborrow().init_images(images.len() as u32);
+                for (i, im) in images.iter().enumerate() {
+                    l.set(i as u32, im.as_str());
+                }
+                n.set_max_memory_mib(a.memory.unwrap_or(0));
+                n.set_max_vcpus(a.vcpus.unwrap_or(0));
+                n.set_call_budget(a.budget);
+                vm_narrowing_of(&a, n.init_vm_narrowing());
+            }
+            (a.name.clone().unwrap_or_else(|| "vms".into()), req.send().pipeline.get_vms().client)
         }
-        n.set_allow_stop(a.stop);
-        let mut l = n.reborrow().init_ports(a.ports.len() as u32);
-        for (i, p) in a.ports.iter().enumerate() {
-            l.set(i as u32, *p);
-        }
-        n.set_call_budget(a.budget);
-    }
-    // Pipelined: the narrowed cap goes into share() before narrow() answers.
-    let narrowed = nreq.send().pipeline.get_vm();
+    };
     let mut req = shares_cap(s).share_request();
     {
         let mut spec = req.get().init_spec();
         let mut caps = spec.reborrow().init_caps(1);
         let mut c = caps.reborrow().get(0);
-        c.set_name(a.name.as_deref().unwrap_or(&a.vm));
-        c.init_cap().set_as_capability(narrowed.client.hook);
+        c.set_name(name.as_str());
+        c.init_cap().set_as_capability(narrowed.hook);
         spec.set_label(a.label.as_str());
         spec.set_ttl_ms(ttl_ms);
         spec.set_to(a.to.as_deref().unwrap_or(""));

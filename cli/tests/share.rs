@@ -186,3 +186,35 @@ fn a_share_allows_exactly_its_narrowing_until_revoked_and_is_audited_by_chain() 
     s.cli_ok("owner", &["logout"], None, 0);
     s.cli_ok("other", &["vm", "exec", "box", "--", "python3", "-c", "pass"], None, STALE);
 }
+
+#[test]
+fn a_shared_factory_creates_bounded_vms_that_only_its_holder_sees() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "mine"], None, 0);
+    let (id, token) = share(
+        &s,
+        "owner",
+        &["--factory", "--max-vms", "1", "--image", "base", "--exec-any", "--files", "rw", "--stop", "--ttl", "10m"],
+    );
+    s.cli_ok("fac", &["login", "--token-stdin"], Some(token.as_bytes()), 0);
+    let caps = stdout(&s.cli_ok("fac", &["caps"], None, 0));
+    assert!(caps.lines().any(|l| l.starts_with("vms") && l.contains("VmFactory")), "{caps}");
+    s.cli_ok("fac", &["vm", "create", "--name", "h1"], None, 0);
+    s.cli_ok("fac", &["vm", "create", "--name", "h2"], None, 13);
+    s.cli_ok("fac", &["vm", "create", "--name", "big", "--image", "debian"], None, DENIED);
+    let o = s.cli_ok("fac", &["vm", "exec", "h1", "--", "sh", "-c", "echo any program"], None, 0);
+    assert_eq!(stdout(&o), "any program\n");
+    let listed = stdout(&s.cli_ok("fac", &["vm", "list"], None, 0));
+    assert!(listed.contains("h1") && !listed.contains("mine"), "{listed}");
+    s.cli_ok("fac", &["vm", "exec", "mine", "--", "true"], None, NOT_FOUND);
+    s.cli_ok("fac", &["vm", "rm", "mine"], None, NOT_FOUND);
+    // Its VMs are the grantor's: they count against the grantor's quota and it sees them.
+    let listed = stdout(&s.cli_ok("owner", &["vm", "list"], None, 0));
+    assert!(listed.contains("h1") && listed.contains("mine"), "{listed}");
+    s.cli_ok("fac", &["vm", "rm", "h1"], None, 0);
+    s.cli_ok("fac", &["vm", "create", "--name", "h3"], None, 0);
+    s.cli_ok("owner", &["revoke", &id], None, 0);
+    s.cli_ok("fac", &["vm", "list"], None, STALE);
+    s.cli_ok("owner", &["vm", "exec", "h3", "--", "true"], None, 0);
+}

@@ -23,8 +23,9 @@
 
 use crate::state::SessionState;
 use capnp::capability::Rc as CapRc;
+use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
-use capvisor_rpc::schema::capvisor_capnp::{grant_info, shares};
+use capvisor_rpc::schema::capvisor_capnp::{grant_info, shares, vm, vm_factory};
 use capvisor_rpc::schema::common_capnp::process;
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
@@ -342,15 +343,13 @@ impl SharesImpl {
             if found.iter().any(|(n, _)| *n == name) {
                 return Err(CvError::invalid(format!("cap name {name:?} given twice")));
             }
-            let client: capvisor_rpc::schema::capvisor_capnp::vm::Client = c
+            let client: capnp::capability::Client = c
                 .get_cap()
                 .get_as_capability()
                 .map_err(|e| CvError::invalid(format!("cap {name:?}: not a capability ({e})")))?;
-            let resolved = capnp::capability::get_resolved_cap(client).await;
-            let server = self.st.narrow_vms.borrow().get_local_server_of_resolved(&resolved);
-            let Some(server) = server else {
+            let Some(server) = Shareable::find(&self.st, client).await else {
                 return Err(CvError::invalid(format!(
-                    "cap {name:?} is not a narrowed cap of this session: narrow it first (Vm.narrow)"
+                    "cap {name:?} is not a narrowed cap of this session: narrow it first (Vm.narrow, VmFactory.narrow)"
                 )));
             };
             found.push((name, server));
@@ -378,12 +377,9 @@ impl SharesImpl {
         let node = GrantNode::new(label, parent, to.clone(), spec.get_reshare(), expires);
         let entries: Vec<SharedEntry> = found
             .iter()
-            .map(|(name, s)| SharedEntry {
-                name: name.clone(),
-                interface_id: <capvisor_rpc::schema::capvisor_capnp::vm::Client as capnp::traits::HasTypeId>::TYPE_ID,
-                interface_name: "Vm",
-                client: s.rebind(&node).client,
-                what: s.describe(),
+            .map(|(name, s)| {
+                let (interface_id, interface_name, client) = s.rebind(&node);
+                SharedEntry { name: name.clone(), interface_id, interface_name, client, what: s.describe() }
             })
             .collect();
         *node.caps.borrow_mut() = entries;
@@ -417,6 +413,50 @@ impl SharesImpl {
             }
         });
         Ok((node, token))
+    }
+}
+
+/// A narrowed cap of this session that can be shared: the server object
+/// behind a cap passed to `Shares.share`, recognised through the session's
+/// `CapabilityServerSet`s.
+enum Shareable {
+    Vm(Rc<crate::narrow::NarrowVm>),
+    Factory(Rc<crate::narrow_vms::NarrowFactory>),
+}
+
+impl Shareable {
+    /// The narrowed cap of session `st` behind `client`, if it is one.
+    async fn find(st: &SessionState, client: capnp::capability::Client) -> Option<Shareable> {
+        use capnp::capability::FromClientHook;
+        let resolved = capnp::capability::get_resolved_cap(client).await;
+        let as_vm = vm::Client::new(resolved.hook.add_ref());
+        if let Some(s) = st.narrow_vms.borrow().get_local_server_of_resolved(&as_vm) {
+            return Some(Shareable::Vm(s));
+        }
+        let as_factory = vm_factory::Client::new(resolved.hook);
+        st.narrow_factories.borrow().get_local_server_of_resolved(&as_factory).map(Shareable::Factory)
+    }
+
+    fn grant(&self) -> Option<Rc<GrantNode>> {
+        match self {
+            Shareable::Vm(v) => v.grant(),
+            Shareable::Factory(f) => f.grant(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Shareable::Vm(v) => v.describe(),
+            Shareable::Factory(f) => f.describe(),
+        }
+    }
+
+    /// The same cap bound to `grant`: (interface id, interface name, cap).
+    fn rebind(&self, grant: &Rc<GrantNode>) -> (u64, &'static str, capnp::capability::Client) {
+        match self {
+            Shareable::Vm(v) => (vm::Client::TYPE_ID, "Vm", v.rebind(grant).client),
+            Shareable::Factory(f) => (vm_factory::Client::TYPE_ID, "VmFactory", f.rebind(grant).client),
+        }
     }
 }
 

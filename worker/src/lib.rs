@@ -27,6 +27,7 @@ pub mod caps;
 pub mod grants;
 pub mod launch;
 pub mod narrow;
+pub mod narrow_vms;
 pub mod proxy;
 pub mod secrets;
 pub mod serve;

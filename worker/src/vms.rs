@@ -149,7 +149,8 @@ impl VmEntry {
         }
     }
 
-    fn fill_info(&self, mut b: vm_info::Builder<'_>) {
+    /// Writes this VM's facts into a schema `VmInfo`.
+    pub fn fill_info(&self, mut b: vm_info::Builder<'_>) {
         b.set_name(self.name.as_str());
         b.set_image(self.image.as_str());
         b.set_memory_mib(self.memory_mib);
@@ -536,7 +537,11 @@ pub struct VmFactoryImpl {
 }
 
 impl VmFactoryImpl {
-    async fn do_create(&self, spec: vm_spec::Reader<'_>) -> CvResult<Rc<VmEntry>> {
+    /// Checks `spec` against the session's bundle and boots the VM; returns
+    /// once guest-init answers. Not audited (the caller audits `vm.create`).
+    ///
+    /// Errors: as `VmFactory.create`.
+    pub async fn do_create(&self, spec: vm_spec::Reader<'_>) -> CvResult<Rc<VmEntry>> {
         let st = &self.st;
         st.check()?;
         let spec = check_spec(st, spec)?;
@@ -644,7 +649,8 @@ impl VmFactoryImpl {
         Ok(entry)
     }
 
-    fn entry(&self, name: &str) -> CvResult<Rc<VmEntry>> {
+    /// This session's VM `name`. Errors: `notFound`; `staleSession`.
+    pub fn entry(&self, name: &str) -> CvResult<Rc<VmEntry>> {
         self.st.check()?;
         self.st
             .vms
@@ -652,6 +658,23 @@ impl VmFactoryImpl {
             .get(name)
             .cloned()
             .ok_or_else(|| CvError::not_found(format!("this session has no VM named {name:?}")))
+    }
+
+    /// Stops VM `name` if running and forgets it (`VmFactory.remove`; not
+    /// audited here). Errors: `notFound`; `invalidArgument` while it is
+    /// still starting; `staleSession`.
+    pub async fn remove_entry(&self, name: &str) -> CvResult<()> {
+        let e = self.entry(name)?;
+        if e.state.get() == VmState::Starting {
+            return Err(CvError::invalid(format!("VM {name:?} is still starting")));
+        }
+        // Marked first, so no call through an old cap gets in while the VM
+        // stops.
+        e.removed.set(true);
+        stop_vm(&e).await;
+        self.st.vms.borrow_mut().remove(name);
+        let _ = std::fs::remove_dir_all(&e.run_dir);
+        Ok(())
     }
 
     fn vm_cap(&self, entry: Rc<VmEntry>) -> vm::Client {
@@ -792,21 +815,7 @@ impl vm_factory::Server for VmFactoryImpl {
         _: vm_factory::RemoveResults,
     ) -> capnp::Result<()> {
         let name = text(params.get()?.get_vm_name())?;
-        let res = match self.entry(&name) {
-            Ok(e) if e.state.get() == VmState::Starting => {
-                Err(CvError::invalid(format!("VM {name:?} is still starting")))
-            }
-            Ok(e) => {
-                // Marked first, so no call through an old cap gets in while
-                // the VM stops.
-                e.removed.set(true);
-                stop_vm(&e).await;
-                self.st.vms.borrow_mut().remove(&name);
-                let _ = std::fs::remove_dir_all(&e.run_dir);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        };
+        let res = self.remove_entry(&name).await;
         self.st.audit_vm(&name, "vm.remove", "vms", "remove", res.as_ref().map(|_| ()), &name);
         Ok(res?)
     }
@@ -817,9 +826,32 @@ impl vm_factory::Server for VmFactoryImpl {
         mut results: vm_factory::ImagesResults,
     ) -> capnp::Result<()> {
         self.st.check()?;
-        let ctx = &self.st.ctx;
-        let allowed: Vec<_> = ctx.bundle.images.iter().filter_map(|n| ctx.images.get(n).map(|i| (n, i))).collect();
-        let mut list = results.get().init_images(allowed.len() as u32);
+        write_images(&self.st, &|_| true, results.get());
+        Ok(())
+    }
+
+    /// A narrowed factory over this session's VMs (`crate::narrow_vms`).
+    /// Errors: `invalidArgument` for a malformed narrowing; `staleSession`.
+    async fn narrow(
+        self: CapRc<Self>,
+        params: vm_factory::NarrowParams,
+        mut results: vm_factory::NarrowResults,
+    ) -> capnp::Result<()> {
+        self.st.check()?;
+        let f = crate::narrow_vms::narrowed(&self.st, params.get()?.get_narrowing()?)?;
+        results.get().set_vms(f);
+        Ok(())
+    }
+}
+
+/// The images session `st` may boot and `keep` keeps, into `results`
+/// (`VmFactory.images`).
+pub fn write_images(st: &SessionState, keep: &dyn Fn(&str) -> bool, results: vm_factory::images_results::Builder<'_>) {
+    {
+        let ctx = &st.ctx;
+        let allowed: Vec<_> =
+            ctx.bundle.images.iter().filter(|n| keep(n)).filter_map(|n| ctx.images.get(n).map(|i| (n, i))).collect();
+        let mut list = results.init_images(allowed.len() as u32);
         for (i, (name, img)) in allowed.into_iter().enumerate() {
             let mut b = list.reborrow().get(i as u32);
             b.set_name(name.as_str());
@@ -828,7 +860,6 @@ impl vm_factory::Server for VmFactoryImpl {
             b.set_rootfs_bytes(img.rootfs.as_ref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len()));
             b.set_writable_mib(img.writable_mib);
         }
-        Ok(())
     }
 }
 

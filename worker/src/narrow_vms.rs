@@ -1,0 +1,433 @@
+//! Attenuation of `VmFactory` (issue 10, item 1; docs/decisions.md
+//! "Delegation"): `VmFactory.narrow(VmFactoryNarrowing)` returns a new
+//! `VmFactory` object that allows only what the narrowing allows, the
+//! pattern of [`crate::narrow`] for `Vm`.
+//!
+//! - It sees, reaches and removes only the VMs created through it (or
+//!   through factories narrowed from it): `list`, `get` and `remove` of any
+//!   other VM of the session answer `notFound`, as if it did not exist.
+//! - `create` checks the image (in `images`), memory and vCPUs (under
+//!   `maxMemoryMib` / `maxVcpus`), refuses volumes, and counts its VMs
+//!   against `maxVms` at every level of the chain (`quota` past it). Its
+//!   VMs belong to the session: they count against the session's and the
+//!   principal's budgets and die with it.
+//! - Every `Vm` it hands out is narrowed by `vmNarrowing`
+//!   ([`crate::narrow::narrowed`]), bound to the same grant, and its calls
+//!   count against the factory's call budget.
+//! - Narrowing again intersects ([`FactoryNarrowing::then`]). Expiry and
+//!   call budget as for `Vm`; every denial is typed and audited.
+
+use crate::grants::GrantNode;
+use crate::narrow::{Budget, Narrowing};
+use crate::state::SessionState;
+use crate::vms::VmFactoryImpl;
+use capnp::capability::Rc as CapRc;
+use capvisor_rpc::error::text;
+use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_factory_narrowing};
+use capvisor_rpc::{CvError, CvResult};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+/// A factory narrowing in Rust form (schema `VmFactoryNarrowing`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FactoryNarrowing {
+    /// VMs it may hold at once.
+    pub max_vms: u32,
+    /// Images it may boot.
+    pub images: Vec<String>,
+    /// Most memory per VM, MiB (`u32::MAX`: the session's bound).
+    pub max_memory_mib: u32,
+    /// Most vCPUs per VM (`u32::MAX`: the session's bound).
+    pub max_vcpus: u32,
+    /// The narrowing of every `Vm` it hands out (no expiry of its own).
+    pub vm: Narrowing,
+    /// Unix epoch ms after which every call is denied (0: none).
+    pub expires_at_ms: i64,
+}
+
+impl FactoryNarrowing {
+    /// Reads and checks a schema `VmFactoryNarrowing`.
+    ///
+    /// Errors: `invalidArgument` for a malformed list, name or narrowing.
+    pub fn read(r: vm_factory_narrowing::Reader<'_>) -> CvResult<Self> {
+        let list = r.get_images().map_err(|e| CvError::invalid(format!("images: {e}")))?;
+        if list.len() as usize > crate::narrow::MAX_LIST {
+            return Err(CvError::invalid("images: too many"));
+        }
+        let mut images = Vec::new();
+        for t in list.iter() {
+            images.push(text(t).map_err(|_| CvError::invalid("images: not UTF-8 text"))?);
+        }
+        let vm = r.get_vm_narrowing().map_err(|e| CvError::invalid(format!("vmNarrowing: {e}")))?;
+        let unbounded = |n: u32| if n == 0 { u32::MAX } else { n };
+        Ok(Self {
+            max_vms: r.get_max_vms(),
+            images,
+            max_memory_mib: unbounded(r.get_max_memory_mib()),
+            max_vcpus: unbounded(r.get_max_vcpus()),
+            vm: Narrowing { expires_at_ms: 0, ..Narrowing::read(vm)? },
+            expires_at_ms: r.get_expires_at_ms().max(0),
+        })
+    }
+
+    /// This narrowing followed by `next`: never more than either allows.
+    ///
+    /// Errors: `denied` when `next`'s Vm narrowing would widen this one's
+    /// (see [`Narrowing::then`]).
+    pub fn then(&self, next: &FactoryNarrowing) -> CvResult<FactoryNarrowing> {
+        let expires_at_ms = match (self.expires_at_ms, next.expires_at_ms) {
+            (0, n) => n,
+            (s, 0) => s,
+            (s, n) => s.min(n),
+        };
+        Ok(FactoryNarrowing {
+            max_vms: self.max_vms.min(next.max_vms),
+            images: next.images.iter().filter(|i| self.images.contains(i)).cloned().collect(),
+            max_memory_mib: self.max_memory_mib.min(next.max_memory_mib),
+            max_vcpus: self.max_vcpus.min(next.max_vcpus),
+            vm: self.vm.then(&next.vm)?,
+            expires_at_ms,
+        })
+    }
+
+    /// In one line, for people (`shares`, the audit log).
+    pub fn describe(&self) -> String {
+        let bound = |n: u32| if n == u32::MAX { "any".to_string() } else { n.to_string() };
+        format!(
+            "vms: up to {} of {:?}, {} MiB, {} vCPUs; each {}",
+            self.max_vms,
+            self.images,
+            bound(self.max_memory_mib),
+            bound(self.max_vcpus),
+            crate::narrow::describe_narrowing(&self.vm)
+        )
+    }
+}
+
+struct FactoryLimits {
+    st: Rc<SessionState>,
+    n: FactoryNarrowing,
+    budget: Option<Rc<Budget>>,
+    grant: Option<Rc<GrantNode>>,
+    /// Names of the VMs created through this factory (or one narrowed from it).
+    owned: RefCell<BTreeSet<String>>,
+    /// Creates in progress through this factory (or one narrowed from it).
+    creating: Cell<u32>,
+    parent: Option<Rc<FactoryLimits>>,
+}
+
+impl FactoryLimits {
+    fn call(&self, method: &str) -> CvResult<()> {
+        if let Some(g) = &self.grant {
+            g.check()?;
+            g.touch();
+        }
+        if self.n.expires_at_ms != 0 && capvisor_rpc::now_ms() > self.n.expires_at_ms {
+            return Err(self.deny(method, CvError::denied("this cap has expired")));
+        }
+        Budget::take(&self.budget).map_err(|e| self.deny(method, e))
+    }
+
+    fn chain(&self) -> Vec<(String, String)> {
+        self.grant.as_ref().map(|g| g.chain()).unwrap_or_default()
+    }
+
+    fn deny(&self, method: &str, e: CvError) -> CvError {
+        self.st.audit_chain("", &self.chain(), "vms.narrowed.denied", "VmFactory", method, Err(&e), &e.message);
+        e
+    }
+
+    /// Whether VM `name` was created through this factory and still exists.
+    fn owns(&self, name: &str) -> bool {
+        self.owned.borrow().contains(name) && self.st.vms.borrow().contains_key(name)
+    }
+
+    /// Its VMs that still exist, and creates in progress.
+    fn held(&self) -> usize {
+        let vms = self.st.vms.borrow();
+        self.owned.borrow().iter().filter(|n| vms.contains_key(*n)).count() + self.creating.get() as usize
+    }
+
+    /// Every level of the chain, this one first.
+    fn levels(self: &Rc<Self>) -> Vec<Rc<FactoryLimits>> {
+        let mut out = vec![self.clone()];
+        while let Some(p) = out.last().unwrap().parent.clone() {
+            out.push(p);
+        }
+        out
+    }
+}
+
+/// A narrowed `VmFactory`.
+pub struct NarrowFactory {
+    limits: Rc<FactoryLimits>,
+}
+
+/// Makes a narrowed `VmFactory` of session `st` with `n`; `budget` 0: none
+/// of its own, else chained under `parent_budget`; `parent`: the factory
+/// it was narrowed from (its VM count includes this one's); `grant`: the
+/// grant it is bound to. Audited (`vms.narrow`).
+fn make(
+    st: &Rc<SessionState>,
+    n: FactoryNarrowing,
+    budget: u64,
+    parent_budget: Option<Rc<Budget>>,
+    parent: Option<Rc<FactoryLimits>>,
+    grant: Option<Rc<GrantNode>>,
+) -> vm_factory::Client {
+    let budget = Budget::chain(budget, parent_budget);
+    let chain = grant.as_ref().map(|g| g.chain()).unwrap_or_default();
+    st.audit_chain("", &chain, "vms.narrow", "VmFactory", "narrow", Ok(()), &n.describe());
+    let limits = Rc::new(FactoryLimits {
+        st: st.clone(),
+        n,
+        budget,
+        grant,
+        owned: RefCell::new(BTreeSet::new()),
+        creating: Cell::new(0),
+        parent,
+    });
+    let mut set = st.narrow_factories.borrow_mut();
+    set.gc();
+    set.new_client(NarrowFactory { limits })
+}
+
+/// `VmFactory.narrow` on the session's own factory.
+///
+/// Errors: `invalidArgument` for a malformed narrowing.
+pub fn narrowed(st: &Rc<SessionState>, r: vm_factory_narrowing::Reader<'_>) -> CvResult<vm_factory::Client> {
+    Ok(make(st, FactoryNarrowing::read(r)?, r.get_call_budget(), None, None, None))
+}
+
+impl NarrowFactory {
+    /// The grant this cap is bound to, if it was shared.
+    pub fn grant(&self) -> Option<Rc<GrantNode>> {
+        self.limits.grant.clone()
+    }
+
+    /// Its narrowing, for people.
+    pub fn describe(&self) -> String {
+        self.limits.n.describe()
+    }
+
+    /// The same narrowing bound to `grant` (for a share): a factory
+    /// narrowed from this one (its VMs count here too) that dies with the
+    /// grant, as does every `Vm` it hands out.
+    pub fn rebind(&self, grant: &Rc<GrantNode>) -> vm_factory::Client {
+        let l = &self.limits;
+        make(&l.st, l.n.clone(), 0, l.budget.clone(), Some(l.clone()), Some(grant.clone()))
+    }
+
+    fn vm_cap(&self, entry: &Rc<crate::vms::VmEntry>) -> vm::Client {
+        let l = &self.limits;
+        crate::narrow::narrowed(&l.st, entry, l.n.vm.clone(), 0, l.budget.clone(), l.grant.clone())
+    }
+
+    fn own_entry(&self, name: &str) -> CvResult<Rc<crate::vms::VmEntry>> {
+        if !self.limits.owns(name) {
+            return Err(CvError::not_found(format!("this cap has no VM named {name:?}")));
+        }
+        VmFactoryImpl { st: self.limits.st.clone() }.entry(name)
+    }
+
+    /// Checks a create against the narrowing; reserves a slot at every
+    /// level (released by the returned guard).
+    fn admit(&self, spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>) -> CvResult<Slot> {
+        let n = &self.limits.n;
+        let image = text(spec.get_image()).map_err(|_| CvError::invalid("image: not UTF-8 text"))?;
+        let image = if image.is_empty() { "base".to_string() } else { image };
+        if !n.images.contains(&image) {
+            return Err(CvError::denied(format!("this cap may not boot image {image:?} (allowed: {:?})", n.images)));
+        }
+        let memory = match spec.get_memory_mib() {
+            0 => self.limits.st.ctx.bundle.default_memory_mib,
+            m => m,
+        };
+        if memory > n.max_memory_mib {
+            return Err(CvError::quota(format!("{memory} MiB exceeds this cap's {} MiB per VM", n.max_memory_mib)));
+        }
+        if spec.get_vcpus().max(1) > n.max_vcpus {
+            return Err(CvError::quota(format!("this cap allows {} vCPUs per VM", n.max_vcpus)));
+        }
+        if spec.has_volumes() && spec.get_volumes().map(|v| !v.is_empty()).unwrap_or(true) {
+            return Err(CvError::denied("this cap attaches no volumes"));
+        }
+        let levels = self.limits.levels();
+        for l in &levels {
+            if l.held() >= l.n.max_vms as usize {
+                return Err(CvError::quota(format!("this cap may hold {} VMs at once", l.n.max_vms)));
+            }
+        }
+        for l in &levels {
+            l.creating.set(l.creating.get() + 1);
+        }
+        Ok(Slot(levels))
+    }
+}
+
+/// Creates in progress counted at every level until dropped.
+struct Slot(Vec<Rc<FactoryLimits>>);
+
+impl Slot {
+    /// The create succeeded: VM `name` is owned at every level.
+    fn owned(&self, name: &str) {
+        for l in &self.0 {
+            l.owned.borrow_mut().insert(name.to_string());
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        for l in &self.0 {
+            l.creating.set(l.creating.get() - 1);
+        }
+    }
+}
+
+impl vm_factory::Server for NarrowFactory {
+    async fn create(
+        self: CapRc<Self>,
+        params: vm_factory::CreateParams,
+        mut results: vm_factory::CreateResults,
+    ) -> capnp::Result<()> {
+        self.limits.call("create")?;
+        let spec = params.get()?.get_spec()?;
+        let slot = self.admit(spec).map_err(|e| self.limits.deny("create", e))?;
+        let res = VmFactoryImpl { st: self.limits.st.clone() }.do_create(spec).await;
+        let name = match &res {
+            Ok(e) => e.name.clone(),
+            Err(_) => text(spec.get_name()).unwrap_or_default(),
+        };
+        let detail = res.as_ref().err().map(|e| e.message.clone()).unwrap_or_default();
+        let outcome = res.as_ref().map(|_| ());
+        self.limits.st.audit_chain(&name, &self.limits.chain(), "vm.create", "vms", "create", outcome, &detail);
+        let entry = res?;
+        slot.owned(&entry.name);
+        results.get().set_vm(self.vm_cap(&entry));
+        Ok(())
+    }
+
+    async fn list(
+        self: CapRc<Self>,
+        _: vm_factory::ListParams,
+        mut results: vm_factory::ListResults,
+    ) -> capnp::Result<()> {
+        self.limits.call("list")?;
+        let vms: Vec<_> = self.limits.st.vms.borrow().values().filter(|e| self.limits.owns(&e.name)).cloned().collect();
+        let mut list = results.get().init_vms(vms.len() as u32);
+        for (i, e) in vms.iter().enumerate() {
+            e.fill_info(list.reborrow().get(i as u32));
+        }
+        Ok(())
+    }
+
+    async fn get(
+        self: CapRc<Self>,
+        params: vm_factory::GetParams,
+        mut results: vm_factory::GetResults,
+    ) -> capnp::Result<()> {
+        self.limits.call("get")?;
+        let name = text(params.get()?.get_vm_name())?;
+        let entry = self.own_entry(&name)?;
+        results.get().set_vm(self.vm_cap(&entry));
+        Ok(())
+    }
+
+    async fn remove(
+        self: CapRc<Self>,
+        params: vm_factory::RemoveParams,
+        _: vm_factory::RemoveResults,
+    ) -> capnp::Result<()> {
+        self.limits.call("remove")?;
+        let name = text(params.get()?.get_vm_name())?;
+        let res = match self.own_entry(&name) {
+            Ok(_) => VmFactoryImpl { st: self.limits.st.clone() }.remove_entry(&name).await,
+            Err(e) => Err(e),
+        };
+        let outcome = res.as_ref().map(|_| ());
+        self.limits.st.audit_chain(&name, &self.limits.chain(), "vm.remove", "vms", "remove", outcome, &name);
+        Ok(res?)
+    }
+
+    async fn images(
+        self: CapRc<Self>,
+        _: vm_factory::ImagesParams,
+        results: vm_factory::ImagesResults,
+    ) -> capnp::Result<()> {
+        self.limits.call("images")?;
+        let mut results = results;
+        crate::vms::write_images(&self.limits.st, &|n| self.limits.n.images.iter().any(|i| i == n), results.get());
+        Ok(())
+    }
+
+    async fn narrow(
+        self: CapRc<Self>,
+        params: vm_factory::NarrowParams,
+        mut results: vm_factory::NarrowResults,
+    ) -> capnp::Result<()> {
+        self.limits.call("narrow")?;
+        let r = params.get()?.get_narrowing()?;
+        let next = FactoryNarrowing::read(r)?;
+        let l = &self.limits;
+        let n = l.n.then(&next).map_err(|e| l.deny("narrow", e))?;
+        let f = make(&l.st, n, r.get_call_budget(), l.budget.clone(), Some(l.clone()), l.grant.clone());
+        results.get().set_vms(f);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::narrow::Access;
+
+    fn vm_n(exec: &[&str]) -> Narrowing {
+        Narrowing {
+            exec_allow: exec.iter().map(|s| s.to_string()).collect(),
+            exec_any: false,
+            exec_user: None,
+            exec_cwd: None,
+            allow_pty: false,
+            files: Access::ReadOnly,
+            write_prefixes: vec![],
+            allow_stop: true,
+            ports: vec![],
+            expires_at_ms: 0,
+        }
+    }
+
+    fn f() -> FactoryNarrowing {
+        FactoryNarrowing {
+            max_vms: 2,
+            images: vec!["base".into(), "debian".into()],
+            max_memory_mib: 512,
+            max_vcpus: u32::MAX,
+            vm: vm_n(&["python3", "sh"]),
+            expires_at_ms: 9000,
+        }
+    }
+
+    #[test]
+    fn narrowing_a_factory_again_never_widens_it() {
+        let wider = FactoryNarrowing {
+            max_vms: 10,
+            images: vec!["base".into(), "other".into()],
+            max_memory_mib: 4096,
+            max_vcpus: 4,
+            vm: Narrowing { files: Access::ReadWrite, ..vm_n(&["python3", "curl"]) },
+            expires_at_ms: 0,
+        };
+        let n = f().then(&wider).unwrap();
+        assert_eq!(n.max_vms, 2);
+        assert_eq!(n.images, ["base"]);
+        assert_eq!((n.max_memory_mib, n.max_vcpus), (512, 4));
+        assert_eq!(n.vm.exec_allow, ["python3"]);
+        assert_eq!(n.vm.files, Access::ReadOnly);
+        assert_eq!(n.expires_at_ms, 9000);
+        let earlier = f().then(&FactoryNarrowing { expires_at_ms: 5000, ..f() }).unwrap();
+        assert_eq!(earlier.expires_at_ms, 5000);
+        assert!(f().describe().contains("up to 2"), "{}", f().describe());
+    }
+}
