@@ -398,6 +398,25 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
         &bearer,
     ]);
     check_narrowed(&run_client(&s, c, "python http client, share token"), "http share");
+    // Revoked: the running server's calls come back as a typed tool error.
+    let shares = stdout(&s.cli_ok("owner", &["shares", "--json"], None, 0));
+    let grant: Value = serde_json::from_str(shares.lines().find(|l| l.contains("mcp-test")).unwrap()).unwrap();
+    s.cli_ok("owner", &["revoke", grant["id"].as_str().unwrap()], None, 0);
+    let mut c = Command::new(&py);
+    c.arg(script("client.py")).args([
+        "http",
+        "--scenario",
+        "revoked",
+        "--vm",
+        "box",
+        "--url",
+        &url,
+        "--bearer",
+        &bearer,
+    ]);
+    let r = run_client(&s, c, "python http client, revoked share");
+    assert_eq!(r["echo"]["isError"], true, "{r}");
+    assert!(r["echo"]["text"].as_str().unwrap().starts_with("[staleSession] "), "{r}");
     let _ = child.kill();
     let _ = child.wait();
     s.cli_ok("owner", &["vm", "rm", "box"], None, 0);

@@ -7,7 +7,8 @@ The Rust test makes the assertions; this script only reports.
 
 Scenario "narrowed" (a session redeemed from a share token): tools/list, and
 vm_exec of `echo` and of `sh`, file_read, file_write and NAME_stop, each
-reported as it came back. Scenario "full" (the default), both transports: initialize, vm_create of VM
+reported as it came back. Scenario "revoked": one vm_exec of `echo`, after
+the share was revoked. Scenario "full" (the default), both transports: initialize, vm_create of VM
 NAME (with --create), tools/list, vm_exec in VM NAME (with a progress token),
 file_write + file_read (from an offset, and a 4-byte window), a vm_exec
 past its timeout, a vm_exec with 200000 bytes of output, vm_create of
@@ -72,9 +73,21 @@ async def narrowed(args):
     print(json.dumps(report))
 
 
+async def revoked(args):
+    """After the share was revoked: one vm_exec of `echo`, as it came back."""
+    report = {}
+    async with connect(args) as session:
+        await session.initialize()
+        r = await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["echo", "after-revoke"]})
+        report["echo"] = {"isError": r.is_error, "text": text_of(r)}
+    print(json.dumps(report))
+
+
 async def main(args):
     if args.scenario == "narrowed":
         return await narrowed(args)
+    if args.scenario == "revoked":
+        return await revoked(args)
     report = {}
     async with connect(args) as session:
         init = await session.initialize()
@@ -153,7 +166,7 @@ if __name__ == "__main__":
     p.add_argument("--url")
     p.add_argument("--bearer")
     p.add_argument("--schemas", action="store_true", help="report each tool's input schema")
-    p.add_argument("--scenario", choices=["full", "narrowed"], default="full")
+    p.add_argument("--scenario", choices=["full", "narrowed", "revoked"], default="full")
     p.add_argument("--create", action="store_true", help="full: first boot VM NAME with vm_create")
     argv = sys.argv[1:]
     server = argv[argv.index("--") + 1 :] if "--" in argv else []
