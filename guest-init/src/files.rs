@@ -198,7 +198,7 @@ impl byte_sink::Server for FileSink {
 
 impl FileSink {
     fn dest(&self) -> PathBuf {
-        self.pending.borrow().as_ref().map(|p| p.dest.clone()).unwrap_or_default()
+        self.pending.borrow().as_ref().map(|p| p.dest().to_path_buf()).unwrap_or_default()
     }
 }
 
@@ -355,7 +355,8 @@ fn open_beneath(dest: &Path, parent: &Path, beneath: &str) -> CvResult<std::fs::
     openat2_retry(root.as_raw_fd(), rel, ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS).map_err(
         |e| match e {
             Errno::EXDEV | Errno::ELOOP => {
-                CvError::denied(format!("{} resolves outside {beneath} ({})", dest.display(), e.desc()))
+                let why = "a symlink or \"..\" leads out, or a magic link";
+                CvError::denied(format!("{} resolves outside {beneath} ({why}; openat2: {e})", dest.display()))
             }
             e => io_to_cv(parent, &e.into()),
         },
