@@ -121,18 +121,7 @@ impl Catalogue {
                     // `$schema` keyword stays (draft 2020-12, as MCP says).
                     o.entry("type").or_insert(json!("object"));
                 }
-                let doc = first_paragraph(&m.doc);
-                let origin = format!("{}.{} on cap \"{}\"", iface.name, m.name, e.name);
-                let description = if doc.is_empty() {
-                    format!("Calls {origin}.")
-                } else {
-                    format!("{doc}\n\n({origin}; results as JSON)")
-                };
-                let description = if m.streaming {
-                    format!("{description} A streaming method: it returns nothing.")
-                } else {
-                    description
-                };
+                let description = cap_tool_description(&e.name, iface, m);
                 c.tools.push(ToolDef {
                     name,
                     description,
@@ -148,6 +137,35 @@ impl Catalogue {
     pub fn get(&self, name: &str) -> Option<&ToolDef> {
         self.tools.iter().find(|t| t.name == name)
     }
+}
+
+/// A cap tool's description: the method's doc comment (first paragraph),
+/// then where it comes from (`Interface.method on cap "name"`, with the
+/// interface's own doc line) and what it returns (result fields and their
+/// schema types).
+fn cap_tool_description(cap: &str, iface: &reflect::Interface, m: &reflect::Method) -> String {
+    let mut d = first_paragraph(&m.doc);
+    if !d.is_empty() {
+        d.push_str("\n\n");
+    }
+    d.push_str(&format!("{}.{} on cap \"{cap}\"", iface.name, m.name));
+    let idoc = reflect::first_line(&iface.doc);
+    if !idoc.is_empty() {
+        d.push_str(&format!(" ({})", idoc.trim_end_matches('.')));
+    }
+    if m.streaming {
+        d.push_str(". A streaming method: it returns {}.");
+    } else if m.results.fields.is_empty() {
+        d.push_str(". Returns {} when done.");
+    } else {
+        let fields: Vec<String> = m.results.fields.iter().map(|f| format!("{}: {}", f.name, f.ty.display())).collect();
+        d.push_str(&format!(". Returns JSON {{{}}}", fields.join(", ")));
+        if m.results.fields.iter().any(|f| matches!(f.ty, reflect::TypeInfo::Interface { .. })) {
+            d.push_str("; a capability shows as {\"$cap\": Interface}");
+        }
+        d.push('.');
+    }
+    d
 }
 
 /// The first paragraph of a doc comment, its lines joined by spaces.
@@ -339,6 +357,9 @@ mod tests {
             ToolKind::Cap { cap: "box".into(), interface_id: vm::Client::TYPE_ID, method: "exec".into() }
         );
         assert!(exec.description.contains("Vm.exec on cap \"box\""), "{}", exec.description);
+        assert!(exec.description.contains("Returns JSON {process: Process}"), "{}", exec.description);
+        let info = c.get("box_info").unwrap();
+        assert!(info.description.contains("(One VM for the capability's whole life)"), "{}", info.description);
         assert_eq!(exec.input_schema["type"], "object");
         assert!(exec.input_schema["properties"]["spec"].is_object(), "{}", exec.input_schema);
     }
