@@ -128,6 +128,10 @@ fn check_python(r: &Value, who: &str) {
     assert_eq!(t["structured"]["signal"], 9, "{who}: {t}");
     assert_eq!(t["structured"]["stdout"], "started\n", "{who}: output before the kill is kept: {t}");
     assert!(t["text"].as_str().unwrap().starts_with("[timeout] "), "{who}: {t}");
+    let ps =
+        r["after_cancel"]["structured"]["stdout"].as_str().unwrap_or_else(|| panic!("{who}: {}", r["after_cancel"]));
+    assert!(ps.contains("ps"), "{who}: {ps}");
+    assert!(!ps.contains("sleep 41"), "{who}: a cancelled vm_exec's command is killed:\n{ps}");
     let big = &r["big"];
     assert_eq!(big["isError"], false);
     assert_eq!(big["structured"]["stdoutBytes"], 200000, "{who}: {}", big["structured"]["stdoutBytes"]);

@@ -11,7 +11,7 @@ reported as it came back. Scenario "revoked": one vm_exec of `echo`, after
 the share was revoked. Scenario "full" (the default), both transports: initialize, vm_create of VM
 NAME (with --create), tools/list, vm_exec in VM NAME (with a progress token),
 file_write + file_read (from an offset, and a 4-byte window), a vm_exec
-past its timeout, a vm_exec with 200000 bytes of output, vm_create of
+past its timeout, a vm_exec the client cancels (then `ps`), a vm_exec with 200000 bytes of output, vm_create of
 an image the session may not boot (a denial), the cap tools vms_list and
 vms_remove (of a VM that does not exist), vm_exec in a VM that does not
 exist (a tool error), and an unknown tool (a protocol error). The server's environment
@@ -136,6 +136,16 @@ async def main(args):
             "vm_exec", {"vm": args.vm, "argv": ["sh", "-c", "echo started; sleep 30"], "timeout_secs": 1}
         )
         report["timeout"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
+
+        # A call the client gives up on: the command is killed (anyio cancels the
+        # request, the SDK sends notifications/cancelled).
+        import anyio
+
+        with anyio.move_on_after(2):
+            await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["sleep", "41"]})
+        await anyio.sleep(1)
+        r = await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["ps"]})
+        report["after_cancel"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
 
         r = await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["sh", "-c", "yes capvisor | head -c 200000"]})
         report["big"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
