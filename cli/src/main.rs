@@ -142,11 +142,13 @@ enum Cmd {
     /// Guest network egress through the session's proxy (caps `netpolicy`, `netlog`).
     #[command(subcommand)]
     Net(NetCmd),
-    /// List the guest connections this session's `ask` egress rules hold for a decision
-    /// (cap `approvals`); the guest waits until `capvisor approve` or the timeout (deny).
+    /// List what waits for this session's decision (cap `approvals`): guest connections its
+    /// `ask` egress rules hold, and execs through caps shared with `--ask`; each waits until
+    /// `capvisor approve` or the timeout (deny).
     Approvals,
-    /// Decide a held connection: allow it once (default), `--always` (also put an
-    /// allow rule for its host and port first), or `--deny`.
+    /// Decide a held connection or exec: allow it once (default), `--always` (a connection:
+    /// also put an allow rule for its host and port first; an exec: that program through
+    /// that cap from now on), or `--deny`.
     Approve {
         /// The id `capvisor approvals` shows
         id: u64,
@@ -621,7 +623,8 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
-            for a in list {
+            let (net, execs): (Vec<_>, Vec<_>) = list.into_iter().partition(|a| a.kind != "exec");
+            for a in net {
                 println!(
                     "{:>6} {:<12} {:<28} {:>5} {:<6} {:<7} {:>7}s  {}",
                     a.id,
@@ -632,6 +635,19 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
                     shown(&a.method),
                     (a.expires_at_ms - now).max(0) / 1000,
                     shown(&a.path)
+                );
+            }
+            if !execs.is_empty() {
+                println!("\n{:>20} {:<12} {:>8}  {:<28} COMMAND", "EXEC ID", "VM", "EXPIRES", "GRANTS");
+            }
+            for a in execs {
+                println!(
+                    "{:>20} {:<12} {:>7}s  {:<28} {}",
+                    a.id,
+                    shown(&a.vm),
+                    (a.expires_at_ms - now).max(0) / 1000,
+                    shown(&a.grants),
+                    shown(&a.argv.join(" "))
                 );
             }
             Ok(0)
@@ -650,6 +666,8 @@ async fn run(cmd: Cmd, socket: &Path) -> ClientResult<i32> {
                 "capvisor: connection {id} {}",
                 match decision {
                     ApprovalDecision::Deny => "denied",
+                    ApprovalDecision::AllowAlways if id >> 63 == 1 =>
+                        "allowed, and that program through that cap from now on",
                     ApprovalDecision::AllowAlways => "allowed, and its host and port from now on",
                     ApprovalDecision::AllowOnce => "allowed once",
                 }

@@ -62,6 +62,10 @@ pub struct ShareArgs {
     /// Any program may run (instead of --exec lists)
     #[arg(long, conflicts_with = "exec")]
     exec_any: bool,
+    /// Every exec waits for this session's decision (`capvisor approvals`, `capvisor approve
+    /// ID [--always|--deny]`); no decision in time denies it
+    #[arg(long)]
+    ask: bool,
     /// How long the grant lives: 30s, 10m, 2h, 7d (never past this session's end)
     #[arg(long, value_name = "DURATION")]
     ttl: String,
@@ -146,6 +150,7 @@ fn vm_narrowing_of(a: &ShareArgs, mut n: vm_narrowing::Builder<'_>) {
         l.set(i as u32, p.as_str());
     }
     n.set_exec_any(a.exec_any);
+    n.set_ask_exec(a.ask);
     n.set_exec_user(a.user.as_deref().unwrap_or(""));
     n.set_exec_cwd(a.cwd.as_deref().unwrap_or(""));
     n.set_allow_pty(a.pty);

@@ -218,3 +218,69 @@ fn a_shared_factory_creates_bounded_vms_that_only_its_holder_sees() {
     s.cli_ok("fac", &["vm", "list"], None, STALE);
     s.cli_ok("owner", &["vm", "exec", "h3", "--", "true"], None, 0);
 }
+
+/// Starts `capvisor ARGS` as `who` in the background (stdout piped).
+fn spawn(s: &Server, who: &str, args: &[&str]) -> std::process::Child {
+    Command::new(bin_dir().join("capvisor"))
+        .args(args)
+        .env("CAPVISOR_SOCKET", &s.socket)
+        .env("CAPVISOR_CONFIG_DIR", s.config_dir(who))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `owner`'s `approvals` shows an exec whose command is `cmd`; its id.
+fn exec_waiting(s: &Server, cmd: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = stdout(&s.cli_ok("owner", &["approvals"], None, 0));
+        let execs = out.split("EXEC ID").nth(1).unwrap_or("");
+        if let Some(l) = execs.lines().find(|l| l.trim_end().ends_with(cmd)) {
+            return l.split_whitespace().next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no exec of {cmd:?} waits: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_ask_share_runs_each_exec_only_once_the_grantor_decides() {
+    let s = Server::start(None);
+    s.cli_ok("owner", &["login"], None, 0);
+    s.cli_ok("owner", &["vm", "create", "--name", "box"], None, 0);
+    let (id, token) = share(&s, "owner", &["box", "--exec", "echo", "--ask", "--ttl", "10m", "--label", "asked"]);
+    s.cli_ok("agent", &["login", "--token-stdin"], Some(token.as_bytes()), 0);
+
+    let held = spawn(&s, "agent", &["vm", "exec", "box", "--", "echo", "once"]);
+    let exec = exec_waiting(&s, "echo once");
+    let listed = stdout(&s.cli_ok("owner", &["approvals"], None, 0));
+    assert!(listed.contains(&format!("asked ({id})")), "the grant is named: {listed}");
+    s.cli_ok("owner", &["approve", &exec], None, 0);
+    let out = held.wait_with_output().unwrap();
+    assert_eq!((out.status.code(), stdout(&out)), (Some(0), "once\n".to_string()));
+
+    let held = spawn(&s, "agent", &["vm", "exec", "box", "--", "echo", "no"]);
+    let exec = exec_waiting(&s, "echo no");
+    s.cli_ok("owner", &["approve", &exec, "--deny"], None, 0);
+    let out = held.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(DENIED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("denied"), "{}", stderr(&out));
+    // A decided id is gone.
+    s.cli_ok("owner", &["approve", &exec], None, NOT_FOUND);
+
+    let held = spawn(&s, "agent", &["vm", "exec", "box", "--", "echo", "always"]);
+    let exec = exec_waiting(&s, "echo always");
+    s.cli_ok("owner", &["approve", &exec, "--always"], None, 0);
+    assert_eq!(held.wait_with_output().unwrap().status.code(), Some(0));
+    // From now on echo runs through that cap without asking.
+    let o = s.cli_ok("agent", &["vm", "exec", "box", "--", "echo", "again"], None, 0);
+    assert_eq!(stdout(&o), "again\n");
+    let o = s.cli_ok("owner", &["audit", "--json", "--action", "exec.approve"], None, 0);
+    let outcomes: Vec<String> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["outcome"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(outcomes, ["ok", "ok", "notFound", "ok"], "every decision is audited");
+}

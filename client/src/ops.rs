@@ -777,9 +777,15 @@ pub struct Approval {
     pub rule: i32,
     /// Denied if not decided by then, Unix epoch ms.
     pub expires_at_ms: i64,
+    /// `"net"` (a held connection) or `"exec"` (a held exec: `vm`, `argv`, `grants`).
+    pub kind: String,
+    /// Kind exec: the program and its arguments.
+    pub argv: Vec<String>,
+    /// Kind exec: the grants it came through, for people.
+    pub grants: String,
 }
 
-/// `Approvals.pending`: held connections, oldest first.
+/// `Approvals.pending`: held connections, then held execs, oldest first.
 pub async fn pending_approvals(a: &approvals::Client) -> ClientResult<Vec<Approval>> {
     let resp = a.pending_request().send().promise.await?;
     resp.get()?
@@ -797,6 +803,9 @@ pub async fn pending_approvals(a: &approvals::Client) -> ClientResult<Vec<Approv
                 path: text(p.get_path())?,
                 rule: p.get_rule(),
                 expires_at_ms: p.get_expires_at_ms(),
+                kind: text(p.get_kind())?,
+                argv: p.get_argv()?.iter().map(text).collect::<capnp::Result<_>>()?,
+                grants: text(p.get_grants())?,
             })
         })
         .collect()

@@ -228,6 +228,12 @@ struct VmNarrowing {
   # Any program may run (execAllow is then not consulted); narrowing again
   # keeps it only if the new narrowing asks for it too, else the new list
   # applies.
+  askExec @11 :Bool;
+  # Every exec it allows first waits for the session's decision through
+  # its Approvals (kind "exec"): allowOnce, allowAlways (this program
+  # through this cap from then on) or deny; no decision within the ask
+  # timeout (manifest [net] ask_timeout_secs, default 60 s) denies.
+  # Narrowing again can add asking, never remove it.
 }
 
 struct AccountInfo {
@@ -356,11 +362,15 @@ struct Approval {
   path @7 :Text;
   rule @8 :Int32;         # the ask rule's index
   expiresAtMs @9 :Int64;  # denied if not decided by then
+  kind @10 :Text;         # "net": a held connection (host..rule); "exec": a held exec (vm, argv, grants)
+  argv @11 :List(Text);   # kind "exec": the program and its arguments
+  grants @12 :Text;       # kind "exec": the grants it came through, e.g. "agent (g12ab...)"; "" for none
 }
 
 enum ApprovalDecision {
   allowOnce @0;     # this connection only
   allowAlways @1;   # this connection, and an allow rule for exactly this host and port put first
+                    # (kind "exec": this exec, and this program through the same cap from then on)
   deny @2;
 }
 

@@ -294,8 +294,13 @@ impl CapSetImpl {
                 capnp_rpc::new_client::<net_log::Client, _>(crate::wrap::NetLogWrapper { scope, inner }).client
             }
             "approvals" => {
-                let proxy = crate::proxy::ensure(&self.st)?;
-                let inner = proxy.proxy.approvals_request().send().pipeline.get_approvals();
+                // Held connections exist only with egress; exec approvals always.
+                let inner = match self.st.ctx.net.egress {
+                    true => {
+                        Some(crate::proxy::ensure(&self.st)?.proxy.approvals_request().send().pipeline.get_approvals())
+                    }
+                    false => None,
+                };
                 let scope = Scope::session(&self.st);
                 capnp_rpc::new_client::<approvals::Client, _>(crate::wrap::ApprovalsWrapper { scope, inner }).client
             }

@@ -22,6 +22,7 @@
 //! - [`launch`]: [`launch::VmLauncher`], starting a VM's vmm.
 //! - [`serve`]: the worker's main loop (broker connection, attached clients).
 
+pub mod approvals;
 pub mod audit;
 pub mod caps;
 pub mod grants;

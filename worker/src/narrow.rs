@@ -4,33 +4,35 @@
 //! a flag on the original: the holder of the narrowed cap has no way back
 //! to the wider one.
 //!
-//! - **exec**: `argv[0]` must be one of `execAllow` exactly; a fixed
-//!   `execUser` / `execCwd` is put into the spec (a spec naming another
-//!   is denied); a pty only with `allowPty`; `secretEnv` is always denied
-//!   (a narrowed holder must not spend the grantor's secrets).
+//! - **exec**: `argv[0]` must be one of `execAllow` exactly (or anything
+//!   with `execAny`); a fixed `execUser` / `execCwd` is put into the spec
+//!   (a spec naming another is denied); a pty only with `allowPty`;
+//!   `secretEnv` is always denied (a narrowed holder must not spend the
+//!   grantor's secrets); with `askExec` each exec first waits for the
+//!   session's decision ([`crate::approvals`]).
 //! - **files**: `none` denied; `readOnly` gives a `Files` that reads and
 //!   lists anywhere and denies `write`; `readWrite` allows `write` only
-//!   under `writePrefixes` ([`under`]).
+//!   under `writePrefixes` ([`under`]), checked here on the normalised
+//!   path and again by guest-init, which opens the file beneath the
+//!   matching prefix (`Files.write`'s `beneath`, openat2(2)
+//!   `RESOLVE_BENEATH`), so a symlink the holder made in the guest cannot
+//!   lead a write out of the prefix.
 //! - **stop** only with `allowStop`; **connect** only to `ports`.
 //! - **expiry and call budget**: every call, the ones on caps it returns
 //!   included, first checks the expiry and takes one from the budget of
 //!   this cap and of every cap it was narrowed from ([`Budget`]).
 //! - **narrowing again** intersects ([`Narrowing::then`]): lists
 //!   intersect, a fixed user or cwd cannot change, a write prefix must lie
-//!   under an existing one, flags and file access only go down, the
-//!   earlier expiry wins, budgets chain. A narrowing that would widen is
-//!   refused with `denied` naming the field.
+//!   under an existing one, flags and file access only go down, asking
+//!   only gets added, the earlier expiry wins, budgets chain. A narrowing
+//!   that would widen is refused with `denied` naming the field.
+//! - **shared** ([`NarrowVm::rebind`], `crate::grants`): bound to a grant,
+//!   whose end cuts it and everything reached through it.
 //!
 //! Every denial is typed (`denied`) and audited (`vm.narrowed.denied`
 //! with the method); creating a narrowed cap is audited (`vm.narrow`).
 //! The wrapped cap is the session's own `Vm`, so revocation (logout,
 //! expiry of the session) still cuts everything.
-//!
-//! Known limit (docs/decisions.md): write prefixes are checked on the path
-//! the holder gives; a holder allowed to exec a program that makes
-//! symlinks in the guest can point a path under a prefix elsewhere, until
-//! guest-init resolves paths beneath the prefix (openat2
-//! `RESOLVE_BENEATH`).
 
 use crate::grants::GrantNode;
 use crate::state::SessionState;
@@ -53,6 +55,8 @@ pub struct Narrowing {
     pub exec_allow: Vec<String>,
     /// Any program may run (`exec_allow` not consulted).
     pub exec_any: bool,
+    /// Every exec waits for the session's decision (`crate::approvals`).
+    pub ask_exec: bool,
     /// Fixed exec user, if any.
     pub exec_user: Option<String>,
     /// Fixed exec working directory, if any.
@@ -153,6 +157,7 @@ impl Narrowing {
         Ok(Self {
             exec_allow,
             exec_any: r.get_exec_any(),
+            ask_exec: r.get_ask_exec(),
             exec_user: (!user.is_empty()).then_some(user),
             exec_cwd: (!cwd.is_empty()).then_some(cwd),
             allow_pty: r.get_allow_pty(),
@@ -208,6 +213,7 @@ impl Narrowing {
                 (false, _) => next.exec_allow.iter().filter(|p| self.exec_allow.contains(p)).cloned().collect(),
             },
             exec_any: self.exec_any && next.exec_any,
+            ask_exec: self.ask_exec || next.ask_exec,
             exec_user: fixed(&self.exec_user, &next.exec_user, "execUser")?,
             exec_cwd: fixed(&self.exec_cwd, &next.exec_cwd, "execCwd")?,
             allow_pty: self.allow_pty && next.allow_pty,
@@ -307,6 +313,8 @@ struct Limits {
     budget: Option<Rc<Budget>>,
     /// The grant this cap is bound to (`crate::grants`), if shared.
     grant: Option<Rc<GrantNode>>,
+    /// Programs approved with `allowAlways` for this cap (`askExec`).
+    always: crate::approvals::Always,
 }
 
 impl Limits {
@@ -320,6 +328,29 @@ impl Limits {
             return Err(self.deny(method, CvError::denied("this cap has expired")));
         }
         Budget::take(&self.budget).map_err(|e| self.deny(method, e))
+    }
+
+    /// Waits for the session's decision on running `argv` (`askExec`),
+    /// cut short by the grant's end or the session's.
+    async fn ask(&self, argv: &[String]) -> CvResult<()> {
+        let chain = self.grant.as_ref().map(|g| g.chain()).unwrap_or_default();
+        let grants: Vec<String> = chain.iter().map(|(id, label)| format!("{label} ({id})")).collect();
+        let grants = grants.join(" > ");
+        let wait = self.st.exec_approvals.ask(&self.entry.name, argv, &grants, &self.always);
+        let grant_ended = async {
+            match &self.grant {
+                Some(g) => g.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
+        self.st
+            .guard(async {
+                tokio::select! {
+                    r = wait => r,
+                    _ = grant_ended => Err(CvError::stale()),
+                }
+            })
+            .await
     }
 
     fn deny(&self, method: &str, e: CvError) -> CvError {
@@ -374,6 +405,9 @@ pub fn describe_narrowing(n: &Narrowing) -> String {
     if let Some(c) = &n.exec_cwd {
         out += &format!(" in {c:?}");
     }
+    if n.ask_exec {
+        out += " (each asked)";
+    }
     if n.allow_pty {
         out += ", pty";
     }
@@ -419,7 +453,7 @@ fn make(
 ) -> vm::Client {
     let inner: vm::Client =
         capnp_rpc::new_client(crate::vms::VmImpl { st: st.clone(), entry: entry.clone(), grant: grant.clone() });
-    let limits = Rc::new(Limits { st: st.clone(), entry: entry.clone(), n, budget, grant });
+    let limits = Rc::new(Limits { st: st.clone(), entry: entry.clone(), n, budget, grant, always: Default::default() });
     let mut set = st.narrow_vms.borrow_mut();
     set.gc();
     set.new_client(NarrowVm { inner, limits })
@@ -438,6 +472,9 @@ impl vm::Server for NarrowVm {
         let p = params.get()?;
         let mut spec = ExecRequest::read_from(p.get_spec()?)??;
         self.limits.n.check_exec(&mut spec).map_err(|e| self.limits.deny("exec", e))?;
+        if self.limits.n.ask_exec {
+            self.limits.ask(&spec.argv).await.map_err(|e| self.limits.deny("exec", e))?;
+        }
         let mut req = self.inner.exec_request();
         {
             let mut r = req.get();
@@ -575,6 +612,7 @@ mod tests {
         Narrowing {
             exec_allow: vec!["python3".into(), "/bin/ls".into()],
             exec_any: false,
+            ask_exec: false,
             exec_user: Some("agent".into()),
             exec_cwd: None,
             allow_pty: false,
@@ -653,6 +691,7 @@ mod tests {
         let wide = Narrowing {
             exec_allow: vec!["python3".into(), "sh".into()],
             exec_any: false,
+            ask_exec: false,
             exec_user: None,
             exec_cwd: Some("/".into()),
             allow_pty: true,

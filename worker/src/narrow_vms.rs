@@ -387,6 +387,7 @@ mod tests {
         Narrowing {
             exec_allow: exec.iter().map(|s| s.to_string()).collect(),
             exec_any: false,
+            ask_exec: false,
             exec_user: None,
             exec_cwd: None,
             allow_pty: false,

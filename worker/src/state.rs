@@ -46,6 +46,8 @@ pub struct SessionState {
     pub narrow_factories: RefCell<capnp_rpc::CapabilityServerSet<crate::narrow_vms::NarrowFactory, vm_factory::Client>>,
     /// Caps kept by name (`CapSet.keep`) for the session's own CapSet.
     pub kept: crate::caps::Kept,
+    /// Execs waiting for a decision (`askExec`; `crate::approvals`).
+    pub exec_approvals: crate::approvals::ExecApprovals,
 }
 
 impl SessionState {
@@ -53,6 +55,11 @@ impl SessionState {
     pub fn new(ctx: SessionContext, host: session_host::Client, launcher: Box<dyn VmLauncher>) -> Rc<Self> {
         let (revoked_tx, _) = tokio::sync::watch::channel(None);
         let (revocation_done, _) = tokio::sync::watch::channel(false);
+        let ask_timeout = ctx
+            .net
+            .ask_timeout_secs
+            .map(|s| std::time::Duration::from_secs(s.into()))
+            .unwrap_or(crate::approvals::DEFAULT_TIMEOUT);
         Rc::new(Self {
             ctx,
             host,
@@ -67,6 +74,7 @@ impl SessionState {
             grants: RefCell::new(BTreeMap::new()),
             narrow_vms: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
             narrow_factories: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
+            exec_approvals: crate::approvals::ExecApprovals::new(ask_timeout),
             kept: Default::default(),
         })
     }

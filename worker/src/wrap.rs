@@ -402,36 +402,53 @@ impl net_log::Server for NetLogWrapper {
 pub struct ApprovalsWrapper {
     /// The session whose revocation cuts this cap (no VM).
     pub scope: Scope,
-    /// The proxy's approvals cap.
-    pub inner: approvals::Client,
+    /// The proxy's approvals cap (`None` without egress: then only exec
+    /// approvals, `crate::approvals`, can be pending).
+    pub inner: Option<approvals::Client>,
 }
 
 impl approvals::Server for ApprovalsWrapper {
+    /// The proxy's held connections (kind "net"), then the execs waiting
+    /// in this worker (kind "exec").
     async fn pending(
         self: CapRc<Self>,
         _: approvals::PendingParams,
         mut results: approvals::PendingResults,
     ) -> capnp::Result<()> {
-        let req = self.inner.pending_request();
-        let resp = self.scope.forward(req.send().promise).await?;
-        let list = resp.get()?.get_approvals()?;
-        let mut out = results.get().init_approvals(list.len());
-        for (i, a) in list.iter().enumerate() {
-            let mut o = out.reborrow().get(i as u32);
-            o.set_id(a.get_id());
-            o.set_time_ms(a.get_time_ms());
-            o.set_vm(a.get_vm()?);
-            o.set_host(a.get_host()?);
-            o.set_port(a.get_port());
-            o.set_scheme(a.get_scheme()?);
-            o.set_method(a.get_method()?);
-            o.set_path(a.get_path()?);
-            o.set_rule(a.get_rule());
-            o.set_expires_at_ms(a.get_expires_at_ms());
+        self.scope.check()?;
+        let net = match &self.inner {
+            Some(inner) => Some(self.scope.forward(inner.pending_request().send().promise).await?),
+            None => None,
+        };
+        let list = match &net {
+            Some(r) => Some(r.get()?.get_approvals()?),
+            None => None,
+        };
+        let n = list.map_or(0, |l| l.len());
+        let execs = &self.scope.st.exec_approvals;
+        let mut out = results.get().init_approvals(n + execs.len() as u32);
+        if let Some(list) = list {
+            for (i, a) in list.iter().enumerate() {
+                let mut o = out.reborrow().get(i as u32);
+                o.set_id(a.get_id());
+                o.set_time_ms(a.get_time_ms());
+                o.set_vm(a.get_vm()?);
+                o.set_host(a.get_host()?);
+                o.set_port(a.get_port());
+                o.set_scheme(a.get_scheme()?);
+                o.set_method(a.get_method()?);
+                o.set_path(a.get_path()?);
+                o.set_rule(a.get_rule());
+                o.set_expires_at_ms(a.get_expires_at_ms());
+                o.set_kind("net");
+            }
         }
+        execs.write(&mut out, n);
         Ok(())
     }
 
+    /// Routes by id: an exec approval's id has
+    /// [`crate::approvals::EXEC_ID_BIT`] set.
     async fn decide(
         self: CapRc<Self>,
         params: approvals::DecideParams,
@@ -439,12 +456,20 @@ impl approvals::Server for ApprovalsWrapper {
     ) -> capnp::Result<()> {
         let p = params.get()?;
         let (id, decision) = (p.get_id(), p.get_decision()?);
-        let mut req = self.inner.decide_request();
+        let detail = format!("{id} {decision:?}");
+        if id & crate::approvals::EXEC_ID_BIT != 0 {
+            let res = self.scope.check().and_then(|_| self.scope.st.exec_approvals.decide(id, decision));
+            self.scope.st.audit("exec.approve", "approvals", "decide", res.as_ref().map(|_| ()), &detail);
+            return Ok(res?);
+        }
+        let Some(inner) = &self.inner else {
+            return Err(CvError::not_found(format!("no connection {id} waits for a decision (egress is off)")).into());
+        };
+        let mut req = inner.decide_request();
         req.get().set_id(id);
         req.get().set_decision(decision);
         let res = self.scope.forward(async { req.send().promise.await.map(drop) }).await;
         let outcome = res.as_ref().map(|_| ()).map_err(|e| relay(e.clone(), false));
-        let detail = format!("{id} {decision:?}");
         self.scope.st.audit("net.approve", "approvals", "decide", outcome.as_ref().map(|_| ()), &detail);
         res
     }
