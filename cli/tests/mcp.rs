@@ -111,6 +111,7 @@ fn check_common(r: &Value, who: &str) {
 /// cut with its marker, a denial with its typed code.
 fn check_python(r: &Value, who: &str) {
     check_common(r, who);
+    assert_eq!(r["exec_io"]["structured"]["stdout"], "from-stdin\nbar\n/tmp\n", "{who}: {}", r["exec_io"]);
     assert_eq!(r["write"]["isError"], false, "{who}: {}", r["write"]);
     let read = &r["read"]["structured"];
     assert_eq!(read["content"], "one\nline two\n", "{who}: {read}");

@@ -9,7 +9,8 @@ Scenario "narrowed" (a session redeemed from a share token): tools/list, and
 vm_exec of `echo` and of `sh`, file_read, file_write and NAME_stop, each
 reported as it came back. Scenario "revoked": one vm_exec of `echo`, after
 the share was revoked. Scenario "full" (the default), both transports: initialize, vm_create of VM
-NAME (with --create), tools/list, vm_exec in VM NAME (with a progress token),
+NAME (with --create), tools/list, vm_exec in VM NAME (with a progress token;
+then with stdin, env and cwd),
 file_write + file_read (from an offset, and a 4-byte window), a vm_exec
 past its timeout, a vm_exec the client cancels (then `ps`), a vm_exec with 200000 bytes of output, vm_create of
 an image the session may not boot (a denial), the cap tools vms_list and
@@ -121,6 +122,18 @@ async def main(args):
         )
         report["exec"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
         report["progress"] = progress
+
+        r = await session.call_tool(
+            "vm_exec",
+            {
+                "vm": args.vm,
+                "argv": ["sh", "-c", "cat; echo $FOO; pwd"],
+                "stdin": "from-stdin\n",
+                "env": {"FOO": "bar"},
+                "cwd": "/tmp",
+            },
+        )
+        report["exec_io"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
 
         r = await session.call_tool(
             "file_write", {"vm": args.vm, "path": "/tmp/mcp-py.txt", "content": "line one\nline two\n"}
