@@ -81,8 +81,8 @@ pub struct McpArgs {
     token_file: Option<PathBuf>,
 }
 
-/// Runs `capvisor mcp` until the client disconnects (stdio) or the
-/// process is stopped (HTTP). Errors: not logged in (21), a refused
+/// Runs `capvisor mcp` until the client disconnects (stdio) or SIGINT /
+/// SIGTERM (HTTP). Errors: not logged in (21), a refused
 /// address, bearer file or empty share token (usage, 2), a share token
 /// that does not redeem (denied, 10), and login errors as every command
 /// has them.
@@ -115,16 +115,17 @@ pub async fn run(args: McpArgs, socket: &Path) -> ClientResult<i32> {
     let (jobs, rx) = mpsc::unbounded_channel();
     tokio::task::spawn_local(backend.serve(rx));
     let handler = Handler { jobs };
+    // A session redeemed from a share token is the grant itself: it ends
+    // with the grant (revoke, expiry), not with this server.
     match (args.http, bearer) {
         (Some(addr), Some(bearer)) => serve_http(handler, addr, bearer, args.bearer_file.is_none()).await,
-        _ => {
-            let running = handler
-                .serve(rmcp::transport::stdio_pipes())
-                .await
-                .map_err(|e| ClientError::Disconnected(format!("MCP initialization failed: {e}")))?;
-            let _ = running.waiting().await;
-            Ok(0)
-        }
+        _ => match handler.serve(rmcp::transport::stdio_pipes()).await {
+            Ok(running) => {
+                let _ = running.waiting().await;
+                Ok(0)
+            }
+            Err(e) => Err(ClientError::Disconnected(format!("MCP initialization failed: {e}"))),
+        },
     }
 }
 
@@ -312,7 +313,8 @@ impl ServerHandler for Handler {
 }
 
 /// Streamable HTTP on `addr` (loopback), endpoint `/mcp`, each request
-/// checked for `Authorization: Bearer <bearer>` first (401 otherwise).
+/// checked for `Authorization: Bearer <bearer>` first (401 otherwise),
+/// until SIGINT or SIGTERM (then 0).
 async fn serve_http(handler: Handler, addr: SocketAddr, bearer: String, print_token: bool) -> ClientResult<i32> {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
@@ -326,8 +328,13 @@ async fn serve_http(handler: Handler, addr: SocketAddr, bearer: String, print_to
         eprintln!("capvisor mcp: bearer token (shown once): {bearer}");
     }
     let bearer = Arc::new(bearer);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let (stream, _peer) = listener.accept().await?;
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+            _ = term.recv() => return Ok(0),
+        };
         let service = service.clone();
         let bearer = bearer.clone();
         tokio::spawn(async move {

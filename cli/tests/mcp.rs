@@ -229,6 +229,22 @@ fn check_narrowed(r: &Value, who: &str) {
     assert_eq!(r["read"]["structured"]["content"], "line one\nline two\n", "{who}: {}", r["read"]);
 }
 
+/// Stops a `capvisor mcp --http` with SIGTERM, asserting it exits 0
+/// within 10 s.
+fn stop(mut child: std::process::Child) {
+    // SAFETY: kill(2) takes plain integers; the child is not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "capvisor mcp --http on SIGTERM: {st}");
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "capvisor mcp --http did not end on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// One raw HTTP/1.1 POST of an MCP initialize to `url` with an optional
 /// Authorization header; returns the status code.
 fn post_initialize(url: &str, auth: Option<&str>) -> u16 {
@@ -362,16 +378,14 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
         .output()
         .unwrap();
     assert!(!o.status.success(), "no bearer must not connect: {}", stdout(&o));
-    let _ = child.kill();
-    let _ = child.wait();
+    stop(child);
     // --bearer-file: that token, and no other, is accepted.
     let f = s.dir.path().join("bearer");
     std::fs::write(&f, "0123456789abcdef-from-a-file\n").unwrap();
     let (mut child, url, bearer) = start_http_with(&s, None, Some(&f));
     assert_eq!(post_initialize(&url, Some(&format!("Bearer {bearer}"))), 200);
     assert_eq!(post_initialize(&url, Some("Bearer 0123456789abcdef")), 401);
-    let _ = child.kill();
-    let _ = child.wait();
+    stop(child);
 
     // A share token narrowed to `echo` and read-only files: the tool list
     // is exactly one Vm cap's, and the rest is denied. Over stdio with
@@ -422,8 +436,7 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
     let r = run_client(&s, c, "python http client, revoked share");
     assert_eq!(r["echo"]["isError"], true, "{r}");
     assert!(r["echo"]["text"].as_str().unwrap().starts_with("[staleSession] "), "{r}");
-    let _ = child.kill();
-    let _ = child.wait();
+    stop(child);
     s.cli_ok("owner", &["vm", "rm", "box"], None, 0);
 }
 
