@@ -361,7 +361,7 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
 
     // Streamable HTTP: no bearer or a wrong one is 401 before anything MCP;
     // the printed one lets a real client in.
-    let (mut child, url, bearer) = start_http(&s, None);
+    let (child, url, bearer) = start_http(&s, None);
     assert!(url.starts_with("http://127.0.0.1:") && url.ends_with("/mcp"), "{url}");
     assert_eq!(post_initialize(&url, None), 401);
     assert_eq!(post_initialize(&url, Some("Bearer not-the-token")), 401);
@@ -382,7 +382,7 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
     // --bearer-file: that token, and no other, is accepted.
     let f = s.dir.path().join("bearer");
     std::fs::write(&f, "0123456789abcdef-from-a-file\n").unwrap();
-    let (mut child, url, bearer) = start_http_with(&s, None, Some(&f));
+    let (child, url, bearer) = start_http_with(&s, None, Some(&f));
     assert_eq!(post_initialize(&url, Some(&format!("Bearer {bearer}"))), 200);
     assert_eq!(post_initialize(&url, Some("Bearer 0123456789abcdef")), 401);
     stop(child);
@@ -403,7 +403,7 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
     // --token-stdin on stdio: the token line, then the MCP stream on the same stdin.
     let tools = raw_stdio_tools(&s, &["mcp", "--token-stdin"], Some(&token));
     assert!(tools.contains(&"box_exec".to_string()) && !tools.contains(&"vm_create".to_string()), "{tools:?}");
-    let (mut child, url, bearer) = start_http(&s, Some(&token));
+    let (child, url, bearer) = start_http(&s, Some(&token));
     let mut c = Command::new(&py);
     c.arg(script("client.py")).args([
         "http",
