@@ -62,6 +62,13 @@ pub struct ShareArgs {
     /// Any program may run (instead of --exec lists)
     #[arg(long, conflicts_with = "exec")]
     exec_any: bool,
+    /// Add this session's NetLog, narrowed to the shared VM (with --factory: to the VMs the
+    /// holder makes), as "netlog"
+    #[arg(long)]
+    with_netlog: bool,
+    /// Add a read-only view of this session's egress rules as "netpolicy"
+    #[arg(long)]
+    with_netpolicy: bool,
     /// Every exec waits for this session's decision (`capvisor approvals`, `capvisor approve
     /// ID [--always|--deny]`); no decision in time denies it
     #[arg(long)]
@@ -183,6 +190,7 @@ fn shares_cap(s: &session::Client) -> shares::Client {
 pub async fn share(s: &session::Client, held: &[String], a: ShareArgs) -> ClientResult<i32> {
     let ttl_ms = parse_ttl(&a.ttl)?;
     // The narrowed cap goes into share() pipelined, before narrow() answers.
+    let mut extra: Vec<(&str, capnp::capability::Client)> = Vec::new();
     let (name, narrowed) = match &a.vm {
         Some(vm_name) => {
             let mut req = vm_of(s, held, vm_name).narrow_request();
@@ -190,6 +198,11 @@ pub async fn share(s: &session::Client, held: &[String], a: ShareArgs) -> Client
                 let mut n = req.get().init_narrowing();
                 n.set_call_budget(a.budget);
                 vm_narrowing_of(&a, n);
+            }
+            if a.with_netlog {
+                let mut req = ops::net_log(s).narrow_request();
+                req.get().init_vms(1).set(0, vm_name.as_str());
+                extra.push(("netlog", req.send().pipeline.get_log().client));
             }
             (a.name.clone().unwrap_or_else(|| vm_name.clone()), req.send().pipeline.get_vm().client)
         }
@@ -208,16 +221,28 @@ pub async fn share(s: &session::Client, held: &[String], a: ShareArgs) -> Client
                 n.set_call_budget(a.budget);
                 vm_narrowing_of(&a, n.init_vm_narrowing());
             }
-            (a.name.clone().unwrap_or_else(|| "vms".into()), req.send().pipeline.get_vms().client)
+            let factory = req.send().pipeline.get_vms();
+            if a.with_netlog {
+                extra.push(("netlog", factory.net_log_request().send().pipeline.get_log().client));
+            }
+            (a.name.clone().unwrap_or_else(|| "vms".into()), factory.client)
         }
     };
+    if a.with_netpolicy {
+        extra.push(("netpolicy", ops::net_policy(s).read_only_request().send().pipeline.get_policy().client));
+    }
     let mut req = shares_cap(s).share_request();
     {
         let mut spec = req.get().init_spec();
-        let mut caps = spec.reborrow().init_caps(1);
+        let mut caps = spec.reborrow().init_caps(1 + extra.len() as u32);
         let mut c = caps.reborrow().get(0);
         c.set_name(name.as_str());
         c.init_cap().set_as_capability(narrowed.hook);
+        for (i, (n, cap)) in extra.into_iter().enumerate() {
+            let mut c = caps.reborrow().get(1 + i as u32);
+            c.set_name(n);
+            c.init_cap().set_as_capability(cap.hook);
+        }
         spec.set_label(a.label.as_str());
         spec.set_ttl_ms(ttl_ms);
         spec.set_to(a.to.as_deref().unwrap_or(""));

@@ -284,3 +284,32 @@ fn an_ask_share_runs_each_exec_only_once_the_grantor_decides() {
         .collect();
     assert_eq!(outcomes, ["ok", "ok", "notFound", "ok"], "every decision is audited");
 }
+
+#[test]
+fn netlog_and_netpolicy_views_show_only_what_was_shared() {
+    let s = Server::start(Some(&capvisor_manifest::DEFAULT_TOML.replace("egress = false", "egress = true")));
+    s.cli_ok("owner", &["login"], None, 0);
+    for vm in ["a", "b"] {
+        s.cli_ok("owner", &["vm", "create", "--name", vm], None, 0);
+        // A name no rule allows: refused at DNS, recorded in the NetLog under this VM.
+        s.cli("owner", &["vm", "exec", vm, "--", "wget", "-q", "-O", "-", &format!("http://from-{vm}.test/")], None);
+    }
+    let all = stdout(&s.cli_ok("owner", &["net", "log"], None, 0));
+    assert!(all.contains("from-a.test") && all.contains("from-b.test"), "{all}");
+    let (_, token) = share(&s, "owner", &["a", "--exec", "wget", "--with-netlog", "--with-netpolicy", "--ttl", "10m"]);
+    s.cli_ok("agent", &["login", "--token-stdin"], Some(token.as_bytes()), 0);
+    let caps = stdout(&s.cli_ok("agent", &["caps"], None, 0));
+    let names: Vec<&str> = caps.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, ["a", "netlog", "netpolicy"], "{caps}");
+    let seen = stdout(&s.cli_ok("agent", &["net", "log"], None, 0));
+    assert!(seen.contains("from-a.test") && !seen.contains("from-b.test"), "only a's flows: {seen}");
+    let seen = stdout(&s.cli_ok("agent", &["net", "log", "--vm", "b"], None, 0));
+    assert!(!seen.contains("from-b.test"), "asking for b shows nothing: {seen}");
+    // New flows of a show up; the rules can be read, not changed.
+    s.cli("agent", &["vm", "exec", "a", "--", "wget", "-q", "-O", "-", "http://later.test/"], None);
+    assert!(stdout(&s.cli_ok("agent", &["net", "log"], None, 0)).contains("later.test"));
+    s.cli_ok("agent", &["net", "rules"], None, 0);
+    s.cli_ok("agent", &["net", "rules", "--allow", "evil.test"], None, DENIED);
+    let rules = stdout(&s.cli_ok("owner", &["net", "rules"], None, 0));
+    assert!(!rules.contains("evil.test"), "{rules}");
+}

@@ -146,6 +146,10 @@ interface VmFactory {
   # through it, every Vm it hands out is narrowed by
   # `narrowing.vmNarrowing`, and its VMs belong to this session (they count
   # against its quota and die with it). Narrowing it again intersects.
+  netLog @6 () -> (log :NetLog);
+  # The flows of the VMs this factory sees: all of the session's, or for a
+  # narrowed factory only the ones made through it (also later ones).
+  # Needs the session's "netlog" cap for the session's own factory.
 }
 
 struct VmFactoryNarrowing {
@@ -326,6 +330,9 @@ interface NetPolicy {
   # connections opened from then on (no VM restart).
   get @0 () -> (rules :List(NetRule));
   set @1 (rules :List(NetRule));
+  readOnly @2 () -> (policy :NetPolicy);
+  # A view of the same rules whose `set` is denied (attenuation; shareable
+  # with Shares.share).
 }
 
 struct NetFlow {
@@ -348,6 +355,9 @@ interface NetLog {
   # Recent flows of this session's VMs, newest last, bounded in memory.
   # `vm` "" = all VMs; `sinceMs` 0 = all kept; `limit` 0 = all kept.
   recent @0 (vm :Text, sinceMs :Int64, limit :UInt32) -> (flows :List(NetFlow));
+  narrow @1 (vms :List(Text)) -> (log :NetLog);
+  # A view of only these VMs' flows (attenuation; narrowing a view again
+  # keeps only VMs both name; shareable with Shares.share).
 }
 
 struct Approval {
@@ -387,8 +397,9 @@ struct ShareSpec {
   caps @0 :List(SharedCap);
   # The caps the recipient's CapSet will hold, 1 to 16. Each must be a
   # narrowed cap this worker serves (a Vm from Vm.narrow, a VmFactory from
-  # VmFactory.narrow), so a share never carries more than its narrowing
-  # allows.
+  # VmFactory.narrow, a NetLog view from NetLog.narrow or VmFactory.netLog,
+  # a NetPolicy from NetPolicy.readOnly), so a share never carries more
+  # than its narrowing allows.
   label @1 :Text;       # shown in `shares` and the audit chain; at most 128 bytes
   ttlMs @2 :Int64;      # lifetime, milliseconds, 1 s to the grantor session's end
   to @3 :Text;

@@ -287,12 +287,7 @@ impl CapSetImpl {
                 let scope = Scope::session(&self.st);
                 capnp_rpc::new_client::<net_policy::Client, _>(crate::wrap::NetPolicyWrapper { scope, inner }).client
             }
-            "netlog" => {
-                let proxy = crate::proxy::ensure(&self.st)?;
-                let inner = proxy.proxy.log_request().send().pipeline.get_log();
-                let scope = Scope::session(&self.st);
-                capnp_rpc::new_client::<net_log::Client, _>(crate::wrap::NetLogWrapper { scope, inner }).client
-            }
+            "netlog" => crate::vms::session_net_log(&self.st)?.client,
             "approvals" => {
                 // Held connections exist only with egress; exec approvals always.
                 let inner = match self.st.ctx.net.egress {

@@ -25,7 +25,7 @@ use crate::state::SessionState;
 use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
-use capvisor_rpc::schema::capvisor_capnp::{grant_info, shares, vm, vm_factory};
+use capvisor_rpc::schema::capvisor_capnp::{grant_info, net_log, net_policy, shares, vm, vm_factory};
 use capvisor_rpc::schema::common_capnp::process;
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
@@ -422,6 +422,8 @@ impl SharesImpl {
 enum Shareable {
     Vm(Rc<crate::narrow::NarrowVm>),
     Factory(Rc<crate::narrow_vms::NarrowFactory>),
+    Log(Rc<crate::narrow_net::NarrowNetLog>),
+    Policy(Rc<crate::narrow_net::ReadOnlyNetPolicy>),
 }
 
 impl Shareable {
@@ -433,14 +435,24 @@ impl Shareable {
         if let Some(s) = st.narrow_vms.borrow().get_local_server_of_resolved(&as_vm) {
             return Some(Shareable::Vm(s));
         }
-        let as_factory = vm_factory::Client::new(resolved.hook);
-        st.narrow_factories.borrow().get_local_server_of_resolved(&as_factory).map(Shareable::Factory)
+        let as_factory = vm_factory::Client::new(resolved.hook.add_ref());
+        if let Some(s) = st.narrow_factories.borrow().get_local_server_of_resolved(&as_factory) {
+            return Some(Shareable::Factory(s));
+        }
+        let as_log = net_log::Client::new(resolved.hook.add_ref());
+        if let Some(s) = st.narrow_logs.borrow().get_local_server_of_resolved(&as_log) {
+            return Some(Shareable::Log(s));
+        }
+        let as_policy = net_policy::Client::new(resolved.hook);
+        st.narrow_policies.borrow().get_local_server_of_resolved(&as_policy).map(Shareable::Policy)
     }
 
     fn grant(&self) -> Option<Rc<GrantNode>> {
         match self {
             Shareable::Vm(v) => v.grant(),
             Shareable::Factory(f) => f.grant(),
+            Shareable::Log(l) => l.grant(),
+            Shareable::Policy(p) => p.grant(),
         }
     }
 
@@ -448,6 +460,8 @@ impl Shareable {
         match self {
             Shareable::Vm(v) => v.describe(),
             Shareable::Factory(f) => f.describe(),
+            Shareable::Log(l) => l.describe(),
+            Shareable::Policy(p) => p.describe(),
         }
     }
 
@@ -456,6 +470,8 @@ impl Shareable {
         match self {
             Shareable::Vm(v) => (vm::Client::TYPE_ID, "Vm", v.rebind(grant).client),
             Shareable::Factory(f) => (vm_factory::Client::TYPE_ID, "VmFactory", f.rebind(grant).client),
+            Shareable::Log(l) => (net_log::Client::TYPE_ID, "NetLog", l.rebind(grant).client),
+            Shareable::Policy(p) => (net_policy::Client::TYPE_ID, "NetPolicy", p.rebind(grant).client),
         }
     }
 }

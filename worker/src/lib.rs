@@ -28,6 +28,7 @@ pub mod caps;
 pub mod grants;
 pub mod launch;
 pub mod narrow;
+pub mod narrow_net;
 pub mod narrow_vms;
 pub mod proxy;
 pub mod secrets;

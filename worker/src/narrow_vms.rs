@@ -362,6 +362,24 @@ impl vm_factory::Server for NarrowFactory {
         Ok(())
     }
 
+    /// A view of the flows of the VMs made through this factory (now and
+    /// later), bound to its grant.
+    async fn net_log(
+        self: CapRc<Self>,
+        _: vm_factory::NetLogParams,
+        mut results: vm_factory::NetLogResults,
+    ) -> capnp::Result<()> {
+        self.limits.call("netLog")?;
+        let l = &self.limits;
+        let own = crate::vms::session_net_log(&l.st)?;
+        let scope = crate::wrap::Scope::session(&l.st).with_grant(l.grant.clone());
+        let limits = Rc::downgrade(l);
+        let owns = move |vm: &str| limits.upgrade().is_some_and(|l| l.owns(vm));
+        let view = crate::narrow_net::Visible::Factory(Rc::new(owns));
+        results.get().set_log(crate::narrow_net::log_view(&scope, own, view));
+        Ok(())
+    }
+
     async fn narrow(
         self: CapRc<Self>,
         params: vm_factory::NarrowParams,

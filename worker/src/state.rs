@@ -4,7 +4,7 @@
 use crate::launch::VmLauncher;
 use crate::vms::VmEntry;
 use capvisor_manifest::SessionContext;
-use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory};
+use capvisor_rpc::schema::capvisor_capnp::{net_log, net_policy, vm, vm_factory};
 use capvisor_rpc::schema::internal_capnp::{session_host, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
@@ -42,6 +42,11 @@ pub struct SessionState {
     /// Every narrowed `Vm` this session serves, so `Shares.share` can
     /// recognise one passed back to it (weak: dropping the cap frees it).
     pub narrow_vms: RefCell<capnp_rpc::CapabilityServerSet<crate::narrow::NarrowVm, vm::Client>>,
+    /// Every `NetLog` view this session serves (same purpose).
+    pub narrow_logs: RefCell<capnp_rpc::CapabilityServerSet<crate::narrow_net::NarrowNetLog, net_log::Client>>,
+    /// Every read-only `NetPolicy` this session serves (same purpose).
+    pub narrow_policies:
+        RefCell<capnp_rpc::CapabilityServerSet<crate::narrow_net::ReadOnlyNetPolicy, net_policy::Client>>,
     /// Every narrowed `VmFactory` this session serves (same purpose).
     pub narrow_factories: RefCell<capnp_rpc::CapabilityServerSet<crate::narrow_vms::NarrowFactory, vm_factory::Client>>,
     /// Caps kept by name (`CapSet.keep`) for the session's own CapSet.
@@ -74,6 +79,8 @@ impl SessionState {
             grants: RefCell::new(BTreeMap::new()),
             narrow_vms: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
             narrow_factories: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
+            narrow_logs: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
+            narrow_policies: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
             exec_approvals: crate::approvals::ExecApprovals::new(ask_timeout),
             kept: Default::default(),
         })

@@ -830,6 +830,18 @@ impl vm_factory::Server for VmFactoryImpl {
         Ok(())
     }
 
+    /// The session's `NetLog` (all its VMs). Errors: `notFound` unless the
+    /// bundle holds "netlog"; the proxy's start failing.
+    async fn net_log(
+        self: CapRc<Self>,
+        _: vm_factory::NetLogParams,
+        mut results: vm_factory::NetLogResults,
+    ) -> capnp::Result<()> {
+        self.st.check()?;
+        results.get().set_log(session_net_log(&self.st)?);
+        Ok(())
+    }
+
     /// A narrowed factory over this session's VMs (`crate::narrow_vms`).
     /// Errors: `invalidArgument` for a malformed narrowing; `staleSession`.
     async fn narrow(
@@ -842,6 +854,18 @@ impl vm_factory::Server for VmFactoryImpl {
         results.get().set_vms(f);
         Ok(())
     }
+}
+
+/// The session's own `NetLog` (its wrapper over the proxy's).
+///
+/// Errors: `notFound` unless the bundle holds "netlog"; `unavailable`
+/// when the proxy cannot start.
+pub fn session_net_log(st: &Rc<SessionState>) -> CvResult<capvisor_rpc::schema::capvisor_capnp::net_log::Client> {
+    if !st.ctx.bundle.has_cap("netlog") {
+        return Err(CvError::not_found("this session's bundle does not hold the netlog capability"));
+    }
+    let inner = crate::proxy::ensure(st)?.proxy.log_request().send().pipeline.get_log();
+    Ok(capnp_rpc::new_client(crate::wrap::NetLogWrapper { scope: Scope::session(st), inner }))
 }
 
 /// The images session `st` may boot and `keep` keeps, into `results`

@@ -300,7 +300,7 @@ impl accounts::Server for AccountsWrapper {
 }
 
 /// Copies one `NetRule`, field by field.
-fn copy_rule(
+pub fn copy_rule(
     from: capvisor_rpc::schema::capvisor_capnp::net_rule::Reader<'_>,
     mut to: capvisor_rpc::schema::capvisor_capnp::net_rule::Builder<'_>,
 ) -> capnp::Result<()> {
@@ -353,6 +353,19 @@ impl net_policy::Server for NetPolicyWrapper {
         self.scope.st.audit("net.policy.set", "netpolicy", "set", outcome.as_ref().map(|_| ()), &detail);
         res
     }
+
+    /// A read-only view (`crate::narrow_net`).
+    async fn read_only(
+        self: CapRc<Self>,
+        _: net_policy::ReadOnlyParams,
+        mut results: net_policy::ReadOnlyResults,
+    ) -> capnp::Result<()> {
+        self.scope.check()?;
+        let own: net_policy::Client =
+            capnp_rpc::new_client(NetPolicyWrapper { scope: self.scope.clone(), inner: self.inner.clone() });
+        results.get().set_policy(crate::narrow_net::policy_view(&self.scope, own));
+        Ok(())
+    }
 }
 
 /// The session proxy's `NetLog`, revocable with the session.
@@ -378,23 +391,47 @@ impl net_log::Server for NetLogWrapper {
         let flows = resp.get()?.get_flows()?;
         let mut out = results.get().init_flows(flows.len());
         for (i, f) in flows.iter().enumerate() {
-            let mut o = out.reborrow().get(i as u32);
-            o.set_time_ms(f.get_time_ms());
-            o.set_vm(f.get_vm()?);
-            o.set_host(f.get_host()?);
-            o.set_address(f.get_address()?);
-            o.set_port(f.get_port());
-            o.set_method(f.get_method()?);
-            o.set_path(f.get_path()?);
-            o.set_status(f.get_status());
-            o.set_bytes_up(f.get_bytes_up());
-            o.set_bytes_down(f.get_bytes_down());
-            o.set_rule(f.get_rule());
-            o.set_action(f.get_action()?);
-            o.set_detail(f.get_detail()?);
+            copy_flow(f, out.reborrow().get(i as u32))?;
         }
         Ok(())
     }
+
+    /// A view of only `vms`' flows (`crate::narrow_net`).
+    async fn narrow(
+        self: CapRc<Self>,
+        params: net_log::NarrowParams,
+        mut results: net_log::NarrowResults,
+    ) -> capnp::Result<()> {
+        self.scope.check()?;
+        let names = crate::narrow_net::read_vm_names(params.get()?.get_vms()?)?;
+        let own: net_log::Client =
+            capnp_rpc::new_client(NetLogWrapper { scope: self.scope.clone(), inner: self.inner.clone() });
+        let view = crate::narrow_net::Visible::Names(names);
+        results.get().set_log(crate::narrow_net::log_view(&self.scope, own, view));
+        Ok(())
+    }
+}
+
+/// Copies one `NetFlow` field by field (the membrane rule: nothing the
+/// worker does not know passes).
+pub fn copy_flow(
+    f: capvisor_rpc::schema::capvisor_capnp::net_flow::Reader<'_>,
+    mut o: capvisor_rpc::schema::capvisor_capnp::net_flow::Builder<'_>,
+) -> capnp::Result<()> {
+    o.set_time_ms(f.get_time_ms());
+    o.set_vm(f.get_vm()?);
+    o.set_host(f.get_host()?);
+    o.set_address(f.get_address()?);
+    o.set_port(f.get_port());
+    o.set_method(f.get_method()?);
+    o.set_path(f.get_path()?);
+    o.set_status(f.get_status());
+    o.set_bytes_up(f.get_bytes_up());
+    o.set_bytes_down(f.get_bytes_down());
+    o.set_rule(f.get_rule());
+    o.set_action(f.get_action()?);
+    o.set_detail(f.get_detail()?);
+    Ok(())
 }
 
 /// The session proxy's `Approvals`, revocable with the session; decisions

@@ -25,7 +25,10 @@ fn vm_factory_methods_and_param_fields() {
     assert_eq!(f.name, "VmFactory");
     assert_eq!(s.interface_by_name("capvisor.capnp:VmFactory").map(|i| i.id), Some(f.id));
     let names: Vec<_> = f.methods.iter().map(|m| (m.name.as_str(), m.ordinal)).collect();
-    assert_eq!(names, [("create", 0), ("list", 1), ("get", 2), ("remove", 3), ("images", 4), ("narrow", 5)]);
+    assert_eq!(
+        names,
+        [("create", 0), ("list", 1), ("get", 2), ("remove", 3), ("images", 4), ("narrow", 5), ("netLog", 6)]
+    );
 
     let create = f.method("create").unwrap();
     assert_eq!(create.params.name, "VmFactory.create$Params");

@@ -1,0 +1,241 @@
+//! Attenuation of `NetLog` and `NetPolicy` (issue 10, item 1; the pattern
+//! of [`crate::narrow`]):
+//!
+//! - `NetLog.narrow(vms)` is a view of only those VMs' flows; a narrowed
+//!   factory's `VmFactory.netLog` is a view of the VMs made through it,
+//!   following it as it makes more ([`Visible`]). A view never shows a flow
+//!   of another VM, whatever `recent` asks; narrowing it again keeps only
+//!   VMs both name.
+//! - `NetPolicy.readOnly` is a view whose `set` is denied.
+//!
+//! Both forward to the session's own wrappers (worker/src/wrap.rs, which
+//! copy field by field), are bound to a scope (session, and the grant when
+//! shared: its end cuts them) and are recognised by `Shares.share` through
+//! the session's `CapabilityServerSet`s.
+
+use crate::grants::GrantNode;
+use crate::wrap::{copy_flow, copy_rule, Scope};
+use capnp::capability::Rc as CapRc;
+use capvisor_rpc::error::text;
+use capvisor_rpc::schema::capvisor_capnp::{net_log, net_policy};
+use capvisor_rpc::{CvError, CvResult};
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+/// Most VM names one view lists.
+pub const MAX_VIEW_VMS: usize = 64;
+
+/// Which VMs' flows a `NetLog` view shows.
+pub enum Visible {
+    /// These VMs (by name in the session).
+    Names(BTreeSet<String>),
+    /// The VMs a narrowed factory made (`crate::narrow_vms`), now and later.
+    Factory(Rc<dyn Fn(&str) -> bool>),
+}
+
+impl Visible {
+    fn sees(&self, vm: &str) -> bool {
+        match self {
+            Visible::Names(n) => n.contains(vm),
+            Visible::Factory(owns) => owns(vm),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Visible::Names(n) => format!("netlog of {:?}", n.iter().collect::<Vec<_>>()),
+            Visible::Factory(_) => "netlog of the VMs made through the shared factory".into(),
+        }
+    }
+}
+
+/// Reads a list of VM names for a view.
+///
+/// Errors: `invalidArgument` for more than [`MAX_VIEW_VMS`] or a name that
+/// is not a VM name.
+pub fn read_vm_names(list: capnp::text_list::Reader<'_>) -> CvResult<BTreeSet<String>> {
+    if list.len() as usize > MAX_VIEW_VMS {
+        return Err(CvError::invalid(format!("vms: at most {MAX_VIEW_VMS}")));
+    }
+    let mut out = BTreeSet::new();
+    for t in list.iter() {
+        let n = text(t).map_err(|_| CvError::invalid("vms: not UTF-8 text"))?;
+        if !capvisor_rpc::names::valid_name(&n) {
+            return Err(CvError::invalid(format!("vms: {n:?} is not a VM name")));
+        }
+        out.insert(n);
+    }
+    Ok(out)
+}
+
+/// A `NetLog` view (see the module docs).
+pub struct NarrowNetLog {
+    scope: Scope,
+    /// The session's own `NetLog` (its wrapper).
+    inner: net_log::Client,
+    visible: Rc<Visible>,
+}
+
+/// A view of `inner` (the session's own `NetLog`) showing `visible`, bound
+/// to `scope` (its grant included). Audited (`netlog.narrow`).
+pub fn log_view(scope: &Scope, inner: net_log::Client, visible: Visible) -> net_log::Client {
+    scope.st.audit_chain("", &scope.chain(), "netlog.narrow", "NetLog", "narrow", Ok(()), &visible.describe());
+    make_log(scope, inner, Rc::new(visible))
+}
+
+fn make_log(scope: &Scope, inner: net_log::Client, visible: Rc<Visible>) -> net_log::Client {
+    let mut set = scope.st.narrow_logs.borrow_mut();
+    set.gc();
+    set.new_client(NarrowNetLog { scope: scope.clone(), inner, visible })
+}
+
+impl NarrowNetLog {
+    /// The grant this view is bound to, if shared.
+    pub fn grant(&self) -> Option<Rc<GrantNode>> {
+        self.scope.grant.clone()
+    }
+
+    /// What it shows, for people.
+    pub fn describe(&self) -> String {
+        self.visible.describe()
+    }
+
+    /// The same view bound to `grant`.
+    pub fn rebind(&self, grant: &Rc<GrantNode>) -> net_log::Client {
+        make_log(&self.scope.clone().with_grant(Some(grant.clone())), self.inner.clone(), self.visible.clone())
+    }
+
+    fn call(&self) -> CvResult<()> {
+        self.scope.check()?;
+        if let Some(g) = &self.scope.grant {
+            g.touch();
+        }
+        Ok(())
+    }
+}
+
+impl net_log::Server for NarrowNetLog {
+    async fn recent(
+        self: CapRc<Self>,
+        params: net_log::RecentParams,
+        mut results: net_log::RecentResults,
+    ) -> capnp::Result<()> {
+        self.call()?;
+        let p = params.get()?;
+        let vm = text(p.get_vm())?;
+        if !vm.is_empty() && !self.visible.sees(&vm) {
+            results.get().init_flows(0);
+            return Ok(());
+        }
+        // Filter first, then keep the newest `limit`.
+        let mut req = self.inner.recent_request();
+        req.get().set_vm(vm.as_str());
+        req.get().set_since_ms(p.get_since_ms());
+        let resp = self.scope.forward(req.send().promise).await?;
+        let flows = resp.get()?.get_flows()?;
+        let seen: Vec<u32> = (0..flows.len())
+            .filter(|i| flows.get(*i).get_vm().ok().and_then(|v| v.to_str().ok()).is_some_and(|v| self.visible.sees(v)))
+            .collect();
+        let keep = match p.get_limit() as usize {
+            0 => seen.len(),
+            l => l.min(seen.len()),
+        };
+        let kept = &seen[seen.len() - keep..];
+        let mut out = results.get().init_flows(kept.len() as u32);
+        for (o, i) in kept.iter().enumerate() {
+            copy_flow(flows.get(*i), out.reborrow().get(o as u32))?;
+        }
+        Ok(())
+    }
+
+    async fn narrow(
+        self: CapRc<Self>,
+        params: net_log::NarrowParams,
+        mut results: net_log::NarrowResults,
+    ) -> capnp::Result<()> {
+        self.call()?;
+        let names = read_vm_names(params.get()?.get_vms()?)?;
+        let names: BTreeSet<String> = names.into_iter().filter(|n| self.visible.sees(n)).collect();
+        results.get().set_log(log_view(&self.scope, self.inner.clone(), Visible::Names(names)));
+        Ok(())
+    }
+}
+
+/// A read-only `NetPolicy` view (see the module docs).
+pub struct ReadOnlyNetPolicy {
+    scope: Scope,
+    /// The session's own `NetPolicy` (its wrapper).
+    inner: net_policy::Client,
+}
+
+/// A read-only view of `inner` (the session's own `NetPolicy`), bound to
+/// `scope`. Audited (`netpolicy.narrow`).
+pub fn policy_view(scope: &Scope, inner: net_policy::Client) -> net_policy::Client {
+    scope.st.audit_chain("", &scope.chain(), "netpolicy.narrow", "NetPolicy", "readOnly", Ok(()), "read only");
+    make_policy(scope, inner)
+}
+
+fn make_policy(scope: &Scope, inner: net_policy::Client) -> net_policy::Client {
+    let mut set = scope.st.narrow_policies.borrow_mut();
+    set.gc();
+    set.new_client(ReadOnlyNetPolicy { scope: scope.clone(), inner })
+}
+
+impl ReadOnlyNetPolicy {
+    /// The grant this view is bound to, if shared.
+    pub fn grant(&self) -> Option<Rc<GrantNode>> {
+        self.scope.grant.clone()
+    }
+
+    /// What it allows, for people.
+    pub fn describe(&self) -> String {
+        "netpolicy: read only".into()
+    }
+
+    /// The same view bound to `grant`.
+    pub fn rebind(&self, grant: &Rc<GrantNode>) -> net_policy::Client {
+        make_policy(&self.scope.clone().with_grant(Some(grant.clone())), self.inner.clone())
+    }
+}
+
+impl net_policy::Server for ReadOnlyNetPolicy {
+    async fn get(
+        self: CapRc<Self>,
+        _: net_policy::GetParams,
+        mut results: net_policy::GetResults,
+    ) -> capnp::Result<()> {
+        self.scope.check()?;
+        let resp = self.scope.forward(self.inner.get_request().send().promise).await?;
+        let rules = resp.get()?.get_rules()?;
+        let mut out = results.get().init_rules(rules.len());
+        for (i, r) in rules.iter().enumerate() {
+            copy_rule(r, out.reborrow().get(i as u32))?;
+        }
+        Ok(())
+    }
+
+    async fn set(self: CapRc<Self>, _: net_policy::SetParams, _: net_policy::SetResults) -> capnp::Result<()> {
+        self.scope.check()?;
+        let e = CvError::denied("this cap may only read the rules");
+        self.scope.st.audit_chain(
+            "",
+            &self.scope.chain(),
+            "netpolicy.narrowed.denied",
+            "NetPolicy",
+            "set",
+            Err(&e),
+            &e.message,
+        );
+        Err(e.into())
+    }
+
+    async fn read_only(
+        self: CapRc<Self>,
+        _: net_policy::ReadOnlyParams,
+        mut results: net_policy::ReadOnlyResults,
+    ) -> capnp::Result<()> {
+        self.scope.check()?;
+        results.get().set_policy(make_policy(&self.scope, self.inner.clone()));
+        Ok(())
+    }
+}
