@@ -185,6 +185,12 @@ fn a_share_allows_exactly_its_narrowing_until_revoked_and_is_audited_by_chain() 
     assert!(stdout(&o).contains(&inner), "the sub-share's end is recorded: {}", stdout(&o));
     s.cli_ok("owner", &["logout"], None, 0);
     s.cli_ok("other", &["vm", "exec", "box", "--", "python3", "-c", "pass"], None, STALE);
+    // Tokens are sturdy refs: in no log and nowhere in the state directory.
+    for t in [&token, &sub_token, &other_token] {
+        assert!(!s.log().contains(t.as_str()), "a token in serve.log");
+        let grep = Command::new("grep").args(["-rqF", t.as_str()]).arg(&s.state).status().unwrap();
+        assert_eq!(grep.code(), Some(1), "a token under {}", s.state.display());
+    }
 }
 
 #[test]
