@@ -255,7 +255,11 @@ impl ServerHandler for Handler {
                     serde_json::Value::Object(m) => m,
                     _ => serde_json::Map::new(),
                 };
-                Tool::new(d.name, d.description, Arc::new(schema))
+                let mut t = Tool::new(d.name, d.description, Arc::new(schema));
+                if let Some(serde_json::Value::Object(o)) = d.output_schema {
+                    t.output_schema = Some(Arc::new(o));
+                }
+                t
             })
             .collect();
         Ok(ListToolsResult::with_all_items(tools))

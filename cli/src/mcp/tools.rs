@@ -67,6 +67,10 @@ pub struct ToolDef {
     pub description: String,
     /// JSON Schema (an object schema) of its arguments.
     pub input_schema: Value,
+    /// JSON Schema of its structured result (MCP `outputSchema`), for the
+    /// high-level tools; cap tools have none (their results follow the
+    /// method's result struct, see the description).
+    pub output_schema: Option<Value>,
     /// What calling it does.
     pub kind: ToolKind,
 }
@@ -126,6 +130,7 @@ impl Catalogue {
                     name,
                     description,
                     input_schema,
+                    output_schema: None,
                     kind: ToolKind::Cap { cap: e.name.clone(), interface_id: e.interface_id, method: m.name.clone() },
                 });
             }
@@ -221,6 +226,23 @@ fn vm_reach(factory: Option<&str>, vm_caps: &[String]) -> String {
     }
 }
 
+/// An object schema whose properties all are required, each of a JSON
+/// type (`"integer|null"`: either).
+fn object(props: &[(&str, &str)]) -> Value {
+    let properties: serde_json::Map<String, Value> = props
+        .iter()
+        .map(|(k, t)| {
+            let ty = match t.split_once('|') {
+                Some((a, b)) => json!([a, b]),
+                None => json!(t),
+            };
+            (k.to_string(), json!({ "type": ty }))
+        })
+        .collect();
+    let required: Vec<&str> = props.iter().map(|(k, _)| *k).collect();
+    json!({"type": "object", "properties": properties, "required": required})
+}
+
 fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
     let mut out = Vec::new();
     if let Some(f) = factory {
@@ -242,6 +264,16 @@ fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
                 },
                 "additionalProperties": false,
             }),
+            output_schema: Some(object(&[
+                ("name", "string"),
+                ("image", "string"),
+                ("memoryMib", "integer"),
+                ("vcpus", "integer"),
+                ("state", "string"),
+                ("engine", "string"),
+                ("kernelRelease", "string"),
+                ("bootMs", "integer"),
+            ])),
             kind: ToolKind::VmCreate { factory: f.into() },
         });
     }
@@ -277,6 +309,17 @@ fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
             "required": ["vm", "argv"],
             "additionalProperties": false,
         }),
+        output_schema: Some(object(&[
+            ("exitCode", "integer|null"),
+            ("signal", "integer|null"),
+            ("timedOut", "boolean"),
+            ("stdout", "string"),
+            ("stderr", "string"),
+            ("stdoutBytes", "integer"),
+            ("stderrBytes", "integer"),
+            ("stdoutTruncated", "boolean"),
+            ("stderrTruncated", "boolean"),
+        ])),
         kind: ToolKind::VmExec,
     });
     out.push(ToolDef {
@@ -298,6 +341,15 @@ fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
             "required": ["vm", "path"],
             "additionalProperties": false,
         }),
+        output_schema: Some(object(&[
+            ("path", "string"),
+            ("offset", "integer"),
+            ("bytes", "integer"),
+            ("size", "integer"),
+            ("eof", "boolean"),
+            ("encoding", "string"),
+            ("content", "string"),
+        ])),
         kind: ToolKind::FileRead,
     });
     out.push(ToolDef {
@@ -320,6 +372,7 @@ fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
             "required": ["vm", "path", "content"],
             "additionalProperties": false,
         }),
+        output_schema: Some(object(&[("path", "string"), ("bytes", "integer"), ("mode", "integer")])),
         kind: ToolKind::FileWrite,
     });
     out
