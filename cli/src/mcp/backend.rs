@@ -113,7 +113,8 @@ impl Backend {
     pub async fn refresh(&self) -> ClientResult<Rc<Catalogue>> {
         let entries = ops::list_caps(&self.caps).await?;
         let c = Rc::new(Catalogue::build(&entries));
-        if !c.unknown.is_empty() {
+        // Said once per change, not at every tools/list.
+        if !c.unknown.is_empty() && c.unknown != self.catalogue.borrow().unknown {
             eprintln!(
                 "capvisor mcp: no tools for caps whose interface this binary's schema lacks: {}",
                 c.unknown.join(", ")
