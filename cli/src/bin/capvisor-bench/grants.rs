@@ -319,12 +319,12 @@ pub fn print(f: &mut GrantFigures) {
             ("Vm.ping", &mut f.ping_direct, &mut f.ping_narrowed, &mut f.ping_delegate),
         ] {
             for (what, v) in [("own Vm", &mut *d), ("narrowed Vm", &mut *nr), ("delegate's shared Vm", &mut *g)] {
-                println!("{:<58} {:>9.0} us", format!("grants: {call} on the {what} p50 ({n})"), us(pct(v, 50)));
-                println!("{:<58} {:>9.0} us", format!("grants: {call} on the {what} p99"), us(pct(v, 99)));
+                println!("{:<58} {:>9.1} us", format!("grants: {call} on the {what} p50 ({n})"), us(pct(v, 50)));
+                println!("{:<58} {:>9.1} us", format!("grants: {call} on the {what} p99"), us(pct(v, 99)));
             }
             let diff = |a: &mut Vec<Duration>, b: &mut Vec<Duration>| us(pct(a, 50)) - us(pct(b, 50));
-            println!("{:<58} {:>+9.0} us", format!("grants: {call} added by one narrowing layer (p50)"), diff(nr, d));
-            println!("{:<58} {:>+9.0} us", format!("grants: {call} delegate's shared Vm vs own Vm (p50)"), diff(g, d));
+            println!("{:<58} {:>+9.1} us", format!("grants: {call} added by one narrowing layer (p50)"), diff(nr, d));
+            println!("{:<58} {:>+9.1} us", format!("grants: {call} delegate's shared Vm vs own Vm (p50)"), diff(g, d));
         }
     }
 }
