@@ -17,7 +17,7 @@ use capvisor_client::{ClientError, ClientResult};
 use clap::Args;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt};
@@ -258,6 +258,15 @@ impl ServerHandler for Handler {
                 let mut t = Tool::new(d.name, d.description, Arc::new(schema));
                 if let Some(serde_json::Value::Object(o)) = d.output_schema {
                     t.output_schema = Some(Arc::new(o));
+                }
+                if let Some(h) = d.hints {
+                    t.annotations = Some(
+                        ToolAnnotations::new()
+                            .read_only(h.read_only)
+                            .destructive(h.destructive)
+                            .idempotent(h.idempotent)
+                            .open_world(false),
+                    );
                 }
                 t
             })

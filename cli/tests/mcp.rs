@@ -357,6 +357,10 @@ fn mcp_clients_list_tools_and_exec_on_a_real_guest() {
     assert!(names.contains(&"vm_exec") && names.contains(&"vms_list"), "{names:?}");
     for t in v["tools"].as_array().unwrap() {
         assert_eq!(t["inputSchema"]["type"], "object", "{t}");
+        if t["name"] == "file_read" {
+            assert_eq!(t["annotations"]["readOnlyHint"], true, "{t}");
+            assert_eq!(t["outputSchema"]["required"].as_array().map(Vec::len), Some(7), "{t}");
+        }
     }
 
     // Streamable HTTP: no bearer or a wrong one is 401 before anything MCP;

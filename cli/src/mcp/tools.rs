@@ -71,8 +71,24 @@ pub struct ToolDef {
     /// high-level tools; cap tools have none (their results follow the
     /// method's result struct, see the description).
     pub output_schema: Option<Value>,
+    /// MCP tool annotations (hints for the client), for the high-level
+    /// tools; cap tools have none.
+    pub hints: Option<Hints>,
     /// What calling it does.
     pub kind: ToolKind,
+}
+
+/// MCP `ToolAnnotations` hints: whether a tool only reads, may destroy
+/// or overwrite, and gives the same result when repeated. None reaches
+/// outside capvisor (`openWorldHint: false`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hints {
+    /// Reads only (`readOnlyHint`).
+    pub read_only: bool,
+    /// May destroy or overwrite (`destructiveHint`).
+    pub destructive: bool,
+    /// Repeating it changes nothing more (`idempotentHint`).
+    pub idempotent: bool,
 }
 
 /// The tools of a session, and which VMs the high-level tools can reach.
@@ -131,6 +147,7 @@ impl Catalogue {
                     description,
                     input_schema,
                     output_schema: None,
+                    hints: None,
                     kind: ToolKind::Cap { cap: e.name.clone(), interface_id: e.interface_id, method: m.name.clone() },
                 });
             }
@@ -274,6 +291,7 @@ fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
                 ("kernelRelease", "string"),
                 ("bootMs", "integer"),
             ])),
+            hints: Some(Hints { read_only: false, destructive: false, idempotent: false }),
             kind: ToolKind::VmCreate { factory: f.into() },
         });
     }
@@ -320,6 +338,7 @@ fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
             ("stdoutTruncated", "boolean"),
             ("stderrTruncated", "boolean"),
         ])),
+        hints: Some(Hints { read_only: false, destructive: true, idempotent: false }),
         kind: ToolKind::VmExec,
     });
     out.push(ToolDef {
@@ -350,6 +369,7 @@ fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
             ("encoding", "string"),
             ("content", "string"),
         ])),
+        hints: Some(Hints { read_only: true, destructive: false, idempotent: true }),
         kind: ToolKind::FileRead,
     });
     out.push(ToolDef {
@@ -373,6 +393,7 @@ fn high_level(factory: Option<&str>, vm_caps: &[String]) -> Vec<ToolDef> {
             "additionalProperties": false,
         }),
         output_schema: Some(object(&[("path", "string"), ("bytes", "integer"), ("mode", "integer")])),
+        hints: Some(Hints { read_only: false, destructive: true, idempotent: true }),
         kind: ToolKind::FileWrite,
     });
     out
@@ -424,6 +445,8 @@ mod tests {
         assert_eq!(&n[..4], ["vm_create", "vm_exec", "file_read", "file_write"]);
         assert!(n.contains(&"vms_create") && n.contains(&"vms_list"), "{n:?}");
         assert_eq!(c.get("vm_create").unwrap().kind, ToolKind::VmCreate { factory: "vms".into() });
+        assert!(c.get("file_read").unwrap().hints.unwrap().read_only);
+        assert!(c.get("vms_list").unwrap().hints.is_none());
         // The doc comment's first paragraph is the description.
         let create = schema().interface(vm_factory::Client::TYPE_ID).unwrap().method("create").unwrap();
         let d = &c.get("vms_create").unwrap().description;
