@@ -414,6 +414,26 @@ macro_rules! copy_login {
     }};
 }
 
+/// `resume` and `redeem`: a token (oversized: `staleSession` without
+/// asking), the client's socket handed over, the broker's `$request` with
+/// the token, its login results copied into ours.
+macro_rules! login_by_token {
+    ($self:ident, $params:ident, $results:ident, $request:ident) => {{
+        let token = $params.get()?.get_token()?;
+        if token.as_bytes().len() > capvisor_rpc::attach::MAX_TOKEN {
+            return Err(CvError::stale().into());
+        }
+        let conn = $self.hand_over().await?;
+        let mut req = $self.broker.$request();
+        req.get().set_token(token);
+        req.get().set_conn(conn.as_str());
+        let resp = req.send().promise.await?;
+        copy_login!(resp.get()?, $results.get())?;
+        $self.logged_in.set(true);
+        Ok(())
+    }};
+}
+
 impl GatewayServer {
     /// Hands the broker a duplicate of this client's socket for one login
     /// call; returns the `conn` id the call must name.
@@ -496,18 +516,7 @@ impl gateway::Server for GatewayServer {
         params: gateway::ResumeParams,
         mut results: gateway::ResumeResults,
     ) -> capnp::Result<()> {
-        let token = params.get()?.get_token()?;
-        if token.as_bytes().len() > capvisor_rpc::attach::MAX_TOKEN {
-            return Err(CvError::stale().into());
-        }
-        let conn = self.hand_over().await?;
-        let mut req = self.broker.resume_request();
-        req.get().set_token(token);
-        req.get().set_conn(conn.as_str());
-        let resp = req.send().promise.await?;
-        copy_login!(resp.get()?, results.get())?;
-        self.logged_in.set(true);
-        Ok(())
+        login_by_token!(self, params, results, resume_request)
     }
 
     /// A share token into a delegate session (the broker decides; every bad
@@ -518,18 +527,7 @@ impl gateway::Server for GatewayServer {
         params: gateway::RedeemParams,
         mut results: gateway::RedeemResults,
     ) -> capnp::Result<()> {
-        let token = params.get()?.get_token()?;
-        if token.as_bytes().len() > capvisor_rpc::attach::MAX_TOKEN {
-            return Err(CvError::stale().into());
-        }
-        let conn = self.hand_over().await?;
-        let mut req = self.broker.redeem_request();
-        req.get().set_token(token);
-        req.get().set_conn(conn.as_str());
-        let resp = req.send().promise.await?;
-        copy_login!(resp.get()?, results.get())?;
-        self.logged_in.set(true);
-        Ok(())
+        login_by_token!(self, params, results, redeem_request)
     }
 }
 

@@ -268,6 +268,26 @@ impl Narrowing {
     }
 }
 
+/// What every narrowed cap checks before a call: its grant (if shared;
+/// `staleSession` once it ended, else the call is counted on it), its
+/// expiry (`expires_at_ms`, 0: none) and its call budget; a denial of the
+/// last two goes through `deny` (which audits it).
+pub fn admit(
+    grant: &Option<Rc<GrantNode>>,
+    expires_at_ms: i64,
+    budget: &Option<Rc<Budget>>,
+    deny: impl Fn(CvError) -> CvError,
+) -> CvResult<()> {
+    if let Some(g) = grant {
+        g.check()?;
+        g.touch();
+    }
+    if expires_at_ms != 0 && capvisor_rpc::now_ms() > expires_at_ms {
+        return Err(deny(CvError::denied("this cap has expired")));
+    }
+    Budget::take(budget).map_err(deny)
+}
+
 /// A call budget, chained to the budgets of the caps a cap was narrowed
 /// from: a call takes one from every link, and is denied when any is spent.
 pub struct Budget {
@@ -320,14 +340,7 @@ struct Limits {
 impl Limits {
     /// Expiry, then the budget. Errors: `denied` (audited).
     fn call(&self, method: &str) -> CvResult<()> {
-        if let Some(g) = &self.grant {
-            g.check()?;
-            g.touch();
-        }
-        if self.n.expires_at_ms != 0 && capvisor_rpc::now_ms() > self.n.expires_at_ms {
-            return Err(self.deny(method, CvError::denied("this cap has expired")));
-        }
-        Budget::take(&self.budget).map_err(|e| self.deny(method, e))
+        admit(&self.grant, self.n.expires_at_ms, &self.budget, |e| self.deny(method, e))
     }
 
     /// Waits for the session's decision on running `argv` (`askExec`),

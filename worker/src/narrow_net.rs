@@ -14,7 +14,7 @@
 //! the session's `CapabilityServerSet`s.
 
 use crate::grants::GrantNode;
-use crate::wrap::{copy_flow, copy_rule, Scope};
+use crate::wrap::{copy_flow, Scope};
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::error::text;
 use capvisor_rpc::schema::capvisor_capnp::{net_log, net_policy};
@@ -205,12 +205,10 @@ impl net_policy::Server for ReadOnlyNetPolicy {
         mut results: net_policy::GetResults,
     ) -> capnp::Result<()> {
         self.scope.check()?;
+        // `inner` is the session's own wrapper: its answer is already
+        // rebuilt field by field.
         let resp = self.scope.forward(self.inner.get_request().send().promise).await?;
-        let rules = resp.get()?.get_rules()?;
-        let mut out = results.get().init_rules(rules.len());
-        for (i, r) in rules.iter().enumerate() {
-            copy_rule(r, out.reborrow().get(i as u32))?;
-        }
+        results.get().set_rules(resp.get()?.get_rules()?)?;
         Ok(())
     }
 

@@ -119,14 +119,7 @@ struct FactoryLimits {
 
 impl FactoryLimits {
     fn call(&self, method: &str) -> CvResult<()> {
-        if let Some(g) = &self.grant {
-            g.check()?;
-            g.touch();
-        }
-        if self.n.expires_at_ms != 0 && capvisor_rpc::now_ms() > self.n.expires_at_ms {
-            return Err(self.deny(method, CvError::denied("this cap has expired")));
-        }
-        Budget::take(&self.budget).map_err(|e| self.deny(method, e))
+        crate::narrow::admit(&self.grant, self.n.expires_at_ms, &self.budget, |e| self.deny(method, e))
     }
 
     fn chain(&self) -> Vec<(String, String)> {
@@ -315,11 +308,7 @@ impl vm_factory::Server for NarrowFactory {
         mut results: vm_factory::ListResults,
     ) -> capnp::Result<()> {
         self.limits.call("list")?;
-        let vms: Vec<_> = self.limits.st.vms.borrow().values().filter(|e| self.limits.owns(&e.name)).cloned().collect();
-        let mut list = results.get().init_vms(vms.len() as u32);
-        for (i, e) in vms.iter().enumerate() {
-            e.fill_info(list.reborrow().get(i as u32));
-        }
+        crate::vms::write_vms(&self.limits.st, &|name| self.limits.owns(name), results.get());
         Ok(())
     }
 

@@ -790,11 +790,7 @@ impl vm_factory::Server for VmFactoryImpl {
         mut results: vm_factory::ListResults,
     ) -> capnp::Result<()> {
         self.st.check()?;
-        let vms: Vec<Rc<VmEntry>> = self.st.vms.borrow().values().cloned().collect();
-        let mut list = results.get().init_vms(vms.len() as u32);
-        for (i, e) in vms.iter().enumerate() {
-            e.fill_info(list.reborrow().get(i as u32));
-        }
+        write_vms(&self.st, &|_| true, results.get());
         Ok(())
     }
 
@@ -853,6 +849,16 @@ impl vm_factory::Server for VmFactoryImpl {
         let f = crate::narrow_vms::narrowed(&self.st, params.get()?.get_narrowing()?)?;
         results.get().set_vms(f);
         Ok(())
+    }
+}
+
+/// The VMs of session `st` that `keep` keeps, by name, into `results`
+/// (`VmFactory.list`).
+pub fn write_vms(st: &SessionState, keep: &dyn Fn(&str) -> bool, results: vm_factory::list_results::Builder<'_>) {
+    let vms: Vec<Rc<VmEntry>> = st.vms.borrow().values().filter(|e| keep(&e.name)).cloned().collect();
+    let mut list = results.init_vms(vms.len() as u32);
+    for (i, e) in vms.iter().enumerate() {
+        e.fill_info(list.reborrow().get(i as u32));
     }
 }
 

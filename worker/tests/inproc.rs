@@ -12,19 +12,8 @@ use capvisor_client::{ops, ClientError};
 use capvisor_rpc::schema::capvisor_capnp::{vm_factory, Engine, VmState};
 use capvisor_rpc::schema::common_capnp::{byte_sink, ErrorCode};
 use capvisor_rpc::sink::CollectSink;
-use common::{run, Worker};
+use common::{code, run, spec, Worker};
 use std::time::Duration;
-
-fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Domain(e)) => e.code,
-        other => panic!("expected a typed domain error, got {other:?}"),
-    }
-}
-
-fn spec(name: &str) -> ops::VmSpec {
-    ops::VmSpec { name: name.into(), ..Default::default() }
-}
 
 async fn echo(vm: &capvisor_rpc::schema::capvisor_capnp::vm::Client, word: &str) -> Result<String, ClientError> {
     let out = ops::exec_collect(vm, &["echo", word], b"", 1 << 16).await?;

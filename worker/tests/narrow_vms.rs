@@ -8,18 +8,7 @@ mod common;
 use capvisor_client::{ops, ClientError};
 use capvisor_rpc::schema::capvisor_capnp::{shares, vm, vm_factory, FilesAccess};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
-use common::{run, Worker};
-
-fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Domain(e)) => e.code,
-        other => panic!("expected a typed domain error, got {other:?}"),
-    }
-}
-
-fn spec(name: &str) -> ops::VmSpec {
-    ops::VmSpec { name: name.into(), ..Default::default() }
-}
+use common::{code, run, spec, Worker};
 
 /// `f.narrow(...)`: up to `max` VMs of image base, each allowing `exec`.
 fn narrow(f: &vm_factory::Client, max: u32, exec: &[&str], budget: u64) -> vm_factory::Client {

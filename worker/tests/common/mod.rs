@@ -377,3 +377,18 @@ pub fn run_within<F: Future<Output = ()>>(limit: Duration, f: F) {
 pub fn run<F: Future<Output = ()>>(f: F) {
     run_within(Duration::from_secs(60), f)
 }
+
+/// The typed code of a failed client call (panics on success or an untyped error).
+pub fn code<T: std::fmt::Debug>(
+    r: Result<T, capvisor_client::ClientError>,
+) -> capvisor_rpc::schema::common_capnp::ErrorCode {
+    match r {
+        Err(capvisor_client::ClientError::Domain(e)) => e.code,
+        other => panic!("expected a typed domain error, got {other:?}"),
+    }
+}
+
+/// A VM spec with just a name (defaults otherwise).
+pub fn spec(name: &str) -> capvisor_client::ops::VmSpec {
+    capvisor_client::ops::VmSpec { name: name.into(), ..Default::default() }
+}
