@@ -156,9 +156,12 @@ async def main(args):
 
         with anyio.move_on_after(2):
             await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["sleep", "41"]})
-        await anyio.sleep(1)
-        r = await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["ps"]})
-        report["after_cancel"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
+        for _ in range(20):  # the kill travels on its own: allow it up to 10 s
+            await anyio.sleep(0.5)
+            r = await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["ps"]})
+            report["after_cancel"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
+            if "sleep 41" not in (r.structured_content or {}).get("stdout", ""):
+                break
 
         r = await session.call_tool("vm_exec", {"vm": args.vm, "argv": ["sh", "-c", "yes capvisor | head -c 200000"]})
         report["big"] = {"isError": r.is_error, "text": text_of(r), "structured": r.structured_content}
