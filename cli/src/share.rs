@@ -59,6 +59,16 @@ pub struct ShareArgs {
     /// With --factory: most vCPUs per VM [default: the session's bound]
     #[arg(long, value_name = "N", requires = "factory")]
     vcpus: Option<u32>,
+    /// With --factory: a volume of this principal the holder's VMs may attach (repeatable)
+    #[arg(long = "attach-volume", value_name = "NAME", requires = "factory")]
+    attach_volumes: Vec<String>,
+    /// With --factory: only read-only attachments of those volumes
+    #[arg(long, requires = "factory")]
+    volumes_ro: bool,
+    /// With --factory: add a view of the --attach-volume volumes as "volumes" (list and get
+    /// only)
+    #[arg(long, requires = "factory")]
+    with_volumes: bool,
     /// Any program may run (instead of --exec lists)
     #[arg(long, conflicts_with = "exec")]
     exec_any: bool,
@@ -219,11 +229,24 @@ pub async fn share(s: &session::Client, held: &[String], a: ShareArgs) -> Client
                 n.set_max_memory_mib(a.memory.unwrap_or(0));
                 n.set_max_vcpus(a.vcpus.unwrap_or(0));
                 n.set_call_budget(a.budget);
+                let mut l = n.reborrow().init_volumes(a.attach_volumes.len() as u32);
+                for (i, v) in a.attach_volumes.iter().enumerate() {
+                    l.set(i as u32, v.as_str());
+                }
+                n.set_volumes_read_only(a.volumes_ro);
                 vm_narrowing_of(&a, n.init_vm_narrowing());
             }
             let factory = req.send().pipeline.get_vms();
             if a.with_netlog {
                 extra.push(("netlog", factory.net_log_request().send().pipeline.get_log().client));
+            }
+            if a.with_volumes {
+                let mut req = ops::volumes(s).narrow_request();
+                let mut l = req.get().init_volume_names(a.attach_volumes.len() as u32);
+                for (i, v) in a.attach_volumes.iter().enumerate() {
+                    l.set(i as u32, v.as_str());
+                }
+                extra.push(("volumes", req.send().pipeline.get_volumes().client));
             }
             (a.name.clone().unwrap_or_else(|| "vms".into()), factory.client)
         }

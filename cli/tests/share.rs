@@ -198,15 +198,41 @@ fn a_shared_factory_creates_bounded_vms_that_only_its_holder_sees() {
     let s = Server::start(None);
     s.cli_ok("owner", &["login"], None, 0);
     s.cli_ok("owner", &["vm", "create", "--name", "mine"], None, 0);
+    s.cli_ok("owner", &["volume", "create", "data", "--size", "16"], None, 0);
+    s.cli_ok("owner", &["volume", "create", "private", "--size", "16"], None, 0);
     let (id, token) = share(
         &s,
         "owner",
-        &["--factory", "--max-vms", "1", "--image", "base", "--exec-any", "--files", "rw", "--stop", "--ttl", "10m"],
+        &[
+            "--factory",
+            "--max-vms",
+            "1",
+            "--image",
+            "base",
+            "--exec-any",
+            "--files",
+            "rw",
+            "--stop",
+            "--ttl",
+            "10m",
+            "--attach-volume",
+            "data",
+            "--volumes-ro",
+            "--with-volumes",
+        ],
     );
     s.cli_ok("fac", &["login", "--token-stdin"], Some(token.as_bytes()), 0);
     let caps = stdout(&s.cli_ok("fac", &["caps"], None, 0));
     assert!(caps.lines().any(|l| l.starts_with("vms") && l.contains("VmFactory")), "{caps}");
-    s.cli_ok("fac", &["vm", "create", "--name", "h1"], None, 0);
+    // Volumes: only data, only read-only, list and get only.
+    let vols = stdout(&s.cli_ok("fac", &["volume", "list"], None, 0));
+    assert!(vols.contains("data") && !vols.contains("private"), "{vols}");
+    s.cli_ok("fac", &["volume", "create", "mine", "--size", "16"], None, DENIED);
+    s.cli_ok("fac", &["volume", "rm", "data"], None, DENIED);
+    s.cli_ok("fac", &["vm", "create", "--name", "hv", "--volume", "data:/data"], None, DENIED);
+    s.cli_ok("fac", &["vm", "create", "--name", "hv", "--volume", "private:/data:ro"], None, DENIED);
+    s.cli_ok("fac", &["vm", "create", "--name", "h1", "--volume", "data:/data:ro"], None, 0);
+    s.cli_ok("fac", &["vm", "exec", "h1", "--", "ls", "/data"], None, 0);
     s.cli_ok("fac", &["vm", "create", "--name", "h2"], None, 13);
     s.cli_ok("fac", &["vm", "create", "--name", "big", "--image", "debian"], None, DENIED);
     let o = s.cli_ok("fac", &["vm", "exec", "h1", "--", "sh", "-c", "echo any program"], None, 0);

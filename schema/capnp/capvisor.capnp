@@ -165,6 +165,10 @@ struct VmFactoryNarrowing {
   # budget fields are ignored here: the factory's own bound them).
   expiresAtMs @5 :Int64;     # Unix epoch ms; 0: no expiry of its own
   callBudget @6 :UInt64;     # calls through it and its VMs in all; 0: no budget of its own
+  volumes @7 :List(Text);
+  # The principal's volumes its VMs may attach (VmSpec.volumes); empty:
+  # none.
+  volumesReadOnly @8 :Bool;  # only read-only attachments of them
 }
 
 struct ImageInfo {
@@ -276,6 +280,10 @@ interface Volumes {
   get @2 (volumeName :Text) -> (volume :Volume);
   remove @3 (volumeName :Text);
   # Deletes the volume and its data. inUse while a running VM holds it.
+  narrow @4 (volumeNames :List(Text)) -> (volumes :Volumes);
+  # A view of only these volumes (attenuation): `list` and `get` see only
+  # them, `create` and `remove` are denied; narrowing a view again keeps
+  # only names both list. Shareable with Shares.share.
 }
 
 interface Volume {
@@ -398,8 +406,9 @@ struct ShareSpec {
   # The caps the recipient's CapSet will hold, 1 to 16. Each must be a
   # narrowed cap this worker serves (a Vm from Vm.narrow, a VmFactory from
   # VmFactory.narrow, a NetLog view from NetLog.narrow or VmFactory.netLog,
-  # a NetPolicy from NetPolicy.readOnly), so a share never carries more
-  # than its narrowing allows.
+  # a NetPolicy from NetPolicy.readOnly, a Volumes view from
+  # Volumes.narrow), so a share never carries more than its narrowing
+  # allows.
   label @1 :Text;       # shown in `shares` and the audit chain; at most 128 bytes
   ttlMs @2 :Int64;      # lifetime, milliseconds, 1 s to the grantor session's end
   to @3 :Text;

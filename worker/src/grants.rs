@@ -25,7 +25,7 @@ use crate::state::SessionState;
 use capnp::capability::Rc as CapRc;
 use capnp::traits::HasTypeId;
 use capvisor_rpc::error::text;
-use capvisor_rpc::schema::capvisor_capnp::{grant_info, net_log, net_policy, shares, vm, vm_factory};
+use capvisor_rpc::schema::capvisor_capnp::{grant_info, net_log, net_policy, shares, vm, vm_factory, volumes};
 use capvisor_rpc::schema::common_capnp::process;
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
@@ -424,6 +424,7 @@ enum Shareable {
     Factory(Rc<crate::narrow_vms::NarrowFactory>),
     Log(Rc<crate::narrow_net::NarrowNetLog>),
     Policy(Rc<crate::narrow_net::ReadOnlyNetPolicy>),
+    Volumes(Rc<crate::volumes::VolumesView>),
 }
 
 impl Shareable {
@@ -443,8 +444,12 @@ impl Shareable {
         if let Some(s) = st.narrow_logs.borrow().get_local_server_of_resolved(&as_log) {
             return Some(Shareable::Log(s));
         }
-        let as_policy = net_policy::Client::new(resolved.hook);
-        st.narrow_policies.borrow().get_local_server_of_resolved(&as_policy).map(Shareable::Policy)
+        let as_policy = net_policy::Client::new(resolved.hook.add_ref());
+        if let Some(s) = st.narrow_policies.borrow().get_local_server_of_resolved(&as_policy) {
+            return Some(Shareable::Policy(s));
+        }
+        let as_volumes = volumes::Client::new(resolved.hook);
+        st.narrow_volumes.borrow().get_local_server_of_resolved(&as_volumes).map(Shareable::Volumes)
     }
 
     fn grant(&self) -> Option<Rc<GrantNode>> {
@@ -453,6 +458,7 @@ impl Shareable {
             Shareable::Factory(f) => f.grant(),
             Shareable::Log(l) => l.grant(),
             Shareable::Policy(p) => p.grant(),
+            Shareable::Volumes(v) => v.grant(),
         }
     }
 
@@ -462,6 +468,7 @@ impl Shareable {
             Shareable::Factory(f) => f.describe(),
             Shareable::Log(l) => l.describe(),
             Shareable::Policy(p) => p.describe(),
+            Shareable::Volumes(v) => v.describe(),
         }
     }
 
@@ -472,6 +479,7 @@ impl Shareable {
             Shareable::Factory(f) => (vm_factory::Client::TYPE_ID, "VmFactory", f.rebind(grant).client),
             Shareable::Log(l) => (net_log::Client::TYPE_ID, "NetLog", l.rebind(grant).client),
             Shareable::Policy(p) => (net_policy::Client::TYPE_ID, "NetPolicy", p.rebind(grant).client),
+            Shareable::Volumes(v) => (volumes::Client::TYPE_ID, "Volumes", v.rebind(grant).client),
         }
     }
 }

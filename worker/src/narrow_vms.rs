@@ -7,7 +7,8 @@
 //!   through factories narrowed from it): `list`, `get` and `remove` of any
 //!   other VM of the session answer `notFound`, as if it did not exist.
 //! - `create` checks the image (in `images`), memory and vCPUs (under
-//!   `maxMemoryMib` / `maxVcpus`), refuses volumes, and counts its VMs
+//!   `maxMemoryMib` / `maxVcpus`), volumes (only those in `volumes`, and
+//!   read-only with `volumesReadOnly`), and counts its VMs
 //!   against `maxVms` at every level of the chain (`quota` past it). Its
 //!   VMs belong to the session: they count against the session's and the
 //!   principal's budgets and die with it.
@@ -44,6 +45,10 @@ pub struct FactoryNarrowing {
     pub vm: Narrowing,
     /// Unix epoch ms after which every call is denied (0: none).
     pub expires_at_ms: i64,
+    /// Volumes its VMs may attach.
+    pub volumes: Vec<String>,
+    /// Only read-only attachments of them.
+    pub volumes_read_only: bool,
 }
 
 impl FactoryNarrowing {
@@ -59,6 +64,14 @@ impl FactoryNarrowing {
         for t in list.iter() {
             images.push(text(t).map_err(|_| CvError::invalid("images: not UTF-8 text"))?);
         }
+        let list = r.get_volumes().map_err(|e| CvError::invalid(format!("volumes: {e}")))?;
+        if list.len() as usize > crate::narrow::MAX_LIST {
+            return Err(CvError::invalid("volumes: too many"));
+        }
+        let mut volumes = Vec::new();
+        for t in list.iter() {
+            volumes.push(text(t).map_err(|_| CvError::invalid("volumes: not UTF-8 text"))?);
+        }
         let vm = r.get_vm_narrowing().map_err(|e| CvError::invalid(format!("vmNarrowing: {e}")))?;
         let unbounded = |n: u32| if n == 0 { u32::MAX } else { n };
         Ok(Self {
@@ -68,6 +81,8 @@ impl FactoryNarrowing {
             max_vcpus: unbounded(r.get_max_vcpus()),
             vm: Narrowing { expires_at_ms: 0, ..Narrowing::read(vm)? },
             expires_at_ms: r.get_expires_at_ms().max(0),
+            volumes,
+            volumes_read_only: r.get_volumes_read_only(),
         })
     }
 
@@ -88,14 +103,20 @@ impl FactoryNarrowing {
             max_vcpus: self.max_vcpus.min(next.max_vcpus),
             vm: self.vm.then(&next.vm)?,
             expires_at_ms,
+            volumes: next.volumes.iter().filter(|v| self.volumes.contains(v)).cloned().collect(),
+            volumes_read_only: self.volumes_read_only || next.volumes_read_only,
         })
     }
 
     /// In one line, for people (`shares`, the audit log).
     pub fn describe(&self) -> String {
         let bound = |n: u32| if n == u32::MAX { "any".to_string() } else { n.to_string() };
+        let volumes = match (self.volumes.is_empty(), self.volumes_read_only) {
+            (true, _) => String::new(),
+            (false, ro) => format!(", volumes {:?}{}", self.volumes, if ro { " read-only" } else { "" }),
+        };
         format!(
-            "vms: up to {} of {:?}, {} MiB, {} vCPUs; each {}",
+            "vms: up to {} of {:?}, {} MiB, {} vCPUs{volumes}; each {}",
             self.max_vms,
             self.images,
             bound(self.max_memory_mib),
@@ -243,8 +264,14 @@ impl NarrowFactory {
         if spec.get_vcpus().max(1) > n.max_vcpus {
             return Err(CvError::quota(format!("this cap allows {} vCPUs per VM", n.max_vcpus)));
         }
-        if spec.has_volumes() && spec.get_volumes().map(|v| !v.is_empty()).unwrap_or(true) {
-            return Err(CvError::denied("this cap attaches no volumes"));
+        for m in spec.get_volumes().map_err(|e| CvError::invalid(format!("volumes: {e}")))?.iter() {
+            let v = text(m.get_volume()).map_err(|_| CvError::invalid("volume: not UTF-8 text"))?;
+            if !n.volumes.contains(&v) {
+                return Err(CvError::denied(format!("this cap may not attach volume {v:?}")));
+            }
+            if n.volumes_read_only && !m.get_read_only() {
+                return Err(CvError::denied(format!("this cap attaches volume {v:?} read-only only")));
+            }
         }
         let levels = self.limits.levels();
         for l in &levels {
@@ -414,6 +441,8 @@ mod tests {
             max_vcpus: u32::MAX,
             vm: vm_n(&["python3", "sh"]),
             expires_at_ms: 9000,
+            volumes: vec!["data".into(), "logs".into()],
+            volumes_read_only: false,
         }
     }
 
@@ -426,6 +455,8 @@ mod tests {
             max_vcpus: 4,
             vm: Narrowing { files: Access::ReadWrite, ..vm_n(&["python3", "curl"]) },
             expires_at_ms: 0,
+            volumes: vec!["data".into(), "secret".into()],
+            volumes_read_only: true,
         };
         let n = f().then(&wider).unwrap();
         assert_eq!(n.max_vms, 2);
@@ -434,6 +465,7 @@ mod tests {
         assert_eq!(n.vm.exec_allow, ["python3"]);
         assert_eq!(n.vm.files, Access::ReadOnly);
         assert_eq!(n.expires_at_ms, 9000);
+        assert_eq!((n.volumes.as_slice(), n.volumes_read_only), (&["data".to_string()][..], true));
         let earlier = f().then(&FactoryNarrowing { expires_at_ms: 5000, ..f() }).unwrap();
         assert_eq!(earlier.expires_at_ms, 5000);
         assert!(f().describe().contains("up to 2"), "{}", f().describe());

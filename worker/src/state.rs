@@ -4,7 +4,7 @@
 use crate::launch::VmLauncher;
 use crate::vms::VmEntry;
 use capvisor_manifest::SessionContext;
-use capvisor_rpc::schema::capvisor_capnp::{net_log, net_policy, vm, vm_factory};
+use capvisor_rpc::schema::capvisor_capnp::{net_log, net_policy, vm, vm_factory, volumes};
 use capvisor_rpc::schema::internal_capnp::{session_host, RevokeReason};
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
@@ -47,6 +47,8 @@ pub struct SessionState {
     /// Every read-only `NetPolicy` this session serves (same purpose).
     pub narrow_policies:
         RefCell<capnp_rpc::CapabilityServerSet<crate::narrow_net::ReadOnlyNetPolicy, net_policy::Client>>,
+    /// Every `Volumes` view this session serves (same purpose).
+    pub narrow_volumes: RefCell<capnp_rpc::CapabilityServerSet<crate::volumes::VolumesView, volumes::Client>>,
     /// Every narrowed `VmFactory` this session serves (same purpose).
     pub narrow_factories: RefCell<capnp_rpc::CapabilityServerSet<crate::narrow_vms::NarrowFactory, vm_factory::Client>>,
     /// Caps kept by name (`CapSet.keep`) for the session's own CapSet.
@@ -80,6 +82,7 @@ impl SessionState {
             narrow_vms: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
             narrow_factories: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
             narrow_logs: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
+            narrow_volumes: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
             narrow_policies: RefCell::new(capnp_rpc::CapabilityServerSet::new()),
             exec_approvals: crate::approvals::ExecApprovals::new(ask_timeout),
             kept: Default::default(),

@@ -11,11 +11,14 @@
 //! (the broker resolves names inside the principal's directory). Revoked:
 //! with the session (`staleSession`).
 
+use crate::grants::GrantNode;
 use crate::state::SessionState;
+use crate::wrap::Scope;
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::error::text;
 use capvisor_rpc::schema::capvisor_capnp::{volume, volume_info, volumes};
 use capvisor_rpc::{CvError, CvResult};
+use std::collections::BTreeSet;
 use std::rc::Rc;
 
 /// `Volumes` of one session.
@@ -28,6 +31,8 @@ pub struct VolumesImpl {
 pub struct VolumeImpl {
     st: Rc<SessionState>,
     name: String,
+    /// The grant it was reached through (a shared view), if any.
+    grant: Option<Rc<GrantNode>>,
 }
 
 fn relay(e: capnp::Error) -> CvError {
@@ -53,7 +58,7 @@ fn copy_info(from: volume_info::Reader<'_>, to: volume_info::Builder<'_>) -> cap
 
 impl VolumesImpl {
     fn volume(&self, name: String) -> volume::Client {
-        capnp_rpc::new_client(VolumeImpl { st: self.st.clone(), name })
+        capnp_rpc::new_client(VolumeImpl { st: self.st.clone(), name, grant: None })
     }
 }
 
@@ -99,6 +104,145 @@ impl volumes::Server for VolumesImpl {
         req.get().set_name(name.as_str());
         Ok(self.st.guard(async { req.send().promise.await.map(drop).map_err(relay) }).await?)
     }
+
+    async fn narrow(
+        self: CapRc<Self>,
+        params: volumes::NarrowParams,
+        mut results: volumes::NarrowResults,
+    ) -> capnp::Result<()> {
+        self.st.check()?;
+        let names = read_names(params.get()?.get_volume_names()?)?;
+        results.get().set_volumes(view(&Scope::session(&self.st), names));
+        Ok(())
+    }
+}
+
+/// Most volume names one view lists.
+pub const MAX_VIEW_VOLUMES: usize = 64;
+
+fn read_names(list: capnp::text_list::Reader<'_>) -> CvResult<BTreeSet<String>> {
+    if list.len() as usize > MAX_VIEW_VOLUMES {
+        return Err(CvError::invalid(format!("volumeNames: at most {MAX_VIEW_VOLUMES}")));
+    }
+    list.iter().map(|t| text(t).map_err(|_| CvError::invalid("volumeNames: not UTF-8 text"))).collect()
+}
+
+/// A view of the principal's volumes `names` (`Volumes.narrow`, issue 10
+/// item 1): `list` and `get` see only them, `create` and `remove` are
+/// denied (audited `volumes.narrowed.denied`); bound to `scope` (the
+/// grant's end cuts it and the `Volume`s it hands out); shareable.
+pub struct VolumesView {
+    scope: Scope,
+    names: Rc<BTreeSet<String>>,
+}
+
+/// A view of `names` bound to `scope`. Audited (`volumes.narrow`).
+pub fn view(scope: &Scope, names: BTreeSet<String>) -> volumes::Client {
+    let describe = describe(&names);
+    scope.st.audit_chain("", &scope.chain(), "volumes.narrow", "Volumes", "narrow", Ok(()), &describe);
+    make_view(scope, Rc::new(names))
+}
+
+fn make_view(scope: &Scope, names: Rc<BTreeSet<String>>) -> volumes::Client {
+    let mut set = scope.st.narrow_volumes.borrow_mut();
+    set.gc();
+    set.new_client(VolumesView { scope: scope.clone(), names })
+}
+
+fn describe(names: &BTreeSet<String>) -> String {
+    format!("volumes {:?}: list and get only", names.iter().collect::<Vec<_>>())
+}
+
+impl VolumesView {
+    /// The grant this view is bound to, if shared.
+    pub fn grant(&self) -> Option<Rc<GrantNode>> {
+        self.scope.grant.clone()
+    }
+
+    /// What it shows, for people.
+    pub fn describe(&self) -> String {
+        describe(&self.names)
+    }
+
+    /// The same view bound to `grant`.
+    pub fn rebind(&self, grant: &Rc<GrantNode>) -> volumes::Client {
+        make_view(&self.scope.clone().with_grant(Some(grant.clone())), self.names.clone())
+    }
+
+    fn call(&self) -> CvResult<()> {
+        self.scope.check()?;
+        if let Some(g) = &self.scope.grant {
+            g.touch();
+        }
+        Ok(())
+    }
+
+    fn deny(&self, method: &str) -> capnp::Error {
+        let e = CvError::denied("this cap may only list and get its volumes");
+        self.scope.st.audit_chain(
+            "",
+            &self.scope.chain(),
+            "volumes.narrowed.denied",
+            "Volumes",
+            method,
+            Err(&e),
+            &e.message,
+        );
+        e.into()
+    }
+}
+
+impl volumes::Server for VolumesView {
+    async fn create(self: CapRc<Self>, _: volumes::CreateParams, _: volumes::CreateResults) -> capnp::Result<()> {
+        self.call()?;
+        Err(self.deny("create"))
+    }
+
+    async fn list(self: CapRc<Self>, _: volumes::ListParams, mut results: volumes::ListResults) -> capnp::Result<()> {
+        self.call()?;
+        let req = self.scope.st.host.list_volumes_request();
+        let resp = self.scope.forward(req.send().promise).await?;
+        let list = resp.get()?.get_volumes()?;
+        let seen: Vec<u32> = (0..list.len())
+            .filter(|i| {
+                list.get(*i).get_name().ok().and_then(|n| n.to_str().ok()).is_some_and(|n| self.names.contains(n))
+            })
+            .collect();
+        let mut out = results.get().init_volumes(seen.len() as u32);
+        for (o, i) in seen.iter().enumerate() {
+            copy_info(list.get(*i), out.reborrow().get(o as u32))?;
+        }
+        Ok(())
+    }
+
+    async fn get(self: CapRc<Self>, params: volumes::GetParams, mut results: volumes::GetResults) -> capnp::Result<()> {
+        self.call()?;
+        let name = text(params.get()?.get_volume_name())?;
+        if !self.names.contains(&name) {
+            return Err(CvError::not_found(format!("no volume named {name:?}")).into());
+        }
+        find(&self.scope.st, &name).await?;
+        let v = VolumeImpl { st: self.scope.st.clone(), name, grant: self.scope.grant.clone() };
+        results.get().set_volume(capnp_rpc::new_client(v));
+        Ok(())
+    }
+
+    async fn remove(self: CapRc<Self>, _: volumes::RemoveParams, _: volumes::RemoveResults) -> capnp::Result<()> {
+        self.call()?;
+        Err(self.deny("remove"))
+    }
+
+    async fn narrow(
+        self: CapRc<Self>,
+        params: volumes::NarrowParams,
+        mut results: volumes::NarrowResults,
+    ) -> capnp::Result<()> {
+        self.call()?;
+        let names = read_names(params.get()?.get_volume_names()?)?;
+        let names = names.into_iter().filter(|n| self.names.contains(n)).collect();
+        results.get().set_volumes(view(&self.scope, names));
+        Ok(())
+    }
 }
 
 /// The broker's `VolumeInfo` of volume `name`, as a message.
@@ -124,6 +268,9 @@ async fn find(
 
 impl volume::Server for VolumeImpl {
     async fn info(self: CapRc<Self>, _: volume::InfoParams, mut results: volume::InfoResults) -> capnp::Result<()> {
+        if let Some(g) = &self.grant {
+            g.check()?;
+        }
         let resp = find(&self.st, &self.name).await?;
         for v in resp.get()?.get_volumes()?.iter() {
             if v.get_name()?.to_str().ok() == Some(self.name.as_str()) {
