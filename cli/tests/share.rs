@@ -249,6 +249,13 @@ fn a_shared_factory_creates_bounded_vms_that_only_its_holder_sees() {
     s.cli_ok("owner", &["revoke", &id], None, 0);
     s.cli_ok("fac", &["vm", "list"], None, STALE);
     s.cli_ok("owner", &["vm", "exec", "h3", "--", "true"], None, 0);
+    // Every view carries its own expiry and call budget (here through `call`).
+    let narrow = ["call", "volumes.narrow", "volumeNames=[\"data\"]", "callBudget=2", "--as", "two"];
+    s.cli_ok("owner", &narrow, None, 0);
+    let codes: Vec<i32> = (0..3).map(|_| code(&s, "owner", &["call", "two.list"])).collect();
+    assert_eq!(codes, [0, 0, DENIED], "two calls, then the budget is spent");
+    s.cli_ok("owner", &["call", "volumes.narrow", "volumeNames=[\"data\"]", "expiresAtMs=1", "--as", "old"], None, 0);
+    s.cli_ok("owner", &["call", "old.list"], None, DENIED);
 }
 
 /// Starts `capvisor ARGS` as `who` in the background (stdout piped).

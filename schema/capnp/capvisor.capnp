@@ -280,10 +280,12 @@ interface Volumes {
   get @2 (volumeName :Text) -> (volume :Volume);
   remove @3 (volumeName :Text);
   # Deletes the volume and its data. inUse while a running VM holds it.
-  narrow @4 (volumeNames :List(Text)) -> (volumes :Volumes);
+  narrow @4 (volumeNames :List(Text), expiresAtMs :Int64, callBudget :UInt64) -> (volumes :Volumes);
   # A view of only these volumes (attenuation): `list` and `get` see only
   # them, `create` and `remove` are denied; narrowing a view again keeps
-  # only names both list. Shareable with Shares.share.
+  # only names both list. Past `expiresAtMs` (Unix epoch ms; 0: none) or
+  # `callBudget` calls (0: none; chained with the budgets it was narrowed
+  # from) every call is denied. Shareable with Shares.share.
 }
 
 interface Volume {
@@ -338,9 +340,9 @@ interface NetPolicy {
   # connections opened from then on (no VM restart).
   get @0 () -> (rules :List(NetRule));
   set @1 (rules :List(NetRule));
-  readOnly @2 () -> (policy :NetPolicy);
+  readOnly @2 (expiresAtMs :Int64, callBudget :UInt64) -> (policy :NetPolicy);
   # A view of the same rules whose `set` is denied (attenuation; shareable
-  # with Shares.share).
+  # with Shares.share). Expiry and call budget as for Volumes.narrow.
 }
 
 struct NetFlow {
@@ -363,9 +365,10 @@ interface NetLog {
   # Recent flows of this session's VMs, newest last, bounded in memory.
   # `vm` "" = all VMs; `sinceMs` 0 = all kept; `limit` 0 = all kept.
   recent @0 (vm :Text, sinceMs :Int64, limit :UInt32) -> (flows :List(NetFlow));
-  narrow @1 (vms :List(Text)) -> (log :NetLog);
+  narrow @1 (vms :List(Text), expiresAtMs :Int64, callBudget :UInt64) -> (log :NetLog);
   # A view of only these VMs' flows (attenuation; narrowing a view again
-  # keeps only VMs both name; shareable with Shares.share).
+  # keeps only VMs both name; shareable with Shares.share). Expiry and call
+  # budget as for Volumes.narrow.
 }
 
 struct Approval {

@@ -288,6 +288,37 @@ pub fn admit(
     Budget::take(budget).map_err(deny)
 }
 
+/// The expiry and call budget of a view (`NetLog`, `NetPolicy`,
+/// `Volumes`; `crate::narrow_net`, `crate::volumes`).
+#[derive(Clone, Default)]
+pub struct Bounds {
+    /// Unix epoch ms after which every call is denied (0: none).
+    pub expires_at_ms: i64,
+    /// The budget chain (`None`: none).
+    pub budget: Option<Rc<Budget>>,
+}
+
+impl Bounds {
+    /// These bounds narrowed by `expires_at_ms` (0: none of its own; the
+    /// earlier wins) and `calls` (0: none of its own; chained under these).
+    pub fn then(&self, expires_at_ms: i64, calls: u64) -> Bounds {
+        let expires_at_ms = match (self.expires_at_ms, expires_at_ms.max(0)) {
+            (0, n) => n,
+            (s, 0) => s,
+            (s, n) => s.min(n),
+        };
+        Bounds { expires_at_ms, budget: Budget::chain(calls, self.budget.clone()) }
+    }
+
+    /// Before a call through a view bound to `scope`: the session and the
+    /// grant ([`crate::wrap::Scope::check`], `staleSession`), then
+    /// [`admit`] (denials through `deny`).
+    pub fn admit(&self, scope: &crate::wrap::Scope, deny: impl Fn(CvError) -> CvError) -> CvResult<()> {
+        scope.check()?;
+        admit(&scope.grant, self.expires_at_ms, &self.budget, deny)
+    }
+}
+
 /// A call budget, chained to the budgets of the caps a cap was narrowed
 /// from: a call takes one from every link, and is denied when any is spent.
 pub struct Budget {

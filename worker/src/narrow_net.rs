@@ -14,6 +14,7 @@
 //! the session's `CapabilityServerSet`s.
 
 use crate::grants::GrantNode;
+use crate::narrow::Bounds;
 use crate::wrap::{copy_flow, Scope};
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::error::text;
@@ -74,19 +75,27 @@ pub struct NarrowNetLog {
     /// The session's own `NetLog` (its wrapper).
     inner: net_log::Client,
     visible: Rc<Visible>,
+    bounds: Bounds,
 }
 
 /// A view of `inner` (the session's own `NetLog`) showing `visible`, bound
-/// to `scope` (its grant included). Audited (`netlog.narrow`).
-pub fn log_view(scope: &Scope, inner: net_log::Client, visible: Visible) -> net_log::Client {
+/// to `scope` (its grant included) and `bounds`. Audited (`netlog.narrow`).
+pub fn log_view(scope: &Scope, inner: net_log::Client, visible: Visible, bounds: Bounds) -> net_log::Client {
     scope.st.audit_chain("", &scope.chain(), "netlog.narrow", "NetLog", "narrow", Ok(()), &visible.describe());
-    make_log(scope, inner, Rc::new(visible))
+    make_log(scope, inner, Rc::new(visible), bounds)
 }
 
-fn make_log(scope: &Scope, inner: net_log::Client, visible: Rc<Visible>) -> net_log::Client {
+fn make_log(scope: &Scope, inner: net_log::Client, visible: Rc<Visible>, bounds: Bounds) -> net_log::Client {
     let mut set = scope.st.narrow_logs.borrow_mut();
     set.gc();
-    set.new_client(NarrowNetLog { scope: scope.clone(), inner, visible })
+    set.new_client(NarrowNetLog { scope: scope.clone(), inner, visible, bounds })
+}
+
+/// Audits a denial through a view bound to `scope` (`<what>.narrowed.denied`).
+fn deny(scope: &Scope, what: &str, iface: &str, method: &str, e: CvError) -> CvError {
+    let action = format!("{what}.narrowed.denied");
+    scope.st.audit_chain("", &scope.chain(), &action, iface, method, Err(&e), &e.message);
+    e
 }
 
 impl NarrowNetLog {
@@ -100,17 +109,15 @@ impl NarrowNetLog {
         self.visible.describe()
     }
 
-    /// The same view bound to `grant`.
+    /// The same view bound to `grant` (same bounds: calls through either
+    /// count on one budget).
     pub fn rebind(&self, grant: &Rc<GrantNode>) -> net_log::Client {
-        make_log(&self.scope.clone().with_grant(Some(grant.clone())), self.inner.clone(), self.visible.clone())
+        let scope = self.scope.clone().with_grant(Some(grant.clone()));
+        make_log(&scope, self.inner.clone(), self.visible.clone(), self.bounds.clone())
     }
 
-    fn call(&self) -> CvResult<()> {
-        self.scope.check()?;
-        if let Some(g) = &self.scope.grant {
-            g.touch();
-        }
-        Ok(())
+    fn call(&self, method: &str) -> CvResult<()> {
+        self.bounds.admit(&self.scope, |e| deny(&self.scope, "netlog", "NetLog", method, e))
     }
 }
 
@@ -120,7 +127,7 @@ impl net_log::Server for NarrowNetLog {
         params: net_log::RecentParams,
         mut results: net_log::RecentResults,
     ) -> capnp::Result<()> {
-        self.call()?;
+        self.call("recent")?;
         let p = params.get()?;
         let vm = text(p.get_vm())?;
         if !vm.is_empty() && !self.visible.sees(&vm) {
@@ -153,10 +160,12 @@ impl net_log::Server for NarrowNetLog {
         params: net_log::NarrowParams,
         mut results: net_log::NarrowResults,
     ) -> capnp::Result<()> {
-        self.call()?;
-        let names = read_vm_names(params.get()?.get_vms()?)?;
+        self.call("narrow")?;
+        let p = params.get()?;
+        let names = read_vm_names(p.get_vms()?)?;
         let names: BTreeSet<String> = names.into_iter().filter(|n| self.visible.sees(n)).collect();
-        results.get().set_log(log_view(&self.scope, self.inner.clone(), Visible::Names(names)));
+        let bounds = self.bounds.then(p.get_expires_at_ms(), p.get_call_budget());
+        results.get().set_log(log_view(&self.scope, self.inner.clone(), Visible::Names(names), bounds));
         Ok(())
     }
 }
@@ -166,19 +175,20 @@ pub struct ReadOnlyNetPolicy {
     scope: Scope,
     /// The session's own `NetPolicy` (its wrapper).
     inner: net_policy::Client,
+    bounds: Bounds,
 }
 
 /// A read-only view of `inner` (the session's own `NetPolicy`), bound to
-/// `scope`. Audited (`netpolicy.narrow`).
-pub fn policy_view(scope: &Scope, inner: net_policy::Client) -> net_policy::Client {
+/// `scope` and `bounds`. Audited (`netpolicy.narrow`).
+pub fn policy_view(scope: &Scope, inner: net_policy::Client, bounds: Bounds) -> net_policy::Client {
     scope.st.audit_chain("", &scope.chain(), "netpolicy.narrow", "NetPolicy", "readOnly", Ok(()), "read only");
-    make_policy(scope, inner)
+    make_policy(scope, inner, bounds)
 }
 
-fn make_policy(scope: &Scope, inner: net_policy::Client) -> net_policy::Client {
+fn make_policy(scope: &Scope, inner: net_policy::Client, bounds: Bounds) -> net_policy::Client {
     let mut set = scope.st.narrow_policies.borrow_mut();
     set.gc();
-    set.new_client(ReadOnlyNetPolicy { scope: scope.clone(), inner })
+    set.new_client(ReadOnlyNetPolicy { scope: scope.clone(), inner, bounds })
 }
 
 impl ReadOnlyNetPolicy {
@@ -192,9 +202,13 @@ impl ReadOnlyNetPolicy {
         "netpolicy: read only".into()
     }
 
-    /// The same view bound to `grant`.
+    /// The same view bound to `grant` (same bounds).
     pub fn rebind(&self, grant: &Rc<GrantNode>) -> net_policy::Client {
-        make_policy(&self.scope.clone().with_grant(Some(grant.clone())), self.inner.clone())
+        make_policy(&self.scope.clone().with_grant(Some(grant.clone())), self.inner.clone(), self.bounds.clone())
+    }
+
+    fn call(&self, method: &str) -> CvResult<()> {
+        self.bounds.admit(&self.scope, |e| deny(&self.scope, "netpolicy", "NetPolicy", method, e))
     }
 }
 
@@ -204,7 +218,7 @@ impl net_policy::Server for ReadOnlyNetPolicy {
         _: net_policy::GetParams,
         mut results: net_policy::GetResults,
     ) -> capnp::Result<()> {
-        self.scope.check()?;
+        self.call("get")?;
         // `inner` is the session's own wrapper: its answer is already
         // rebuilt field by field.
         let resp = self.scope.forward(self.inner.get_request().send().promise).await?;
@@ -213,27 +227,20 @@ impl net_policy::Server for ReadOnlyNetPolicy {
     }
 
     async fn set(self: CapRc<Self>, _: net_policy::SetParams, _: net_policy::SetResults) -> capnp::Result<()> {
-        self.scope.check()?;
+        self.call("set")?;
         let e = CvError::denied("this cap may only read the rules");
-        self.scope.st.audit_chain(
-            "",
-            &self.scope.chain(),
-            "netpolicy.narrowed.denied",
-            "NetPolicy",
-            "set",
-            Err(&e),
-            &e.message,
-        );
-        Err(e.into())
+        Err(deny(&self.scope, "netpolicy", "NetPolicy", "set", e).into())
     }
 
     async fn read_only(
         self: CapRc<Self>,
-        _: net_policy::ReadOnlyParams,
+        params: net_policy::ReadOnlyParams,
         mut results: net_policy::ReadOnlyResults,
     ) -> capnp::Result<()> {
-        self.scope.check()?;
-        results.get().set_policy(make_policy(&self.scope, self.inner.clone()));
+        self.call("readOnly")?;
+        let p = params.get()?;
+        let bounds = self.bounds.then(p.get_expires_at_ms(), p.get_call_budget());
+        results.get().set_policy(make_policy(&self.scope, self.inner.clone(), bounds));
         Ok(())
     }
 }

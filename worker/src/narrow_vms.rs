@@ -392,7 +392,8 @@ impl vm_factory::Server for NarrowFactory {
         let limits = Rc::downgrade(l);
         let owns = move |vm: &str| limits.upgrade().is_some_and(|l| l.owns(vm));
         let view = crate::narrow_net::Visible::Factory(Rc::new(owns));
-        results.get().set_log(crate::narrow_net::log_view(&scope, own, view));
+        let bounds = crate::narrow::Bounds { expires_at_ms: l.n.expires_at_ms, budget: l.budget.clone() };
+        results.get().set_log(crate::narrow_net::log_view(&scope, own, view, bounds));
         Ok(())
     }
 

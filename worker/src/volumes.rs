@@ -12,6 +12,7 @@
 //! with the session (`staleSession`).
 
 use crate::grants::GrantNode;
+use crate::narrow::Bounds;
 use crate::state::SessionState;
 use crate::wrap::Scope;
 use capnp::capability::Rc as CapRc;
@@ -111,8 +112,10 @@ impl volumes::Server for VolumesImpl {
         mut results: volumes::NarrowResults,
     ) -> capnp::Result<()> {
         self.st.check()?;
-        let names = read_names(params.get()?.get_volume_names()?)?;
-        results.get().set_volumes(view(&Scope::session(&self.st), names));
+        let p = params.get()?;
+        let names = read_names(p.get_volume_names()?)?;
+        let bounds = Bounds::default().then(p.get_expires_at_ms(), p.get_call_budget());
+        results.get().set_volumes(view(&Scope::session(&self.st), names, bounds));
         Ok(())
     }
 }
@@ -134,19 +137,20 @@ fn read_names(list: capnp::text_list::Reader<'_>) -> CvResult<BTreeSet<String>> 
 pub struct VolumesView {
     scope: Scope,
     names: Rc<BTreeSet<String>>,
+    bounds: Bounds,
 }
 
-/// A view of `names` bound to `scope`. Audited (`volumes.narrow`).
-pub fn view(scope: &Scope, names: BTreeSet<String>) -> volumes::Client {
+/// A view of `names` bound to `scope` and `bounds`. Audited (`volumes.narrow`).
+pub fn view(scope: &Scope, names: BTreeSet<String>, bounds: Bounds) -> volumes::Client {
     let describe = describe(&names);
     scope.st.audit_chain("", &scope.chain(), "volumes.narrow", "Volumes", "narrow", Ok(()), &describe);
-    make_view(scope, Rc::new(names))
+    make_view(scope, Rc::new(names), bounds)
 }
 
-fn make_view(scope: &Scope, names: Rc<BTreeSet<String>>) -> volumes::Client {
+fn make_view(scope: &Scope, names: Rc<BTreeSet<String>>, bounds: Bounds) -> volumes::Client {
     let mut set = scope.st.narrow_volumes.borrow_mut();
     set.gc();
-    set.new_client(VolumesView { scope: scope.clone(), names })
+    set.new_client(VolumesView { scope: scope.clone(), names, bounds })
 }
 
 fn describe(names: &BTreeSet<String>) -> String {
@@ -166,19 +170,14 @@ impl VolumesView {
 
     /// The same view bound to `grant`.
     pub fn rebind(&self, grant: &Rc<GrantNode>) -> volumes::Client {
-        make_view(&self.scope.clone().with_grant(Some(grant.clone())), self.names.clone())
+        make_view(&self.scope.clone().with_grant(Some(grant.clone())), self.names.clone(), self.bounds.clone())
     }
 
-    fn call(&self) -> CvResult<()> {
-        self.scope.check()?;
-        if let Some(g) = &self.scope.grant {
-            g.touch();
-        }
-        Ok(())
+    fn call(&self, method: &str) -> CvResult<()> {
+        self.bounds.admit(&self.scope, |e| self.deny(method, e))
     }
 
-    fn deny(&self, method: &str) -> capnp::Error {
-        let e = CvError::denied("this cap may only list and get its volumes");
+    fn deny(&self, method: &str, e: CvError) -> CvError {
         self.scope.st.audit_chain(
             "",
             &self.scope.chain(),
@@ -188,18 +187,23 @@ impl VolumesView {
             Err(&e),
             &e.message,
         );
-        e.into()
+        e
     }
+}
+
+/// The denial of a view's `create` / `remove`.
+fn list_and_get_only() -> CvError {
+    CvError::denied("this cap may only list and get its volumes")
 }
 
 impl volumes::Server for VolumesView {
     async fn create(self: CapRc<Self>, _: volumes::CreateParams, _: volumes::CreateResults) -> capnp::Result<()> {
-        self.call()?;
-        Err(self.deny("create"))
+        self.call("create")?;
+        Err(self.deny("create", list_and_get_only()).into())
     }
 
     async fn list(self: CapRc<Self>, _: volumes::ListParams, mut results: volumes::ListResults) -> capnp::Result<()> {
-        self.call()?;
+        self.call("list")?;
         let req = self.scope.st.host.list_volumes_request();
         let resp = self.scope.forward(req.send().promise).await?;
         let list = resp.get()?.get_volumes()?;
@@ -216,7 +220,7 @@ impl volumes::Server for VolumesView {
     }
 
     async fn get(self: CapRc<Self>, params: volumes::GetParams, mut results: volumes::GetResults) -> capnp::Result<()> {
-        self.call()?;
+        self.call("get")?;
         let name = text(params.get()?.get_volume_name())?;
         if !self.names.contains(&name) {
             return Err(CvError::not_found(format!("no volume named {name:?}")).into());
@@ -228,8 +232,8 @@ impl volumes::Server for VolumesView {
     }
 
     async fn remove(self: CapRc<Self>, _: volumes::RemoveParams, _: volumes::RemoveResults) -> capnp::Result<()> {
-        self.call()?;
-        Err(self.deny("remove"))
+        self.call("remove")?;
+        Err(self.deny("remove", list_and_get_only()).into())
     }
 
     async fn narrow(
@@ -237,10 +241,12 @@ impl volumes::Server for VolumesView {
         params: volumes::NarrowParams,
         mut results: volumes::NarrowResults,
     ) -> capnp::Result<()> {
-        self.call()?;
-        let names = read_names(params.get()?.get_volume_names()?)?;
+        self.call("narrow")?;
+        let p = params.get()?;
+        let names = read_names(p.get_volume_names()?)?;
         let names = names.into_iter().filter(|n| self.names.contains(n)).collect();
-        results.get().set_volumes(view(&self.scope, names));
+        let bounds = self.bounds.then(p.get_expires_at_ms(), p.get_call_budget());
+        results.get().set_volumes(view(&self.scope, names, bounds));
         Ok(())
     }
 }

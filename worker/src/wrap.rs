@@ -357,13 +357,15 @@ impl net_policy::Server for NetPolicyWrapper {
     /// A read-only view (`crate::narrow_net`).
     async fn read_only(
         self: CapRc<Self>,
-        _: net_policy::ReadOnlyParams,
+        params: net_policy::ReadOnlyParams,
         mut results: net_policy::ReadOnlyResults,
     ) -> capnp::Result<()> {
         self.scope.check()?;
         let own: net_policy::Client =
             capnp_rpc::new_client(NetPolicyWrapper { scope: self.scope.clone(), inner: self.inner.clone() });
-        results.get().set_policy(crate::narrow_net::policy_view(&self.scope, own));
+        let p = params.get()?;
+        let bounds = crate::narrow::Bounds::default().then(p.get_expires_at_ms(), p.get_call_budget());
+        results.get().set_policy(crate::narrow_net::policy_view(&self.scope, own, bounds));
         Ok(())
     }
 }
@@ -403,11 +405,13 @@ impl net_log::Server for NetLogWrapper {
         mut results: net_log::NarrowResults,
     ) -> capnp::Result<()> {
         self.scope.check()?;
-        let names = crate::narrow_net::read_vm_names(params.get()?.get_vms()?)?;
+        let p = params.get()?;
+        let names = crate::narrow_net::read_vm_names(p.get_vms()?)?;
+        let bounds = crate::narrow::Bounds::default().then(p.get_expires_at_ms(), p.get_call_budget());
         let own: net_log::Client =
             capnp_rpc::new_client(NetLogWrapper { scope: self.scope.clone(), inner: self.inner.clone() });
         let view = crate::narrow_net::Visible::Names(names);
-        results.get().set_log(crate::narrow_net::log_view(&self.scope, own, view));
+        results.get().set_log(crate::narrow_net::log_view(&self.scope, own, view, bounds));
         Ok(())
     }
 }
