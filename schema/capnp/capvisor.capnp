@@ -70,7 +70,8 @@ interface CapSet {
   list @0 () -> (entries :List(CapEntry));
   get @1 (capName :Text, interfaceId :UInt64) -> (cap :Capability);
   # Returns the cap named `capName` only if its interface id is
-  # `interfaceId`; otherwise notFound or wrongInterface. (Parameters are
+  # `interfaceId`; otherwise a cap whose every call fails with notFound or
+  # wrongInterface (so a pipelined call carries the code). (Parameters are
   # never called plain `name`: pycapnp reserves that keyword.)
   keep @2 (capName :Text, interfaceId :UInt64, cap :Capability);
   # Keeps `cap` in this session under `capName` (session-local names:

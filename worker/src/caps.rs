@@ -373,7 +373,18 @@ impl cap_set::Server for CapSetImpl {
             Ok(_) => self.st.audit_chain("", &chain, "capset.get", &name, "get", Ok(()), ""),
             Err(e) => self.st.audit_chain("", &chain, "capset.get", &name, "get", Err(e), &e.message),
         }
-        results.get().init_cap().set_as_capability(res?.hook);
+        // A miss answers with a broken cap carrying the typed error rather
+        // than failing the call: capnp-rpc 0.27 resolves the pipeline of an
+        // answer whose Finish already arrived from its results message even
+        // when the call failed (rpc.rs, ResultsDone::from_results_inner), so
+        // a pipelined call on a `get` that fails after an await (the
+        // received-grants lookup) would see a null capability instead of
+        // notFound. Every call on the broken cap fails with the code.
+        let cap = match res {
+            Ok(cap) => cap,
+            Err(e) => capnp_rpc::new_broken_cap(e.into()),
+        };
+        results.get().init_cap().set_as_capability(cap.hook);
         Ok(())
     }
 

@@ -618,3 +618,14 @@ fn a_narrowed_write_cannot_follow_a_symlink_out_of_its_prefix() {
         assert_eq!(std::fs::read(secret.join("x")).unwrap(), b"own");
     });
 }
+
+#[test]
+fn a_missing_cap_is_a_typed_not_found_through_a_pipelined_call() {
+    run(async {
+        let env = Worker::with_guest_init("inproc", |b| b.caps.retain(|c| c != "audit"));
+        let s = env.attach().await;
+        let a: capvisor_rpc::schema::capvisor_capnp::audit::Client = ops::get_cap(&ops::cap_set(&s), "audit");
+        let r = a.query_request().send().promise.await.map(drop).map_err(ClientError::from);
+        assert_eq!(code(r), ErrorCode::NotFound);
+    });
+}
