@@ -1112,9 +1112,15 @@ async fn forward_port(
 }
 
 /// `NAME:/path` -> (NAME, /path); a plain local path -> None.
+/// `VM:/path` (or `cap:VM:/path` for a VM shared with this principal) into
+/// the VM part and the guest path; `None` for a host path.
 fn guest_path(s: &str) -> Option<(&str, &str)> {
-    let (name, path) = s.split_once(':')?;
-    (!name.is_empty() && !name.contains('/') && path.starts_with('/')).then_some((name, path))
+    let split = |skip: usize| -> Option<(&str, &str)> {
+        let (name, path) = s[skip..].split_once(':')?;
+        let name = &s[..skip + name.len()];
+        (name.len() > skip && !name.contains('/') && path.starts_with('/')).then_some((name, path))
+    };
+    s.starts_with("cap:").then(|| split(4)).flatten().or_else(|| split(0))
 }
 
 async fn copy(
@@ -1141,5 +1147,19 @@ async fn copy(
         _ => Err(ClientError::Usage(
             "vm cp wants exactly one side as NAME:/absolute/path and the other a local path".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn guest_paths_name_a_vm_or_a_shared_cap() {
+        use super::guest_path;
+        assert_eq!(guest_path("dev:/tmp/x"), Some(("dev", "/tmp/x")));
+        assert_eq!(guest_path("cap:box:/work/x"), Some(("cap:box", "/work/x")));
+        assert_eq!(guest_path("cap:/x"), Some(("cap", "/x")), "a VM named cap");
+        assert_eq!(guest_path("./notes.txt"), None);
+        assert_eq!(guest_path("cap::/x"), None);
+        assert_eq!(guest_path("a/b:/x"), None);
     }
 }
