@@ -351,7 +351,13 @@ fn a_dying_broker_stops_everything_with_its_name() {
     let Some(r) = start(|_| {}) else { return };
     kill9(r.child_pid("capvisor-broker"));
     let e = format!("{:#}", r.finish_on_its_own().unwrap_err());
-    assert!(e.contains("capvisor-broker exited unexpectedly"), "{e}");
+    // The test's own readiness probe can answer before the supervisor's
+    // does (a loaded machine): the kill then lands in start-up, which ends
+    // everything the same way, under the other message.
+    assert!(
+        e.contains("capvisor-broker exited unexpectedly") || e.contains("capvisor-broker exited during start-up"),
+        "{e}"
+    );
 }
 
 #[test]
