@@ -20,6 +20,9 @@ use std::collections::HashMap;
 pub const MAX_GRANTS_PER_SESSION: usize = 256;
 /// Most delegate sessions (redemptions) live at once on this broker.
 pub const MAX_REDEMPTIONS: usize = 4096;
+/// Most live redemptions of one grant, so a leaked token cannot take every
+/// slot of [`MAX_REDEMPTIONS`] from other grants.
+pub const MAX_REDEMPTIONS_PER_GRANT: usize = 256;
 
 /// One registered grant.
 #[derive(Clone, Debug)]
@@ -113,9 +116,13 @@ impl GrantRegistry {
     /// Mints the resume token of one redemption of grant `id` (expiring with
     /// the grant).
     ///
-    /// Errors: the grant is not live; [`MAX_REDEMPTIONS`] are live.
+    /// Errors: the grant is not live; [`MAX_REDEMPTIONS_PER_GRANT`] of it
+    /// or [`MAX_REDEMPTIONS`] in all are live.
     pub fn redeem(&mut self, id: &str) -> Result<String, &'static str> {
         let exp = self.grants.get(id).ok_or("grant not live")?.expires_at_ms;
+        if self.redemptions.values().filter(|g| *g == id).count() >= MAX_REDEMPTIONS_PER_GRANT {
+            return Err("too many delegate sessions of this grant");
+        }
         if self.redemptions.len() >= MAX_REDEMPTIONS {
             // Drop redemptions of grants past their expiry first.
             let now = crate::now_ms();
@@ -216,6 +223,21 @@ mod tests {
         ended.sort();
         assert_eq!(ended, ["g1", "g2"]);
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn one_grant_cannot_take_every_redemption() {
+        let mut r = GrantRegistry::default();
+        r.add("g1", rec("s1", "", i64::MAX)).unwrap();
+        r.add("g2", rec("s1", "", i64::MAX)).unwrap();
+        for _ in 0..MAX_REDEMPTIONS_PER_GRANT {
+            r.redeem("g1").unwrap();
+        }
+        assert!(r.redeem("g1").unwrap_err().contains("too many"));
+        assert!(r.redeem("g2").is_ok(), "another grant still redeems");
+        r.end("g1");
+        r.add("g3", rec("s1", "", i64::MAX)).unwrap();
+        assert!(r.redeem("g3").is_ok());
     }
 
     #[test]

@@ -517,7 +517,19 @@ impl BrokerService {
             );
             return Err(CvError::stale());
         };
-        let minted = self.grants.borrow_mut().redeem(&found.0).map_err(CvError::quota)?;
+        let minted = self.grants.borrow_mut().redeem(&found.0);
+        let minted = minted.map_err(|why| {
+            let e = CvError::quota(why);
+            self.audit(
+                AuditRecord::new("grant.redeem", "Gateway", "redeem", e.code_name())
+                    .peer(peer)
+                    .principal(&format!("grant:{}", found.0))
+                    .session(&found.1.session_id)
+                    .grants(&found.1.chain)
+                    .detail(why),
+            );
+            e
+        })?;
         self.delegate_session(found, minted, "redeem", peer).await
     }
 
