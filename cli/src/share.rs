@@ -5,6 +5,7 @@
 use capnp::traits::HasTypeId;
 use capvisor_client::ops;
 use capvisor_client::{ClientError, ClientResult};
+use capvisor_rpc::error::text;
 use capvisor_rpc::schema::capvisor_capnp::{session, shares, vm, vm_narrowing, FilesAccess};
 use clap::{Args, ValueEnum};
 
@@ -185,10 +186,6 @@ fn vm_narrowing_of(a: &ShareArgs, mut n: vm_narrowing::Builder<'_>) {
     for (i, p) in a.ports.iter().enumerate() {
         l.set(i as u32, *p);
     }
-}
-
-fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> ClientResult<String> {
-    Ok(capvisor_rpc::error::text(r)?)
 }
 
 fn shares_cap(s: &session::Client) -> shares::Client {

@@ -202,11 +202,7 @@ impl Narrowing {
             }
             next.write_prefixes.clone()
         };
-        let expires_at_ms = match (self.expires_at_ms, next.expires_at_ms) {
-            (0, n) => n,
-            (s, 0) => s,
-            (s, n) => s.min(n),
-        };
+        let expires_at_ms = earlier(self.expires_at_ms, next.expires_at_ms);
         Ok(Narrowing {
             exec_allow: match (self.exec_any, next.exec_any) {
                 (true, _) => next.exec_allow.clone(),
@@ -288,6 +284,42 @@ pub fn admit(
     Budget::take(budget).map_err(deny)
 }
 
+/// The earlier of two expiries, Unix epoch ms, where 0 means none: what
+/// narrowing again keeps.
+pub fn earlier(a: i64, b: i64) -> i64 {
+    match (a, b) {
+        (0, n) => n,
+        (s, 0) => s,
+        (s, n) => s.min(n),
+    }
+}
+
+/// Reads a text list of a narrowing (`what` names the field in errors).
+///
+/// Errors: `invalidArgument` for more than [`MAX_LIST`] entries or one that
+/// is not UTF-8.
+pub fn text_list(list: capnp::Result<capnp::text_list::Reader<'_>>, what: &str) -> CvResult<Vec<String>> {
+    let list = list.map_err(|e| CvError::invalid(format!("{what}: {e}")))?;
+    if list.len() as usize > MAX_LIST {
+        return Err(CvError::invalid(format!("{what}: at most {MAX_LIST}")));
+    }
+    list.iter()
+        .map(|t| {
+            t.ok()
+                .and_then(|t| t.to_str().ok().map(str::to_string))
+                .ok_or_else(|| CvError::invalid(format!("{what}: not UTF-8 text")))
+        })
+        .collect()
+}
+
+/// Audits a denial through a narrowed view bound to `scope`
+/// (`<what>.narrowed.denied`, with the grant chain) and returns it.
+pub fn view_denied(scope: &crate::wrap::Scope, what: &str, iface: &str, method: &str, e: CvError) -> CvError {
+    let action = format!("{what}.narrowed.denied");
+    scope.st.audit_chain("", &scope.chain(), &action, iface, method, Err(&e), &e.message);
+    e
+}
+
 /// The expiry and call budget of a view (`NetLog`, `NetPolicy`,
 /// `Volumes`; `crate::narrow_net`, `crate::volumes`).
 #[derive(Clone, Default)]
@@ -302,11 +334,7 @@ impl Bounds {
     /// These bounds narrowed by `expires_at_ms` (0: none of its own; the
     /// earlier wins) and `calls` (0: none of its own; chained under these).
     pub fn then(&self, expires_at_ms: i64, calls: u64) -> Bounds {
-        let expires_at_ms = match (self.expires_at_ms, expires_at_ms.max(0)) {
-            (0, n) => n,
-            (s, 0) => s,
-            (s, n) => s.min(n),
-        };
+        let expires_at_ms = earlier(self.expires_at_ms, expires_at_ms.max(0));
         Bounds { expires_at_ms, budget: Budget::chain(calls, self.budget.clone()) }
     }
 
@@ -428,7 +456,7 @@ impl NarrowVm {
     pub fn rebind(&self, grant: &Rc<GrantNode>) -> vm::Client {
         let l = &self.limits;
         let budget = l.budget.clone();
-        make(&l.st, &l.entry, l.n.clone(), budget, Some(grant.clone()))
+        unaudited(&l.st, &l.entry, l.n.clone(), budget, Some(grant.clone()))
     }
 }
 
@@ -485,10 +513,14 @@ pub fn narrowed(
     let budget = Budget::chain(budget, parent);
     let chain = grant.as_ref().map(|g| g.chain()).unwrap_or_default();
     st.audit_chain(&entry.name, &chain, "vm.narrow", "Vm", "narrow", Ok(()), &describe(&entry.name, &n));
-    make(st, entry, n, budget, grant)
+    unaudited(st, entry, n, budget, grant)
 }
 
-fn make(
+/// A narrowed `Vm` of VM `entry` with `n`, `budget` (a chain) and
+/// `grant`, not audited: [`narrowed`] audits a new narrowing; a share's
+/// [`NarrowVm::rebind`] and a narrowed factory's hand-outs
+/// (`crate::narrow_vms`) repeat one already audited.
+pub fn unaudited(
     st: &Rc<SessionState>,
     entry: &Rc<VmEntry>,
     n: Narrowing,

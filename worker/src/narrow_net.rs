@@ -14,7 +14,7 @@
 //! the session's `CapabilityServerSet`s.
 
 use crate::grants::GrantNode;
-use crate::narrow::Bounds;
+use crate::narrow::{view_denied, Bounds};
 use crate::wrap::{copy_flow, Scope};
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::error::text;
@@ -22,9 +22,6 @@ use capvisor_rpc::schema::capvisor_capnp::{net_log, net_policy};
 use capvisor_rpc::{CvError, CvResult};
 use std::collections::BTreeSet;
 use std::rc::Rc;
-
-/// Most VM names one view lists.
-pub const MAX_VIEW_VMS: usize = 64;
 
 /// Which VMs' flows a `NetLog` view shows.
 pub enum Visible {
@@ -52,21 +49,14 @@ impl Visible {
 
 /// Reads a list of VM names for a view.
 ///
-/// Errors: `invalidArgument` for more than [`MAX_VIEW_VMS`] or a name that
+/// Errors: `invalidArgument` for more than [`crate::narrow::MAX_LIST`] or a name that
 /// is not a VM name.
-pub fn read_vm_names(list: capnp::text_list::Reader<'_>) -> CvResult<BTreeSet<String>> {
-    if list.len() as usize > MAX_VIEW_VMS {
-        return Err(CvError::invalid(format!("vms: at most {MAX_VIEW_VMS}")));
+pub fn read_vm_names(list: capnp::Result<capnp::text_list::Reader<'_>>) -> CvResult<BTreeSet<String>> {
+    let names = crate::narrow::text_list(list, "vms")?;
+    if let Some(n) = names.iter().find(|n| !capvisor_rpc::names::valid_name(n)) {
+        return Err(CvError::invalid(format!("vms: {n:?} is not a VM name")));
     }
-    let mut out = BTreeSet::new();
-    for t in list.iter() {
-        let n = text(t).map_err(|_| CvError::invalid("vms: not UTF-8 text"))?;
-        if !capvisor_rpc::names::valid_name(&n) {
-            return Err(CvError::invalid(format!("vms: {n:?} is not a VM name")));
-        }
-        out.insert(n);
-    }
-    Ok(out)
+    Ok(names.into_iter().collect())
 }
 
 /// A `NetLog` view (see the module docs).
@@ -91,13 +81,6 @@ fn make_log(scope: &Scope, inner: net_log::Client, visible: Rc<Visible>, bounds:
     set.new_client(NarrowNetLog { scope: scope.clone(), inner, visible, bounds })
 }
 
-/// Audits a denial through a view bound to `scope` (`<what>.narrowed.denied`).
-fn deny(scope: &Scope, what: &str, iface: &str, method: &str, e: CvError) -> CvError {
-    let action = format!("{what}.narrowed.denied");
-    scope.st.audit_chain("", &scope.chain(), &action, iface, method, Err(&e), &e.message);
-    e
-}
-
 impl NarrowNetLog {
     /// The grant this view is bound to, if shared.
     pub fn grant(&self) -> Option<Rc<GrantNode>> {
@@ -117,7 +100,7 @@ impl NarrowNetLog {
     }
 
     fn call(&self, method: &str) -> CvResult<()> {
-        self.bounds.admit(&self.scope, |e| deny(&self.scope, "netlog", "NetLog", method, e))
+        self.bounds.admit(&self.scope, |e| view_denied(&self.scope, "netlog", "NetLog", method, e))
     }
 }
 
@@ -162,7 +145,7 @@ impl net_log::Server for NarrowNetLog {
     ) -> capnp::Result<()> {
         self.call("narrow")?;
         let p = params.get()?;
-        let names = read_vm_names(p.get_vms()?)?;
+        let names = read_vm_names(p.get_vms())?;
         let names: BTreeSet<String> = names.into_iter().filter(|n| self.visible.sees(n)).collect();
         let bounds = self.bounds.then(p.get_expires_at_ms(), p.get_call_budget());
         results.get().set_log(log_view(&self.scope, self.inner.clone(), Visible::Names(names), bounds));
@@ -208,7 +191,7 @@ impl ReadOnlyNetPolicy {
     }
 
     fn call(&self, method: &str) -> CvResult<()> {
-        self.bounds.admit(&self.scope, |e| deny(&self.scope, "netpolicy", "NetPolicy", method, e))
+        self.bounds.admit(&self.scope, |e| view_denied(&self.scope, "netpolicy", "NetPolicy", method, e))
     }
 }
 
@@ -229,7 +212,7 @@ impl net_policy::Server for ReadOnlyNetPolicy {
     async fn set(self: CapRc<Self>, _: net_policy::SetParams, _: net_policy::SetResults) -> capnp::Result<()> {
         self.call("set")?;
         let e = CvError::denied("this cap may only read the rules");
-        Err(deny(&self.scope, "netpolicy", "NetPolicy", "set", e).into())
+        Err(view_denied(&self.scope, "netpolicy", "NetPolicy", "set", e).into())
     }
 
     async fn read_only(

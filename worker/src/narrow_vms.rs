@@ -13,7 +13,7 @@
 //!   VMs belong to the session: they count against the session's and the
 //!   principal's budgets and die with it.
 //! - Every `Vm` it hands out is narrowed by `vmNarrowing`
-//!   ([`crate::narrow::narrowed`]), bound to the same grant, and its calls
+//!   ([`crate::narrow::unaudited`]), bound to the same grant, and its calls
 //!   count against the factory's call budget.
 //! - Narrowing again intersects ([`FactoryNarrowing::then`]). Expiry and
 //!   call budget as for `Vm`; every denial is typed and audited.
@@ -56,22 +56,8 @@ impl FactoryNarrowing {
     ///
     /// Errors: `invalidArgument` for a malformed list, name or narrowing.
     pub fn read(r: vm_factory_narrowing::Reader<'_>) -> CvResult<Self> {
-        let list = r.get_images().map_err(|e| CvError::invalid(format!("images: {e}")))?;
-        if list.len() as usize > crate::narrow::MAX_LIST {
-            return Err(CvError::invalid("images: too many"));
-        }
-        let mut images = Vec::new();
-        for t in list.iter() {
-            images.push(text(t).map_err(|_| CvError::invalid("images: not UTF-8 text"))?);
-        }
-        let list = r.get_volumes().map_err(|e| CvError::invalid(format!("volumes: {e}")))?;
-        if list.len() as usize > crate::narrow::MAX_LIST {
-            return Err(CvError::invalid("volumes: too many"));
-        }
-        let mut volumes = Vec::new();
-        for t in list.iter() {
-            volumes.push(text(t).map_err(|_| CvError::invalid("volumes: not UTF-8 text"))?);
-        }
+        let images = crate::narrow::text_list(r.get_images(), "images")?;
+        let volumes = crate::narrow::text_list(r.get_volumes(), "volumes")?;
         let vm = r.get_vm_narrowing().map_err(|e| CvError::invalid(format!("vmNarrowing: {e}")))?;
         let unbounded = |n: u32| if n == 0 { u32::MAX } else { n };
         Ok(Self {
@@ -91,18 +77,13 @@ impl FactoryNarrowing {
     /// Errors: `denied` when `next`'s Vm narrowing would widen this one's
     /// (see [`Narrowing::then`]).
     pub fn then(&self, next: &FactoryNarrowing) -> CvResult<FactoryNarrowing> {
-        let expires_at_ms = match (self.expires_at_ms, next.expires_at_ms) {
-            (0, n) => n,
-            (s, 0) => s,
-            (s, n) => s.min(n),
-        };
         Ok(FactoryNarrowing {
             max_vms: self.max_vms.min(next.max_vms),
             images: next.images.iter().filter(|i| self.images.contains(i)).cloned().collect(),
             max_memory_mib: self.max_memory_mib.min(next.max_memory_mib),
             max_vcpus: self.max_vcpus.min(next.max_vcpus),
             vm: self.vm.then(&next.vm)?,
-            expires_at_ms,
+            expires_at_ms: crate::narrow::earlier(self.expires_at_ms, next.expires_at_ms),
             volumes: next.volumes.iter().filter(|v| self.volumes.contains(v)).cloned().collect(),
             volumes_read_only: self.volumes_read_only || next.volumes_read_only,
         })
@@ -235,7 +216,7 @@ impl NarrowFactory {
 
     fn vm_cap(&self, entry: &Rc<crate::vms::VmEntry>) -> vm::Client {
         let l = &self.limits;
-        crate::narrow::narrowed(&l.st, entry, l.n.vm.clone(), 0, l.budget.clone(), l.grant.clone())
+        crate::narrow::unaudited(&l.st, entry, l.n.vm.clone(), l.budget.clone(), l.grant.clone())
     }
 
     fn own_entry(&self, name: &str) -> CvResult<Rc<crate::vms::VmEntry>> {

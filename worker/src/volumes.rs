@@ -113,21 +113,15 @@ impl volumes::Server for VolumesImpl {
     ) -> capnp::Result<()> {
         self.st.check()?;
         let p = params.get()?;
-        let names = read_names(p.get_volume_names()?)?;
+        let names = read_names(p.get_volume_names())?;
         let bounds = Bounds::default().then(p.get_expires_at_ms(), p.get_call_budget());
         results.get().set_volumes(view(&Scope::session(&self.st), names, bounds));
         Ok(())
     }
 }
 
-/// Most volume names one view lists.
-pub const MAX_VIEW_VOLUMES: usize = 64;
-
-fn read_names(list: capnp::text_list::Reader<'_>) -> CvResult<BTreeSet<String>> {
-    if list.len() as usize > MAX_VIEW_VOLUMES {
-        return Err(CvError::invalid(format!("volumeNames: at most {MAX_VIEW_VOLUMES}")));
-    }
-    list.iter().map(|t| text(t).map_err(|_| CvError::invalid("volumeNames: not UTF-8 text"))).collect()
+fn read_names(list: capnp::Result<capnp::text_list::Reader<'_>>) -> CvResult<BTreeSet<String>> {
+    Ok(crate::narrow::text_list(list, "volumeNames")?.into_iter().collect())
 }
 
 /// A view of the principal's volumes `names` (`Volumes.narrow`, issue 10
@@ -178,16 +172,7 @@ impl VolumesView {
     }
 
     fn deny(&self, method: &str, e: CvError) -> CvError {
-        self.scope.st.audit_chain(
-            "",
-            &self.scope.chain(),
-            "volumes.narrowed.denied",
-            "Volumes",
-            method,
-            Err(&e),
-            &e.message,
-        );
-        e
+        crate::narrow::view_denied(&self.scope, "volumes", "Volumes", method, e)
     }
 }
 
@@ -243,7 +228,7 @@ impl volumes::Server for VolumesView {
     ) -> capnp::Result<()> {
         self.call("narrow")?;
         let p = params.get()?;
-        let names = read_names(p.get_volume_names()?)?;
+        let names = read_names(p.get_volume_names())?;
         let names = names.into_iter().filter(|n| self.names.contains(n)).collect();
         let bounds = self.bounds.then(p.get_expires_at_ms(), p.get_call_budget());
         results.get().set_volumes(view(&self.scope, names, bounds));

@@ -406,7 +406,7 @@ impl net_log::Server for NetLogWrapper {
     ) -> capnp::Result<()> {
         self.scope.check()?;
         let p = params.get()?;
-        let names = crate::narrow_net::read_vm_names(p.get_vms()?)?;
+        let names = crate::narrow_net::read_vm_names(p.get_vms())?;
         let bounds = crate::narrow::Bounds::default().then(p.get_expires_at_ms(), p.get_call_budget());
         let own: net_log::Client =
             capnp_rpc::new_client(NetLogWrapper { scope: self.scope.clone(), inner: self.inner.clone() });
