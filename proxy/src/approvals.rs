@@ -10,10 +10,9 @@
 
 use crate::policy::{Action, Policy, Rule, SharedPolicy};
 use capnp::capability::Rc as CapRc;
+use capvisor_rpc::decisions::{DecisionQueue, NoDecision};
 use capvisor_rpc::{CvError, CvResult};
 use capvisor_schema::capvisor_capnp::{approval, approvals, ApprovalDecision};
-use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -75,92 +74,59 @@ impl Outcome {
     }
 }
 
-struct Pending {
-    ask: Ask,
-    time_ms: i64,
-    expires_ms: i64,
-    tx: tokio::sync::oneshot::Sender<ApprovalDecision>,
-}
-
-/// The session's held connections.
-pub struct Approvals {
-    timeout: Cell<Duration>,
-    next: Cell<u64>,
-    pending: RefCell<BTreeMap<u64, Pending>>,
-}
+/// The held connections, waiting in a [`DecisionQueue`] (shared with the
+/// worker's held execs).
+pub struct Approvals(DecisionQueue<Ask>);
 
 impl Approvals {
-    /// Held connections wait at most `timeout`.
+    /// No connection held; each waits at most `timeout`.
     pub fn new(timeout: Duration) -> Rc<Self> {
-        Rc::new(Self { timeout: Cell::new(timeout), next: Cell::new(1), pending: RefCell::new(BTreeMap::new()) })
+        Rc::new(Self(DecisionQueue::new(timeout, 0, MAX_PENDING)))
     }
 
-    /// The wait bound.
+    /// How long a held connection waits.
     pub fn timeout(&self) -> Duration {
-        self.timeout.get()
+        self.0.timeout()
     }
 
-    /// Sets the wait bound for asks from now on (`ProxyConfig.askTimeoutSecs`).
+    /// Sets how long later held connections wait (manifest
+    /// `[net] ask_timeout_secs`).
     pub fn set_timeout(&self, timeout: Duration) {
-        self.timeout.set(timeout);
+        self.0.set_timeout(timeout);
     }
 
-    /// Holds `ask` until a decision or the timeout. Dropping the returned
-    /// future (the guest went away) withdraws it.
+    /// Holds the connection `ask` describes until a decision, the timeout,
+    /// or the caller going away (dropping this future withdraws it).
     pub async fn ask(&self, ask: Ask) -> Outcome {
-        if self.pending.borrow().len() >= MAX_PENDING {
-            return Outcome::TooMany;
-        }
-        let id = self.next.get();
-        self.next.set(id + 1);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let time_ms = capvisor_rpc::now_ms();
-        let timeout = self.timeout.get();
-        let expires_ms = time_ms.saturating_add(timeout.as_millis() as i64);
-        self.pending.borrow_mut().insert(id, Pending { ask, time_ms, expires_ms, tx });
-        struct Withdraw<'a>(&'a Approvals, u64);
-        impl Drop for Withdraw<'_> {
-            fn drop(&mut self) {
-                self.0.pending.borrow_mut().remove(&self.1);
-            }
-        }
-        let _withdraw = Withdraw(self, id);
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(ApprovalDecision::AllowOnce)) => Outcome::AllowedOnce,
-            Ok(Ok(ApprovalDecision::AllowAlways)) => Outcome::AllowedAlways,
-            Ok(Ok(ApprovalDecision::Deny)) | Ok(Err(_)) => Outcome::Denied,
-            Err(_) => Outcome::TimedOut,
+        match self.0.wait(ask).await {
+            Ok(ApprovalDecision::AllowOnce) => Outcome::AllowedOnce,
+            Ok(ApprovalDecision::AllowAlways) => Outcome::AllowedAlways,
+            Ok(ApprovalDecision::Deny) | Err(NoDecision::Dropped) => Outcome::Denied,
+            Err(NoDecision::TimedOut) => Outcome::TimedOut,
+            Err(NoDecision::TooMany) => Outcome::TooMany,
         }
     }
 
-    /// Decides held connection `id`; with `AllowAlways` first puts an allow
-    /// rule for its exact host and port in front of `policy`'s rules.
+    /// Decides held connection `id`; `allowAlways` first puts an allow rule
+    /// for exactly its host and port at the head of `policy`.
     ///
-    /// Errors: `notFound` when `id` is not pending; `invalidArgument` when
-    /// the rule cannot be added (the connection is then still pending).
+    /// Errors: `notFound` when `id` no longer waits; the rule set refused.
     pub fn decide(&self, id: u64, decision: ApprovalDecision, policy: &SharedPolicy) -> CvResult<Ask> {
-        let ask = {
-            let pending = self.pending.borrow();
-            let p = pending.get(&id).ok_or_else(|| {
-                CvError::not_found(format!("no connection {id} waits for a decision (decided or timed out)"))
-            })?;
-            p.ask.clone()
-        };
+        let ask = self.0.get(id).ok_or_else(|| {
+            CvError::not_found(format!("no connection {id} waits for a decision (decided or timed out)"))
+        })?;
         if decision == ApprovalDecision::AllowAlways {
             let mut rules = policy.borrow().rules().to_vec();
             rules.insert(0, Rule::host(&ask.host, Action::Allow).on_port(ask.port));
             let next = Policy::new(rules)?;
             *policy.borrow_mut() = next;
         }
-        if let Some(p) = self.pending.borrow_mut().remove(&id) {
-            let _ = p.tx.send(decision);
-        }
+        self.0.decide(id, decision);
         Ok(ask)
     }
 
-    /// The held connections, oldest first.
     fn list(&self) -> Vec<(u64, Ask, i64, i64)> {
-        self.pending.borrow().iter().map(|(id, p)| (*id, p.ask.clone(), p.time_ms, p.expires_ms)).collect()
+        self.0.list()
     }
 }
 
@@ -221,6 +187,7 @@ impl approvals::Server for ApprovalsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
 
     fn ask(host: &str) -> Ask {
         Ask {

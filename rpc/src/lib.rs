@@ -5,6 +5,7 @@
 //! - [`conn`]: capnp-rpc over Unix sockets / socketpairs with bounded
 //!   [`capnp::message::ReaderOptions`], and a single-threaded runtime helper.
 //! - [`exec`]: [`exec::ExecRequest`], the Rust form of `ExecSpec`.
+//! - [`decisions`]: things waiting for a person's decision (`Approvals`).
 //! - [`error`]: the typed domain error ([`CvError`]) and its one encoding
 //!   in Cap'n Proto exceptions.
 //! - [`sink`]: `ByteSink` servers and a pump from any `AsyncRead` into a sink.
@@ -22,6 +23,7 @@
 
 pub mod attach;
 pub mod conn;
+pub mod decisions;
 pub mod disk;
 pub mod error;
 pub mod exec;

@@ -10,10 +10,11 @@
 //! A waiting exec ends with its caller: dropping the call (or the grant's
 //! revocation, which cuts the call) removes it from the pending list.
 
+use capvisor_rpc::decisions::{DecisionQueue, NoDecision};
 use capvisor_rpc::schema::capvisor_capnp::{approval, ApprovalDecision};
 use capvisor_rpc::{CvError, CvResult};
-use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -28,26 +29,22 @@ pub const MAX_PENDING: usize = 64;
 /// Programs a narrowed cap may run without asking again (`allowAlways`).
 pub type Always = Rc<RefCell<BTreeSet<String>>>;
 
-struct Pending {
-    time_ms: i64,
-    expires_at_ms: i64,
+/// One held exec, as `Approvals.pending` shows it.
+#[derive(Clone)]
+struct HeldExec {
     vm: String,
     argv: Vec<String>,
     grants: String,
-    tx: tokio::sync::oneshot::Sender<ApprovalDecision>,
 }
 
-/// The session's waiting execs.
-pub struct ExecApprovals {
-    timeout: Duration,
-    next: Cell<u64>,
-    pending: RefCell<BTreeMap<u64, Pending>>,
-}
+/// The session's waiting execs, in a [`DecisionQueue`] (shared with the
+/// egress proxy's held connections; ids carry [`EXEC_ID_BIT`]).
+pub struct ExecApprovals(DecisionQueue<HeldExec>);
 
 impl ExecApprovals {
     /// No exec waiting; each will wait at most `timeout`.
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, next: Cell::new(1), pending: RefCell::new(BTreeMap::new()) }
+        Self(DecisionQueue::new(timeout, EXEC_ID_BIT, MAX_PENDING))
     }
 
     /// Waits for a decision on running `argv` in VM `vm` (`grants`: the
@@ -61,41 +58,19 @@ impl ExecApprovals {
         if always.borrow().contains(&prog) {
             return Ok(());
         }
-        if self.pending.borrow().len() >= MAX_PENDING {
-            return Err(CvError::denied(format!("{MAX_PENDING} execs already wait for a decision")));
-        }
-        let id = EXEC_ID_BIT | self.next.get();
-        self.next.set(self.next.get() + 1);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let now = capvisor_rpc::now_ms();
-        self.pending.borrow_mut().insert(
-            id,
-            Pending {
-                time_ms: now,
-                expires_at_ms: now + self.timeout.as_millis() as i64,
-                vm: vm.to_string(),
-                argv: argv.to_vec(),
-                grants: grants.to_string(),
-                tx,
-            },
-        );
-        // Removed however this ends: decided, timed out, or the call dropped.
-        struct Forget<'a>(&'a ExecApprovals, u64);
-        impl Drop for Forget<'_> {
-            fn drop(&mut self) {
-                self.0.pending.borrow_mut().remove(&self.1);
-            }
-        }
-        let _forget = Forget(self, id);
-        match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(ApprovalDecision::AllowOnce)) => Ok(()),
-            Ok(Ok(ApprovalDecision::AllowAlways)) => {
+        let held = HeldExec { vm: vm.to_string(), argv: argv.to_vec(), grants: grants.to_string() };
+        match self.0.wait(held).await {
+            Ok(ApprovalDecision::AllowOnce) => Ok(()),
+            Ok(ApprovalDecision::AllowAlways) => {
                 always.borrow_mut().insert(prog);
                 Ok(())
             }
-            Ok(Ok(ApprovalDecision::Deny)) => Err(CvError::denied(format!("running {prog:?} was denied"))),
-            Ok(Err(_)) => Err(CvError::denied("the session ended before a decision")),
-            Err(_) => Err(CvError::denied(format!("running {prog:?} was not approved in time"))),
+            Ok(ApprovalDecision::Deny) => Err(CvError::denied(format!("running {prog:?} was denied"))),
+            Err(NoDecision::Dropped) => Err(CvError::denied("the session ended before a decision")),
+            Err(NoDecision::TimedOut) => Err(CvError::denied(format!("running {prog:?} was not approved in time"))),
+            Err(NoDecision::TooMany) => {
+                Err(CvError::denied(format!("{MAX_PENDING} execs already wait for a decision")))
+            }
         }
     }
 
@@ -103,40 +78,36 @@ impl ExecApprovals {
     ///
     /// Errors: `notFound` when it no longer waits.
     pub fn decide(&self, id: u64, decision: ApprovalDecision) -> CvResult<()> {
-        let p = self.pending.borrow_mut().remove(&id);
-        match p {
-            Some(p) => {
-                let _ = p.tx.send(decision);
-                Ok(())
-            }
-            None => Err(CvError::not_found(format!("no exec {id} waits for a decision"))),
-        }
+        self.0
+            .decide(id, decision)
+            .map(drop)
+            .ok_or_else(|| CvError::not_found(format!("no exec {id} waits for a decision")))
     }
 
     /// How many wait.
     pub fn len(&self) -> usize {
-        self.pending.borrow().len()
+        self.0.len()
     }
 
     /// Whether none waits.
     pub fn is_empty(&self) -> bool {
-        self.pending.borrow().is_empty()
+        self.0.is_empty()
     }
 
     /// Writes the waiting execs, oldest first, into `out` from index `at`
     /// (it must have room for [`Self::len`] more).
     pub fn write(&self, out: &mut capnp::struct_list::Builder<'_, approval::Owned>, at: u32) {
-        for (i, (id, p)) in self.pending.borrow().iter().enumerate() {
+        for (i, (id, e, time_ms, expires_ms)) in self.0.list().into_iter().enumerate() {
             let mut o = out.reborrow().get(at + i as u32);
-            o.set_id(*id);
-            o.set_time_ms(p.time_ms);
-            o.set_vm(p.vm.as_str());
-            o.set_expires_at_ms(p.expires_at_ms);
+            o.set_id(id);
+            o.set_time_ms(time_ms);
+            o.set_vm(e.vm.as_str());
+            o.set_expires_at_ms(expires_ms);
             o.set_kind("exec");
-            o.set_grants(p.grants.as_str());
+            o.set_grants(e.grants.as_str());
             o.set_rule(-1);
-            let mut l = o.init_argv(p.argv.len() as u32);
-            for (j, a) in p.argv.iter().enumerate() {
+            let mut l = o.init_argv(e.argv.len() as u32);
+            for (j, a) in e.argv.iter().enumerate() {
                 l.set(j as u32, a.as_str());
             }
         }
@@ -159,7 +130,7 @@ mod tests {
                 let waiting = tokio::task::spawn_local(async move { a2.ask("box", &av2, "agent (g1)", &al2).await });
                 tokio::task::yield_now().await;
                 assert_eq!(a.len(), 1);
-                let id = *a.pending.borrow().keys().next().unwrap();
+                let id = a.0.list()[0].0;
                 assert!(id & EXEC_ID_BIT != 0);
                 assert_eq!(
                     a.decide(id ^ EXEC_ID_BIT, ApprovalDecision::Deny).unwrap_err().code,
@@ -174,7 +145,7 @@ mod tests {
                 let al3 = always.clone();
                 let sh = tokio::task::spawn_local(async move { a3.ask("box", &["sh".to_string()], "", &al3).await });
                 tokio::task::yield_now().await;
-                let id = *a.pending.borrow().keys().next().unwrap();
+                let id = a.0.list()[0].0;
                 a.decide(id, ApprovalDecision::Deny).unwrap();
                 assert_eq!(sh.await.unwrap().unwrap_err().code, capvisor_rpc::schema::common_capnp::ErrorCode::Denied);
             })
