@@ -629,3 +629,40 @@ fn a_missing_cap_is_a_typed_not_found_through_a_pipelined_call() {
         assert_eq!(code(r), ErrorCode::NotFound);
     });
 }
+
+#[test]
+fn keep_refuses_bad_and_taken_names_and_drop_forgets() {
+    use capnp::traits::HasTypeId;
+    use capvisor_rpc::schema::capvisor_capnp::vm;
+    run(async {
+        let env = Worker::with_guest_init("inproc", |b| b.caps.retain(|c| c != "netlog"));
+        let s = env.attach().await;
+        let cs = ops::cap_set(&s);
+        let own = ops::create_vm(&ops::vms(&s), &spec("k"));
+        let keep = |name: &str| {
+            let mut req = cs.keep_request();
+            req.get().set_cap_name(name);
+            req.get().set_interface_id(vm::Client::TYPE_ID);
+            req.get().init_cap().set_as_capability(own.client.hook.add_ref());
+            async move { req.send().promise.await.map(drop).map_err(ClientError::from) }
+        };
+        assert_eq!(code(keep("vms").await), ErrorCode::AlreadyExists, "a bundle cap's name");
+        assert_eq!(code(keep("Bad Name").await), ErrorCode::InvalidArgument);
+        keep("mine").await.unwrap();
+        let kept: vm::Client = ops::get_cap(&cs, "mine");
+        assert_eq!(echo(&kept, "kept").await.unwrap(), "kept\n");
+        let drop_ = |name: &str| {
+            let mut req = cs.drop_request();
+            req.get().set_cap_name(name);
+            async move { req.send().promise.await.map(drop).map_err(ClientError::from) }
+        };
+        drop_("mine").await.unwrap();
+        assert_eq!(code(drop_("mine").await), ErrorCode::NotFound, "dropped once");
+        let gone: vm::Client = ops::get_cap(&cs, "mine");
+        assert_eq!(code(ops::vm_info(&gone).await), ErrorCode::NotFound);
+        // The session's factory has no NetLog view without the netlog cap.
+        let log = ops::vms(&s).net_log_request().send().pipeline.get_log();
+        let r = log.recent_request().send().promise.await.map(drop).map_err(ClientError::from);
+        assert_eq!(code(r), ErrorCode::NotFound);
+    });
+}
