@@ -484,19 +484,24 @@ fn git_clone_and_push_over_https() {
     assert!(o.status.success(), "second clone: {}", text(&o.stderr));
     assert!(std::fs::read(d.path().join("w2/big.bin")).unwrap() == big, "big.bin came back intact");
 
-    // A fetch whose negotiation is over 1 KiB (40 local commits the
-    // upstream lacks, one "have" line each) is sent gzip-encoded, and
-    // git http-backend, given HTTP_CONTENT_ENCODING, still answers it.
+    // A fetch whose request is over 1 KiB is sent gzip-encoded, and git
+    // http-backend, given HTTP_CONTENT_ENCODING, still answers it. 40
+    // annotated tags the fetcher lacks are 40 distinct "want" lines (50
+    // bytes each) in the first request, whatever the negotiator picks as
+    // "have"s (their order depends on commit dates, which tie within a
+    // second: 40 local commits sometimes met a common one in the first
+    // round and stayed under 1 KiB).
     let w2 = d.path().join("w2");
-    for i in 0..40 {
-        git(&w2, &["commit", "-q", "--allow-empty", "-m", &format!("local {i}")], None);
-    }
     git(&w, &["commit", "-q", "--allow-empty", "-m", "second push"], None);
-    let o = git_https(&up, &ca, &w, &["push", "-q", "origin", "main"]);
+    for i in 0..40 {
+        git(&w, &["tag", "-a", "-m", &format!("tag {i}"), &format!("t{i}")], None);
+    }
+    let o = git_https(&up, &ca, &w, &["push", "-q", "--tags", "origin", "main"]);
     assert!(o.status.success(), "second push: {}", text(&o.stderr));
-    let o = git_https(&up, &ca, &w2, &["fetch", "-q", "origin"]);
+    let o = git_https(&up, &ca, &w2, &["fetch", "-q", "--tags", "origin"]);
     assert!(o.status.success(), "fetch: {}\n{}", text(&o.stderr), up.log_text());
     assert_eq!(git(&w2, &["log", "-1", "--format=%s", "origin/main"], None), "second push");
+    assert_eq!(git(&w2, &["tag", "-l", "t*"], None).lines().count(), 40, "all 40 tags fetched");
     assert!(
         up.log_text().contains("git-upload-pack body chunked=False encoding=gzip"),
         "the negotiation was gzip-encoded: {}",
