@@ -6,7 +6,7 @@ use capnp::traits::HasTypeId;
 use capvisor_client::ops;
 use capvisor_client::{ClientError, ClientResult};
 use capvisor_rpc::error::text;
-use capvisor_rpc::schema::capvisor_capnp::{session, shares, vm, vm_narrowing, FilesAccess};
+use capvisor_rpc::schema::capvisor_capnp::{session, shares, vm, vm_narrowing, Engine, FilesAccess};
 use clap::{Args, ValueEnum};
 
 /// What `share --help` says.
@@ -24,6 +24,14 @@ narrower and never longer; revoking a grant revokes those too.\n\n\
 Examples:\n  capvisor share box --exec python3 --files ro --ttl 1h --label agent-1\n  \
 capvisor share box --exec python3 --exec ls --cwd /work --files rw --write-prefix /work/out --ttl 30m \
 --budget 1000 --reshare";
+
+/// `share --engine`: qemu or kvm (auto is what a VM asks, not an engine to allow).
+fn parse_listed_engine(name: &str) -> Result<Engine, String> {
+    match capvisor_rpc::names::parse_engine(name)? {
+        Engine::Auto => Err("list qemu and/or kvm; auto is not an engine to allow".into()),
+        e => Ok(e),
+    }
+}
 
 /// How `share --files` is spelled.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -60,6 +68,10 @@ pub struct ShareArgs {
     /// With --factory: most vCPUs per VM [default: the session's bound]
     #[arg(long, value_name = "N", requires = "factory")]
     vcpus: Option<u32>,
+    /// With --factory: an engine the holder's VMs may run on, qemu or kvm (repeatable)
+    /// [default: both]; a VM asking auto runs on what auto means here, and only if listed
+    #[arg(long = "engine", value_name = "ENGINE", requires = "factory", value_parser = parse_listed_engine)]
+    engines: Vec<Engine>,
     /// With --factory: a volume of this principal the holder's VMs may attach (repeatable)
     #[arg(long = "attach-volume", value_name = "NAME", requires = "factory")]
     attach_volumes: Vec<String>,
@@ -231,6 +243,10 @@ pub async fn share(s: &session::Client, held: &[String], a: ShareArgs) -> Client
                     l.set(i as u32, v.as_str());
                 }
                 n.set_volumes_read_only(a.volumes_ro);
+                let mut l = n.reborrow().init_engines(a.engines.len() as u32);
+                for (i, e) in a.engines.iter().enumerate() {
+                    l.set(i as u32, *e);
+                }
                 vm_narrowing_of(&a, n.init_vm_narrowing());
             }
             let factory = req.send().pipeline.get_vms();

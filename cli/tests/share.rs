@@ -219,6 +219,8 @@ fn a_shared_factory_creates_bounded_vms_that_only_its_holder_sees() {
             "data",
             "--volumes-ro",
             "--with-volumes",
+            "--engine",
+            "qemu",
         ],
     );
     s.cli_ok("fac", &["login", "--token-stdin"], Some(token.as_bytes()), 0);
@@ -235,6 +237,7 @@ fn a_shared_factory_creates_bounded_vms_that_only_its_holder_sees() {
     s.cli_ok("fac", &["vm", "exec", "h1", "--", "ls", "/data"], None, 0);
     s.cli_ok("fac", &["vm", "create", "--name", "h2"], None, 13);
     s.cli_ok("fac", &["vm", "create", "--name", "big", "--image", "debian"], None, DENIED);
+    s.cli_ok("fac", &["vm", "create", "--name", "hk", "--engine", "kvm"], None, DENIED);
     let o = s.cli_ok("fac", &["vm", "exec", "h1", "--", "sh", "-c", "echo any program"], None, 0);
     assert_eq!(stdout(&o), "any program\n");
     let listed = stdout(&s.cli_ok("fac", &["vm", "list"], None, 0));

@@ -170,6 +170,12 @@ struct VmFactoryNarrowing {
   # The principal's volumes its VMs may attach (VmSpec.volumes); empty:
   # none.
   volumesReadOnly @8 :Bool;  # only read-only attachments of them
+  engines @9 :List(Engine);
+  # The engines its VMs may run on, qemu and/or kvm (empty: both; `auto`
+  # is not one to list: invalidArgument). A create asking `auto` is
+  # checked against what `auto` means on this host (Engine) and runs on
+  # that engine only: it never falls back to one not listed. Narrowing
+  # again intersects (it may leave none: then it boots nothing).
 }
 
 struct ImageInfo {

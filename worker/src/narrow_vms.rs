@@ -8,7 +8,8 @@
 //!   other VM of the session answer `notFound`, as if it did not exist.
 //! - `create` checks the image (in `images`), memory and vCPUs (under
 //!   `maxMemoryMib` / `maxVcpus`), volumes (only those in `volumes`, and
-//!   read-only with `volumesReadOnly`), and counts its VMs
+//!   read-only with `volumesReadOnly`), the engine (in `engines`; `auto`
+//!   is resolved first and then runs on that engine only), and counts its VMs
 //!   against `maxVms` at every level of the chain (`quota` past it). Its
 //!   VMs belong to the session: they count against the session's and the
 //!   principal's budgets and die with it.
@@ -24,7 +25,8 @@ use crate::state::SessionState;
 use crate::vms::VmFactoryImpl;
 use capnp::capability::Rc as CapRc;
 use capvisor_rpc::error::text;
-use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_factory_narrowing};
+use capvisor_rpc::names::engine_name;
+use capvisor_rpc::schema::capvisor_capnp::{vm, vm_factory, vm_factory_narrowing, vm_spec, Engine};
 use capvisor_rpc::{CvError, CvResult};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
@@ -49,6 +51,9 @@ pub struct FactoryNarrowing {
     pub volumes: Vec<String>,
     /// Only read-only attachments of them.
     pub volumes_read_only: bool,
+    /// Engines its VMs may run on: `Qemu` and/or `Kvm`, never `Auto`
+    /// (the schema's empty list reads as both).
+    pub engines: Vec<Engine>,
 }
 
 impl FactoryNarrowing {
@@ -60,6 +65,18 @@ impl FactoryNarrowing {
         let volumes = crate::narrow::text_list(r.get_volumes(), "volumes")?;
         let vm = r.get_vm_narrowing().map_err(|e| CvError::invalid(format!("vmNarrowing: {e}")))?;
         let unbounded = |n: u32| if n == 0 { u32::MAX } else { n };
+        let mut engines = Vec::new();
+        for e in r.get_engines().map_err(|e| CvError::invalid(format!("engines: {e}")))?.iter() {
+            match e {
+                Ok(Engine::Auto) => return Err(CvError::invalid("engines: list qemu and/or kvm, not auto")),
+                Ok(e) if !engines.contains(&e) => engines.push(e),
+                Ok(_) => {}
+                Err(capnp::NotInSchema(n)) => return Err(CvError::invalid(format!("engines: no engine {n}"))),
+            }
+        }
+        if engines.is_empty() {
+            engines = vec![Engine::Qemu, Engine::Kvm];
+        }
         Ok(Self {
             max_vms: r.get_max_vms(),
             images,
@@ -69,6 +86,7 @@ impl FactoryNarrowing {
             expires_at_ms: r.get_expires_at_ms().max(0),
             volumes,
             volumes_read_only: r.get_volumes_read_only(),
+            engines,
         })
     }
 
@@ -86,6 +104,7 @@ impl FactoryNarrowing {
             expires_at_ms: crate::narrow::earlier(self.expires_at_ms, next.expires_at_ms),
             volumes: next.volumes.iter().filter(|v| self.volumes.contains(v)).cloned().collect(),
             volumes_read_only: self.volumes_read_only || next.volumes_read_only,
+            engines: next.engines.iter().filter(|e| self.engines.contains(e)).copied().collect(),
         })
     }
 
@@ -96,8 +115,13 @@ impl FactoryNarrowing {
             (true, _) => String::new(),
             (false, ro) => format!(", volumes {:?}{}", self.volumes, if ro { " read-only" } else { "" }),
         };
+        let engines = match self.engines.as_slice() {
+            [Engine::Qemu, Engine::Kvm] | [Engine::Kvm, Engine::Qemu] => String::new(),
+            [] => ", no engine".to_string(),
+            es => format!(", engine {}", es.iter().map(|e| engine_name(*e)).collect::<Vec<_>>().join("/")),
+        };
         format!(
-            "vms: up to {} of {:?}, {} MiB, {} vCPUs{volumes}; each {}",
+            "vms: up to {} of {:?}, {} MiB, {} vCPUs{volumes}{engines}; each {}",
             self.max_vms,
             self.images,
             bound(self.max_memory_mib),
@@ -227,9 +251,22 @@ impl NarrowFactory {
     }
 
     /// Checks a create against the narrowing; reserves a slot at every
-    /// level (released by the returned guard).
-    fn admit(&self, spec: capvisor_rpc::schema::capvisor_capnp::vm_spec::Reader<'_>) -> CvResult<Slot> {
+    /// level (released by the returned guard). With it comes the engine to
+    /// pin the VM to when the spec asks `auto` but the narrowing does not
+    /// allow both engines (so `auto`'s fallback cannot leave the list).
+    fn admit(&self, spec: vm_spec::Reader<'_>) -> CvResult<(Slot, Option<Engine>)> {
         let n = &self.limits.n;
+        let asked = spec.get_engine().map_err(|_| CvError::invalid("engine: not one of auto, qemu, kvm"))?;
+        let engine = capvisor_rpc::host::resolve_engine(asked, self.limits.st.ctx.auto_engine);
+        if !n.engines.contains(&engine) {
+            let what = match asked {
+                Engine::Auto => format!("auto (here {})", engine_name(engine)),
+                e => engine_name(e).to_string(),
+            };
+            let allowed: Vec<_> = n.engines.iter().map(|e| engine_name(*e)).collect();
+            return Err(CvError::denied(format!("this cap may not boot engine {what} (allowed: {allowed:?})")));
+        }
+        let pin = (asked == Engine::Auto && n.engines.len() < 2).then_some(engine);
         let image = text(spec.get_image()).map_err(|_| CvError::invalid("image: not UTF-8 text"))?;
         let image = if image.is_empty() { "base".to_string() } else { image };
         if !n.images.contains(&image) {
@@ -263,7 +300,7 @@ impl NarrowFactory {
         for l in &levels {
             l.creating.set(l.creating.get() + 1);
         }
-        Ok(Slot(levels))
+        Ok((Slot(levels), pin))
     }
 }
 
@@ -295,7 +332,16 @@ impl vm_factory::Server for NarrowFactory {
     ) -> capnp::Result<()> {
         self.limits.call("create")?;
         let spec = params.get()?.get_spec()?;
-        let slot = self.admit(spec).map_err(|e| self.limits.deny("create", e))?;
+        let (slot, pin) = self.admit(spec).map_err(|e| self.limits.deny("create", e))?;
+        let mut pinned = capnp::message::Builder::new_default();
+        let spec = match pin {
+            None => spec,
+            Some(engine) => {
+                pinned.set_root(spec)?;
+                pinned.get_root::<vm_spec::Builder<'_>>()?.set_engine(engine);
+                pinned.get_root_as_reader::<vm_spec::Reader<'_>>()?
+            }
+        };
         let res = VmFactoryImpl { st: self.limits.st.clone() }.do_create(spec).await;
         let name = match &res {
             Ok(e) => e.name.clone(),
@@ -425,6 +471,7 @@ mod tests {
             expires_at_ms: 9000,
             volumes: vec!["data".into(), "logs".into()],
             volumes_read_only: false,
+            engines: vec![Engine::Qemu, Engine::Kvm],
         }
     }
 
@@ -439,6 +486,7 @@ mod tests {
             expires_at_ms: 0,
             volumes: vec!["data".into(), "secret".into()],
             volumes_read_only: true,
+            engines: vec![Engine::Qemu],
         };
         let n = f().then(&wider).unwrap();
         assert_eq!(n.max_vms, 2);
@@ -448,8 +496,33 @@ mod tests {
         assert_eq!(n.vm.files, Access::ReadOnly);
         assert_eq!(n.expires_at_ms, 9000);
         assert_eq!((n.volumes.as_slice(), n.volumes_read_only), (&["data".to_string()][..], true));
+        assert_eq!(n.engines, [Engine::Qemu]);
+        assert!(n.describe().contains("engine qemu"), "{}", n.describe());
+        let kvm_only = FactoryNarrowing { engines: vec![Engine::Kvm], ..f() };
+        let none = n.then(&kvm_only).unwrap();
+        assert!(none.engines.is_empty(), "qemu then kvm leaves no engine, not both");
+        assert!(none.describe().contains("no engine"), "{}", none.describe());
+        assert!(n.then(&f()).unwrap().engines == [Engine::Qemu], "both again does not widen");
         let earlier = f().then(&FactoryNarrowing { expires_at_ms: 5000, ..f() }).unwrap();
         assert_eq!(earlier.expires_at_ms, 5000);
         assert!(f().describe().contains("up to 2"), "{}", f().describe());
+    }
+
+    fn read(engines: &[Engine]) -> CvResult<FactoryNarrowing> {
+        let mut m = capnp::message::Builder::new_default();
+        let mut b = m.init_root::<vm_factory_narrowing::Builder<'_>>();
+        let mut l = b.reborrow().init_engines(engines.len() as u32);
+        for (i, e) in engines.iter().enumerate() {
+            l.set(i as u32, *e);
+        }
+        FactoryNarrowing::read(m.get_root_as_reader().unwrap())
+    }
+
+    #[test]
+    fn engines_read_as_listed_both_when_empty_and_never_auto() {
+        assert_eq!(read(&[]).unwrap().engines, [Engine::Qemu, Engine::Kvm]);
+        assert_eq!(read(&[Engine::Kvm, Engine::Kvm]).unwrap().engines, [Engine::Kvm]);
+        let e = read(&[Engine::Qemu, Engine::Auto]).unwrap_err();
+        assert_eq!(e.code, capvisor_rpc::schema::common_capnp::ErrorCode::InvalidArgument, "{e:?}");
     }
 }

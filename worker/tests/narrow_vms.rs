@@ -6,7 +6,7 @@
 mod common;
 
 use capvisor_client::{ops, ClientError};
-use capvisor_rpc::schema::capvisor_capnp::{shares, vm, vm_factory, FilesAccess};
+use capvisor_rpc::schema::capvisor_capnp::{shares, vm, vm_factory, Engine, FilesAccess};
 use capvisor_rpc::schema::common_capnp::ErrorCode;
 use common::{code, run, spec, Worker};
 
@@ -101,5 +101,86 @@ fn a_narrowed_factory_creates_within_its_bounds_and_sees_only_its_own_vms() {
         let seen = env.seen.borrow();
         assert!(seen.audit_chains.iter().any(|(a, o, c)| a == "vm.create" && o == "ok" && *c == [id.clone()]));
         assert!(seen.audit.iter().any(|(a, o)| a == "vms.narrowed.denied" && o == "quota"));
+    });
+}
+
+/// `f.narrow(...)` to engines `engines` (up to 4 VMs of base, `echo` only).
+fn narrow_engines(f: &vm_factory::Client, engines: &[Engine]) -> vm_factory::Client {
+    narrow_engines_req(f, engines).send().pipeline.get_vms()
+}
+
+fn narrow_engines_req(
+    f: &vm_factory::Client,
+    engines: &[Engine],
+) -> capnp::capability::Request<vm_factory::narrow_params::Owned, vm_factory::narrow_results::Owned> {
+    let mut req = f.narrow_request();
+    {
+        let mut n = req.get().init_narrowing();
+        n.set_max_vms(4);
+        n.reborrow().init_images(1).set(0, "base");
+        let mut l = n.reborrow().init_engines(engines.len() as u32);
+        for (i, e) in engines.iter().enumerate() {
+            l.set(i as u32, *e);
+        }
+        n.init_vm_narrowing().init_exec_allow(1).set(0, "echo");
+    }
+    req
+}
+
+/// Engines: a narrowed factory boots only the engines it lists; `auto` is
+/// checked as what it means here (kvm, by the manifest) and, when the list
+/// is not both, runs on that engine only: no fallback to qemu when kvm
+/// fails, which the session's own factory does. Narrowing again
+/// intersects; `auto` in the list is refused.
+#[test]
+fn a_narrowed_factory_boots_only_its_engines_and_auto_never_falls_back_outside_them() {
+    run(async {
+        let env = Worker::with_guest_init_auto("inproc", |_| {}, Engine::Kvm);
+        let s = env.attach().await;
+        let own = ops::vms(&s);
+        let auto = |name: &str| ops::VmSpec { engine: Engine::Auto, ..spec(name) };
+        let on = |name: &str, engine| ops::VmSpec { engine, ..spec(name) };
+        let launched = |env: &Worker| env.seen.borrow().launched.iter().map(|c| c.engine).collect::<Vec<_>>();
+
+        let qemu_only = narrow_engines(&own, &[Engine::Qemu]);
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&qemu_only, &on("k", Engine::Kvm))).await), ErrorCode::Denied);
+        assert_eq!(
+            code(ops::vm_info(&ops::create_vm(&qemu_only, &auto("a"))).await),
+            ErrorCode::Denied,
+            "auto means kvm here"
+        );
+        assert!(launched(&env).is_empty(), "a denied create launches nothing");
+        let q = ops::create_vm(&qemu_only, &on("q", Engine::Qemu));
+        assert_eq!(echo(&q, "q").await.unwrap(), "q\n");
+        assert_eq!(launched(&env), [Engine::Qemu]);
+
+        // kvm fails to launch: the session's own auto falls back to qemu,
+        // a kvm-only factory's auto does not.
+        env.seen.borrow_mut().failing_engine = Some(Engine::Kvm);
+        let kvm_only = narrow_engines(&own, &[Engine::Kvm]);
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&kvm_only, &auto("b"))).await), ErrorCode::Unavailable);
+        assert_eq!(launched(&env), [Engine::Qemu, Engine::Kvm], "no qemu fallback");
+        assert_eq!(ops::list_vms(&kvm_only).await.unwrap().len(), 0, "the failed VM is forgotten");
+        let fallback = ops::create_vm(&own, &auto("c"));
+        assert_eq!(ops::vm_info(&fallback).await.unwrap().engine, Engine::Qemu);
+        assert_eq!(launched(&env), [Engine::Qemu, Engine::Kvm, Engine::Kvm, Engine::Qemu]);
+        let both = narrow_engines(&own, &[]);
+        let d = ops::create_vm(&both, &auto("d"));
+        assert_eq!(ops::vm_info(&d).await.unwrap().engine, Engine::Qemu, "a factory allowing both keeps the fallback");
+
+        // Narrowing again intersects: qemu then kvm leaves none.
+        let none = narrow_engines(&qemu_only, &[Engine::Kvm]);
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&none, &on("n", Engine::Qemu))).await), ErrorCode::Denied);
+        let still_qemu = narrow_engines(&qemu_only, &[]);
+        assert_eq!(code(ops::vm_info(&ops::create_vm(&still_qemu, &on("k2", Engine::Kvm))).await), ErrorCode::Denied);
+        let r = narrow_engines_req(&own, &[Engine::Auto]).send().promise.await;
+        assert_eq!(
+            code(r.map(drop).map_err(ClientError::from)),
+            ErrorCode::InvalidArgument,
+            "auto is no engine to list"
+        );
+        let denied =
+            env.seen.borrow().audit.iter().filter(|(a, o)| a == "vms.narrowed.denied" && o == "denied").count();
+        assert_eq!(denied, 4, "every engine denial is audited");
     });
 }

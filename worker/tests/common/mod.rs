@@ -51,6 +51,9 @@ pub struct Seen {
     pub grants_ended: Vec<(String, String)>,
     /// Audit events that came through grants: (action, outcome, chain ids).
     pub audit_chains: Vec<(String, String, Vec<String>)>,
+    /// Launches on this engine fail (`unavailable`), as a kvm engine that
+    /// cannot run here would.
+    pub failing_engine: Option<Engine>,
 }
 
 /// [`Seen`], shared between the test and its fakes.
@@ -220,6 +223,9 @@ impl FakeLauncher {
 impl VmLauncher for FakeLauncher {
     fn launch(&self, cfg: &VmConfig) -> CvResult<LaunchedVm> {
         self.seen.borrow_mut().launched.push(cfg.clone());
+        if self.seen.borrow().failing_engine == Some(cfg.engine) {
+            return Err(capvisor_rpc::CvError::unavailable(format!("engine {:?} cannot run here (test)", cfg.engine)));
+        }
         let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
         if self.seen.borrow().hang {
             self.seen.borrow_mut().hung.push(theirs);
@@ -333,13 +339,19 @@ impl Worker {
         guest: impl Fn(tokio::net::UnixStream) + 'static,
     ) -> Worker {
         let seen = Shared::default();
-        Self::with_launcher(session_id, bundle, seen.clone(), FakeLauncher::new(seen, guest))
+        Self::with_launcher(session_id, bundle, seen.clone(), FakeLauncher::new(seen, guest), Engine::Qemu)
     }
 
     /// A worker whose VMs' guests are guest-init's real `Guest` server.
     pub fn with_guest_init(session_id: &str, bundle: impl FnOnce(&mut Bundle)) -> Worker {
+        Self::with_guest_init_auto(session_id, bundle, Engine::Qemu)
+    }
+
+    /// [`Worker::with_guest_init`] where `auto` means `auto_engine`.
+    pub fn with_guest_init_auto(session_id: &str, bundle: impl FnOnce(&mut Bundle), auto_engine: Engine) -> Worker {
         let seen = Shared::default();
-        Self::with_launcher(session_id, bundle, seen.clone(), FakeLauncher::guest_init(seen))
+        let launcher = FakeLauncher::guest_init(seen.clone());
+        Self::with_launcher(session_id, bundle, seen, launcher, auto_engine)
     }
 
     fn with_launcher(
@@ -347,10 +359,12 @@ impl Worker {
         bundle: impl FnOnce(&mut Bundle),
         seen: Shared,
         launcher: FakeLauncher,
+        auto_engine: Engine,
     ) -> Worker {
         let dir = tempfile::tempdir().unwrap();
         let images = [("base".to_string(), fake_image())].into();
-        let ctx = context(session_id, owner_bundle(bundle), images, dir.path().to_path_buf());
+        let mut ctx = context(session_id, owner_bundle(bundle), images, dir.path().to_path_buf());
+        ctx.auto_engine = auto_engine;
         let host: session_host::Client = capnp_rpc::new_client(FakeHost(seen.clone()));
         let st = SessionState::new(ctx, host, Box::new(launcher));
         Worker { st, seen, _dir: dir }
